@@ -1,0 +1,91 @@
+// The checked model: what a spec means once names are resolved, defaults applied, patterns expanded
+// and every rule checked. The plan (compiler/plan.ts) and the budget are computed from this alone.
+import type { Span } from "../grammar/ast.ts";
+
+/** The seven LoRA-capable linear modules of a LLaMA-family block: MiLoRA's experts. */
+export const EXPERT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
+export type ExpertModule = (typeof EXPERT_MODULES)[number];
+
+/** Concrete hyper-parameters of a base model, in milora's names (HF names in comments). */
+export interface BaseModel {
+  readonly name: string;
+  /** `llama`, `mistral`, `qwen2`: selects tensor naming and small architectural differences. */
+  readonly family: string;
+  readonly hiddenSize: number; // hidden_size
+  readonly layers: number; // num_hidden_layers
+  readonly heads: number; // num_attention_heads
+  readonly kvHeads: number; // num_key_value_heads
+  readonly headDim: number; // head_dim (hidden_size / heads unless given)
+  readonly intermediateSize: number; // intermediate_size
+  readonly vocabSize: number; // vocab_size
+  readonly ropeTheta: number; // rope_theta
+  readonly rmsNormEps: number; // rms_norm_eps
+  readonly maxPositions: number; // max_position_embeddings
+  readonly tieEmbeddings: boolean; // tie_word_embeddings
+  /** Whether q/k/v projections carry a bias (qwen2). */
+  readonly attentionBias: boolean;
+  /** Absolute path of the HF config.json this base was read from, if any. */
+  readonly configPath?: string;
+  readonly span: Span;
+}
+
+/** LoRA options of one expert module in one layer. */
+export interface LoraOptions {
+  readonly rank: number;
+  readonly alpha: number;
+  readonly dropout: number;
+  readonly rslora: boolean;
+  /** alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
+  readonly scaling: number;
+}
+
+/** One LoRA module in one layer: an expert in MiLoRA's sense. */
+export interface ExpertSlot extends LoraOptions {
+  readonly layer: number;
+  readonly module: ExpertModule;
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+}
+
+export type Pooling = "last" | "mean" | "max" | "attention";
+export type Activation = "none" | "gelu" | "relu";
+/** `prompt`: MiLoRA's route-once at prefill; `token`: the per-token MoE-LoRA baseline. */
+export type RoutingTime = "prompt" | "token";
+export type Selection =
+  | { readonly rule: "top_k"; readonly k: number }
+  | { readonly rule: "threshold"; readonly threshold: number }
+  | { readonly rule: "dense" };
+
+export interface RouterConfig {
+  /** Only `per_layer` today (one router in front of each Transformer layer). */
+  readonly placement: "per_layer";
+  /** Which hidden states the router reads: the layer's input. */
+  readonly input: "layer_input";
+  readonly pooling: Pooling;
+  readonly selection: Selection;
+  readonly activation: Activation;
+  readonly when: RoutingTime;
+  readonly noise: boolean;
+  readonly balance: number;
+}
+
+/** A fully resolved adapter. */
+export interface Adapter {
+  readonly name: string;
+  readonly base: BaseModel;
+  /** Name of the adapter this one extends, if it is a variant. */
+  readonly extends?: string;
+  /** Layers that carry experts and (when routed) a router, ascending. */
+  readonly layers: readonly number[];
+  /** Enabled expert modules, by layer then module order of EXPERT_MODULES. */
+  readonly experts: readonly ExpertSlot[];
+  /** `undefined` for plain LoRA (`router off`): every enabled module with gate 1. */
+  readonly router?: RouterConfig;
+  readonly span: Span;
+}
+
+/** The result of checking one or more files: every base and adapter in scope. */
+export interface CheckedProgram {
+  readonly bases: readonly BaseModel[];
+  readonly adapters: readonly Adapter[];
+}
