@@ -1,0 +1,218 @@
+// The float64 CPU reference of a LLaMA forward pass, Hugging Face semantics, written for clarity:
+// the oracle every GPU kernel and the engine are measured against. Full recompute, no KV cache.
+import { readHfConfig } from "../../compiler/hf-config.ts";
+import type { BaseModel, ExpertModule } from "../../compiler/model.ts";
+import { llamaTensorNames, openCheckpoint } from "../../runtime/checkpoint.ts";
+
+/** Rows of a matrix, one Float64Array per token. */
+export type Rows = Float64Array[];
+
+export interface ReferenceWeights {
+  get(name: string): Float64Array;
+}
+
+/** y = linear(layer, module, x) for every linear module of a block; LoRA and routing wrap this. */
+export type LinearFn = (layer: number, module: ExpertModule, x: Rows) => Rows;
+
+/** Weights held in memory, by checkpoint name; a missing name is a bug in the caller, so it throws. */
+export function weightsFromMap(map: ReadonlyMap<string, Float64Array>): ReferenceWeights {
+  return {
+    get(name) {
+      const w = map.get(name);
+      if (!w) throw new Error(`reference: no weight "${name}"`);
+      return w;
+    },
+  };
+}
+
+/** The base model of a HF checkpoint directory and all its weights as float64. */
+export function loadReferenceWeights(dir: string): { base: BaseModel; weights: ReferenceWeights } {
+  const base = readHfConfig(dir);
+  const checkpoint = openCheckpoint(dir);
+  try {
+    const expected = llamaTensorNames(base);
+    checkpoint.validate(expected);
+    const map = new Map(expected.map(({ name, shape }) => [name, Float64Array.from(checkpoint.readF32(name, shape))]));
+    return { base, weights: weightsFromMap(map) };
+  } finally {
+    checkpoint.close();
+  }
+}
+
+const MODULE_WEIGHT: Record<ExpertModule, string> = {
+  q_proj: "self_attn.q_proj",
+  k_proj: "self_attn.k_proj",
+  v_proj: "self_attn.v_proj",
+  o_proj: "self_attn.o_proj",
+  gate_proj: "mlp.gate_proj",
+  up_proj: "mlp.up_proj",
+  down_proj: "mlp.down_proj",
+};
+
+/** y = x W^T for W stored [out, in] row-major. */
+export function matmulTransposed(x: Rows, w: Float64Array, outFeatures: number): Rows {
+  const inFeatures = w.length / outFeatures;
+  return x.map((row) => {
+    const y = new Float64Array(outFeatures);
+    for (let o = 0; o < outFeatures; o++) {
+      let sum = 0;
+      for (let i = 0; i < inFeatures; i++) sum += row[i]! * w[o * inFeatures + i]!;
+      y[o] = sum;
+    }
+    return y;
+  });
+}
+
+/** [out, in] of a module's weight. */
+export function moduleShape(base: BaseModel, module: ExpertModule): [number, number] {
+  const { hiddenSize: h, intermediateSize: ff, heads, kvHeads, headDim: d } = base;
+  const shapes: Record<ExpertModule, [number, number]> = {
+    q_proj: [heads * d, h],
+    k_proj: [kvHeads * d, h],
+    v_proj: [kvHeads * d, h],
+    o_proj: [h, heads * d],
+    gate_proj: [ff, h],
+    up_proj: [ff, h],
+    down_proj: [h, ff],
+  };
+  return shapes[module];
+}
+
+/** The base model's own linear layers (with the q/k/v bias of families that have one). */
+export function baseLinear(base: BaseModel, weights: ReferenceWeights): LinearFn {
+  return (layer, module, x) => {
+    const name = `model.layers.${layer}.${MODULE_WEIGHT[module]}`;
+    const y = matmulTransposed(x, weights.get(`${name}.weight`), moduleShape(base, module)[0]);
+    if (!base.attentionBias || !["q_proj", "k_proj", "v_proj"].includes(module)) return y;
+    const bias = weights.get(`${name}.bias`);
+    return y.map((row) => row.map((v, i) => v + bias[i]!));
+  };
+}
+
+export function rmsNorm(x: Rows, weight: Float64Array, eps: number): Rows {
+  return x.map((row) => {
+    const meanSquare = row.reduce((s, v) => s + v * v, 0) / row.length;
+    const scale = 1 / Math.sqrt(meanSquare + eps);
+    return row.map((v, i) => v * scale * weight[i]!);
+  });
+}
+
+/** HF rotary embedding (rotate_half) of one head vector at position `pos`, in place. */
+export function applyRope(v: Float64Array, pos: number, theta: number): void {
+  const half = v.length / 2;
+  for (let i = 0; i < half; i++) {
+    const angle = pos * theta ** ((-2 * i) / v.length);
+    const cos = Math.cos(angle);
+    const sin = Math.sin(angle);
+    const a = v[i]!;
+    const b = v[i + half]!;
+    // [a, b] * cos + [-b, a] * sin
+    v[i] = a * cos - b * sin;
+    v[i + half] = b * cos + a * sin;
+  }
+}
+
+/** Causal self-attention with grouped-query heads over the whole sequence. */
+export function causalAttention(base: BaseModel, q: Rows, k: Rows, v: Rows): Rows {
+  const { heads, kvHeads, headDim: d } = base;
+  const group = heads / kvHeads;
+  const head = (row: Float64Array, h: number) => row.subarray(h * d, (h + 1) * d);
+  return q.map((qRow, t) => {
+    const out = new Float64Array(heads * d);
+    for (let h = 0; h < heads; h++) {
+      const kvh = Math.floor(h / group);
+      const qh = head(qRow, h);
+      const scores = k.slice(0, t + 1).map((kRow) => dot(qh, head(kRow, kvh)) / Math.sqrt(d));
+      const probs = softmax(scores);
+      const oh = head(out, h);
+      probs.forEach((p, s) => head(v[s]!, kvh).forEach((x, i) => (oh[i] = oh[i]! + p * x)));
+    }
+    return out;
+  });
+}
+
+function dot(a: Float64Array, b: Float64Array): number {
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += a[i]! * b[i]!;
+  return s;
+}
+
+export function softmax(xs: readonly number[]): number[] {
+  const max = Math.max(...xs);
+  const exps = xs.map((x) => Math.exp(x - max));
+  const sum = exps.reduce((a, b) => a + b, 0);
+  return exps.map((e) => e / sum);
+}
+
+export function silu(x: number): number {
+  return x / (1 + Math.exp(-x));
+}
+
+function add(a: Rows, b: Rows): Rows {
+  return a.map((row, t) => row.map((x, i) => x + b[t]![i]!));
+}
+
+/** One decoder block: pre-norm attention and pre-norm SwiGLU MLP, each with its residual. */
+export function decoderLayer(base: BaseModel, weights: ReferenceWeights, linear: LinearFn, layer: number, x: Rows): Rows {
+  const p = `model.layers.${layer}`;
+  const { headDim: d } = base;
+  const normed = rmsNorm(x, weights.get(`${p}.input_layernorm.weight`), base.rmsNormEps);
+  const q = linear(layer, "q_proj", normed);
+  const k = linear(layer, "k_proj", normed);
+  const v = linear(layer, "v_proj", normed);
+  q.forEach((row, pos) => {
+    for (let h = 0; h < base.heads; h++) applyRope(row.subarray(h * d, (h + 1) * d), pos, base.ropeTheta);
+  });
+  k.forEach((row, pos) => {
+    for (let h = 0; h < base.kvHeads; h++) applyRope(row.subarray(h * d, (h + 1) * d), pos, base.ropeTheta);
+  });
+  const attended = add(x, linear(layer, "o_proj", causalAttention(base, q, k, v)));
+
+  const normed2 = rmsNorm(attended, weights.get(`${p}.post_attention_layernorm.weight`), base.rmsNormEps);
+  const gate = linear(layer, "gate_proj", normed2);
+  const up = linear(layer, "up_proj", normed2);
+  const hidden = gate.map((g, t) => g.map((x, i) => silu(x) * up[t]![i]!));
+  return add(attended, linear(layer, "down_proj", hidden));
+}
+
+/** Logits for every position of `tokens` (one row of vocabSize per token). */
+export function referenceLogits(
+  base: BaseModel,
+  weights: ReferenceWeights,
+  tokens: readonly number[],
+  linear: LinearFn = baseLinear(base, weights),
+): Float64Array[] {
+  const embed = weights.get("model.embed_tokens.weight");
+  const h = base.hiddenSize;
+  let x: Rows = tokens.map((t) => {
+    if (!Number.isInteger(t) || t < 0 || t >= base.vocabSize) throw new Error(`reference: token ${t} outside the vocabulary`);
+    return embed.slice(t * h, (t + 1) * h);
+  });
+  for (let layer = 0; layer < base.layers; layer++) x = decoderLayer(base, weights, linear, layer, x);
+  const final = rmsNorm(x, weights.get("model.norm.weight"), base.rmsNormEps);
+  const head = base.tieEmbeddings ? embed : weights.get("lm_head.weight");
+  return matmulTransposed(final, head, base.vocabSize);
+}
+
+/** Greedy decoding by full recompute: the `maxNew` argmax tokens that follow the prompt. */
+export function referenceGreedy(
+  base: BaseModel,
+  weights: ReferenceWeights,
+  prompt: readonly number[],
+  maxNew: number,
+  linear: LinearFn = baseLinear(base, weights),
+): number[] {
+  const tokens = [...prompt];
+  for (let i = 0; i < maxNew; i++) {
+    const logits = referenceLogits(base, weights, tokens, linear).at(-1)!;
+    tokens.push(argmax(logits));
+  }
+  return tokens.slice(prompt.length);
+}
+
+/** Index of the largest value; the first on ties, as torch.argmax. */
+export function argmax(xs: Float64Array): number {
+  let best = 0;
+  for (let i = 1; i < xs.length; i++) if (xs[i]! > xs[best]!) best = i;
+  return best;
+}
