@@ -1,0 +1,130 @@
+// Writes adapters with seeded random weights, for tests, the README demo and benchmarks: MiLoRA
+// adapters for a checked spec, and plain PEFT LoRA adapters. Run it to make an adapter of a spec:
+//   node --import tsx examples/random-adapter.ts examples/llama-tiny.milora ADAPTER adapters/a --seed 7
+import { resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { pathToFileURL } from "node:url";
+import type { Adapter, BaseModel, ExpertModule } from "../compiler/model.ts";
+import { loraSlot } from "../runtime/adapter-config.ts";
+import { layerExperts, loraKey, writeAdapter, type LoadedAdapter, type LoraKey, type LoraWeights, type RouterWeights } from "../runtime/adapter.ts";
+import { seededNormal } from "./random-checkpoint.ts";
+
+export interface RandomAdapterOptions {
+  readonly spec: Adapter;
+  readonly seed: number;
+  /** Size of the LoRA update relative to the base module's output; 0.5 unless given. */
+  readonly scale?: number;
+  /** The name the adapter is addressed by; the spec's name unless given. */
+  readonly name?: string;
+}
+
+/**
+ * An adapter with random weights for `spec`. B is not zero, so the LoRA changes the logits; router
+ * weights are large enough that different prompts pick different experts. The same options give the
+ * same weights.
+ */
+export function randomAdapter(o: RandomAdapterOptions): LoadedAdapter {
+  const { spec } = o;
+  const scale = o.scale ?? 0.5;
+  const normal = seededNormal(o.seed);
+  const gaussian = (length: number, std: number) => Float32Array.from({ length }, () => std * normal());
+  const lora = new Map<LoraKey, LoraWeights>();
+  for (const e of spec.experts) {
+    // A x has entries of the size of x; B is scaled so that scaling * B A x is `scale` times W x.
+    const a = gaussian(e.rank * e.inFeatures, 1 / Math.sqrt(e.inFeatures));
+    const b = gaussian(e.outFeatures * e.rank, scale / (e.scaling * Math.sqrt(e.rank)));
+    lora.set(loraKey(e.layer, e.module), { a, b, rank: e.rank, scaling: e.scaling });
+  }
+  const name = o.name ?? spec.name;
+  if (!spec.router) return { name, spec, lora };
+  const hidden = spec.base.hiddenSize;
+  const router = new Map<number, RouterWeights>();
+  for (const layer of spec.layers) {
+    const experts = layerExperts(spec, layer);
+    // Gate logits a few units apart, so the choice follows the prompt rather than being near a tie.
+    const gate = gaussian(experts.length * hidden, 4 / Math.sqrt(hidden));
+    const noise = gaussian(experts.length * hidden, 1 / Math.sqrt(hidden));
+    const pooler = spec.router.pooling === "attention" ? { proj: gaussian(hidden * hidden, 1 / Math.sqrt(hidden)), v: gaussian(hidden, 3 / Math.sqrt(hidden)) } : undefined;
+    router.set(layer, { gate, experts, ...(spec.router.noise ? { noise } : {}), ...(pooler ? { pooler } : {}) });
+  }
+  return { name, spec, lora, router };
+}
+
+/** Writes randomAdapter(o) to `dir` (see writeAdapter) and returns it. */
+export function writeRandomAdapter(dir: string, o: RandomAdapterOptions): LoadedAdapter {
+  const adapter = randomAdapter(o);
+  writeAdapter(dir, adapter);
+  return adapter;
+}
+
+export interface RandomPeftOptions {
+  readonly base: BaseModel;
+  readonly modules: readonly ExpertModule[];
+  readonly rank: number;
+  readonly alpha: number;
+  /** Every layer unless given. */
+  readonly layers?: readonly number[];
+  readonly rslora?: boolean;
+  readonly seed: number;
+  readonly name?: string;
+}
+
+/** The spec of a plain LoRA adapter: `modules` in every one of `layers`, one rank and alpha, no router. */
+export function peftSpec(o: RandomPeftOptions): Adapter {
+  const layers = [...(o.layers ?? Array.from({ length: o.base.layers }, (_, i) => i))].sort((a, b) => a - b);
+  const options = { rank: o.rank, alpha: o.alpha, dropout: 0, rslora: o.rslora ?? false };
+  const at = { offset: 0, line: 1, column: 1 };
+  return {
+    name: o.name ?? "peft",
+    base: o.base,
+    layers,
+    experts: layers.flatMap((layer) => o.modules.map((m) => loraSlot(o.base, layer, m, options))),
+    span: { file: "<random>", start: at, end: at },
+  };
+}
+
+/** Writes a plain PEFT LoRA adapter with random weights (no `milora` section, no router) and returns it. */
+export function writeRandomPeftAdapter(dir: string, o: RandomPeftOptions): LoadedAdapter {
+  return writeRandomAdapter(dir, { spec: peftSpec(o), seed: o.seed });
+}
+
+async function main(argv: string[]): Promise<number> {
+  const usage = "usage: random-adapter.ts SPEC.milora ADAPTER OUT_DIR [--seed N] [--scale X]";
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, allowPositionals: true, options: { seed: { type: "string", default: "1" }, scale: { type: "string" } } });
+  } catch (e) {
+    console.error(`${(e as Error).message}\n${usage}`);
+    return 2;
+  }
+  const [specPath, adapterName, dir] = parsed.positionals;
+  const seed = Number(parsed.values.seed);
+  const scale = parsed.values.scale === undefined ? undefined : Number(parsed.values.scale);
+  if (parsed.positionals.length !== 3 || !specPath || !adapterName || !dir || !Number.isInteger(seed) || (scale !== undefined && !(scale >= 0))) {
+    console.error(usage);
+    return 2;
+  }
+  // Loaded here so that importing this module for its generators does not pull in the checker.
+  const { checkFiles } = await import("../compiler/check.ts");
+  const { renderDiagnostic } = await import("../grammar/code-frame.ts");
+  const { program, diagnostics, sources } = checkFiles([specPath]);
+  for (const d of diagnostics) console.error(renderDiagnostic(d, sources.get(d.span.file)));
+  const spec = program.adapters.find((a) => a.name === adapterName);
+  if (!spec) {
+    const known = program.adapters.map((a) => a.name).join(", ") || "none";
+    console.error(`${specPath}: no adapter ${adapterName} that checks without errors (adapters: ${known})`);
+    return 1;
+  }
+  try {
+    writeRandomAdapter(dir, { spec, seed, ...(scale !== undefined ? { scale } : {}) });
+  } catch (e) {
+    console.error((e as Error).message);
+    return 1;
+  }
+  console.log(`${dir}: random adapter ${adapterName} (seed ${seed})`);
+  return 0;
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
+  void main(process.argv.slice(2)).then((code) => (process.exitCode = code));
+}

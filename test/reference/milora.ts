@@ -1,0 +1,236 @@
+// The float64 CPU reference of MiLoRA's forward pass (milora.md, "Forward pass, precisely"), built
+// on the LLaMA reference: LoRA on every enabled module, gated per layer by a router
+// that reads the layer's input hidden states. Full recompute, no KV cache, written for clarity.
+import type { Activation, BaseModel, ExpertModule, Pooling, RouterConfig, Selection } from "../../compiler/model.ts";
+import { MODULE_PATHS } from "../../runtime/adapter-config.ts";
+import { loraKey, type LoadedAdapter, type PoolerWeights, type RouterWeights } from "../../runtime/adapter.ts";
+import { argmax, baseLinear, decoderLayer, matmulTransposed, rmsNorm, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
+
+/** Gates of one layer's modules; a module left out has gate 0 (its LoRA is skipped). */
+export type Gates = Partial<Record<ExpertModule, number>>;
+
+/**
+ * The router's choice for one layer: the selected modules and their gates. Prompt routing gives one
+ * decision per layer; token routing one per layer and position.
+ */
+export interface RoutingDecision {
+  readonly layer: number;
+  /** The token position, for token routing only. */
+  readonly position?: number;
+  readonly experts: Gates;
+}
+
+export interface MiloraResult {
+  /** One row of vocabSize logits per position of prompt + generated. */
+  readonly logits: Float64Array[];
+  /** In layer order (then position order for token routing); empty for plain LoRA. */
+  readonly routing: RoutingDecision[];
+}
+
+/** erf(x) to double precision: the all-positive series 2/sqrt(pi) e^(-x^2) sum (2x^2)^n x / (2n+1)!!. */
+export function erf(x: number): number {
+  if (Math.abs(x) > 6) return Math.sign(x); // erfc(6) < 3e-17
+  let term = x;
+  let sum = x;
+  for (let n = 1; Math.abs(term) > 1e-17 * Math.abs(sum); n++) {
+    term *= (2 * x * x) / (2 * n + 1);
+    sum += term;
+  }
+  return (2 / Math.sqrt(Math.PI)) * Math.exp(-x * x) * sum;
+}
+
+/** GELU in its exact (erf) form. */
+export function gelu(x: number): number {
+  return 0.5 * x * (1 + erf(x / Math.SQRT2));
+}
+
+export function activate(rows: Rows, activation: Activation): Rows {
+  if (activation === "none") return rows;
+  const f = activation === "gelu" ? gelu : (v: number) => Math.max(0, v);
+  return rows.map((row) => row.map(f));
+}
+
+/** The router input pooled to one vector (rows: the prompt's activated hidden states). */
+export function pool(rows: Rows, pooling: Pooling, pooler?: PoolerWeights): Float64Array {
+  const hidden = rows[0]!.length;
+  switch (pooling) {
+    case "last":
+      return rows.at(-1)!;
+    case "mean":
+      return weightedSum(rows, rows.map(() => 1 / rows.length));
+    case "max":
+      return Float64Array.from({ length: hidden }, (_, i) => Math.max(...rows.map((r) => r[i]!)));
+    case "attention": {
+      if (!pooler) throw new Error("reference: attention pooling needs pooler weights");
+      const v = Float64Array.from(pooler.v);
+      const projected = matmulTransposed(rows, Float64Array.from(pooler.proj), hidden);
+      const scores = projected.map((p) => p.reduce((s, x, i) => s + v[i]! * Math.tanh(x), 0));
+      return weightedSum(rows, softmax(scores));
+    }
+  }
+}
+
+function weightedSum(rows: Rows, weights: readonly number[]): Float64Array {
+  const out = new Float64Array(rows[0]!.length);
+  rows.forEach((row, t) => row.forEach((x, i) => (out[i] = out[i]! + weights[t]! * x)));
+  return out;
+}
+
+/** Gates per expert index from gate logits `z`; unselected experts get 0. */
+export function select(z: readonly number[], selection: Selection): number[] {
+  const gates = z.map(() => 0);
+  // Largest first; equal logits go to the lower expert index.
+  const order = z.map((_, i) => i).sort((a, b) => z[b]! - z[a]! || a - b);
+  let chosen: number[];
+  switch (selection.rule) {
+    case "top_k":
+      if (selection.k > z.length) throw new Error(`reference: top_k ${selection.k} of ${z.length} experts`);
+      chosen = order.slice(0, selection.k);
+      break;
+    case "threshold": {
+      const p = softmax([...z]);
+      chosen = order.filter((e) => p[e]! >= selection.threshold);
+      if (chosen.length === 0) chosen = [order[0]!];
+      break;
+    }
+    case "dense":
+      chosen = order;
+      break;
+  }
+  // Softmax over the chosen logits equals renormalising the full softmax over them.
+  const probs = softmax(chosen.map((e) => z[e]!));
+  chosen.forEach((e, i) => (gates[e] = probs[i]!));
+  return gates;
+}
+
+/** One router decision from router input rows (already activated): pool, gate logits, selection. */
+export function routerGates(router: RouterWeights, config: RouterConfig, rows: Rows): Gates {
+  const p = pool(rows, config.pooling, router.pooler);
+  const gate = Float64Array.from(router.gate);
+  const z = matmulTransposed([p], gate, router.experts.length)[0]!;
+  const g = select([...z], config.selection);
+  const gates: Gates = {};
+  router.experts.forEach((m, e) => {
+    if (g[e]! > 0) gates[m] = g[e]!;
+  });
+  return gates;
+}
+
+/** Every enabled module at gate 1: plain LoRA. */
+function allOn(adapter: LoadedAdapter, layer: number): Gates {
+  const gates: Gates = {};
+  for (const e of adapter.spec.experts) if (e.layer === layer) gates[e.module] = 1;
+  return gates;
+}
+
+/** W x + g[m] * scaling * B (A x), with one set of gates per token position. */
+function loraLinear(base: BaseModel, weights: ReferenceWeights, adapter: LoadedAdapter, gates: readonly Gates[]): LinearFn {
+  const plain = baseLinear(base, weights);
+  return (layer, module, x) => {
+    const y = plain(layer, module, x);
+    const w = adapter.lora.get(loraKey(layer, module));
+    if (!w) return y;
+    const a = Float64Array.from(w.a);
+    const b = Float64Array.from(w.b);
+    x.forEach((row, t) => {
+      const g = gates[t]![module] ?? 0;
+      if (g === 0) return;
+      const update = matmulTransposed(matmulTransposed([row], a, w.rank), b, b.length / w.rank)[0]!;
+      update.forEach((u, o) => (y[t]![o] = y[t]![o]! + g * w.scaling * u));
+    });
+    return y;
+  };
+}
+
+/**
+ * Logits at every position of prompt + generated with the adapter applied, and the routing decisions.
+ * With `when prompt` each layer's gates come from the prompt span only, so they are exactly the
+ * prefill decision however many tokens were generated after it.
+ */
+export function referenceMiloraLogits(
+  base: BaseModel,
+  weights: ReferenceWeights,
+  adapter: LoadedAdapter,
+  prompt: readonly number[],
+  generated: readonly number[] = [],
+): MiloraResult {
+  if (prompt.length === 0) throw new Error("reference: the prompt is empty");
+  const tokens = [...prompt, ...generated];
+  const config = adapter.spec.router;
+  const routing: RoutingDecision[] = [];
+  const embed = weights.get("model.embed_tokens.weight");
+  const h = base.hiddenSize;
+  let x: Rows = tokens.map((t) => {
+    if (!Number.isInteger(t) || t < 0 || t >= base.vocabSize) throw new Error(`reference: token ${t} outside the vocabulary`);
+    return embed.slice(t * h, (t + 1) * h);
+  });
+  for (let layer = 0; layer < base.layers; layer++) {
+    const router = adapter.router?.get(layer);
+    let gates: Gates[];
+    if (!config) {
+      gates = x.map(() => allOn(adapter, layer));
+    } else if (!router) {
+      gates = x.map(() => ({}));
+    } else if (config.when === "prompt") {
+      const decision = routerGates(router, config, activate(x.slice(0, prompt.length), config.activation));
+      routing.push({ layer, experts: decision });
+      gates = x.map(() => decision);
+    } else {
+      // The per-token baseline: each position routes on its own hidden state, no pooling.
+      gates = activate(x, config.activation).map((row, position) => {
+        const decision = routerGates(router, { ...config, pooling: "last" }, [row]);
+        routing.push({ layer, position, experts: decision });
+        return decision;
+      });
+    }
+    x = decoderLayer(base, weights, loraLinear(base, weights, adapter, gates), layer, x);
+  }
+  const final = rmsNorm(x, weights.get("model.norm.weight"), base.rmsNormEps);
+  const head = base.tieEmbeddings ? embed : weights.get("lm_head.weight");
+  return { logits: matmulTransposed(final, head, base.vocabSize), routing };
+}
+
+/** Greedy decoding by full recompute: the `maxNew` argmax tokens after the prompt, and the routing of the last step. */
+export function referenceMiloraGreedy(
+  base: BaseModel,
+  weights: ReferenceWeights,
+  adapter: LoadedAdapter,
+  prompt: readonly number[],
+  maxNew: number,
+): { tokens: number[]; routing: RoutingDecision[] } {
+  const tokens: number[] = [];
+  let routing: RoutingDecision[] = [];
+  for (let i = 0; i < maxNew; i++) {
+    const step = referenceMiloraLogits(base, weights, adapter, prompt, tokens);
+    tokens.push(argmax(step.logits.at(-1)!));
+    routing = step.routing;
+  }
+  return { tokens, routing };
+}
+
+/**
+ * Base weights with the adapter folded in: W + g * scaling * B A per module, with g = 1 for plain LoRA
+ * and a prompt's decision (`routing`) for a routed adapter. Token routing cannot be folded.
+ */
+export function foldLora(weights: ReferenceWeights, adapter: LoadedAdapter, routing?: readonly RoutingDecision[]): ReferenceWeights {
+  if (adapter.spec.router && (!routing || routing.some((d) => d.position !== undefined))) {
+    throw new Error("reference: folding a routed adapter needs one prompt routing decision per layer");
+  }
+  const folded = new Map<string, Float64Array>();
+  for (const { layer, module, rank, scaling, inFeatures, outFeatures } of adapter.spec.experts) {
+    const g = routing ? (routing.find((d) => d.layer === layer)?.experts[module] ?? 0) : 1;
+    if (g === 0) continue;
+    const name = `model.layers.${layer}.${MODULE_PATHS[module]}.weight`;
+    const w = weights.get(name).slice();
+    const { a, b } = adapter.lora.get(loraKey(layer, module))!;
+    for (let o = 0; o < outFeatures; o++) {
+      for (let i = 0; i < inFeatures; i++) {
+        let ba = 0;
+        for (let j = 0; j < rank; j++) ba += b[o * rank + j]! * a[j * inFeatures + i]!;
+        w[o * inFeatures + i] = w[o * inFeatures + i]! + g * scaling * ba;
+      }
+    }
+    folded.set(name, w);
+  }
+  return { get: (name) => folded.get(name) ?? weights.get(name) };
+}
