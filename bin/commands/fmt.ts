@@ -1,0 +1,86 @@
+// `milora fmt`: canonical formatting of .milora files. Prints one file, rewrites files in place
+// (--write, atomically), or lists the files that are not formatted (--check).
+import { chmodSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { renderDiagnostic } from "../../grammar/code-frame.ts";
+import { formatSpec } from "../../grammar/format.ts";
+import { parseSpec } from "../../grammar/parse.ts";
+
+/** What happened to one file: its formatted text, or the exit code of why there is none. */
+type Outcome = { readonly text: string; readonly formatted: string } | { readonly exitCode: 1 | 2 };
+
+export async function fmtCommand(files: string[], opts: { write?: boolean; check?: boolean }): Promise<number> {
+  if (opts.write && opts.check) return usage("--write and --check do not go together");
+  if (files.length > 1 && !opts.write && !opts.check) return usage("give one file to print, or use --write or --check");
+  let exitCode = 0;
+  const unformatted: string[] = [];
+  for (const file of files) {
+    const outcome = formatFile(file);
+    if ("exitCode" in outcome) {
+      exitCode = Math.max(exitCode, outcome.exitCode);
+    } else if (opts.check) {
+      if (outcome.formatted !== outcome.text) unformatted.push(file);
+    } else if (opts.write) {
+      if (outcome.formatted !== outcome.text) exitCode = Math.max(exitCode, writeFormatted(file, outcome.formatted));
+    } else {
+      process.stdout.write(outcome.formatted);
+    }
+  }
+  if (unformatted.length > 0) {
+    process.stderr.write(`${unformatted.length} file(s) not formatted (run \`milora fmt --write\`):\n`);
+    for (const file of unformatted) process.stdout.write(`${file}\n`);
+    exitCode = Math.max(exitCode, 1);
+  }
+  return exitCode;
+}
+
+function formatFile(file: string): Outcome {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    process.stderr.write(`milora fmt: cannot read ${file}: ${reason(err)}\n`);
+    return { exitCode: 2 };
+  }
+  const { ast, diagnostics } = parseSpec(text, file);
+  const errors = diagnostics.filter((d) => d.severity === "error");
+  if (errors.length > 0) {
+    const color = process.stderr.isTTY === true && !process.env["NO_COLOR"];
+    for (const d of errors) process.stderr.write(`${renderDiagnostic(d, text, { color })}\n`);
+    process.stderr.write(`milora fmt: ${file} has syntax errors; not formatted\n`);
+    return { exitCode: 1 };
+  }
+  return { text, formatted: formatSpec(ast) };
+}
+
+/** Readers of `file` see the old text or the new, never half of it: write a temp file, then rename. */
+function writeFormatted(file: string, text: string): 0 | 2 {
+  const temp = `${file}.${process.pid}.tmp`;
+  try {
+    writeFileSync(temp, text);
+    chmodSync(temp, statSync(file).mode);
+    renameSync(temp, file);
+  } catch (err) {
+    process.stderr.write(`milora fmt: cannot write ${file}: ${reason(err)}\n`);
+    try {
+      unlinkSync(temp);
+    } catch {
+      // the temp file was never created
+    }
+    return 2;
+  }
+  process.stdout.write(`formatted ${file}\n`);
+  return 0;
+}
+
+function reason(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === "ENOENT") return "no such file";
+  if (code === "EISDIR") return "it is a directory";
+  if (code === "EACCES") return "permission denied";
+  return err instanceof Error ? err.message : String(err);
+}
+
+function usage(message: string): number {
+  process.stderr.write(`milora fmt: ${message}\n`);
+  return 2;
+}
