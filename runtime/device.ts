@@ -3,7 +3,7 @@
 // llvmpipe through Dawn's OpenGL ES backend (feature level compatibility). CPU Vulkan drivers
 // (lavapipe, SwiftShader) rank below GL ES: Debian 12's lavapipe is rejected by Dawn and newer
 // ones have crashed under load.
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import { create, globals } from "webgpu";
 
 export type BackendName = "vulkan" | "metal" | "d3d12" | "opengles";
@@ -63,19 +63,31 @@ function nativeBackend(): BackendName {
   return "vulkan";
 }
 
-/** Avoids Dawn's "Couldn't load Vulkan" warning on machines without a Vulkan loader. */
-function vulkanLoaderPresent(): boolean {
-  const dirs = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"];
+/** A Vulkan loader and at least one driver manifest; skipping Vulkan otherwise avoids Dawn's warnings. */
+function vulkanAvailable(): boolean {
+  const libDirs = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"];
   const extra = (process.env.LD_LIBRARY_PATH ?? "").split(":").filter(Boolean);
-  return [...extra, ...dirs].some((d) => existsSync(`${d}/libvulkan.so.1`));
+  const loader = [...extra, ...libDirs].some((d) => existsSync(`${d}/libvulkan.so.1`));
+  if (!loader) return false;
+  if (process.env.VK_ICD_FILENAMES || process.env.VK_DRIVER_FILES) return true;
+  const icdDirs = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d"];
+  return icdDirs.some((d) => existsSync(d) && readdirSync(d).some((f) => f.endsWith(".json")));
 }
 
 const SOFTWARE_NAMES = /llvmpipe|lavapipe|softpipe|swiftshader|software/i;
 
+// Dawn instances must outlive every adapter and device made from them: a collected instance takes
+// the process down from a native thread. One per backend, kept for the life of the process.
+const instances = new Map<BackendName, GPU>();
+
 async function tryBackend(backend: BackendName, featureLevel: "core" | "compatibility") {
-  if (backend === "vulkan" && !vulkanLoaderPresent()) return undefined;
+  if (backend === "vulkan" && !vulkanAvailable()) return undefined;
   if (backend === "opengles") process.env.EGL_PLATFORM ??= "surfaceless";
-  const gpu = create([`backend=${backend}`]);
+  let gpu = instances.get(backend);
+  if (!gpu) {
+    gpu = create([`backend=${backend}`]);
+    instances.set(backend, gpu);
+  }
   const adapter = await gpu.requestAdapter({ featureLevel, powerPreference: "high-performance" });
   return adapter ? { adapter, backend, featureLevel } : undefined;
 }
