@@ -48,6 +48,26 @@ export async function main(argv: readonly string[]): Promise<number> {
       exitCode = await doctorCommand(opts);
     });
 
+  program
+    .command("run")
+    .description("run a prompt on a base model (a Hugging Face directory) and report tokens/s")
+    .argument("[spec]", ".milora spec whose base the checkpoint must match (default: DIR/config.json)")
+    .requiredOption("--base <dir>", "model directory: config.json and safetensors weights")
+    .option("--prompt <text>", "prompt text (needs the directory's tokenizer.json)")
+    .option("--tokens <ids>", "prompt as comma-separated token ids")
+    .option("--max-tokens <n>", "tokens to generate (0: prompt only)", "32")
+    .option("--temperature <t>", "sampling temperature (0: greedy)")
+    .option("--top-k <k>", "sample from the k most likely tokens")
+    .option("--top-p <p>", "sample from the most likely tokens holding mass p")
+    .option("--seed <s>", "sampling seed")
+    .option("--json", "print one JSON object { tokens, text?, timings, device, logits? }")
+    .addOption(new Option("--logits <which>", "add the prompt's logits to --json output").choices(["last", "all"]))
+    .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
+    .action(async (spec: string | undefined, opts: import("./commands/run.ts").RunOptions) => {
+      const { runCommand } = await import("./commands/run.ts");
+      exitCode = await runCommand(spec, opts);
+    });
+
   try {
     await program.parseAsync(argv as string[]);
   } catch (err) {

@@ -1,0 +1,106 @@
+// End-to-end speed: prefill tokens/s and decode ms/token of the engine on random checkpoints, against
+// the time the matvec kernels alone take to stream every weight once (the floor of a decode step).
+//   node --import tsx bench/decode.ts            (models are written once under .cache/bench/)
+import { join } from "node:path";
+import { readHfConfig } from "../compiler/hf-config.ts";
+import { kernelSources, layerTensor, planBase, type Plan } from "../compiler/plan.ts";
+import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../examples/random-checkpoint.ts";
+import { openCheckpoint } from "../runtime/checkpoint.ts";
+import { acquireDevice, adapterSummary, type GpuContext } from "../runtime/device.ts";
+import { Engine } from "../runtime/engine.ts";
+import { PipelineCache, StepEncoder, createStorage } from "../runtime/kernel-runner.ts";
+import { uploadWeights } from "../runtime/weights.ts";
+
+const MODELS: Record<string, RandomCheckpointOptions> = {
+  tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1 },
+  mid: { hiddenSize: 768, layers: 8, heads: 12, kvHeads: 4, intermediateSize: 2048, vocabSize: 8192, maxPositions: 512, seed: 2 },
+};
+const PREFILL_TOKENS = 128;
+const DECODE_PROMPT = 16;
+const DECODE_TOKENS = 32;
+const STREAM_REPEATS = 10;
+
+interface Row {
+  model: string;
+  weightsMiB: number;
+  prefillTokensPerS: number;
+  decodeMsPerToken: number;
+  streamOnceMs: number;
+}
+
+/** Milliseconds per step of the decode-shaped (1 row) matvec over every linear weight, nothing else. */
+async function streamOnceMs(gpu: GpuContext, plan: Plan, dir: string): Promise<number> {
+  const { device } = gpu;
+  const checkpoint = openCheckpoint(dir);
+  const weights = await uploadWeights(device, checkpoint, plan, gpu.report.limits.maxStorageBufferBindingSize ?? 2 ** 27);
+  checkpoint.close();
+  const sources = kernelSources(plan);
+  const pipelines = new PipelineCache(device);
+  const step = new StepEncoder(device, pipelines);
+  const widest = Math.max(...plan.activations.map((a) => a.width));
+  const [x, y, residual] = [0, 1, 2].map((i) => createStorage(device, widest * 4, `stream ${i}`));
+  // Every layer's linear ops, then the head's (the lm_head): what one decode step reads.
+  const linears = [
+    ...Array.from({ length: plan.dims.layers }, (_, layer) => plan.layer.map((op) => ({ op, layer }))).flat(),
+    ...plan.head.map((op) => ({ op, layer: 0 })),
+  ].flatMap(({ op, layer }) => (op.op === "linear" ? [{ op, weight: weights.get(layerTensor(op.weight, layer)) }] : []));
+  const encodeOnce = () => {
+    for (const { op, weight } of linears) {
+      for (const block of weight.blocks) {
+        step.dispatch(sources.get(op.matvec)!, { x: x!, w: block.buffer, y: y!, ...(op.residual ? { residual: residual! } : {}) }, { rows: 1 });
+      }
+    }
+    step.submit();
+  };
+  encodeOnce(); // compiles every pipeline
+  await device.queue.onSubmittedWorkDone();
+  const started = performance.now();
+  for (let i = 0; i < STREAM_REPEATS; i++) {
+    encodeOnce();
+    await device.queue.onSubmittedWorkDone();
+  }
+  const ms = (performance.now() - started) / STREAM_REPEATS;
+  step.destroy();
+  weights.destroy();
+  for (const b of [x, y, residual]) b!.destroy();
+  return ms;
+}
+
+async function measure(gpu: GpuContext, name: string, options: RandomCheckpointOptions): Promise<Row> {
+  const dir = join(".cache", "bench", name);
+  writeRandomCheckpoint(dir, options);
+  const base = readHfConfig(dir);
+  const engine = await Engine.load({ base, checkpointDir: dir, gpu, ctx: Math.min(base.maxPositions, 256), maxSequences: 1 });
+  const prompt = (n: number) => Array.from({ length: n }, (_, i) => (i * 7919 + 13) % base.vocabSize);
+  try {
+    await engine.generate({ prompt: prompt(PREFILL_TOKENS), maxTokens: 2 }); // first use of every path
+    const prefill = await engine.generate({ prompt: prompt(PREFILL_TOKENS), maxTokens: 0 });
+    const decode = await engine.generate({ prompt: prompt(DECODE_PROMPT), maxTokens: DECODE_TOKENS + 1 });
+    const stream = await streamOnceMs(gpu, engine.plan, dir);
+    const t = decode.timings;
+    return {
+      model: `${name} (hidden ${base.hiddenSize}, ${base.layers} layers, vocab ${base.vocabSize})`,
+      weightsMiB: engine.plan.tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 4), 0) / 2 ** 20,
+      prefillTokensPerS: (prefill.timings.prefillTokens / prefill.timings.prefillMs) * 1000,
+      decodeMsPerToken: t.decodeMs / t.decodeSteps,
+      streamOnceMs: stream,
+    };
+  } finally {
+    engine.destroy();
+  }
+}
+
+const gpu = await acquireDevice();
+console.log(`device: ${adapterSummary(gpu.report)}`);
+console.log(`prefill: ${PREFILL_TOKENS}-token prompt; decode: ${DECODE_TOKENS} tokens after a ${DECODE_PROMPT}-token prompt, 1 sequence`);
+const rows: Row[] = [];
+for (const [name, options] of Object.entries(MODELS)) rows.push(await measure(gpu, name, options));
+console.log("");
+console.log("model                                          weights MiB  prefill tok/s  decode ms/tok  stream-once ms  decode/stream");
+for (const r of rows) {
+  console.log(
+    `${r.model.padEnd(46)} ${r.weightsMiB.toFixed(1).padStart(11)}  ${r.prefillTokensPerS.toFixed(1).padStart(13)}  ` +
+      `${r.decodeMsPerToken.toFixed(2).padStart(13)}  ${r.streamOnceMs.toFixed(2).padStart(14)}  ${(r.decodeMsPerToken / r.streamOnceMs).toFixed(2).padStart(13)}`,
+  );
+}
+gpu.destroy();

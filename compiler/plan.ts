@@ -1,0 +1,350 @@
+// The plan: everything the runtime needs to run a base model, as plain data. Concrete dimensions, the
+// tensor table (what the checkpoint must hold and how it sits on the GPU), the op sequence of one
+// Transformer layer and of the output head, and the kernel set those ops dispatch, each kernel named
+// by its family and the constants it is specialised by. The plan holds no GPU objects and no functions,
+// so it serialises as JSON (manifest.json); kernelSources() turns its kernel set into WGSL.
+import { attentionKernel, type AttentionConstants } from "./kernels/attention.ts";
+import { swigluKernel } from "./kernels/elementwise.ts";
+import type { KernelSource } from "./kernels/kernel.ts";
+import { kvWriteKernel, type KvWriteConstants } from "./kernels/kv-write.ts";
+import { matmulKernel, type MatmulConstants } from "./kernels/matmul.ts";
+import { MATVEC_MAX_ROWS, matvecKernel, type MatvecConstants } from "./kernels/matvec.ts";
+import { rmsNormKernel, type RmsNormConstants } from "./kernels/rmsnorm.ts";
+import { ropeKernel, type RopeConstants } from "./kernels/rope.ts";
+import { samplingKernel } from "./kernels/sampling.ts";
+import type { BaseModel, ExpertModule } from "./model.ts";
+
+/** A base model the planner cannot lower, with the reason in words. */
+export class PlanError extends Error {
+  override name = "PlanError";
+}
+
+export interface PlanDims {
+  readonly hidden: number;
+  readonly layers: number;
+  readonly heads: number;
+  readonly kvHeads: number;
+  readonly headDim: number;
+  /** heads * headDim: width of q and of the attention output. */
+  readonly qWidth: number;
+  /** kvHeads * headDim: width of k, v and of one cached position. */
+  readonly kvWidth: number;
+  readonly intermediate: number;
+  readonly vocab: number;
+  readonly ropeTheta: number;
+  readonly rmsNormEps: number;
+  /** Positions a sequence may reach: the KV cache's length, at most the base's max_positions. */
+  readonly ctx: number;
+  readonly tiedEmbeddings: boolean;
+}
+
+export type TensorRole = "embedding" | "lm_head" | "attn_norm" | "mlp_norm" | "final_norm" | "linear";
+
+/** One tensor of the checkpoint as the runtime holds it. Linear weights are [out, in], as in HF. */
+export interface PlanTensor {
+  readonly name: string;
+  readonly shape: readonly number[];
+  /** Element type on the GPU; the checkpoint's F16/BF16 are widened on upload. */
+  readonly gpuDtype: "f32";
+  readonly role: TensorRole;
+  readonly layer?: number;
+  readonly module?: ExpertModule;
+  /**
+   * Whether the runtime may split it into row blocks when it exceeds one storage binding: only
+   * tensors it reads by rows or as a residual-free linear (the embedding and lm_head of a big vocab).
+   */
+  readonly splittable: boolean;
+}
+
+/** The activation buffers of one forward step, each [rows, width] f32. */
+export type ActivationName =
+  "x" | "h" | "xn" | "q" | "k" | "v" | "attn" | "gate" | "up" | "act" | "out" | "outNorm" | "logits";
+
+export interface PlanActivation {
+  readonly name: ActivationName;
+  readonly width: number;
+}
+
+/** A linear module's place: one of the LoRA-capable experts, or the output head. */
+export type LinearModule = ExpertModule | "lm_head";
+
+/**
+ * One step of the forward pass. Weight names in layer ops are templates with `{layer}`. Kernels are
+ * referenced by key into Plan.kernels; a linear names two, the engine picks by the rows of the step
+ * (matvec up to `matvecMaxRows`, matmul above), so prefill and decode share one op list.
+ */
+export type PlanOp =
+  | {
+      readonly op: "rmsnorm";
+      readonly kernel: string;
+      readonly input: ActivationName;
+      readonly weight: string;
+      readonly output: ActivationName;
+    }
+  | {
+      readonly op: "linear";
+      readonly module: LinearModule;
+      readonly matmul: string;
+      readonly matvec: string;
+      readonly input: ActivationName;
+      readonly weight: string;
+      readonly output: ActivationName;
+      /** Added to the product (the residual stream); must differ from output. */
+      readonly residual?: ActivationName;
+    }
+  | { readonly op: "rope"; readonly kernel: string; readonly q: ActivationName; readonly k: ActivationName }
+  | { readonly op: "kv_write"; readonly kernel: string; readonly k: ActivationName; readonly v: ActivationName }
+  | { readonly op: "attention"; readonly kernel: string; readonly q: ActivationName; readonly output: ActivationName }
+  | {
+      readonly op: "swiglu";
+      readonly kernel: string;
+      readonly gate: ActivationName;
+      readonly up: ActivationName;
+      readonly output: ActivationName;
+    }
+  | { readonly op: "sample"; readonly kernel: string; readonly logits: ActivationName };
+
+/** A kernel of the set: the generator family and the constants it is called with. */
+export type PlannedKernel =
+  | { readonly key: string; readonly family: "rmsnorm"; readonly constants: RmsNormConstants }
+  | { readonly key: string; readonly family: "matmul"; readonly constants: MatmulConstants }
+  | { readonly key: string; readonly family: "matvec"; readonly constants: MatvecConstants }
+  | { readonly key: string; readonly family: "rope"; readonly constants: RopeConstants }
+  | { readonly key: string; readonly family: "kv_write"; readonly constants: KvWriteConstants }
+  | { readonly key: string; readonly family: "attention"; readonly constants: AttentionConstants }
+  | { readonly key: string; readonly family: "swiglu"; readonly constants: Record<string, never> }
+  | { readonly key: string; readonly family: "sampling"; readonly constants: { readonly vocab: number } };
+
+/** A kernel of the set before its key is known. */
+export type KernelRequest = PlannedKernel extends infer K ? (K extends PlannedKernel ? Omit<K, "key"> : never) : never;
+
+export interface Plan {
+  readonly base: string;
+  readonly family: string;
+  readonly dims: PlanDims;
+  readonly tensors: readonly PlanTensor[];
+  readonly activations: readonly PlanActivation[];
+  /**
+   * Before the layers the engine writes the embedding rows of the step's tokens into `input`; the
+   * layer ops run once per layer and leave the residual stream in `input` again; the engine then
+   * gathers the rows that need logits into `headInput`, and the head ops run on those rows only.
+   */
+  readonly input: ActivationName;
+  readonly embedding: string;
+  readonly layer: readonly PlanOp[];
+  readonly headInput: ActivationName;
+  readonly head: readonly PlanOp[];
+  /** Steps of up to this many rows use the matvec kernels. */
+  readonly matvecMaxRows: number;
+  readonly kernels: readonly PlannedKernel[];
+}
+
+export interface PlanOptions {
+  /** KV cache length per sequence (default: the base's max_positions). */
+  readonly ctx?: number;
+}
+
+/** Plans a LLaMA-family base model. Throws PlanError for what the kernels do not implement. */
+export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
+  if (base.family !== "llama")
+    throw new PlanError(`base ${base.name}: family "${base.family}" has no planner (only llama)`);
+  if (base.attentionBias) throw new PlanError(`base ${base.name}: attention biases are not supported yet`);
+  const ctx = options.ctx ?? base.maxPositions;
+  if (!Number.isInteger(ctx) || ctx < 1 || ctx > base.maxPositions) {
+    throw new PlanError(
+      `base ${base.name}: context ${ctx} must be an integer from 1 to max_positions ${base.maxPositions}`,
+    );
+  }
+  if (base.headDim % 2 !== 0)
+    throw new PlanError(`base ${base.name}: rotary embedding needs an even head_dim, got ${base.headDim}`);
+  const dims: PlanDims = {
+    hidden: base.hiddenSize,
+    layers: base.layers,
+    heads: base.heads,
+    kvHeads: base.kvHeads,
+    headDim: base.headDim,
+    qWidth: base.heads * base.headDim,
+    kvWidth: base.kvHeads * base.headDim,
+    intermediate: base.intermediateSize,
+    vocab: base.vocabSize,
+    ropeTheta: base.ropeTheta,
+    rmsNormEps: base.rmsNormEps,
+    ctx,
+    tiedEmbeddings: base.tieEmbeddings,
+  };
+
+  const kernels = new Map<string, PlannedKernel>();
+  const use = (request: KernelRequest): string => {
+    const key = plannedKernelSource(request).key;
+    if (!kernels.has(key)) kernels.set(key, { ...request, key } as PlannedKernel);
+    return key;
+  };
+  const linear = (
+    module: LinearModule,
+    K: number,
+    N: number,
+    io: { input: ActivationName; output: ActivationName; residual?: ActivationName },
+    weight: string,
+  ): PlanOp => {
+    const residual = io.residual !== undefined;
+    return {
+      op: "linear",
+      module,
+      matmul: use({ family: "matmul", constants: { K, N, residual } }),
+      matvec: use({ family: "matvec", constants: { K, N, residual } }),
+      ...io,
+      weight,
+    };
+  };
+  const { hidden, qWidth, kvWidth, intermediate, vocab } = dims;
+  const norm = use({ family: "rmsnorm", constants: { hidden, eps: dims.rmsNormEps } });
+  const attentionShape = { heads: dims.heads, kvHeads: dims.kvHeads, headDim: dims.headDim };
+
+  const layer: PlanOp[] = [
+    { op: "rmsnorm", kernel: norm, input: "x", weight: "model.layers.{layer}.input_layernorm.weight", output: "xn" },
+    linear("q_proj", hidden, qWidth, { input: "xn", output: "q" }, linearWeight("q_proj")),
+    linear("k_proj", hidden, kvWidth, { input: "xn", output: "k" }, linearWeight("k_proj")),
+    linear("v_proj", hidden, kvWidth, { input: "xn", output: "v" }, linearWeight("v_proj")),
+    {
+      op: "rope",
+      kernel: use({ family: "rope", constants: { ...attentionShape, theta: dims.ropeTheta } }),
+      q: "q",
+      k: "k",
+    },
+    {
+      op: "kv_write",
+      kernel: use({
+        family: "kv_write",
+        constants: { kvHeads: dims.kvHeads, headDim: dims.headDim, maxPositions: ctx },
+      }),
+      k: "k",
+      v: "v",
+    },
+    {
+      op: "attention",
+      kernel: use({ family: "attention", constants: { ...attentionShape, maxPositions: ctx } }),
+      q: "q",
+      output: "attn",
+    },
+    linear("o_proj", qWidth, hidden, { input: "attn", output: "h", residual: "x" }, linearWeight("o_proj")),
+    {
+      op: "rmsnorm",
+      kernel: norm,
+      input: "h",
+      weight: "model.layers.{layer}.post_attention_layernorm.weight",
+      output: "xn",
+    },
+    linear("gate_proj", hidden, intermediate, { input: "xn", output: "gate" }, linearWeight("gate_proj")),
+    linear("up_proj", hidden, intermediate, { input: "xn", output: "up" }, linearWeight("up_proj")),
+    { op: "swiglu", kernel: use({ family: "swiglu", constants: {} }), gate: "gate", up: "up", output: "act" },
+    linear("down_proj", intermediate, hidden, { input: "act", output: "x", residual: "h" }, linearWeight("down_proj")),
+  ];
+  const lmHead = dims.tiedEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  const head: PlanOp[] = [
+    { op: "rmsnorm", kernel: norm, input: "out", weight: "model.norm.weight", output: "outNorm" },
+    linear("lm_head", hidden, vocab, { input: "outNorm", output: "logits" }, lmHead),
+    { op: "sample", kernel: use({ family: "sampling", constants: { vocab } }), logits: "logits" },
+  ];
+
+  return {
+    base: base.name,
+    family: base.family,
+    dims,
+    tensors: tensorTable(dims),
+    activations: [
+      ...(["x", "h", "xn", "out", "outNorm"] as const).map((name) => ({ name, width: hidden })),
+      { name: "q", width: qWidth },
+      { name: "attn", width: qWidth },
+      { name: "k", width: kvWidth },
+      { name: "v", width: kvWidth },
+      ...(["gate", "up", "act"] as const).map((name) => ({ name, width: intermediate })),
+      { name: "logits", width: vocab },
+    ],
+    input: "x",
+    embedding: "model.embed_tokens.weight",
+    layer,
+    headInput: "out",
+    head,
+    matvecMaxRows: MATVEC_MAX_ROWS,
+    kernels: [...kernels.values()],
+  };
+}
+
+const MODULE_BLOCK: Readonly<Record<ExpertModule, "self_attn" | "mlp">> = {
+  q_proj: "self_attn",
+  k_proj: "self_attn",
+  v_proj: "self_attn",
+  o_proj: "self_attn",
+  gate_proj: "mlp",
+  up_proj: "mlp",
+  down_proj: "mlp",
+};
+
+/** The HF name template of a layer's linear weight. */
+function linearWeight(module: ExpertModule): string {
+  return `model.layers.{layer}.${MODULE_BLOCK[module]}.${module}.weight`;
+}
+
+/** The checkpoint tensors of a LLaMA model, in checkpoint order. */
+function tensorTable(d: PlanDims): PlanTensor[] {
+  const t = (name: string, shape: number[], role: TensorRole, extra: Partial<PlanTensor> = {}): PlanTensor => ({
+    name,
+    shape,
+    gpuDtype: "f32",
+    role,
+    splittable: role === "embedding" || role === "lm_head",
+    ...extra,
+  });
+  const out = [t("model.embed_tokens.weight", [d.vocab, d.hidden], "embedding")];
+  const modules: [ExpertModule, number, number][] = [
+    ["q_proj", d.qWidth, d.hidden],
+    ["k_proj", d.kvWidth, d.hidden],
+    ["v_proj", d.kvWidth, d.hidden],
+    ["o_proj", d.hidden, d.qWidth],
+    ["gate_proj", d.intermediate, d.hidden],
+    ["up_proj", d.intermediate, d.hidden],
+    ["down_proj", d.hidden, d.intermediate],
+  ];
+  for (let layer = 0; layer < d.layers; layer++) {
+    const p = `model.layers.${layer}`;
+    out.push(t(`${p}.input_layernorm.weight`, [d.hidden], "attn_norm", { layer }));
+    for (const [module, rows, cols] of modules)
+      out.push(t(layerTensor(linearWeight(module), layer), [rows, cols], "linear", { layer, module }));
+    out.push(t(`${p}.post_attention_layernorm.weight`, [d.hidden], "mlp_norm", { layer }));
+  }
+  out.push(t("model.norm.weight", [d.hidden], "final_norm"));
+  if (!d.tiedEmbeddings) out.push(t("lm_head.weight", [d.vocab, d.hidden], "lm_head"));
+  return out;
+}
+
+/** A layer op's weight name for one layer. */
+export function layerTensor(template: string, layer: number): string {
+  return template.replace("{layer}", String(layer));
+}
+
+/** The WGSL source of one planned kernel (also of variants the runtime derives, e.g. for split weights). */
+export function plannedKernelSource(k: KernelRequest): KernelSource {
+  switch (k.family) {
+    case "rmsnorm":
+      return rmsNormKernel(k.constants);
+    case "matmul":
+      return matmulKernel(k.constants);
+    case "matvec":
+      return matvecKernel(k.constants);
+    case "rope":
+      return ropeKernel(k.constants);
+    case "kv_write":
+      return kvWriteKernel(k.constants);
+    case "attention":
+      return attentionKernel(k.constants);
+    case "swiglu":
+      return swigluKernel();
+    case "sampling":
+      return samplingKernel(k.constants);
+  }
+}
+
+/** The plan's kernels as WGSL sources, by key. */
+export function kernelSources(plan: Plan): ReadonlyMap<string, KernelSource> {
+  return new Map(plan.kernels.map((k) => [k.key, plannedKernelSource(k)]));
+}

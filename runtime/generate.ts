@@ -1,0 +1,99 @@
+// Generation on top of the engine's steps: prefill the prompts together, then decode every live
+// sequence in lockstep until each reaches its token budget, a stop token or the end of its context.
+import type { Engine } from "./engine.ts";
+import type { Sequence, SamplingOptions } from "./sequence.ts";
+
+export interface GenerateRequest {
+  readonly prompt: readonly number[];
+  /** Tokens to generate; 0 runs the prompt only (for its logits). */
+  readonly maxTokens: number;
+  readonly sampling?: SamplingOptions;
+  /** Logits of the prompt to return: its last position's, or every position's. */
+  readonly logits?: "last" | "all";
+  /** Token ids that end generation (the stop token is kept in the output). */
+  readonly stop?: readonly number[];
+}
+
+/** Wall-clock times of the batch a generation ran in (shared by all its requests). */
+export interface GenerationTimings {
+  readonly prefillTokens: number;
+  readonly prefillMs: number;
+  /** Tokens produced by decode steps (the first token of each sequence comes from prefill). */
+  readonly decodeTokens: number;
+  readonly decodeSteps: number;
+  readonly decodeMs: number;
+}
+
+export interface Generation {
+  readonly tokens: number[];
+  /** `length`: maxTokens reached; `stop`: a stop token came; `context`: the KV cache is full. */
+  readonly finish: "length" | "stop" | "context";
+  /** Prompt logits as asked, one row of vocab_size per position. */
+  readonly logits?: readonly Float32Array[];
+  readonly timings: GenerationTimings;
+}
+
+export async function generate(engine: Engine, request: GenerateRequest): Promise<Generation> {
+  const [one] = await generateBatch(engine, [request]);
+  return one!;
+}
+
+interface Live {
+  readonly request: GenerateRequest;
+  readonly seq: Sequence;
+  readonly tokens: number[];
+  finish?: Generation["finish"];
+  logits?: readonly Float32Array[];
+}
+
+export async function generateBatch(engine: Engine, requests: readonly GenerateRequest[]): Promise<Generation[]> {
+  for (const r of requests) {
+    if (!Number.isInteger(r.maxTokens) || r.maxTokens < 0) throw new RangeError(`maxTokens must be an integer >= 0, got ${r.maxTokens}`);
+  }
+  const live: Live[] = [];
+  try {
+    for (const request of requests) {
+      const seq = engine.createSequence(request.prompt, { ...(request.sampling ? { sampling: request.sampling } : {}), logits: request.logits ?? "none" });
+      live.push({ request, seq, tokens: [] });
+    }
+    const started = performance.now();
+    const first = await engine.prefill(live.map((l) => l.seq));
+    const prefillMs = performance.now() - started;
+    for (const l of live) {
+      const out = first.get(l.seq)!;
+      if (out.logits) l.logits = out.logits;
+      l.seq.logits = "none";
+      if (l.request.maxTokens === 0) l.finish = "length";
+      else accept(l, out.token);
+    }
+
+    const decodeStarted = performance.now();
+    let decodeSteps = 0;
+    let decodeTokens = 0;
+    for (let active = live.filter((l) => !l.finish); active.length > 0; active = active.filter((l) => !l.finish)) {
+      const outs = await engine.decode(active.map((l) => l.seq));
+      decodeSteps++;
+      decodeTokens += active.length;
+      for (const l of active) accept(l, outs.get(l.seq)!.token);
+    }
+    const timings: GenerationTimings = {
+      prefillTokens: requests.reduce((n, r) => n + r.prompt.length, 0),
+      prefillMs,
+      decodeTokens,
+      decodeSteps,
+      decodeMs: performance.now() - decodeStarted,
+    };
+    return live.map((l) => ({ tokens: l.tokens, finish: l.finish!, ...(l.logits ? { logits: l.logits } : {}), timings }));
+  } finally {
+    for (const l of live) engine.release(l.seq);
+  }
+}
+
+/** Records a sampled token and either queues it for the next decode step or ends the sequence. */
+function accept(l: Live, token: number): void {
+  l.tokens.push(token);
+  if (l.request.stop?.includes(token)) l.finish = "stop";
+  else if (l.tokens.length >= l.request.maxTokens) l.finish = "length";
+  else if (!l.seq.fits(1)) l.finish = "context";
+  else l.seq.append([token]);
+}

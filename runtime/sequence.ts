@@ -1,0 +1,90 @@
+// A sequence: one prompt and what has been generated after it, bound to a KV cache slot. The engine
+// advances it by running its pending tokens (those not yet in the cache); the caller appends tokens.
+import type { SamplingSettings } from "../compiler/kernels/sampling.ts";
+
+/** How the next token is picked; temperature 0 (the default) is greedy. */
+export interface SamplingOptions {
+  readonly temperature?: number;
+  /** Keep the k most likely tokens; 0 (the default) for no limit. */
+  readonly topK?: number;
+  /** Keep the smallest most likely set with this probability mass; 1 (the default) for no limit. */
+  readonly topP?: number;
+  readonly seed?: number;
+}
+
+/** Which logits a step reads back for a sequence: none, its last row's, or every row's. */
+export type LogitsMode = "none" | "last" | "all";
+
+/** A user-supplied value that cannot be used: bad token ids, sampling options, or a full context. */
+export class SequenceError extends Error {
+  override name = "SequenceError";
+}
+
+export function checkSampling(s: SamplingOptions): Required<SamplingOptions> {
+  const { temperature = 0, topK = 0, topP = 1, seed = 0 } = s;
+  if (!(temperature >= 0) || !Number.isFinite(temperature)) throw new SequenceError(`temperature must be a number >= 0, got ${temperature}`);
+  if (!Number.isInteger(topK) || topK < 0) throw new SequenceError(`top-k must be an integer >= 0, got ${topK}`);
+  if (!(topP > 0 && topP <= 1)) throw new SequenceError(`top-p must be in (0, 1], got ${topP}`);
+  if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new SequenceError(`seed must be an integer from 0 to 2^32-1, got ${seed}`);
+  return { temperature, topK, topP, seed };
+}
+
+export class Sequence {
+  readonly #tokens: number[] = [];
+  /** Tokens whose keys and values are in the cache (the next token's position). */
+  cached = 0;
+  /** Tokens sampled so far: the sampler's step counter, so (seed, step) reproduces a draw. */
+  sampled = 0;
+  #released = false;
+  /** Logits the next steps read back for this sequence (the sampled token always comes back). */
+  logits: LogitsMode = "none";
+
+  /** Use Engine.createSequence. */
+  constructor(
+    readonly id: number,
+    readonly slot: number,
+    readonly ctx: number,
+    readonly vocab: number,
+    readonly sampling: Required<SamplingOptions>,
+  ) {}
+
+  get tokens(): readonly number[] {
+    return this.#tokens;
+  }
+
+  /** Tokens appended but not yet run through the model. */
+  get pending(): number {
+    return this.#tokens.length - this.cached;
+  }
+
+  get released(): boolean {
+    return this.#released;
+  }
+
+  /** Whether `count` more tokens still fit in the context. */
+  fits(count: number): boolean {
+    return this.#tokens.length + count <= this.ctx;
+  }
+
+  /** Appends tokens to run next (a prompt, a sampled token, or forced tokens). */
+  append(tokens: readonly number[]): void {
+    if (this.#released) throw new SequenceError(`sequence ${this.id} was released`);
+    for (const t of tokens) {
+      if (!Number.isInteger(t) || t < 0 || t >= this.vocab) throw new SequenceError(`token ${t} is outside the vocabulary (0..${this.vocab - 1})`);
+    }
+    if (!this.fits(tokens.length)) {
+      throw new SequenceError(`sequence of ${this.#tokens.length + tokens.length} tokens exceeds the context of ${this.ctx} positions`);
+    }
+    this.#tokens.push(...tokens);
+  }
+
+  /** The sampler's settings for the token that follows the current ones. */
+  samplingSettings(): SamplingSettings {
+    return { ...this.sampling, step: this.sampled };
+  }
+
+  /** Marks the sequence dead; the engine returns its slot. */
+  markReleased(): void {
+    this.#released = true;
+  }
+}

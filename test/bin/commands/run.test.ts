@@ -1,0 +1,81 @@
+// `milora run` end to end, as a user runs it: a child process on a tiny random checkpoint.
+import { execFile } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import { PRESETS, writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
+import { loadReferenceWeights, referenceGreedy, referenceLogits } from "../../reference/llama.ts";
+
+const root = mkdtempSync(join(tmpdir(), "milora-run-"));
+const model = join(root, "tiny");
+writeRandomCheckpoint(model, PRESETS.tiny);
+const milora = new URL("../../../bin/milora.js", import.meta.url).pathname;
+
+test.after(() => rmSync(root, { recursive: true, force: true }));
+
+async function run(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await promisify(execFile)(process.execPath, [milora, "run", ...args], { timeout: 60_000 });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code?: number; stdout: string; stderr: string };
+    return { code: err.code ?? -1, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+/** stderr without Dawn's start-up warnings about drivers it did not find. */
+function problems(stderr: string): string[] {
+  return stderr.split("\n").filter((l) => l.startsWith("milora"));
+}
+
+test("--json prints the generated tokens, every prompt position's logits, timings and the device", async () => {
+  const prompt = [1, 72, 101, 108, 108, 111];
+  const { code, stdout, stderr } = await run("--base", model, "--tokens", prompt.join(","), "--max-tokens", "5", "--json", "--logits", "all");
+  assert.is(code, 0, stderr);
+  const out = JSON.parse(stdout) as { tokens: number[]; logits: number[][]; timings: Record<string, number>; device: string };
+  const { base, weights } = loadReferenceWeights(model);
+  assert.equal(out.tokens, referenceGreedy(base, weights, prompt, 5).slice(0, out.tokens.length));
+  assert.ok(out.tokens.length === 5 || out.tokens.at(-1) === 2, "stops early only at the end-of-sequence token");
+  const want = referenceLogits(base, weights, prompt);
+  assert.is(out.logits.length, prompt.length);
+  let diff = 0;
+  let norm = 0;
+  want.forEach((row, r) => row.forEach((w, i) => ((diff += (out.logits[r]![i]! - w) ** 2), (norm += w * w))));
+  assert.ok(Math.sqrt(diff / norm) < 1e-4, `logits relative error ${Math.sqrt(diff / norm)}`);
+  assert.is(out.timings.prefillTokens, prompt.length);
+  assert.ok(out.timings.prefillTokensPerSecond! > 0);
+  assert.match(out.device, /\((vulkan|metal|d3d12|opengles), /);
+});
+
+test("--prompt goes through the model's tokenizer and the text comes back", async () => {
+  const { code, stdout, stderr } = await run("--base", model, "--prompt", "hello world", "--max-tokens", "4", "--temperature", "0.8", "--seed", "3", "--json");
+  assert.is(code, 0, stderr);
+  const out = JSON.parse(stdout) as { tokens: number[]; text: string };
+  assert.type(out.text, "string");
+  assert.ok(out.tokens.length >= 1 && out.tokens.length <= 4);
+});
+
+test("a spec whose base disagrees with the checkpoint is refused, naming both values", async () => {
+  const spec = join(root, "wrong.milora");
+  writeFileSync(spec, "base other: llama {\n  hidden_size 128\n  layers 2\n  heads 4\n  kv_heads 2\n  intermediate_size 176\n  vocab_size 512\n  max_positions 256\n}\n");
+  const { code, stderr } = await run(spec, "--base", model, "--tokens", "1,2");
+  assert.is(code, 1);
+  const config = join(model, "config.json");
+  assert.equal(problems(stderr), [
+    `milora run: base other of ${spec} does not match ${model}: hidden_size 128 in the spec, 64 in ${config}; head_dim 32 in the spec, 16 in ${config}`,
+  ]);
+});
+
+test("user errors are one line and a non-zero exit", async () => {
+  const missing = await run("--base", join(root, "nowhere"), "--tokens", "1");
+  assert.is(missing.code, 1);
+  assert.equal(problems(missing.stderr), [`milora run: no model directory ${join(root, "nowhere")}`]);
+  const usage = await run("--base", model, "--tokens", "1,x");
+  assert.is(usage.code, 2);
+  assert.equal(problems(usage.stderr), ['milora run: --tokens must be comma-separated token ids, got "x"']);
+});
+
+test.run();

@@ -1,0 +1,185 @@
+// The whole model on the GPU against the float64 reference, on tiny random checkpoints written here.
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import { readHfConfig } from "../../compiler/hf-config.ts";
+import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../../examples/random-checkpoint.ts";
+import { acquireDevice, type GpuContext } from "../../runtime/device.ts";
+import { Engine } from "../../runtime/engine.ts";
+import type { Generation } from "../../runtime/generate.ts";
+import { CheckpointError, SafetensorsFile, writeSafetensors } from "../../runtime/safetensors.ts";
+import { sampleRowCpu } from "../../compiler/kernels/sampling-cpu.ts";
+import { loadReferenceWeights, referenceGreedy, referenceLogits } from "../reference/llama.ts";
+
+// f32 on the GPU against float64: every kernel rounds at about 6e-8 per operation, and two layers of
+// K <= 176 sums and softmaxes stay well below 1e-4 relative to the logits' norm.
+const BOUND = 1e-4;
+
+const TINY = { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 97, maxPositions: 64, seed: 7 } as const;
+
+let gpu: GpuContext;
+const root = mkdtempSync(join(tmpdir(), "milora-engine-"));
+
+test.before(async () => {
+  gpu = await acquireDevice();
+});
+test.after(() => {
+  gpu.destroy();
+  rmSync(root, { recursive: true, force: true });
+});
+
+function checkpoint(name: string, options: Partial<RandomCheckpointOptions> = {}): string {
+  const dir = join(root, name);
+  writeRandomCheckpoint(dir, { ...TINY, ...options });
+  return dir;
+}
+
+type Extra = { maxBindingBytes?: number; maxBatchRows?: number; maxSequences?: number };
+
+async function load(dir: string, extra: Extra = {}): Promise<Engine> {
+  return Engine.load({ base: readHfConfig(dir), checkpointDir: dir, gpu, ctx: 64, maxSequences: 4, ...extra });
+}
+
+/** ||got - want|| / ||want|| over all rows. */
+function relativeError(got: readonly Float32Array[], want: readonly Float64Array[]): number {
+  let diff = 0;
+  let norm = 0;
+  want.forEach((row, r) => {
+    row.forEach((w, i) => {
+      diff += (got[r]![i]! - w) ** 2;
+      norm += w * w;
+    });
+  });
+  return Math.sqrt(diff / norm);
+}
+
+const PROMPT = [5, 17, 3, 88, 42, 9, 60, 1, 33, 70, 12];
+
+async function promptLogitsMatch(dir: string, engineOptions: Extra = {}) {
+  const { base, weights } = loadReferenceWeights(dir);
+  const engine = await load(dir, engineOptions);
+  try {
+    const result = await engine.generate({ prompt: PROMPT, maxTokens: 0, logits: "all" });
+    assert.is(result.logits?.length, PROMPT.length);
+    const err = relativeError(result.logits!, referenceLogits(base, weights, PROMPT));
+    assert.ok(err < BOUND, `relative error ${err.toExponential(2)} >= ${BOUND}`);
+  } finally {
+    engine.destroy();
+  }
+}
+
+test("prompt logits at every position match the reference: GQA, untied, F32", async () => {
+  await promptLogitsMatch(checkpoint("gqa-f32"));
+});
+
+test("MHA with tied embeddings, stored as F16", async () => {
+  await promptLogitsMatch(checkpoint("mha-tied-f16", { kvHeads: 4, tieEmbeddings: true, dtype: "F16", seed: 8 }));
+});
+
+test("BF16 in three shards", async () => {
+  await promptLogitsMatch(checkpoint("bf16-sharded", { dtype: "BF16", shards: 3, seed: 9 }));
+});
+
+test("embedding and lm_head larger than a storage binding are split into row blocks; long prompts into chunks", async () => {
+  // [1000, 16] f32 = 64 KB: a 20 KB binding splits it into blocks of 312 rows, and a 4 KB logits row
+  // limits a step to 5 rows, so the 11-token prompt runs as 5 + 5 (matmul) + 1 (matvec).
+  const dir = checkpoint("big-vocab", { hiddenSize: 16, heads: 2, kvHeads: 1, intermediateSize: 32, vocabSize: 1000, seed: 10 });
+  await promptLogitsMatch(dir, { maxBindingBytes: 20_000, maxSequences: 1 });
+});
+
+test("decoding token by token gives the logits a full prefill of the same tokens gives", async () => {
+  const dir = checkpoint("gqa-f32");
+  const engine = await load(dir);
+  try {
+    const full = (await engine.generate({ prompt: PROMPT, maxTokens: 0, logits: "all" })).logits!;
+    const seq = engine.createSequence(PROMPT.slice(0, 4), { logits: "last" });
+    const incremental = [(await engine.prefill([seq])).get(seq)!.logits![0]!];
+    for (const token of PROMPT.slice(4)) {
+      seq.append([token]);
+      incremental.push((await engine.decode([seq])).get(seq)!.logits![0]!);
+    }
+    engine.release(seq);
+    const want = full.slice(3).map((row) => Float64Array.from(row));
+    const err = relativeError(incremental, want);
+    assert.ok(err < 1e-5, `relative error ${err.toExponential(2)}`);
+  } finally {
+    engine.destroy();
+  }
+});
+
+test("a batch of three sequences of different lengths gives what each gives alone", async () => {
+  const dir = checkpoint("gqa-f32");
+  const engine = await load(dir);
+  const prompts = [PROMPT, [40, 2], [9, 9, 9, 9, 9, 31]];
+  try {
+    const alone: Generation[] = [];
+    for (const prompt of prompts) alone.push(await engine.generate({ prompt, maxTokens: 5, logits: "all" }));
+    const together = await engine.generateBatch(prompts.map((prompt) => ({ prompt, maxTokens: 5, logits: "all" as const })));
+    together.forEach((got, i) => {
+      assert.equal(got.tokens, alone[i]!.tokens);
+      const err = relativeError(got.logits!, alone[i]!.logits!.map((row) => Float64Array.from(row)));
+      assert.ok(err < 1e-5, `prompt ${i}: relative error ${err.toExponential(2)}`);
+    });
+    assert.is(engine.freeSlots, 4);
+  } finally {
+    engine.destroy();
+  }
+});
+
+test("greedy generation gives the reference's greedy tokens", async () => {
+  const dir = checkpoint("mha-tied-f16", { kvHeads: 4, tieEmbeddings: true, dtype: "F16", seed: 8 });
+  const { base, weights } = loadReferenceWeights(dir);
+  const engine = await load(dir);
+  try {
+    const got = await engine.generate({ prompt: [3, 14, 15, 92], maxTokens: 8 });
+    assert.equal(got.tokens, referenceGreedy(base, weights, [3, 14, 15, 92], 8));
+    assert.is(got.finish, "length");
+  } finally {
+    engine.destroy();
+  }
+});
+
+test("seeded sampling on the device picks what the CPU sampler picks from the same logits, and repeats", async () => {
+  const engine = await load(checkpoint("gqa-f32"));
+  try {
+    const sampling = { temperature: 1.3, topK: 40, topP: 0.9, seed: 1234 };
+    const seq = engine.createSequence(PROMPT, { sampling, logits: "last" });
+    const drawn: number[] = [];
+    for (let step = 0; step < 6; step++) {
+      const out = (await engine.prefill([seq])).get(seq)!;
+      assert.is(out.token, sampleRowCpu(out.logits![0]!, { ...sampling, step }), `step ${step}`);
+      drawn.push(out.token);
+      seq.append([out.token]);
+    }
+    engine.release(seq);
+    const again = await engine.generate({ prompt: PROMPT, maxTokens: 6, sampling });
+    assert.equal(again.tokens, drawn);
+  } finally {
+    engine.destroy();
+  }
+});
+
+test("a checkpoint that does not fit the base is refused with every problem named", async () => {
+  const dir = checkpoint("broken", { seed: 11 });
+  const file = SafetensorsFile.open(join(dir, "model.safetensors"));
+  const kept = [...file.tensors.values()]
+    .filter((t) => t.name !== "model.layers.1.mlp.up_proj.weight")
+    .map((t) => {
+      const wrong = t.name === "model.layers.0.self_attn.k_proj.weight";
+      return { name: t.name, dtype: "F32" as const, shape: wrong ? [t.shape[0]! / 2, t.shape[1]! * 2] : [...t.shape], data: file.readF32(t.name) };
+    });
+  file.close();
+  writeSafetensors(join(dir, "model.safetensors"), kept);
+  const error = await load(dir).then(
+    (engine) => (engine.destroy(), undefined),
+    (e: unknown) => e,
+  );
+  assert.instance(error, CheckpointError);
+  const message = (error as Error).message;
+  assert.match(message, 'missing tensor "model.layers.1.mlp.up_proj.weight"');
+  assert.match(message, 'tensor "model.layers.0.self_attn.k_proj.weight" has shape [16, 128], expected [32, 64]');
+});
+
+test.run();
