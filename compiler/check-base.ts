@@ -1,0 +1,93 @@
+// `base` declarations -> BaseModel: a family's defaults or a config.json, then the block's keys on top.
+import { dirname, resolve } from "node:path";
+import type { BaseDecl, Property } from "../grammar/ast.ts";
+import {
+  BASE_KEYS,
+  BASE_KEY_NAMES,
+  completeSettings,
+  miloraNameOfHf,
+  shapeProblems,
+  type BaseSettings,
+} from "./base-keys.ts";
+import { FAMILY_NAMES, familyNamed, type Family } from "./families.ts";
+import { hfConfigSettings, loadHfConfigJson } from "./hf-config.ts";
+import type { BaseModel } from "./model.ts";
+import type { Reporter } from "./reporter.ts";
+import { didYouMean } from "./suggest.ts";
+import { booleanValue, knownProperties, numberValue } from "./values.ts";
+
+/** The base a declaration describes, or undefined when it has errors (all reported). */
+export function checkBase(decl: BaseDecl, specPath: string, r: Reporter): BaseModel | undefined {
+  const errorsBefore = r.errorCount;
+  const name = decl.name.name;
+  const props = knownProperties(decl.properties, BASE_KEY_NAMES, "base", r, hfNameHint);
+  const own = settingsOf(props, r);
+
+  let family: Family | undefined;
+  let from: { settings: BaseSettings; configPath: string } | undefined;
+  // the parser has made sure exactly one of the two is there
+  if (decl.family !== undefined) {
+    family = familyNamed(decl.family.name);
+    if (family === undefined) {
+      r.report(
+        "MIL101",
+        decl.family.span,
+        `unknown family \`${decl.family.name}\``,
+        didYouMean(decl.family.name, FAMILY_NAMES),
+      );
+    }
+  } else if (decl.from !== undefined) {
+    const configPath = resolve(dirname(specPath), decl.from.value);
+    const loaded = loadHfConfigJson(configPath, decl.from.span);
+    const read = loaded.json === undefined ? loaded : hfConfigSettings(loaded.json, configPath, decl.from.span);
+    r.diagnostics.push(...read.problems);
+    if ("settings" in read && read.settings !== undefined && read.family !== undefined) {
+      family = read.family;
+      from = { settings: read.settings, configPath };
+    }
+  }
+  if (family === undefined || r.errorCount > errorsBefore) return undefined;
+
+  const settings = { ...from?.settings, ...own };
+  const complete = completeSettings(settings, family.defaults);
+  for (const p of shapeProblems(settings, complete)) {
+    const at = props.find((prop) => prop.key.name === p.key) ?? props.find((prop) => prop.key.name === "heads");
+    r.report(p.code, at?.key.span ?? decl.name.span, p.message);
+  }
+  if (r.errorCount > errorsBefore) return undefined;
+  return {
+    name,
+    family: family.name,
+    ...complete,
+    attentionBias: family.attentionBias,
+    ...(from === undefined ? {} : { configPath: from.configPath }),
+    span: decl.span,
+  };
+}
+
+/** A Hugging Face key written by mistake gets its milora name as the hint. */
+function hfNameHint(key: string): string | undefined {
+  const milora = miloraNameOfHf(key);
+  return milora === undefined ? undefined : `in milora this is \`${milora}\``;
+}
+
+function settingsOf(props: readonly Property[], r: Reporter): BaseSettings {
+  const settings: Record<string, number | boolean> = {};
+  for (const prop of props) {
+    const { field, kind } = BASE_KEYS[prop.key.name as keyof typeof BASE_KEYS];
+    if (kind === "boolean") {
+      const value = booleanValue(prop, r);
+      if (value !== undefined) settings[field] = value;
+      continue;
+    }
+    const value = numberValue(prop, r);
+    if (value === undefined) continue;
+    if (value.value <= 0 || (kind === "count" && !value.integer)) {
+      const expected = kind === "count" ? "a positive integer" : "a positive number";
+      r.report("MIL205", value.span, `\`${prop.key.name}\` must be ${expected}, got ${value.text}`);
+      continue;
+    }
+    settings[field] = value.value;
+  }
+  return settings as BaseSettings;
+}

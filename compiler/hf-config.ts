@@ -1,0 +1,150 @@
+// Hugging Face config.json (LlamaConfig keys) -> a base model. Used by `base NAME from "config.json"`
+// in specs, and by the runtime when it is given a model directory without a spec.
+import { readFileSync } from "node:fs";
+import { basename, dirname, resolve } from "node:path";
+import type { Span } from "../grammar/ast.ts";
+import type { Diagnostic } from "../grammar/diagnostic.ts";
+import { BASE_KEYS, BASE_KEY_NAMES, completeSettings, shapeProblems, type BaseSettings } from "./base-keys.ts";
+import { familyForModelType, supportedModelTypes, type Family } from "./families.ts";
+import type { CheckCode } from "./codes.ts";
+import type { BaseModel } from "./model.ts";
+
+/** Keys a config must give; the others fall back to the family's defaults (kv heads and head size are derived). */
+const REQUIRED_HF_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"];
+
+export interface HfSettings {
+  readonly family?: Family;
+  readonly settings?: BaseSettings;
+  readonly problems: Diagnostic[];
+}
+
+function problem(code: CheckCode, span: Span, message: string, hint?: string): Diagnostic {
+  return { code, severity: "error", message, span, ...(hint === undefined ? {} : { hint }) };
+}
+
+/** Reads and parses a config.json, reporting a missing, unreadable or non-JSON file at `span`. */
+export function loadHfConfigJson(configPath: string, span: Span): { json?: unknown; problems: Diagnostic[] } {
+  let text: string;
+  try {
+    text = readFileSync(configPath, "utf8");
+  } catch (err) {
+    const reason = (err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message;
+    return { problems: [problem("MIL303", span, `cannot read config ${configPath}: ${reason}`)] };
+  }
+  try {
+    return { json: JSON.parse(text), problems: [] };
+  } catch (err) {
+    return { problems: [problem("MIL304", span, `config ${configPath} is not valid JSON: ${(err as Error).message}`)] };
+  }
+}
+
+/** The base settings a parsed config.json gives, before any overrides from the spec. */
+export function hfConfigSettings(json: unknown, configPath: string, span: Span): HfSettings {
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    return { problems: [problem("MIL304", span, `config ${configPath} is not a JSON object`)] };
+  }
+  const config = json as Record<string, unknown>;
+  const supported = supportedModelTypes()
+    .map((t) => `"${t}"`)
+    .join(", ");
+  const modelType = config["model_type"];
+  if (typeof modelType !== "string") {
+    return { problems: [problem("MIL305", span, `config ${configPath} has no model_type`, `supported: ${supported}`)] };
+  }
+  const family = familyForModelType(modelType);
+  if (family === undefined) {
+    return {
+      problems: [
+        problem(
+          "MIL305",
+          span,
+          `config ${configPath} has model_type "${modelType}", which milora does not support`,
+          `supported: ${supported}`,
+        ),
+      ],
+    };
+  }
+
+  const problems = unsupportedOptions(config, configPath, span);
+  const missing = REQUIRED_HF_KEYS.filter((k) => config[k] === undefined || config[k] === null);
+  if (missing.length > 0) {
+    problems.push(problem("MIL306", span, `config ${configPath} lacks ${missing.join(", ")}`));
+  }
+  const settings: BaseSettings = {};
+  for (const key of BASE_KEY_NAMES) {
+    const { hf, field, kind } = BASE_KEYS[key];
+    const value = config[hf];
+    if (value === undefined || value === null) continue;
+    const ok =
+      kind === "boolean"
+        ? typeof value === "boolean"
+        : typeof value === "number" && value > 0 && (kind === "positive" || Number.isInteger(value));
+    if (!ok) {
+      const expected = { count: "a positive integer", positive: "a positive number", boolean: "true or false" }[kind];
+      problems.push(
+        problem("MIL306", span, `${hf} in config ${configPath} must be ${expected}, got ${JSON.stringify(value)}`),
+      );
+      continue;
+    }
+    (settings as Record<string, unknown>)[field] = value;
+  }
+  return problems.length > 0 ? { family, problems } : { family, settings, problems };
+}
+
+function unsupportedOptions(config: Record<string, unknown>, configPath: string, span: Span): Diagnostic[] {
+  const found: string[] = [];
+  const act = config["hidden_act"];
+  if (act !== undefined && act !== "silu") found.push(`hidden_act ${JSON.stringify(act)} (milora implements silu)`);
+  const scaling = config["rope_scaling"];
+  if (scaling !== undefined && scaling !== null)
+    found.push(`rope_scaling ${JSON.stringify(scaling)} (milora implements plain RoPE)`);
+  if (config["attention_bias"] === true) found.push("attention_bias true");
+  if (config["mlp_bias"] === true) found.push("mlp_bias true");
+  return found.map((what) => problem("MIL307", span, `config ${configPath} uses an unsupported option: ${what}`));
+}
+
+/** Completes settings into a base model, reporting impossible attention shapes at `span`. */
+export function baseFromHfConfig(
+  json: unknown,
+  name: string,
+  configPath: string,
+  span: Span,
+): { base?: BaseModel; problems: Diagnostic[] } {
+  const { family, settings, problems } = hfConfigSettings(json, configPath, span);
+  if (family === undefined || settings === undefined) return { problems };
+  const complete = completeSettings(settings, family.defaults);
+  const shape = shapeProblems(settings, complete).map((p) =>
+    problem(p.code, span, `config ${configPath}: ${p.message}`),
+  );
+  if (shape.length > 0) return { problems: shape };
+  return {
+    base: {
+      name,
+      family: family.name,
+      ...complete,
+      attentionBias: family.attentionBias,
+      configPath: resolve(configPath),
+      span,
+    },
+    problems: [],
+  };
+}
+
+/**
+ * The base model described by a config.json (or a model directory holding one), named after its directory.
+ * Throws an Error listing every problem; meant for callers without a spec, such as `milora run --base DIR`.
+ */
+export function readHfConfig(path: string): BaseModel {
+  const configPath = path.endsWith(".json") ? path : resolve(path, "config.json");
+  const at = { offset: 0, line: 1, column: 1 };
+  const span: Span = { file: configPath, start: at, end: at };
+  const loaded = loadHfConfigJson(configPath, span);
+  const { base, problems } =
+    loaded.json === undefined
+      ? { base: undefined, problems: loaded.problems }
+      : baseFromHfConfig(loaded.json, basename(dirname(resolve(configPath))), configPath, span);
+  if (base === undefined) {
+    throw new Error(problems.map((p) => p.message + (p.hint ? ` (${p.hint})` : "")).join("\n"));
+  }
+  return base;
+}

@@ -1,0 +1,119 @@
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import type { Span } from "../../grammar/ast.ts";
+import { baseParams, computeBudget } from "../../compiler/budget.ts";
+import {
+  EXPERT_MODULES,
+  type Adapter,
+  type BaseModel,
+  type ExpertModule,
+  type RouterConfig,
+} from "../../compiler/model.ts";
+import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
+import { moduleShape } from "../../compiler/modules.ts";
+
+const at = { offset: 0, line: 1, column: 1 };
+const span: Span = { file: "test.milora", start: at, end: at };
+
+const llama2_7b: BaseModel = {
+  name: "llama2_7b",
+  family: "llama",
+  hiddenSize: 4096,
+  layers: 32,
+  heads: 32,
+  kvHeads: 32,
+  headDim: 128,
+  intermediateSize: 11008,
+  vocabSize: 32000,
+  ropeTheta: 10000,
+  rmsNormEps: 1e-5,
+  maxPositions: 4096,
+  tieEmbeddings: false,
+  attentionBias: false,
+  span,
+};
+
+const llama32_1b: BaseModel = {
+  ...llama2_7b,
+  name: "llama32_1b",
+  hiddenSize: 2048,
+  layers: 16,
+  heads: 32,
+  kvHeads: 8,
+  headDim: 64,
+  intermediateSize: 8192,
+  vocabSize: 128256,
+  tieEmbeddings: true,
+};
+
+function adapterOn(
+  base: BaseModel,
+  modules: readonly ExpertModule[],
+  rank: number,
+  router: RouterConfig | undefined,
+  layers = Array.from({ length: base.layers }, (_, i) => i),
+): Adapter {
+  const experts = layers.flatMap((layer) =>
+    modules.map((module) => ({
+      layer,
+      module,
+      rank,
+      alpha: 16,
+      dropout: 0,
+      rslora: false,
+      scaling: 16 / rank,
+      ...moduleShape(base, module),
+    })),
+  );
+  return { name: "a", base, layers, experts, ...(router ? { router } : {}), span };
+}
+
+test("LLaMA-2-7B with all 7 modules at rank 8 (PEFT's count)", () => {
+  const budget = computeBudget(adapterOn(llama2_7b, EXPERT_MODULES, 8, undefined));
+  const q = budget.modules.find((m) => m.module === "q_proj")!;
+  assert.is(q.params / q.layers, 8 * (4096 + 4096)); // 65,536
+  assert.is(budget.layers[0]!.loraParams, 624_640);
+  assert.is(budget.loraParams, 19_988_480);
+  assert.is(budget.routerParams, 0);
+  assert.is(budget.trainableParams, 19_988_480);
+});
+
+test("base parameters match the published model sizes", () => {
+  assert.is(baseParams(llama2_7b), 6_738_415_616); // LLaMA-2-7B
+  assert.is(baseParams(llama32_1b), 1_235_814_400); // Llama-3.2-1B: tied embeddings, GQA
+});
+
+test("a MiLoRA router adds W_gate and W_noise per layer; top_k 2 of 7 is the expected FLOPs share", () => {
+  const budget = computeBudget(adapterOn(llama2_7b, EXPERT_MODULES, 8, ROUTER_DEFAULTS));
+  assert.is(budget.routerParams, 32 * 2 * 4096 * 7);
+  assert.is(budget.trainableParams, 19_988_480 + 1_835_008);
+  assert.is(budget.flopsPerToken.allEnabled, 2 * 19_988_480);
+  assert.ok(Math.abs(budget.flopsPerToken.expected - (2 * 19_988_480 * 2) / 7) < 1e-6);
+  assert.is(budget.bytes.f32, 4 * 21_823_488);
+  assert.is(budget.bytes.f16, 2 * 21_823_488);
+  assert.ok(Math.abs(budget.shareOfBasePercent - (100 * 21_823_488) / 6_738_415_616) < 1e-12);
+});
+
+test("attention pooling adds a hidden x hidden scorer and its vector; no noise drops W_noise", () => {
+  const router: RouterConfig = { ...ROUTER_DEFAULTS, pooling: "attention", noise: false };
+  const budget = computeBudget(adapterOn(llama32_1b, ["q_proj", "v_proj"], 4, router, [0, 1]));
+  assert.is(budget.routerParams, 2 * (2048 * 2 + 2048 * 2048 + 2048));
+  // GQA: v_proj is 2048 -> 8 * 64
+  assert.is(budget.loraParams, 2 * (4 * (2048 + 2048) + 4 * (2048 + 512)));
+});
+
+test("dense selection and plain LoRA expect every enabled module to run", () => {
+  for (const router of [{ ...ROUTER_DEFAULTS, selection: { rule: "dense" } } as RouterConfig, undefined]) {
+    const budget = computeBudget(adapterOn(llama32_1b, EXPERT_MODULES, 8, router));
+    assert.is(budget.flopsPerToken.expected, budget.flopsPerToken.allEnabled);
+  }
+});
+
+test("modules report the range of ranks they have across layers", () => {
+  const adapter = adapterOn(llama32_1b, ["down_proj"], 8, undefined, [0, 1, 2]);
+  const experts = adapter.experts.map((e) => (e.layer === 2 ? { ...e, rank: 2 } : e));
+  const [down] = computeBudget({ ...adapter, experts }).modules;
+  assert.equal([down!.minRank, down!.maxRank, down!.params], [2, 8, (8 + 8 + 2) * (8192 + 2048)]);
+});
+
+test.run();

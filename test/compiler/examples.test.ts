@@ -1,0 +1,77 @@
+import { readdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { join } from "node:path";
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import { computeBudget } from "../../compiler/budget.ts";
+import { checkFiles } from "../../compiler/check.ts";
+
+const examples = fileURLToPath(new URL("../../examples/", import.meta.url));
+const specs = readdirSync(examples).filter((f) => f.endsWith(".milora"));
+
+function check(name: string) {
+  return checkFiles([join(examples, name)]);
+}
+
+function adapter(name: string, adapterName: string) {
+  const found = check(name).program.adapters.find((a) => a.name === adapterName);
+  assert.ok(found, `${adapterName} in ${name}`);
+  return found;
+}
+
+test("every example checks clean, without warnings", () => {
+  assert.ok(specs.length >= 5);
+  for (const spec of specs) {
+    const { diagnostics } = check(spec);
+    assert.equal(
+      diagnostics.map((d) => `${d.span.file}:${d.span.start.line} ${d.code} ${d.message}`),
+      [],
+      spec,
+    );
+  }
+  assert.ok(
+    specs.includes("llama-tiny.milora") && specs.includes("llama2-7b.milora") && specs.includes("llama3.2-1b.milora"),
+  );
+});
+
+test("llama-tiny: MiLoRA on 7 modules, with per-token and plain-LoRA variants", () => {
+  const tiny = adapter("llama-tiny.milora", "tiny");
+  assert.equal([tiny.base.hiddenSize, tiny.base.layers, tiny.base.heads, tiny.base.kvHeads], [64, 2, 4, 2]);
+  assert.is(tiny.experts.length, 2 * 7);
+  assert.ok(tiny.experts.every((e) => e.rank === 4));
+  assert.equal(tiny.router?.selection, { rule: "top_k", k: 2 });
+  assert.is(adapter("llama-tiny.milora", "tiny_token").router?.when, "token");
+  assert.is(adapter("llama-tiny.milora", "tiny_lora").router, undefined);
+});
+
+test("llama2-7b: 19,988,480 LoRA parameters at rank 8 on all modules", () => {
+  const budget = computeBudget(adapter("llama2-7b.milora", "llama2_milora"));
+  assert.is(budget.loraParams, 19_988_480);
+  assert.is(budget.baseParams, 6_738_415_616);
+});
+
+test("llama3.2-1b: grouped-query attention shapes and per-layer ranks", () => {
+  const a = adapter("llama3.2-1b.milora", "llama32_milora");
+  const v = a.experts.find((e) => e.module === "v_proj")!;
+  assert.equal([v.inFeatures, v.outFeatures], [2048, 512]);
+  assert.equal(
+    [11, 12].map((layer) => a.experts.find((e) => e.layer === layer && e.module === "up_proj")!.rank),
+    [8, 4],
+  );
+  assert.is(computeBudget(a).baseParams, 1_235_814_400);
+});
+
+test("from-config: a base from config.json, imported", () => {
+  const { program } = check("from-config.milora");
+  const bot = program.adapters.find((a) => a.name === "support_bot")!;
+  assert.equal([bot.base.name, bot.base.hiddenSize, bot.base.maxPositions], ["tiny_hf", 64, 128]);
+  assert.ok(bot.base.configPath?.endsWith(join("examples", "tiny-hf", "config.json")));
+  assert.is(
+    bot.experts.some((e) => e.module === "k_proj"),
+    false,
+  );
+  const down = bot.experts.filter((e) => e.module === "down_proj").map((e) => e.rank);
+  assert.equal(down, [16, 4]);
+});
+
+test.run();
