@@ -1,0 +1,58 @@
+// The prefill matmul and the decode matvec against a float64 product, on sizes that are not multiples
+// of any tile, with and without the residual epilogue. Bound: an f32 dot product of K terms carries a
+// relative error of about sqrt(K) * 2^-24 for random data (~2e-6 at K = 1024), so 1e-5 leaves margin.
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import { matmulKernel } from "../../../compiler/kernels/matmul.ts";
+import { MATVEC_MAX_ROWS, matvecKernel } from "../../../compiler/kernels/matvec.ts";
+import { nanFilled, openGpu, randomFloats, relativeError, runOnce, seeded } from "./gpu-check.ts";
+
+const gpu = await openGpu();
+const random = seeded(11);
+const BOUND = 1e-5;
+
+function product(x: Float32Array, w: Float32Array, M: number, N: number, K: number, residual?: Float32Array): Float64Array {
+  const y = new Float64Array(M * N);
+  for (let m = 0; m < M; m++)
+    for (let n = 0; n < N; n++) {
+      let sum = residual ? residual[m * N + n]! : 0;
+      for (let k = 0; k < K; k++) sum += x[m * K + k]! * w[n * K + k]!;
+      y[m * N + n] = sum;
+    }
+  return y;
+}
+
+async function check(kind: "matmul" | "matvec", M: number, N: number, K: number, residual: boolean) {
+  const x = randomFloats(random, M * K);
+  const w = randomFloats(random, N * K);
+  const r = residual ? randomFloats(random, M * N) : undefined;
+  const kernel = (kind === "matmul" ? matmulKernel : matvecKernel)({ K, N, residual });
+  const { y } = await runOnce(gpu, kernel, { x, w, ...(r ? { residual: r } : {}), y: nanFilled(M * N) }, { rows: M }, ["y"]);
+  const error = relativeError(y!, product(x, w, M, N, K, r));
+  assert.ok(error < BOUND, `${kernel.key} M=${M}: relative error ${error}`);
+}
+
+test("matmul on odd sizes", async () => {
+  for (const M of [1, 3, 37]) for (const [N, K] of [[33, 17], [100, 64], [33, 130]] as const) await check("matmul", M, N, K, false);
+});
+
+test("matmul with the residual epilogue, and K = 1024 spanning many K tiles", async () => {
+  await check("matmul", 37, 100, 130, true);
+  await check("matmul", 70, 65, 1024, true);
+});
+
+test("matvec on odd sizes for every row count it takes", async () => {
+  for (const M of [1, 3, MATVEC_MAX_ROWS]) for (const [N, K] of [[33, 17], [100, 64], [33, 130]] as const) await check("matvec", M, N, K, false);
+});
+
+test("matvec with the residual epilogue, and a wide output (logits-like)", async () => {
+  await check("matvec", 2, 100, 130, true);
+  await check("matvec", 1, 1001, 1024, false);
+});
+
+test("matvec refuses more rows than it accumulates", () => {
+  assert.throws(() => matvecKernel({ K: 4, N: 4, residual: false }).dispatch({ rows: MATVEC_MAX_ROWS + 1 }), /at most 8 rows/);
+});
+
+test.after(() => gpu.context.destroy());
+test.run();
