@@ -50,7 +50,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 
   program
     .command("run")
-    .description("run a prompt on a base model (a Hugging Face directory) and report tokens/s")
+    .description("run a prompt on a base model (a Hugging Face directory), with adapters, and report routing and tokens/s")
     .argument("[spec]", ".milora spec whose base the checkpoint must match (default: DIR/config.json)")
     .requiredOption("--base <dir>", "model directory: config.json and safetensors weights")
     .option("--prompt <text>", "prompt text (needs the directory's tokenizer.json)")
@@ -60,12 +60,48 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--top-k <k>", "sample from the k most likely tokens")
     .option("--top-p <p>", "sample from the most likely tokens holding mass p")
     .option("--seed <s>", "sampling seed")
-    .option("--json", "print one JSON object { tokens, text?, timings, device, logits? }")
+    .option("--adapter <[name=]dir>", "a PEFT/MiLoRA adapter directory (repeat for several tenants, one prompt each)", (v: string, all: string[]) => [...all, v], [] as string[])
+    .option("--merged", "fold the (single) adapter's LoRA into the base weights for the prompt's routing, then decode the base")
+    .option("--json", "print one JSON object { tokens, text?, timings, device, logits?, adapter?, routing? } (one line per adapter)")
     .addOption(new Option("--logits <which>", "add the prompt's logits to --json output").choices(["last", "all"]))
     .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
     .action(async (spec: string | undefined, opts: import("./commands/run.ts").RunOptions) => {
       const { runCommand } = await import("./commands/run.ts");
       exitCode = await runCommand(spec, opts);
+    });
+
+  program
+    .command("compile")
+    .description("compile a spec's adapter into a runnable npm package: kernels, manifest, typed API")
+    .argument("<spec>", ".milora spec file")
+    .requiredOption("--out <dir>", "the package directory to write (must be empty unless --force)")
+    .option("--adapter <name>", "which adapter (needed when the spec declares several)")
+    .option("--name <name>", "npm package name (default: the adapter's name in kebab case)")
+    .option("--pkg-version <version>", "npm package version (default 0.1.0)")
+    .option("--ctx <n>", "context positions the kernels serve (default: max_positions, at most 2048)")
+    .option("-f, --force", "replace a non-empty --out directory")
+    .option("--no-color", "plain output")
+    .action(async (spec: string, opts: import("./commands/compile.ts").CompileCommandOptions) => {
+      const { compileCommand } = await import("./commands/compile.ts");
+      exitCode = await compileCommand(spec, opts);
+    });
+
+  program
+    .command("serve")
+    .description("serve a base model and its adapters over an OpenAI-compatible HTTP API")
+    .requiredOption("--base <dir>", "model directory: config.json, safetensors weights, tokenizer files")
+    .option("--adapter <name=dir>", "an adapter to serve under NAME (repeatable)", (v: string, all: string[]) => [...all, v], [] as string[])
+    .option("--host <host>", "interface to bind", "127.0.0.1")
+    .option("--port <n>", "port to listen on (0: any free one)", "8000")
+    .option("--api-key <key>", "require this bearer key on every route but /health (default: $MILORA_API_KEY)")
+    .option("--max-sequences <n>", "KV cache slots: requests decoding at once", "8")
+    .option("--max-queue <n>", "requests that may wait for a slot before 429", "64")
+    .option("--max-adapters <n>", "adapters resident at once (least recently used evicted)", "8")
+    .option("--ctx <n>", "positions per sequence (default: the model's, capped at 2048)")
+    .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
+    .action(async (opts: import("./commands/serve.ts").ServeOptions) => {
+      const { serveCommand } = await import("./commands/serve.ts");
+      exitCode = await serveCommand(opts);
     });
 
   try {

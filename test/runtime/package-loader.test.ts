@@ -1,0 +1,155 @@
+// Loading compiled packages: kernels come from the package's files, incompatible or damaged packages
+// are refused with a message naming the file, and a package run by plain `node` gives the same tokens
+// as `milora run` on the same checkpoint, prompt and seed.
+import { spawnSync } from "node:child_process";
+import { appendFileSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import { checkFiles } from "../../compiler/check.ts";
+import { compilePackage } from "../../compiler/emit/compile-package.ts";
+import { writePackage } from "../../compiler/emit/write-package.ts";
+import { kernelSources } from "../../compiler/plan.ts";
+import { writeRandomAdapter } from "../../examples/random-adapter.ts";
+import { PRESETS, writeRandomCheckpoint } from "../../examples/random-checkpoint.ts";
+import { acquireDevice, type GpuContext } from "../../runtime/device.ts";
+import { Engine } from "../../runtime/engine.ts";
+import { loadCompiledModel, PackageError, readCompiledPackage, UnsupportedError } from "../../runtime/package-loader.ts";
+import { CheckpointError } from "../../runtime/safetensors.ts";
+import { buildRuntime, packageProject, repo } from "../compiler/emit/package-project.ts";
+
+const project = packageProject("milora-package-");
+const checkpoint = join(project.root, "tiny-model");
+let gpu: GpuContext;
+
+/** Compiles an adapter of examples/llama-tiny.milora into the project; returns the package folder. */
+function compileTiny(adapter: string, folder = adapter): string {
+  const dir = join(project.root, folder);
+  writePackage(dir, compilePackage({ spec: "examples/llama-tiny.milora", adapter }).package!.files, { force: true });
+  return dir;
+}
+
+async function rejects(run: () => Promise<unknown>, kind: new (...a: never[]) => Error, message: RegExp | string) {
+  try {
+    await run();
+    assert.unreachable("no error");
+  } catch (e) {
+    assert.instance(e, kind);
+    assert.match((e as Error).message, message);
+  }
+}
+
+test.before(async () => {
+  buildRuntime();
+  writeRandomCheckpoint(checkpoint, { ...PRESETS.tiny, seed: 11 });
+  gpu = await acquireDevice();
+});
+test.after(() => {
+  gpu.destroy();
+  project.remove();
+});
+
+test("a package's kernels are read from its kernels/ files, header removed", async () => {
+  const dir = compileTiny("tiny");
+  const pkg = readCompiledPackage(dir);
+  const generated = kernelSources(pkg.manifest.plan);
+  assert.equal([...pkg.kernels.keys()], [...generated.keys()]);
+  for (const [key, k] of pkg.kernels) assert.is(k.wgsl, generated.get(key)!.wgsl, key);
+
+  const { file, key } = pkg.manifest.kernels[0]!;
+  appendFileSync(join(dir, file), "// tuned by hand\n");
+  assert.match(readCompiledPackage(dir).kernels.get(key)!.wgsl, "// tuned by hand");
+  // the engine still generates its own kernels, so an edited one is refused rather than ignored
+  await rejects(() => loadCompiledModel(dir, { base: checkpoint, adapters: {}, device: gpu }), UnsupportedError, `${file} was edited after compiling`);
+});
+
+test("a manifest from an incompatible compiler is refused with what to do", async () => {
+  const dir = compileTiny("tiny", "old");
+  const path = join(dir, "manifest.json");
+  const manifest = JSON.parse(readFileSync(path, "utf8"));
+  writeFileSync(path, JSON.stringify({ ...manifest, compiler: { name: "milora", version: "0.2.0" } }));
+  await rejects(
+    () => loadCompiledModel(dir, { base: checkpoint, adapters: {}, device: gpu }),
+    PackageError,
+    /manifest\.json was written by milora 0\.2\.0 .*this runtime is milora 0\.1\.0 .*recompile the spec/,
+  );
+});
+
+test("a folder that is not a package, or has lost a kernel, is named in the error", () => {
+  assert.throws(() => readCompiledPackage(checkpoint), (e: Error) => e instanceof PackageError && /tiny-model is not a compiled milora package: it has no manifest\.json/.test(e.message));
+  const dir = compileTiny("tiny", "damaged");
+  const { file } = readCompiledPackage(dir).manifest.kernels[2]!;
+  rmSync(join(dir, file));
+  assert.throws(() => readCompiledPackage(dir), (e: Error) => e instanceof PackageError && e.message.includes(`is incomplete: ${file}`));
+  writeFileSync(join(dir, "manifest.json"), "{ not json");
+  assert.throws(() => readCompiledPackage(dir), (e: Error) => e instanceof PackageError && e.message.includes("manifest.json: not valid JSON"));
+});
+
+test("plain node runs the compiled package and gives milora run's tokens", () => {
+  compileTiny("tiny");
+  const args = ["--base", checkpoint, "--tokens", "5,17,3,88,42", "--max-tokens", "12", "--temperature", "0.8", "--top-k", "40", "--seed", "9", "--json"];
+  const node = (cliArgs: string[]) => {
+    const run = spawnSync(process.execPath, cliArgs, { cwd: project.root, encoding: "utf8" });
+    assert.is(run.status, 0, run.stderr);
+    return JSON.parse(run.stdout) as { tokens: number[]; text?: string };
+  };
+  // no tsx here: the package's cli.js imports the built runtime through node_modules/milora
+  const packaged = node([join(project.root, "tiny/cli.js"), ...args]);
+  const direct = node([join(repo, "bin/milora.js"), "run", join(repo, "examples/llama-tiny.milora"), ...args]);
+  assert.is(packaged.tokens.length, 12);
+  assert.equal(packaged.tokens, direct.tokens);
+  assert.is(packaged.text, direct.text);
+});
+
+test("tenants: adapters are checked against the spec and generate as the engine does with them", async () => {
+  const dir = compileTiny("tiny_lora");
+  const adapters = checkFiles(["examples/llama-tiny.milora"]).program.adapters;
+  const spec = adapters.find((a) => a.name === "tiny_lora")!;
+  writeRandomAdapter(join(project.root, "alice"), { spec, seed: 3 });
+  writeRandomAdapter(join(project.root, "mallory"), { spec: adapters.find((a) => a.name === "tiny")!, seed: 4 });
+
+  await rejects(
+    () => loadCompiledModel(dir, { base: checkpoint, adapters: { mallory: join(project.root, "mallory") }, device: gpu }),
+    CheckpointError,
+    "does not match adapter spec tiny_lora",
+  );
+  const model = await loadCompiledModel(dir, { base: checkpoint, adapters: { alice: join(project.root, "alice") }, device: gpu });
+  const engine = await Engine.load({ base: spec.base, checkpointDir: checkpoint, gpu, ctx: 256, maxLoraRank: 4 });
+  try {
+    const routing = await model.route([1, 2, 3], { tenant: "alice" });
+    assert.equal(routing.map((r) => r.layer), [0, 1]);
+    assert.equal(routing[1]!.gates, { q_proj: 1, k_proj: 1, v_proj: 1, o_proj: 1, gate_proj: 1, up_proj: 1, down_proj: 1 });
+    await rejects(() => model.route([1], { tenant: "bob" as "alice" }), PackageError, "no tenant bob: the loaded tenants are alice");
+
+    const sampling = { temperature: 0.7, seed: 5 };
+    const tokens: number[] = [];
+    for await (const token of model.generate([4, 8, 15, 16], { tenant: "alice", maxTokens: 6, stop: [], ...sampling })) tokens.push(token.id);
+    engine.loadAdapter("alice", join(project.root, "alice"), { spec });
+    const direct = await engine.generate({ prompt: [4, 8, 15, 16], maxTokens: 6, sampling, adapter: "alice" });
+    assert.equal(tokens, direct.tokens);
+  } finally {
+    engine.destroy();
+    model.destroy();
+  }
+});
+
+test("route() of a MiLoRA package: per layer, a gate for every enabled module, top_k of them on and summing to 1", async () => {
+  const dir = compileTiny("tiny");
+  const spec = checkFiles(["examples/llama-tiny.milora"]).program.adapters.find((a) => a.name === "tiny")!;
+  writeRandomAdapter(join(project.root, "carol"), { spec, seed: 8 });
+  const model = await loadCompiledModel(dir, { base: checkpoint, adapters: { carol: join(project.root, "carol") }, device: gpu });
+  try {
+    const routing = await model.route([9, 8, 7, 6, 5], { tenant: "carol" });
+    assert.equal(routing.map((r) => r.layer), [0, 1]);
+    for (const { gates } of routing) {
+      assert.equal(Object.keys(gates), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+      const on = Object.values(gates).filter((g) => g > 0);
+      assert.is(on.length, 2);
+      assert.ok(Math.abs(on[0]! + on[1]! - 1) < 1e-5, `gates ${on} do not sum to 1`);
+    }
+  } finally {
+    model.destroy();
+  }
+});
+
+test.run();
