@@ -1,0 +1,72 @@
+// Everything `milora serve` assembles, in one call the CLI, the tests and the benchmark share: the
+// engine over a model directory, the scheduler over its KV cache slots, the adapter pool, the
+// tokenizer and chat template, and the HTTP server in front.
+import type { BaseModel } from "../../compiler/model.ts";
+import { AdapterPool, type AdapterHost } from "../adapter-pool.ts";
+import type { GpuContext } from "../device.ts";
+import { Engine } from "../engine.ts";
+import { Scheduler } from "../scheduler.ts";
+import { Tokenizer } from "../tokenizer.ts";
+import { ChatTemplate } from "./chat-template.ts";
+import { MiloraServer, type ServerOptions } from "./server.ts";
+
+export interface ServingSetup extends ServerOptions {
+  readonly base: BaseModel;
+  /** The Hugging Face model directory (config.json, weights, tokenizer files). */
+  readonly checkpointDir: string;
+  /** KV cache slots: sequences decoding at once. */
+  readonly slots: number;
+  /** Positions per sequence (default: the base's, capped at 2048). */
+  readonly ctx?: number;
+  /** Requests that may wait beyond the slots before the server answers 429. */
+  readonly maxQueue: number;
+  /** Adapters resident at once (vLLM's --max-loras). */
+  readonly maxResidentAdapters: number;
+  /** Adapters to register at start: [name, directory]. */
+  readonly adapters?: readonly (readonly [string, string])[];
+  readonly gpu?: GpuContext;
+  readonly backend?: string;
+}
+
+export interface Serving {
+  readonly server: MiloraServer;
+  readonly engine: Engine;
+  /** Drains, stops listening and frees the engine. */
+  close(): Promise<void>;
+}
+
+export async function startServing(setup: ServingSetup): Promise<Serving> {
+  const tokenizer = await Tokenizer.load(setup.checkpointDir);
+  const chatTemplate = tokenizer ? ChatTemplate.load(setup.checkpointDir) : undefined;
+  const engine = await Engine.load({
+    base: setup.base,
+    checkpointDir: setup.checkpointDir,
+    maxSequences: setup.slots,
+    maxAdapters: setup.maxResidentAdapters,
+    ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }),
+    ...(setup.gpu ? { gpu: setup.gpu } : {}),
+    ...(setup.backend === undefined ? {} : { backend: setup.backend }),
+  });
+  try {
+    const host: AdapterHost = { add: (a) => void engine.loadAdapter(a.name, a), remove: (name) => engine.unloadAdapter(name) };
+    const adapters = new AdapterPool({ base: setup.base, host, maxResident: setup.maxResidentAdapters });
+    for (const [name, dir] of setup.adapters ?? []) await adapters.register(name, dir);
+    const ctx = engine.plan.dims.ctx;
+    const scheduler = new Scheduler({ engine, slots: setup.slots, ctx, maxQueue: setup.maxQueue, adapters });
+    const server = await MiloraServer.start(
+      { scheduler, adapters, baseName: setup.base.name, vocabSize: setup.base.vocabSize, ctx, ...(tokenizer ? { tokenizer } : {}), ...(chatTemplate ? { chatTemplate } : {}) },
+      setup,
+    );
+    return {
+      server,
+      engine,
+      close: async () => {
+        await server.close();
+        engine.destroy();
+      },
+    };
+  } catch (e) {
+    engine.destroy();
+    throw e;
+  }
+}
