@@ -1,0 +1,74 @@
+// What one LoRA module costs at decode next to its base matrix-vector product: shrink + expand with
+// the module on for every row, and with it switched off (gate 0), for 1 and 8 rows of distinct tenants.
+//   node --import tsx bench/lora.ts [--hidden 1024] [--rank 8] [--repeats 5]
+// Each figure is the best of `repeats` runs of 50 dispatches recorded as one step.
+import { parseArgs } from "node:util";
+import { loraExpandKernel, loraShrinkKernel, packLoraSlots } from "../compiler/kernels/lora.ts";
+import { matvecKernel } from "../compiler/kernels/matvec.ts";
+import { acquireDevice, adapterSummary } from "../runtime/device.ts";
+import { PipelineCache, StepEncoder, createStorage } from "../runtime/kernel-runner.ts";
+
+const { values } = parseArgs({ options: { hidden: { type: "string", default: "1024" }, rank: { type: "string", default: "8" }, repeats: { type: "string", default: "5" } } });
+const hidden = Number(values.hidden);
+const rank = Number(values.rank);
+const repeats = Number(values.repeats);
+const TENANTS = 8;
+const DISPATCHES = 50;
+
+const gpu = await acquireDevice();
+const device = gpu.device;
+const step = new StepEncoder(device, new PipelineCache(device));
+const random = () => Math.random() * 2 - 1;
+const floats = (n: number) => Float32Array.from({ length: n }, random);
+
+const dims = { inFeatures: hidden, outFeatures: hidden, maxRank: rank };
+const shrink = loraShrinkKernel(dims);
+const expand = loraExpandKernel(dims);
+const matvec = matvecKernel({ K: hidden, N: hidden, residual: false });
+const b = {
+  x: createStorage(device, floats(TENANTS * hidden), "x"),
+  w: createStorage(device, floats(hidden * hidden), "w"),
+  y: createStorage(device, TENANTS * hidden * 4, "y"),
+  a: createStorage(device, floats(TENANTS * rank * hidden), "a"),
+  b: createStorage(device, floats(TENANTS * hidden * rank), "b"),
+  t: createStorage(device, TENANTS * rank * 4, "t"),
+  slots: createStorage(device, packLoraSlots(Array.from({ length: TENANTS }, () => ({ rank, scaling: 2 }))), "slots"),
+  rowAdapter: createStorage(device, Uint32Array.from({ length: TENANTS }, (_, i) => i), "rowAdapter"),
+  on: createStorage(device, new Float32Array(TENANTS).fill(1), "gates on"),
+  off: createStorage(device, new Float32Array(TENANTS), "gates off"),
+};
+
+/** Best time of one dispatch group, in microseconds. */
+async function time(record: () => void): Promise<number> {
+  let best = Infinity;
+  for (let r = 0; r < repeats; r++) {
+    for (let i = 0; i < DISPATCHES; i++) record();
+    const start = performance.now();
+    step.submit();
+    await device.queue.onSubmittedWorkDone();
+    best = Math.min(best, ((performance.now() - start) * 1000) / DISPATCHES);
+  }
+  return best;
+}
+
+function lora(rows: number, gates: GPUBuffer): () => void {
+  const params = { rows, gateStride: 1, gateIndex: 0 };
+  const common = { slots: b.slots, rowAdapter: b.rowAdapter, gates };
+  return () => {
+    step.dispatch(shrink, { x: b.x, a: b.a, t: b.t, ...common }, params);
+    step.dispatch(expand, { t: b.t, b: b.b, y: b.y, ...common }, params);
+  };
+}
+
+console.log(`${adapterSummary(gpu.report)}; module ${hidden}x${hidden}, rank ${rank}\n`);
+console.log("| rows | base matvec (us) | LoRA on (us) | on / base | LoRA off (us) | off / base |");
+console.log("| --- | --- | --- | --- | --- | --- |");
+for (const rows of [1, TENANTS]) {
+  await time(lora(rows, b.on)); // compile and warm up
+  const base = await time(() => step.dispatch(matvec, { x: b.x, w: b.w, y: b.y }, { rows }));
+  const on = await time(lora(rows, b.on));
+  const off = await time(lora(rows, b.off));
+  const f = (x: number) => x.toFixed(0);
+  console.log(`| ${rows} | ${f(base)} | ${f(on)} | ${(on / base).toFixed(2)}x | ${f(off)} | ${(off / base).toFixed(2)}x |`);
+}
+gpu.destroy();

@@ -1,0 +1,168 @@
+// Batched, gated multi-adapter LoRA (shrink then expand) against a float64 reference.
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import { NO_ADAPTER, loraExpandKernel, loraShrinkKernel, packLoraSlots, type LoraConstants, type LoraSlotInfo } from "../../../compiler/kernels/lora.ts";
+import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { nanFilled, openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
+
+const gpu = await openGpu();
+const random = seeded(11);
+
+/** One module's LoRA batch: weights of every slot, and per row a slot (or none) and gates. */
+interface LoraCase {
+  readonly dims: LoraConstants;
+  readonly slots: readonly LoraSlotInfo[];
+  readonly rowAdapter: readonly number[];
+  /** [rows, gateStride]; the module reads column gateIndex. */
+  readonly gates: Float32Array;
+  readonly gateStride: number;
+  readonly gateIndex: number;
+}
+
+function inputs(c: LoraCase) {
+  const { inFeatures, outFeatures, maxRank } = c.dims;
+  const rows = c.rowAdapter.length;
+  const a = randomFloats(random, c.slots.length * maxRank * inFeatures);
+  const b = randomFloats(random, c.slots.length * outFeatures * maxRank);
+  // Padding past each slot's rank: A is never read there, B holds zeros as the layout requires.
+  c.slots.forEach((s, slot) => {
+    for (let j = s.rank; j < maxRank; j++) {
+      a.fill(NaN, (slot * maxRank + j) * inFeatures, (slot * maxRank + j + 1) * inFeatures);
+      for (let o = 0; o < outFeatures; o++) b[(slot * outFeatures + o) * maxRank + j] = 0;
+    }
+  });
+  return { x: randomFloats(random, rows * inFeatures), a, b, y: randomFloats(random, rows * outFeatures) };
+}
+
+/** float64 t (NaN where not defined: inactive rows, indices past the rank) and y after expand. */
+function reference(c: LoraCase, x: Float32Array, a: Float32Array, b: Float32Array, y: Float32Array) {
+  const { inFeatures, outFeatures, maxRank } = c.dims;
+  const t = new Float64Array(c.rowAdapter.length * maxRank).fill(NaN);
+  const out = Float64Array.from(y);
+  c.rowAdapter.forEach((slot, r) => {
+    const gate = c.gates[r * c.gateStride + c.gateIndex]!;
+    const info = c.slots[slot];
+    if (!info || gate === 0) return;
+    for (let j = 0; j < info.rank; j++) {
+      let sum = 0;
+      for (let k = 0; k < inFeatures; k++) sum += x[r * inFeatures + k]! * a[(slot * maxRank + j) * inFeatures + k]!;
+      t[r * maxRank + j] = sum;
+    }
+    for (let o = 0; o < outFeatures; o++) {
+      let sum = 0;
+      for (let j = 0; j < info.rank; j++) sum += t[r * maxRank + j]! * b[(slot * outFeatures + o) * maxRank + j]!;
+      out[r * outFeatures + o] = out[r * outFeatures + o]! + gate * info.scaling * sum;
+    }
+  });
+  return { t, y: out };
+}
+
+/** Runs shrink then expand as one step, t poisoned with NaN beforehand. */
+async function runLora(c: LoraCase, data: ReturnType<typeof inputs>) {
+  const device = gpu.device;
+  device.pushErrorScope("validation");
+  const rows = c.rowAdapter.length;
+  const buffers = {
+    x: createStorage(device, data.x, "x"),
+    a: createStorage(device, data.a, "a"),
+    b: createStorage(device, data.b, "b"),
+    slots: createStorage(device, packLoraSlots(c.slots), "slots"),
+    rowAdapter: createStorage(device, Uint32Array.from(c.rowAdapter), "rowAdapter"),
+    gates: createStorage(device, c.gates, "gates"),
+    t: createStorage(device, nanFilled(rows * c.dims.maxRank), "t"),
+    y: createStorage(device, data.y, "y"),
+  };
+  const params = { rows, gateStride: c.gateStride, gateIndex: c.gateIndex };
+  const { x, a, b, slots, rowAdapter, gates, t, y } = buffers;
+  gpu.step.dispatch(loraShrinkKernel(c.dims), { x, a, slots, rowAdapter, gates, t }, params);
+  gpu.step.dispatch(loraExpandKernel(c.dims), { t, b, slots, rowAdapter, gates, y }, params);
+  gpu.step.submit();
+  const result = { t: await readBuffer(device, t), y: await readBuffer(device, y) };
+  const error = await device.popErrorScope();
+  if (error) throw new Error(error.message);
+  for (const buffer of Object.values(buffers)) buffer.destroy();
+  return result;
+}
+
+/** Rows' gates for `experts` modules, with the listed rows' gate for `gateIndex` set to exactly 0. */
+function gatesFor(rows: number, experts: number, gateIndex: number, offRows: readonly number[]): Float32Array {
+  const gates = Float32Array.from({ length: rows * experts }, () => 0.25 + random());
+  for (const r of offRows) gates[r * experts + gateIndex] = 0;
+  return gates;
+}
+
+/** Checks a case: active rows within `bound` of float64, every other row of y bit-identical to its input. */
+async function check(name: string, c: LoraCase, bound: number) {
+  const data = inputs(c);
+  const want = reference(c, data.x, data.a, data.b, data.y);
+  const got = await runLora(c, data);
+  const defined = [...want.t.keys()].filter((i) => !Number.isNaN(want.t[i]));
+  if (defined.length > 0) {
+    const tError = relativeError(defined.map((i) => got.t[i]!), defined.map((i) => want.t[i]!));
+    assert.ok(tError < bound, `${name}: shrink error ${tError}`);
+  }
+  const { outFeatures } = c.dims;
+  c.rowAdapter.forEach((slot, r) => {
+    const gate = c.gates[r * c.gateStride + c.gateIndex]!;
+    const rowGot = got.y.subarray(r * outFeatures, (r + 1) * outFeatures);
+    const rowWant = want.y.subarray(r * outFeatures, (r + 1) * outFeatures);
+    if (slot === NO_ADAPTER || gate === 0) {
+      assert.equal(Array.from(rowGot), Array.from(data.y.subarray(r * outFeatures, (r + 1) * outFeatures)), `${name}: row ${r} is off and must be untouched`);
+    } else {
+      const error = relativeError(rowGot, rowWant);
+      assert.ok(error < bound, `${name}: row ${r} (slot ${slot}) error ${error}`);
+    }
+  });
+}
+
+test("a prefill batch mixing three adapters of different ranks, a row without adapter and gated-off rows, odd sizes: within 1e-5 relative", async () => {
+  // 21 rows over three tiles of 8: runs of one slot, slots interleaved within a tile, and a tile edge mid-run.
+  const rowAdapter = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 1, NO_ADAPTER, 2, 2, 0, 1, 1, 2, 2];
+  const gateIndex = 2;
+  const c: LoraCase = {
+    dims: { inFeatures: 37, outFeatures: 45, maxRank: 6 },
+    slots: [{ rank: 6, scaling: 2 }, { rank: 2, scaling: 0.5 }, { rank: 5, scaling: 1.25 }],
+    rowAdapter,
+    gates: gatesFor(rowAdapter.length, 3, gateIndex, [3, 12, 15, 16]),
+    gateStride: 3,
+    gateIndex,
+  };
+  await check("odd sizes", c, 1e-5);
+});
+
+test("a decode batch, one row per tenant, aligned sizes and a rank above eight: within 1e-5 relative", async () => {
+  const rowAdapter = [2, 0, NO_ADAPTER, 1, 3];
+  const c: LoraCase = {
+    dims: { inFeatures: 96, outFeatures: 130, maxRank: 12 },
+    slots: [{ rank: 12, scaling: 1 }, { rank: 8, scaling: 4 }, { rank: 9, scaling: 0.75 }, { rank: 4, scaling: 2 }],
+    rowAdapter,
+    gates: gatesFor(rowAdapter.length, 7, 6, [4]),
+    gateStride: 7,
+    gateIndex: 6,
+  };
+  await check("decode", c, 1e-5);
+});
+
+test("a batch whose rows are all switched off leaves y exactly as it was", async () => {
+  const rowAdapter = [0, 0, 1, NO_ADAPTER, 1];
+  const c: LoraCase = {
+    dims: { inFeatures: 16, outFeatures: 20, maxRank: 4 },
+    slots: [{ rank: 4, scaling: 1 }, { rank: 3, scaling: 1 }],
+    rowAdapter,
+    gates: gatesFor(rowAdapter.length, 1, 0, [0, 1, 2, 4]),
+    gateStride: 1,
+    gateIndex: 0,
+  };
+  await check("all off", c, 1e-5);
+});
+
+test("kernels refuse a zero rank bound and share a pipeline across modules of one shape", () => {
+  assert.throws(() => loraShrinkKernel({ inFeatures: 8, outFeatures: 8, maxRank: 0 }), /maxRank must be a positive integer/);
+  const q = loraExpandKernel({ inFeatures: 64, outFeatures: 64, maxRank: 8 });
+  const o = loraExpandKernel({ inFeatures: 32, outFeatures: 64, maxRank: 8 });
+  assert.is(q.key, o.key); // expand does not depend on the input width
+  assert.is.not(loraShrinkKernel({ inFeatures: 64, outFeatures: 64, maxRank: 8 }).key, loraShrinkKernel({ inFeatures: 32, outFeatures: 64, maxRank: 8 }).key);
+});
+
+test.after(() => gpu.context.destroy());
+test.run();

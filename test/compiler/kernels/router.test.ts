@@ -1,0 +1,274 @@
+// The MiLoRA router kernels (score, pool, gate, broadcast) against a float64 reference.
+import { test } from "uvu";
+import * as assert from "uvu/assert";
+import {
+  NO_SEQUENCE,
+  routerBroadcastKernel,
+  routerGateKernel,
+  routerPoolKernel,
+  routerScoreKernel,
+} from "../../../compiler/kernels/router.ts";
+import type { Activation, Pooling, Selection } from "../../../compiler/model.ts";
+import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { nanFilled, openGpu, randomFloats, relativeError, seeded, type Gpu } from "./gpu-check.ts";
+
+const gpu = await openGpu();
+const random = seeded(23);
+const EXPERTS = 7;
+const POOLER = 5;
+
+// erf by its Taylor series, exact to float64 rounding for the |x| < 3 these tests produce.
+function erf(x: number): number {
+  if (Math.abs(x) >= 3) throw new Error(`reference erf is only accurate for |x| < 3, got ${x}`);
+  let term = x;
+  let sum = x;
+  for (let n = 1; Math.abs(term) > 1e-17 * Math.abs(sum); n++) {
+    term *= (-x * x) / n;
+    sum += term / (2 * n + 1);
+  }
+  return (2 / Math.sqrt(Math.PI)) * sum;
+}
+
+const ACTIVATE: Record<Activation, (x: number) => number> = {
+  none: (x) => x,
+  relu: (x) => Math.max(x, 0),
+  gelu: (x) => 0.5 * x * (1 + erf(x / Math.SQRT2)),
+};
+
+/** The layer input of one batch and the prompt row ranges of the sequences routed in it. */
+interface Batch {
+  readonly hidden: number;
+  readonly h: Float32Array;
+  readonly ranges: readonly (readonly [number, number])[];
+}
+
+function row(b: Batch, t: number, activation: Activation): number[] {
+  return Array.from(b.h.subarray(t * b.hidden, (t + 1) * b.hidden), ACTIVATE[activation]);
+}
+
+function referencePool(b: Batch, pooling: Pooling, activation: Activation, pooler: Float32Array, v: Float32Array): number[][] {
+  return b.ranges.map(([start, end]) => {
+    const xs = Array.from({ length: end - start }, (_, i) => row(b, start + i, activation));
+    const columns = (f: (column: number[]) => number) => Array.from({ length: b.hidden }, (_, c) => f(xs.map((x) => x[c]!)));
+    switch (pooling) {
+      case "last":
+        return xs[xs.length - 1]!;
+      case "mean":
+        return columns((col) => col.reduce((s, x) => s + x, 0) / col.length);
+      case "max":
+        return columns((col) => Math.max(...col));
+      case "attention": {
+        const scores = xs.map((x) => {
+          let score = 0;
+          for (let j = 0; j < POOLER; j++) {
+            let u = 0;
+            for (let c = 0; c < b.hidden; c++) u += pooler[j * b.hidden + c]! * x[c]!;
+            score += v[j]! * Math.tanh(u);
+          }
+          return score;
+        });
+        const weights = softmax(scores);
+        return columns((col) => col.reduce((s, x, t) => s + weights[t]! * x, 0));
+      }
+    }
+  });
+}
+
+function softmax(z: readonly number[]): number[] {
+  const top = Math.max(...z);
+  const e = z.map((x) => Math.exp(x - top));
+  const total = e.reduce((s, x) => s + x, 0);
+  return e.map((x) => x / total);
+}
+
+function logits(x: readonly number[], weight: Float32Array): number[] {
+  return Array.from({ length: EXPERTS }, (_, e) => x.reduce((s, v, c) => s + v * weight[e * x.length + c]!, 0));
+}
+
+function referenceGates(z: readonly number[], selection: Selection): number[] {
+  const probs = softmax(z);
+  const best = z.indexOf(Math.max(...z));
+  const order = z.map((_, e) => e).sort((a, b) => z[b]! - z[a]! || a - b);
+  const keep = (e: number) =>
+    selection.rule === "dense" ? true : selection.rule === "top_k" ? order.indexOf(e) < selection.k : e === best || probs[e]! >= selection.threshold;
+  const kept = softmax(z.map((v, e) => (keep(e) ? v : -Infinity)));
+  return kept;
+}
+
+/** Smallest distance from any decision boundary: to the next logit for top_k, to T for threshold. */
+function margin(z: readonly number[], selection: Selection): number {
+  if (selection.rule === "dense") return Infinity;
+  if (selection.rule === "top_k") {
+    const sorted = [...z].sort((a, b) => b - a);
+    return sorted[selection.k - 1]! - sorted[selection.k]!;
+  }
+  return Math.min(...softmax(z).map((p) => Math.abs(p - selection.threshold)));
+}
+
+/** A threshold between the sequences' probabilities, as far from each as possible. */
+function thresholdFor(zs: readonly number[][]): number {
+  const probs = zs.flatMap((z) => softmax(z));
+  let best = 0.15;
+  for (let t = 0.08; t < 0.4; t += 0.0025)
+    if (Math.min(...probs.map((p) => Math.abs(p - t))) > Math.min(...probs.map((p) => Math.abs(p - best)))) best = t;
+  return best;
+}
+
+/** Runs `record` as one step with fresh buffers; returns the named buffers' contents. */
+async function runStep(
+  g: Gpu,
+  data: Record<string, Float32Array | Uint32Array>,
+  record: (buffers: Record<string, GPUBuffer>) => void,
+  read: readonly string[],
+): Promise<Record<string, Float32Array>> {
+  const device = g.device;
+  device.pushErrorScope("validation");
+  const buffers = Object.fromEntries(Object.entries(data).map(([name, values]) => [name, createStorage(device, values, name)]));
+  record(buffers);
+  g.step.submit();
+  const out: Record<string, Float32Array> = {};
+  for (const name of read) out[name] = await readBuffer(device, buffers[name]!, 0, data[name]!.byteLength);
+  const error = await device.popErrorScope();
+  if (error) throw new Error(error.message);
+  for (const b of Object.values(buffers)) b.destroy();
+  return out;
+}
+
+/** Three prompts of lengths 5, 1 and 9 among other rows of a 20-row batch. */
+function promptBatch(hidden: number): Batch {
+  return { hidden, h: randomFloats(random, 20 * hidden, 2), ranges: [[2, 7], [7, 8], [10, 19]] };
+}
+
+// The threshold rule gets its T per case (thresholdFor), away from every probability.
+const SELECTIONS: readonly Selection[] = [{ rule: "top_k", k: 2 }, { rule: "threshold", threshold: 0 }, { rule: "dense" }];
+const POOLINGS: readonly Pooling[] = ["last", "mean", "max", "attention"];
+const ACTIVATIONS: readonly Activation[] = ["none", "relu", "gelu"];
+
+test("prompt routing: every pooling and activation, score -> pool -> gate -> broadcast in one step", async () => {
+  let n = 0;
+  for (const pooling of POOLINGS) {
+    for (const activation of ACTIVATIONS) {
+      const hidden = n % 2 === 0 ? 21 : 32; // unaligned and vec4-aligned rows
+      const batch = promptBatch(hidden);
+      const pooler = randomFloats(random, POOLER * hidden, 0.5);
+      const v = randomFloats(random, POOLER, 2);
+      const want = referencePool(batch, pooling, activation, pooler, v);
+      // Redraw the gate until no sequence sits within 2e-3 of a selection boundary.
+      let selection = SELECTIONS[n % SELECTIONS.length]!;
+      let weight = randomFloats(random, EXPERTS * hidden);
+      for (let tries = 0; ; tries++) {
+        const zs = want.map((p) => logits(p, weight));
+        if (selection.rule === "threshold") selection = { rule: "threshold", threshold: thresholdFor(zs) };
+        if (Math.min(...zs.map((z) => margin(z, selection))) > 2e-3) break;
+        assert.ok(tries < 50, "could not draw a gate without near-ties");
+        weight = randomFloats(random, EXPERTS * hidden);
+      }
+      n++;
+
+      const rows = 20;
+      const count = batch.ranges.length;
+      // Sequences live in slots 4, 0 and 2 of a 5-slot gate table; rows 0, 1, 8, 9, 19 route elsewhere.
+      const tableSlots = [4, 0, 2];
+      const rowSequence = Uint32Array.from({ length: rows }, (_, r) => {
+        const i = batch.ranges.findIndex(([s, e]) => r >= s && r < e);
+        return i < 0 ? NO_SEQUENCE : tableSlots[i]!;
+      });
+      const rowGatesBefore = randomFloats(random, rows * EXPERTS);
+      const attention = pooling === "attention";
+      const got = await runStep(
+        gpu,
+        {
+          h: batch.h,
+          pooler,
+          poolerV: v,
+          scores: nanFilled(rows),
+          ranges: Uint32Array.from(batch.ranges.flat()),
+          pooled: nanFilled(count * hidden),
+          items: Uint32Array.from(tableSlots.flatMap((slot, i) => [i, slot])),
+          weight,
+          table: nanFilled(5 * EXPERTS),
+          rowSequence,
+          rowGates: rowGatesBefore.slice(),
+        },
+        (b) => {
+          if (attention)
+            gpu.step.dispatch(routerScoreKernel({ hidden, poolerSize: POOLER, activation }), { h: b.h!, pooler: b.pooler!, poolerV: b.poolerV!, scores: b.scores! }, { rows });
+          gpu.step.dispatch(
+            routerPoolKernel({ hidden, pooling, activation }),
+            { h: b.h!, ranges: b.ranges!, pooled: b.pooled!, ...(attention ? { scores: b.scores! } : {}) },
+            { count },
+          );
+          gpu.step.dispatch(routerGateKernel({ hidden, experts: EXPERTS, selection, activation: "none" }), { x: b.pooled!, items: b.items!, weight: b.weight!, gates: b.table! }, { count });
+          gpu.step.dispatch(routerBroadcastKernel({ experts: EXPERTS }), { rowSequence: b.rowSequence!, sequenceGates: b.table!, rowGates: b.rowGates! }, { rows });
+        },
+        ["pooled", "table", "rowGates"],
+      );
+      const name = `${pooling}/${activation}/${selection.rule}`;
+      const poolError = relativeError(got.pooled!, want.flat());
+      assert.ok(poolError < 1e-5, `${name}: pooled error ${poolError}`);
+      want.forEach((p, i) => {
+        const gates = referenceGates(logits(p, weight), selection);
+        const gotGates = Array.from(got.table!.subarray(tableSlots[i]! * EXPERTS, (tableSlots[i]! + 1) * EXPERTS));
+        assert.equal(gotGates.map((x) => x > 0), gates.map((x) => x > 0), `${name}: sequence ${i} chose other experts`);
+        gates.forEach((x, e) => assert.ok(Math.abs(gotGates[e]! - x) < 1e-5, `${name}: sequence ${i} gate ${e}: ${gotGates[e]} vs ${x}`));
+      });
+      for (let r = 0; r < rows; r++) {
+        const slot = rowSequence[r]!;
+        const source = slot === NO_SEQUENCE ? rowGatesBefore : got.table!;
+        const from = slot === NO_SEQUENCE ? r : slot;
+        assert.equal(Array.from(got.rowGates!.subarray(r * EXPERTS, (r + 1) * EXPERTS)), Array.from(source.subarray(from * EXPERTS, (from + 1) * EXPERTS)), `${name}: row ${r}`);
+      }
+    }
+  }
+});
+
+test("per-token routing: each row of the adapter routes on its own activated hidden state", async () => {
+  const hidden = 40;
+  const rows = 11;
+  const h = randomFloats(random, rows * hidden, 2);
+  const routed = [0, 1, 2, 5, 6, 9]; // other rows belong to other tenants and keep their gates
+  const selection: Selection = { rule: "top_k", k: 3 };
+  const z = (weight: Float32Array) => routed.map((r) => logits(row({ hidden, h, ranges: [] }, r, "gelu"), weight));
+  let weight = randomFloats(random, EXPERTS * hidden);
+  while (Math.min(...z(weight).map((zr) => margin(zr, selection))) <= 2e-3) weight = randomFloats(random, EXPERTS * hidden);
+  const { gates } = await runStep(
+    gpu,
+    { h, items: Uint32Array.from(routed.flatMap((r) => [r, r])), weight, gates: nanFilled(rows * EXPERTS) },
+    (b) => gpu.step.dispatch(routerGateKernel({ hidden, experts: EXPERTS, selection, activation: "gelu" }), { x: b.h!, items: b.items!, weight: b.weight!, gates: b.gates! }, { count: routed.length }),
+    ["gates"],
+  );
+  const logitsByRow = z(weight);
+  for (let r = 0; r < rows; r++) {
+    const got = Array.from(gates!.subarray(r * EXPERTS, (r + 1) * EXPERTS));
+    const i = routed.indexOf(r);
+    if (i < 0) {
+      assert.ok(got.every(Number.isNaN), `row ${r} is not routed here and must be untouched`);
+      continue;
+    }
+    const want = referenceGates(logitsByRow[i]!, selection);
+    assert.equal(got.map((x) => x > 0), want.map((x) => x > 0), `row ${r} chose other experts`);
+    assert.is(got.filter((x) => x > 0).length, 3);
+    want.forEach((x, e) => assert.ok(Math.abs(got[e]! - x) < 1e-5, `row ${r} gate ${e}: ${got[e]} vs ${x}`));
+  }
+});
+
+test("top_k breaks exact ties toward the lower expert index", async () => {
+  const hidden = 4;
+  // Logits [1, 3, 3, 0, 3, 2, 3] for x = e0: the three 3s at 1, 2, 4 win over the one at 6.
+  const weight = new Float32Array(EXPERTS * hidden);
+  [1, 3, 3, 0, 3, 2, 3].forEach((z, e) => (weight[e * hidden] = z));
+  const { gates } = await runStep(
+    gpu,
+    { x: Float32Array.from([1, 0, 0, 0]), items: Uint32Array.from([0, 0]), weight, gates: nanFilled(EXPERTS) },
+    (b) => gpu.step.dispatch(routerGateKernel({ hidden, experts: EXPERTS, selection: { rule: "top_k", k: 3 }, activation: "none" }), { x: b.x!, items: b.items!, weight: b.weight!, gates: b.gates! }, { count: 1 }),
+    ["gates"],
+  );
+  assert.equal(Array.from(gates!, (g) => Math.round(g * 1e6) / 1e6), [0, 0.333333, 0.333333, 0, 0.333333, 0, 0]);
+});
+
+test("gate kernels refuse a top_k larger than the experts", () => {
+  assert.throws(() => routerGateKernel({ hidden: 8, experts: 3, selection: { rule: "top_k", k: 4 }, activation: "none" }), /top_k 4 must be between 1 and the 3 experts/);
+});
+
+test.after(() => gpu.context.destroy());
+test.run();
