@@ -7,12 +7,13 @@ import { attentionKernel, type AttentionConstants } from "./kernels/attention.ts
 import { swigluKernel } from "./kernels/elementwise.ts";
 import type { KernelSource } from "./kernels/kernel.ts";
 import { kvWriteKernel, type KvWriteConstants } from "./kernels/kv-write.ts";
+import { loraExpandKernel, loraShrinkKernel, type LoraConstants } from "./kernels/lora.ts";
 import { matmulKernel, type MatmulConstants } from "./kernels/matmul.ts";
 import { MATVEC_MAX_ROWS, matvecKernel, type MatvecConstants } from "./kernels/matvec.ts";
 import { rmsNormKernel, type RmsNormConstants } from "./kernels/rmsnorm.ts";
 import { ropeKernel, type RopeConstants } from "./kernels/rope.ts";
 import { samplingKernel } from "./kernels/sampling.ts";
-import type { BaseModel, ExpertModule } from "./model.ts";
+import { EXPERT_MODULES, type BaseModel, type ExpertModule } from "./model.ts";
 
 /** A base model the planner cannot lower, with the reason in words. */
 export class PlanError extends Error {
@@ -91,6 +92,8 @@ export type PlanOp =
       readonly output: ActivationName;
       /** Added to the product (the residual stream); must differ from output. */
       readonly residual?: ActivationName;
+      /** The module's LoRA, when the plan serves adapters: shrink and expand kernels run after the product. */
+      readonly lora?: PlanLora;
     }
   | { readonly op: "rope"; readonly kernel: string; readonly q: ActivationName; readonly k: ActivationName }
   | { readonly op: "kv_write"; readonly kernel: string; readonly k: ActivationName; readonly v: ActivationName }
@@ -104,6 +107,16 @@ export type PlanOp =
     }
   | { readonly op: "sample"; readonly kernel: string; readonly logits: ActivationName };
 
+/**
+ * Where a linear module's LoRA update comes from: kernel keys, and the column of the step's gates
+ * buffer ([rows, layers * EXPERT_MODULES.length]) this module reads in layer 0 (add layer * 7).
+ */
+export interface PlanLora {
+  readonly shrink: string;
+  readonly expand: string;
+  readonly gateColumn: number;
+}
+
 /** A kernel of the set: the generator family and the constants it is called with. */
 export type PlannedKernel =
   | { readonly key: string; readonly family: "rmsnorm"; readonly constants: RmsNormConstants }
@@ -113,7 +126,8 @@ export type PlannedKernel =
   | { readonly key: string; readonly family: "kv_write"; readonly constants: KvWriteConstants }
   | { readonly key: string; readonly family: "attention"; readonly constants: AttentionConstants }
   | { readonly key: string; readonly family: "swiglu"; readonly constants: Record<string, never> }
-  | { readonly key: string; readonly family: "sampling"; readonly constants: { readonly vocab: number } };
+  | { readonly key: string; readonly family: "sampling"; readonly constants: { readonly vocab: number } }
+  | { readonly key: string; readonly family: "lora_shrink" | "lora_expand"; readonly constants: LoraConstants };
 
 /** A kernel of the set before its key is known. */
 export type KernelRequest = PlannedKernel extends infer K ? (K extends PlannedKernel ? Omit<K, "key"> : never) : never;
@@ -136,12 +150,16 @@ export interface Plan {
   readonly head: readonly PlanOp[];
   /** Steps of up to this many rows use the matvec kernels. */
   readonly matvecMaxRows: number;
+  /** Largest LoRA rank an adapter slot holds; 0 when the plan serves no adapters. */
+  readonly maxLoraRank: number;
   readonly kernels: readonly PlannedKernel[];
 }
 
 export interface PlanOptions {
   /** KV cache length per sequence (default: the base's max_positions). */
   readonly ctx?: number;
+  /** Serve LoRA adapters up to this rank on every expert module (default 0: base only). */
+  readonly maxLoraRank?: number;
 }
 
 /** Plans a LLaMA-family base model. Throws PlanError for what the kernels do not implement. */
@@ -150,6 +168,9 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     throw new PlanError(`base ${base.name}: family "${base.family}" has no planner (only llama)`);
   if (base.attentionBias) throw new PlanError(`base ${base.name}: attention biases are not supported yet`);
   const ctx = options.ctx ?? base.maxPositions;
+  const maxLoraRank = options.maxLoraRank ?? 0;
+  if (!Number.isInteger(maxLoraRank) || maxLoraRank < 0 || maxLoraRank > 256)
+    throw new PlanError(`base ${base.name}: the largest LoRA rank must be an integer from 0 to 256, got ${maxLoraRank}`);
   if (!Number.isInteger(ctx) || ctx < 1 || ctx > base.maxPositions) {
     throw new PlanError(
       `base ${base.name}: context ${ctx} must be an integer from 1 to max_positions ${base.maxPositions}`,
@@ -187,6 +208,14 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     weight: string,
   ): PlanOp => {
     const residual = io.residual !== undefined;
+    const lora = (m: ExpertModule): PlanLora => {
+      const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank };
+      return {
+        shrink: use({ family: "lora_shrink", constants }),
+        expand: use({ family: "lora_expand", constants }),
+        gateColumn: EXPERT_MODULES.indexOf(m),
+      };
+    };
     return {
       op: "linear",
       module,
@@ -194,6 +223,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       matvec: use({ family: "matvec", constants: { K, N, residual } }),
       ...io,
       weight,
+      ...(module !== "lm_head" && maxLoraRank > 0 ? { lora: lora(module) } : {}),
     };
   };
   const { hidden, qWidth, kvWidth, intermediate, vocab } = dims;
@@ -266,6 +296,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     headInput: "out",
     head,
     matvecMaxRows: MATVEC_MAX_ROWS,
+    maxLoraRank,
     kernels: [...kernels.values()],
   };
 }
@@ -341,6 +372,10 @@ export function plannedKernelSource(k: KernelRequest): KernelSource {
       return swigluKernel();
     case "sampling":
       return samplingKernel(k.constants);
+    case "lora_shrink":
+      return loraShrinkKernel(k.constants);
+    case "lora_expand":
+      return loraExpandKernel(k.constants);
   }
 }
 

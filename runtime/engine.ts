@@ -1,15 +1,21 @@
-// The GPU engine of a base model: loads a checkpoint as the plan describes it, then advances batches of
-// sequences. One step runs the rows of several sequences (prefill chunks and decode tokens mixed) through
-// every layer in one command encoder and one submit, and reads back only the sampled token ids (plus
-// the logits a sequence asked for).
-import type { BaseModel } from "../compiler/model.ts";
+// The GPU engine: loads a base checkpoint as the plan describes it, holds several LoRA/MiLoRA adapters
+// (tenants) beside it, then advances batches of sequences. One step runs the rows of several sequences
+// (prefill chunks and decode tokens mixed, each with its own adapter and routing) through every layer
+// in one command encoder and one submit, and reads back only the sampled token ids (plus the logits a
+// sequence asked for, and the gates a router chose in that step).
+import { NO_ADAPTER } from "../compiler/kernels/lora.ts";
+import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule } from "../compiler/model.ts";
 import { SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../compiler/kernels/sampling.ts";
-import { kernelSources, layerTensor, planBase, plannedKernelSource, type ActivationName, type Plan, type PlanOp } from "../compiler/plan.ts";
+import { kernelSources, layerTensor, planBase, plannedKernelSource, type ActivationName, type Plan, type PlanLora, type PlanOp } from "../compiler/plan.ts";
 import type { KernelSource } from "../compiler/kernels/kernel.ts";
 import { openCheckpoint, type ProgressFn } from "./checkpoint.ts";
 import { acquireDevice, type AdapterReport, type GpuContext } from "./device.ts";
+import { loadAdapter as readAdapterDir, loraKey, type LoadedAdapter } from "./adapter.ts";
+import { AdapterStore, type ResidentAdapter } from "./adapter-store.ts";
 import { generate, generateBatch, type GenerateRequest, type Generation } from "./generate.ts";
-import { PipelineCache, StepEncoder, createStorage } from "./kernel-runner.ts";
+import { PipelineCache, StepEncoder, createStorage, readBuffer } from "./kernel-runner.ts";
+import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
+import { MODULES_PER_LAYER, allOnGates, decisionsOf, gateColumn, gatesOf, type LayerRouting } from "./routing.ts";
 import { KvCache, kvLayerBytes } from "./kv-cache.ts";
 import { Sequence, SequenceError, checkSampling, type LogitsMode, type SamplingOptions } from "./sequence.ts";
 import { uploadWeights, type GpuTensor, type GpuWeights } from "./weights.ts";
@@ -36,11 +42,17 @@ export interface EngineOptions {
   readonly onProgress?: ProgressFn;
   /** Largest storage binding to assume (default: the device's); tensors beyond it are split. */
   readonly maxBindingBytes?: number;
+  /** Adapters resident at once (default 4; 0 serves the base alone). */
+  readonly maxAdapters?: number;
+  /** Largest LoRA rank an adapter may have (default 16). */
+  readonly maxLoraRank?: number;
 }
 
 export interface CreateSequenceOptions {
   readonly sampling?: SamplingOptions;
   readonly logits?: LogitsMode;
+  /** Name of a loaded adapter to run with; the base alone when absent. */
+  readonly adapter?: string;
 }
 
 /** What a step gave one sequence whose pending tokens all ran. */
@@ -56,6 +68,15 @@ interface Row {
   readonly slot: number;
   readonly token: number;
   readonly position: number;
+  /** Adapter slot (NO_ADAPTER for the base alone) and the gates known before the step. */
+  readonly adapter: number;
+  readonly gates?: Float32Array;
+}
+
+/** The adapter folded into the base weights, and what the changed weights held before. */
+interface MergedState {
+  readonly adapter: string;
+  readonly originals: ReadonlyMap<string, Float32Array>;
 }
 
 const DEFAULT_CTX_CAP = 2048;
@@ -69,9 +90,24 @@ export class Engine {
   readonly #pipelines: PipelineCache;
   readonly #step: StepEncoder;
   readonly #activations: ReadonlyMap<ActivationName, GPUBuffer>;
-  readonly #inputs: { readonly positions: GPUBuffer; readonly rowSlot: GPUBuffer; readonly settings: GPUBuffer; readonly tokens: GPUBuffer };
+  readonly #inputs: {
+    readonly positions: GPUBuffer;
+    readonly rowSlot: GPUBuffer;
+    readonly settings: GPUBuffer;
+    readonly tokens: GPUBuffer;
+    /** Per row: adapter slot, gates [rows, layers * 7], and shrink's output [rows, maxRank]. */
+    readonly rowAdapter: GPUBuffer;
+    readonly gates: GPUBuffer;
+    readonly loraT: GPUBuffer;
+  };
   readonly #tokensReadback: GPUBuffer;
+  readonly #adapters: AdapterStore;
+  readonly #router: RouterDispatch;
+  #merged: MergedState | undefined;
+  /** Live sequences per adapter name: an adapter in use cannot be unloaded. */
+  readonly #users = new Map<string, Set<Sequence>>();
   #logitsReadback: GPUBuffer | undefined;
+  #gatesReadback: GPUBuffer | undefined;
   /** Output of one row block of a split linear weight, before its columns are copied into place. */
   readonly #blockOutput: GPUBuffer | undefined;
   #nextId = 0;
@@ -80,6 +116,8 @@ export class Engine {
   private constructor(
     readonly plan: Plan,
     readonly maxRows: number,
+    readonly base: BaseModel,
+    maxAdapters: number,
     gpu: GpuContext,
     ownsDevice: boolean,
     weights: GpuWeights,
@@ -99,7 +137,12 @@ export class Engine {
       rowSlot: createStorage(device, maxRows * 4, "row slots"),
       settings: createStorage(device, maxRows * SAMPLING_WORDS * 4, "sampling settings"),
       tokens: createStorage(device, maxRows * 4, "sampled tokens"),
+      rowAdapter: createStorage(device, maxRows * 4, "row adapters"),
+      gates: createStorage(device, maxRows * this.#gateStride * 4, "gates"),
+      loraT: createStorage(device, maxRows * Math.max(1, plan.maxLoraRank) * 4, "lora shrink output"),
     };
+    this.#adapters = new AdapterStore(device, plan, maxAdapters);
+    this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: maxAdapters });
     this.#tokensReadback = device.createBuffer({ label: "tokens readback", size: maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
     const split = plan.tensors.map((t) => weights.get(t.name)).filter((t) => t.blocks.length > 1);
     const widestBlock = Math.max(0, ...split.flatMap((t) => t.blocks.map((b) => b.rows)));
@@ -115,9 +158,11 @@ export class Engine {
   static async load(options: EngineOptions): Promise<Engine> {
     const { base } = options;
     const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
-    const plan = planBase(base, { ctx });
     const slots = options.maxSequences ?? 4;
     if (!Number.isInteger(slots) || slots < 1) throw new EngineError(`maxSequences must be a positive integer, got ${slots}`);
+    const maxAdapters = options.maxAdapters ?? 4;
+    if (!Number.isInteger(maxAdapters) || maxAdapters < 0) throw new EngineError(`maxAdapters must be an integer >= 0, got ${maxAdapters}`);
+    const plan = planBase(base, { ctx, maxLoraRank: maxAdapters === 0 ? 0 : (options.maxLoraRank ?? 16) });
     const checkpoint = openCheckpoint(options.checkpointDir, options.onProgress ? { onProgress: options.onProgress } : {});
     let gpu: GpuContext | undefined;
     try {
@@ -134,7 +179,7 @@ export class Engine {
       const widest = Math.max(...plan.activations.map((a) => a.width));
       const maxRows = Math.max(1, Math.min(options.maxBatchRows ?? 256, Math.floor(maxBinding / (4 * widest))));
       const weights = await uploadWeights(gpu.device, checkpoint, plan, maxBinding);
-      const engine = new Engine(plan, maxRows, gpu, options.gpu === undefined, weights, new KvCache(gpu.device, cacheShape));
+      const engine = new Engine(plan, maxRows, base, maxAdapters, gpu, options.gpu === undefined, weights, new KvCache(gpu.device, cacheShape));
       try {
         await engine.#warmUp();
       } catch (e) {
@@ -157,8 +202,8 @@ export class Engine {
    */
   async #warmUp(): Promise<void> {
     for (const n of [Math.min(this.maxRows, this.plan.matvecMaxRows + 1), 1]) {
-      const rows = Array.from({ length: n }, (_, position) => ({ slot: 0, token: 0, position }));
-      await this.#run(rows, [n - 1], [GREEDY], false);
+      const rows = Array.from({ length: n }, (_, position) => ({ slot: 0, token: 0, position, adapter: NO_ADAPTER }));
+      await this.#run(rows, [n - 1], [GREEDY], false, []);
     }
   }
 
@@ -172,13 +217,24 @@ export class Engine {
     return this.#cache.freeSlots;
   }
 
-  /** A new sequence holding `prompt` (pending), bound to a free KV cache slot. */
+  /**
+   * A new sequence holding `prompt` (pending), bound to a free KV cache slot and, with `adapter`, to a
+   * loaded adapter. A prompt-routed adapter's prompt must run in one step, so it may not exceed maxRows.
+   */
   createSequence(prompt: readonly number[], options: CreateSequenceOptions = {}): Sequence {
     if (prompt.length === 0) throw new SequenceError("a prompt needs at least one token");
     const sampling = checkSampling(options.sampling ?? {});
+    const adapter = options.adapter === undefined ? undefined : this.#resident(options.adapter);
+    if (adapter && this.#merged) throw new EngineError(`adapter ${this.#merged.adapter} is merged into the base weights: unmerge it before running adapters`);
+    if (adapter?.adapter.spec.router?.when === "prompt" && prompt.length > this.maxRows) {
+      throw new EngineError(
+        `the prompt has ${prompt.length} tokens but adapter ${adapter.name} routes on the prompt, which must be prefilled in one step ` +
+          `of at most ${this.maxRows} rows: shorten the prompt or raise maxBatchRows`,
+      );
+    }
     const slot = this.#cache.acquire();
     if (slot === undefined) throw new EngineError(`all ${this.#cache.shape.slots} sequence slots are in use`);
-    const seq = new Sequence(this.#nextId++, slot, this.plan.dims.ctx, this.plan.dims.vocab, sampling);
+    const seq = new Sequence(this.#nextId++, slot, this.plan.dims.ctx, this.plan.dims.vocab, sampling, adapter);
     try {
       seq.append(prompt);
     } catch (e) {
@@ -186,6 +242,12 @@ export class Engine {
       throw e;
     }
     seq.logits = options.logits ?? "none";
+    if (adapter) {
+      if (!adapter.adapter.spec.router) seq.gates = allOnGates(adapter, this.plan.dims.layers);
+      let users = this.#users.get(adapter.name);
+      if (!users) this.#users.set(adapter.name, (users = new Set()));
+      users.add(seq);
+    }
     return seq;
   }
 
@@ -194,6 +256,78 @@ export class Engine {
     if (seq.released) return;
     seq.markReleased();
     this.#cache.release(seq.slot);
+    if (seq.adapter) this.#users.get(seq.adapter.name)?.delete(seq);
+  }
+
+  /**
+   * Makes an adapter resident under `name`: a directory (PEFT layout, checked against `spec` when given,
+   * else against its own config) or one already in memory. Throws CheckpointError or AdapterStoreError.
+   */
+  loadAdapter(name: string, source: string | LoadedAdapter, options: { readonly spec?: Adapter } = {}): ResidentAdapter {
+    if (this.plan.maxLoraRank === 0) throw new EngineError("this engine serves no adapters (maxAdapters 0)");
+    const adapter =
+      typeof source === "string"
+        ? readAdapterDir(source, { name, base: this.base, ...(options.spec ? { spec: options.spec } : {}) })
+        : { ...source, name };
+    const resident = this.#adapters.add(adapter);
+    for (const k of this.#router.kernelsOf(resident)) this.#pipelines.get(k);
+    return resident;
+  }
+
+  /** Frees an adapter's slot; refused while a live sequence uses it. */
+  unloadAdapter(name: string): void {
+    const users = this.#users.get(name)?.size ?? 0;
+    if (users > 0) throw new EngineError(`adapter ${name} is used by ${users} live sequence${users === 1 ? "" : "s"}: release them first`);
+    if (this.#merged?.adapter === name) throw new EngineError(`adapter ${name} is merged into the base weights: unmerge it first`);
+    this.#adapters.remove(name);
+  }
+
+  /** Names of the resident adapters. */
+  adapters(): string[] {
+    return this.#adapters.names();
+  }
+
+  /**
+   * Merged mode, for one tenant: folds W + g * scaling * B A into the base weights for one routing
+   * decision (a prompt-routed adapter's `routing`, e.g. a sequence's; gate 1 everywhere for plain LoRA),
+   * so that sequences without an adapter then run the base kernels only. Token routing cannot be folded.
+   */
+  mergeAdapter(name: string, routing?: readonly LayerRouting[]): Promise<void> {
+    return this.#serialised(async () => {
+      if (this.#merged) throw new EngineError(`adapter ${this.#merged.adapter} is already merged: unmerge it first`);
+      const adapter = this.#resident(name);
+      const router = adapter.adapter.spec.router;
+      if (router?.when === "token") throw new EngineError(`adapter ${name} routes every token, which no single set of merged weights can express`);
+      if (router && !routing) throw new EngineError(`adapter ${name} is routed: merging needs a routing decision (a prompt's)`);
+      const gates = routing ? gatesOf(routing, this.plan.dims.layers) : allOnGates(adapter, this.plan.dims.layers);
+      const device = this.#gpu.device;
+      const originals = new Map<string, Float32Array>();
+      for (const { layer, module } of adapter.adapter.spec.experts) {
+        const g = gates[gateColumn(layer, module)]!;
+        if (g === 0) continue;
+        const w = adapter.adapter.lora.get(loraKey(layer, module))!;
+        const tensor = this.plan.tensors.find((t) => t.layer === layer && t.module === module)!.name;
+        const buffer = this.#weights.buffer(tensor);
+        const original = await readBuffer(device, buffer, 0, buffer.size);
+        originals.set(tensor, original);
+        device.queue.writeBuffer(buffer, 0, foldLora(original, w.a, w.b, w.rank, g * w.scaling));
+      }
+      this.#merged = { adapter: name, originals };
+    });
+  }
+
+  /** Restores the base weights a merge changed. */
+  unmergeAdapter(): Promise<void> {
+    return this.#serialised(async () => {
+      if (!this.#merged) return;
+      for (const [name, data] of this.#merged.originals) this.#gpu.device.queue.writeBuffer(this.#weights.buffer(name), 0, data);
+      this.#merged = undefined;
+    });
+  }
+
+  /** The merged adapter's name, if any. */
+  get merged(): string | undefined {
+    return this.#merged?.adapter;
   }
 
   /**
@@ -225,10 +359,13 @@ export class Engine {
   /** Frees every GPU buffer (and the device, when the engine acquired it). */
   destroy(): void {
     this.#weights.destroy();
+    this.#adapters.destroy();
+    this.#router.destroy();
     this.#cache.destroy();
     this.#step.destroy();
     for (const b of [...this.#activations.values(), ...Object.values(this.#inputs), this.#tokensReadback]) b.destroy();
     this.#logitsReadback?.destroy();
+    this.#gatesReadback?.destroy();
     this.#blockOutput?.destroy();
     if (this.#ownsDevice) this.#gpu.destroy();
   }
@@ -245,6 +382,10 @@ export class Engine {
     for (const s of seqs) {
       if (s.released) throw new SequenceError(`sequence ${s.id} was released`);
       if (s.pending === 0) throw new SequenceError(`sequence ${s.id} has no pending tokens`);
+      if (s.adapter && this.#merged) throw new EngineError(`adapter ${this.#merged.adapter} is merged into the base weights: unmerge it before running adapters`);
+      if (routesPrompt(s) && s.pending > this.maxRows) {
+        throw new EngineError(`sequence ${s.id}: a prompt-routed prompt of ${s.pending} tokens must run in one step of at most ${this.maxRows} rows`);
+      }
     }
     const outputs = new Map<Sequence, StepOutput>();
     const logitsSoFar = new Map<Sequence, Float32Array[]>();
@@ -252,12 +393,21 @@ export class Engine {
     while (waiting.length > 0) {
       const rows: (Row & { readonly seq: Sequence })[] = [];
       const outRows: number[] = [];
+      const jobs: (RouteJob & { readonly seq: Sequence })[] = [];
       const finishing = new Map<Sequence, number>(); // sequence -> its sampled out-row index
       for (const seq of waiting) {
         const take = Math.min(seq.pending, this.maxRows - rows.length);
         if (take === 0) break;
+        // Layer l's router pools over the whole prompt, so a routed prompt is never split over steps.
+        if (routesPrompt(seq) && take < seq.pending) break;
         const first = rows.length;
-        for (let i = 0; i < take; i++) rows.push({ seq, slot: seq.slot, token: seq.tokens[seq.cached + i]!, position: seq.cached + i });
+        const adapter = seq.adapter?.slot ?? NO_ADAPTER;
+        const router = seq.adapter?.adapter.spec.router;
+        const gates = seq.gates ?? (seq.adapter ? new Float32Array(this.#gateStride) : undefined);
+        for (let i = 0; i < take; i++) {
+          rows.push({ seq, slot: seq.slot, token: seq.tokens[seq.cached + i]!, position: seq.cached + i, adapter, ...(gates ? { gates } : {}) });
+        }
+        if (router && seq.gates === undefined) jobs.push({ seq, adapter: seq.adapter!, config: router, first, count: take, perRow: router.when === "token" });
         const done = take === seq.pending;
         if (seq.logits === "all") for (let r = first; r < rows.length; r++) outRows.push(r);
         else if (done) outRows.push(rows.length - 1);
@@ -268,8 +418,19 @@ export class Engine {
         return finishing.get(seq) === i ? seq.samplingSettings() : GREEDY;
       });
       const wantLogits = outRows.some((r) => rows[r]!.seq.logits !== "none");
-      const result = await this.#run(rows, outRows, settings, wantLogits);
+      const result = await this.#run(rows, outRows, settings, wantLogits, jobs);
 
+      for (const job of jobs) {
+        const { seq } = job;
+        const row = (r: number) => result.gates!.subarray(r * this.#gateStride, (r + 1) * this.#gateStride);
+        if (job.perRow) {
+          for (let r = job.first; r < job.first + job.count; r++) seq.routing.push(...decisionsOf(row(r), job.adapter.routers.keys(), rows[r]!.position));
+        } else {
+          // Every row of the prompt carries the same decision; it is the sequence's for good.
+          seq.gates = row(job.first).slice();
+          seq.routing.push(...decisionsOf(seq.gates, job.adapter.routers.keys()));
+        }
+      }
       for (const seq of new Set(rows.map((r) => r.seq))) {
         const ran = rows.filter((r) => r.seq === seq).length;
         seq.cached += ran;
@@ -289,15 +450,24 @@ export class Engine {
   }
 
   /**
-   * One forward step: `rows` through every layer, then the head on `outRows` (indices into rows),
-   * sampled with `settings` (one per out row). One submit; the only wait is for the readback.
+   * One forward step: `rows` through every layer (routers of `jobs` first in each layer they route),
+   * then the head on `outRows` (indices into rows), sampled with `settings` (one per out row). One
+   * submit; the waits are for the readbacks (tokens, and logits and gates when asked for).
    */
-  async #run(rows: readonly Row[], outRows: readonly number[], settings: readonly SamplingSettings[], wantLogits: boolean) {
+  async #run(rows: readonly Row[], outRows: readonly number[], settings: readonly SamplingSettings[], wantLogits: boolean, jobs: readonly RouteJob[]) {
     const { device } = this.#gpu;
-    const { hidden, vocab } = this.plan.dims;
+    const { hidden, vocab, layers } = this.plan.dims;
     const queue = device.queue;
     queue.writeBuffer(this.#inputs.positions, 0, Uint32Array.from(rows, (r) => r.position));
     queue.writeBuffer(this.#inputs.rowSlot, 0, Uint32Array.from(rows, (r) => r.slot));
+    const active = this.#loraActivity(rows, jobs);
+    if (active.some((layer) => layer.some(Boolean))) {
+      const G = this.#gateStride;
+      const gates = new Float32Array(rows.length * G);
+      rows.forEach((r, i) => r.gates && gates.set(r.gates, i * G));
+      queue.writeBuffer(this.#inputs.rowAdapter, 0, Uint32Array.from(rows, (r) => r.adapter));
+      queue.writeBuffer(this.#inputs.gates, 0, gates);
+    }
     const step = this.#step;
 
     const x = this.#act(this.plan.input);
@@ -306,20 +476,33 @@ export class Engine {
       const block = blockOf(embedding, row.token);
       step.copy(block.buffer, (row.token - block.firstRow) * hidden * 4, x, r * hidden * 4, hidden * 4);
     });
-    for (let layer = 0; layer < this.plan.dims.layers; layer++) {
-      for (const op of this.plan.layer) this.#dispatch(op, rows.length, layer);
+    const groups = this.#router.prepare(jobs, rows.length);
+    const table = { buffer: this.#inputs.gates, rows: rows.length, stride: this.#gateStride };
+    for (let layer = 0; layer < layers; layer++) {
+      for (const group of groups) this.#router.route(step, group, layer, x, table);
+      for (const op of this.plan.layer) this.#dispatch(op, rows.length, layer, active[layer]!);
     }
     const out = outRows.length;
     if (out > 0) {
       const headInput = this.#act(this.plan.headInput);
       for (const [from, to, count] of runs(outRows)) step.copy(x, from * hidden * 4, headInput, to * hidden * 4, count * hidden * 4);
       queue.writeBuffer(this.#inputs.settings, 0, packSamplingSettings(settings));
-      for (const op of this.plan.head) this.#dispatch(op, out, 0);
+      for (const op of this.plan.head) this.#dispatch(op, out, 0, []);
       step.copy(this.#inputs.tokens, 0, this.#tokensReadback, 0, out * 4);
       if (wantLogits) step.copy(this.#act("logits"), 0, this.#logitsStaging(), 0, out * vocab * 4);
     }
+    const gatesBytes = rows.length * this.#gateStride * 4;
+    if (jobs.length > 0) step.copy(this.#inputs.gates, 0, this.#gatesStaging(), 0, gatesBytes);
     step.submit();
-    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined };
+
+    let gates: Float32Array | undefined;
+    if (jobs.length > 0) {
+      const staging = this.#gatesStaging();
+      await staging.mapAsync(GPUMapMode.READ, 0, gatesBytes);
+      gates = new Float32Array(staging.getMappedRange(0, gatesBytes).slice(0));
+      staging.unmap();
+    }
+    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined, gates };
 
     await this.#tokensReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
     const tokens = new Uint32Array(this.#tokensReadback.getMappedRange(0, out * 4).slice(0));
@@ -332,10 +515,37 @@ export class Engine {
       staging.unmap();
       logits = (i) => all.subarray(i * vocab, (i + 1) * vocab);
     }
-    return { tokens, logits };
+    return { tokens, logits, gates };
   }
 
-  #dispatch(op: PlanOp, rows: number, layer: number): void {
+  /**
+   * Per layer and module, whether any row may need its LoRA: a row with a known non-zero gate, or a
+   * row routed on the GPU in this step by an adapter that has the module. Others are not dispatched.
+   */
+  #loraActivity(rows: readonly Row[], jobs: readonly RouteJob[]): boolean[][] {
+    return Array.from({ length: this.plan.dims.layers }, (_, layer) =>
+      EXPERT_MODULES.map((m) => {
+        const column = gateColumn(layer, m);
+        return rows.some((r) => r.gates !== undefined && r.gates[column] !== 0) || jobs.some((j) => j.adapter.routers.has(layer) && j.adapter.has(layer, m));
+      }),
+    );
+  }
+
+  get #gateStride(): number {
+    return this.plan.dims.layers * MODULES_PER_LAYER;
+  }
+
+  #resident(name: string): ResidentAdapter {
+    const adapter = this.#adapters.get(name);
+    if (!adapter) {
+      const loaded = this.#adapters.names();
+      throw new EngineError(`no adapter named "${name}" is loaded (loaded: ${loaded.length > 0 ? loaded.join(", ") : "none"})`);
+    }
+    return adapter;
+  }
+
+  /** Records one op; `active` says which of the layer's expert modules run their LoRA (EXPERT_MODULES order). */
+  #dispatch(op: PlanOp, rows: number, layer: number, active: readonly boolean[]): void {
     const step = this.#step;
     const act = (name: ActivationName) => this.#act(name);
     const kernel = (key: string) => this.#kernels.get(key)!;
@@ -345,7 +555,9 @@ export class Engine {
       case "rmsnorm":
         return step.dispatch(kernel(op.kernel), { x: act(op.input), weight: this.#weights.buffer(layerTensor(op.weight, layer)), out: act(op.output) }, { rows });
       case "linear":
-        return this.#linear(op, rows, layer);
+        this.#linear(op, rows, layer);
+        if (op.lora && active[op.lora.gateColumn]) this.#lora(op, op.lora, rows, layer);
+        return;
       case "rope":
         return step.dispatch(kernel(op.kernel), { q: act(op.q), k: act(op.k), positions }, { rows });
       case "kv_write":
@@ -378,6 +590,16 @@ export class Engine {
     }
   }
 
+  /** y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module. */
+  #lora(op: Extract<PlanOp, { op: "linear" }>, lora: PlanLora, rows: number, layer: number): void {
+    const stack = this.#adapters.stack(layer, op.module as ExpertModule);
+    const select = { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
+    const params = { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + lora.gateColumn };
+    const t = this.#inputs.loraT;
+    this.#step.dispatch(this.#kernels.get(lora.shrink)!, { x: this.#act(op.input), a: stack.a, ...select, t }, params);
+    this.#step.dispatch(this.#kernels.get(lora.expand)!, { t, b: stack.b, ...select, y: this.#act(op.output) }, params);
+  }
+
   /** The variant of a linear kernel for a row block of `N` output features. */
   #blockKernel(key: string, N: number): KernelSource {
     const planned = this.plan.kernels.find((k) => k.key === key)!;
@@ -399,6 +621,15 @@ export class Engine {
     return this.#activations.get(name)!;
   }
 
+  #gatesStaging(): GPUBuffer {
+    this.#gatesReadback ??= this.#gpu.device.createBuffer({
+      label: "gates readback",
+      size: this.maxRows * this.#gateStride * 4,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    return this.#gatesReadback;
+  }
+
   #logitsStaging(): GPUBuffer {
     this.#logitsReadback ??= this.#gpu.device.createBuffer({
       label: "logits readback",
@@ -407,6 +638,24 @@ export class Engine {
     });
     return this.#logitsReadback;
   }
+}
+
+/** Whether the sequence still has to route on its prompt (its first step decides for good). */
+function routesPrompt(seq: Sequence): boolean {
+  return seq.adapter?.adapter.spec.router?.when === "prompt" && seq.gates === undefined;
+}
+
+/** W + c * B A for W [out, in] row-major, A [rank, in], B [out, rank]. */
+function foldLora(w: Float32Array, a: Float32Array, b: Float32Array, rank: number, c: number): Float32Array {
+  const inF = a.length / rank;
+  const out = Float32Array.from(w);
+  for (let o = 0; o < out.length / inF; o++) {
+    for (let j = 0; j < rank; j++) {
+      const coef = c * b[o * rank + j]!;
+      for (let i = 0; i < inF; i++) out[o * inF + i]! += coef * a[j * inF + i]!;
+    }
+  }
+  return out;
 }
 
 /** Settings for out rows whose sample nobody reads (logits-only rows). */

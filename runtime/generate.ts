@@ -1,6 +1,7 @@
 // Generation on top of the engine's steps: prefill the prompts together, then decode every live
 // sequence in lockstep until each reaches its token budget, a stop token or the end of its context.
 import type { Engine } from "./engine.ts";
+import type { LayerRouting } from "./routing.ts";
 import type { Sequence, SamplingOptions } from "./sequence.ts";
 
 export interface GenerateRequest {
@@ -12,6 +13,8 @@ export interface GenerateRequest {
   readonly logits?: "last" | "all";
   /** Token ids that end generation (the stop token is kept in the output). */
   readonly stop?: readonly number[];
+  /** A loaded adapter (tenant) to run with; the base alone when absent. */
+  readonly adapter?: string;
 }
 
 /** Wall-clock times of the batch a generation ran in (shared by all its requests). */
@@ -30,6 +33,8 @@ export interface Generation {
   readonly finish: "length" | "stop" | "context";
   /** Prompt logits as asked, one row of vocab_size per position. */
   readonly logits?: readonly Float32Array[];
+  /** The adapter's routing: per routed layer (prompt routing) or per layer and position (token routing). */
+  readonly routing?: readonly LayerRouting[];
   readonly timings: GenerationTimings;
 }
 
@@ -53,7 +58,11 @@ export async function generateBatch(engine: Engine, requests: readonly GenerateR
   const live: Live[] = [];
   try {
     for (const request of requests) {
-      const seq = engine.createSequence(request.prompt, { ...(request.sampling ? { sampling: request.sampling } : {}), logits: request.logits ?? "none" });
+      const seq = engine.createSequence(request.prompt, {
+        ...(request.sampling ? { sampling: request.sampling } : {}),
+        ...(request.adapter === undefined ? {} : { adapter: request.adapter }),
+        logits: request.logits ?? "none",
+      });
       live.push({ request, seq, tokens: [] });
     }
     const started = performance.now();
@@ -83,7 +92,13 @@ export async function generateBatch(engine: Engine, requests: readonly GenerateR
       decodeSteps,
       decodeMs: performance.now() - decodeStarted,
     };
-    return live.map((l) => ({ tokens: l.tokens, finish: l.finish!, ...(l.logits ? { logits: l.logits } : {}), timings }));
+    return live.map((l) => ({
+      tokens: l.tokens,
+      finish: l.finish!,
+      ...(l.logits ? { logits: l.logits } : {}),
+      ...(l.seq.adapter?.adapter.spec.router ? { routing: [...l.seq.routing] } : {}),
+      timings,
+    }));
   } finally {
     for (const l of live) engine.release(l.seq);
   }

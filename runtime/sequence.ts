@@ -1,6 +1,8 @@
 // A sequence: one prompt and what has been generated after it, bound to a KV cache slot. The engine
 // advances it by running its pending tokens (those not yet in the cache); the caller appends tokens.
 import type { SamplingSettings } from "../compiler/kernels/sampling.ts";
+import type { ResidentAdapter } from "./adapter-store.ts";
+import type { LayerRouting } from "./routing.ts";
 
 /** How the next token is picked; temperature 0 (the default) is greedy. */
 export interface SamplingOptions {
@@ -38,6 +40,13 @@ export class Sequence {
   #released = false;
   /** Logits the next steps read back for this sequence (the sampled token always comes back). */
   logits: LogitsMode = "none";
+  /**
+   * Gates of every (layer, module) (see routing.ts) once known: at creation for plain LoRA, after the
+   * prompt's prefill for prompt routing; never for token routing, which routes every step.
+   */
+  gates: Float32Array | undefined;
+  /** The routing decisions so far: one per routed layer (prompt), or per layer and position (token). */
+  readonly routing: LayerRouting[] = [];
 
   /** Use Engine.createSequence. */
   constructor(
@@ -46,6 +55,8 @@ export class Sequence {
     readonly ctx: number,
     readonly vocab: number,
     readonly sampling: Required<SamplingOptions>,
+    /** The adapter (tenant) the sequence runs with; undefined runs the base alone. */
+    readonly adapter?: ResidentAdapter,
   ) {}
 
   get tokens(): readonly number[] {

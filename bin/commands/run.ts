@@ -1,18 +1,23 @@
-// `milora run [SPEC] --base DIR`: runs a prompt on a base model and reports the speed. The base comes
-// from the spec when one is given (and must agree with the checkpoint), else from DIR/config.json.
+// `milora run [SPEC] --base DIR [--adapter [NAME=]DIR ...] [--merged]`: runs a prompt on a base model,
+// alone or once per adapter (tenants batched together), and reports each one's routing and the speed.
+// The base comes from the spec when one is given (and must agree with the checkpoint), else from
+// DIR/config.json; with a spec, each adapter is checked against the spec's adapter NAME (or its only one).
 import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
-import { join } from "node:path";
+import { basename, join, resolve } from "node:path";
 import { renderDiagnostic } from "../../grammar/code-frame.ts";
 import { BASE_KEYS, BASE_KEY_NAMES } from "../../compiler/base-keys.ts";
 import { checkFiles } from "../../compiler/check.ts";
 import { readHfConfig } from "../../compiler/hf-config.ts";
-import type { BaseModel } from "../../compiler/model.ts";
+import type { Adapter, BaseModel, CheckedProgram } from "../../compiler/model.ts";
 import { PlanError } from "../../compiler/plan.ts";
 import { CONFIG_FILE } from "../../runtime/checkpoint.ts";
+import { loadAdapter, type LoadedAdapter } from "../../runtime/adapter.ts";
+import { AdapterStoreError } from "../../runtime/adapter-store.ts";
 import { NoAdapterError, adapterSummary } from "../../runtime/device.ts";
 import { Engine, EngineError } from "../../runtime/engine.ts";
-import type { Generation } from "../../runtime/generate.ts";
+import type { GenerateRequest, Generation } from "../../runtime/generate.ts";
+import type { LayerRouting } from "../../runtime/routing.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
 import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/sequence.ts";
 import { Tokenizer } from "../../runtime/tokenizer.ts";
@@ -29,6 +34,9 @@ export interface RunOptions {
   readonly json?: boolean;
   readonly logits?: "last" | "all";
   readonly backend?: string;
+  /** `[NAME=]DIR`, repeatable. */
+  readonly adapter?: readonly string[];
+  readonly merged?: boolean;
 }
 
 /** A problem with what the user asked for; `code` is the exit status (1 bad input, 2 bad usage). */
@@ -52,7 +60,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
       process.stderr.write(`milora run: ${e.message}\n`);
       return e.code;
     }
-    const userError = [CheckpointError, PlanError, EngineError, SequenceError, NoAdapterError].some((c) => e instanceof c);
+    const userError = [CheckpointError, PlanError, EngineError, SequenceError, NoAdapterError, AdapterStoreError].some((c) => e instanceof c);
     if (!userError) throw e;
     process.stderr.write(`milora run: ${(e as Error).message}\n`);
     return 1;
@@ -66,7 +74,10 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
   const sampling = samplingOptions(opts);
   if ((opts.prompt === undefined) === (opts.tokens === undefined)) throw new RunError("give exactly one of --prompt TEXT and --tokens IDS", 2);
 
-  const base = spec === undefined ? baseOfDirectory(dir) : baseOfSpec(spec, dir);
+  const program = spec === undefined ? undefined : checkSpec(spec);
+  const base = program === undefined ? baseOfDirectory(dir) : baseOfSpec(spec!, program, dir);
+  const adapters = tenantNames((opts.adapter ?? []).map((arg) => readAdapter(arg, base, spec, program)));
+  if (opts.merged && adapters.length !== 1) throw new RunError("--merged folds exactly one adapter into the base: give one --adapter", 2);
   const tokenizer = await Tokenizer.load(dir);
   let prompt: number[];
   if (opts.prompt !== undefined) {
@@ -84,9 +95,13 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
     engine = await Engine.load({
       base,
       checkpointDir: dir,
-      // The cache holds this run and no more: one sequence of prompt + generated tokens.
+      // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
       ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),
-      maxSequences: 1,
+      maxSequences: Math.max(1, adapters.length),
+      // A prompt-routed prompt runs in one step, so a step holds the whole prompt.
+      maxBatchRows: Math.max(256, prompt.length * Math.max(1, adapters.length)),
+      maxAdapters: adapters.length,
+      maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
       onProgress: bar.update,
       ...(opts.backend === undefined ? {} : { backend: opts.backend }),
     });
@@ -94,20 +109,73 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
     bar.stop();
   }
   try {
-    const result = await engine.generate({
+    for (const a of adapters) engine.loadAdapter(a.name, a);
+    const request: GenerateRequest = {
       prompt,
       maxTokens,
       sampling,
       ...(opts.logits ? { logits: opts.logits } : {}),
       ...(tokenizer ? { stop: tokenizer.eosIds } : {}),
+    };
+    let results: Generation[];
+    if (opts.merged) results = [await runMerged(engine, adapters[0]!, request)];
+    else if (adapters.length === 0) results = [await engine.generate(request)];
+    else results = await engine.generateBatch(adapters.map((a) => ({ ...request, adapter: a.name })));
+    const device = adapterSummary(engine.device);
+    results.forEach((result, i) => {
+      const tenant = adapters[i]?.name;
+      // The tokenizer library refuses to decode nothing (--max-tokens 0).
+      const text = tokenizer && (result.tokens.length > 0 ? tokenizer.decode(result.tokens) : "");
+      if (opts.json) printJson(result, text, device, prompt, tenant);
+      else printText(result, text, device, tenant);
     });
-    const text = tokenizer?.decode(result.tokens);
-    if (opts.json) printJson(result, text, adapterSummary(engine.device), prompt);
-    else printText(result, text, adapterSummary(engine.device));
     return 0;
   } finally {
     engine.destroy();
   }
+}
+
+/**
+ * Merged mode: the prompt's routing is decided unmerged (the router needs the adapter), then the
+ * LoRA is folded into the base weights for that decision and the generation runs the base kernels only.
+ */
+async function runMerged(engine: Engine, adapter: LoadedAdapter, request: GenerateRequest): Promise<Generation> {
+  let routing: readonly LayerRouting[] | undefined;
+  if (adapter.spec.router) {
+    if (adapter.spec.router.when === "token") throw new RunError(`adapter ${adapter.name} routes every token, which merged weights cannot express: drop --merged`, 1);
+    routing = (await engine.generate({ prompt: request.prompt, maxTokens: 0, adapter: adapter.name })).routing;
+  }
+  await engine.mergeAdapter(adapter.name, routing);
+  const result = await engine.generate(request);
+  return routing ? { ...result, routing } : result;
+}
+
+/** An --adapter `[NAME=]DIR`: checked against the spec's adapter NAME (or its only one), else its own config. */
+function readAdapter(arg: string, base: BaseModel, spec: string | undefined, program: CheckedProgram | undefined): LoadedAdapter & { readonly dir: string } {
+  const eq = arg.indexOf("=");
+  const named = eq > 0 ? arg.slice(0, eq) : undefined;
+  const dir = eq > 0 ? arg.slice(eq + 1) : arg;
+  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new RunError(`no adapter directory ${dir}`, 1);
+  let checked: Adapter | undefined;
+  if (program) {
+    const names = program.adapters.map((a) => a.name);
+    if (named === undefined && program.adapters.length !== 1) {
+      throw new RunError(`${spec} declares ${names.length} adapters (${names.join(", ") || "none"}): say which with --adapter NAME=${dir}`, 2);
+    }
+    checked = named === undefined ? program.adapters[0] : program.adapters.find((a) => a.name === named);
+    if (!checked) throw new RunError(`${spec} has no adapter ${named} (adapters: ${names.join(", ") || "none"})`, 1);
+  }
+  const name = named ?? checked?.name ?? basename(resolve(dir));
+  return { ...loadAdapter(dir, { name, base, ...(checked ? { spec: checked } : {}) }), dir };
+}
+
+/** Tenants named by their adapter; two of one spec adapter (e.g. two customers' weights) also by directory. */
+function tenantNames(adapters: readonly (LoadedAdapter & { readonly dir: string })[]): LoadedAdapter[] {
+  const count = (name: string) => adapters.filter((a) => a.name === name).length;
+  const named = adapters.map(({ dir, ...a }) => (count(a.name) === 1 ? a : { ...a, name: `${a.name}:${basename(resolve(dir))}` }));
+  const clash = named.find((a, i) => named.findIndex((b) => b.name === a.name) !== i);
+  if (clash) throw new RunError(`two --adapter options name tenant ${clash.name}: give their directories different names`, 2);
+  return named;
 }
 
 function baseOfDirectory(dir: string): BaseModel {
@@ -118,8 +186,8 @@ function baseOfDirectory(dir: string): BaseModel {
   }
 }
 
-/** The spec's single base, refused when DIR/config.json disagrees with it on any hyper-parameter. */
-function baseOfSpec(spec: string, dir: string): BaseModel {
+/** The spec's bases and adapters; its errors are printed as code frames and refused. */
+function checkSpec(spec: string): CheckedProgram {
   if (!existsSync(spec)) throw new RunError(`cannot read ${spec}: no such file`, 2);
   const { program, diagnostics, sources } = checkFiles([spec]);
   const errors = diagnostics.filter((d) => d.severity === "error");
@@ -127,6 +195,11 @@ function baseOfSpec(spec: string, dir: string): BaseModel {
     for (const d of errors) process.stderr.write(renderDiagnostic(d, sources.get(d.span.file) ?? "") + "\n");
     throw new RunError(`${spec} has ${errors.length} error${errors.length === 1 ? "" : "s"}`, 1);
   }
+  return program;
+}
+
+/** The spec's single base, refused when DIR/config.json disagrees with it on any hyper-parameter. */
+function baseOfSpec(spec: string, program: CheckedProgram, dir: string): BaseModel {
   const [base, ...more] = program.bases;
   if (!base || more.length > 0) throw new RunError(`${spec} defines ${program.bases.length} bases; milora run needs exactly one`, 1);
   if (existsSync(join(dir, CONFIG_FILE))) {
@@ -199,12 +272,14 @@ function rates(r: Generation) {
   };
 }
 
-function printJson(r: Generation, text: string | undefined, device: string, prompt: readonly number[]): void {
+function printJson(r: Generation, text: string | undefined, device: string, prompt: readonly number[], adapter: string | undefined): void {
   const report = {
+    ...(adapter === undefined ? {} : { adapter }),
     promptTokens: prompt,
     tokens: r.tokens,
     ...(text === undefined ? {} : { text }),
     finish: r.finish,
+    ...(r.routing ? { routing: r.routing } : {}),
     timings: rates(r),
     device,
     ...(r.logits ? { logits: r.logits.map((row) => Array.from(row)) } : {}),
@@ -212,13 +287,26 @@ function printJson(r: Generation, text: string | undefined, device: string, prom
   process.stdout.write(JSON.stringify(report) + "\n");
 }
 
-function printText(r: Generation, text: string | undefined, device: string): void {
-  process.stdout.write((text ?? r.tokens.join(" ")) + "\n");
+function printText(r: Generation, text: string | undefined, device: string, adapter: string | undefined): void {
+  process.stdout.write((adapter === undefined ? "" : `[${adapter}] `) + (text ?? r.tokens.join(" ")) + "\n");
   const t = rates(r);
   const lines = [
+    ...routingLines(r.routing ?? []),
     `prefill  ${t.prefillTokens} tokens in ${t.prefillMs.toFixed(1)} ms (${t.prefillTokensPerSecond.toFixed(1)} tokens/s)`,
     `decode   ${t.decodeTokens} tokens in ${t.decodeMs.toFixed(1)} ms (${t.decodeTokensPerSecond.toFixed(1)} tokens/s, ${t.msPerToken.toFixed(2)} ms/token)`,
     `device   ${device}`,
   ];
   process.stderr.write(lines.join("\n") + "\n");
+}
+
+/** `layer 0  q_proj 0.62  v_proj 0.38` per decision; token routing shows the prompt's last position only. */
+function routingLines(routing: readonly LayerRouting[]): string[] {
+  const positions = routing.flatMap((d) => (d.position === undefined ? [] : [d.position]));
+  const shown = positions.length === 0 ? routing : routing.filter((d) => d.position === Math.max(...positions));
+  const title = positions.length === 0 ? "routing (prompt, reused for every token)" : `routing (per token; position ${Math.max(...positions)} shown)`;
+  if (shown.length === 0) return [];
+  return [
+    title,
+    ...shown.map((d) => `  layer ${String(d.layer).padEnd(3)} ${Object.entries(d.experts).map(([m, g]) => `${m} ${g.toFixed(2)}`).join("  ")}`),
+  ];
 }

@@ -18,7 +18,7 @@ const tied = { ...gqa, tieEmbeddings: true };
 
 /** Every kernel key an op names. */
 function keysOf(ops: readonly PlanOp[]): string[] {
-  return ops.flatMap((op) => (op.op === "linear" ? [op.matmul, op.matvec] : [op.kernel]));
+  return ops.flatMap((op) => (op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : [])] : [op.kernel]));
 }
 
 test("the tensor table is exactly what a LLaMA checkpoint holds, with GQA widths", () => {
@@ -74,6 +74,21 @@ test("what the kernels cannot run is refused with the reason", () => {
   );
   assert.throws(() => planBase({ ...gqa, attentionBias: true }), /attention biases/);
   assert.throws(() => planBase({ ...gqa, family: "mistral" }), /family "mistral"/);
+});
+
+test("serving adapters adds LoRA shrink/expand to every expert linear (not lm_head), one pipeline per shape", () => {
+  assert.ok(planBase(gqa).layer.every((op) => op.op !== "linear" || op.lora === undefined));
+  const plan = planBase(gqa, { maxLoraRank: 8 });
+  assert.is(plan.maxLoraRank, 8);
+  const linears = plan.layer.filter((op): op is Extract<PlanOp, { op: "linear" }> => op.op === "linear");
+  assert.equal(linears.map((op) => op.lora!.gateColumn), [0, 1, 2, 3, 4, 5, 6]);
+  // Shrink is specialised by the input width (64, or 176 for down_proj), expand by the output width (64, 32, 176).
+  assert.is(new Set(linears.map((op) => op.lora!.shrink)).size, 2);
+  assert.is(new Set(linears.map((op) => op.lora!.expand)).size, 3);
+  assert.ok(plan.head.every((op) => op.op !== "linear" || op.lora === undefined));
+  const sources = kernelSources(plan);
+  for (const key of keysOf(plan.layer)) assert.ok(sources.has(key), key);
+  assert.throws(() => planBase(gqa, { maxLoraRank: 300 }), /from 0 to 256/);
 });
 
 test.run();

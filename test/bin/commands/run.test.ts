@@ -6,8 +6,12 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
+import { checkFiles } from "../../../compiler/check.ts";
+import { EXPERT_MODULES } from "../../../compiler/model.ts";
+import { writeRandomAdapter, writeRandomPeftAdapter } from "../../../examples/random-adapter.ts";
 import { PRESETS, writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
 import { loadReferenceWeights, referenceGreedy, referenceLogits } from "../../reference/llama.ts";
+import { referenceMiloraLogits } from "../../reference/milora.ts";
 
 const root = mkdtempSync(join(tmpdir(), "milora-run-"));
 const model = join(root, "tiny");
@@ -76,6 +80,77 @@ test("user errors are one line and a non-zero exit", async () => {
   const usage = await run("--base", model, "--tokens", "1,x");
   assert.is(usage.code, 2);
   assert.equal(problems(usage.stderr), ['milora run: --tokens must be comma-separated token ids, got "x"']);
+});
+
+const tinySpec = new URL("../../../examples/llama-tiny.milora", import.meta.url).pathname;
+const specAdapter = (name: string) => checkFiles([tinySpec]).program.adapters.find((a) => a.name === name)!;
+
+/** ||got - want|| / ||want|| over every row. */
+function relativeError(got: readonly number[][], want: readonly Float64Array[]): number {
+  let diff = 0;
+  let norm = 0;
+  want.forEach((row, r) => row.forEach((w, i) => ((diff += (got[r]![i]! - w) ** 2), (norm += w * w))));
+  return Math.sqrt(diff / norm);
+}
+
+test("with no spec, a plain PEFT adapter runs as LoRA: --json --logits all matches the reference", async () => {
+  const dir = join(root, "peft");
+  const { base, weights } = loadReferenceWeights(model);
+  const adapter = writeRandomPeftAdapter(dir, { base, modules: ["q_proj", "up_proj"], rank: 8, alpha: 16, seed: 5 });
+  const prompt = [1, 72, 101, 108];
+  const { code, stdout, stderr } = await run("--base", model, "--adapter", dir, "--tokens", prompt.join(","), "--max-tokens", "0", "--json", "--logits", "all");
+  assert.is(code, 0, stderr);
+  const out = JSON.parse(stdout) as { adapter: string; logits: number[][]; routing?: unknown };
+  assert.is(out.adapter, "peft");
+  assert.is(out.routing, undefined);
+  const err = relativeError(out.logits, referenceMiloraLogits(base, weights, adapter, prompt).logits);
+  assert.ok(err < 1e-4, `relative error ${err}`);
+});
+
+test("two tenants of a spec's MiLoRA adapter: each one's prompt routing per layer, in text and in --json", async () => {
+  const [a, b] = ["alice", "bob"].map((who, i) => {
+    const dir = join(root, who);
+    return { dir, adapter: writeRandomAdapter(dir, { spec: specAdapter("tiny"), seed: 20 + i }) };
+  });
+  const { base, weights } = loadReferenceWeights(model);
+  const prompt = [1, 72, 101, 108, 108, 111];
+  const args = [tinySpec, "--base", model, "--adapter", `tiny=${a!.dir}`, "--adapter", `tiny=${b!.dir}`, "--tokens", prompt.join(","), "--max-tokens", "3"];
+  const json = await run(...args, "--json");
+  assert.is(json.code, 0, json.stderr);
+  const lines = json.stdout.trim().split("\n").map((l) => JSON.parse(l) as { adapter: string; routing: { layer: number; experts: Record<string, number> }[] });
+  assert.equal(lines.map((l) => l.adapter), ["tiny:alice", "tiny:bob"]);
+  lines.forEach((line, i) => {
+    const want = referenceMiloraLogits(base, weights, [a, b][i]!.adapter, prompt).routing;
+    assert.equal(line.routing.map((d) => [d.layer, Object.keys(d.experts)]), want.map((d) => [d.layer, Object.keys(d.experts)]));
+    for (const d of line.routing) assert.ok(Object.keys(d.experts).every((m) => (EXPERT_MODULES as readonly string[]).includes(m)));
+  });
+  const text = await run(...args);
+  assert.is(text.code, 0, text.stderr);
+  const first = lines[0]!.routing[0]!;
+  const shown = Object.entries(first.experts).map(([m, g]) => `${m} ${g.toFixed(2)}`).join("  ");
+  assert.ok(text.stderr.includes(`layer 0   ${shown}`), text.stderr);
+});
+
+test("--merged decodes the base with the LoRA folded in for the prompt's routing: same tokens as unmerged", async () => {
+  const dir = join(root, "merged");
+  writeRandomAdapter(dir, { spec: specAdapter("tiny"), seed: 30 });
+  const args = [tinySpec, "--base", model, "--adapter", `tiny=${dir}`, "--tokens", "1,72,101", "--max-tokens", "6", "--json"];
+  const [unmerged, merged] = await Promise.all([run(...args), run(...args, "--merged")]);
+  assert.is(merged.code, 0, merged.stderr);
+  const parse = (s: string) => JSON.parse(s) as { tokens: number[]; routing: unknown };
+  assert.equal(parse(merged.stdout).tokens, parse(unmerged.stdout).tokens);
+  assert.equal(parse(merged.stdout).routing, parse(unmerged.stdout).routing);
+});
+
+test("adapter errors: an adapter that does not match its spec names the tensor and both shapes", async () => {
+  const dir = join(root, "token-tenant");
+  writeRandomAdapter(dir, { spec: specAdapter("tiny"), seed: 40 });
+  const wrong = await run(tinySpec, "--base", model, "--adapter", `tiny_lora=${dir}`, "--tokens", "1");
+  assert.is(wrong.code, 1);
+  assert.match(wrong.stderr, /unexpected tensor "base_model\.model\.model\.layers\.0\.milora_router\.weight" \[7, 64\]/);
+  const which = await run(tinySpec, "--base", model, "--adapter", dir, "--tokens", "1");
+  assert.is(which.code, 2);
+  assert.equal(problems(which.stderr), [`milora run: ${tinySpec} declares 3 adapters (tiny, tiny_token, tiny_lora): say which with --adapter NAME=${dir}`]);
 });
 
 test.run();

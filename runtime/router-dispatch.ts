@@ -1,0 +1,183 @@
+// Dispatching MiLoRA's routers inside a step. The sequences that route in a step are grouped by
+// adapter (one router's weights per dispatch); at the start of each layer the adapter routes, each
+// group runs the router kernels (compiler/kernels/router.ts) on the layer input and the gate-table
+// kernel writes the result into the step's gate table: prompt routing pools each sequence's prompt
+// (score, pool, gate) and writes the one decision to all its rows; token routing gates every row alone.
+import { gateTableKernel } from "../compiler/kernels/gate-table.ts";
+import type { KernelSource } from "../compiler/kernels/kernel.ts";
+import { NO_SEQUENCE, routerGateKernel, routerPoolKernel, routerScoreKernel } from "../compiler/kernels/router.ts";
+import { EXPERT_MODULES, type RouterConfig } from "../compiler/model.ts";
+import type { GpuRouter, ResidentAdapter } from "./adapter-store.ts";
+import { createStorage, type BufferArg, type StepEncoder } from "./kernel-runner.ts";
+import { MODULES_PER_LAYER } from "./routing.ts";
+
+/** A sequence whose gates are computed on the GPU in this step: rows first .. first + count - 1. */
+export interface RouteJob {
+  readonly adapter: ResidentAdapter;
+  readonly config: RouterConfig;
+  readonly first: number;
+  readonly count: number;
+  /** Token routing: every row routes on its own hidden state. */
+  readonly perRow: boolean;
+}
+
+/** One adapter's jobs in a step, with the index tables its dispatches read. */
+export interface RouteGroup {
+  readonly adapter: ResidentAdapter;
+  readonly config: RouterConfig;
+  readonly perRow: boolean;
+  /** Items the gate kernel routes: one per prompt, or one per row for token routing. */
+  readonly items: number;
+  /** One past the last row of the group's jobs (attention scores are computed up to it). */
+  readonly end: number;
+  readonly ranges: BufferArg;
+  readonly itemRows: BufferArg;
+  readonly rowItem: BufferArg;
+}
+
+const ALIGN = 256;
+const align = (bytes: number) => Math.ceil(bytes / ALIGN) * ALIGN;
+
+export class RouterDispatch {
+  readonly #device: GPUDevice;
+  readonly #hidden: number;
+  readonly #maxRows: number;
+  readonly #kernels = new Map<string, KernelSource>();
+  /** Per group a segment of (start, end) ranges, (input row, item) pairs and the row -> item map. */
+  readonly #indices: GPUBuffer;
+  readonly #segment: number;
+  readonly #scores: GPUBuffer;
+  readonly #pooled: GPUBuffer;
+  readonly #itemGates: GPUBuffer;
+
+  constructor(device: GPUDevice, dims: { readonly hidden: number; readonly maxRows: number; readonly maxGroups: number }) {
+    this.#device = device;
+    this.#hidden = dims.hidden;
+    this.#maxRows = dims.maxRows;
+    this.#segment = 2 * align(dims.maxRows * 8) + align(dims.maxRows * 4);
+    this.#indices = createStorage(device, Math.max(1, dims.maxGroups) * this.#segment, "router indices");
+    this.#scores = createStorage(device, dims.maxRows * 4, "router scores");
+    this.#pooled = createStorage(device, dims.maxRows * dims.hidden * 4, "router pooled inputs");
+    this.#itemGates = createStorage(device, dims.maxRows * MODULES_PER_LAYER * 4, "router item gates");
+  }
+
+  /** Groups a step's jobs by adapter and uploads their index tables (before the step is submitted). */
+  prepare(jobs: readonly RouteJob[], rows: number): RouteGroup[] {
+    const byAdapter = new Map<ResidentAdapter, RouteJob[]>();
+    for (const job of jobs) byAdapter.set(job.adapter, [...(byAdapter.get(job.adapter) ?? []), job]);
+    return [...byAdapter.values()].map((mine, g) => {
+      const { adapter, config, perRow } = mine[0]!;
+      const ranges = new Uint32Array(this.#maxRows * 2);
+      const itemRows = new Uint32Array(this.#maxRows * 2);
+      const rowItem = new Uint32Array(rows).fill(NO_SEQUENCE);
+      let items = 0;
+      for (const job of mine) {
+        if (perRow) {
+          for (let r = job.first; r < job.first + job.count; r++) {
+            itemRows.set([r, items], 2 * items);
+            rowItem[r] = items++;
+          }
+        } else {
+          ranges.set([job.first, job.first + job.count], 2 * items);
+          itemRows.set([items, items], 2 * items);
+          rowItem.fill(items++, job.first, job.first + job.count);
+        }
+      }
+      const at = g * this.#segment;
+      const pairs = align(this.#maxRows * 8);
+      const queue = this.#device.queue;
+      queue.writeBuffer(this.#indices, at, ranges);
+      queue.writeBuffer(this.#indices, at + pairs, itemRows);
+      queue.writeBuffer(this.#indices, at + 2 * pairs, rowItem);
+      const end = Math.max(...mine.map((j) => j.first + j.count));
+      return {
+        adapter,
+        config,
+        perRow,
+        items,
+        end,
+        ranges: { buffer: this.#indices, offset: at, size: pairs },
+        itemRows: { buffer: this.#indices, offset: at + pairs, size: pairs },
+        rowItem: { buffer: this.#indices, offset: at + 2 * pairs, size: align(this.#maxRows * 4) },
+      };
+    });
+  }
+
+  /** Records `group`'s router of `layer` (if the adapter routes it): gates of its rows into `table`. */
+  route(step: StepEncoder, group: RouteGroup, layer: number, x: GPUBuffer, table: { readonly buffer: GPUBuffer; readonly rows: number; readonly stride: number }): void {
+    const router = group.adapter.routers.get(layer);
+    if (!router) return;
+    const { pooling, activation, selection } = group.config;
+    const hidden = this.#hidden;
+    const experts = router.experts.length;
+    let input: GPUBuffer = x;
+    if (!group.perRow) {
+      if (pooling === "attention") {
+        const pooler = router.pooler!;
+        const poolerSize = pooler.v.size / 4;
+        step.dispatch(this.#kernel({ family: "score", hidden, poolerSize, activation }), { h: x, pooler: pooler.proj, poolerV: pooler.v, scores: this.#scores }, { rows: group.end });
+      }
+      const pool = this.#kernel({ family: "pool", hidden, pooling, activation });
+      step.dispatch(pool, { h: x, ranges: group.ranges, ...(pooling === "attention" ? { scores: this.#scores } : {}), pooled: this.#pooled }, { count: group.items });
+      input = this.#pooled;
+    }
+    // Pooled inputs were activated by the pool; a token's own hidden state is activated by the gate.
+    const gate = this.#kernel({ family: "gate", hidden, experts, selection, activation: group.perRow ? activation : "none" });
+    step.dispatch(gate, { x: input, items: group.itemRows, weight: router.gate, gates: this.#itemGates }, { count: group.items });
+    step.dispatch(
+      this.#kernel({ family: "table", columns: columnsOf(router) }),
+      { itemGates: this.#itemGates, rowItem: group.rowItem, table: table.buffer },
+      { rows: table.rows, stride: table.stride, base: layer * MODULES_PER_LAYER },
+    );
+  }
+
+  /** Every kernel an adapter's sequences dispatch (to compile them when it is loaded). */
+  kernelsOf(adapter: ResidentAdapter): KernelSource[] {
+    const config = adapter.adapter.spec.router;
+    if (!config) return [];
+    const { pooling, activation, selection } = config;
+    const perRow = config.when === "token";
+    const hidden = this.#hidden;
+    return [...adapter.routers.values()].flatMap((router) => [
+      ...(!perRow && pooling === "attention" ? [this.#kernel({ family: "score", hidden, poolerSize: router.pooler!.v.size / 4, activation })] : []),
+      ...(perRow ? [] : [this.#kernel({ family: "pool", hidden, pooling, activation })]),
+      this.#kernel({ family: "gate", hidden, experts: router.experts.length, selection, activation: perRow ? activation : "none" }),
+      this.#kernel({ family: "table", columns: columnsOf(router) }),
+    ]);
+  }
+
+  destroy(): void {
+    for (const b of [this.#indices, this.#scores, this.#pooled, this.#itemGates]) b.destroy();
+  }
+
+  #kernel(request: KernelRequest): KernelSource {
+    const id = JSON.stringify(request);
+    let k = this.#kernels.get(id);
+    if (!k) this.#kernels.set(id, (k = kernelOf(request)));
+    return k;
+  }
+}
+
+type KernelRequest =
+  | ({ readonly family: "score" } & Parameters<typeof routerScoreKernel>[0])
+  | ({ readonly family: "pool" } & Parameters<typeof routerPoolKernel>[0])
+  | ({ readonly family: "gate" } & Parameters<typeof routerGateKernel>[0])
+  | { readonly family: "table"; readonly columns: readonly number[] };
+
+function kernelOf(r: KernelRequest): KernelSource {
+  switch (r.family) {
+    case "score":
+      return routerScoreKernel(r);
+    case "pool":
+      return routerPoolKernel(r);
+    case "gate":
+      return routerGateKernel(r);
+    case "table":
+      return gateTableKernel({ columns: r.columns, width: MODULES_PER_LAYER });
+  }
+}
+
+/** The gate table column (module index) of each of a router's experts. */
+function columnsOf(router: GpuRouter): number[] {
+  return router.experts.map((m) => EXPERT_MODULES.indexOf(m));
+}
