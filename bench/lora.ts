@@ -1,5 +1,6 @@
-// What one LoRA module costs at decode next to its base matrix-vector product: shrink + expand with
-// the module on for every row, and with it switched off (gate 0), for 1 and 8 rows of distinct tenants.
+// What one LoRA module costs at decode next to its base matrix-vector product: shrink and expand apart,
+// the pair with the module on for every row, and with it switched off (gate 0), for 1 row, 8 rows of
+// one tenant and 8 rows of 8 distinct tenants.
 //   node --import tsx bench/lora.ts [--hidden 1024] [--rank 8] [--repeats 5]
 // Each figure is the best of `repeats` runs of 50 dispatches recorded as one step.
 import { parseArgs } from "node:util";
@@ -33,7 +34,8 @@ const b = {
   b: createStorage(device, floats(TENANTS * hidden * rank), "b"),
   t: createStorage(device, TENANTS * rank * 4, "t"),
   slots: createStorage(device, packLoraSlots(Array.from({ length: TENANTS }, () => ({ rank, scaling: 2 }))), "slots"),
-  rowAdapter: createStorage(device, Uint32Array.from({ length: TENANTS }, (_, i) => i), "rowAdapter"),
+  distinct: createStorage(device, Uint32Array.from({ length: TENANTS }, (_, i) => i), "one tenant per row"),
+  same: createStorage(device, new Uint32Array(TENANTS), "one tenant for all rows"),
   on: createStorage(device, new Float32Array(TENANTS).fill(1), "gates on"),
   off: createStorage(device, new Float32Array(TENANTS), "gates off"),
 };
@@ -51,24 +53,30 @@ async function time(record: () => void): Promise<number> {
   return best;
 }
 
-function lora(rows: number, gates: GPUBuffer): () => void {
+/** Recorders of shrink alone, expand alone and the pair, for `rows` rows of `rowAdapter` under `gates`. */
+function lora(rows: number, rowAdapter: GPUBuffer, gates: GPUBuffer) {
   const params = { rows, gateStride: 1, gateIndex: 0 };
-  const common = { slots: b.slots, rowAdapter: b.rowAdapter, gates };
-  return () => {
-    step.dispatch(shrink, { x: b.x, a: b.a, t: b.t, ...common }, params);
-    step.dispatch(expand, { t: b.t, b: b.b, y: b.y, ...common }, params);
-  };
+  const common = { slots: b.slots, rowAdapter, gates };
+  const shrinkOnly = () => step.dispatch(shrink, { x: b.x, a: b.a, t: b.t, ...common }, params);
+  const expandOnly = () => step.dispatch(expand, { t: b.t, b: b.b, y: b.y, ...common }, params);
+  return { shrinkOnly, expandOnly, pair: () => (shrinkOnly(), expandOnly()) };
 }
 
 console.log(`${adapterSummary(gpu.report)}; module ${hidden}x${hidden}, rank ${rank}\n`);
-console.log("| rows | base matvec (us) | LoRA on (us) | on / base | LoRA off (us) | off / base |");
-console.log("| --- | --- | --- | --- | --- | --- |");
-for (const rows of [1, TENANTS]) {
-  await time(lora(rows, b.on)); // compile and warm up
+console.log("| rows | base matvec (us) | shrink (us) | expand (us) | LoRA on (us) | on / base | LoRA off (us) | off / base |");
+console.log("| --- | --- | --- | --- | --- | --- | --- | --- |");
+const cases = [
+  { label: "1", rows: 1, rowAdapter: b.distinct },
+  { label: `${TENANTS}, 1 tenant`, rows: TENANTS, rowAdapter: b.same },
+  { label: `${TENANTS}, ${TENANTS} tenants`, rows: TENANTS, rowAdapter: b.distinct },
+];
+for (const { label, rows, rowAdapter } of cases) {
+  const on = lora(rows, rowAdapter, b.on);
+  await time(on.pair); // compile and warm up
   const base = await time(() => step.dispatch(matvec, { x: b.x, w: b.w, y: b.y }, { rows }));
-  const on = await time(lora(rows, b.on));
-  const off = await time(lora(rows, b.off));
+  const [shrinkUs, expandUs, onUs] = [await time(on.shrinkOnly), await time(on.expandOnly), await time(on.pair)];
+  const off = await time(lora(rows, rowAdapter, b.off).pair);
   const f = (x: number) => x.toFixed(0);
-  console.log(`| ${rows} | ${f(base)} | ${f(on)} | ${(on / base).toFixed(2)}x | ${f(off)} | ${(off / base).toFixed(2)}x |`);
+  console.log(`| ${label} | ${f(base)} | ${f(shrinkUs)} | ${f(expandUs)} | ${f(onUs)} | ${(onUs / base).toFixed(2)}x | ${f(off)} | ${(off / base).toFixed(2)}x |`);
 }
 gpu.destroy();

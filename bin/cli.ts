@@ -51,7 +51,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   program
     .command("run")
     .description("run a prompt on a base model (a Hugging Face directory), with adapters, and report routing and tokens/s")
-    .argument("[spec]", ".milora spec whose base the checkpoint must match (default: DIR/config.json)")
+    .argument("[spec]", ".milora spec or compiled package whose base the checkpoint must match (default: DIR/config.json)")
     .requiredOption("--base <dir>", "model directory: config.json and safetensors weights")
     .option("--prompt <text>", "prompt text (needs the directory's tokenizer.json)")
     .option("--tokens <ids>", "prompt as comma-separated token ids")
@@ -89,6 +89,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   program
     .command("serve")
     .description("serve a base model and its adapters over an OpenAI-compatible HTTP API")
+    .argument("[spec]", ".milora spec or compiled package: its base, and the adapters checked against it (default: DIR/config.json)")
     .requiredOption("--base <dir>", "model directory: config.json, safetensors weights, tokenizer files")
     .option("--adapter <name=dir>", "an adapter to serve under NAME (repeatable)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option("--host <host>", "interface to bind", "127.0.0.1")
@@ -99,9 +100,9 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--max-adapters <n>", "adapters resident at once (least recently used evicted)", "8")
     .option("--ctx <n>", "positions per sequence (default: the model's, capped at 2048)")
     .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
-    .action(async (opts: import("./commands/serve.ts").ServeOptions) => {
+    .action(async (spec: string | undefined, opts: import("./commands/serve.ts").ServeOptions) => {
       const { serveCommand } = await import("./commands/serve.ts");
-      exitCode = await serveCommand(opts);
+      exitCode = await serveCommand(spec, opts);
     });
 
   try {

@@ -4,7 +4,7 @@
 // using. When every resident adapter is in use, the request waits for one to be let go.
 import { existsSync, statSync } from "node:fs";
 import { Worker } from "node:worker_threads";
-import type { BaseModel } from "../compiler/model.ts";
+import type { Adapter, BaseModel } from "../compiler/model.ts";
 import type { LoadedAdapter } from "./adapter.ts";
 import { CheckpointError } from "./safetensors.ts";
 import type { AdapterResidency } from "./scheduler.ts";
@@ -17,8 +17,8 @@ export interface AdapterHost {
   remove(name: string): void;
 }
 
-/** Reads an adapter directory; the default reads it on a worker thread. */
-export type AdapterReader = (dir: string, name: string, base: BaseModel) => Promise<LoadedAdapter>;
+/** Reads an adapter directory, checked against `spec` when given; the default reads it on a worker thread. */
+export type AdapterReader = (dir: string, name: string, base: BaseModel, spec: Adapter | undefined) => Promise<LoadedAdapter>;
 
 export interface AdapterPoolOptions {
   readonly base: BaseModel;
@@ -26,6 +26,8 @@ export interface AdapterPoolOptions {
   /** Adapters resident at once. */
   readonly maxResident: number;
   readonly read?: AdapterReader;
+  /** The spec an adapter registered under a name must match (default: none, its own config says). Throws CheckpointError. */
+  readonly specOf?: (name: string) => Adapter | undefined;
 }
 
 /** An adapter name the pool does not know. */
@@ -35,6 +37,7 @@ export class UnknownAdapterError extends Error {
 
 interface Entry {
   readonly dir: string;
+  readonly spec: Adapter | undefined;
   /** Settles when the adapter is resident (or failed to load); absent while on disk only. */
   loading?: Promise<void>;
   resident: boolean;
@@ -77,7 +80,7 @@ export class AdapterPool implements AdapterResidency {
     if (!/^[A-Za-z0-9][A-Za-z0-9._:-]*$/.test(name)) throw new CheckpointError(`adapter name "${name}": use letters, digits and . _ : - only`);
     if (this.#entries.has(name)) throw new CheckpointError(`an adapter named ${name} is already registered`);
     if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new CheckpointError(`no adapter directory ${dir}`);
-    const entry: Entry = { dir, resident: false, pins: 0, lastUsed: 0, retired: false };
+    const entry: Entry = { dir, spec: this.#opts.specOf?.(name), resident: false, pins: 0, lastUsed: 0, retired: false };
     this.#entries.set(name, entry);
     try {
       await this.acquire(name);
@@ -147,7 +150,7 @@ export class AdapterPool implements AdapterResidency {
   }
 
   async #load(name: string, entry: Entry): Promise<void> {
-    const adapter = await (this.#opts.read ?? readOnWorker)(entry.dir, name, this.#opts.base);
+    const adapter = await (this.#opts.read ?? readOnWorker)(entry.dir, name, this.#opts.base, entry.spec);
     await this.#opts.host.add(adapter);
     entry.resident = true;
     this.#loads++;
@@ -188,9 +191,9 @@ const workerUrl = new URL("./adapter-read-worker.ts", import.meta.url).href;
 // worker registers it before importing the TypeScript reader.
 const workerSource = `import(${JSON.stringify(import.meta.resolve("tsx/esm/api"))}).then((tsx) => { tsx.register(); return import(${JSON.stringify(workerUrl)}); })`;
 
-const readOnWorker: AdapterReader = (dir, name, base) =>
+const readOnWorker: AdapterReader = (dir, name, base, spec) =>
   new Promise((resolve, reject) => {
-    const worker = new Worker(workerSource, { eval: true, workerData: { dir, name, base } });
+    const worker = new Worker(workerSource, { eval: true, workerData: { dir, name, base, spec } });
     worker.once("message", (m: { adapter?: LoadedAdapter; error?: string }) => {
       if (m.adapter) resolve(m.adapter);
       else reject(new CheckpointError(m.error ?? `adapter ${name}: the reader stopped without an answer`));

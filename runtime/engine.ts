@@ -46,6 +46,10 @@ export interface EngineOptions {
   readonly maxAdapters?: number;
   /** Largest LoRA rank an adapter may have (default 16). */
   readonly maxLoraRank?: number;
+  /** A plan made beforehand (a compiled package's); it fixes the context and largest rank, so give neither. */
+  readonly plan?: Plan;
+  /** The WGSL to run by kernel key, covering the plan's kernel set (default: generated from the plan). */
+  readonly kernels?: ReadonlyMap<string, KernelSource>;
 }
 
 export interface CreateSequenceOptions {
@@ -118,6 +122,7 @@ export class Engine {
     readonly maxRows: number,
     readonly base: BaseModel,
     maxAdapters: number,
+    kernels: ReadonlyMap<string, KernelSource>,
     gpu: GpuContext,
     ownsDevice: boolean,
     weights: GpuWeights,
@@ -128,7 +133,7 @@ export class Engine {
     this.#weights = weights;
     this.#cache = cache;
     const device = gpu.device;
-    this.#kernels = kernelSources(plan);
+    this.#kernels = kernels;
     this.#pipelines = new PipelineCache(device);
     this.#step = new StepEncoder(device, this.#pipelines);
     this.#activations = new Map(plan.activations.map((a) => [a.name, createStorage(device, maxRows * a.width * 4, `activation ${a.name}`)]));
@@ -157,12 +162,15 @@ export class Engine {
    */
   static async load(options: EngineOptions): Promise<Engine> {
     const { base } = options;
-    const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
     const slots = options.maxSequences ?? 4;
     if (!Number.isInteger(slots) || slots < 1) throw new EngineError(`maxSequences must be a positive integer, got ${slots}`);
     const maxAdapters = options.maxAdapters ?? 4;
     if (!Number.isInteger(maxAdapters) || maxAdapters < 0) throw new EngineError(`maxAdapters must be an integer >= 0, got ${maxAdapters}`);
-    const plan = planBase(base, { ctx, maxLoraRank: maxAdapters === 0 ? 0 : (options.maxLoraRank ?? 16) });
+    const plan = planOf(options, maxAdapters);
+    const { ctx } = plan.dims;
+    const kernels = options.kernels ?? kernelSources(plan);
+    const missing = plan.kernels.filter((k) => !kernels.has(k.key)).map((k) => k.key);
+    if (missing.length > 0) throw new EngineError(`no WGSL was given for kernel${missing.length === 1 ? "" : "s"} ${missing.join(", ")} of the plan`);
     const checkpoint = openCheckpoint(options.checkpointDir, options.onProgress ? { onProgress: options.onProgress } : {});
     let gpu: GpuContext | undefined;
     try {
@@ -179,7 +187,7 @@ export class Engine {
       const widest = Math.max(...plan.activations.map((a) => a.width));
       const maxRows = Math.max(1, Math.min(options.maxBatchRows ?? 256, Math.floor(maxBinding / (4 * widest))));
       const weights = await uploadWeights(gpu.device, checkpoint, plan, maxBinding);
-      const engine = new Engine(plan, maxRows, base, maxAdapters, gpu, options.gpu === undefined, weights, new KvCache(gpu.device, cacheShape));
+      const engine = new Engine(plan, maxRows, base, maxAdapters, kernels, gpu, options.gpu === undefined, weights, new KvCache(gpu.device, cacheShape));
       try {
         await engine.#warmUp();
       } catch (e) {
@@ -476,8 +484,8 @@ export class Engine {
       const block = blockOf(embedding, row.token);
       step.copy(block.buffer, (row.token - block.firstRow) * hidden * 4, x, r * hidden * 4, hidden * 4);
     });
-    const groups = this.#router.prepare(jobs, rows.length);
-    const table = { buffer: this.#inputs.gates, rows: rows.length, stride: this.#gateStride };
+    const groups = this.#router.prepare(jobs);
+    const table = { buffer: this.#inputs.gates, stride: this.#gateStride };
     for (let layer = 0; layer < layers; layer++) {
       for (const group of groups) this.#router.route(step, group, layer, x, table);
       for (const op of this.plan.layer) this.#dispatch(op, rows.length, layer, active[layer]!);
@@ -638,6 +646,17 @@ export class Engine {
     });
     return this.#logitsReadback;
   }
+}
+
+/** The caller's plan, or one for the options' context and largest rank. */
+function planOf(options: EngineOptions, maxAdapters: number): Plan {
+  const { base, plan } = options;
+  if (plan === undefined) {
+    const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
+    return planBase(base, { ctx, maxLoraRank: maxAdapters === 0 ? 0 : (options.maxLoraRank ?? 16) });
+  }
+  if (options.ctx !== undefined || options.maxLoraRank !== undefined) throw new EngineError("a given plan fixes the context and the largest LoRA rank: leave ctx and maxLoraRank out");
+  return plan;
 }
 
 /** Whether the sequence still has to route on its prompt (its first step decides for good). */

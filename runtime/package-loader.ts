@@ -6,10 +6,10 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { Span } from "../grammar/ast.ts";
 import type { KernelSource } from "../compiler/kernels/kernel.ts";
-import { canonicalJson, compatibleVersions, COMPILER_VERSION, MANIFEST_FILE, MANIFEST_FORMAT, type Manifest } from "../compiler/emit/manifest.ts";
+import { compatibleVersions, COMPILER_VERSION, MANIFEST_FILE, MANIFEST_FORMAT, type Manifest } from "../compiler/emit/manifest.ts";
 import { splitKernelFile } from "../compiler/emit/wgsl-files.ts";
 import type { Adapter, BaseModel, ExpertModule } from "../compiler/model.ts";
-import { kernelSources, planBase, plannedKernelSource } from "../compiler/plan.ts";
+import { plannedKernelSource } from "../compiler/plan.ts";
 import { loadAdapter } from "./adapter.ts";
 import type { GpuContext } from "./device.ts";
 import { Engine } from "./engine.ts";
@@ -76,7 +76,11 @@ function readManifest(dir: string): Manifest {
   return m as Manifest;
 }
 
-/** The kernels of kernels/*.wgsl; each must be one the manifest's plan dispatches. */
+/**
+ * The kernels of kernels/*.wgsl, each one the manifest's plan dispatches. The files are the source of
+ * truth for the WGSL (hand-tuning one is allowed); bindings, params and workgroup counts follow from
+ * the kernel's family and constants in the plan.
+ */
 function readKernels(dir: string, manifest: Manifest): Map<string, KernelSource> {
   const kernels = new Map<string, KernelSource>();
   for (const { key, file } of manifest.kernels) {
@@ -84,26 +88,17 @@ function readKernels(dir: string, manifest: Manifest): Map<string, KernelSource>
     if (planned === undefined) throw new PackageError(`${join(dir, MANIFEST_FILE)}: kernel ${key} is not in the plan`);
     const path = join(dir, file);
     if (!existsSync(path)) throw new PackageError(`${dir} is incomplete: ${file} (kernel ${key}) is missing`);
-    kernels.set(key, { ...plannedKernelSource(planned), wgsl: splitKernelFile(readFileSync(path, "utf8")).wgsl });
-  }
-  return kernels;
-}
-
-/**
- * The engine plans the base and generates its kernels itself, so the package's plan and kernel files
- * must be exactly what it will run; an edited manifest or kernel is refused rather than ignored.
- */
-function checkEngineRunsPackage(pkg: CompiledPackage): void {
-  const plan = planBase(pkg.base, { ctx: pkg.manifest.plan.dims.ctx, maxLoraRank: pkg.manifest.plan.maxLoraRank });
-  if (canonicalJson(plan) !== canonicalJson(pkg.manifest.plan)) {
-    throw new PackageError(`${join(pkg.dir, MANIFEST_FILE)}: its plan differs from the one milora ${COMPILER_VERSION} makes for this base; recompile the package`);
-  }
-  const generated = kernelSources(plan);
-  for (const { key, file } of pkg.manifest.kernels) {
-    if (generated.get(key)?.wgsl !== pkg.kernels.get(key)?.wgsl) {
-      throw new UnsupportedError(`${join(pkg.dir, file)} was edited after compiling; this runtime version runs only the kernels milora generates: recompile the package`);
+    let text: string;
+    try {
+      text = readFileSync(path, "utf8");
+    } catch (e) {
+      throw new PackageError(`${path} (kernel ${key}) cannot be read: ${(e as Error).message}`);
     }
+    kernels.set(key, { ...plannedKernelSource(planned), wgsl: splitKernelFile(text).wgsl });
   }
+  const unfiled = manifest.plan.kernels.filter((k) => !kernels.has(k.key)).map((k) => k.key);
+  if (unfiled.length > 0) throw new PackageError(`${join(dir, MANIFEST_FILE)}: no kernel file is listed for ${unfiled.join(", ")}`);
+  return kernels;
 }
 
 export interface LoadOptions<Tenant extends string> {
@@ -227,17 +222,16 @@ export class CompiledModel<Tenant extends string> {
  */
 export async function loadCompiledModel<Tenant extends string>(location: string | URL, options: LoadOptions<Tenant>): Promise<CompiledModel<Tenant>> {
   const pkg = readCompiledPackage(location);
-  checkEngineRunsPackage(pkg);
   // Adapters are checked against the spec before the (slower) base load, so a wrong one fails fast.
   const adapters = Object.entries<string>(options.adapters).map(([tenant, dir]) => loadAdapter(dir, { name: tenant, base: pkg.base, spec: pkg.adapter }));
   const tokenizer = await Tokenizer.load(options.base);
   const engine = await Engine.load({
     base: pkg.base,
     checkpointDir: options.base,
-    ctx: pkg.manifest.plan.dims.ctx,
-    // Every tenant resident at once, with the package's LoRA kernels (even with no tenant yet).
+    // The package's plan and kernel files, with every tenant resident at once.
+    plan: pkg.manifest.plan,
+    kernels: pkg.kernels,
     maxAdapters: Math.max(1, adapters.length),
-    maxLoraRank: pkg.manifest.plan.maxLoraRank,
     ...(options.maxSequences === undefined ? {} : { maxSequences: options.maxSequences }),
     ...(options.device === undefined ? {} : { gpu: options.device }),
     ...(options.backend === undefined ? {} : { backend: options.backend }),

@@ -1,11 +1,10 @@
 // Dispatching MiLoRA's routers inside a step. The sequences that route in a step are grouped by
 // adapter (one router's weights per dispatch); at the start of each layer the adapter routes, each
-// group runs the router kernels (compiler/kernels/router.ts) on the layer input and the gate-table
-// kernel writes the result into the step's gate table: prompt routing pools each sequence's prompt
-// (score, pool, gate) and writes the one decision to all its rows; token routing gates every row alone.
-import { gateTableKernel } from "../compiler/kernels/gate-table.ts";
+// group runs the router kernels (compiler/kernels/router.ts) on the layer input, the gate kernel
+// writing straight into the step's gate table: prompt routing pools each sequence's prompt (score,
+// pool, gate) and writes the one decision to all its rows; token routing gates every row alone.
 import type { KernelSource } from "../compiler/kernels/kernel.ts";
-import { NO_SEQUENCE, routerGateKernel, routerPoolKernel, routerScoreKernel } from "../compiler/kernels/router.ts";
+import { routerGateKernel, routerPoolKernel, routerScoreKernel } from "../compiler/kernels/router.ts";
 import { EXPERT_MODULES, type RouterConfig } from "../compiler/model.ts";
 import type { GpuRouter, ResidentAdapter } from "./adapter-store.ts";
 import { createStorage, type BufferArg, type StepEncoder } from "./kernel-runner.ts";
@@ -31,8 +30,8 @@ export interface RouteGroup {
   /** One past the last row of the group's jobs (attention scores are computed up to it). */
   readonly end: number;
   readonly ranges: BufferArg;
+  /** Per item (input row, first table row, end table row). */
   readonly itemRows: BufferArg;
-  readonly rowItem: BufferArg;
 }
 
 const ALIGN = 256;
@@ -43,44 +42,38 @@ export class RouterDispatch {
   readonly #hidden: number;
   readonly #maxRows: number;
   readonly #kernels = new Map<string, KernelSource>();
-  /** Per group a segment of (start, end) ranges, (input row, item) pairs and the row -> item map. */
+  /** Per group a segment of (start, end) ranges and (input row, first row, end row) items. */
   readonly #indices: GPUBuffer;
   readonly #segment: number;
   readonly #scores: GPUBuffer;
   readonly #pooled: GPUBuffer;
-  readonly #itemGates: GPUBuffer;
 
   constructor(device: GPUDevice, dims: { readonly hidden: number; readonly maxRows: number; readonly maxGroups: number }) {
     this.#device = device;
     this.#hidden = dims.hidden;
     this.#maxRows = dims.maxRows;
-    this.#segment = 2 * align(dims.maxRows * 8) + align(dims.maxRows * 4);
+    this.#segment = align(dims.maxRows * 8) + align(dims.maxRows * 12);
     this.#indices = createStorage(device, Math.max(1, dims.maxGroups) * this.#segment, "router indices");
     this.#scores = createStorage(device, dims.maxRows * 4, "router scores");
     this.#pooled = createStorage(device, dims.maxRows * dims.hidden * 4, "router pooled inputs");
-    this.#itemGates = createStorage(device, dims.maxRows * MODULES_PER_LAYER * 4, "router item gates");
   }
 
   /** Groups a step's jobs by adapter and uploads their index tables (before the step is submitted). */
-  prepare(jobs: readonly RouteJob[], rows: number): RouteGroup[] {
+  prepare(jobs: readonly RouteJob[]): RouteGroup[] {
     const byAdapter = new Map<ResidentAdapter, RouteJob[]>();
     for (const job of jobs) byAdapter.set(job.adapter, [...(byAdapter.get(job.adapter) ?? []), job]);
     return [...byAdapter.values()].map((mine, g) => {
       const { adapter, config, perRow } = mine[0]!;
       const ranges = new Uint32Array(this.#maxRows * 2);
-      const itemRows = new Uint32Array(this.#maxRows * 2);
-      const rowItem = new Uint32Array(rows).fill(NO_SEQUENCE);
+      const itemRows = new Uint32Array(this.#maxRows * 3);
       let items = 0;
       for (const job of mine) {
         if (perRow) {
-          for (let r = job.first; r < job.first + job.count; r++) {
-            itemRows.set([r, items], 2 * items);
-            rowItem[r] = items++;
-          }
+          for (let r = job.first; r < job.first + job.count; r++) itemRows.set([r, r, r + 1], 3 * items++);
         } else {
+          // The gate reads the item's pooled row and writes the decision to every row of the prompt.
           ranges.set([job.first, job.first + job.count], 2 * items);
-          itemRows.set([items, items], 2 * items);
-          rowItem.fill(items++, job.first, job.first + job.count);
+          itemRows.set([items, job.first, job.first + job.count], 3 * items++);
         }
       }
       const at = g * this.#segment;
@@ -88,7 +81,6 @@ export class RouterDispatch {
       const queue = this.#device.queue;
       queue.writeBuffer(this.#indices, at, ranges);
       queue.writeBuffer(this.#indices, at + pairs, itemRows);
-      queue.writeBuffer(this.#indices, at + 2 * pairs, rowItem);
       const end = Math.max(...mine.map((j) => j.first + j.count));
       return {
         adapter,
@@ -97,19 +89,17 @@ export class RouterDispatch {
         items,
         end,
         ranges: { buffer: this.#indices, offset: at, size: pairs },
-        itemRows: { buffer: this.#indices, offset: at + pairs, size: pairs },
-        rowItem: { buffer: this.#indices, offset: at + 2 * pairs, size: align(this.#maxRows * 4) },
+        itemRows: { buffer: this.#indices, offset: at + pairs, size: align(this.#maxRows * 12) },
       };
     });
   }
 
   /** Records `group`'s router of `layer` (if the adapter routes it): gates of its rows into `table`. */
-  route(step: StepEncoder, group: RouteGroup, layer: number, x: GPUBuffer, table: { readonly buffer: GPUBuffer; readonly rows: number; readonly stride: number }): void {
+  route(step: StepEncoder, group: RouteGroup, layer: number, x: GPUBuffer, table: { readonly buffer: GPUBuffer; readonly stride: number }): void {
     const router = group.adapter.routers.get(layer);
     if (!router) return;
     const { pooling, activation, selection } = group.config;
     const hidden = this.#hidden;
-    const experts = router.experts.length;
     let input: GPUBuffer = x;
     if (!group.perRow) {
       if (pooling === "attention") {
@@ -122,13 +112,8 @@ export class RouterDispatch {
       input = this.#pooled;
     }
     // Pooled inputs were activated by the pool; a token's own hidden state is activated by the gate.
-    const gate = this.#kernel({ family: "gate", hidden, experts, selection, activation: group.perRow ? activation : "none" });
-    step.dispatch(gate, { x: input, items: group.itemRows, weight: router.gate, gates: this.#itemGates }, { count: group.items });
-    step.dispatch(
-      this.#kernel({ family: "table", columns: columnsOf(router) }),
-      { itemGates: this.#itemGates, rowItem: group.rowItem, table: table.buffer },
-      { rows: table.rows, stride: table.stride, base: layer * MODULES_PER_LAYER },
-    );
+    const gate = this.#kernel({ family: "gate", hidden, ...gateColumns(router), selection, activation: group.perRow ? activation : "none" });
+    step.dispatch(gate, { x: input, items: group.itemRows, weight: router.gate, table: table.buffer }, { count: group.items, stride: table.stride, base: layer * MODULES_PER_LAYER });
   }
 
   /** Every kernel an adapter's sequences dispatch (to compile them when it is loaded). */
@@ -141,13 +126,12 @@ export class RouterDispatch {
     return [...adapter.routers.values()].flatMap((router) => [
       ...(!perRow && pooling === "attention" ? [this.#kernel({ family: "score", hidden, poolerSize: router.pooler!.v.size / 4, activation })] : []),
       ...(perRow ? [] : [this.#kernel({ family: "pool", hidden, pooling, activation })]),
-      this.#kernel({ family: "gate", hidden, experts: router.experts.length, selection, activation: perRow ? activation : "none" }),
-      this.#kernel({ family: "table", columns: columnsOf(router) }),
+      this.#kernel({ family: "gate", hidden, ...gateColumns(router), selection, activation: perRow ? activation : "none" }),
     ]);
   }
 
   destroy(): void {
-    for (const b of [this.#indices, this.#scores, this.#pooled, this.#itemGates]) b.destroy();
+    for (const b of [this.#indices, this.#scores, this.#pooled]) b.destroy();
   }
 
   #kernel(request: KernelRequest): KernelSource {
@@ -161,8 +145,7 @@ export class RouterDispatch {
 type KernelRequest =
   | ({ readonly family: "score" } & Parameters<typeof routerScoreKernel>[0])
   | ({ readonly family: "pool" } & Parameters<typeof routerPoolKernel>[0])
-  | ({ readonly family: "gate" } & Parameters<typeof routerGateKernel>[0])
-  | { readonly family: "table"; readonly columns: readonly number[] };
+  | ({ readonly family: "gate" } & Parameters<typeof routerGateKernel>[0]);
 
 function kernelOf(r: KernelRequest): KernelSource {
   switch (r.family) {
@@ -172,12 +155,10 @@ function kernelOf(r: KernelRequest): KernelSource {
       return routerPoolKernel(r);
     case "gate":
       return routerGateKernel(r);
-    case "table":
-      return gateTableKernel({ columns: r.columns, width: MODULES_PER_LAYER });
   }
 }
 
-/** The gate table column (module index) of each of a router's experts. */
-function columnsOf(router: GpuRouter): number[] {
-  return router.experts.map((m) => EXPERT_MODULES.indexOf(m));
+/** Where a router's gates go in a layer's gate table columns (module index of each expert). */
+function gateColumns(router: GpuRouter): { readonly columns: number[]; readonly width: number } {
+  return { columns: router.experts.map((m) => EXPERT_MODULES.indexOf(m)), width: MODULES_PER_LAYER };
 }

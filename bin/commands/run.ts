@@ -1,17 +1,11 @@
-// `milora run [SPEC] --base DIR [--adapter [NAME=]DIR ...] [--merged]`: runs a prompt on a base model,
-// alone or once per adapter (tenants batched together), and reports each one's routing and the speed.
-// The base comes from the spec when one is given (and must agree with the checkpoint), else from
-// DIR/config.json; with a spec, each adapter is checked against the spec's adapter NAME (or its only one).
+// `milora run [SPEC_OR_PACKAGE] --base DIR [--adapter [NAME=]DIR ...] [--merged]`: runs a prompt on a
+// base model, alone or once per adapter (tenants batched together), and reports each one's routing and
+// the speed. The base comes from the spec or compiled package when one is given (see model-source.ts),
+// else from DIR/config.json; a package runs its own plan and kernel files.
 import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
-import { renderDiagnostic } from "../../grammar/code-frame.ts";
-import { BASE_KEYS, BASE_KEY_NAMES } from "../../compiler/base-keys.ts";
-import { checkFiles } from "../../compiler/check.ts";
-import { readHfConfig } from "../../compiler/hf-config.ts";
-import type { Adapter, BaseModel, CheckedProgram } from "../../compiler/model.ts";
 import { PlanError } from "../../compiler/plan.ts";
-import { CONFIG_FILE } from "../../runtime/checkpoint.ts";
 import { loadAdapter, type LoadedAdapter } from "../../runtime/adapter.ts";
 import { AdapterStoreError } from "../../runtime/adapter-store.ts";
 import { NoAdapterError, adapterSummary } from "../../runtime/device.ts";
@@ -21,6 +15,7 @@ import type { LayerRouting } from "../../runtime/routing.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
 import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/sequence.ts";
 import { Tokenizer } from "../../runtime/tokenizer.ts";
+import { SourceError, adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
 
 export interface RunOptions {
   readonly base: string;
@@ -56,7 +51,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
   try {
     return await run(spec, opts);
   } catch (e) {
-    if (e instanceof RunError) {
+    if (e instanceof RunError || e instanceof SourceError) {
       process.stderr.write(`milora run: ${e.message}\n`);
       return e.code;
     }
@@ -74,9 +69,9 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
   const sampling = samplingOptions(opts);
   if ((opts.prompt === undefined) === (opts.tokens === undefined)) throw new RunError("give exactly one of --prompt TEXT and --tokens IDS", 2);
 
-  const program = spec === undefined ? undefined : checkSpec(spec);
-  const base = program === undefined ? baseOfDirectory(dir) : baseOfSpec(spec!, program, dir);
-  const adapters = tenantNames((opts.adapter ?? []).map((arg) => readAdapter(arg, base, spec, program)));
+  const source = modelSource(spec, dir);
+  const { base } = source;
+  const adapters = tenantNames((opts.adapter ?? []).map((arg) => readAdapter(arg, source)));
   if (opts.merged && adapters.length !== 1) throw new RunError("--merged folds exactly one adapter into the base: give one --adapter", 2);
   const tokenizer = await Tokenizer.load(dir);
   let prompt: number[];
@@ -95,13 +90,15 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
     engine = await Engine.load({
       base,
       checkpointDir: dir,
-      // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
-      ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),
+      ...planOptions(source, {
+        // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
+        ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),
+        maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
+      }),
       maxSequences: Math.max(1, adapters.length),
       // A prompt-routed prompt runs in one step, so a step holds the whole prompt.
       maxBatchRows: Math.max(256, prompt.length * Math.max(1, adapters.length)),
       maxAdapters: adapters.length,
-      maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
       onProgress: bar.update,
       ...(opts.backend === undefined ? {} : { backend: opts.backend }),
     });
@@ -150,23 +147,15 @@ async function runMerged(engine: Engine, adapter: LoadedAdapter, request: Genera
   return routing ? { ...result, routing } : result;
 }
 
-/** An --adapter `[NAME=]DIR`: checked against the spec's adapter NAME (or its only one), else its own config. */
-function readAdapter(arg: string, base: BaseModel, spec: string | undefined, program: CheckedProgram | undefined): LoadedAdapter & { readonly dir: string } {
+/** An --adapter `[NAME=]DIR`: checked against the source's adapter NAME (or its only one), else its own config. */
+function readAdapter(arg: string, source: ModelSource): LoadedAdapter & { readonly dir: string } {
   const eq = arg.indexOf("=");
   const named = eq > 0 ? arg.slice(0, eq) : undefined;
   const dir = eq > 0 ? arg.slice(eq + 1) : arg;
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new RunError(`no adapter directory ${dir}`, 1);
-  let checked: Adapter | undefined;
-  if (program) {
-    const names = program.adapters.map((a) => a.name);
-    if (named === undefined && program.adapters.length !== 1) {
-      throw new RunError(`${spec} declares ${names.length} adapters (${names.join(", ") || "none"}): say which with --adapter NAME=${dir}`, 2);
-    }
-    checked = named === undefined ? program.adapters[0] : program.adapters.find((a) => a.name === named);
-    if (!checked) throw new RunError(`${spec} has no adapter ${named} (adapters: ${names.join(", ") || "none"})`, 1);
-  }
+  const checked = adapterSpecOf(source, named, dir);
   const name = named ?? checked?.name ?? basename(resolve(dir));
-  return { ...loadAdapter(dir, { name, base, ...(checked ? { spec: checked } : {}) }), dir };
+  return { ...loadAdapter(dir, { name, base: source.base, ...(checked ? { spec: checked } : {}) }), dir };
 }
 
 /** Tenants named by their adapter; two of one spec adapter (e.g. two customers' weights) also by directory. */
@@ -176,40 +165,6 @@ function tenantNames(adapters: readonly (LoadedAdapter & { readonly dir: string 
   const clash = named.find((a, i) => named.findIndex((b) => b.name === a.name) !== i);
   if (clash) throw new RunError(`two --adapter options name tenant ${clash.name}: give their directories different names`, 2);
   return named;
-}
-
-function baseOfDirectory(dir: string): BaseModel {
-  try {
-    return readHfConfig(dir);
-  } catch (e) {
-    throw new RunError((e as Error).message, 1);
-  }
-}
-
-/** The spec's bases and adapters; its errors are printed as code frames and refused. */
-function checkSpec(spec: string): CheckedProgram {
-  if (!existsSync(spec)) throw new RunError(`cannot read ${spec}: no such file`, 2);
-  const { program, diagnostics, sources } = checkFiles([spec]);
-  const errors = diagnostics.filter((d) => d.severity === "error");
-  if (errors.length > 0) {
-    for (const d of errors) process.stderr.write(renderDiagnostic(d, sources.get(d.span.file) ?? "") + "\n");
-    throw new RunError(`${spec} has ${errors.length} error${errors.length === 1 ? "" : "s"}`, 1);
-  }
-  return program;
-}
-
-/** The spec's single base, refused when DIR/config.json disagrees with it on any hyper-parameter. */
-function baseOfSpec(spec: string, program: CheckedProgram, dir: string): BaseModel {
-  const [base, ...more] = program.bases;
-  if (!base || more.length > 0) throw new RunError(`${spec} defines ${program.bases.length} bases; milora run needs exactly one`, 1);
-  if (existsSync(join(dir, CONFIG_FILE))) {
-    const config = baseOfDirectory(dir);
-    const differences = BASE_KEY_NAMES.filter((k) => base[BASE_KEYS[k].field] !== config[BASE_KEYS[k].field]).map(
-      (k) => `${k} ${String(base[BASE_KEYS[k].field])} in the spec, ${String(config[BASE_KEYS[k].field])} in ${join(dir, CONFIG_FILE)}`,
-    );
-    if (differences.length > 0) throw new RunError(`base ${base.name} of ${spec} does not match ${dir}: ${differences.join("; ")}`, 1);
-  }
-  return base;
 }
 
 function integer(flag: string, text: string): number {

@@ -1,12 +1,15 @@
-// `milora serve --base DIR [--adapter NAME=DIR]...`: an OpenAI-compatible server over the base model
-// of DIR/config.json and its adapters, until SIGTERM or SIGINT, which drain the requests in flight.
+// `milora serve [SPEC_OR_PACKAGE] --base DIR [--adapter NAME=DIR]...`: an OpenAI-compatible server
+// over a base model and its adapters, until SIGTERM or SIGINT, which drain the requests in flight. The
+// base comes from the spec or package when one is given (see model-source.ts), and every adapter, at
+// start or added later, is checked against the spec's adapter NAME (or its only one); without one,
+// from DIR/config.json, with plain PEFT adapters.
 import { existsSync, statSync } from "node:fs";
-import { readHfConfig } from "../../compiler/hf-config.ts";
 import { PlanError } from "../../compiler/plan.ts";
 import { NoAdapterError, adapterSummary } from "../../runtime/device.ts";
 import { EngineError } from "../../runtime/engine.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
-import { startServing } from "../../runtime/server/start.ts";
+import { startServing, type ServingSetup } from "../../runtime/server/start.ts";
+import { SourceError, modelSource, servingOptions, type ModelSource } from "./model-source.ts";
 
 export interface ServeOptions {
   readonly base: string;
@@ -23,14 +26,14 @@ export interface ServeOptions {
 
 class UsageError extends Error {}
 
-export async function serveCommand(opts: ServeOptions): Promise<number> {
+export async function serveCommand(source: string | undefined, opts: ServeOptions): Promise<number> {
   let setup;
   try {
-    setup = settings(opts);
+    setup = settings(source, opts);
   } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
+    if (!(e instanceof UsageError || e instanceof SourceError)) throw e;
     process.stderr.write(`milora serve: ${e.message}\n`);
-    return 2;
+    return e instanceof SourceError ? e.code : 2;
   }
   let serving;
   try {
@@ -59,15 +62,10 @@ export async function serveCommand(opts: ServeOptions): Promise<number> {
   return 0;
 }
 
-function settings(opts: ServeOptions) {
+function settings(sourcePath: string | undefined, opts: ServeOptions) {
   const dir = opts.base;
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new UsageError(`no model directory ${dir}`);
-  let base;
-  try {
-    base = readHfConfig(dir);
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
+  const source = modelSource(sourcePath, dir);
   const adapters = opts.adapter.map((a) => {
     const at = a.indexOf("=");
     if (at < 1 || at === a.length - 1) throw new UsageError(`--adapter wants NAME=DIR, got "${a}"`);
@@ -75,7 +73,7 @@ function settings(opts: ServeOptions) {
   });
   const apiKey = opts.apiKey ?? process.env.MILORA_API_KEY;
   return {
-    base,
+    base: source.base,
     checkpointDir: dir,
     adapters,
     host: opts.host,
@@ -83,10 +81,19 @@ function settings(opts: ServeOptions) {
     slots: count("--max-sequences", opts.maxSequences, 1),
     maxQueue: count("--max-queue", opts.maxQueue, 0),
     maxResidentAdapters: count("--max-adapters", opts.maxAdapters, 1),
-    ...(opts.ctx === undefined ? {} : { ctx: count("--ctx", opts.ctx, 2) }),
+    ...sourceSettings(source, opts.ctx === undefined ? undefined : count("--ctx", opts.ctx, 2)),
     ...(apiKey ? { apiKey } : {}),
     ...(opts.backend === undefined ? {} : { backend: opts.backend }),
   };
+}
+
+/** The spec's or package's settings, and the context: a package's is fixed when it was compiled. */
+function sourceSettings(source: ModelSource, ctx: number | undefined): Partial<ServingSetup> {
+  const compiledCtx = source.package?.manifest.plan.dims.ctx;
+  if (compiledCtx !== undefined && ctx !== undefined && ctx !== compiledCtx) {
+    throw new UsageError(`${source.path} was compiled for ${compiledCtx} positions: leave out --ctx, or recompile it with --ctx ${ctx}`);
+  }
+  return { ...servingOptions(source), ...(ctx === undefined || compiledCtx !== undefined ? {} : { ctx }) };
 }
 
 function count(flag: string, text: string, min: number): number {

@@ -14,10 +14,11 @@
 // params: rows, gateStride, gateIndex (so every module of one shape shares a pipeline).
 //
 // A row is active when it has a slot and a non-zero gate; inactive rows are neither read nor written
-// (y stays bit-identical, t keeps whatever it held) and a tile with no active row reads no weights:
-// modules that routing switched off cost a few index reads. Each workgroup owns TILE consecutive
-// rows and makes one pass per distinct slot among them, so a prefill run of one slot reads the
-// slot's weights once per tile and a decode batch of mixed tenants reads each slot's once.
+// (y stays bit-identical, t keeps whatever it held) and their workgroups stop before any weight read:
+// modules that routing switched off cost a few index reads. Each workgroup serves one row (shrink)
+// or one row's block of 256 columns (expand), so the rows of a decode batch, each of its own tenant,
+// run side by side on separate workgroups instead of one after another in a shared row tile (which
+// on llvmpipe, one workgroup per core, made a mixed-tenant batch cost 2-3x a one-tenant one).
 import type { KernelSource } from "./kernel.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource, vec4Rows } from "./wgsl.ts";
 
@@ -47,8 +48,9 @@ export function packLoraSlots(slots: readonly LoraSlotInfo[]): Uint8Array {
   return bytes;
 }
 
-const TILE = 8; // rows per workgroup
 const WORKGROUP = 64;
+// Expand: columns per invocation, 64 apart; fewer, fuller workgroups cost less to launch on llvmpipe.
+const COLUMNS_PER_INVOCATION = 4;
 const LANES = 8; // shrink: invocations splitting K for one rank index
 const RANKS_PER_STEP = WORKGROUP / LANES;
 
@@ -62,7 +64,6 @@ const PARAMS = [
 const ROW_SELECTION = /* wgsl */ `
 struct LoraSlot { rank: u32, scaling: f32 }
 const NO_ADAPTER = 0xffffffffu;
-const TILE = ${TILE}u;
 
 fn active_slot(row: u32) -> u32 {
   if (row >= params.rows) { return NO_ADAPTER; }
@@ -80,11 +81,9 @@ const SELECTION_BUFFERS = [
 function checkConstants({ inFeatures, outFeatures, maxRank }: LoraConstants): void {
   for (const [name, v] of Object.entries({ inFeatures, outFeatures, maxRank }))
     if (!Number.isInteger(v) || v < 1) throw new Error(`LoRA kernel: ${name} must be a positive integer, got ${v}`);
-  // Expand keeps a tile's t rows in workgroup memory.
-  if (maxRank > 256) throw new Error(`LoRA kernel: maxRank ${maxRank} exceeds 256`);
 }
 
-/** t[r, 0..rank) = x[r] A_slot^T for every active row. */
+/** t[r, 0..rank) = x[r] A_slot^T for every active row: one workgroup per row. */
 export function loraShrinkKernel(c: LoraConstants): KernelSource {
   checkConstants(c);
   const { inFeatures, maxRank } = c;
@@ -100,61 +99,33 @@ ${ROW_SELECTION}
 ${x.wgsl}
 ${a.wgsl}
 
-var<workgroup> tileSlot: array<u32, TILE>;
-var<workgroup> passSlot: array<u32, TILE>;
-var<workgroup> passCount: u32;
-var<workgroup> partial: array<f32, ${TILE * WORKGROUP}>;
+var<workgroup> partial: array<f32, ${WORKGROUP}>;
 
 @compute @workgroup_size(${WORKGROUP})
 fn main(${GROUP_BUILTINS}) {
-  let r0 = ${LINEAR_GROUP} * TILE;
-  if (lid < TILE) { tileSlot[lid] = active_slot(r0 + lid); }
-  workgroupBarrier();
-  // The tile's distinct slots in order of first use: one pass, one read of A, per slot.
-  if (lid == 0u) {
-    var n = 0u;
-    for (var i = 0u; i < TILE; i++) {
-      let s = tileSlot[i];
-      var seen = s == NO_ADAPTER;
-      for (var q = 0u; q < n; q++) { seen = seen || passSlot[q] == s; }
-      if (!seen) { passSlot[n] = s; n++; }
-    }
-    passCount = n;
-  }
-  let passes = workgroupUniformLoad(&passCount);
+  let row = ${LINEAR_GROUP};
+  let s = active_slot(row);
+  if (s == NO_ADAPTER) { return; }
+  let rank = min(slots[s].rank, ${maxRank}u);
   let lane = lid % ${LANES}u;
   let step = lid / ${LANES}u;
-  for (var p = 0u; p < passes; p++) {
-    let s = workgroupUniformLoad(&passSlot[p]);
-    var mask = 0u;
-    for (var i = 0u; i < TILE; i++) { if (tileSlot[i] == s) { mask |= 1u << i; } }
-    let rank = min(slots[s].rank, ${maxRank}u);
-    for (var j0 = 0u; j0 < rank; j0 += ${RANKS_PER_STEP}u) {
-      let j = j0 + step;
-      var acc: array<f32, TILE>;
-      if (j < rank) {
-        for (var q = lane; q < ${x.quads}u; q += ${LANES}u) {
-          let av = load_a(s * ${maxRank}u + j, q);
-          for (var i = 0u; i < TILE; i++) {
-            if ((mask & (1u << i)) != 0u) { acc[i] += dot(load_x(r0 + i, q), av); }
-          }
-        }
-      }
-      for (var i = 0u; i < TILE; i++) { partial[(i * ${RANKS_PER_STEP}u + step) * ${LANES}u + lane] = acc[i]; }
-      workgroupBarrier();
-      // Invocation lid sums the lanes of (row lid / 8, rank index j0 + lid % 8).
-      let i = lid / ${RANKS_PER_STEP}u;
-      let jOut = j0 + lid % ${RANKS_PER_STEP}u;
-      if ((mask & (1u << i)) != 0u && jOut < rank) {
-        var sum = 0.0;
-        for (var l = 0u; l < ${LANES}u; l++) { sum += partial[lid * ${LANES}u + l]; }
-        t[(r0 + i) * ${maxRank}u + jOut] = sum;
-      }
-      workgroupBarrier();
+  for (var j0 = 0u; j0 < rank; j0 += ${RANKS_PER_STEP}u) {
+    let j = j0 + step;
+    var acc = 0.0;
+    if (j < rank) {
+      for (var q = lane; q < ${x.quads}u; q += ${LANES}u) { acc += dot(load_x(row, q), load_a(s * ${maxRank}u + j, q)); }
     }
+    partial[lid] = acc;
+    workgroupBarrier();
+    if (lane == 0u && j < rank) {
+      var sum = 0.0;
+      for (var l = 0u; l < ${LANES}u; l++) { sum += partial[lid + l]; }
+      t[row * ${maxRank}u + j] = sum;
+    }
+    workgroupBarrier();
   }
 }`,
-    dispatch: (p) => grid(Math.ceil((p.rows ?? 0) / TILE)),
+    dispatch: (p) => grid(p.rows ?? 0),
   });
 }
 
@@ -164,7 +135,7 @@ export function loraExpandKernel(c: LoraConstants): KernelSource {
   const { outFeatures, maxRank } = c;
   const t = vec4Rows("t", maxRank);
   const b = vec4Rows("b", maxRank);
-  const columnBlocks = Math.ceil(outFeatures / WORKGROUP);
+  const columnBlocks = Math.ceil(outFeatures / (WORKGROUP * COLUMNS_PER_INVOCATION));
   return kernelSource({
     name: "lora_expand",
     constants: { outFeatures, maxRank },
@@ -175,57 +146,27 @@ ${ROW_SELECTION}
 ${t.wgsl}
 ${b.wgsl}
 
-const QUADS = ${t.quads}u;
-var<workgroup> tileSlot: array<u32, TILE>;
-var<workgroup> tileCoef: array<f32, TILE>;
-var<workgroup> tileT: array<vec4<f32>, ${TILE * t.quads}>;
-
 @compute @workgroup_size(${WORKGROUP})
 fn main(${GROUP_BUILTINS}) {
   let g = ${LINEAR_GROUP};
-  let r0 = (g / ${columnBlocks}u) * TILE;
-  let col = (g % ${columnBlocks}u) * ${WORKGROUP}u + lid;
-  if (lid < TILE) {
-    let s = active_slot(r0 + lid);
-    tileSlot[lid] = s;
-    if (s != NO_ADAPTER) { tileCoef[lid] = gates[(r0 + lid) * params.gateStride + params.gateIndex] * slots[s].scaling; }
-  }
-  workgroupBarrier();
-  // t past a slot's rank was never written: mask it to zero rather than trust its contents.
-  for (var e = lid; e < TILE * QUADS; e += ${WORKGROUP}u) {
-    let i = e / QUADS;
-    let q = e % QUADS;
-    let s = tileSlot[i];
-    var v = vec4<f32>(0.0);
-    if (s != NO_ADAPTER) {
-      let rank = slots[s].rank;
-      if (q * 4u < rank) {
-        let inRank = vec4<u32>(q * 4u) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(rank);
-        v = select(vec4<f32>(0.0), load_t(r0 + i, q), inRank);
-      }
-    }
-    tileT[e] = v;
-  }
-  workgroupBarrier();
-  if (col >= ${outFeatures}u) { return; }
-  // B's row for this column, reloaded only when the slot changes along the tile.
-  var bRow: array<vec4<f32>, ${t.quads}>;
-  var current = NO_ADAPTER;
-  var quads = 0u;
-  for (var i = 0u; i < TILE; i++) {
-    let s = tileSlot[i];
-    if (s == NO_ADAPTER) { continue; }
-    if (s != current) {
-      current = s;
-      quads = (min(slots[s].rank, ${maxRank}u) + 3u) / 4u;
-      for (var q = 0u; q < quads; q++) { bRow[q] = load_b(s * ${outFeatures}u + col, q); }
-    }
+  let row = g / ${columnBlocks}u;
+  let s = active_slot(row);
+  if (s == NO_ADAPTER) { return; }
+  let rank = min(slots[s].rank, ${maxRank}u);
+  let coef = gates[row * params.gateStride + params.gateIndex] * slots[s].scaling;
+  let block = (g % ${columnBlocks}u) * ${WORKGROUP * COLUMNS_PER_INVOCATION}u;
+  for (var k = 0u; k < ${COLUMNS_PER_INVOCATION}u; k++) {
+    let col = block + k * ${WORKGROUP}u + lid;
+    if (col >= ${outFeatures}u) { return; }
     var acc = 0.0;
-    for (var q = 0u; q < quads; q++) { acc += dot(tileT[i * QUADS + q], bRow[q]); }
-    let at = (r0 + i) * ${outFeatures}u + col;
-    y[at] += tileCoef[i] * acc;
+    for (var q = 0u; q * 4u < rank; q++) {
+      // t past a slot's rank was never written: mask it to zero rather than trust its contents.
+      let inRank = vec4<u32>(q * 4u) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(rank);
+      acc += dot(select(vec4<f32>(0.0), load_t(row, q), inRank), load_b(s * ${outFeatures}u + col, q));
+    }
+    y[row * ${outFeatures}u + col] += coef * acc;
   }
 }`,
-    dispatch: (p) => grid(Math.ceil((p.rows ?? 0) / TILE) * columnBlocks),
+    dispatch: (p) => grid((p.rows ?? 0) * columnBlocks),
   });
 }

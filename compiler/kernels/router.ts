@@ -1,13 +1,13 @@
-// MiLoRA's per-layer router: pool the layer's input over each prompt, gate, select, and hand the
-// gates to every row. One adapter's router per dispatch (each tenant has its own weights).
+// MiLoRA's per-layer router: pool the layer's input over each prompt, gate, select, and write the
+// gates into the step's gate table, the layout the LoRA kernels read. One adapter's router per
+// dispatch (each tenant has its own weights).
 //
 // Prompt routing (`when prompt`), at prefill:
 //   [routerScoreKernel]  (attention pooling only) scores[t] = v . tanh(P act(h[t]))  for t < rows
 //   routerPoolKernel     p[i] = pool over rows [start_i, end_i) of act(h)
-//   routerGateKernel     on p (activation none); writes the sequence's row of the stored gate table
-// then at every step: routerBroadcastKernel copies each sequence's stored gates to its rows.
-// Per-token routing (`when token`): routerGateKernel alone, on h with the activation, writing the
-// gates of each row directly (its items are (row, row)).
+//   routerGateKernel     on p (activation none); writes the one decision to every row of the prompt
+// Per-token routing (`when token`): routerGateKernel alone, on h with the activation, one item per
+// row writing that row's gates.
 //
 // Buffers (f32 unless noted; H = hidden, E = experts, S = pooler size):
 //   h       [rows, H]    the layer's input hidden states
@@ -15,17 +15,13 @@
 //   pooler  [S, H]       P of the attentive pooler; poolerV [S]: v
 //   scores  [rows]       attention scores (only rows inside some range are read)
 //   pooled  [n, H]       pooled router inputs
-//   items   u32 [n, 2]   (input row of x, output row of gates) for the gate kernel
+//   items   u32 [n, 3]   (input row of x, first and end table rows) for the gate kernel
 //   weight  [E, H]       W_gate (logits z = x W_gate^T)
-//   gates   [*, E]       selected gates; zero for experts not chosen
-//   rowSequence u32 [rows], sequenceGates [*, E], rowGates [rows, E] for the broadcast
+//   table   [rows, stride] gate table: one row per token of the step, one column per (layer, module)
 import type { Activation, Pooling, Selection } from "../model.ts";
 import { activationWgsl } from "./activation.ts";
 import type { KernelSource } from "./kernel.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource, vec4Rows } from "./wgsl.ts";
-
-/** `rowSequence` value of a row whose gates the broadcast leaves alone (per-token rows, no adapter). */
-export const NO_SEQUENCE = 0xffffffff;
 
 const WORKGROUP = 64;
 /** The lowest finite f32, as a WGSL literal. */
@@ -185,7 +181,10 @@ ${way.loop ? `  for (var t = start; t < end; t++) { ${way.loop} }` : ""}
 
 export interface RouterGateConstants {
   readonly hidden: number;
-  readonly experts: number;
+  /** Table column (module index within the layer) of each of the router's experts, in gate order. */
+  readonly columns: readonly number[];
+  /** Columns per layer in the gate table. */
+  readonly width: number;
   readonly selection: Selection;
   /** `none` on pooled inputs (the pool applied it); the router's activation for per-token routing. */
   readonly activation: Activation;
@@ -217,36 +216,51 @@ function chooseWgsl(selection: Selection, experts: number): string {
   }
 }
 
-/** gates[out_i] = selection(softmax) of x[in_i] W_gate^T, for each item (in_i, out_i). */
-export function routerGateKernel({ hidden, experts, selection, activation }: RouterGateConstants): KernelSource {
-  if (!Number.isInteger(experts) || experts < 1 || experts > MAX_EXPERTS)
-    throw new Error(`router gate: ${experts} experts, expected 1 to ${MAX_EXPERTS}`);
+/**
+ * For each item (in, first, end): the gates g = selection(softmax) of act(x[in]) W_gate^T, written to
+ * table rows [first, end) at columns base + columns[e]; the layer's other columns are set to 0 there.
+ * params: count (items), stride (table columns), base (the layer's first column).
+ */
+export function routerGateKernel({ hidden, columns, width, selection, activation }: RouterGateConstants): KernelSource {
+  const experts = columns.length;
+  if (experts < 1 || experts > MAX_EXPERTS) throw new Error(`router gate: ${experts} experts, expected 1 to ${MAX_EXPERTS}`);
+  if (columns.some((c) => !Number.isInteger(c) || c < 0 || c >= width) || new Set(columns).size !== experts)
+    throw new Error(`router gate: expert columns [${columns.join(", ")}] must be distinct columns below ${width}`);
+  // For each column of the layer, the expert that fills it (E for none: gate 0).
+  const expertOf = Array.from({ length: width }, (_, c) => (columns.includes(c) ? columns.indexOf(c) : experts));
   const x = vec4Rows("x", hidden);
   const weight = vec4Rows("weight", hidden);
   const rule = selection.rule === "top_k" ? `top_k${selection.k}` : selection.rule === "threshold" ? `threshold${selection.threshold}` : "dense";
   return kernelSource({
     name: "router_gate",
-    constants: { hidden, experts, selection: rule, activation },
+    constants: { hidden, columns: columns.join("-"), width, selection: rule, activation },
     storage: [
       x.decl,
       { name: "items", access: "read", type: "array<u32>" },
       weight.decl,
-      { name: "gates", access: "read_write", type: "array<f32>" },
+      { name: "table", access: "read_write", type: "array<f32>" },
     ],
-    params: [{ name: "count", type: "u32" }],
+    params: [
+      { name: "count", type: "u32" },
+      { name: "stride", type: "u32" },
+      { name: "base", type: "u32" },
+    ],
     body: /* wgsl */ `
 ${x.wgsl}
 ${weight.wgsl}
 ${activationWgsl(activation)}
 
 const E = ${experts}u;
+const WIDTH = ${width}u;
+const EXPERT_OF = array<u32, WIDTH>(${expertOf.map((e) => `${e}u`).join(", ")});
 var<workgroup> partial: array<f32, ${experts * WORKGROUP}>;
+var<workgroup> columnGate: array<f32, WIDTH>;
 
 @compute @workgroup_size(${WORKGROUP})
 fn main(${GROUP_BUILTINS}) {
   let item = ${LINEAR_GROUP};
   if (item >= params.count) { return; }
-  let inRow = items[2u * item];
+  let inRow = items[3u * item];
   var acc: array<f32, E>;
   for (var q = lid; q < ${x.quads}u; q += ${WORKGROUP}u) {
     let v = activate(load_x(inRow, q));
@@ -260,45 +274,29 @@ fn main(${GROUP_BUILTINS}) {
     }
   }
   workgroupBarrier();
-  if (lid != 0u) { return; }
-  var z: array<f32, E>;
-  for (var e = 0u; e < E; e++) { z[e] = partial[e * ${WORKGROUP}u]; }
-  var chosen: array<bool, E>;
-  ${chooseWgsl(selection, experts)}
-  // Softmax over the chosen experts alone (the maximum of z is always among them).
-  var top = ${LOWEST};
-  for (var e = 0u; e < E; e++) { if (chosen[e]) { top = max(top, z[e]); } }
-  var total = 0.0;
-  for (var e = 0u; e < E; e++) { if (chosen[e]) { total += exp(z[e] - top); } }
-  let outRow = items[2u * item + 1u];
-  for (var e = 0u; e < E; e++) {
-    gates[outRow * E + e] = select(0.0, exp(z[e] - top) / total, chosen[e]);
+  if (lid == 0u) {
+    var z: array<f32, E>;
+    for (var e = 0u; e < E; e++) { z[e] = partial[e * ${WORKGROUP}u]; }
+    var chosen: array<bool, E>;
+    ${chooseWgsl(selection, experts)}
+    // Softmax over the chosen experts alone (the maximum of z is always among them).
+    var top = ${LOWEST};
+    for (var e = 0u; e < E; e++) { if (chosen[e]) { top = max(top, z[e]); } }
+    var total = 0.0;
+    for (var e = 0u; e < E; e++) { if (chosen[e]) { total += exp(z[e] - top); } }
+    for (var c = 0u; c < WIDTH; c++) {
+      let e = EXPERT_OF[c];
+      columnGate[c] = select(0.0, exp(z[min(e, E - 1u)] - top) / total, e < E && chosen[min(e, E - 1u)]);
+    }
+  }
+  workgroupBarrier();
+  // Every row of the item (a whole prompt, or one token) gets the same gates.
+  let first = items[3u * item + 1u];
+  let cells = (items[3u * item + 2u] - first) * WIDTH;
+  for (var i = lid; i < cells; i += ${WORKGROUP}u) {
+    table[(first + i / WIDTH) * params.stride + params.base + i % WIDTH] = columnGate[i % WIDTH];
   }
 }`,
     dispatch: (p) => grid(p.count ?? 0),
-  });
-}
-
-/** rowGates[r] = sequenceGates[rowSequence[r]], rows with NO_SEQUENCE left untouched. */
-export function routerBroadcastKernel({ experts }: { readonly experts: number }): KernelSource {
-  return kernelSource({
-    name: "router_broadcast",
-    constants: { experts },
-    storage: [
-      { name: "rowSequence", access: "read", type: "array<u32>" },
-      { name: "sequenceGates", access: "read", type: "array<f32>" },
-      { name: "rowGates", access: "read_write", type: "array<f32>" },
-    ],
-    params: [{ name: "rows", type: "u32" }],
-    body: /* wgsl */ `
-@compute @workgroup_size(${WORKGROUP})
-fn main(${GROUP_BUILTINS}) {
-  let i = ${LINEAR_GROUP} * ${WORKGROUP}u + lid;
-  if (i >= params.rows * ${experts}u) { return; }
-  let sequence = rowSequence[i / ${experts}u];
-  if (sequence == ${NO_SEQUENCE}u) { return; }
-  rowGates[i] = sequenceGates[sequence * ${experts}u + i % ${experts}u];
-}`,
-    dispatch: (p) => grid(Math.ceil(((p.rows ?? 0) * experts) / WORKGROUP)),
   });
 }

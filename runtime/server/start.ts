@@ -1,7 +1,10 @@
 // Everything `milora serve` assembles, in one call the CLI, the tests and the benchmark share: the
 // engine over a model directory, the scheduler over its KV cache slots, the adapter pool, the
 // tokenizer and chat template, and the HTTP server in front.
-import type { BaseModel } from "../../compiler/model.ts";
+import type { KernelSource } from "../../compiler/kernels/kernel.ts";
+import type { Adapter, BaseModel } from "../../compiler/model.ts";
+import type { Plan } from "../../compiler/plan.ts";
+import { adapterSpecFromPeft } from "../adapter.ts";
 import { AdapterPool, type AdapterHost } from "../adapter-pool.ts";
 import type { GpuContext } from "../device.ts";
 import { Engine } from "../engine.ts";
@@ -18,6 +21,15 @@ export interface ServingSetup extends ServerOptions {
   readonly slots: number;
   /** Positions per sequence (default: the base's, capped at 2048). */
   readonly ctx?: number;
+  /**
+   * Largest LoRA rank served: the engine reserves adapter buffers for it (default: the largest rank of
+   * the adapters given at start, 16 when none is). Adapters registered later must fit in it.
+   */
+  readonly maxLoraRank?: number;
+  /** A compiled package's plan and kernel files, to run instead of the engine's own (they fix ctx and maxLoraRank). */
+  readonly compiled?: { readonly plan: Plan; readonly kernels: ReadonlyMap<string, KernelSource> };
+  /** The spec an adapter registered under a name must match (default: none, its own config says). Throws CheckpointError. */
+  readonly adapterSpec?: (name: string) => Adapter | undefined;
   /** Requests that may wait beyond the slots before the server answers 429. */
   readonly maxQueue: number;
   /** Adapters resident at once (vLLM's --max-loras). */
@@ -43,13 +55,13 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
     checkpointDir: setup.checkpointDir,
     maxSequences: setup.slots,
     maxAdapters: setup.maxResidentAdapters,
-    ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }),
+    ...(setup.compiled ?? { maxLoraRank: setup.maxLoraRank ?? largestRank(setup), ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }) }),
     ...(setup.gpu ? { gpu: setup.gpu } : {}),
     ...(setup.backend === undefined ? {} : { backend: setup.backend }),
   });
   try {
     const host: AdapterHost = { add: (a) => void engine.loadAdapter(a.name, a), remove: (name) => engine.unloadAdapter(name) };
-    const adapters = new AdapterPool({ base: setup.base, host, maxResident: setup.maxResidentAdapters });
+    const adapters = new AdapterPool({ base: setup.base, host, maxResident: setup.maxResidentAdapters, ...(setup.adapterSpec ? { specOf: setup.adapterSpec } : {}) });
     for (const [name, dir] of setup.adapters ?? []) await adapters.register(name, dir);
     const ctx = engine.plan.dims.ctx;
     const scheduler = new Scheduler({ engine, slots: setup.slots, ctx, maxQueue: setup.maxQueue, adapters });
@@ -69,4 +81,14 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
     engine.destroy();
     throw e;
   }
+}
+
+/** Adapters registered later may bring higher ranks; with none at start, room for the engine's usual 16. */
+const DEFAULT_MAX_LORA_RANK = 16;
+
+/** The largest rank among the adapters given at start (read from their specs or configs). */
+function largestRank(setup: ServingSetup): number {
+  const specs = (setup.adapters ?? []).map(([name, dir]) => setup.adapterSpec?.(name) ?? adapterSpecFromPeft(dir, setup.base, name));
+  const ranks = specs.flatMap((a) => a.experts.map((e) => e.rank));
+  return ranks.length > 0 ? Math.max(...ranks) : DEFAULT_MAX_LORA_RANK;
 }

@@ -5,9 +5,10 @@ import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { readHfConfig } from "../../compiler/hf-config.ts";
+import { kernelSources, planBase } from "../../compiler/plan.ts";
 import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../../examples/random-checkpoint.ts";
 import { acquireDevice, type GpuContext } from "../../runtime/device.ts";
-import { Engine } from "../../runtime/engine.ts";
+import { Engine, EngineError } from "../../runtime/engine.ts";
 import type { Generation } from "../../runtime/generate.ts";
 import { CheckpointError, SafetensorsFile, writeSafetensors } from "../../runtime/safetensors.ts";
 import { sampleRowCpu } from "../../compiler/kernels/sampling-cpu.ts";
@@ -181,5 +182,34 @@ test("a checkpoint that does not fit the base is refused with every problem name
   assert.match(message, 'missing tensor "model.layers.1.mlp.up_proj.weight"');
   assert.match(message, 'tensor "model.layers.0.self_attn.k_proj.weight" has shape [16, 128], expected [32, 64]');
 });
+
+test("a given plan runs the caller's kernels; a kernel it lacks, or a context beside the plan, is refused", async () => {
+  const dir = checkpoint("given-plan");
+  const base = readHfConfig(dir);
+  const plan = planBase(base, { ctx: 32, maxLoraRank: 4 });
+  const kernels = new Map(kernelSources(plan));
+  const engine = await Engine.load({ base, checkpointDir: dir, gpu, plan, kernels });
+  try {
+    assert.is(engine.plan, plan);
+    const reference = loadReferenceWeights(dir);
+    assert.equal((await engine.generate({ prompt: PROMPT, maxTokens: 4 })).tokens, referenceGreedy(reference.base, reference.weights, PROMPT, 4));
+  } finally {
+    engine.destroy();
+  }
+  const sampler = plan.kernels.find((k) => k.family === "sampling")!.key;
+  kernels.delete(sampler);
+  await refused(() => Engine.load({ base, checkpointDir: dir, gpu, plan, kernels }), `no WGSL was given for kernel ${sampler} of the plan`);
+  await refused(() => Engine.load({ base, checkpointDir: dir, gpu, plan, ctx: 64 }), "a given plan fixes the context");
+});
+
+async function refused(load: () => Promise<Engine>, message: string) {
+  try {
+    (await load()).destroy();
+    assert.unreachable("loaded");
+  } catch (e) {
+    assert.instance(e, EngineError);
+    assert.match((e as Error).message, message);
+  }
+}
 
 test.run();

@@ -1,8 +1,8 @@
-// Loading compiled packages: kernels come from the package's files, incompatible or damaged packages
+// Loading compiled packages: the engine runs the WGSL of the package's files, incompatible or damaged packages
 // are refused with a message naming the file, and a package run by plain `node` gives the same tokens
 // as `milora run` on the same checkpoint, prompt and seed.
 import { spawnSync } from "node:child_process";
-import { appendFileSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
@@ -14,7 +14,7 @@ import { writeRandomAdapter } from "../../examples/random-adapter.ts";
 import { PRESETS, writeRandomCheckpoint } from "../../examples/random-checkpoint.ts";
 import { acquireDevice, type GpuContext } from "../../runtime/device.ts";
 import { Engine } from "../../runtime/engine.ts";
-import { loadCompiledModel, PackageError, readCompiledPackage, UnsupportedError } from "../../runtime/package-loader.ts";
+import { loadCompiledModel, PackageError, readCompiledPackage } from "../../runtime/package-loader.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
 import { buildRuntime, packageProject, repo } from "../compiler/emit/package-project.ts";
 
@@ -49,18 +49,31 @@ test.after(() => {
   project.remove();
 });
 
-test("a package's kernels are read from its kernels/ files, header removed", async () => {
+test("a package's kernels are read from its kernels/ files, header removed", () => {
   const dir = compileTiny("tiny");
   const pkg = readCompiledPackage(dir);
   const generated = kernelSources(pkg.manifest.plan);
   assert.equal([...pkg.kernels.keys()], [...generated.keys()]);
   for (const [key, k] of pkg.kernels) assert.is(k.wgsl, generated.get(key)!.wgsl, key);
+});
 
-  const { file, key } = pkg.manifest.kernels[0]!;
-  appendFileSync(join(dir, file), "// tuned by hand\n");
-  assert.match(readCompiledPackage(dir).kernels.get(key)!.wgsl, "// tuned by hand");
-  // the engine still generates its own kernels, so an edited one is refused rather than ignored
-  await rejects(() => loadCompiledModel(dir, { base: checkpoint, adapters: {}, device: gpu }), UnsupportedError, `${file} was edited after compiling`);
+test("the engine runs the package's kernel files: a hand-edited sampler is the one that samples", async () => {
+  const dir = compileTiny("tiny", "tuned");
+  const { file } = readCompiledPackage(dir).manifest.kernels.find((k) => k.key.startsWith("sampling("))!;
+  const path = join(dir, file);
+  const original = readFileSync(path, "utf8");
+  const greedyWrite = "if (lid == 0u) { tokens[row] = argmax; }";
+  assert.ok(original.includes(greedyWrite), `${file} has no greedy write to edit`);
+  // An edit the output shows: greedy decoding now always picks token 7.
+  writeFileSync(path, original.replace(greedyWrite, "if (lid == 0u) { tokens[row] = 7u; }"));
+  const model = await loadCompiledModel(dir, { base: checkpoint, adapters: {}, device: gpu });
+  try {
+    const tokens: number[] = [];
+    for await (const token of model.generate([5, 17, 3], { maxTokens: 4, temperature: 0, stop: [] })) tokens.push(token.id);
+    assert.equal(tokens, [7, 7, 7, 7]);
+  } finally {
+    model.destroy();
+  }
 });
 
 test("a manifest from an incompatible compiler is refused with what to do", async () => {
@@ -81,11 +94,14 @@ test("a folder that is not a package, or has lost a kernel, is named in the erro
   const { file } = readCompiledPackage(dir).manifest.kernels[2]!;
   rmSync(join(dir, file));
   assert.throws(() => readCompiledPackage(dir), (e: Error) => e instanceof PackageError && e.message.includes(`is incomplete: ${file}`));
+  // a kernel path that is there but cannot be read as a file
+  mkdirSync(join(dir, file));
+  assert.throws(() => readCompiledPackage(dir), (e: Error) => e instanceof PackageError && e.message.includes(`${file} (kernel `) && e.message.includes("cannot be read"));
   writeFileSync(join(dir, "manifest.json"), "{ not json");
   assert.throws(() => readCompiledPackage(dir), (e: Error) => e instanceof PackageError && e.message.includes("manifest.json: not valid JSON"));
 });
 
-test("plain node runs the compiled package and gives milora run's tokens", () => {
+test("plain node runs the compiled package, and milora run of it, give milora run's tokens for the spec", () => {
   compileTiny("tiny");
   const args = ["--base", checkpoint, "--tokens", "5,17,3,88,42", "--max-tokens", "12", "--temperature", "0.8", "--top-k", "40", "--seed", "9", "--json"];
   const node = (cliArgs: string[]) => {
@@ -96,8 +112,11 @@ test("plain node runs the compiled package and gives milora run's tokens", () =>
   // no tsx here: the package's cli.js imports the built runtime through node_modules/milora
   const packaged = node([join(project.root, "tiny/cli.js"), ...args]);
   const direct = node([join(repo, "bin/milora.js"), "run", join(repo, "examples/llama-tiny.milora"), ...args]);
+  // milora run of the package itself runs its plan and kernel files
+  const ranPackage = node([join(repo, "bin/milora.js"), "run", join(project.root, "tiny"), ...args]);
   assert.is(packaged.tokens.length, 12);
   assert.equal(packaged.tokens, direct.tokens);
+  assert.equal(ranPackage.tokens, direct.tokens);
   assert.is(packaged.text, direct.text);
 });
 

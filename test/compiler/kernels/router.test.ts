@@ -1,13 +1,7 @@
-// The MiLoRA router kernels (score, pool, gate, broadcast) against a float64 reference.
+// The MiLoRA router kernels (score, pool, gate into the gate table) against a float64 reference.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import {
-  NO_SEQUENCE,
-  routerBroadcastKernel,
-  routerGateKernel,
-  routerPoolKernel,
-  routerScoreKernel,
-} from "../../../compiler/kernels/router.ts";
+import { routerGateKernel, routerPoolKernel, routerScoreKernel } from "../../../compiler/kernels/router.ts";
 import type { Activation, Pooling, Selection } from "../../../compiler/model.ts";
 import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, seeded, type Gpu } from "./gpu-check.ts";
@@ -16,6 +10,8 @@ const gpu = await openGpu();
 const random = seeded(23);
 const EXPERTS = 7;
 const POOLER = 5;
+/** Every module of a layer routed, table columns in expert order. */
+const ALL_COLUMNS = { columns: [0, 1, 2, 3, 4, 5, 6], width: EXPERTS };
 
 // erf by its Taylor series, exact to float64 rounding for the |x| < 3 these tests produce.
 function erf(x: number): number {
@@ -144,7 +140,7 @@ const SELECTIONS: readonly Selection[] = [{ rule: "top_k", k: 2 }, { rule: "thre
 const POOLINGS: readonly Pooling[] = ["last", "mean", "max", "attention"];
 const ACTIVATIONS: readonly Activation[] = ["none", "relu", "gelu"];
 
-test("prompt routing: every pooling and activation, score -> pool -> gate -> broadcast in one step", async () => {
+test("prompt routing: every pooling and activation, score -> pool -> gate into every prompt row of the table", async () => {
   let n = 0;
   for (const pooling of POOLINGS) {
     for (const activation of ACTIVATIONS) {
@@ -165,15 +161,10 @@ test("prompt routing: every pooling and activation, score -> pool -> gate -> bro
       }
       n++;
 
+      // Rows 0, 1, 8, 9, 19 belong to other sequences: their gates must stay as they were.
       const rows = 20;
       const count = batch.ranges.length;
-      // Sequences live in slots 4, 0 and 2 of a 5-slot gate table; rows 0, 1, 8, 9, 19 route elsewhere.
-      const tableSlots = [4, 0, 2];
-      const rowSequence = Uint32Array.from({ length: rows }, (_, r) => {
-        const i = batch.ranges.findIndex(([s, e]) => r >= s && r < e);
-        return i < 0 ? NO_SEQUENCE : tableSlots[i]!;
-      });
-      const rowGatesBefore = randomFloats(random, rows * EXPERTS);
+      const tableBefore = randomFloats(random, rows * EXPERTS);
       const attention = pooling === "attention";
       const got = await runStep(
         gpu,
@@ -184,11 +175,9 @@ test("prompt routing: every pooling and activation, score -> pool -> gate -> bro
           scores: nanFilled(rows),
           ranges: Uint32Array.from(batch.ranges.flat()),
           pooled: nanFilled(count * hidden),
-          items: Uint32Array.from(tableSlots.flatMap((slot, i) => [i, slot])),
+          items: Uint32Array.from(batch.ranges.flatMap(([start, end], i) => [i, start, end])),
           weight,
-          table: nanFilled(5 * EXPERTS),
-          rowSequence,
-          rowGates: rowGatesBefore.slice(),
+          table: tableBefore.slice(),
         },
         (b) => {
           if (attention)
@@ -198,25 +187,25 @@ test("prompt routing: every pooling and activation, score -> pool -> gate -> bro
             { h: b.h!, ranges: b.ranges!, pooled: b.pooled!, ...(attention ? { scores: b.scores! } : {}) },
             { count },
           );
-          gpu.step.dispatch(routerGateKernel({ hidden, experts: EXPERTS, selection, activation: "none" }), { x: b.pooled!, items: b.items!, weight: b.weight!, gates: b.table! }, { count });
-          gpu.step.dispatch(routerBroadcastKernel({ experts: EXPERTS }), { rowSequence: b.rowSequence!, sequenceGates: b.table!, rowGates: b.rowGates! }, { rows });
+          const gate = routerGateKernel({ hidden, ...ALL_COLUMNS, selection, activation: "none" });
+          gpu.step.dispatch(gate, { x: b.pooled!, items: b.items!, weight: b.weight!, table: b.table! }, { count, stride: EXPERTS, base: 0 });
         },
-        ["pooled", "table", "rowGates"],
+        ["pooled", "table"],
       );
       const name = `${pooling}/${activation}/${selection.rule}`;
       const poolError = relativeError(got.pooled!, want.flat());
       assert.ok(poolError < 1e-5, `${name}: pooled error ${poolError}`);
-      want.forEach((p, i) => {
-        const gates = referenceGates(logits(p, weight), selection);
-        const gotGates = Array.from(got.table!.subarray(tableSlots[i]! * EXPERTS, (tableSlots[i]! + 1) * EXPERTS));
-        assert.equal(gotGates.map((x) => x > 0), gates.map((x) => x > 0), `${name}: sequence ${i} chose other experts`);
-        gates.forEach((x, e) => assert.ok(Math.abs(gotGates[e]! - x) < 1e-5, `${name}: sequence ${i} gate ${e}: ${gotGates[e]} vs ${x}`));
-      });
+      const gateRow = (source: Float32Array, r: number) => Array.from(source.subarray(r * EXPERTS, (r + 1) * EXPERTS));
       for (let r = 0; r < rows; r++) {
-        const slot = rowSequence[r]!;
-        const source = slot === NO_SEQUENCE ? rowGatesBefore : got.table!;
-        const from = slot === NO_SEQUENCE ? r : slot;
-        assert.equal(Array.from(got.rowGates!.subarray(r * EXPERTS, (r + 1) * EXPERTS)), Array.from(source.subarray(from * EXPERTS, (from + 1) * EXPERTS)), `${name}: row ${r}`);
+        const i = batch.ranges.findIndex(([start, end]) => r >= start && r < end);
+        if (i < 0) {
+          assert.equal(gateRow(got.table!, r), gateRow(tableBefore, r), `${name}: row ${r} is not routed here and must be untouched`);
+          continue;
+        }
+        const gates = referenceGates(logits(want[i]!, weight), selection);
+        const gotGates = gateRow(got.table!, r);
+        assert.equal(gotGates.map((x) => x > 0), gates.map((x) => x > 0), `${name}: row ${r} (sequence ${i}) chose other experts`);
+        gates.forEach((x, e) => assert.ok(Math.abs(gotGates[e]! - x) < 1e-5, `${name}: row ${r} gate ${e}: ${gotGates[e]} vs ${x}`));
       }
     }
   }
@@ -231,15 +220,20 @@ test("per-token routing: each row of the adapter routes on its own activated hid
   const z = (weight: Float32Array) => routed.map((r) => logits(row({ hidden, h, ranges: [] }, r, "gelu"), weight));
   let weight = randomFloats(random, EXPERTS * hidden);
   while (Math.min(...z(weight).map((zr) => margin(zr, selection))) <= 2e-3) weight = randomFloats(random, EXPERTS * hidden);
-  const { gates } = await runStep(
+  const { table } = await runStep(
     gpu,
-    { h, items: Uint32Array.from(routed.flatMap((r) => [r, r])), weight, gates: nanFilled(rows * EXPERTS) },
-    (b) => gpu.step.dispatch(routerGateKernel({ hidden, experts: EXPERTS, selection, activation: "gelu" }), { x: b.h!, items: b.items!, weight: b.weight!, gates: b.gates! }, { count: routed.length }),
-    ["gates"],
+    { h, items: Uint32Array.from(routed.flatMap((r) => [r, r, r + 1])), weight, table: nanFilled(rows * EXPERTS) },
+    (b) =>
+      gpu.step.dispatch(
+        routerGateKernel({ hidden, ...ALL_COLUMNS, selection, activation: "gelu" }),
+        { x: b.h!, items: b.items!, weight: b.weight!, table: b.table! },
+        { count: routed.length, stride: EXPERTS, base: 0 },
+      ),
+    ["table"],
   );
   const logitsByRow = z(weight);
   for (let r = 0; r < rows; r++) {
-    const got = Array.from(gates!.subarray(r * EXPERTS, (r + 1) * EXPERTS));
+    const got = Array.from(table!.subarray(r * EXPERTS, (r + 1) * EXPERTS));
     const i = routed.indexOf(r);
     if (i < 0) {
       assert.ok(got.every(Number.isNaN), `row ${r} is not routed here and must be untouched`);
@@ -252,22 +246,63 @@ test("per-token routing: each row of the adapter routes on its own activated hid
   }
 });
 
+test("a router over 3 of the 7 modules fills layer 1's columns of its rows: its experts' gates, 0 elsewhere", async () => {
+  const hidden = 8;
+  const columns = [6, 1, 4]; // experts 0, 1, 2 are down_proj, k_proj, gate_proj
+  const stride = 14; // two layers of 7 columns
+  const weight = randomFloats(random, columns.length * hidden);
+  const x = randomFloats(random, 2 * hidden, 2);
+  const table = randomFloats(random, 4 * stride, 5);
+  // Item 0 (x row 0) covers rows 0 and 1, item 1 (x row 1) row 3; row 2 is another sequence's.
+  const items = Uint32Array.from([0, 0, 2, 1, 3, 4]);
+  const got = await runStep(
+    gpu,
+    { x, items, weight, table },
+    (b) =>
+      gpu.step.dispatch(
+        routerGateKernel({ hidden, columns, width: 7, selection: { rule: "dense" }, activation: "none" }),
+        { x: b.x!, items: b.items!, weight: b.weight!, table: b.table! },
+        { count: 2, stride, base: 7 },
+      ),
+    ["table"],
+  );
+  const want = Float64Array.from(table);
+  [[0, 0], [0, 1], [1, 3]].forEach(([item, r]) => {
+    const z = Array.from({ length: columns.length }, (_, e) => {
+      let sum = 0;
+      for (let c = 0; c < hidden; c++) sum += x[item! * hidden + c]! * weight[e * hidden + c]!;
+      return sum;
+    });
+    const gates = softmax(z);
+    for (let c = 0; c < 7; c++) want[r! * stride + 7 + c] = columns.includes(c) ? gates[columns.indexOf(c)]! : 0;
+  });
+  got.table!.forEach((v, i) => assert.ok(Math.abs(v - want[i]!) < 1e-6, `table cell ${i}: ${v} vs ${want[i]}`));
+});
+
 test("top_k breaks exact ties toward the lower expert index", async () => {
   const hidden = 4;
   // Logits [1, 3, 3, 0, 3, 2, 3] for x = e0: the three 3s at 1, 2, 4 win over the one at 6.
   const weight = new Float32Array(EXPERTS * hidden);
   [1, 3, 3, 0, 3, 2, 3].forEach((z, e) => (weight[e * hidden] = z));
-  const { gates } = await runStep(
+  const { table } = await runStep(
     gpu,
-    { x: Float32Array.from([1, 0, 0, 0]), items: Uint32Array.from([0, 0]), weight, gates: nanFilled(EXPERTS) },
-    (b) => gpu.step.dispatch(routerGateKernel({ hidden, experts: EXPERTS, selection: { rule: "top_k", k: 3 }, activation: "none" }), { x: b.x!, items: b.items!, weight: b.weight!, gates: b.gates! }, { count: 1 }),
-    ["gates"],
+    { x: Float32Array.from([1, 0, 0, 0]), items: Uint32Array.from([0, 0, 1]), weight, table: nanFilled(EXPERTS) },
+    (b) =>
+      gpu.step.dispatch(
+        routerGateKernel({ hidden, ...ALL_COLUMNS, selection: { rule: "top_k", k: 3 }, activation: "none" }),
+        { x: b.x!, items: b.items!, weight: b.weight!, table: b.table! },
+        { count: 1, stride: EXPERTS, base: 0 },
+      ),
+    ["table"],
   );
-  assert.equal(Array.from(gates!, (g) => Math.round(g * 1e6) / 1e6), [0, 0.333333, 0.333333, 0, 0.333333, 0, 0]);
+  assert.equal(Array.from(table!, (g) => Math.round(g * 1e6) / 1e6), [0, 0.333333, 0.333333, 0, 0.333333, 0, 0]);
 });
 
-test("gate kernels refuse a top_k larger than the experts", () => {
-  assert.throws(() => routerGateKernel({ hidden: 8, experts: 3, selection: { rule: "top_k", k: 4 }, activation: "none" }), /top_k 4 must be between 1 and the 3 experts/);
+test("gate kernels refuse a top_k larger than the experts, and expert columns repeated or outside the layer", () => {
+  const gate = (columns: number[], selection: Selection) => routerGateKernel({ hidden: 8, columns, width: 7, selection, activation: "none" });
+  assert.throws(() => gate([0, 1, 2], { rule: "top_k", k: 4 }), /top_k 4 must be between 1 and the 3 experts/);
+  assert.throws(() => gate([1, 1], { rule: "dense" }), /distinct columns below 7/);
+  assert.throws(() => gate([7], { rule: "dense" }), /distinct columns below 7/);
 });
 
 test.after(() => gpu.context.destroy());

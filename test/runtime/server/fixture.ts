@@ -24,7 +24,13 @@ export interface Fixture {
   close(): Promise<void>;
 }
 
-export async function startFixture(options: Partial<ServingSetup> & { adapterNames?: readonly string[] } = {}): Promise<Fixture> {
+export interface FixtureOptions extends Partial<ServingSetup> {
+  readonly adapterNames?: readonly string[];
+  /** Settings that need the checkpoint's directory (e.g. a spec resolved against it). */
+  readonly fromCheckpoint?: (dir: string) => Partial<ServingSetup>;
+}
+
+export async function startFixture(options: FixtureOptions = {}): Promise<Fixture> {
   const root = mkdtempSync(join(tmpdir(), "milora-serve-"));
   const dir = join(root, MODEL);
   writeRandomCheckpoint(dir, { ...PRESETS.tiny, seed: 11, tokenizer: true });
@@ -46,6 +52,7 @@ export async function startFixture(options: Partial<ServingSetup> & { adapterNam
     gpu,
     adapters: (options.adapterNames ?? []).map((n, i) => [n, adapterDir(n, 100 + i)] as const),
     ...options,
+    ...options.fromCheckpoint?.(dir),
   });
   const client = new OpenAI({ baseURL: `${serving.server.url}/v1`, apiKey: options.apiKey ?? "unused", maxRetries: 0, timeout: 30_000 });
   return {

@@ -24,7 +24,6 @@ struct Params {
 @group(0) @binding(6) var<uniform> params: Params;
 struct LoraSlot { rank: u32, scaling: f32 }
 const NO_ADAPTER = 0xffffffffu;
-const TILE = 8u;
 
 fn active_slot(row: u32) -> u32 {
   if (row >= params.rows) { return NO_ADAPTER; }
@@ -39,54 +38,24 @@ fn load_b(row: u32, quad: u32) -> vec4<f32> {
   return b[row * 1u + quad];
 }
 
-const QUADS = 1u;
-var<workgroup> tileSlot: array<u32, TILE>;
-var<workgroup> tileCoef: array<f32, TILE>;
-var<workgroup> tileT: array<vec4<f32>, 8>;
-
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   let g = (wg.x + wg.y * groups.x);
-  let r0 = (g / 1u) * TILE;
-  let col = (g % 1u) * 64u + lid;
-  if (lid < TILE) {
-    let s = active_slot(r0 + lid);
-    tileSlot[lid] = s;
-    if (s != NO_ADAPTER) { tileCoef[lid] = gates[(r0 + lid) * params.gateStride + params.gateIndex] * slots[s].scaling; }
-  }
-  workgroupBarrier();
-  // t past a slot's rank was never written: mask it to zero rather than trust its contents.
-  for (var e = lid; e < TILE * QUADS; e += 64u) {
-    let i = e / QUADS;
-    let q = e % QUADS;
-    let s = tileSlot[i];
-    var v = vec4<f32>(0.0);
-    if (s != NO_ADAPTER) {
-      let rank = slots[s].rank;
-      if (q * 4u < rank) {
-        let inRank = vec4<u32>(q * 4u) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(rank);
-        v = select(vec4<f32>(0.0), load_t(r0 + i, q), inRank);
-      }
-    }
-    tileT[e] = v;
-  }
-  workgroupBarrier();
-  if (col >= 64u) { return; }
-  // B's row for this column, reloaded only when the slot changes along the tile.
-  var bRow: array<vec4<f32>, 1>;
-  var current = NO_ADAPTER;
-  var quads = 0u;
-  for (var i = 0u; i < TILE; i++) {
-    let s = tileSlot[i];
-    if (s == NO_ADAPTER) { continue; }
-    if (s != current) {
-      current = s;
-      quads = (min(slots[s].rank, 4u) + 3u) / 4u;
-      for (var q = 0u; q < quads; q++) { bRow[q] = load_b(s * 64u + col, q); }
-    }
+  let row = g / 1u;
+  let s = active_slot(row);
+  if (s == NO_ADAPTER) { return; }
+  let rank = min(slots[s].rank, 4u);
+  let coef = gates[row * params.gateStride + params.gateIndex] * slots[s].scaling;
+  let block = (g % 1u) * 256u;
+  for (var k = 0u; k < 4u; k++) {
+    let col = block + k * 64u + lid;
+    if (col >= 64u) { return; }
     var acc = 0.0;
-    for (var q = 0u; q < quads; q++) { acc += dot(tileT[i * QUADS + q], bRow[q]); }
-    let at = (r0 + i) * 64u + col;
-    y[at] += tileCoef[i] * acc;
+    for (var q = 0u; q * 4u < rank; q++) {
+      // t past a slot's rank was never written: mask it to zero rather than trust its contents.
+      let inRank = vec4<u32>(q * 4u) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(rank);
+      acc += dot(select(vec4<f32>(0.0), load_t(row, q), inRank), load_b(s * 64u + col, q));
+    }
+    y[row * 64u + col] += coef * acc;
   }
 }

@@ -22,7 +22,6 @@ struct Params {
 @group(0) @binding(6) var<uniform> params: Params;
 struct LoraSlot { rank: u32, scaling: f32 }
 const NO_ADAPTER = 0xffffffffu;
-const TILE = 8u;
 
 fn active_slot(row: u32) -> u32 {
   if (row >= params.rows) { return NO_ADAPTER; }
@@ -37,57 +36,29 @@ fn load_a(row: u32, quad: u32) -> vec4<f32> {
   return a[row * 44u + quad];
 }
 
-var<workgroup> tileSlot: array<u32, TILE>;
-var<workgroup> passSlot: array<u32, TILE>;
-var<workgroup> passCount: u32;
-var<workgroup> partial: array<f32, 512>;
+var<workgroup> partial: array<f32, 64>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-  let r0 = (wg.x + wg.y * groups.x) * TILE;
-  if (lid < TILE) { tileSlot[lid] = active_slot(r0 + lid); }
-  workgroupBarrier();
-  // The tile's distinct slots in order of first use: one pass, one read of A, per slot.
-  if (lid == 0u) {
-    var n = 0u;
-    for (var i = 0u; i < TILE; i++) {
-      let s = tileSlot[i];
-      var seen = s == NO_ADAPTER;
-      for (var q = 0u; q < n; q++) { seen = seen || passSlot[q] == s; }
-      if (!seen) { passSlot[n] = s; n++; }
-    }
-    passCount = n;
-  }
-  let passes = workgroupUniformLoad(&passCount);
+  let row = (wg.x + wg.y * groups.x);
+  let s = active_slot(row);
+  if (s == NO_ADAPTER) { return; }
+  let rank = min(slots[s].rank, 4u);
   let lane = lid % 8u;
   let step = lid / 8u;
-  for (var p = 0u; p < passes; p++) {
-    let s = workgroupUniformLoad(&passSlot[p]);
-    var mask = 0u;
-    for (var i = 0u; i < TILE; i++) { if (tileSlot[i] == s) { mask |= 1u << i; } }
-    let rank = min(slots[s].rank, 4u);
-    for (var j0 = 0u; j0 < rank; j0 += 8u) {
-      let j = j0 + step;
-      var acc: array<f32, TILE>;
-      if (j < rank) {
-        for (var q = lane; q < 44u; q += 8u) {
-          let av = load_a(s * 4u + j, q);
-          for (var i = 0u; i < TILE; i++) {
-            if ((mask & (1u << i)) != 0u) { acc[i] += dot(load_x(r0 + i, q), av); }
-          }
-        }
-      }
-      for (var i = 0u; i < TILE; i++) { partial[(i * 8u + step) * 8u + lane] = acc[i]; }
-      workgroupBarrier();
-      // Invocation lid sums the lanes of (row lid / 8, rank index j0 + lid % 8).
-      let i = lid / 8u;
-      let jOut = j0 + lid % 8u;
-      if ((mask & (1u << i)) != 0u && jOut < rank) {
-        var sum = 0.0;
-        for (var l = 0u; l < 8u; l++) { sum += partial[lid * 8u + l]; }
-        t[(r0 + i) * 4u + jOut] = sum;
-      }
-      workgroupBarrier();
+  for (var j0 = 0u; j0 < rank; j0 += 8u) {
+    let j = j0 + step;
+    var acc = 0.0;
+    if (j < rank) {
+      for (var q = lane; q < 44u; q += 8u) { acc += dot(load_x(row, q), load_a(s * 4u + j, q)); }
     }
+    partial[lid] = acc;
+    workgroupBarrier();
+    if (lane == 0u && j < rank) {
+      var sum = 0.0;
+      for (var l = 0u; l < 8u; l++) { sum += partial[lid + l]; }
+      t[row * 4u + j] = sum;
+    }
+    workgroupBarrier();
   }
 }

@@ -1,0 +1,136 @@
+// What `milora run` and `milora serve` run: the base model and adapter specs of a .milora spec, of a
+// package `milora compile` wrote, or, given neither, of the checkpoint's own config.json. A spec's or
+// package's base must agree with the checkpoint; its adapters are what tenants' weights are checked against.
+import { existsSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { renderDiagnostic } from "../../grammar/code-frame.ts";
+import { BASE_KEYS, BASE_KEY_NAMES } from "../../compiler/base-keys.ts";
+import { checkFiles } from "../../compiler/check.ts";
+import { readHfConfig } from "../../compiler/hf-config.ts";
+import type { Adapter, BaseModel } from "../../compiler/model.ts";
+import { CONFIG_FILE } from "../../runtime/checkpoint.ts";
+import type { EngineOptions } from "../../runtime/engine.ts";
+import { PackageError, readCompiledPackage, type CompiledPackage } from "../../runtime/package-loader.ts";
+import { CheckpointError } from "../../runtime/safetensors.ts";
+import type { ServingSetup } from "../../runtime/server/start.ts";
+
+/** A source that cannot be used; `code` is the exit status (1 bad input, 2 bad usage). */
+export class SourceError extends Error {
+  constructor(
+    message: string,
+    readonly code: 1 | 2,
+  ) {
+    super(message);
+  }
+}
+
+export interface ModelSource {
+  readonly base: BaseModel;
+  /** The spec file or package directory as given; absent when the base comes from the checkpoint. */
+  readonly path?: string;
+  /** Adapters the spec or package declares; without either, adapters are read by their own config. */
+  readonly adapters: readonly Adapter[];
+  /** The compiled package, when the source is one: the engine then runs its plan and kernel files. */
+  readonly package?: CompiledPackage;
+}
+
+/**
+ * Resolves `source` (a spec file, a package directory, or nothing) against the checkpoint `checkpointDir`.
+ * A spec's errors are printed to stderr as code frames. Throws SourceError.
+ */
+export function modelSource(source: string | undefined, checkpointDir: string): ModelSource {
+  if (source === undefined) return { base: baseOfDirectory(checkpointDir), adapters: [] };
+  if (!existsSync(source)) throw new SourceError(`cannot read ${source}: no such file or directory`, 2);
+  const { base, adapters, pkg } = statSync(source).isDirectory() ? packageOf(source) : specOf(source);
+  checkAgainstCheckpoint(source, pkg ? "package" : "spec", base, checkpointDir);
+  return { base, path: source, adapters, ...(pkg ? { package: pkg } : {}) };
+}
+
+/**
+ * The spec an adapter served or run under `name` is checked against: the declared adapter of that name
+ * (or of its part before `:`, as in `tiny:alice`), else the only one declared. Undefined without a spec
+ * or package. Without a name, the source must declare exactly one.
+ */
+export function adapterSpecOf(source: ModelSource, name: string | undefined, dir: string): Adapter | undefined {
+  const { adapters, path } = source;
+  if (path === undefined) return undefined;
+  const names = adapters.map((a) => a.name).join(", ") || "none";
+  const named = name === undefined ? undefined : adapters.find((a) => a.name === name || a.name === name.split(":")[0]);
+  if (named) return named;
+  if (adapters.length === 1) return adapters[0];
+  if (name === undefined) throw new SourceError(`${path} declares ${adapters.length} adapters (${names}): say which with --adapter NAME=${dir}`, 2);
+  throw new SourceError(`${path} has no adapter ${name} (adapters: ${names})`, 1);
+}
+
+/**
+ * Engine options that fix its plan and kernels: a package's own plan and kernel files, else a plan the
+ * engine makes for `ctx` positions and LoRA up to `maxLoraRank` (the package's plan fixes both).
+ */
+export function planOptions(source: ModelSource, sizing: { readonly ctx?: number; readonly maxLoraRank?: number }): Partial<EngineOptions> {
+  const pkg = source.package;
+  if (pkg) return { plan: pkg.manifest.plan, kernels: pkg.kernels };
+  return { ...(sizing.ctx === undefined ? {} : { ctx: sizing.ctx }), ...(sizing.maxLoraRank === undefined ? {} : { maxLoraRank: sizing.maxLoraRank }) };
+}
+
+/**
+ * What a spec or package fixes for `milora serve`: the spec each adapter registered under a name is
+ * checked against (a CheckpointError, answered 400, when none fits), the LoRA rank to reserve (the
+ * largest the spec allows, since any adapter registered later matches one of its adapters), and a
+ * package's plan and kernel files. Nothing without one: the adapters given at start size the engine.
+ */
+export function servingOptions(source: ModelSource): Pick<ServingSetup, "adapterSpec" | "maxLoraRank" | "compiled"> {
+  if (source.path === undefined) return {};
+  const adapterSpec = (name: string) => {
+    try {
+      return adapterSpecOf(source, name, "DIR");
+    } catch (e) {
+      if (e instanceof SourceError) throw new CheckpointError(e.message);
+      throw e;
+    }
+  };
+  const pkg = source.package;
+  if (pkg) return { adapterSpec, compiled: { plan: pkg.manifest.plan, kernels: pkg.kernels } };
+  const ranks = source.adapters.flatMap((a) => a.experts.map((e) => e.rank));
+  return { adapterSpec, ...(ranks.length > 0 ? { maxLoraRank: Math.max(...ranks) } : {}) };
+}
+
+function baseOfDirectory(dir: string): BaseModel {
+  try {
+    return readHfConfig(dir);
+  } catch (e) {
+    throw new SourceError((e as Error).message, 1);
+  }
+}
+
+/** The spec's single base and its adapters; its errors are printed as code frames and refused. */
+function specOf(spec: string): { base: BaseModel; adapters: readonly Adapter[]; pkg?: undefined } {
+  const { program, diagnostics, sources } = checkFiles([spec]);
+  const errors = diagnostics.filter((d) => d.severity === "error");
+  if (errors.length > 0) {
+    for (const d of errors) process.stderr.write(renderDiagnostic(d, sources.get(d.span.file) ?? "") + "\n");
+    throw new SourceError(`${spec} has ${errors.length} error${errors.length === 1 ? "" : "s"}`, 1);
+  }
+  const [base, ...more] = program.bases;
+  if (!base || more.length > 0) throw new SourceError(`${spec} defines ${program.bases.length} bases; it needs exactly one`, 1);
+  return { base, adapters: program.adapters };
+}
+
+function packageOf(dir: string): { base: BaseModel; adapters: readonly Adapter[]; pkg: CompiledPackage } {
+  try {
+    const pkg = readCompiledPackage(dir);
+    return { base: pkg.base, adapters: [pkg.adapter], pkg };
+  } catch (e) {
+    if (e instanceof PackageError) throw new SourceError(e.message, 1);
+    throw e;
+  }
+}
+
+/** Refuses a base that disagrees with DIR/config.json (when there is one) on any hyper-parameter. */
+function checkAgainstCheckpoint(source: string, what: "spec" | "package", base: BaseModel, dir: string): void {
+  if (!existsSync(join(dir, CONFIG_FILE))) return;
+  const config = baseOfDirectory(dir);
+  const differences = BASE_KEY_NAMES.filter((k) => base[BASE_KEYS[k].field] !== config[BASE_KEYS[k].field]).map(
+    (k) => `${k} ${String(base[BASE_KEYS[k].field])} in the ${what}, ${String(config[BASE_KEYS[k].field])} in ${join(dir, CONFIG_FILE)}`,
+  );
+  if (differences.length > 0) throw new SourceError(`base ${base.name} of ${source} does not match ${dir}: ${differences.join("; ")}`, 1);
+}
