@@ -6,6 +6,17 @@ import type { Span } from "../grammar/ast.ts";
 export const EXPERT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
 export type ExpertModule = (typeof EXPERT_MODULES)[number];
 
+/** Where each module sits in a LLaMA block: its path in Hugging Face module and tensor names. */
+export const MODULE_PATHS: Readonly<Record<ExpertModule, string>> = {
+  q_proj: "self_attn.q_proj",
+  k_proj: "self_attn.k_proj",
+  v_proj: "self_attn.v_proj",
+  o_proj: "self_attn.o_proj",
+  gate_proj: "mlp.gate_proj",
+  up_proj: "mlp.up_proj",
+  down_proj: "mlp.down_proj",
+};
+
 /** Concrete hyper-parameters of a base model, in milora's names (HF names in comments). */
 export interface BaseModel {
   readonly name: string;

@@ -6,6 +6,7 @@ import { readFileSync } from "node:fs";
 import type { Span } from "../grammar/ast.ts";
 import {
   EXPERT_MODULES,
+  MODULE_PATHS,
   type Activation,
   type Adapter,
   type BaseModel,
@@ -24,16 +25,6 @@ export const ADAPTER_CONFIG_FILE = "adapter_config.json";
 /** Version of the `milora` section this code reads and writes. */
 export const MILORA_SECTION_VERSION = 1;
 
-/** Where each module sits in a LLaMA block, as in HF module paths and tensor names. */
-export const MODULE_PATHS: Record<ExpertModule, string> = {
-  q_proj: "self_attn.q_proj",
-  k_proj: "self_attn.k_proj",
-  v_proj: "self_attn.v_proj",
-  o_proj: "self_attn.o_proj",
-  gate_proj: "mlp.gate_proj",
-  up_proj: "mlp.up_proj",
-  down_proj: "mlp.down_proj",
-};
 
 /** A module's name inside the base model, the string PEFT matches its patterns against. */
 function modulePath(layer: number, module: ExpertModule): string {

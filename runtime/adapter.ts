@@ -3,13 +3,12 @@
 // files against a spec (given, or rebuilt from the config) and reports every mismatch at once.
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule } from "../compiler/model.ts";
+import { EXPERT_MODULES, MODULE_PATHS, type Adapter, type BaseModel, type ExpertModule } from "../compiler/model.ts";
 import {
   ADAPTER_CONFIG_FILE,
   configJson,
   configLoraOptions,
   loraScaling,
-  MODULE_PATHS,
   readAdapterConfig,
   specFromConfig,
   type PeftLoraConfig,

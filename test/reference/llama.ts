@@ -1,7 +1,7 @@
 // The float64 CPU reference of a LLaMA forward pass, Hugging Face semantics, written for clarity:
 // the oracle every GPU kernel and the engine are measured against. Full recompute, no KV cache.
 import { readHfConfig } from "../../compiler/hf-config.ts";
-import type { BaseModel, ExpertModule } from "../../compiler/model.ts";
+import { MODULE_PATHS, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
 import { llamaTensorNames, openCheckpoint } from "../../runtime/checkpoint.ts";
 
 /** Rows of a matrix, one Float64Array per token. */
@@ -39,15 +39,6 @@ export function loadReferenceWeights(dir: string): { base: BaseModel; weights: R
   }
 }
 
-const MODULE_WEIGHT: Record<ExpertModule, string> = {
-  q_proj: "self_attn.q_proj",
-  k_proj: "self_attn.k_proj",
-  v_proj: "self_attn.v_proj",
-  o_proj: "self_attn.o_proj",
-  gate_proj: "mlp.gate_proj",
-  up_proj: "mlp.up_proj",
-  down_proj: "mlp.down_proj",
-};
 
 /** y = x W^T for W stored [out, in] row-major. */
 export function matmulTransposed(x: Rows, w: Float64Array, outFeatures: number): Rows {
@@ -81,7 +72,7 @@ export function moduleShape(base: BaseModel, module: ExpertModule): [number, num
 /** The base model's own linear layers (with the q/k/v bias of families that have one). */
 export function baseLinear(base: BaseModel, weights: ReferenceWeights): LinearFn {
   return (layer, module, x) => {
-    const name = `model.layers.${layer}.${MODULE_WEIGHT[module]}`;
+    const name = `model.layers.${layer}.${MODULE_PATHS[module]}`;
     const y = matmulTransposed(x, weights.get(`${name}.weight`), moduleShape(base, module)[0]);
     if (!base.attentionBias || !["q_proj", "k_proj", "v_proj"].includes(module)) return y;
     const bias = weights.get(`${name}.bias`);

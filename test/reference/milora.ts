@@ -1,8 +1,7 @@
 // The float64 CPU reference of MiLoRA's forward pass (milora.md, "Forward pass, precisely"), built
 // on the LLaMA reference: LoRA on every enabled module, gated per layer by a router
 // that reads the layer's input hidden states. Full recompute, no KV cache, written for clarity.
-import type { Activation, BaseModel, ExpertModule, Pooling, RouterConfig, Selection } from "../../compiler/model.ts";
-import { MODULE_PATHS } from "../../runtime/adapter-config.ts";
+import { MODULE_PATHS, type Activation, type BaseModel, type ExpertModule, type Pooling, type RouterConfig, type Selection } from "../../compiler/model.ts";
 import { loraKey, type LoadedAdapter, type PoolerWeights, type RouterWeights } from "../../runtime/adapter.ts";
 import { argmax, baseLinear, decoderLayer, matmulTransposed, rmsNorm, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
 
