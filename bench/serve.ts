@@ -2,12 +2,15 @@
 // (p50, p99) for 1, 4 and 16 concurrent streaming clients over 8 tenants with distinct, uniform and
 // skewed adapter popularity (Punica's workloads), against the same load served one request at a time
 // (one KV slot), and the base model alone under the same load.
-//   node --import tsx bench/serve.ts [--model tiny|small] [--requests N] [--tokens N]
-import { join } from "node:path";
+// Tenants are plain LoRA on all seven modules (`--tenants lora`, every module on, gate 1) or MiLoRA
+// adapters with a top-2-of-7 prompt router per layer (`--tenants milora`), at the same rank.
+//   node --import tsx bench/serve.ts [--model tiny|small] [--tenants lora|milora] [--requests N] [--tokens N]
+import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
+import { checkSource } from "../compiler/check.ts";
 import { readHfConfig } from "../compiler/hf-config.ts";
 import { mulberry32, writeRandomCheckpoint, type RandomCheckpointOptions } from "../examples/random-checkpoint.ts";
-import { writeRandomPeftAdapter } from "../examples/random-adapter.ts";
+import { writeRandomAdapter, writeRandomPeftAdapter } from "../examples/random-adapter.ts";
 import { acquireDevice, adapterSummary } from "../runtime/device.ts";
 import { startServing } from "../runtime/server/start.ts";
 
@@ -16,6 +19,7 @@ const MODELS: Record<string, RandomCheckpointOptions> = {
   small: { hiddenSize: 256, layers: 4, heads: 8, kvHeads: 4, intermediateSize: 704, vocabSize: 2048, maxPositions: 256, seed: 3, tokenizer: true },
 };
 const TENANTS = 8;
+const ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
 const PROMPTS = ["hello world, how are you", "the model reads a short text", "thank you, I am fine today", "hello there"];
 
 type Popularity = "distinct" | "uniform" | "skewed" | "base";
@@ -71,7 +75,7 @@ function percentile(values: number[], p: number): number {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { model: { type: "string", default: "tiny" }, requests: { type: "string", default: "48" }, tokens: { type: "string", default: "24" } } });
+  const { values } = parseArgs({ options: { model: { type: "string", default: "tiny" }, tenants: { type: "string", default: "lora" }, requests: { type: "string", default: "48" }, tokens: { type: "string", default: "24" } } });
   const options = MODELS[values.model!];
   if (!options) throw new Error(`--model must be one of ${Object.keys(MODELS).join(", ")}`);
   const requests = Number(values.requests);
@@ -80,13 +84,19 @@ async function main(): Promise<void> {
   const dir = join(root, values.model!);
   writeRandomCheckpoint(dir, options);
   const base = readHfConfig(dir);
+  if (values.tenants !== "lora" && values.tenants !== "milora") throw new Error("--tenants must be lora or milora");
+  // A MiLoRA spec over this checkpoint, checked like any user's spec: rank 8 on all 7 modules, top-2 prompt router.
+  const spec = `base bench from "${resolve(dir, "config.json")}"\nadapter bench_milora on bench {\n  experts all { rank 8 alpha 16 }\n  router { select top_k 2 when prompt }\n}\n`;
+  const miloraSpec = checkSource(spec, resolve(root, "bench.milora")).program.adapters[0];
+  if (values.tenants === "milora" && !miloraSpec) throw new Error("the bench's MiLoRA spec did not check");
   const adapters = Array.from({ length: TENANTS }, (_, i) => {
-    const at = join(root, `${values.model}-adapters`, `t${i}`);
-    writeRandomPeftAdapter(at, { base, modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank: 8, alpha: 16, seed: 40 + i, name: `t${i}` });
+    const at = join(root, `${values.model}-${values.tenants}-adapters`, `t${i}`);
+    if (values.tenants === "milora") writeRandomAdapter(at, { spec: miloraSpec!, seed: 40 + i, name: `t${i}` });
+    else writeRandomPeftAdapter(at, { base, modules: [...ALL_MODULES], rank: 8, alpha: 16, seed: 40 + i, name: `t${i}` });
     return [`t${i}`, at] as const;
   });
   const gpu = await acquireDevice();
-  process.stdout.write(`device: ${adapterSummary(gpu.report)}\nmodel: ${values.model}, ${requests} requests of ${maxTokens} tokens each, ${TENANTS} tenants (rank 8, all 7 modules)\n\n`);
+  process.stdout.write(`device: ${adapterSummary(gpu.report)}\nmodel: ${values.model}, ${requests} requests of ${maxTokens} tokens each, ${TENANTS} ${values.tenants} tenants (rank 8, all 7 modules${values.tenants === "milora" ? ", top-2 prompt routing" : ""})\n\n`);
   process.stdout.write("| load | clients | popularity | tokens/s | vs one at a time | TTFT p50 / p99 ms | TPOT p50 / p99 ms |\n| --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
 
   const sequential = new Map<Popularity, number>();

@@ -1,8 +1,11 @@
 // The plan: everything the runtime needs to run a base model, as plain data. Concrete dimensions, the
 // tensor table (what the checkpoint must hold and how it sits on the GPU), the op sequence of one
 // Transformer layer and of the output head, and the kernel set those ops dispatch, each kernel named
-// by its family and the constants it is specialised by. The plan holds no GPU objects and no functions,
+// by its family and the constants it is specialised by: the routers' kernels of the adapter it serves and
+// the row-block variants of weights too big for one storage binding included, so the runtime generates
+// none of them. The plan holds no GPU objects and no functions,
 // so it serialises as JSON (manifest.json); kernelSources() turns its kernel set into WGSL.
+import { isDeepStrictEqual } from "node:util";
 import { attentionKernel, type AttentionConstants } from "./kernels/attention.ts";
 import { swigluKernel } from "./kernels/elementwise.ts";
 import type { KernelSource } from "./kernels/kernel.ts";
@@ -12,8 +15,16 @@ import { matmulKernel, type MatmulConstants } from "./kernels/matmul.ts";
 import { MATVEC_MAX_ROWS, matvecKernel, type MatvecConstants } from "./kernels/matvec.ts";
 import { rmsNormKernel, type RmsNormConstants } from "./kernels/rmsnorm.ts";
 import { ropeKernel, type RopeConstants } from "./kernels/rope.ts";
+import {
+  routerGateKernel,
+  routerPoolKernel,
+  routerScoreKernel,
+  type RouterGateConstants,
+  type RouterPoolConstants,
+  type RouterScoreConstants,
+} from "./kernels/router.ts";
 import { samplingKernel } from "./kernels/sampling.ts";
-import { EXPERT_MODULES, type BaseModel, type ExpertModule } from "./model.ts";
+import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "./model.ts";
 
 /** A base model the planner cannot lower, with the reason in words. */
 export class PlanError extends Error {
@@ -94,6 +105,8 @@ export type PlanOp =
       readonly residual?: ActivationName;
       /** The module's LoRA, when the plan serves adapters: shrink and expand kernels run after the product. */
       readonly lora?: PlanLora;
+      /** When the weight exceeds the plan's storage binding: its kernels for each row-block height. */
+      readonly blocks?: readonly PlanBlockKernels[];
     }
   | { readonly op: "rope"; readonly kernel: string; readonly q: ActivationName; readonly k: ActivationName }
   | { readonly op: "kv_write"; readonly kernel: string; readonly k: ActivationName; readonly v: ActivationName }
@@ -117,6 +130,27 @@ export interface PlanLora {
   readonly gateColumn: number;
 }
 
+/** A linear kernel pair specialised for a row block of `rows` output features of a split weight. */
+export interface PlanBlockKernels {
+  readonly rows: number;
+  readonly matmul: string;
+  readonly matvec: string;
+}
+
+/**
+ * The router of one routed layer, run on the layer's input before its first op: kernel keys into
+ * Plan.kernels. Prompt routing pools each prompt (`score` first for attention pooling) and gates the
+ * pooled row; token routing gates every row and has neither `score` nor `pool`.
+ */
+export interface PlanRouterLayer {
+  readonly layer: number;
+  /** The layer's enabled modules, in gate order. */
+  readonly experts: readonly ExpertModule[];
+  readonly score?: string;
+  readonly pool?: string;
+  readonly gate: string;
+}
+
 /** A kernel of the set: the generator family and the constants it is called with. */
 export type PlannedKernel =
   | { readonly key: string; readonly family: "rmsnorm"; readonly constants: RmsNormConstants }
@@ -127,7 +161,10 @@ export type PlannedKernel =
   | { readonly key: string; readonly family: "attention"; readonly constants: AttentionConstants }
   | { readonly key: string; readonly family: "swiglu"; readonly constants: Record<string, never> }
   | { readonly key: string; readonly family: "sampling"; readonly constants: { readonly vocab: number } }
-  | { readonly key: string; readonly family: "lora_shrink" | "lora_expand"; readonly constants: LoraConstants };
+  | { readonly key: string; readonly family: "lora_shrink" | "lora_expand"; readonly constants: LoraConstants }
+  | { readonly key: string; readonly family: "router_score"; readonly constants: RouterScoreConstants }
+  | { readonly key: string; readonly family: "router_pool"; readonly constants: RouterPoolConstants }
+  | { readonly key: string; readonly family: "router_gate"; readonly constants: RouterGateConstants };
 
 /** A kernel of the set before its key is known. */
 export type KernelRequest = PlannedKernel extends infer K ? (K extends PlannedKernel ? Omit<K, "key"> : never) : never;
@@ -152,15 +189,32 @@ export interface Plan {
   readonly matvecMaxRows: number;
   /** Largest LoRA rank an adapter slot holds; 0 when the plan serves no adapters. */
   readonly maxLoraRank: number;
+  /**
+   * The storage binding size the plan assumes: splittable tensors larger than this are uploaded in row
+   * blocks of at most this many bytes, with the kernels of their linear op's `blocks`.
+   */
+  readonly maxBindingBytes: number;
+  /** The routers of the adapter the plan was made for (empty for plain LoRA or the base alone). */
+  readonly routers: readonly PlanRouterLayer[];
   readonly kernels: readonly PlannedKernel[];
 }
 
 export interface PlanOptions {
   /** KV cache length per sequence (default: the base's max_positions). */
   readonly ctx?: number;
-  /** Serve LoRA adapters up to this rank on every expert module (default 0: base only). */
+  /** Serve LoRA adapters up to this rank on every expert module (default: the adapter's largest, else 0). */
   readonly maxLoraRank?: number;
+  /** The adapter spec served (on this base): its routed layers' router kernels join the kernel set. */
+  readonly adapter?: Adapter;
+  /** Storage binding size to assume (default DEFAULT_BINDING_BYTES); bigger splittable tensors are split. */
+  readonly maxBindingBytes?: number;
 }
+
+/**
+ * 128 MiB: WebGPU's default maxStorageBufferBindingSize, which every device offers (llvmpipe offers no
+ * more), so a plan split by it runs everywhere.
+ */
+export const DEFAULT_BINDING_BYTES = 128 * 1024 * 1024;
 
 /** Plans a LLaMA-family base model. Throws PlanError for what the kernels do not implement. */
 export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
@@ -168,7 +222,13 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     throw new PlanError(`base ${base.name}: family "${base.family}" has no planner (only llama)`);
   if (base.attentionBias) throw new PlanError(`base ${base.name}: attention biases are not supported yet`);
   const ctx = options.ctx ?? base.maxPositions;
-  const maxLoraRank = options.maxLoraRank ?? 0;
+  const { adapter } = options;
+  if (adapter !== undefined && adapter.base.name !== base.name)
+    throw new PlanError(`adapter ${adapter.name} is on base ${adapter.base.name}, not ${base.name}`);
+  const maxLoraRank = options.maxLoraRank ?? Math.max(0, ...(adapter?.experts ?? []).map((e) => e.rank));
+  const maxBindingBytes = options.maxBindingBytes ?? DEFAULT_BINDING_BYTES;
+  if (!Number.isInteger(maxBindingBytes) || maxBindingBytes < 4)
+    throw new PlanError(`base ${base.name}: the storage binding size must be a whole number of bytes, at least 4, got ${maxBindingBytes}`);
   if (!Number.isInteger(maxLoraRank) || maxLoraRank < 0 || maxLoraRank > 256)
     throw new PlanError(`base ${base.name}: the largest LoRA rank must be an integer from 0 to 256, got ${maxLoraRank}`);
   if (!Number.isInteger(ctx) || ctx < 1 || ctx > base.maxPositions) {
@@ -200,6 +260,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     if (!kernels.has(key)) kernels.set(key, { ...request, key } as PlannedKernel);
     return key;
   };
+  const tensors = tensorTable(dims);
   const linear = (
     module: LinearModule,
     K: number,
@@ -208,6 +269,12 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     weight: string,
   ): PlanOp => {
     const residual = io.residual !== undefined;
+    const heights = blockHeights(tensors.find((t) => t.name === layerTensor(weight, 0))!, maxBindingBytes);
+    const blocks = heights.map((rows) => ({
+      rows,
+      matmul: use({ family: "matmul", constants: { K, N: rows, residual } }),
+      matvec: use({ family: "matvec", constants: { K, N: rows, residual } }),
+    }));
     const lora = (m: ExpertModule): PlanLora => {
       const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank };
       return {
@@ -224,6 +291,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       ...io,
       weight,
       ...(module !== "lm_head" && maxLoraRank > 0 ? { lora: lora(module) } : {}),
+      ...(blocks.length > 0 ? { blocks } : {}),
     };
   };
   const { hidden, qWidth, kvWidth, intermediate, vocab } = dims;
@@ -269,6 +337,17 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     { op: "swiglu", kernel: use({ family: "swiglu", constants: {} }), gate: "gate", up: "up", output: "act" },
     linear("down_proj", intermediate, hidden, { input: "act", output: "x", residual: "h" }, linearWeight("down_proj")),
   ];
+  const routers = (adapter?.router === undefined ? [] : adapter.layers).map((layer): PlanRouterLayer => {
+    const experts = EXPERT_MODULES.filter((m) => adapter!.experts.some((e) => e.layer === layer && e.module === m));
+    const requests = routerKernelRequests(adapter!.router!, hidden, experts);
+    return {
+      layer,
+      experts,
+      ...(requests.score ? { score: use(requests.score) } : {}),
+      ...(requests.pool ? { pool: use(requests.pool) } : {}),
+      gate: use(requests.gate),
+    };
+  });
   const lmHead = dims.tiedEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   const head: PlanOp[] = [
     { op: "rmsnorm", kernel: norm, input: "out", weight: "model.norm.weight", output: "outNorm" },
@@ -280,7 +359,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     base: base.name,
     family: base.family,
     dims,
-    tensors: tensorTable(dims),
+    tensors,
     activations: [
       ...(["x", "h", "xn", "out", "outNorm"] as const).map((name) => ({ name, width: hidden })),
       { name: "q", width: qWidth },
@@ -297,8 +376,47 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     head,
     matvecMaxRows: MATVEC_MAX_ROWS,
     maxLoraRank,
+    maxBindingBytes,
+    routers,
     kernels: [...kernels.values()],
   };
+}
+
+/** The kernels a router runs in a layer whose enabled modules are `experts` (hidden size `hidden`). */
+export function routerKernelRequests(
+  config: RouterConfig,
+  hidden: number,
+  experts: readonly ExpertModule[],
+): { readonly score?: KernelRequest; readonly pool?: KernelRequest; readonly gate: KernelRequest } {
+  const { pooling, activation, selection } = config;
+  const columns = experts.map((m) => EXPERT_MODULES.indexOf(m));
+  const gateOf = (activation: RouterConfig["activation"]): KernelRequest => ({
+    family: "router_gate",
+    constants: { hidden, columns, width: EXPERT_MODULES.length, selection, activation },
+  });
+  // A token's own hidden state is activated by the gate; a pooled prompt was activated by the pool.
+  if (config.when === "token") return { gate: gateOf(activation) };
+  return {
+    // The pooler's projection is [hidden, hidden] (docs/formats.md), so it scores with hidden rows.
+    ...(pooling === "attention" ? { score: { family: "router_score", constants: { hidden, poolerSize: hidden, activation } } } : {}),
+    pool: { family: "router_pool", constants: { hidden, pooling, activation } },
+    gate: gateOf("none"),
+  };
+}
+
+/** Rows per block so that one block fits `maxBindingBytes` (the whole tensor when it fits). */
+export function rowsPerBlock(shape: readonly number[], maxBindingBytes: number): number {
+  const rows = shape[0] ?? 1;
+  const rowBytes = shape.slice(1).reduce((a, b) => a * b, 1) * 4;
+  return Math.min(rows, Math.max(1, Math.floor(maxBindingBytes / rowBytes)));
+}
+
+/** The distinct row-block heights of a splittable tensor beyond the binding size; none when it fits. */
+function blockHeights(t: PlanTensor, maxBindingBytes: number): number[] {
+  const rows = t.shape[0] ?? 1;
+  const perBlock = rowsPerBlock(t.shape, maxBindingBytes);
+  if (!t.splittable || perBlock === rows) return [];
+  return rows % perBlock === 0 ? [perBlock] : [perBlock, rows % perBlock];
 }
 
 const MODULE_BLOCK: Readonly<Record<ExpertModule, "self_attn" | "mlp">> = {
@@ -353,7 +471,7 @@ export function layerTensor(template: string, layer: number): string {
   return template.replace("{layer}", String(layer));
 }
 
-/** The WGSL source of one planned kernel (also of variants the runtime derives, e.g. for split weights). */
+/** The WGSL source of one planned kernel (or of one the runtime must generate, see unplannedKernel). */
 export function plannedKernelSource(k: KernelRequest): KernelSource {
   switch (k.family) {
     case "rmsnorm":
@@ -376,7 +494,19 @@ export function plannedKernelSource(k: KernelRequest): KernelSource {
       return loraShrinkKernel(k.constants);
     case "lora_expand":
       return loraExpandKernel(k.constants);
+    case "router_score":
+      return routerScoreKernel(k.constants);
+    case "router_pool":
+      return routerPoolKernel(k.constants);
+    case "router_gate":
+      return routerGateKernel(k.constants);
   }
+}
+
+/** The key of the plan's kernel for `request` (same family and constants), if the plan has one. */
+export function plannedKey(plan: Plan, request: KernelRequest): string | undefined {
+  // Constants compare as values: a manifest's JSON may order their keys differently.
+  return plan.kernels.find((k) => k.family === request.family && isDeepStrictEqual(k.constants, request.constants))?.key;
 }
 
 /** The plan's kernels as WGSL sources, by key. */

@@ -6,7 +6,18 @@
 import { NO_ADAPTER } from "../compiler/kernels/lora.ts";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule } from "../compiler/model.ts";
 import { SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../compiler/kernels/sampling.ts";
-import { kernelSources, layerTensor, planBase, plannedKernelSource, type ActivationName, type Plan, type PlanLora, type PlanOp } from "../compiler/plan.ts";
+import {
+  kernelSources,
+  layerTensor,
+  planBase,
+  plannedKernelSource,
+  plannedKey,
+  type ActivationName,
+  type KernelRequest,
+  type Plan,
+  type PlanLora,
+  type PlanOp,
+} from "../compiler/plan.ts";
 import type { KernelSource } from "../compiler/kernels/kernel.ts";
 import { openCheckpoint, type ProgressFn } from "./checkpoint.ts";
 import { acquireDevice, type AdapterReport, type GpuContext } from "./device.ts";
@@ -40,7 +51,10 @@ export interface EngineOptions {
   readonly backend?: string;
   /** Bytes read from the checkpoint so far, of the total. */
   readonly onProgress?: ProgressFn;
-  /** Largest storage binding to assume (default: the device's); tensors beyond it are split. */
+  /**
+   * Largest storage binding to assume (default: the device's). Splittable tensors are split at the
+   * smaller of this and the plan's binding size; an engine-made plan assumes this size when given.
+   */
   readonly maxBindingBytes?: number;
   /** Adapters resident at once (default 4; 0 serves the base alone). */
   readonly maxAdapters?: number;
@@ -48,7 +62,10 @@ export interface EngineOptions {
   readonly maxLoraRank?: number;
   /** A plan made beforehand (a compiled package's); it fixes the context and largest rank, so give neither. */
   readonly plan?: Plan;
-  /** The WGSL to run by kernel key, covering the plan's kernel set (default: generated from the plan). */
+  /**
+   * The WGSL to run by kernel key, covering the plan's kernel set (default: generated from the plan).
+   * Every kernel the plan names runs from here; only kernels outside the plan are generated (unplannedKernel).
+   */
   readonly kernels?: ReadonlyMap<string, KernelSource>;
 }
 
@@ -91,6 +108,8 @@ export class Engine {
   readonly #weights: GpuWeights;
   readonly #cache: KvCache;
   readonly #kernels: ReadonlyMap<string, KernelSource>;
+  /** Resolved kernels by request (JSON), so steps look each one up once. */
+  readonly #resolved = new Map<string, KernelSource>();
   readonly #pipelines: PipelineCache;
   readonly #step: StepEncoder;
   readonly #activations: ReadonlyMap<ActivationName, GPUBuffer>;
@@ -147,7 +166,7 @@ export class Engine {
       loraT: createStorage(device, maxRows * Math.max(1, plan.maxLoraRank) * 4, "lora shrink output"),
     };
     this.#adapters = new AdapterStore(device, plan, maxAdapters);
-    this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: maxAdapters });
+    this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: maxAdapters }, (request) => this.#kernelFor(request));
     this.#tokensReadback = device.createBuffer({ label: "tokens readback", size: maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
     const split = plan.tensors.map((t) => weights.get(t.name)).filter((t) => t.blocks.length > 1);
     const widestBlock = Math.max(0, ...split.flatMap((t) => t.blocks.map((b) => b.rows)));
@@ -612,7 +631,19 @@ export class Engine {
   #blockKernel(key: string, N: number): KernelSource {
     const planned = this.plan.kernels.find((k) => k.key === key)!;
     if (planned.family !== "matmul" && planned.family !== "matvec") throw new Error(`${key} is not a linear kernel`);
-    return plannedKernelSource({ ...planned, constants: { ...planned.constants, N } });
+    return this.#kernelFor({ family: planned.family, constants: { ...planned.constants, N } });
+  }
+
+  /** The WGSL for a kernel request: the kernel map's when the plan names it, else unplannedKernel's. */
+  #kernelFor(request: KernelRequest): KernelSource {
+    const id = JSON.stringify(request);
+    let source = this.#resolved.get(id);
+    if (source === undefined) {
+      const key = plannedKey(this.plan, request);
+      source = key === undefined ? unplannedKernel(request) : this.#kernels.get(key)!;
+      this.#resolved.set(id, source);
+    }
+    return source;
   }
 
   *#allKernels(): Iterable<KernelSource> {
@@ -648,12 +679,24 @@ export class Engine {
   }
 }
 
-/** The caller's plan, or one for the options' context and largest rank. */
+/**
+ * The WGSL of a kernel the plan does not name, generated at run time: the routers of an adapter whose
+ * router the plan was not made for (an engine planned for the base alone, or a server given another
+ * spec's tenants), and row-block variants of a weight split finer than the plan assumed (a device or
+ * `maxBindingBytes` below the plan's binding size). A compiled package's own adapter and weights
+ * never come here: its plan names all of their kernels.
+ */
+export function unplannedKernel(request: KernelRequest): KernelSource {
+  return plannedKernelSource(request);
+}
+
+/** The caller's plan, or one for the options' context, largest rank and binding size. */
 function planOf(options: EngineOptions, maxAdapters: number): Plan {
   const { base, plan } = options;
   if (plan === undefined) {
     const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
-    return planBase(base, { ctx, maxLoraRank: maxAdapters === 0 ? 0 : (options.maxLoraRank ?? 16) });
+    const binding = options.maxBindingBytes === undefined ? {} : { maxBindingBytes: options.maxBindingBytes };
+    return planBase(base, { ctx, maxLoraRank: maxAdapters === 0 ? 0 : (options.maxLoraRank ?? 16), ...binding });
   }
   if (options.ctx !== undefined || options.maxLoraRank !== undefined) throw new EngineError("a given plan fixes the context and the largest LoRA rank: leave ctx and maxLoraRank out");
   return plan;

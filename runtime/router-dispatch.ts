@@ -2,10 +2,11 @@
 // adapter (one router's weights per dispatch); at the start of each layer the adapter routes, each
 // group runs the router kernels (compiler/kernels/router.ts) on the layer input, the gate kernel
 // writing straight into the step's gate table: prompt routing pools each sequence's prompt (score,
-// pool, gate) and writes the one decision to all its rows; token routing gates every row alone.
+// pool, gate) and writes the one decision to all its rows; token routing gates every row alone. The
+// WGSL comes from the engine (the plan's kernels, see Engine's kernel lookup): nothing is generated here.
 import type { KernelSource } from "../compiler/kernels/kernel.ts";
-import { routerGateKernel, routerPoolKernel, routerScoreKernel } from "../compiler/kernels/router.ts";
-import { EXPERT_MODULES, type RouterConfig } from "../compiler/model.ts";
+import type { RouterConfig } from "../compiler/model.ts";
+import { routerKernelRequests, type KernelRequest } from "../compiler/plan.ts";
 import type { GpuRouter, ResidentAdapter } from "./adapter-store.ts";
 import { createStorage, type BufferArg, type StepEncoder } from "./kernel-runner.ts";
 import { MODULES_PER_LAYER } from "./routing.ts";
@@ -41,15 +42,21 @@ export class RouterDispatch {
   readonly #device: GPUDevice;
   readonly #hidden: number;
   readonly #maxRows: number;
-  readonly #kernels = new Map<string, KernelSource>();
+  readonly #kernelFor: (request: KernelRequest) => KernelSource;
   /** Per group a segment of (start, end) ranges and (input row, first row, end row) items. */
   readonly #indices: GPUBuffer;
   readonly #segment: number;
   readonly #scores: GPUBuffer;
   readonly #pooled: GPUBuffer;
 
-  constructor(device: GPUDevice, dims: { readonly hidden: number; readonly maxRows: number; readonly maxGroups: number }) {
+  /** `kernelFor`: the WGSL of a router kernel, as the engine resolves it. */
+  constructor(
+    device: GPUDevice,
+    dims: { readonly hidden: number; readonly maxRows: number; readonly maxGroups: number },
+    kernelFor: (request: KernelRequest) => KernelSource,
+  ) {
     this.#device = device;
+    this.#kernelFor = kernelFor;
     this.#hidden = dims.hidden;
     this.#maxRows = dims.maxRows;
     this.#segment = align(dims.maxRows * 8) + align(dims.maxRows * 12);
@@ -98,67 +105,32 @@ export class RouterDispatch {
   route(step: StepEncoder, group: RouteGroup, layer: number, x: GPUBuffer, table: { readonly buffer: GPUBuffer; readonly stride: number }): void {
     const router = group.adapter.routers.get(layer);
     if (!router) return;
-    const { pooling, activation, selection } = group.config;
-    const hidden = this.#hidden;
+    const kernels = this.#kernelsFor(group.config, router);
     let input: GPUBuffer = x;
-    if (!group.perRow) {
-      if (pooling === "attention") {
-        const pooler = router.pooler!;
-        const poolerSize = pooler.v.size / 4;
-        step.dispatch(this.#kernel({ family: "score", hidden, poolerSize, activation }), { h: x, pooler: pooler.proj, poolerV: pooler.v, scores: this.#scores }, { rows: group.end });
-      }
-      const pool = this.#kernel({ family: "pool", hidden, pooling, activation });
-      step.dispatch(pool, { h: x, ranges: group.ranges, ...(pooling === "attention" ? { scores: this.#scores } : {}), pooled: this.#pooled }, { count: group.items });
+    if (kernels.score) {
+      const pooler = router.pooler!;
+      step.dispatch(kernels.score, { h: x, pooler: pooler.proj, poolerV: pooler.v, scores: this.#scores }, { rows: group.end });
+    }
+    if (kernels.pool) {
+      step.dispatch(kernels.pool, { h: x, ranges: group.ranges, ...(kernels.score ? { scores: this.#scores } : {}), pooled: this.#pooled }, { count: group.items });
       input = this.#pooled;
     }
-    // Pooled inputs were activated by the pool; a token's own hidden state is activated by the gate.
-    const gate = this.#kernel({ family: "gate", hidden, ...gateColumns(router), selection, activation: group.perRow ? activation : "none" });
-    step.dispatch(gate, { x: input, items: group.itemRows, weight: router.gate, table: table.buffer }, { count: group.items, stride: table.stride, base: layer * MODULES_PER_LAYER });
+    step.dispatch(kernels.gate, { x: input, items: group.itemRows, weight: router.gate, table: table.buffer }, { count: group.items, stride: table.stride, base: layer * MODULES_PER_LAYER });
   }
 
   /** Every kernel an adapter's sequences dispatch (to compile them when it is loaded). */
   kernelsOf(adapter: ResidentAdapter): KernelSource[] {
     const config = adapter.adapter.spec.router;
     if (!config) return [];
-    const { pooling, activation, selection } = config;
-    const perRow = config.when === "token";
-    const hidden = this.#hidden;
-    return [...adapter.routers.values()].flatMap((router) => [
-      ...(!perRow && pooling === "attention" ? [this.#kernel({ family: "score", hidden, poolerSize: router.pooler!.v.size / 4, activation })] : []),
-      ...(perRow ? [] : [this.#kernel({ family: "pool", hidden, pooling, activation })]),
-      this.#kernel({ family: "gate", hidden, ...gateColumns(router), selection, activation: perRow ? activation : "none" }),
-    ]);
+    return [...adapter.routers.values()].flatMap((router) => Object.values(this.#kernelsFor(config, router)));
   }
 
   destroy(): void {
     for (const b of [this.#indices, this.#scores, this.#pooled]) b.destroy();
   }
 
-  #kernel(request: KernelRequest): KernelSource {
-    const id = JSON.stringify(request);
-    let k = this.#kernels.get(id);
-    if (!k) this.#kernels.set(id, (k = kernelOf(request)));
-    return k;
+  #kernelsFor(config: RouterConfig, router: GpuRouter): { score?: KernelSource; pool?: KernelSource; gate: KernelSource } {
+    const { score, pool, gate } = routerKernelRequests(config, this.#hidden, router.experts);
+    return { ...(score ? { score: this.#kernelFor(score) } : {}), ...(pool ? { pool: this.#kernelFor(pool) } : {}), gate: this.#kernelFor(gate) };
   }
-}
-
-type KernelRequest =
-  | ({ readonly family: "score" } & Parameters<typeof routerScoreKernel>[0])
-  | ({ readonly family: "pool" } & Parameters<typeof routerPoolKernel>[0])
-  | ({ readonly family: "gate" } & Parameters<typeof routerGateKernel>[0]);
-
-function kernelOf(r: KernelRequest): KernelSource {
-  switch (r.family) {
-    case "score":
-      return routerScoreKernel(r);
-    case "pool":
-      return routerPoolKernel(r);
-    case "gate":
-      return routerGateKernel(r);
-  }
-}
-
-/** Where a router's gates go in a layer's gate table columns (module index of each expert). */
-function gateColumns(router: GpuRouter): { readonly columns: number[]; readonly width: number } {
-  return { columns: router.experts.map((m) => EXPERT_MODULES.indexOf(m)), width: MODULES_PER_LAYER };
 }

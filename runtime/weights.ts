@@ -1,7 +1,8 @@
 // Uploading a checkpoint to the GPU as the plan's tensor table describes it. Every tensor is checked
 // before any is read (all problems reported at once), then streamed: read one tensor as f32, copy it
-// into its buffer(s), let it go. A tensor larger than one storage binding is split into row blocks.
-import type { Plan, PlanTensor } from "../compiler/plan.ts";
+// into its buffer(s), let it go. A splittable tensor larger than the plan's storage binding (or the
+// device's, when smaller) is split into row blocks.
+import { rowsPerBlock, type Plan, type PlanTensor } from "../compiler/plan.ts";
 import type { Checkpoint } from "./checkpoint.ts";
 import { createStorage } from "./kernel-runner.ts";
 import { CheckpointError } from "./safetensors.ts";
@@ -49,13 +50,6 @@ export class GpuWeights {
   }
 }
 
-/** Rows per block so that one block fits `maxBindingBytes` (the whole tensor when it fits). */
-export function rowsPerBlock(shape: readonly number[], maxBindingBytes: number): number {
-  const rows = shape[0] ?? 1;
-  const rowBytes = (shape.slice(1).reduce((a, b) => a * b, 1)) * 4;
-  return Math.min(rows, Math.max(1, Math.floor(maxBindingBytes / rowBytes)));
-}
-
 const MIB = 1024 * 1024;
 
 /** Every reason the checkpoint cannot be uploaded for this plan on a device with this binding limit. */
@@ -87,7 +81,7 @@ export async function uploadWeights(device: GPUDevice, checkpoint: Checkpoint, p
   const uploaded: GpuTensor[] = [];
   try {
     for (const t of plan.tensors) {
-      uploaded.push(uploadTensor(device, checkpoint, t, maxBindingBytes));
+      uploaded.push(uploadTensor(device, checkpoint, t, Math.min(maxBindingBytes, plan.maxBindingBytes)));
       // Lets a progress bar redraw and the previous tensor's memory go between reads.
       await new Promise((resolve) => setImmediate(resolve));
     }
@@ -98,10 +92,11 @@ export async function uploadWeights(device: GPUDevice, checkpoint: Checkpoint, p
   return new GpuWeights(uploaded);
 }
 
-function uploadTensor(device: GPUDevice, checkpoint: Checkpoint, t: PlanTensor, maxBindingBytes: number): GpuTensor {
+/** Uploads one tensor; a splittable one in blocks of at most `splitBytes` (the others fit the device). */
+function uploadTensor(device: GPUDevice, checkpoint: Checkpoint, t: PlanTensor, splitBytes: number): GpuTensor {
   const data = checkpoint.readF32(t.name, t.shape);
-  const perBlock = rowsPerBlock(t.shape, maxBindingBytes);
   const rows = t.shape[0] ?? 1;
+  const perBlock = t.splittable ? rowsPerBlock(t.shape, splitBytes) : rows;
   const rowFloats = data.length / rows;
   const blocks: WeightBlock[] = [];
   for (let firstRow = 0; firstRow < rows; firstRow += perBlock) {

@@ -52,8 +52,9 @@ export function compilePackage(options: CompileOptions): CompileResult {
   const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
   let plan: Plan;
   try {
-    // The package serves its adapter, so the plan carries LoRA kernels up to the spec's largest rank.
-    plan = planBase(base, { ctx, maxLoraRank: Math.max(0, ...adapter.experts.map((e) => e.rank)) });
+    // The package serves its adapter: LoRA kernels up to the spec's largest rank, its routers' kernels,
+    // and block kernels for weights beyond WebGPU's default storage binding (DEFAULT_BINDING_BYTES).
+    plan = planBase(base, { ctx, adapter });
   } catch (e) {
     throw new CompileError((e as Error).message);
   }
@@ -67,7 +68,8 @@ export function compilePackage(options: CompileOptions): CompileResult {
   const budgetTable = renderBudgetTable(adapter, budget, { color: false });
   const spans = declarationSpans(adapter, program);
   const specLines = numberedLines(lines, spans);
-  const kernels = kernelFiles(plan, base, lines, lines.rankLines(spans.slice(1)));
+  const adapterSpans = spans.slice(1);
+  const kernels = kernelFiles(plan, base, lines, { ranks: lines.rankLines(adapterSpans), router: lines.routerLines(adapterSpans) });
   const { span: _span, configPath: _configPath, ...manifestBase } = base;
   const manifest: Manifest = {
     format: MANIFEST_FORMAT,

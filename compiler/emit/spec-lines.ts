@@ -42,22 +42,31 @@ export class SpecLines {
   /** The lines of an adapter's declarations (`spans`) that set a LoRA rank: `experts ... { rank N }`. */
   rankLines(spans: readonly Span[]): SpecLine[] {
     const out: SpecLine[] = [];
-    for (const span of spans) {
-      const text = this.#sources.get(span.file);
-      if (text === undefined) continue;
-      const decl = parseSpec(text, span.file).ast.adapters.find((a) => a.span.start.offset === span.start.offset);
-      const statements = (decl?.body ?? []).flatMap((s): AdapterStatement[] => (s.kind === "LayerOverride" ? [...s.body] : [s]));
-      for (const s of statements) {
-        if (s.kind !== "ExpertsStmt") continue;
-        for (const p of s.properties) if (p.key.name === "rank") out.push(this.head(s.span));
-      }
+    for (const s of this.#statements(spans)) {
+      if (s.kind !== "ExpertsStmt") continue;
+      for (const p of s.properties) if (p.key.name === "rank") out.push(this.head(s.span));
     }
     return out;
+  }
+
+  /** Every line of the adapter declarations' (`spans`) `router { ... }` blocks, in order. */
+  routerLines(spans: readonly Span[]): SpecLine[] {
+    return this.#statements(spans).flatMap((s) => (s.kind === "RouterDecl" ? this.lines(s.span) : []));
   }
 
   /** The first line of a span (a declaration's head). */
   head(span: Span): SpecLine {
     return this.lines({ ...span, end: span.start })[0]!;
+  }
+
+  /** The statements of the adapter declarations at `spans`, layer overrides' bodies inlined. */
+  #statements(spans: readonly Span[]): AdapterStatement[] {
+    return spans.flatMap((span) => {
+      const text = this.#sources.get(span.file);
+      if (text === undefined) return [];
+      const decl = parseSpec(text, span.file).ast.adapters.find((a) => a.span.start.offset === span.start.offset);
+      return (decl?.body ?? []).flatMap((s): AdapterStatement[] => (s.kind === "LayerOverride" ? [...s.body] : [s]));
+    });
   }
 
   /**

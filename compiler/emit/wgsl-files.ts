@@ -1,6 +1,7 @@
 // The package's kernels/*.wgsl: each planned kernel's WGSL under a header comment saying which ops use
-// it and which spec lines fixed the constants it is specialised by. The header is comment lines ended
-// by one blank line; splitKernelFile() takes it off again when the runtime loads the file.
+// it and which spec lines fixed the constants it is specialised by (the router block's lines for router
+// kernels, the binding size for a split weight's block kernels). The header is comment lines ended by
+// one blank line; splitKernelFile() takes it off again when the runtime loads the file.
 import { BASE_KEYS, type BaseKeyName } from "../base-keys.ts";
 import type { BaseModel } from "../model.ts";
 import { kernelSources, type LinearModule, type Plan, type PlannedKernel } from "../plan.ts";
@@ -21,6 +22,9 @@ const FAMILY_KEYS: Readonly<Record<Exclude<PlannedKernel["family"], LinearFamily
   attention: ["heads", "kv_heads", "head_dim", "max_positions"],
   swiglu: [],
   sampling: ["vocab_size"],
+  router_score: ["hidden_size"],
+  router_pool: ["hidden_size"],
+  router_gate: ["hidden_size"],
 };
 
 /** Kernels of linear modules: their constants come from the modules' shapes (and LoRA ranks). */
@@ -48,11 +52,18 @@ export function kernelFileName(key: string): string {
   return `${stem}.wgsl`;
 }
 
-/**
- * Every kernel of the plan as a file, in the plan's order. `rankLines`: the spec lines that set LoRA
- * ranks, cited by the LoRA kernels (specialised by the largest rank).
- */
-export function kernelFiles(plan: Plan, base: BaseModel, lines: SpecLines, rankLines: readonly SpecLine[]): KernelFile[] {
+/** Adapter lines that kernel headers cite beyond the base's. */
+export interface CitedLines {
+  /** The lines that set LoRA ranks, cited by the LoRA kernels (specialised by the largest rank). */
+  readonly ranks: readonly SpecLine[];
+  /** The router blocks' lines, cited by the router kernels. */
+  readonly router: readonly SpecLine[];
+}
+
+const MIB = 1024 * 1024;
+
+/** Every kernel of the plan as a file, in the plan's order. */
+export function kernelFiles(plan: Plan, base: BaseModel, lines: SpecLines, cited: CitedLines): KernelFile[] {
   const sources = kernelSources(plan);
   const keyLines = lines.baseKeyLines(base);
   const seen = new Map<string, string>();
@@ -72,7 +83,15 @@ export function kernelFiles(plan: Plan, base: BaseModel, lines: SpecLines, rankL
       }),
     ];
     if (k.family === "lora_shrink" || k.family === "lora_expand") {
-      header.push(...rankLines.map((l) => `//   ${citeLine(l)}`), `//   (largest rank ${plan.maxLoraRank})`);
+      header.push(...cited.ranks.map((l) => `//   ${citeLine(l)}`), `//   (largest rank ${plan.maxLoraRank})`);
+    }
+    if (k.family === "router_score" || k.family === "router_pool" || k.family === "router_gate") {
+      header.push(...cited.router.map((l) => `//   ${citeLine(l)}`));
+      if (k.family === "router_gate") header.push(`//   (gates the layer's enabled modules: ${expertsOf(plan, k.key).join(", ")})`);
+    }
+    if (isBlockKernel(plan, k.key)) {
+      const mib = plan.maxBindingBytes / MIB;
+      header.push(`//   (a row block of a weight split to fit a storage binding of ${Number.isInteger(mib) ? mib : mib.toFixed(3)} MiB, the size the plan assumes)`);
     }
     if (plan.dims.ctx !== base.maxPositions && (k.family === "kv_write" || k.family === "attention")) {
       header.push(`//   context ${plan.dims.ctx} positions (milora compile --ctx), within max_positions ${base.maxPositions}`);
@@ -102,16 +121,39 @@ function usersOf(plan: Plan, key: string): string[] {
       [op.matvec, `steps up to ${rows} rows`],
       [op.lora?.shrink, "LoRA shrink"],
       [op.lora?.expand, "LoRA expand"],
+      ...(op.blocks ?? []).flatMap((b): [string, string][] => [
+        [b.matmul, `row blocks of ${b.rows} rows, steps over ${rows} rows`],
+        [b.matvec, `row blocks of ${b.rows} rows, steps up to ${rows} rows`],
+      ]),
     ];
     return roles.filter(([k]) => k === key).map(([, role]) => `${op.module} (${role})`);
   });
+  const routed = (role: "score" | "pool" | "gate") => plan.routers.filter((r) => r[role] === key).map((r) => r.layer);
+  for (const role of ["score", "pool", "gate"] as const) {
+    const layers = routed(role);
+    if (layers.length > 0) users.push(`router ${role} of layer${layers.length === 1 ? "" : "s"} ${layers.join(", ")}`);
+  }
   return [...new Set(users)];
+}
+
+/** The modules a gate kernel routes among, as the plan's routers list them. */
+function expertsOf(plan: Plan, key: string): readonly string[] {
+  return plan.routers.find((r) => r.gate === key)?.experts ?? [];
+}
+
+function isBlockKernel(plan: Plan, key: string): boolean {
+  return [...plan.layer, ...plan.head].some((op) => op.op === "linear" && (op.blocks ?? []).some((b) => b.matmul === key || b.matvec === key));
 }
 
 function baseKeysOf(plan: Plan, k: PlannedKernel): BaseKeyName[] {
   if (k.family !== "matmul" && k.family !== "matvec" && k.family !== "lora_shrink" && k.family !== "lora_expand") return [...FAMILY_KEYS[k.family]];
   const keys = [...plan.layer, ...plan.head].flatMap((op) =>
-    op.op === "linear" && [op.matmul, op.matvec, op.lora?.shrink, op.lora?.expand].includes(k.key) ? LINEAR_KEYS[op.module] : [],
+    op.op === "linear" && linearKeys(op).includes(k.key) ? LINEAR_KEYS[op.module] : [],
   );
   return [...new Set(keys)];
+}
+
+/** Every kernel key a linear op dispatches. */
+function linearKeys(op: Extract<Plan["layer"][number], { op: "linear" }>): (string | undefined)[] {
+  return [op.matmul, op.matvec, op.lora?.shrink, op.lora?.expand, ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])];
 }

@@ -1,6 +1,7 @@
 // The plan of a LLaMA base: its tensor table, its op lists and its kernel set, as plain data.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
+import { checkFiles } from "../../compiler/check.ts";
 import { PlanError, kernelSources, planBase, type PlanOp } from "../../compiler/plan.ts";
 import { randomCheckpointBase } from "../../examples/random-checkpoint.ts";
 import { llamaTensorNames } from "../../runtime/checkpoint.ts";
@@ -89,6 +90,42 @@ test("serving adapters adds LoRA shrink/expand to every expert linear (not lm_he
   const sources = kernelSources(plan);
   for (const key of keysOf(plan.layer)) assert.ok(sources.has(key), key);
   assert.throws(() => planBase(gqa, { maxLoraRank: 300 }), /from 0 to 256/);
+});
+
+test("a plan made for a routed adapter names its routers' kernels, per layer, from the router config", () => {
+  const adapters = checkFiles(["examples/llama-tiny.milora"]).program.adapters;
+  const spec = (name: string) => adapters.find((a) => a.name === name)!;
+  const prompt = planBase(spec("tiny").base, { adapter: spec("tiny") });
+  assert.is(prompt.maxLoraRank, 4, "the adapter's largest rank by default");
+  assert.equal(prompt.routers.map((r) => r.layer), [0, 1]);
+  const [first] = prompt.routers;
+  assert.is(first!.score, undefined, "last-token pooling needs no attention scores");
+  assert.match(first!.pool!, /^router_pool\(hidden=64,pooling=last,activation=none\)$/);
+  assert.match(first!.gate, /^router_gate\(hidden=64,columns=0-1-2-3-4-5-6,width=7,selection=top_k2,activation=none\)$/);
+  const sources = kernelSources(prompt);
+  for (const r of prompt.routers) for (const key of [r.pool!, r.gate]) assert.ok(sources.has(key), key);
+
+  // Per-token routing gates every row: no pool, and the gate applies the activation itself.
+  const token = planBase(spec("tiny_token").base, { adapter: spec("tiny_token") });
+  assert.ok(token.routers.every((r) => r.pool === undefined && r.score === undefined));
+  assert.ok(token.kernels.every((k) => k.family !== "router_pool"));
+  assert.equal(planBase(spec("tiny_lora").base, { adapter: spec("tiny_lora") }).routers, []);
+  assert.throws(() => planBase(gqa, { adapter: spec("tiny") }), /adapter tiny is on base llama_tiny, not /);
+});
+
+test("a splittable weight beyond the plan's binding size gets kernels for each row-block height", () => {
+  assert.ok(planBase(gqa).head.every((op) => op.op !== "linear" || op.blocks === undefined), "512 x 64 fits 128 MiB");
+  // lm_head [512, 64] is 256 bytes a row: 100 rows a block, so five blocks of 100 and one of 12.
+  const plan = planBase(gqa, { maxBindingBytes: 100 * 256 });
+  assert.is(plan.maxBindingBytes, 25_600);
+  const head = plan.head.find((op): op is Extract<PlanOp, { op: "linear" }> => op.op === "linear")!;
+  assert.equal(head.blocks!.map((b) => b.rows), [100, 12]);
+  assert.equal(head.blocks!.map((b) => b.matvec), ["matvec(K=64,N=100,residual=false)", "matvec(K=64,N=12,residual=false)"]);
+  const sources = kernelSources(plan);
+  for (const b of head.blocks!) for (const key of [b.matmul, b.matvec]) assert.ok(sources.has(key), key);
+  // Layer weights are never split (a residual linear cannot be computed by blocks).
+  assert.ok(plan.layer.every((op) => op.op !== "linear" || op.blocks === undefined));
+  assert.throws(() => planBase(gqa, { maxBindingBytes: 0 }), /at least 4/);
 });
 
 test.run();

@@ -13,7 +13,7 @@ import { kernelSources } from "../../compiler/plan.ts";
 import { writeRandomAdapter } from "../../examples/random-adapter.ts";
 import { PRESETS, writeRandomCheckpoint } from "../../examples/random-checkpoint.ts";
 import { acquireDevice, type GpuContext } from "../../runtime/device.ts";
-import { Engine } from "../../runtime/engine.ts";
+import { Engine, EngineError } from "../../runtime/engine.ts";
 import { loadCompiledModel, PackageError, readCompiledPackage } from "../../runtime/package-loader.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
 import { buildRuntime, packageProject, repo } from "../compiler/emit/package-project.ts";
@@ -166,6 +166,35 @@ test("route() of a MiLoRA package: per layer, a gate for every enabled module, t
       assert.is(on.length, 2);
       assert.ok(Math.abs(on[0]! + on[1]! - 1) < 1e-5, `gates ${on} do not sum to 1`);
     }
+  } finally {
+    model.destroy();
+  }
+});
+
+test("a MiLoRA package routes with its router kernel files: a missing one is refused, an edited one is what runs", async () => {
+  const dir = compileTiny("tiny", "hand-routed");
+  const pkg = readCompiledPackage(dir);
+  const gate = pkg.manifest.kernels.find((k) => k.key.startsWith("router_gate("))!;
+  assert.ok(pkg.manifest.kernels.some((k) => k.key.startsWith("router_pool(")), "no router_pool kernel in the package");
+
+  // Without the gate's WGSL the engine stops at load instead of generating it.
+  const kernels = new Map(pkg.kernels);
+  kernels.delete(gate.key);
+  await rejects(() => Engine.load({ base: pkg.base, checkpointDir: checkpoint, gpu, plan: pkg.manifest.plan, kernels }), EngineError, `no WGSL was given for kernel ${gate.key}`);
+
+  // An edited gate file that always puts the whole gate on expert 0 (q_proj) decides every route.
+  const path = join(dir, gate.file);
+  const original = readFileSync(path, "utf8");
+  const choice = "columnGate[c] = select(0.0, exp(z[min(e, E - 1u)] - top) / total, e < E && chosen[min(e, E - 1u)]);";
+  assert.ok(original.includes(choice), `${gate.file} has no gate choice to edit`);
+  writeFileSync(path, original.replace(choice, "columnGate[c] = select(0.0, 1.0, e == 0u);"));
+  const spec = checkFiles(["examples/llama-tiny.milora"]).program.adapters.find((a) => a.name === "tiny")!;
+  writeRandomAdapter(join(project.root, "dave"), { spec, seed: 12 });
+  const model = await loadCompiledModel(dir, { base: checkpoint, adapters: { dave: join(project.root, "dave") }, device: gpu });
+  try {
+    const routing = await model.route([9, 8, 7, 6, 5], { tenant: "dave" });
+    const onlyQ = { q_proj: 1, k_proj: 0, v_proj: 0, o_proj: 0, gate_proj: 0, up_proj: 0, down_proj: 0 };
+    assert.equal(routing, [{ layer: 0, gates: onlyQ }, { layer: 1, gates: onlyQ }]);
   } finally {
     model.destroy();
   }

@@ -86,6 +86,26 @@ test("each kernel file is its generated WGSL under a header citing the spec line
   assert.match(files.get(shrink.file)!, "llama-tiny.milora:14  experts all { rank 4 alpha 8 dropout 0.05 }");
 });
 
+test("a MiLoRA package ships its routers' kernels as files citing the router block", () => {
+  const files = compiled({ spec: "examples/llama-tiny.milora", adapter: "tiny" });
+  const m = manifestOf(files);
+  const routerFiles = m.kernels.filter((k) => k.key.startsWith("router_")).map((k) => k.file);
+  assert.equal(routerFiles, [
+    "kernels/router_pool_hidden-64_pooling-last_activation-none.wgsl",
+    "kernels/router_gate_hidden-64_columns-0-1-2-3-4-5-6_width-7_selection-top_k2_activation-none.wgsl",
+  ]);
+  const { header } = splitKernelFile(files.get(routerFiles[1]!)!);
+  assert.match(header, "// Used by: router gate of layers 0, 1");
+  for (const line of ["15  router {", "16  pooling last", "17  select top_k 2", "18  when prompt"]) assert.match(header, `llama-tiny.milora:${line}`);
+  // A variant's header cites the router lines it inherits and the one it changes.
+  const tokenFiles = compiled({ spec: "examples/llama-tiny.milora", adapter: "tiny_token" });
+  const gate = manifestOf(tokenFiles).kernels.find((k) => k.key.startsWith("router_gate"))!;
+  const tokenHeader = splitKernelFile(tokenFiles.get(gate.file)!).header;
+  assert.match(tokenHeader, "llama-tiny.milora:16  pooling last");
+  assert.match(tokenHeader, "llama-tiny.milora:24  router { when token }");
+  assert.not.ok(manifestOf(compiled({ spec: "examples/llama-tiny.milora", adapter: "tiny_lora" })).kernels.some((k) => k.key.startsWith("router_")));
+});
+
 test("a base read from config.json is cited by its file, and --ctx changes the attention kernels' context", () => {
   const files = compiled({ spec: "examples/from-config.milora", adapter: "support_bot", ctx: 64 });
   const attention = manifestOf(files).kernels.find((k) => k.key.startsWith("attention"))!;
