@@ -16,7 +16,7 @@ import { startServing } from "../runtime/server/start.ts";
 
 const MODELS: Record<string, RandomCheckpointOptions> = {
   tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1, tokenizer: true },
-  small: { hiddenSize: 256, layers: 4, heads: 8, kvHeads: 4, intermediateSize: 704, vocabSize: 2048, maxPositions: 256, seed: 3, tokenizer: true },
+  small: { hiddenSize: 512, layers: 4, heads: 8, kvHeads: 4, intermediateSize: 1408, vocabSize: 512, maxPositions: 256, seed: 3, tokenizer: true },
 };
 const TENANTS = 8;
 const ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
