@@ -62,8 +62,8 @@ export interface PlanTensor {
   readonly layer?: number;
   readonly module?: ExpertModule;
   /**
-   * Whether the runtime may split it into row blocks when it exceeds one storage binding: only
-   * tensors it reads by rows or as a residual-free linear (the embedding and lm_head of a big vocab).
+   * Whether the runtime may split it into row blocks when it exceeds one storage binding: the tensors it
+   * reads by rows (the embedding) or as a linear weight, whose blocks each compute their own outputs.
    */
   readonly splittable: boolean;
 }
@@ -105,7 +105,11 @@ export type PlanOp =
       readonly residual?: ActivationName;
       /** The module's LoRA, when the plan serves adapters: shrink and expand kernels run after the product. */
       readonly lora?: PlanLora;
-      /** When the weight exceeds the plan's storage binding: its kernels for each row-block height. */
+      /**
+       * When the weight exceeds the plan's storage binding: its kernels for each row-block height. Each
+       * block writes its outputs (and adds its residual) in place in the full-width output; LoRA then
+       * runs once on the whole output.
+       */
       readonly blocks?: readonly PlanBlockKernels[];
     }
   | { readonly op: "rope"; readonly kernel: string; readonly q: ActivationName; readonly k: ActivationName }
@@ -272,8 +276,8 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     const heights = blockHeights(tensors.find((t) => t.name === layerTensor(weight, 0))!, maxBindingBytes);
     const blocks = heights.map((rows) => ({
       rows,
-      matmul: use({ family: "matmul", constants: { K, N: rows, residual } }),
-      matvec: use({ family: "matvec", constants: { K, N: rows, residual } }),
+      matmul: use({ family: "matmul", constants: { K, N: rows, residual, stride: N } }),
+      matvec: use({ family: "matvec", constants: { K, N: rows, residual, stride: N } }),
     }));
     const lora = (m: ExpertModule): PlanLora => {
       const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank };
@@ -441,7 +445,7 @@ function tensorTable(d: PlanDims): PlanTensor[] {
     shape,
     gpuDtype: "f32",
     role,
-    splittable: role === "embedding" || role === "lm_head",
+    splittable: role === "embedding" || role === "lm_head" || role === "linear",
     ...extra,
   });
   const out = [t("model.embed_tokens.weight", [d.vocab, d.hidden], "embedding")];

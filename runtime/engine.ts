@@ -24,7 +24,7 @@ import { acquireDevice, type AdapterReport, type GpuContext } from "./device.ts"
 import { loadAdapter as readAdapterDir, loraKey, type LoadedAdapter } from "./adapter.ts";
 import { AdapterStore, type ResidentAdapter } from "./adapter-store.ts";
 import { generate, generateBatch, type GenerateRequest, type Generation } from "./generate.ts";
-import { PipelineCache, StepEncoder, createStorage, readBuffer } from "./kernel-runner.ts";
+import { PipelineCache, StepEncoder, createStorage } from "./kernel-runner.ts";
 import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
 import { MODULES_PER_LAYER, allOnGates, decisionsOf, gateColumn, gatesOf, type LayerRouting } from "./routing.ts";
 import { KvCache, kvLayerBytes } from "./kv-cache.ts";
@@ -60,8 +60,13 @@ export interface EngineOptions {
   readonly maxAdapters?: number;
   /** Largest LoRA rank an adapter may have (default 16). */
   readonly maxLoraRank?: number;
-  /** A plan made beforehand (a compiled package's); it fixes the context and largest rank, so give neither. */
+  /** A plan made beforehand (a compiled package's); it fixes the context, largest rank and adapter, so give none. */
   readonly plan?: Plan;
+  /**
+   * The adapter spec an engine-made plan serves: its routers' kernels join the plan. Adapters of other
+   * specs still load; their router kernels are generated at load time (unplannedKernel).
+   */
+  readonly adapter?: Adapter;
   /**
    * The WGSL to run by kernel key, covering the plan's kernel set (default: generated from the plan).
    * Every kernel the plan names runs from here; only kernels outside the plan are generated (unplannedKernel).
@@ -131,8 +136,6 @@ export class Engine {
   readonly #users = new Map<string, Set<Sequence>>();
   #logitsReadback: GPUBuffer | undefined;
   #gatesReadback: GPUBuffer | undefined;
-  /** Output of one row block of a split linear weight, before its columns are copied into place. */
-  readonly #blockOutput: GPUBuffer | undefined;
   #nextId = 0;
   #queue: Promise<unknown> = Promise.resolve();
 
@@ -168,9 +171,6 @@ export class Engine {
     this.#adapters = new AdapterStore(device, plan, maxAdapters);
     this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: maxAdapters }, (request) => this.#kernelFor(request));
     this.#tokensReadback = device.createBuffer({ label: "tokens readback", size: maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
-    const split = plan.tensors.map((t) => weights.get(t.name)).filter((t) => t.blocks.length > 1);
-    const widestBlock = Math.max(0, ...split.flatMap((t) => t.blocks.map((b) => b.rows)));
-    this.#blockOutput = widestBlock > 0 ? createStorage(device, maxRows * widestBlock * 4, "split linear block output") : undefined;
     // Compiling every pipeline now keeps shader compilation out of the first step's timing.
     for (const k of this.#allKernels()) this.#pipelines.get(k);
   }
@@ -334,10 +334,9 @@ export class Engine {
         if (g === 0) continue;
         const w = adapter.adapter.lora.get(loraKey(layer, module))!;
         const tensor = this.plan.tensors.find((t) => t.layer === layer && t.module === module)!.name;
-        const buffer = this.#weights.buffer(tensor);
-        const original = await readBuffer(device, buffer, 0, buffer.size);
+        const original = await this.#weights.read(device, tensor);
         originals.set(tensor, original);
-        device.queue.writeBuffer(buffer, 0, foldLora(original, w.a, w.b, w.rank, g * w.scaling));
+        this.#weights.write(device.queue, tensor, foldLora(original, w.a, w.b, w.rank, g * w.scaling));
       }
       this.#merged = { adapter: name, originals };
     });
@@ -347,7 +346,7 @@ export class Engine {
   unmergeAdapter(): Promise<void> {
     return this.#serialised(async () => {
       if (!this.#merged) return;
-      for (const [name, data] of this.#merged.originals) this.#gpu.device.queue.writeBuffer(this.#weights.buffer(name), 0, data);
+      for (const [name, data] of this.#merged.originals) this.#weights.write(this.#gpu.device.queue, name, data);
       this.#merged = undefined;
     });
   }
@@ -393,7 +392,6 @@ export class Engine {
     for (const b of [...this.#activations.values(), ...Object.values(this.#inputs), this.#tokensReadback]) b.destroy();
     this.#logitsReadback?.destroy();
     this.#gatesReadback?.destroy();
-    this.#blockOutput?.destroy();
     if (this.#ownsDevice) this.#gpu.destroy();
   }
 
@@ -601,20 +599,13 @@ export class Engine {
   #linear(op: Extract<PlanOp, { op: "linear" }>, rows: number, layer: number): void {
     const key = rows <= this.plan.matvecMaxRows ? op.matvec : op.matmul;
     const weight = this.#weights.get(layerTensor(op.weight, layer));
-    const x = this.#act(op.input);
-    const y = this.#act(op.output);
-    const residual: Record<string, GPUBuffer> = op.residual === undefined ? {} : { residual: this.#act(op.residual) };
+    const io = { x: this.#act(op.input), y: this.#act(op.output), ...(op.residual === undefined ? {} : { residual: this.#act(op.residual) }) };
     if (weight.blocks.length === 1) {
-      this.#step.dispatch(this.#kernels.get(key)!, { x, w: weight.blocks[0]!.buffer, ...residual, y }, { rows });
+      this.#step.dispatch(this.#kernels.get(key)!, { ...io, w: weight.blocks[0]!.buffer }, { rows });
       return;
     }
-    // A split weight (never with a residual, see PlanTensor.splittable): each block's columns are
-    // computed apart, then copied row by row into their place in y.
-    const N = weight.shape[0]!;
-    for (const block of weight.blocks) {
-      this.#step.dispatch(this.#blockKernel(key, block.rows), { x, w: block.buffer, y: this.#blockOutput! }, { rows });
-      for (let r = 0; r < rows; r++) this.#step.copy(this.#blockOutput!, r * block.rows * 4, y, (r * N + block.firstRow) * 4, block.rows * 4);
-    }
+    // A split weight: each row block computes its own columns of y in place (residual included).
+    for (const block of weight.blocks) this.#step.dispatch(this.#blockKernel(key, block.rows), { ...io, w: block.buffer }, { rows, column: block.firstRow });
   }
 
   /** y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module. */
@@ -627,11 +618,11 @@ export class Engine {
     this.#step.dispatch(this.#kernels.get(lora.expand)!, { t, b: stack.b, ...select, y: this.#act(op.output) }, params);
   }
 
-  /** The variant of a linear kernel for a row block of `N` output features. */
+  /** The variant of a linear kernel for a row block of `N` output features, written into the full-width y. */
   #blockKernel(key: string, N: number): KernelSource {
     const planned = this.plan.kernels.find((k) => k.key === key)!;
     if (planned.family !== "matmul" && planned.family !== "matvec") throw new Error(`${key} is not a linear kernel`);
-    return this.#kernelFor({ family: planned.family, constants: { ...planned.constants, N } });
+    return this.#kernelFor({ family: planned.family, constants: { ...planned.constants, N, stride: planned.constants.N } });
   }
 
   /** The WGSL for a kernel request: the kernel map's when the plan names it, else unplannedKernel's. */
@@ -681,7 +672,7 @@ export class Engine {
 
 /**
  * The WGSL of a kernel the plan does not name, generated at run time: the routers of an adapter whose
- * router the plan was not made for (an engine planned for the base alone, or a server given another
+ * router the plan was not made for (an engine planned without an adapter spec, or a server given another
  * spec's tenants), and row-block variants of a weight split finer than the plan assumed (a device or
  * `maxBindingBytes` below the plan's binding size). A compiled package's own adapter and weights
  * never come here: its plan names all of their kernels.
@@ -690,15 +681,17 @@ export function unplannedKernel(request: KernelRequest): KernelSource {
   return plannedKernelSource(request);
 }
 
-/** The caller's plan, or one for the options' context, largest rank and binding size. */
+/** The caller's plan, or one for the options' context, largest rank, binding size and adapter. */
 function planOf(options: EngineOptions, maxAdapters: number): Plan {
   const { base, plan } = options;
   if (plan === undefined) {
     const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
     const binding = options.maxBindingBytes === undefined ? {} : { maxBindingBytes: options.maxBindingBytes };
-    return planBase(base, { ctx, maxLoraRank: maxAdapters === 0 ? 0 : (options.maxLoraRank ?? 16), ...binding });
+    const adapter = options.adapter === undefined ? {} : { adapter: options.adapter };
+    return planBase(base, { ctx, maxLoraRank: maxAdapters === 0 ? 0 : (options.maxLoraRank ?? 16), ...binding, ...adapter });
   }
-  if (options.ctx !== undefined || options.maxLoraRank !== undefined) throw new EngineError("a given plan fixes the context and the largest LoRA rank: leave ctx and maxLoraRank out");
+  if (options.ctx !== undefined || options.maxLoraRank !== undefined || options.adapter !== undefined)
+    throw new EngineError("a given plan fixes the context, the largest LoRA rank and the adapter: leave ctx, maxLoraRank and adapter out");
   return plan;
 }
 

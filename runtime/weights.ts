@@ -1,10 +1,10 @@
 // Uploading a checkpoint to the GPU as the plan's tensor table describes it. Every tensor is checked
 // before any is read (all problems reported at once), then streamed: read one tensor as f32, copy it
-// into its buffer(s), let it go. A splittable tensor larger than the plan's storage binding (or the
-// device's, when smaller) is split into row blocks.
+// into its buffer(s), let it go. A splittable tensor (the embedding and every linear weight) larger than
+// the plan's storage binding (or the device's, when smaller) is split into row blocks.
 import { rowsPerBlock, type Plan, type PlanTensor } from "../compiler/plan.ts";
 import type { Checkpoint } from "./checkpoint.ts";
-import { createStorage } from "./kernel-runner.ts";
+import { createStorage, readBuffer } from "./kernel-runner.ts";
 import { CheckpointError } from "./safetensors.ts";
 
 /** Rows firstRow .. firstRow + rows - 1 of a tensor's first dimension, in one buffer. */
@@ -37,6 +37,22 @@ export class GpuWeights {
   /** The single buffer of a tensor the plan never splits. */
   buffer(name: string): GPUBuffer {
     return this.get(name).blocks[0]!.buffer;
+  }
+
+  /** A tensor's contents, its blocks joined (for merging an adapter into it). */
+  async read(device: GPUDevice, name: string): Promise<Float32Array> {
+    const t = this.get(name);
+    const rowFloats = t.shape.slice(1).reduce((a, b) => a * b, 1);
+    const out = new Float32Array((t.shape[0] ?? 1) * rowFloats);
+    for (const b of t.blocks) out.set(await readBuffer(device, b.buffer, 0, b.rows * rowFloats * 4), b.firstRow * rowFloats);
+    return out;
+  }
+
+  /** Overwrites a tensor with `data` (its full shape), each block with its rows. */
+  write(queue: GPUQueue, name: string, data: Float32Array): void {
+    const t = this.get(name);
+    const rowFloats = t.shape.slice(1).reduce((a, b) => a * b, 1);
+    for (const b of t.blocks) queue.writeBuffer(b.buffer, 0, data, b.firstRow * rowFloats, b.rows * rowFloats);
   }
 
   get bytes(): number {

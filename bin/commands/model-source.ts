@@ -62,14 +62,30 @@ export function adapterSpecOf(source: ModelSource, name: string | undefined, dir
   throw new SourceError(`${path} has no adapter ${name} (adapters: ${names})`, 1);
 }
 
+/** What a run needs its engine's plan to hold: the cache length, the largest rank, the tenants' specs. */
+export interface PlanSizing {
+  readonly ctx?: number;
+  readonly maxLoraRank?: number;
+  /** The spec each tenant run was checked against, one per tenant. */
+  readonly tenants?: readonly Adapter[];
+}
+
 /**
- * Engine options that fix its plan and kernels: a package's own plan and kernel files, else a plan the
- * engine makes for `ctx` positions and LoRA up to `maxLoraRank` (the package's plan fixes both).
+ * Engine options that fix its plan and kernels: a package's own plan and kernel files (which fix
+ * everything), else a plan the engine makes for `ctx` positions and LoRA up to `maxLoraRank`, serving the
+ * spec's adapter when every tenant runs under that one adapter, so that its router kernels are planned.
  */
-export function planOptions(source: ModelSource, sizing: { readonly ctx?: number; readonly maxLoraRank?: number }): Partial<EngineOptions> {
+export function planOptions(source: ModelSource, sizing: PlanSizing): Partial<EngineOptions> {
   const pkg = source.package;
   if (pkg) return { plan: pkg.manifest.plan, kernels: pkg.kernels };
-  return { ...(sizing.ctx === undefined ? {} : { ctx: sizing.ctx }), ...(sizing.maxLoraRank === undefined ? {} : { maxLoraRank: sizing.maxLoraRank }) };
+  const specs = new Set(sizing.tenants ?? []);
+  const [only] = specs;
+  const adapter = specs.size === 1 && source.adapters.includes(only!) ? only : undefined;
+  return {
+    ...(sizing.ctx === undefined ? {} : { ctx: sizing.ctx }),
+    ...(sizing.maxLoraRank === undefined ? {} : { maxLoraRank: sizing.maxLoraRank }),
+    ...(adapter === undefined ? {} : { adapter }),
+  };
 }
 
 /**

@@ -94,6 +94,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
         // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
         ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),
         maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
+        tenants: adapters.map((a) => a.spec),
       }),
       maxSequences: Math.max(1, adapters.length),
       // A prompt-routed prompt runs in one step, so a step holds the whole prompt.

@@ -1,10 +1,11 @@
 // Matrix product for prefill: y[M, N] = x[M, K] w[N, K]^T (+ residual[M, N] when `residual`).
-//   bindings: x (read, f32[M, K]), w (read, f32[N, K]), [residual (read, f32[M, N])], y (read_write, f32[M, N])
-//   params:   rows (M)
+//   bindings: x (read, f32[M, K]), w (read, f32[N, K]), [residual (read, f32[M, S])], y (read_write, f32[M, S])
+//   params:   rows (M), and with `stride`, column (where the N columns start in y)
+// S is `stride` for a row block of a split weight, whose columns land straight in their place in y, else N.
 // Register-tiled: a workgroup of 16x16 invocations computes a 64x64 block of y, each invocation a 4x4
 // sub-block (rows ty + 16i, columns tx + 16j) from x and w tiles staged in workgroup memory as vec4 along K.
-import type { KernelSource } from "./kernel.ts";
-import { grid, kernelSource, vec4Rows } from "./wgsl.ts";
+import type { KernelParam, KernelSource } from "./kernel.ts";
+import { kernelSource, vec4Rows } from "./wgsl.ts";
 
 export interface MatmulConstants {
   /** Input features (columns of x and w). */
@@ -13,6 +14,22 @@ export interface MatmulConstants {
   readonly N: number;
   /** Add `residual` to the product in the epilogue. */
   readonly residual: boolean;
+  /**
+   * Row width of y (and residual) when w is a row block of a wider weight: the block's N columns go to
+   * columns params.column .. column + N - 1. Absent when w is the whole weight (y is [M, N]).
+   */
+  readonly stride?: number;
+}
+
+/**
+ * Where output (row, col) of a linear kernel lives in y and residual: row * N + col for a whole weight,
+ * row * stride + column + col for a row block, with `column` a param so that all blocks of one height
+ * share a kernel.
+ */
+export function outputLayout(N: number, stride: number | undefined): { params: KernelParam[]; index(row: string, col: string): string } {
+  if (stride === undefined) return { params: [], index: (row, col) => `${row} * ${N}u + ${col}` };
+  if (!Number.isInteger(stride) || stride < N) throw new Error(`a row block of ${N} outputs needs a row stride of at least ${N}, got ${stride}`);
+  return { params: [{ name: "column", type: "u32" }], index: (row, col) => `${row} * ${stride}u + params.column + ${col}` };
 }
 
 const THREADS = 16; // per side of the workgroup
@@ -20,20 +37,21 @@ const PER_THREAD = 4; // outputs per side of each invocation
 const TILE = THREADS * PER_THREAD; // 64 rows and 64 columns per workgroup
 const TILE_K_QUADS = 4; // K tile of 16 values as 4 vec4
 
-export function matmulKernel({ K, N, residual }: MatmulConstants): KernelSource {
+export function matmulKernel({ K, N, residual, stride }: MatmulConstants): KernelSource {
   const x = vec4Rows("x", K);
   const w = vec4Rows("w", K);
   const columnBlocks = Math.ceil(N / TILE);
+  const out = outputLayout(N, stride);
   return kernelSource({
     name: "matmul",
-    constants: { K, N, residual },
+    constants: { K, N, residual, ...(stride === undefined ? {} : { stride }) },
     storage: [
       x.decl,
       w.decl,
       ...(residual ? [{ name: "residual", access: "read" as const, type: "array<f32>" }] : []),
       { name: "y", access: "read_write", type: "array<f32>" },
     ],
-    params: [{ name: "rows", type: "u32" }],
+    params: [{ name: "rows", type: "u32" }, ...out.params],
     body: /* wgsl */ `
 ${x.wgsl}
 ${w.wgsl}
@@ -80,7 +98,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var j = 0u; j < ${PER_THREAD}u; j++) {
       let col = col0 + tx + j * ${THREADS}u;
       if (col < ${N}u) {
-        let at = row * ${N}u + col;
+        let at = ${out.index("row", "col")};
         y[at] = acc[i][j]${residual ? " + residual[at]" : ""};
       }
     }

@@ -36,17 +36,14 @@ test("the tensor table is exactly what a LLaMA checkpoint holds, with GQA widths
   const k = planBase(gqa).tensors.find((t) => t.name === "model.layers.1.self_attn.k_proj.weight")!;
   assert.equal(k.shape, [32, 64]);
   assert.is(k.module, "k_proj");
-  assert.is(k.splittable, false);
+  assert.is(k.splittable, true);
 });
 
-test("tied embeddings: the head reads the embedding table, and only it may be split", () => {
+test("tied embeddings: the head reads the embedding table, and there is no lm_head tensor", () => {
   const plan = planBase(tied);
   const head = plan.head.find((op) => op.op === "linear");
   assert.is(head?.op === "linear" && head.weight, "model.embed_tokens.weight");
-  assert.equal(
-    plan.tensors.filter((t) => t.splittable).map((t) => t.name),
-    ["model.embed_tokens.weight"],
-  );
+  assert.equal(plan.tensors.filter((t) => t.role === "embedding" || t.role === "lm_head").map((t) => t.name), ["model.embed_tokens.weight"]);
 });
 
 test("the plan survives JSON, and every kernel an op names is in the kernel set", () => {
@@ -113,18 +110,21 @@ test("a plan made for a routed adapter names its routers' kernels, per layer, fr
   assert.throws(() => planBase(gqa, { adapter: spec("tiny") }), /adapter tiny is on base llama_tiny, not /);
 });
 
-test("a splittable weight beyond the plan's binding size gets kernels for each row-block height", () => {
+test("a weight beyond the plan's binding size gets kernels for each row-block height, written in place", () => {
   assert.ok(planBase(gqa).head.every((op) => op.op !== "linear" || op.blocks === undefined), "512 x 64 fits 128 MiB");
   // lm_head [512, 64] is 256 bytes a row: 100 rows a block, so five blocks of 100 and one of 12.
   const plan = planBase(gqa, { maxBindingBytes: 100 * 256 });
   assert.is(plan.maxBindingBytes, 25_600);
   const head = plan.head.find((op): op is Extract<PlanOp, { op: "linear" }> => op.op === "linear")!;
   assert.equal(head.blocks!.map((b) => b.rows), [100, 12]);
-  assert.equal(head.blocks!.map((b) => b.matvec), ["matvec(K=64,N=100,residual=false)", "matvec(K=64,N=12,residual=false)"]);
+  assert.equal(head.blocks!.map((b) => b.matvec), ["matvec(K=64,N=100,residual=false,stride=512)", "matvec(K=64,N=12,residual=false,stride=512)"]);
   const sources = kernelSources(plan);
   for (const b of head.blocks!) for (const key of [b.matmul, b.matvec]) assert.ok(sources.has(key), key);
-  // Layer weights are never split (a residual linear cannot be computed by blocks).
-  assert.ok(plan.layer.every((op) => op.op !== "linear" || op.blocks === undefined));
+  // Layer weights split too, residual ones included: down_proj [64, 176] is 704 bytes a row, 36 rows a block.
+  const down = plan.layer.find((op): op is Extract<PlanOp, { op: "linear" }> => op.op === "linear" && op.module === "down_proj")!;
+  assert.equal(down.blocks!.map((b) => b.matmul), ["matmul(K=176,N=36,residual=true,stride=64)", "matmul(K=176,N=28,residual=true,stride=64)"]);
+  for (const b of down.blocks!) for (const key of [b.matmul, b.matvec]) assert.ok(sources.has(key), key);
+  assert.ok(plan.tensors.every((t) => t.splittable === (t.shape.length === 2)), "the embedding and every linear weight may split, norms never");
   assert.throws(() => planBase(gqa, { maxBindingBytes: 0 }), /at least 4/);
 });
 

@@ -72,7 +72,7 @@ function relativeError(got: readonly Float32Array[], want: readonly Float64Array
 }
 
 /** Prefills the prompt (logits of every position), then decodes greedily; logits of every position. */
-async function runSequence(seq: Sequence, steps: number): Promise<{ logits: Float32Array[]; generated: number[] }> {
+async function runSequence(engine: Engine, seq: Sequence, steps: number): Promise<{ logits: Float32Array[]; generated: number[] }> {
   seq.logits = "all";
   const first = (await engine.prefill([seq])).get(seq)!;
   const logits = [...first.logits!];
@@ -105,11 +105,12 @@ function assertSameRouting(got: readonly LayerRouting[], want: readonly RoutingD
 }
 
 /** Runs `adapter` on the prompt plus GENERATED greedy tokens and checks logits and routing against the reference. */
-async function matchesReference(adapter: LoadedAdapter): Promise<Sequence> {
+async function matchesReference(adapter: LoadedAdapter, on: Engine = engine): Promise<Sequence> {
+  const engine = on;
   engine.loadAdapter(adapter.name, adapter);
   try {
     const seq = engine.createSequence(PROMPT, { adapter: adapter.name });
-    const { logits, generated } = await runSequence(seq, GENERATED);
+    const { logits, generated } = await runSequence(engine, seq, GENERATED);
     engine.release(seq);
     const want = referenceMiloraLogits(base, weights, adapter, PROMPT, generated);
     const err = relativeError(logits, want.logits);
@@ -127,7 +128,7 @@ test("a plain PEFT adapter loaded from its directory runs as LoRA on every modul
   engine.loadAdapter("peft", dir);
   try {
     const seq = engine.createSequence(PROMPT, { adapter: "peft" });
-    const { logits, generated } = await runSequence(seq, GENERATED);
+    const { logits, generated } = await runSequence(engine, seq, GENERATED);
     engine.release(seq);
     const err = relativeError(logits, referenceMiloraLogits(base, weights, adapter, PROMPT, generated).logits);
     assert.ok(err < BOUND, `relative error ${err.toExponential(2)}`);
@@ -250,6 +251,24 @@ test("merged mode (W + g s B A for one prompt's decision) gives the unmerged log
   } finally {
     await engine.unmergeAdapter();
     engine.unloadAdapter("m");
+  }
+});
+
+test("weights larger than a storage binding run as row blocks: MiLoRA prefill and decode match the reference, merging folds every block", async () => {
+  // A 20 KB binding splits gate/up_proj [176, 64] into blocks of 78 rows, down_proj [64, 176] (with its
+  // residual) into blocks of 28, and the embedding and lm_head [97, 64] into blocks of 78.
+  const split = await Engine.load({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxAdapters: 1, maxLoraRank: 8, maxBindingBytes: 20_000 });
+  try {
+    await matchesReference(milora({ pooling: "mean" }, 61, "split"), split);
+    split.loadAdapter("lora", randomAdapter({ spec: peftSpec({ base, modules: EXPERT_MODULES, rank: 8, alpha: 16, seed: 0, name: "lora" }), seed: 62 }));
+    const unmerged = await split.generate({ prompt: PROMPT, maxTokens: 2, logits: "all", adapter: "lora" });
+    await split.mergeAdapter("lora");
+    const merged = await split.generate({ prompt: PROMPT, maxTokens: 2, logits: "all" });
+    const err = relativeError(merged.logits!, unmerged.logits!.map((row) => Float64Array.from(row)));
+    assert.ok(err < BOUND, `merged into split weights: relative error ${err.toExponential(2)}`);
+    await split.unmergeAdapter();
+  } finally {
+    split.destroy();
   }
 });
 

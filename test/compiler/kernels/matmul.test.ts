@@ -50,6 +50,38 @@ test("matvec with the residual epilogue, and a wide output (logits-like)", async
   await check("matvec", 1, 1001, 1024, false);
 });
 
+/**
+ * A weight of `S` output rows computed as row blocks of `block` rows, each block's kernel writing its
+ * columns straight into y (row stride S) and adding the residual from the same place.
+ */
+async function checkBlocks(kind: "matmul" | "matvec", M: number, S: number, K: number, block: number, residual: boolean) {
+  const x = randomFloats(random, M * K);
+  const w = randomFloats(random, S * K);
+  const r = residual ? randomFloats(random, M * S) : undefined;
+  let y = nanFilled(M * S);
+  for (let column = 0; column < S; column += block) {
+    const N = Math.min(block, S - column);
+    const kernel = (kind === "matmul" ? matmulKernel : matvecKernel)({ K, N, residual, stride: S });
+    const wBlock = w.subarray(column * K, (column + N) * K);
+    y = (await runOnce(gpu, kernel, { x, w: wBlock, ...(r ? { residual: r } : {}), y }, { rows: M, column }, ["y"])).y!;
+  }
+  const error = relativeError(y, product(x, w, M, S, K, r));
+  assert.ok(error < BOUND, `${kind} blocks of ${block} of ${S} columns, M=${M}: relative error ${error}`);
+}
+
+test("row blocks of a split weight write their columns into place, residual included", async () => {
+  await checkBlocks("matmul", 37, 101, 130, 40, true);
+  await checkBlocks("matmul", 3, 70, 17, 33, false);
+  await checkBlocks("matvec", MATVEC_MAX_ROWS, 101, 130, 40, true);
+  await checkBlocks("matvec", 1, 70, 17, 33, false);
+});
+
+test("a row block's key names its stride, and the stride cannot be narrower than the block", () => {
+  assert.is(matvecKernel({ K: 8, N: 3, residual: true, stride: 10 }).key, "matvec(K=8,N=3,residual=true,stride=10)");
+  assert.equal(matmulKernel({ K: 8, N: 3, residual: false, stride: 10 }).params.map((p) => p.name), ["rows", "column"]);
+  assert.throws(() => matmulKernel({ K: 8, N: 12, residual: false, stride: 10 }), /stride of at least 12/);
+});
+
 test("matvec refuses more rows than it accumulates", () => {
   assert.throws(() => matvecKernel({ K: 4, N: 4, residual: false }).dispatch({ rows: MATVEC_MAX_ROWS + 1 }), /at most 8 rows/);
 });
