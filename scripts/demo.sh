@@ -15,6 +15,9 @@ for tenant in alice:1 bob:2; do
   name=${tenant%%:*}
   [ -d "$demo/$name" ] || node --import tsx examples/random-adapter.ts examples/llama-tiny.milora tiny "$demo/$name" --seed "${tenant##*:}"
 done
+echo
+echo "Two tenants over one base. The weights are random, so the text is noise: what to look at is each"
+echo "tenant's routing (decided once from the prompt, reused for every token) and the tokens/s."
 for name in alice bob; do
   echo
   echo "== tenant $name"
