@@ -52,6 +52,22 @@ interface Live {
 }
 
 export async function generateBatch(engine: Engine, requests: readonly GenerateRequest[]): Promise<Generation[]> {
+  const steps = generateSteps(engine, requests);
+  for (;;) {
+    const next = await steps.next();
+    if (next.done) return next.value;
+  }
+}
+
+/**
+ * Runs the requests together and yields after every step the token each request just received
+ * (undefined for a request already finished): the streaming form of generateBatch. Ending the
+ * iteration early releases the sequences.
+ */
+export async function* generateSteps(
+  engine: Engine,
+  requests: readonly GenerateRequest[],
+): AsyncGenerator<readonly (number | undefined)[], Generation[]> {
   for (const r of requests) {
     if (!Number.isInteger(r.maxTokens) || r.maxTokens < 0) throw new RangeError(`maxTokens must be an integer >= 0, got ${r.maxTokens}`);
   }
@@ -75,6 +91,7 @@ export async function generateBatch(engine: Engine, requests: readonly GenerateR
       if (l.request.maxTokens === 0) l.finish = "length";
       else accept(l, out.token);
     }
+    yield live.map((l) => (l.request.maxTokens === 0 ? undefined : l.tokens[0]));
 
     const decodeStarted = performance.now();
     let decodeSteps = 0;
@@ -84,6 +101,7 @@ export async function generateBatch(engine: Engine, requests: readonly GenerateR
       decodeSteps++;
       decodeTokens += active.length;
       for (const l of active) accept(l, outs.get(l.seq)!.token);
+      yield live.map((l) => (active.includes(l) ? l.tokens[l.tokens.length - 1] : undefined));
     }
     const timings: GenerationTimings = {
       prefillTokens: requests.reduce((n, r) => n + r.prompt.length, 0),

@@ -13,6 +13,7 @@ import { plannedKernelSource } from "../compiler/plan.ts";
 import { loadAdapter } from "./adapter.ts";
 import type { GpuContext } from "./device.ts";
 import { Engine } from "./engine.ts";
+import { generateSteps } from "./generate.ts";
 import type { SamplingOptions } from "./sequence.ts";
 import { Tokenizer } from "./tokenizer.ts";
 
@@ -159,23 +160,22 @@ export class CompiledModel<Tenant extends string> {
     return this.#tokenizer.encode(prompt, { addBos: true });
   }
 
-  /**
-   * Generates after `prompt`, with the tenant's adapter when one is named. The tokens come once the
-   * engine has produced them all (it has no per-token callback yet), each with the text it adds.
-   */
+  /** Generates after `prompt`, with the tenant's adapter when one is named, yielding each token as its step ends. */
   async *generate(prompt: Prompt, options: GenerateOptions<Tenant> = {}): AsyncGenerator<Token> {
     const { tenant, maxTokens = DEFAULT_MAX_TOKENS, stop = this.#tokenizer?.eosIds ?? [], ...sampling } = options;
     if (tenant !== undefined) this.#checkTenant(tenant);
-    const result = await this.#engine.generate({ prompt: this.encode(prompt), maxTokens, sampling, stop, ...(tenant === undefined ? {} : { adapter: tenant }) });
+    const request = { prompt: this.encode(prompt), maxTokens, sampling, stop, ...(tenant === undefined ? {} : { adapter: tenant }) };
+    const ids: number[] = [];
     let shown = "";
-    for (let i = 0; i < result.tokens.length; i++) {
-      const id = result.tokens[i]!;
+    for await (const [id] of generateSteps(this.#engine, [request])) {
+      if (id === undefined) continue;
+      ids.push(id);
       if (this.#tokenizer === undefined) {
         yield { id };
         continue;
       }
       // Decoding the whole prefix keeps multi-token characters intact; each token adds what is new.
-      const text = this.#tokenizer.decode(result.tokens.slice(0, i + 1));
+      const text = this.#tokenizer.decode(ids);
       yield { id, text: text.slice(shown.length) };
       shown = text;
     }

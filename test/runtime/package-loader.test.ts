@@ -146,6 +146,15 @@ test("tenants: adapters are checked against the spec and generate as the engine 
     engine.loadAdapter("alice", join(project.root, "alice"), { spec });
     const direct = await engine.generate({ prompt: [4, 8, 15, 16], maxTokens: 6, sampling, adapter: "alice" });
     assert.equal(tokens, direct.tokens);
+
+    // Tokens stream as their steps end; leaving after the first ends the generation and frees its
+    // sequence, so more generations than the engine has sequences still start.
+    for (let i = 0; i < 6; i++) {
+      for await (const token of model.generate([4, 8, 15, 16], { tenant: "alice", maxTokens: 200, stop: [], ...sampling })) {
+        assert.is(token.id, tokens[0]);
+        break;
+      }
+    }
   } finally {
     engine.destroy();
     model.destroy();
