@@ -12,7 +12,7 @@ import type { KernelSource } from "./kernels/kernel.ts";
 import { kvWriteKernel, type KvWriteConstants } from "./kernels/kv-write.ts";
 import { loraExpandKernel, loraShrinkKernel, type LoraConstants } from "./kernels/lora.ts";
 import { matmulKernel, type MatmulConstants } from "./kernels/matmul.ts";
-import { MATVEC_MAX_ROWS, matvecKernel, type MatvecConstants } from "./kernels/matvec.ts";
+import { matvecKernel, type MatvecConstants } from "./kernels/matvec.ts";
 import { rmsNormKernel, type RmsNormConstants } from "./kernels/rmsnorm.ts";
 import { ropeKernel, type RopeConstants } from "./kernels/rope.ts";
 import {
@@ -189,7 +189,7 @@ export interface Plan {
   readonly layer: readonly PlanOp[];
   readonly headInput: ActivationName;
   readonly head: readonly PlanOp[];
-  /** Steps of up to this many rows use the matvec kernels. */
+  /** Steps of up to this many rows use the matvec kernels (decode batches), larger ones matmul (prefill). */
   readonly matvecMaxRows: number;
   /** Largest LoRA rank an adapter slot holds; 0 when the plan serves no adapters. */
   readonly maxLoraRank: number;
@@ -219,6 +219,13 @@ export interface PlanOptions {
  * more), so a plan split by it runs everywhere.
  */
 export const DEFAULT_BINDING_BYTES = 128 * 1024 * 1024;
+
+/**
+ * Steps of up to this many rows run the matvec kernels, larger ones the 64-row matmul tile. Measured
+ * with bench/linear-rows.ts on llvmpipe at hidden 512 (docs/performance.md, "Decode batches"): matvec
+ * costs 0.77x the matmul at 24 rows and 1.00-1.03x at 32, so the crossover is near 28.
+ */
+export const MATVEC_MAX_ROWS = 28;
 
 /** Plans a LLaMA-family base model. Throws PlanError for what the kernels do not implement. */
 export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {

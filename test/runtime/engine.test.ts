@@ -85,7 +85,7 @@ test("BF16 in three shards", async () => {
 
 test("embedding and lm_head larger than a storage binding are split into row blocks; long prompts into chunks", async () => {
   // [1000, 16] f32 = 64 KB: a 20 KB binding splits it into blocks of 312 rows, and a 4 KB logits row
-  // limits a step to 5 rows, so the 11-token prompt runs as 5 + 5 (matmul) + 1 (matvec).
+  // limits a step to 5 rows, so the 11-token prompt runs as 5 + 5 + 1.
   const dir = checkpoint("big-vocab", { hiddenSize: 16, heads: 2, kvHeads: 1, intermediateSize: 32, vocabSize: 1000, seed: 10 });
   await promptLogitsMatch(dir, { maxBindingBytes: 20_000, maxSequences: 1 });
 });
@@ -110,9 +110,10 @@ test("decoding token by token gives the logits a full prefill of the same tokens
   }
 });
 
-test("a batch of three sequences of different lengths gives what each gives alone", async () => {
+test("a batch of three sequences of different lengths gives what each gives alone; batches of 12 and 20 give the reference's", async () => {
   const dir = checkpoint("gqa-f32");
-  const engine = await load(dir);
+  const { base, weights } = loadReferenceWeights(dir);
+  const engine = await load(dir, { maxSequences: 20 });
   const prompts = [PROMPT, [40, 2], [9, 9, 9, 9, 9, 31]];
   try {
     const alone: Generation[] = [];
@@ -123,7 +124,29 @@ test("a batch of three sequences of different lengths gives what each gives alon
       const err = relativeError(got.logits!, alone[i]!.logits!.map((row) => Float64Array.from(row)));
       assert.ok(err < 1e-5, `prompt ${i}: relative error ${err.toExponential(2)}`);
     });
-    assert.is(engine.freeSlots, 4);
+    // Prefilled together on the matmul; then decode steps of 12 and 20 rows, one per sequence, on the matvec.
+    for (const n of [12, 20]) {
+      const batch = Array.from({ length: n }, (_, i) => Array.from({ length: 1 + (i % 5) }, (_, j) => (i * 13 + j * 7 + 1) % TINY.vocabSize));
+      assert.ok(batch.flat().length > engine.plan.matvecMaxRows && n <= engine.plan.matvecMaxRows, "prefill runs matmul, decode matvec");
+      const seqs = batch.map((prompt) => engine.createSequence(prompt, { logits: "last" }));
+      const logits = new Map(seqs.map((s) => [s, [] as Float32Array[]]));
+      let out = await engine.prefill(seqs);
+      for (let step = 0; step < 2; step++) {
+        for (const s of seqs) {
+          logits.get(s)!.push(out.get(s)!.logits![0]!);
+          s.append([out.get(s)!.token]);
+        }
+        out = await engine.decode(seqs);
+      }
+      for (const s of seqs) logits.get(s)!.push(out.get(s)!.logits![0]!);
+      seqs.forEach((s, i) => {
+        const want = referenceLogits(base, weights, s.tokens).slice(batch[i]!.length - 1);
+        const err = relativeError(logits.get(s)!, want);
+        assert.ok(err < BOUND, `${n} sequences, sequence ${i}: relative error ${err.toExponential(2)}`);
+        engine.release(s);
+      });
+    }
+    assert.is(engine.freeSlots, 20);
   } finally {
     engine.destroy();
   }
