@@ -105,14 +105,14 @@ function assertSameRouting(got: readonly LayerRouting[], want: readonly RoutingD
 }
 
 /** Runs `adapter` on the prompt plus GENERATED greedy tokens and checks logits and routing against the reference. */
-async function matchesReference(adapter: LoadedAdapter, on: Engine = engine): Promise<Sequence> {
+async function matchesReference(adapter: LoadedAdapter, on: Engine = engine, prompt: readonly number[] = PROMPT): Promise<Sequence> {
   const engine = on;
   engine.loadAdapter(adapter.name, adapter);
   try {
-    const seq = engine.createSequence(PROMPT, { adapter: adapter.name });
+    const seq = engine.createSequence(prompt, { adapter: adapter.name });
     const { logits, generated } = await runSequence(engine, seq, GENERATED);
     engine.release(seq);
-    const want = referenceMiloraLogits(base, weights, adapter, PROMPT, generated);
+    const want = referenceMiloraLogits(base, weights, adapter, [...prompt], generated);
     const err = relativeError(logits, want.logits);
     assert.ok(err < BOUND, `relative error ${err.toExponential(2)} >= ${BOUND}`);
     assertSameRouting(seq.routing, want.routing);
@@ -269,6 +269,15 @@ test("weights larger than a storage binding run as row blocks: MiLoRA prefill an
     await split.unmergeAdapter();
   } finally {
     split.destroy();
+  }
+  // A 40 KB binding still splits gate/up_proj (45 KB) but lets a step hold a 40-row prompt: past the
+  // matvec's row limit, so the blocks run through the prefill matmul too.
+  const wide = await Engine.load({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxAdapters: 1, maxLoraRank: 8, maxBindingBytes: 40_000 });
+  try {
+    const long = Array.from({ length: 40 }, (_, i) => (i * 37 + 5) % base.vocabSize);
+    await matchesReference(milora({ pooling: "mean" }, 63, "split-long"), wide, long);
+  } finally {
+    wide.destroy();
   }
 });
 
