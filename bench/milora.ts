@@ -7,6 +7,7 @@
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { readHfConfig } from "../compiler/hf-config.ts";
+import { ROUTER_DEFAULTS } from "../compiler/defaults.ts";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type RouterConfig } from "../compiler/model.ts";
 import { peftSpec, randomAdapter } from "../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
@@ -41,12 +42,7 @@ function spec(mode: Mode, b: BaseModel): Adapter {
   const lora = peftSpec({ base: b, modules: EXPERT_MODULES, rank: RANK, alpha: 2 * RANK, seed: 0, name: "bench" });
   if (!mode.router) return lora;
   const router: RouterConfig = {
-    placement: "per_layer",
-    input: "layer_input",
-    pooling: "last",
-    selection: { rule: "top_k", k: 2 },
-    activation: "none",
-    when: "prompt",
+    ...ROUTER_DEFAULTS,
     noise: false,
     balance: 0.01,
     ...mode.router,

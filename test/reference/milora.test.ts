@@ -1,5 +1,6 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
+import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
 import type { Adapter, ExpertModule, RouterConfig, Selection } from "../../compiler/model.ts";
 import { peftSpec, randomAdapter } from "../../examples/random-adapter.ts";
 import { randomCheckpointBase, randomWeights } from "../../examples/random-checkpoint.ts";
@@ -14,14 +15,8 @@ const ALL: ExpertModule[] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"
 
 function routed(overrides: Partial<RouterConfig>, seed = 7): LoadedAdapter {
   const router: RouterConfig = {
-    placement: "per_layer",
-    input: "layer_input",
-    pooling: "last",
-    selection: { rule: "top_k", k: 2 },
-    activation: "none",
-    when: "prompt",
+    ...ROUTER_DEFAULTS,
     noise: false,
-    balance: 0.1,
     ...overrides,
   };
   const spec: Adapter = { ...peftSpec({ base, modules: ALL, rank: 4, alpha: 8, seed: 0, name: "mix" }), router };

@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { readHfConfig } from "../../compiler/hf-config.ts";
+import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
 import { EXPERT_MODULES, type Adapter, type ExpertModule, type RouterConfig } from "../../compiler/model.ts";
 import { peftSpec, randomAdapter, writeRandomPeftAdapter } from "../../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../../examples/random-checkpoint.ts";
@@ -49,12 +50,7 @@ test.after(() => {
 /** A MiLoRA adapter on all seven modules (rank 8 unless given) with the given router. */
 function milora(router: Partial<RouterConfig>, seed: number, name = "mix", rank = 8, modules: readonly ExpertModule[] = EXPERT_MODULES): LoadedAdapter {
   const config: RouterConfig = {
-    placement: "per_layer",
-    input: "layer_input",
-    pooling: "last",
-    selection: { rule: "top_k", k: 2 },
-    activation: "none",
-    when: "prompt",
+    ...ROUTER_DEFAULTS,
     noise: false,
     balance: 0.01,
     ...router,
