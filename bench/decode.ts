@@ -3,7 +3,7 @@
 //   node --import tsx bench/decode.ts            (models are written once under .cache/bench/)
 import { join } from "node:path";
 import { readHfConfig } from "../compiler/hf-config.ts";
-import { kernelSources, layerTensor, planBase, type Plan } from "../compiler/plan.ts";
+import { kernelSources, layerTensor, type Plan } from "../compiler/plan.ts";
 import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../examples/random-checkpoint.ts";
 import { openCheckpoint } from "../runtime/checkpoint.ts";
 import { acquireDevice, adapterSummary, type GpuContext } from "../runtime/device.ts";

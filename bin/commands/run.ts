@@ -4,7 +4,7 @@
 // else from DIR/config.json; a package runs its own plan and kernel files.
 import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
-import { basename, join, resolve } from "node:path";
+import { basename, resolve } from "node:path";
 import { PlanError } from "../../compiler/plan.ts";
 import { loadAdapter, type LoadedAdapter } from "../../runtime/adapter.ts";
 import { AdapterStoreError } from "../../runtime/adapter-store.ts";

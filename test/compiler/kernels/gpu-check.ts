@@ -3,6 +3,7 @@
 import type { KernelSource } from "../../../compiler/kernels/kernel.ts";
 import { acquireDevice, type GpuContext } from "../../../runtime/device.ts";
 import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { mulberry32 } from "../../../examples/random-checkpoint.ts";
 
 export interface Gpu {
   readonly context: GpuContext;
@@ -17,17 +18,8 @@ export async function openGpu(): Promise<Gpu> {
   return { context, device: context.device, cache, step: new StepEncoder(context.device, cache) };
 }
 
-/** mulberry32: a small seeded generator, so a failing case can be replayed. */
-export function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The project's seeded generator (mulberry32), so a failing case can be replayed. */
+export const seeded = mulberry32;
 
 /** n values uniform in [-scale, scale). */
 export function randomFloats(random: () => number, n: number, scale = 1): Float32Array {
