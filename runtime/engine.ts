@@ -49,6 +49,8 @@ export interface EngineOptions {
   /** A device to share (the caller keeps ownership); otherwise one is acquired on `backend`. */
   readonly gpu?: GpuContext;
   readonly backend?: string;
+  /** Runs on the device before any weight is uploaded; throws to refuse it (the CLI's kernel self-test). */
+  readonly checkDevice?: (gpu: GpuContext) => Promise<void>;
   /** Bytes read from the checkpoint so far, of the total. */
   readonly onProgress?: ProgressFn;
   /**
@@ -194,6 +196,7 @@ export class Engine {
     let gpu: GpuContext | undefined;
     try {
       gpu = options.gpu ?? (await acquireDevice(options.backend === undefined ? {} : { backend: options.backend }));
+      await options.checkDevice?.(gpu);
       const maxBinding = options.maxBindingBytes ?? gpu.report.limits.maxStorageBufferBindingSize ?? 128 * 1024 * 1024;
       const cacheShape = { layers: plan.dims.layers, kvWidth: plan.dims.kvWidth, ctx, slots };
       if (kvLayerBytes(cacheShape) > maxBinding) {

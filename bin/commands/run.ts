@@ -15,6 +15,7 @@ import type { LayerRouting } from "../../runtime/routing.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
 import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/sequence.ts";
 import { Tokenizer } from "../../runtime/tokenizer.ts";
+import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
 import { SourceError, adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
 
 export interface RunOptions {
@@ -55,7 +56,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
       process.stderr.write(`milora run: ${e.message}\n`);
       return e.code;
     }
-    const userError = [CheckpointError, PlanError, EngineError, SequenceError, NoAdapterError, AdapterStoreError].some((c) => e instanceof c);
+    const userError = [CheckpointError, PlanError, EngineError, SequenceError, NoAdapterError, AdapterStoreError, DeviceSelfTestError].some((c) => e instanceof c);
     if (!userError) throw e;
     process.stderr.write(`milora run: ${(e as Error).message}\n`);
     return 1;
@@ -90,6 +91,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
     engine = await Engine.load({
       base,
       checkpointDir: dir,
+      checkDevice: requireHealthyDevice,
       ...planOptions(source, {
         // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
         ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),

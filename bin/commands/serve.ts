@@ -10,6 +10,7 @@ import { EngineError } from "../../runtime/engine.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
 import { startServing, type ServingSetup } from "../../runtime/server/start.ts";
 import { SourceError, modelSource, servingOptions, type ModelSource } from "./model-source.ts";
+import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
 
 export interface ServeOptions {
   readonly base: string;
@@ -37,9 +38,9 @@ export async function serveCommand(source: string | undefined, opts: ServeOption
   }
   let serving;
   try {
-    serving = await startServing(setup);
+    serving = await startServing({ ...setup, checkDevice: requireHealthyDevice });
   } catch (e) {
-    const userError = [CheckpointError, PlanError, EngineError, NoAdapterError].some((c) => e instanceof c) || (e as NodeJS.ErrnoException).code === "EADDRINUSE";
+    const userError = [CheckpointError, PlanError, EngineError, NoAdapterError, DeviceSelfTestError].some((c) => e instanceof c) || (e as NodeJS.ErrnoException).code === "EADDRINUSE";
     if (!userError) throw e;
     process.stderr.write(`milora serve: ${(e as Error).message}\n`);
     return 1;

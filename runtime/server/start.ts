@@ -38,6 +38,8 @@ export interface ServingSetup extends ServerOptions {
   readonly adapters?: readonly (readonly [string, string])[];
   readonly gpu?: GpuContext;
   readonly backend?: string;
+  /** Refuses a device before weights are uploaded (the CLI's kernel self-test). */
+  readonly checkDevice?: (gpu: GpuContext) => Promise<void>;
 }
 
 export interface Serving {
@@ -58,6 +60,7 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
     ...(setup.compiled ?? { maxLoraRank: setup.maxLoraRank ?? largestRank(setup), ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }) }),
     ...(setup.gpu ? { gpu: setup.gpu } : {}),
     ...(setup.backend === undefined ? {} : { backend: setup.backend }),
+    ...(setup.checkDevice ? { checkDevice: setup.checkDevice } : {}),
   });
   try {
     const host: AdapterHost = { add: (a) => void engine.loadAdapter(a.name, a), remove: (name) => engine.unloadAdapter(name) };

@@ -19,6 +19,11 @@ var<workgroup> indices: array<u32, 256>;
 var<workgroup> counts: array<u32, 256>;
 var<workgroup> found: atomic<u32>;
 var<workgroup> lastKept: atomic<u32>;
+// Row-wide values found by a reduction stay in workgroup memory and are re-read at each use: on Mesa
+// 22.3's llvmpipe a reduced value held in a register across later barriers corrupts the reductions
+// after it (docs/drivers.md), which WGSL does not allow but the driver does.
+var<workgroup> rowTop: f32;
+var<workgroup> rowGoal: f32;
 
 fn pcg(v: u32) -> u32 {
   let state = v * 747796405u + 2891336453u;
@@ -62,7 +67,8 @@ fn countAtLeast(lid: u32, base: u32, key: u32) -> u32 {
   return countAll(lid, n);
 }
 
-fn massAtLeast(lid: u32, base: u32, key: u32, top: f32, invT: f32) -> f32 {
+fn massAtLeast(lid: u32, base: u32, key: u32, invT: f32) -> f32 {
+  let top = rowTop;
   var m = 0.0;
   for (var i = lid; i < 512u; i += 256u) {
     let x = logits[base + i];
@@ -100,13 +106,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
     }
   }
   workgroupBarrier();
-  let top = sums[0];
-  let argmax = indices[0];
-  workgroupBarrier();
   if (s.temperature <= 0.0) {
-    if (lid == 0u) { tokens[row] = argmax; }
+    if (lid == 0u) { tokens[row] = indices[0]; }
     return;
   }
+  if (lid == 0u) { rowTop = sums[0]; }
+  workgroupBarrier();
   let invT = 1.0 / s.temperature;
 
   // Largest key with at least topK tokens at or above it: the k-th largest logit's key.
@@ -119,11 +124,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
   }
   // Largest key whose tokens at or above it (within the top-k cut) still carry topP of the mass.
   if (s.topP < 1.0) {
-    let goal = s.topP * massAtLeast(lid, base, cut, top, invT);
+    let mass = massAtLeast(lid, base, cut, invT);
+    if (lid == 0u) { rowGoal = s.topP * mass; }
     var pCut = 0u;
     for (var bit = 32u; bit > 0u; bit--) {
       let candidate = pCut | (1u << (bit - 1u));
-      if (massAtLeast(lid, base, max(candidate, cut), top, invT) >= goal) { pCut = candidate; }
+      if (massAtLeast(lid, base, max(candidate, cut), invT) >= rowGoal) { pCut = candidate; }
     }
     cut = max(cut, pCut);
   }
@@ -131,6 +137,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
   // Each lane owns a contiguous chunk; an exclusive scan of chunk masses finds the lane holding the draw.
   let first = min(lid * 2u, 512u);
   let end = min(first + 2u, 512u);
+  let top = rowTop;
   var mine = 0.0;
   var mineLast = 0xffffffffu;
   for (var i = first; i < end; i++) {
