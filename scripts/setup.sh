@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Makes this checkout ready to run: npm dependencies, then a WebGPU adapter.
-# Idempotent and silent when everything is already there. Where no adapter is found it installs
-# Mesa's software GPU (llvmpipe behind Dawn's OpenGL ES backend) when it can (root on Debian/Ubuntu),
-# and otherwise prints the command to run.
+# Idempotent and quiet when everything is already there. Where no adapter is found it installs Mesa's
+# software GPU (llvmpipe behind Dawn's OpenGL ES backend) when it can (root on Debian/Ubuntu; on Debian
+# 12 from bookworm-backports unless MILORA_MESA=system), and otherwise prints the command to run.
+# Where it finds Debian 12's own Mesa 22 it keeps it (both are tested, docs/drivers.md) and says that
+# Mesa 25 is faster; MILORA_MESA=backports installs that one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +28,9 @@ probe() {
 MESA_PACKAGES="libegl1 libegl-mesa0 libgles2 libgl1-mesa-dri"
 
 # Debian 12's Mesa 22 works; Mesa 25 from bookworm-backports runs the same kernels about twice as
-# fast, so on bookworm we take its GL/EGL parts from there (MILORA_MESA=system keeps Debian's own).
+# fast, so a fresh install on bookworm takes its GL/EGL parts from there (MILORA_MESA=system keeps
+# Debian's own).
+BACKPORTS_COMMAND="MILORA_MESA=backports bash scripts/setup.sh"
 install_mesa() {
   export DEBIAN_FRONTEND=noninteractive
   local target=()
@@ -54,5 +58,17 @@ if ! probe >/dev/null; then
     say "no WebGPU adapter found. Install Mesa's software GPU and run this again:"
     say "  sudo apt-get install -y $MESA_PACKAGES"
     exit 1
+  fi
+fi
+
+# 3. An adapter works. On Debian 12 with its own Mesa 22, say what Mesa 25 would bring, or install it.
+mesa=$(dpkg-query -W -f '${Version}' libegl-mesa0 2>/dev/null || true)
+if [[ "$mesa" == 22.* ]] && grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+  if [ "${MILORA_MESA:-}" = backports ] && [ "$(id -u)" = 0 ]; then
+    say "replacing Mesa $mesa with bookworm-backports' Mesa 25"
+    install_mesa
+    probe >/dev/null || { say "no WebGPU adapter after installing Mesa 25; run 'node bin/milora.js doctor' to see why"; exit 1; }
+  elif [ "${MILORA_MESA:-}" != system ]; then
+    say "using Debian's Mesa $mesa; bookworm-backports' Mesa 25 runs milora about twice as fast: $BACKPORTS_COMMAND (as root)"
   fi
 fi
