@@ -13,6 +13,7 @@ import {
   specFromConfig,
   type PeftLoraConfig,
 } from "./adapter-config.ts";
+import { assertFinite } from "./finite.ts";
 import { CheckpointError, SafetensorsFile, writeSafetensors, type TensorToWrite } from "./safetensors.ts";
 
 export const ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors";
@@ -139,7 +140,15 @@ export function loadAdapter(dir: string, opts: LoadAdapterOptions): LoadedAdapte
       if (problems.length > 30) shown.push(`  ... and ${problems.length - 30} more`);
       throw new CheckpointError(`${dir} does not match adapter spec ${spec.name} (${problems.length} problems):\n${shown.join("\n")}`);
     }
-    const data = new Map(expected.filter((t) => file.tensors.has(t.name)).map((t) => [t.name, file.readF32(t.name)]));
+    const data = new Map(
+      expected
+        .filter((t) => file.tensors.has(t.name))
+        .map((t) => {
+          const values = file.readF32(t.name);
+          assertFinite(values, join(dir, ADAPTER_WEIGHTS_FILE), t.name, file.tensors.get(t.name)!.shape);
+          return [t.name, values] as const;
+        }),
+    );
     return assemble(opts.name, spec, data);
   } finally {
     file.close();

@@ -4,6 +4,7 @@
 // the plan's storage binding (or the device's, when smaller) is split into row blocks.
 import { rowsPerBlock, type Plan, type PlanTensor } from "../compiler/plan.ts";
 import type { Checkpoint } from "./checkpoint.ts";
+import { assertFinite } from "./finite.ts";
 import { createStorage, readBuffer } from "./kernel-runner.ts";
 import { CheckpointError } from "./safetensors.ts";
 
@@ -111,6 +112,7 @@ export async function uploadWeights(device: GPUDevice, checkpoint: Checkpoint, p
 /** Uploads one tensor; a splittable one in blocks of at most `splitBytes` (the others fit the device). */
 function uploadTensor(device: GPUDevice, checkpoint: Checkpoint, t: PlanTensor, splitBytes: number): GpuTensor {
   const data = checkpoint.readF32(t.name, t.shape);
+  assertFinite(data, checkpoint.dir, t.name, t.shape);
   const rows = t.shape[0] ?? 1;
   const perBlock = t.splittable ? rowsPerBlock(t.shape, splitBytes) : rows;
   const rowFloats = data.length / rows;

@@ -206,6 +206,26 @@ test("a checkpoint that does not fit the base is refused with every problem name
   assert.match(message, 'tensor "model.layers.0.self_attn.k_proj.weight" has shape [16, 128], expected [32, 64]');
 });
 
+test("a NaN or infinity in a weight is refused at load, naming the tensor and the element", async () => {
+  for (const [bad, dtype] of [[NaN, "F32"], [-Infinity, "BF16"]] as const) {
+    const dir = checkpoint(`non-finite-${dtype}`, { seed: 12 });
+    const file = SafetensorsFile.open(join(dir, "model.safetensors"));
+    const tensors = [...file.tensors.values()].map((t) => {
+      const data = file.readF32(t.name);
+      if (t.name === "model.layers.1.mlp.down_proj.weight") data[3 * t.shape[1]! + 5] = bad; // row 3, column 5
+      return { name: t.name, dtype, shape: [...t.shape], data };
+    });
+    file.close();
+    writeSafetensors(join(dir, "model.safetensors"), tensors);
+    const error = await load(dir).then(
+      (engine) => (engine.destroy(), undefined),
+      (e: unknown) => e,
+    );
+    assert.instance(error, CheckpointError, dtype);
+    assert.match((error as Error).message, `tensor "model.layers.1.mlp.down_proj.weight" [64, 176] holds ${bad} at [3, 5]`);
+  }
+});
+
 test("a given plan runs the caller's kernels; a kernel it lacks, or a context beside the plan, is refused", async () => {
   const dir = checkpoint("given-plan");
   const base = readHfConfig(dir);
