@@ -79,7 +79,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--name <name>", "npm package name (default: the adapter's name in kebab case)")
     .option("--pkg-version <version>", "npm package version (default 0.1.0)")
     .option("--ctx <n>", "context positions the kernels serve (default: max_positions, at most 2048)")
-    .option("-f, --force", "replace a non-empty --out directory")
+    .option("-f, --force", "replace a non-empty --out directory that milora compile wrote")
+    .option("--force-any", "replace a non-empty --out directory even if milora compile did not write it (never the current directory, an ancestor of it, or one holding the spec)")
     .option("--no-color", "plain output")
     .action(async (spec: string, opts: import("./commands/compile.ts").CompileCommandOptions) => {
       const { compileCommand } = await import("./commands/compile.ts");
@@ -99,6 +100,12 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--max-queue <n>", "requests that may wait for a slot before 429", "64")
     .option("--max-adapters <n>", "adapters resident at once (least recently used evicted)", "8")
     .option("--ctx <n>", "positions per sequence (default: the model's, capped at 2048)")
+    .option("--allow-adapter-loading", "let clients add and remove adapters at run time (POST/DELETE /v1/adapters; off by default), only from --adapter-root")
+    .option("--adapter-root <dir>", "with --allow-adapter-loading: the directory adapters loaded at run time must lie in (symlinks resolved)")
+    .option("--adapter-load-timeout <s>", "seconds an adapter's files may take to read before the read is stopped", "60")
+    .option("--headers-timeout <s>", "seconds a client has to send a request's headers", "10")
+    .option("--request-timeout <s>", "seconds a client has to send a whole request, body included (answers may stream for longer)", "30")
+    .option("--max-connections <n>", "connections held at once; more are closed as they arrive", "512")
     .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
     .action(async (spec: string | undefined, opts: import("./commands/serve.ts").ServeOptions) => {
       const { serveCommand } = await import("./commands/serve.ts");
@@ -111,6 +118,12 @@ export async function main(argv: readonly string[]): Promise<number> {
     if (err instanceof CommanderError) {
       // help and --version exit 0 through here; anything else is a usage error
       return err.exitCode === 0 ? 0 : 2;
+    }
+    // a file a command could not read or write is the user's to fix: one line, not a stack trace
+    const fsError = err as NodeJS.ErrnoException;
+    if (typeof fsError.code === "string" && typeof fsError.syscall === "string" && typeof fsError.path === "string") {
+      process.stderr.write(`milora: cannot ${fsError.syscall} ${fsError.path} (${fsError.code}); check the path and its permissions\n`);
+      return 1;
     }
     throw err;
   }

@@ -4,6 +4,7 @@ import { existsSync } from "node:fs";
 import { renderDiagnostic } from "../../grammar/code-frame.ts";
 import { compilePackage, CompileError } from "../../compiler/emit/compile-package.ts";
 import { OutputError, writePackage } from "../../compiler/emit/write-package.ts";
+import { withSignalsDeferred } from "../signals.ts";
 
 export interface CompileCommandOptions {
   readonly out: string;
@@ -12,6 +13,7 @@ export interface CompileCommandOptions {
   readonly pkgVersion?: string;
   readonly ctx?: string;
   readonly force?: boolean;
+  readonly forceAny?: boolean;
   readonly color?: boolean;
 }
 
@@ -41,7 +43,11 @@ export async function compileCommand(spec: string, opts: CompileCommandOptions):
       process.stderr.write(`milora compile: ${spec} has ${errors} error${errors === 1 ? "" : "s"}; nothing written\n`);
       return 1;
     }
-    writePackage(opts.out, result.package.files, { force: opts.force === true });
+    // the spec, its imports and its config must survive: --out may never be a directory holding one
+    const base = result.package.adapter.base;
+    const keep = [...result.sources.keys(), ...(base.configPath === undefined ? [] : [base.configPath])];
+    const files = result.package.files;
+    await withSignalsDeferred(() => writePackage(opts.out, files, { force: opts.force === true, forceAny: opts.forceAny === true, keep }));
     const kernels = result.package.files.filter((f) => f.path.startsWith("kernels/")).length;
     process.stdout.write(`wrote ${opts.out}: adapter ${result.package.adapter.name}, ${kernels} kernels, ${result.package.files.length} files\n`);
     return 0;
