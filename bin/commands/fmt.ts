@@ -1,6 +1,6 @@
 // `milora fmt`: canonical formatting of .milora files. Prints one file, rewrites files in place
 // (--write, atomically), or lists the files that are not formatted (--check).
-import { chmodSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, readFileSync, realpathSync, renameSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { renderDiagnostic } from "../../grammar/code-frame.ts";
 import { formatSpec } from "../../grammar/format.ts";
 import { parseSpec } from "../../grammar/parse.ts";
@@ -52,13 +52,23 @@ function formatFile(file: string): Outcome {
   return { text, formatted: formatSpec(ast) };
 }
 
-/** Readers of `file` see the old text or the new, never half of it: write a temp file, then rename. */
+/**
+ * Readers of `file` see the old text or the new, never half of it: write a temp file, then rename.
+ * A symbolic link stays a link: the temp file goes beside its target, which the rename replaces.
+ */
 function writeFormatted(file: string, text: string): 0 | 2 {
-  const temp = `${file}.${process.pid}.tmp`;
+  let target: string;
   try {
-    writeFileSync(temp, text);
-    chmodSync(temp, statSync(file).mode);
-    renameSync(temp, file);
+    target = realpathSync(file);
+  } catch (err) {
+    process.stderr.write(`milora fmt: cannot write ${file}: ${reason(err)}\n`);
+    return 2;
+  }
+  const temp = `${target}.${process.pid}.tmp`;
+  try {
+    writeFileSync(temp, text, { flag: "wx" });
+    chmodSync(temp, statSync(target).mode);
+    renameSync(temp, target);
   } catch (err) {
     process.stderr.write(`milora fmt: cannot write ${file}: ${reason(err)}\n`);
     try {
@@ -76,7 +86,9 @@ function reason(err: unknown): string {
   const code = (err as NodeJS.ErrnoException).code;
   if (code === "ENOENT") return "no such file";
   if (code === "EISDIR") return "it is a directory";
-  if (code === "EACCES") return "permission denied";
+  if (code === "EACCES" || code === "EPERM") return "permission denied";
+  if (code === "EROFS") return "read-only file system";
+  if (code === "EEXIST") return "a temporary file of the same name is in the way";
   return err instanceof Error ? err.message : String(err);
 }
 

@@ -1,4 +1,4 @@
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "uvu";
@@ -89,6 +89,28 @@ test("several files need --write or --check", async () => {
   const result = await run([file("a.milora", TIDY), file("b.milora", TIDY)]);
   assert.is(result.code, 2);
   assert.match(result.stderr, "give one file to print");
+});
+
+test("--write through a symbolic link formats the target and keeps the link", async () => {
+  mkdirSync(join(dir, "shared"));
+  const target = file("shared/common.milora", MESSY);
+  const link = join(dir, "common.milora");
+  symlinkSync("shared/common.milora", link);
+  const { code, stdout } = await run([link], { write: true });
+  assert.is(code, 0);
+  assert.is(stdout, `formatted ${link}\n`);
+  assert.ok(lstatSync(link).isSymbolicLink(), "the link is still a link");
+  assert.is(readlinkSync(link), "shared/common.milora");
+  assert.is(readFileSync(target, "utf8"), TIDY);
+  assert.equal(readdirSync(join(dir, "shared")), ["common.milora"], "the temp file went beside the target and is gone");
+  assert.equal(readdirSync(dir).sort(), ["common.milora", "shared"]);
+});
+
+test("--write keeps the file's mode", async () => {
+  const path = file("exec.milora", MESSY);
+  chmodSync(path, 0o640);
+  await run([path], { write: true });
+  assert.is(statSync(path).mode & 0o777, 0o640);
 });
 
 test.run();
