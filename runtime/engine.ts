@@ -2,10 +2,13 @@
 // (tenants) beside it, then advances batches of sequences. One step runs the rows of several sequences
 // (prefill chunks and decode tokens mixed, each with its own adapter and routing) through every layer
 // in one command encoder and one submit, and reads back only the sampled token ids (plus the logits a
-// sequence asked for, and the gates a router chose in that step).
+// sequence asked for, the gates a router chose in that step, and a beam's top log-prob candidates).
+// Beam search (beam-search.ts) forks and re-parents sequences here: their keys and values are copied
+// slot to slot on the device, never recomputed.
 import { NO_ADAPTER } from "../compiler/kernels/lora.ts";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule } from "../compiler/model.ts";
 import { SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../compiler/kernels/sampling.ts";
+import { BEAM_CANDIDATE_WORDS, MAX_BEAM_CANDIDATES, beamTopKKernel } from "../compiler/kernels/beam-topk.ts";
 import {
   kernelSources,
   layerTensor,
@@ -89,6 +92,14 @@ export interface StepOutput {
   readonly token: number;
   /** Logits rows ([vocab] each) as the sequence's `logits` mode asked: every run row's, or the last. */
   readonly logits?: readonly Float32Array[];
+  /** With `seq.candidates` > 0: the most likely next tokens, largest log-probability first. */
+  readonly candidates?: BeamCandidates;
+}
+
+/** A row's most likely next tokens and their log-probabilities (log-softmax over the vocabulary, f32). */
+export interface BeamCandidates {
+  readonly tokens: Uint32Array;
+  readonly logprobs: Float32Array;
 }
 
 /** One token of a step: its id, its position and the cache slot of its sequence. */
@@ -138,6 +149,8 @@ export class Engine {
   readonly #users = new Map<string, Set<Sequence>>();
   #logitsReadback: GPUBuffer | undefined;
   #gatesReadback: GPUBuffer | undefined;
+  /** Beam candidates [maxRows, MAX_BEAM_CANDIDATES] on the device and their readback, made on first use. */
+  #candidates: { readonly kernel: KernelSource; readonly buffer: GPUBuffer; readonly readback: GPUBuffer } | undefined;
   #nextId = 0;
   #queue: Promise<unknown> = Promise.resolve();
 
@@ -281,6 +294,46 @@ export class Engine {
     return seq;
   }
 
+  /**
+   * A new sequence in a free slot holding everything `parent` holds: its tokens, its adapter and routing
+   * decision (a prompt's gates are shared, not recomputed) and its cached keys and values, copied on the
+   * device. Beam search forks the prompt's sequence into its beams after the prefill.
+   */
+  fork(parent: Sequence): Sequence {
+    if (parent.released) throw new SequenceError(`sequence ${parent.id} was released`);
+    const slot = this.#cache.acquire();
+    if (slot === undefined) throw new EngineError(`all ${this.#cache.shape.slots} sequence slots are in use: beam search needs one per beam`);
+    const child = new Sequence(this.#nextId++, slot, parent.ctx, parent.vocab, parent.sampling, parent.adapter);
+    child.copyStateFrom(parent);
+    this.#cache.copyPositions([{ from: parent.slot, to: slot, start: 0, end: parent.cached }]);
+    if (parent.adapter) this.#users.get(parent.adapter.name)!.add(child);
+    return child;
+  }
+
+  /**
+   * Each `seq` becomes a copy of its `parent` (a beam continuing another beam's history): the cached
+   * positions where their tokens differ are copied on the device (one submit for all), the shared prefix
+   * (at least the prompt) stays. No parent may also be re-parented in the same call.
+   */
+  adopt(pairs: readonly { readonly seq: Sequence; readonly parent: Sequence }[]): void {
+    const targets = new Set(pairs.map((p) => p.seq));
+    const copies = pairs.map(({ seq, parent }) => {
+      if (seq.released || parent.released) throw new SequenceError(`adopt: sequence ${seq.released ? seq.id : parent.id} was released`);
+      if (targets.has(parent) && parent !== seq) throw new SequenceError(`adopt: sequence ${parent.id} is both a parent and re-parented`);
+      let common = Math.min(seq.cached, parent.cached);
+      for (let i = 0; i < common; i++) {
+        if (seq.tokens[i] !== parent.tokens[i]) {
+          common = i;
+          break;
+        }
+      }
+      const copy = { from: parent.slot, to: seq.slot, start: common, end: parent.cached };
+      seq.copyStateFrom(parent);
+      return copy;
+    });
+    this.#cache.copyPositions(copies);
+  }
+
   /** Ends a sequence and frees its slot. */
   release(seq: Sequence): void {
     if (seq.released) return;
@@ -395,6 +448,8 @@ export class Engine {
     for (const b of [...this.#activations.values(), ...Object.values(this.#inputs), this.#tokensReadback]) b.destroy();
     this.#logitsReadback?.destroy();
     this.#gatesReadback?.destroy();
+    this.#candidates?.buffer.destroy();
+    this.#candidates?.readback.destroy();
     if (this.#ownsDevice) this.#gpu.destroy();
   }
 
@@ -446,7 +501,11 @@ export class Engine {
         return finishing.get(seq) === i ? seq.samplingSettings() : GREEDY;
       });
       const wantLogits = outRows.some((r) => rows[r]!.seq.logits !== "none");
-      const result = await this.#run(rows, outRows, settings, wantLogits, jobs);
+      const candidates = Math.max(0, ...[...finishing.keys()].map((s) => s.candidates));
+      if (candidates > Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)) {
+        throw new EngineError(`${candidates} beam candidates per row asked for; at most ${Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)} (and the vocabulary)`);
+      }
+      const result = await this.#run(rows, outRows, settings, wantLogits, jobs, candidates);
 
       for (const job of jobs) {
         const { seq } = job;
@@ -470,7 +529,8 @@ export class Engine {
         if (out === undefined) continue;
         seq.sampled++;
         const logits = seq.logits === "all" ? logitsSoFar.get(seq) : seq.logits === "last" ? [result.logits!(out)] : undefined;
-        outputs.set(seq, { token: result.tokens[out]!, ...(logits ? { logits } : {}) });
+        const mine = seq.candidates > 0 ? result.candidates?.(out, seq.candidates) : undefined;
+        outputs.set(seq, { token: result.tokens[out]!, ...(logits ? { logits } : {}), ...(mine ? { candidates: mine } : {}) });
       }
       waiting = waiting.filter((s) => !outputs.has(s));
     }
@@ -482,7 +542,7 @@ export class Engine {
    * then the head on `outRows` (indices into rows), sampled with `settings` (one per out row). One
    * submit; the waits are for the readbacks (tokens, and logits and gates when asked for).
    */
-  async #run(rows: readonly Row[], outRows: readonly number[], settings: readonly SamplingSettings[], wantLogits: boolean, jobs: readonly RouteJob[]) {
+  async #run(rows: readonly Row[], outRows: readonly number[], settings: readonly SamplingSettings[], wantLogits: boolean, jobs: readonly RouteJob[], candidates = 0) {
     const { device } = this.#gpu;
     const { hidden, vocab, layers } = this.plan.dims;
     const queue = device.queue;
@@ -518,6 +578,13 @@ export class Engine {
       for (const op of this.plan.head) this.#dispatch(op, out, 0, []);
       step.copy(this.#inputs.tokens, 0, this.#tokensReadback, 0, out * 4);
       if (wantLogits) step.copy(this.#act("logits"), 0, this.#logitsStaging(), 0, out * vocab * 4);
+      if (candidates > 0) {
+        // Beam search needs log-probabilities, and sampling already runs on the device, so the log-softmax
+        // and the top candidates do too: k (token, logprob) pairs per row come back instead of vocab logits.
+        const c = this.#beamCandidates();
+        step.dispatch(c.kernel, { logits: this.#act("logits"), candidates: c.buffer }, { rows: out, k: candidates });
+        step.copy(c.buffer, 0, c.readback, 0, out * candidates * BEAM_CANDIDATE_WORDS * 4);
+      }
     }
     const gatesBytes = rows.length * this.#gateStride * 4;
     if (jobs.length > 0) step.copy(this.#inputs.gates, 0, this.#gatesStaging(), 0, gatesBytes);
@@ -530,7 +597,7 @@ export class Engine {
       gates = new Float32Array(staging.getMappedRange(0, gatesBytes).slice(0));
       staging.unmap();
     }
-    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined, gates };
+    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined, gates, candidates: undefined };
 
     await this.#tokensReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
     const tokens = new Uint32Array(this.#tokensReadback.getMappedRange(0, out * 4).slice(0));
@@ -543,7 +610,24 @@ export class Engine {
       staging.unmap();
       logits = (i) => all.subarray(i * vocab, (i + 1) * vocab);
     }
-    return { tokens, logits, gates };
+    let picks: ((i: number, count: number) => BeamCandidates) | undefined;
+    if (candidates > 0) {
+      const { readback } = this.#beamCandidates();
+      const bytes = out * candidates * BEAM_CANDIDATE_WORDS * 4;
+      await readback.mapAsync(GPUMapMode.READ, 0, bytes);
+      const words = readback.getMappedRange(0, bytes).slice(0);
+      readback.unmap();
+      const ids = new Uint32Array(words);
+      const values = new Float32Array(words);
+      picks = (i, count) => {
+        const at = i * candidates * BEAM_CANDIDATE_WORDS;
+        return {
+          tokens: Uint32Array.from({ length: count }, (_, j) => ids[at + j * BEAM_CANDIDATE_WORDS]!),
+          logprobs: Float32Array.from({ length: count }, (_, j) => values[at + j * BEAM_CANDIDATE_WORDS + 1]!),
+        };
+      };
+    }
+    return { tokens, logits, gates, candidates: picks };
   }
 
   /**
@@ -661,6 +745,25 @@ export class Engine {
       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
     });
     return this.#gatesReadback;
+  }
+
+  /**
+   * The beam candidates kernel and its buffers. The kernel is not part of the plan (a compiled package
+   * carries no file for it): it is generated here from the vocabulary size on first use, like the
+   * engine's other unplanned kernels, and compiled then.
+   */
+  #beamCandidates() {
+    if (!this.#candidates) {
+      const kernel = beamTopKKernel({ vocab: this.plan.dims.vocab });
+      this.#pipelines.get(kernel);
+      const size = this.maxRows * MAX_BEAM_CANDIDATES * BEAM_CANDIDATE_WORDS * 4;
+      this.#candidates = {
+        kernel,
+        buffer: createStorage(this.#gpu.device, size, "beam candidates"),
+        readback: this.#gpu.device.createBuffer({ label: "beam candidates readback", size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      };
+    }
+    return this.#candidates;
   }
 
   #logitsStaging(): GPUBuffer {

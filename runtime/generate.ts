@@ -1,5 +1,6 @@
 // Generation on top of the engine's steps: prefill the prompts together, then decode every live
 // sequence in lockstep until each reaches its token budget, a stop token or the end of its context.
+import { beamSearchBatch, type BeamSearchOptions, type BeamSequence } from "./beam-search.ts";
 import type { Engine } from "./engine.ts";
 import type { LayerRouting } from "./routing.ts";
 import type { Sequence, SamplingOptions } from "./sequence.ts";
@@ -15,6 +16,12 @@ export interface GenerateRequest {
   readonly stop?: readonly number[];
   /** A loaded adapter (tenant) to run with; the base alone when absent. */
   readonly adapter?: string;
+  /**
+   * Beam search (beam-search.ts: Hugging Face's meaning) when `beams` > 1: the returned tokens are the
+   * best hypothesis', and `beams` of the Generation holds numReturnSequences of them with scores.
+   * Needs greedy sampling (the default) and one free sequence slot per beam.
+   */
+  readonly beam?: BeamSearchOptions;
 }
 
 /** Wall-clock times of the batch a generation ran in (shared by all its requests). */
@@ -36,6 +43,10 @@ export interface Generation {
   /** The adapter's routing: per routed layer (prompt routing) or per layer and position (token routing). */
   readonly routing?: readonly LayerRouting[];
   readonly timings: GenerationTimings;
+  /** Beam search: the best hypothesis' score (sum of log-probabilities / length ** length_penalty). */
+  readonly score?: number;
+  /** Beam search: the numReturnSequences best hypotheses, best first (the first is `tokens`). */
+  readonly beams?: readonly BeamSequence[];
 }
 
 export async function generate(engine: Engine, request: GenerateRequest): Promise<Generation> {
@@ -51,7 +62,20 @@ interface Live {
   logits?: readonly Float32Array[];
 }
 
+/** Whether a request asks for beam search (a beam width above 1). */
+export function isBeamSearch(request: GenerateRequest): boolean {
+  return request.beam !== undefined && request.beam.beams !== 1;
+}
+
 export async function generateBatch(engine: Engine, requests: readonly GenerateRequest[]): Promise<Generation[]> {
+  if (requests.some(isBeamSearch)) {
+    // Beam requests decode together in their own steps; any others then run as usual.
+    const beams = requests.filter(isBeamSearch);
+    const others = requests.filter((r) => !isBeamSearch(r));
+    const beamOut = await beamSearchBatch(engine, beams);
+    const otherOut = others.length > 0 ? await generateBatch(engine, others) : [];
+    return requests.map((r) => (isBeamSearch(r) ? beamOut[beams.indexOf(r)]! : otherOut[others.indexOf(r)]!));
+  }
   const steps = generateSteps(engine, requests);
   for (;;) {
     const next = await steps.next();
@@ -69,6 +93,7 @@ export async function* generateSteps(
   requests: readonly GenerateRequest[],
 ): AsyncGenerator<readonly (number | undefined)[], Generation[]> {
   for (const r of requests) {
+    if (isBeamSearch(r)) throw new RangeError("beam search cannot stream its tokens (the best beam is known only at the end): use generateBatch");
     if (!Number.isInteger(r.maxTokens) || r.maxTokens < 0) throw new RangeError(`maxTokens must be an integer >= 0, got ${r.maxTokens}`);
   }
   const live: Live[] = [];

@@ -41,6 +41,11 @@ export class Sequence {
   /** Logits the next steps read back for this sequence (the sampled token always comes back). */
   logits: LogitsMode = "none";
   /**
+   * Beam search: how many of the most likely next tokens, with their log-probabilities, a step that
+   * ends this sequence's pending tokens reads back (0: none, the usual case).
+   */
+  candidates = 0;
+  /**
    * Gates of every (layer, module) (see routing.ts) once known: at creation for plain LoRA, after the
    * prompt's prefill for prompt routing; never for token routing, which routes every step.
    */
@@ -92,6 +97,28 @@ export class Sequence {
   /** The sampler's settings for the token that follows the current ones. */
   samplingSettings(): SamplingSettings {
     return { ...this.sampling, step: this.sampled };
+  }
+
+  /**
+   * Becomes a copy of `other` (tokens, cache position, sampler step, routing so far, gates, logits and
+   * candidates modes): a beam taking over another beam's history. The engine copies the cached keys and
+   * values (Engine.fork, Engine.adopt); both sequences must run with the same adapter.
+   */
+  copyStateFrom(other: Sequence): void {
+    if (this.#released) throw new SequenceError(`sequence ${this.id} was released`);
+    if (other.adapter !== this.adapter || other.ctx !== this.ctx || other.vocab !== this.vocab) {
+      throw new SequenceError(`sequence ${this.id} cannot take over sequence ${other.id}: they run with different adapters or contexts`);
+    }
+    this.#tokens.length = 0;
+    this.#tokens.push(...other.tokens);
+    this.cached = other.cached;
+    this.sampled = other.sampled;
+    this.logits = other.logits;
+    this.candidates = other.candidates;
+    // Gates are never written in place once known (a prompt's decision is shared by all its beams).
+    this.gates = other.gates;
+    this.routing.length = 0;
+    this.routing.push(...other.routing);
   }
 
   /** Marks the sequence dead; the engine returns its slot. */
