@@ -1,31 +1,48 @@
 // The adapters a server knows and the few it keeps resident, as vLLM's --max-loras and S-LoRA do:
 // registered adapters live on disk; a request for one that is not resident loads it (on a worker
-// thread, so decoding goes on meanwhile) and evicts the least recently used adapter no sequence is
-// using. When every resident adapter is in use, the request waits for one to be let go.
+// thread, so decoding goes on meanwhile, and terminated past a time bound) and evicts the least
+// recently used adapter no sequence is using. When every resident adapter is in use, the request
+// waits for one to be let go.
+//
+// A name and the instance registered under it are apart: unregistering frees the name at once (a new
+// adapter may take it, as in vLLM), while the old instance drains, resident until its last sequence
+// ends. Instances are known by a key (the name for the first, `name#2`, `name#3`... for later ones
+// registered while an older one still drains; `#` is not allowed in names), which is what the
+// scheduler pins and the engine knows the weights by: `keyOf(name)` gives the current one.
 import { existsSync, statSync } from "node:fs";
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
 import type { Adapter, BaseModel } from "../compiler/model.ts";
 import type { LoadedAdapter } from "./adapter.ts";
 import { CheckpointError } from "./safetensors.ts";
 import type { AdapterResidency } from "./scheduler.ts";
+import { tsWorker } from "./ts-worker.ts";
 
 /** Where resident adapters live for the engine (its GPU copies of their weights). */
 export interface AdapterHost {
-  /** Makes an adapter usable by sequences created after this resolves. */
+  /** Makes an adapter usable by sequences created after this resolves; `adapter.name` is the instance key. */
   add(adapter: LoadedAdapter): void | Promise<void>;
-  /** Frees an adapter no sequence uses any more. */
+  /** Frees an adapter (by instance key) no sequence uses any more. */
   remove(name: string): void;
 }
 
-/** Reads an adapter directory, checked against `spec` when given; the default reads it on a worker thread. */
-export type AdapterReader = (dir: string, name: string, base: BaseModel, spec: Adapter | undefined) => Promise<LoadedAdapter>;
+/**
+ * Reads an adapter directory, checked against `spec` when given; with `root`, every file read must lie
+ * inside it once symlinks are resolved. The default reads it on a worker thread.
+ */
+export type AdapterReader = (dir: string, name: string, base: BaseModel, spec: Adapter | undefined, root?: string) => Promise<LoadedAdapter>;
+
+/** Adapter reads that a worker answers within this bound by default (a large adapter reads in seconds). */
+export const DEFAULT_READ_TIMEOUT_MS = 60_000;
 
 export interface AdapterPoolOptions {
   readonly base: BaseModel;
   readonly host: AdapterHost;
   /** Adapters resident at once. */
   readonly maxResident: number;
+  /** The reader (default: a worker thread per read, terminated after `readTimeoutMs`). */
   readonly read?: AdapterReader;
+  /** The default reader's time bound per adapter (default DEFAULT_READ_TIMEOUT_MS). */
+  readonly readTimeoutMs?: number;
   /** The spec an adapter registered under a name must match (default: none, its own config says). Throws CheckpointError. */
   readonly specOf?: (name: string) => Adapter | undefined;
 }
@@ -35,8 +52,23 @@ export class UnknownAdapterError extends Error {
   override name = "UnknownAdapterError";
 }
 
+/** An adapter read that ran past its time bound; its worker was terminated. */
+export class AdapterReadTimeoutError extends CheckpointError {
+  override name = "AdapterReadTimeoutError";
+  constructor(
+    readonly adapter: string,
+    readonly timeoutMs: number,
+  ) {
+    super(`adapter ${adapter}: reading its files took longer than ${timeoutMs / 1000} s, so the read was stopped`);
+  }
+}
+
 interface Entry {
+  /** The name it was registered under. */
+  readonly name: string;
   readonly dir: string;
+  /** Files read must stay inside it (run-time registrations). */
+  readonly root: string | undefined;
   readonly spec: Adapter | undefined;
   /** Settles when the adapter is resident (or failed to load); absent while on disk only. */
   loading?: Promise<void>;
@@ -47,6 +79,8 @@ interface Entry {
   lastUsed: number;
   /** Unregistered while in use: removed when the last pin goes. */
   retired: boolean;
+  /** Whether its router runs once on the whole prompt (known once it has loaded). */
+  promptRouted: boolean;
 }
 
 export interface AdapterPoolStats {
@@ -56,102 +90,141 @@ export interface AdapterPoolStats {
   readonly evictions: number;
 }
 
+export interface RegisterOptions {
+  /** Every file read must lie inside this real path (run-time registrations through the API). */
+  readonly root?: string;
+}
+
 export class AdapterPool implements AdapterResidency {
   readonly #opts: AdapterPoolOptions;
+  readonly #read: AdapterReader & { close?: () => void };
+  /** Instances by key, draining ones included. */
   readonly #entries = new Map<string, Entry>();
+  /** Registered names -> their current instance's key. */
+  readonly #current = new Map<string, string>();
   /** Acquirers waiting for a resident adapter to become evictable. */
   #waiters: (() => void)[] = [];
   #clock = 0;
   #loads = 0;
   #evictions = 0;
+  #instances = 0;
+  #closed = false;
 
   constructor(options: AdapterPoolOptions) {
     if (!Number.isInteger(options.maxResident) || options.maxResident < 1) {
       throw new RangeError(`the resident adapter bound must be a positive integer, got ${options.maxResident}`);
     }
     this.#opts = options;
+    this.#read = options.read ?? workerReader({ timeoutMs: options.readTimeoutMs ?? DEFAULT_READ_TIMEOUT_MS });
   }
 
   /**
    * Adds an adapter directory under `name` and loads it once to check its files (it stays resident if
    * there is room). Throws CheckpointError for a bad directory, and for a name already registered.
    */
-  async register(name: string, dir: string): Promise<void> {
+  async register(name: string, dir: string, options: RegisterOptions = {}): Promise<void> {
     if (!/^[A-Za-z0-9][A-Za-z0-9._:-]*$/.test(name)) throw new CheckpointError(`adapter name "${name}": use letters, digits and . _ : - only`);
-    if (this.#entries.has(name)) throw new CheckpointError(`an adapter named ${name} is already registered`);
+    if (this.#current.has(name)) throw new CheckpointError(`an adapter named ${name} is already registered`);
+    if (this.#closed) throw new CheckpointError("the adapter pool is closed");
     if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new CheckpointError(`no adapter directory ${dir}`);
-    const entry: Entry = { dir, spec: this.#opts.specOf?.(name), resident: false, pins: 0, lastUsed: 0, retired: false };
-    this.#entries.set(name, entry);
+    const key = this.#entries.has(name) ? `${name}#${++this.#instances + 1}` : name;
+    const entry: Entry = { name, dir, root: options.root, spec: this.#opts.specOf?.(name), resident: false, pins: 0, lastUsed: 0, retired: false, promptRouted: false };
+    this.#entries.set(key, entry);
+    this.#current.set(name, key);
     try {
-      await this.acquire(name);
-      this.release(name);
+      await this.acquire(key);
+      this.release(key);
     } catch (e) {
-      this.#entries.delete(name);
+      if (this.#current.get(name) === key) this.#current.delete(name);
+      this.#entries.delete(key);
       throw e;
     }
   }
 
-  /** Forgets an adapter; one still in use stays resident until its last sequence ends. */
+  /** Forgets an adapter's name at once; the instance, while still in use, stays resident until its last sequence ends. */
   unregister(name: string): void {
-    const entry = this.#entries.get(name);
-    if (!entry || entry.retired) throw new UnknownAdapterError(`no adapter named ${name}`);
+    const key = this.#current.get(name);
+    if (key === undefined) throw new UnknownAdapterError(`no adapter named ${name}`);
+    const entry = this.#entries.get(key)!;
+    this.#current.delete(name);
     entry.retired = true;
-    if (entry.pins === 0) this.#drop(name, entry);
+    if (entry.pins === 0) this.#drop(key, entry);
   }
 
   has(name: string): boolean {
-    const entry = this.#entries.get(name);
-    return entry !== undefined && !entry.retired;
+    return this.#current.has(name);
+  }
+
+  /** The key of the instance registered under `name` now: what requests for it pin. */
+  keyOf(name: string): string | undefined {
+    return this.#current.get(name);
+  }
+
+  /** Whether an instance's router runs once over the whole prompt (MiLoRA's prompt routing). */
+  routesOnPrompt(key: string): boolean {
+    return this.#entries.get(key)?.promptRouted ?? false;
   }
 
   /** Registered adapter names, in registration order. */
   names(): string[] {
-    return [...this.#entries].filter(([, e]) => !e.retired).map(([n]) => n);
+    return [...this.#current.keys()];
   }
 
+  /** Keys of the resident instances (draining ones included). */
   residentNames(): string[] {
-    return [...this.#entries].filter(([, e]) => e.resident).map(([n]) => n);
+    return [...this.#entries].filter(([, e]) => e.resident).map(([k]) => k);
   }
 
   stats(): AdapterPoolStats {
-    return { registered: this.names().length, resident: this.residentNames().length, loads: this.#loads, evictions: this.#evictions };
+    return { registered: this.#current.size, resident: this.residentNames().length, loads: this.#loads, evictions: this.#evictions };
   }
 
-  async acquire(name: string): Promise<void> {
-    const entry = this.#entries.get(name);
-    if (!entry || entry.retired) throw new UnknownAdapterError(`no adapter named ${name}`);
+  /** Pins the instance `key` (a name's first instance has its name as key), loading it if it is not resident. */
+  async acquire(key: string): Promise<void> {
+    const entry = this.#entries.get(key);
+    if (!entry || entry.retired) throw new UnknownAdapterError(`no adapter named ${entry?.name ?? key}`);
     entry.pins++;
     entry.lastUsed = ++this.#clock;
     try {
       while (!entry.resident) {
+        if (this.#closed) throw new CheckpointError(`adapter ${entry.name}: the server is shutting down`);
         if (!entry.loading) {
           // Room first: a resident adapter nobody uses makes way, or this waits for one to be let go.
           if (!this.#makeRoom()) {
             await new Promise<void>((wake) => this.#waiters.push(wake));
             continue;
           }
-          entry.loading = this.#load(name, entry).finally(() => (entry.loading = undefined));
+          entry.loading = this.#load(key, entry).finally(() => (entry.loading = undefined));
         }
         await entry.loading;
       }
     } catch (e) {
-      this.release(name);
+      this.release(key);
       throw e;
     }
   }
 
-  release(name: string): void {
-    const entry = this.#entries.get(name);
-    if (!entry || entry.pins === 0) throw new Error(`adapter pool: ${name} is not in use`);
+  release(key: string): void {
+    const entry = this.#entries.get(key);
+    if (!entry || entry.pins === 0) throw new Error(`adapter pool: ${key} is not in use`);
     entry.pins--;
     if (entry.pins > 0) return;
-    if (entry.retired) this.#drop(name, entry);
+    if (entry.retired) this.#drop(key, entry);
     this.#wakeWaiters();
   }
 
-  async #load(name: string, entry: Entry): Promise<void> {
-    const adapter = await (this.#opts.read ?? readOnWorker)(entry.dir, name, this.#opts.base, entry.spec);
-    await this.#opts.host.add(adapter);
+  /** Stops every read in progress (their workers terminated, their acquirers rejected); later loads are refused. */
+  close(): void {
+    this.#closed = true;
+    this.#read.close?.();
+    this.#wakeWaiters();
+  }
+
+  async #load(key: string, entry: Entry): Promise<void> {
+    const adapter = await this.#read(entry.dir, entry.name, this.#opts.base, entry.spec, entry.root);
+    if (this.#closed) throw new CheckpointError(`adapter ${entry.name}: the server is shutting down`);
+    await this.#opts.host.add({ ...adapter, name: key });
+    entry.promptRouted = adapter.spec?.router?.when === "prompt";
     entry.resident = true;
     this.#loads++;
   }
@@ -167,15 +240,15 @@ export class AdapterPool implements AdapterResidency {
     return true;
   }
 
-  #evict(name: string, entry: Entry): void {
+  #evict(key: string, entry: Entry): void {
     entry.resident = false;
-    this.#opts.host.remove(name);
+    this.#opts.host.remove(key);
     this.#evictions++;
   }
 
-  #drop(name: string, entry: Entry): void {
-    if (entry.resident) this.#evict(name, entry);
-    this.#entries.delete(name);
+  #drop(key: string, entry: Entry): void {
+    if (entry.resident) this.#evict(key, entry);
+    this.#entries.delete(key);
     this.#wakeWaiters();
   }
 
@@ -186,18 +259,38 @@ export class AdapterPool implements AdapterResidency {
   }
 }
 
-const workerUrl = new URL("./adapter-read-worker.ts", import.meta.url).href;
-// Workers do not inherit tsx's loader (nor take it from --import in execArgv on Node 20), so the
-// worker registers it before importing the TypeScript reader.
-const workerSource = `import(${JSON.stringify(import.meta.resolve("tsx/esm/api"))}).then((tsx) => { tsx.register(); return import(${JSON.stringify(workerUrl)}); })`;
+const workerModule = new URL("./adapter-read-worker.ts", import.meta.url);
 
-const readOnWorker: AdapterReader = (dir, name, base, spec) =>
-  new Promise((resolve, reject) => {
-    const worker = new Worker(workerSource, { eval: true, workerData: { dir, name, base, spec } });
-    worker.once("message", (m: { adapter?: LoadedAdapter; error?: string }) => {
-      if (m.adapter) resolve(m.adapter);
-      else reject(new CheckpointError(m.error ?? `adapter ${name}: the reader stopped without an answer`));
+/**
+ * The default reader: each read on its own worker thread, terminated when it runs past `timeoutMs`
+ * (AdapterReadTimeoutError naming the adapter) or when the reader is closed, so that no read (a
+ * pathological config, a file that never ends) outlives its bound or keeps the process alive.
+ */
+export function workerReader(options: { readonly timeoutMs: number; readonly module?: URL }): AdapterReader & { close(): void } {
+  const live = new Map<Worker, (e: Error) => void>();
+  const read: AdapterReader = (dir, name, base, spec, root) =>
+    new Promise((resolve, reject) => {
+      const worker = tsWorker(options.module ?? workerModule, { workerData: { dir, name, base, spec, root } });
+      let settled = false;
+      const settle = (f: () => void) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        live.delete(worker);
+        f();
+      };
+      const stop = (e: Error) => settle(() => void worker.terminate().finally(() => reject(e)));
+      live.set(worker, stop);
+      const timer = setTimeout(() => stop(new AdapterReadTimeoutError(name, options.timeoutMs)), options.timeoutMs);
+      worker.once("message", (m: { adapter?: LoadedAdapter; error?: string }) =>
+        settle(() => (m.adapter ? resolve(m.adapter) : reject(new CheckpointError(m.error ?? `adapter ${name}: the reader stopped without an answer`)))),
+      );
+      worker.once("error", (e: Error) => settle(() => reject(new CheckpointError(`adapter ${name}: ${e.message}`))));
+      worker.once("exit", (code) => settle(() => reject(new CheckpointError(`adapter ${name}: the reader exited with code ${code}`))));
     });
-    worker.once("error", (e: Error) => reject(new CheckpointError(`adapter ${name}: ${e.message}`)));
-    worker.once("exit", (code) => reject(new CheckpointError(`adapter ${name}: the reader exited with code ${code}`)));
+  return Object.assign(read, {
+    close: () => {
+      for (const stop of [...live.values()]) stop(new CheckpointError("the adapter read was stopped: the server is shutting down"));
+    },
   });
+}

@@ -1,5 +1,6 @@
 // `milora serve [SPEC_OR_PACKAGE] --base DIR [--adapter NAME=DIR]...`: an OpenAI-compatible server
-// over a base model and its adapters, until SIGTERM or SIGINT, which drain the requests in flight. The
+// over a base model and its adapters, until SIGTERM or SIGINT: the first stops adapter reads and drains
+// the requests in flight (for SHUTDOWN_GRACE_MS at most), then exits; a second exits at once. The
 // base comes from the spec or package when one is given (see model-source.ts), and every adapter, at
 // start or added later, is checked against the spec's adapter NAME (or its only one); without one,
 // from DIR/config.json, with plain PEFT adapters.
@@ -23,7 +24,16 @@ export interface ServeOptions {
   readonly maxAdapters: string;
   readonly ctx?: string;
   readonly backend?: string;
+  readonly allowAdapterLoading?: boolean;
+  readonly adapterRoot?: string;
+  readonly adapterLoadTimeout?: string;
+  readonly headersTimeout?: string;
+  readonly requestTimeout?: string;
+  readonly maxConnections?: string;
 }
+
+/** How long the first signal waits for requests in flight before exiting anyway. */
+const SHUTDOWN_GRACE_MS = 30_000;
 
 class UsageError extends Error {}
 
@@ -49,17 +59,30 @@ export async function serveCommand(source: string | undefined, opts: ServeOption
   process.stderr.write(
     `milora serve: ${server.url}/v1 (model ${setup.base.name}${setup.adapters.length > 0 ? `, adapters ${setup.adapters.map(([n]) => n).join(", ")}` : ""})\n` +
       `  device ${adapterSummary(engine.device)}; ${setup.slots} slots of ${engine.plan.dims.ctx} positions\n` +
-      (setup.apiKey === undefined ? "" : "  API key required on every route but /health\n"),
+      (setup.apiKey === undefined ? "" : "  API key required on every route but /health\n") +
+      (setup.adapterRoot === undefined ? "" : `  run-time adapter loading on, from ${setup.adapterRoot}\n`),
   );
+  let stopping = false;
   await new Promise<void>((resolve) => {
-    const stop = (signal: string) => {
-      process.stderr.write(`milora serve: ${signal}, finishing the requests in flight\n`);
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (stopping) {
+        process.stderr.write(`milora serve: ${signal} again, exiting now\n`);
+        process.exit(signal === "SIGINT" ? 130 : 143);
+      }
+      stopping = true;
+      process.stderr.write(`milora serve: ${signal}, finishing the requests in flight (${signal} again exits at once)\n`);
       resolve();
     };
-    process.once("SIGTERM", () => stop("SIGTERM"));
-    process.once("SIGINT", () => stop("SIGINT"));
+    process.on("SIGTERM", onSignal);
+    process.on("SIGINT", onSignal);
   });
-  await serving.close();
+  const graceOver = new Promise<"timeout">((resolve) => setTimeout(() => resolve("timeout"), SHUTDOWN_GRACE_MS).unref());
+  if ((await Promise.race([serving.close(), graceOver])) === "timeout") {
+    process.stderr.write(`milora serve: requests still running after ${SHUTDOWN_GRACE_MS / 1000} s, exiting anyway\n`);
+    process.exit(1);
+  }
+  // Everything is closed; should anything still hold the event loop (a device callback), exit regardless.
+  setTimeout(() => process.exit(0), 2000).unref();
   return 0;
 }
 
@@ -73,6 +96,18 @@ function settings(sourcePath: string | undefined, opts: ServeOptions) {
     return [a.slice(0, at), a.slice(at + 1)] as const;
   });
   const apiKey = opts.apiKey ?? process.env.MILORA_API_KEY;
+  // An empty key would mean no authentication at all, which nobody asking for a key wants.
+  if (apiKey !== undefined && apiKey.trim() === "") {
+    throw new UsageError(`${opts.apiKey === undefined ? "MILORA_API_KEY" : "--api-key"} is empty: give a non-empty key, or leave it out to serve without authentication`);
+  }
+  if (opts.allowAdapterLoading && opts.adapterRoot === undefined) {
+    throw new UsageError("--allow-adapter-loading needs --adapter-root DIR: the directory run-time adapters must lie in");
+  }
+  if (!opts.allowAdapterLoading && opts.adapterRoot !== undefined) throw new UsageError("--adapter-root is used only with --allow-adapter-loading");
+  if (opts.adapterRoot !== undefined && (!existsSync(opts.adapterRoot) || !statSync(opts.adapterRoot).isDirectory())) {
+    throw new UsageError(`--adapter-root ${opts.adapterRoot} is not a directory`);
+  }
+  const seconds = (flag: string, text: string | undefined, fallback: number) => 1000 * (text === undefined ? fallback : count(flag, text, 1));
   return {
     base: source.base,
     checkpointDir: dir,
@@ -83,7 +118,12 @@ function settings(sourcePath: string | undefined, opts: ServeOptions) {
     maxQueue: count("--max-queue", opts.maxQueue, 0),
     maxResidentAdapters: count("--max-adapters", opts.maxAdapters, 1),
     ...sourceSettings(source, opts.ctx === undefined ? undefined : count("--ctx", opts.ctx, 2)),
-    ...(apiKey ? { apiKey } : {}),
+    ...(apiKey === undefined ? {} : { apiKey }),
+    ...(opts.adapterRoot === undefined ? {} : { adapterRoot: opts.adapterRoot }),
+    adapterReadTimeoutMs: seconds("--adapter-load-timeout", opts.adapterLoadTimeout, 60),
+    headersTimeoutMs: seconds("--headers-timeout", opts.headersTimeout, 10),
+    requestTimeoutMs: seconds("--request-timeout", opts.requestTimeout, 30),
+    maxConnections: opts.maxConnections === undefined ? 512 : count("--max-connections", opts.maxConnections, 1),
     ...(opts.backend === undefined ? {} : { backend: opts.backend }),
   };
 }

@@ -3,12 +3,12 @@
 // Every response (and stream chunk) carries a `milora` field with the token ids and the adapter.
 import { randomInt, randomUUID } from "node:crypto";
 import type { ServerResponse } from "node:http";
-import type { AdapterPool } from "../adapter-pool.ts";
+import { AdapterReadTimeoutError, type AdapterPool } from "../adapter-pool.ts";
 import type { LayerRouting } from "../routing.ts";
 import { DrainingError, QueueFullError, RequestError, type FinishReason, type GenerationResult, type Scheduler } from "../scheduler.ts";
 import type { Tokenizer } from "../tokenizer.ts";
 import type { ChatTemplate } from "./chat-template.ts";
-import { ApiError, badRequest, notFound, tooLarge } from "./errors.ts";
+import { ApiError, badRequest, contextTooLong, notFound } from "./errors.ts";
 import { chatParams, completionParams, type ChatParams, type CompletionParams } from "./params.ts";
 import { TextStream } from "./text-stream.ts";
 
@@ -24,18 +24,27 @@ export interface ServedModel {
   /** Absent when the directory has no tokenizer.json: prompts must then be token ids. */
   readonly tokenizer?: Tokenizer;
   readonly chatTemplate?: ChatTemplate;
+  /**
+   * The longest prompt a prompt-routed (MiLoRA) adapter takes: its routers pool over the whole prompt,
+   * so the engine prefills it in one step, of at most this many rows (the engine's maxBatchRows).
+   */
+  readonly maxRoutedPromptTokens?: number;
 }
 
 type Kind = "completion" | "chat";
 
 interface Prepared {
   readonly params: ChatParams | CompletionParams;
+  /** The adapter's name, as the client gave it. */
   readonly adapter: string | undefined;
+  /** The instance of it the request runs on (AdapterPool.keyOf). */
+  readonly adapterKey: string | undefined;
   readonly prompt: readonly number[];
+  readonly maxTokens: number;
 }
 
 export async function handleGeneration(kind: Kind, body: unknown, res: ServerResponse, model: ServedModel): Promise<void> {
-  const { params, adapter, prompt } = prepare(kind, body, model);
+  const { params, adapter, adapterKey, prompt, maxTokens } = await prepare(kind, body, model);
   const tokenizer = model.tokenizer;
   const text = new TextStream((ids) => tokenizer?.decode(ids) ?? "", params.stop);
   const id = `${kind === "chat" ? "chatcmpl" : "cmpl"}-${randomUUID()}`;
@@ -50,9 +59,9 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
   try {
     result = model.scheduler.submit({
       tenant: params.model,
-      ...(adapter === undefined ? {} : { adapter }),
+      ...(adapterKey === undefined ? {} : { adapter: adapterKey }),
       prompt,
-      maxTokens: params.maxTokens ?? model.ctx - prompt.length,
+      maxTokens,
       sampling: { temperature: params.temperature, topP: params.topP, seed: params.seed ?? randomInt(0x100000000) },
       stopTokens: params.ignoreEos ? [] : (tokenizer?.eosIds ?? []),
       onToken: (token, routing) => {
@@ -67,7 +76,12 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
   }
   const shape = { kind, id, created, model: params.model, adapter };
   if (!params.stream) {
-    const done = await result;
+    let done: GenerationResult;
+    try {
+      done = await result;
+    } catch (e) {
+      throw generationError(e);
+    }
     if (done.finish === "cancelled") return;
     sendJson(res, 200, finalBody(shape, prompt, done, whole + text.flush()));
     return;
@@ -96,14 +110,30 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
   res.end("data: [DONE]\n\n");
 }
 
-function prepare(kind: Kind, body: unknown, model: ServedModel): Prepared {
+async function prepare(kind: Kind, body: unknown, model: ServedModel): Promise<Prepared> {
   const params = kind === "chat" ? chatParams(body) : completionParams(body);
   const adapter = params.model === model.baseName ? undefined : params.model;
-  if (adapter !== undefined && !model.adapters.has(adapter)) {
+  const adapterKey = adapter === undefined ? undefined : model.adapters.keyOf(adapter);
+  if (adapter !== undefined && adapterKey === undefined) {
     throw notFound(`the model \`${params.model}\` does not exist: GET /v1/models lists the base and its adapters`, "model_not_found", "model");
   }
+  const param = kind === "chat" ? "messages" : "prompt";
   const { tokenizer } = model;
   if (params.stop.length > 0 && !tokenizer) throw badRequest("`stop` strings need a tokenizer, and this model directory has no tokenizer.json", "stop");
+  // Text is measured before it is tokenized: one token covers at most maxBytesPerToken bytes, so more
+  // than ctx x that many bytes cannot fit, and is refused without the work of tokenizing it.
+  const encode = async (text: string, addBos: boolean): Promise<number[]> => {
+    const bytes = Buffer.byteLength(text);
+    const most = model.ctx * tokenizer!.maxBytesPerToken;
+    if (bytes > most) {
+      throw contextTooLong(
+        `the prompt is ${bytes} bytes of text, more than the ${most} bytes that could fit in this model's maximum context length of ${model.ctx} tokens ` +
+          `(at most ${tokenizer!.maxBytesPerToken} bytes make one token)`,
+        param,
+      );
+    }
+    return tokenizer!.encodeAsync(text, { addBos });
+  };
   let prompt: readonly number[];
   if ("messages" in params) {
     if (!tokenizer || !model.chatTemplate) throw badRequest("this model has no chat template (tokenizer_config.json's chat_template): use /v1/completions", "messages");
@@ -114,26 +144,43 @@ function prepare(kind: Kind, body: unknown, model: ServedModel): Prepared {
       throw badRequest(`the chat template cannot render these messages: ${(e as Error).message}`, "messages");
     }
     // The template writes the special tokens (BOS among them) itself.
-    prompt = tokenizer.encode(rendered, { addBos: false });
+    prompt = await encode(rendered, false);
   } else {
     const text = params.prompt;
     if (typeof text === "string") {
       if (!tokenizer) throw badRequest("this model directory has no tokenizer.json: send the prompt as an array of token ids", "prompt");
-      prompt = tokenizer.encode(text, { addBos: true });
+      prompt = await encode(text, true);
     } else {
       const bad = text.find((t) => t >= model.vocabSize);
       if (bad !== undefined) throw badRequest(`token id ${bad} is outside the vocabulary (0..${model.vocabSize - 1})`, "prompt");
       prompt = text;
     }
   }
-  if (prompt.length >= model.ctx) {
-    throw tooLarge(
-      `the prompt has ${prompt.length} tokens; this server's context holds ${model.ctx} positions for prompt and output together`,
-      "context_length_exceeded",
-      kind === "chat" ? "messages" : "prompt",
+  // As OpenAI and vLLM answer: 400 context_length_exceeded when prompt and max_tokens do not fit.
+  const maxTokens = params.maxTokens ?? model.ctx - prompt.length;
+  if (prompt.length + Math.max(1, maxTokens) > model.ctx) {
+    throw contextTooLong(
+      `this model's maximum context length is ${model.ctx} tokens, but the request needs ${prompt.length + Math.max(1, maxTokens)} ` +
+        `(${prompt.length} in the prompt + ${params.maxTokens === undefined ? "at least 1" : `max_tokens ${params.maxTokens}`} for the completion): shorten the prompt or lower max_tokens`,
+      param,
     );
   }
-  return { params, adapter, prompt };
+  const routedLimit = model.maxRoutedPromptTokens;
+  if (adapterKey !== undefined && routedLimit !== undefined && prompt.length > routedLimit && model.adapters.routesOnPrompt(adapterKey)) {
+    throw badRequest(
+      `adapter ${adapter} routes on the whole prompt, which this server prefills in one step of at most ${routedLimit} tokens ` +
+        `(the engine's maxBatchRows); the prompt has ${prompt.length}: shorten it`,
+      param,
+      "prompt_too_long_for_routing",
+    );
+  }
+  return { params, adapter, adapterKey, prompt, maxTokens };
+}
+
+/** A generation that failed after it was queued: client-caused failures as 4xx, the rest as they are. */
+function generationError(e: unknown): unknown {
+  if (e instanceof AdapterReadTimeoutError) return new ApiError(504, e.message, "server_error", "adapter_load_timeout");
+  return schedulerError(e);
 }
 
 /** The scheduler's refusals as HTTP answers. */

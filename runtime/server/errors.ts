@@ -31,3 +31,8 @@ export function notFound(message: string, code: string | null = null, param: str
 export function tooLarge(message: string, code: string, param: string | null = null): ApiError {
   return new ApiError(413, message, "invalid_request_error", code, param);
 }
+
+/** 400 context_length_exceeded, as OpenAI and vLLM answer a prompt and max_tokens beyond the context. */
+export function contextTooLong(message: string, param: string): ApiError {
+  return badRequest(message, param, "context_length_exceeded");
+}

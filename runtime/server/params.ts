@@ -104,9 +104,12 @@ function stop(v: unknown): string[] {
   return list;
 }
 
-/** Text, or token ids; OpenAI's one-element batch forms are accepted, larger batches are not. */
+/**
+ * Text, or token ids; OpenAI's one-element batch forms (["text"], [[1, 2]]) are accepted, larger
+ * batches are not. The batch form is unwrapped once, never recursively: [[[1]]] is a 400, not a walk.
+ */
 function prompt(v: unknown): string | number[] {
-  if (Array.isArray(v) && v.length === 1 && (typeof v[0] === "string" || Array.isArray(v[0]))) return prompt(v[0]);
+  if (Array.isArray(v) && v.length === 1 && (typeof v[0] === "string" || Array.isArray(v[0]))) v = v[0];
   if (typeof v === "string") {
     if (v === "") throw badRequest("`prompt` is empty", "prompt");
     return v;

@@ -5,7 +5,7 @@ import type { KernelSource } from "../../compiler/kernels/kernel.ts";
 import type { Adapter, BaseModel } from "../../compiler/model.ts";
 import type { Plan } from "../../compiler/plan.ts";
 import { adapterSpecFromPeft } from "../adapter.ts";
-import { AdapterPool, type AdapterHost } from "../adapter-pool.ts";
+import { AdapterPool, type AdapterHost, type AdapterReader } from "../adapter-pool.ts";
 import type { GpuContext } from "../device.ts";
 import { Engine } from "../engine.ts";
 import { Scheduler } from "../scheduler.ts";
@@ -38,6 +38,12 @@ export interface ServingSetup extends ServerOptions {
   readonly adapters?: readonly (readonly [string, string])[];
   readonly gpu?: GpuContext;
   readonly backend?: string;
+  /** Milliseconds an adapter's files may take to read before the read is stopped (default AdapterPool's, 60 s). */
+  readonly adapterReadTimeoutMs?: number;
+  /** Rows one engine step runs (default the engine's, 256): also the longest prompt a prompt-routed adapter takes. */
+  readonly maxBatchRows?: number;
+  /** Reads adapter directories (default: on worker threads); tests put slow or failing readers here. */
+  readonly readAdapter?: AdapterReader;
   /** Refuses a device before weights are uploaded (the CLI's kernel self-test). */
   readonly checkDevice?: (gpu: GpuContext) => Promise<void>;
 }
@@ -45,7 +51,7 @@ export interface ServingSetup extends ServerOptions {
 export interface Serving {
   readonly server: MiloraServer;
   readonly engine: Engine;
-  /** Drains, stops listening and frees the engine. */
+  /** Stops adapter reads in progress, drains, stops listening and frees the engine. */
   close(): Promise<void>;
 }
 
@@ -57,30 +63,54 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
     checkpointDir: setup.checkpointDir,
     maxSequences: setup.slots,
     maxAdapters: setup.maxResidentAdapters,
+    ...(setup.maxBatchRows === undefined ? {} : { maxBatchRows: setup.maxBatchRows }),
     ...(setup.compiled ?? { maxLoraRank: setup.maxLoraRank ?? largestRank(setup), ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }) }),
     ...(setup.gpu ? { gpu: setup.gpu } : {}),
     ...(setup.backend === undefined ? {} : { backend: setup.backend }),
     ...(setup.checkDevice ? { checkDevice: setup.checkDevice } : {}),
   });
+  let adapters: AdapterPool | undefined;
   try {
     const host: AdapterHost = { add: (a) => void engine.loadAdapter(a.name, a), remove: (name) => engine.unloadAdapter(name) };
-    const adapters = new AdapterPool({ base: setup.base, host, maxResident: setup.maxResidentAdapters, ...(setup.adapterSpec ? { specOf: setup.adapterSpec } : {}) });
+    adapters = new AdapterPool({
+      base: setup.base,
+      host,
+      maxResident: setup.maxResidentAdapters,
+      ...(setup.adapterSpec ? { specOf: setup.adapterSpec } : {}),
+      ...(setup.readAdapter ? { read: setup.readAdapter } : {}),
+      ...(setup.adapterReadTimeoutMs === undefined ? {} : { readTimeoutMs: setup.adapterReadTimeoutMs }),
+    });
     for (const [name, dir] of setup.adapters ?? []) await adapters.register(name, dir);
     const ctx = engine.plan.dims.ctx;
     const scheduler = new Scheduler({ engine, slots: setup.slots, ctx, maxQueue: setup.maxQueue, adapters });
+    const pool = adapters;
     const server = await MiloraServer.start(
-      { scheduler, adapters, baseName: setup.base.name, vocabSize: setup.base.vocabSize, ctx, ...(tokenizer ? { tokenizer } : {}), ...(chatTemplate ? { chatTemplate } : {}) },
+      {
+        scheduler,
+        adapters,
+        baseName: setup.base.name,
+        vocabSize: setup.base.vocabSize,
+        ctx,
+        maxRoutedPromptTokens: engine.maxRows,
+        ...(tokenizer ? { tokenizer } : {}),
+        ...(chatTemplate ? { chatTemplate } : {}),
+      },
       setup,
     );
     return {
       server,
       engine,
       close: async () => {
+        // Reads in progress are stopped first: requests waiting on them fail, so the drain can end.
+        pool.close();
         await server.close();
+        tokenizer?.close();
         engine.destroy();
       },
     };
   } catch (e) {
+    adapters?.close();
+    tokenizer?.close();
     engine.destroy();
     throw e;
   }

@@ -10,7 +10,7 @@ let f: Fixture;
 
 test.before(async () => {
   // One slot and a queue of one make overload easy to reach; a small body bound makes 413 cheap.
-  f = await startFixture({ apiKey: KEY, slots: 1, maxQueue: 1, maxBodyBytes: 16 * 1024 });
+  f = await startFixture({ apiKey: KEY, slots: 1, maxQueue: 1, maxBodyBytes: 16 * 1024, adapterLoading: true });
 });
 test.after(async () => {
   await f.close();
@@ -83,12 +83,21 @@ test("404 for an unknown model and an unknown route", async () => {
   await stillServes();
 });
 
-test("413 for a prompt longer than the context and for an oversized body", async () => {
+test("400 context_length_exceeded when prompt and max_tokens overflow the context, naming both; 413 for an oversized body", async () => {
+  // As OpenAI and vLLM answer: a 400 with code context_length_exceeded, not a 413.
   const long = await apiError(() => f.client.completions.create({ model: MODEL, prompt: Array.from({ length: CTX }, () => 5) }));
-  assert.is(long.status, 413);
+  assert.is(long.status, 400);
   assert.is(long.code, "context_length_exceeded");
+  assert.match(long.message, `maximum context length is ${CTX} tokens`);
+  const overflow = await apiError(() => f.client.completions.create({ model: MODEL, prompt: Array.from({ length: 100 }, () => 5), max_tokens: 40 }));
+  assert.is(overflow.status, 400);
+  assert.is(overflow.code, "context_length_exceeded");
+  assert.match(overflow.message, `needs 140 (100 in the prompt + max_tokens 40`);
+  const fits = await f.client.completions.create({ model: MODEL, prompt: Array.from({ length: 100 }, () => 5), max_tokens: 28, temperature: 0 });
+  assert.is(fits.usage!.prompt_tokens + 28, CTX);
   const huge = await raw("POST", "/v1/completions", JSON.stringify({ model: MODEL, prompt: "x".repeat(20_000) }));
   assert.is(huge.status, 413);
+  assert.is(huge.json.error?.code, "request_too_large");
   await stillServes();
 });
 
@@ -118,18 +127,48 @@ test("429 with Retry-After when the slot and the queue are taken", async () => {
   await stillServes();
 });
 
-test("adapters added and removed at run time", async () => {
+test("adapters added and removed at run time, from inside the adapter root only", async () => {
   const dir = f.adapterDir("fresh", 7);
-  const bad = await raw("POST", "/v1/adapters", JSON.stringify({ name: "broken", path: `${dir}-missing` }));
-  assert.is(bad.status, 400);
-  assert.is(bad.json.error?.param, "path");
-  assert.is((await raw("POST", "/v1/adapters", JSON.stringify({ name: "fresh", path: dir }))).status, 201);
+  // Missing, outside the root, or escaping it: one answer, which tells nothing about what exists.
+  const refusals = await Promise.all(
+    [`${dir}-missing`, "/etc", "/nonexistent-dir", "../../..", "fresh/../../tiny"].map((path) => raw("POST", "/v1/adapters", JSON.stringify({ name: "broken", path }))),
+  );
+  for (const r of refusals) {
+    assert.is(r.status, 403);
+    assert.is(r.json.error?.code, "adapter_path_forbidden");
+    assert.is(r.json.error?.message, refusals[0]!.json.error?.message);
+  }
+  // Relative to the root, or absolute inside it.
+  assert.is((await raw("POST", "/v1/adapters", JSON.stringify({ name: "fresh", path: "fresh" }))).status, 201);
+  assert.is((await raw("POST", "/v1/adapters", JSON.stringify({ name: "fresh2", path: dir }))).status, 201);
+  assert.is((await raw("DELETE", "/v1/adapters/fresh2")).status, 200);
   assert.ok((await f.client.models.list()).data.some((m) => m.id === "fresh"));
   const r = await f.client.completions.create({ model: "fresh", prompt: "hello", max_tokens: 3, temperature: 0 });
   assert.is(miloraField(r).adapter, "fresh");
   assert.is((await raw("DELETE", "/v1/adapters/fresh")).status, 200);
   assert.is((await raw("DELETE", "/v1/adapters/fresh")).status, 404);
   assert.is((await apiError(() => f.client.completions.create({ model: "fresh", prompt: "hi" }))).status, 404);
+  await stillServes();
+});
+
+test("an adapter deleted while a request uses it: the name is free at once, the old one finishes its request", async () => {
+  const dir = f.adapterDir("swap", 9);
+  assert.is((await raw("POST", "/v1/adapters", JSON.stringify({ name: "swap", path: "swap" }))).status, 201);
+  const alone = await f.client.completions.create({ model: "swap", prompt: "hello", max_tokens: 12, temperature: 0, ignore_eos: true } as never);
+  const stream = (await f.client.completions.create({ model: "swap", prompt: "hello", max_tokens: 12, temperature: 0, stream: true, ignore_eos: true } as never)) as unknown as AsyncIterable<unknown>;
+  const iterator = stream[Symbol.asyncIterator]();
+  const tokens: number[] = [...miloraField((await iterator.next()).value).token_ids];
+  assert.is((await raw("DELETE", "/v1/adapters/swap")).status, 200);
+  assert.not.ok((await f.client.models.list()).data.some((m) => m.id === "swap"));
+  // Registered again while the old instance still serves the stream above, as vLLM users expect.
+  const again = await raw("POST", "/v1/adapters", JSON.stringify({ name: "swap", path: dir }));
+  assert.is(again.status, 201, JSON.stringify(again.json));
+  assert.ok((await f.client.models.list()).data.some((m) => m.id === "swap"));
+  for (let r = await iterator.next(); !r.done; r = await iterator.next()) tokens.push(...miloraField(r.value).token_ids);
+  assert.equal(tokens, miloraField(alone).token_ids);
+  const fresh = await f.client.completions.create({ model: "swap", prompt: "hello", max_tokens: 12, temperature: 0, ignore_eos: true } as never);
+  assert.equal(miloraField(fresh).token_ids, miloraField(alone).token_ids);
+  assert.is((await raw("DELETE", "/v1/adapters/swap")).status, 200);
   await stillServes();
 });
 

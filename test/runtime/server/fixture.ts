@@ -1,6 +1,6 @@
 // A server over a tiny random checkpoint (with tokenizer and chat template) on a free loopback
 // port, plus the OpenAI client pointed at it: what the server tests share.
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import OpenAI from "openai";
@@ -26,6 +26,8 @@ export interface Fixture {
 
 export interface FixtureOptions extends Partial<ServingSetup> {
   readonly adapterNames?: readonly string[];
+  /** Turn run-time adapter loading on, confined to the directory adapterDir() writes in (root/adapters). */
+  readonly adapterLoading?: boolean;
   /** Settings that need the checkpoint's directory (e.g. a spec resolved against it). */
   readonly fromCheckpoint?: (dir: string) => Partial<ServingSetup>;
 }
@@ -35,6 +37,7 @@ export async function startFixture(options: FixtureOptions = {}): Promise<Fixtur
   const dir = join(root, MODEL);
   writeRandomCheckpoint(dir, { ...PRESETS.tiny, seed: 11, tokenizer: true });
   const base = readHfConfig(dir);
+  mkdirSync(join(root, "adapters"));
   const adapterDir = (name: string, seed: number) => {
     const at = join(root, "adapters", name);
     writeRandomPeftAdapter(at, { base, modules: ["q_proj", "v_proj"], rank: 4, alpha: 8, seed, name });
@@ -51,6 +54,7 @@ export async function startFixture(options: FixtureOptions = {}): Promise<Fixtur
     port: 0,
     gpu,
     adapters: (options.adapterNames ?? []).map((n, i) => [n, adapterDir(n, 100 + i)] as const),
+    ...(options.adapterLoading ? { adapterRoot: join(root, "adapters") } : {}),
     ...options,
     ...options.fromCheckpoint?.(dir),
   });

@@ -1,0 +1,9 @@
+// Worker threads that run one of milora's TypeScript modules. Workers do not inherit tsx's loader (nor
+// take it from --import in execArgv on Node 20), so the worker registers it before importing the module.
+import { Worker, type WorkerOptions } from "node:worker_threads";
+
+/** A worker running the TypeScript module at `moduleUrl` (a file: URL), with `workerData`. */
+export function tsWorker(moduleUrl: URL, options: Omit<WorkerOptions, "eval"> = {}): Worker {
+  const source = `import(${JSON.stringify(import.meta.resolve("tsx/esm/api"))}).then((tsx) => { tsx.register(); return import(${JSON.stringify(moduleUrl.href)}); })`;
+  return new Worker(source, { ...options, eval: true });
+}
