@@ -3,6 +3,7 @@
 // model expects, so a wrong or partial download fails with a message naming the tensor.
 import { existsSync, readFileSync } from "node:fs";
 import { basename, join } from "node:path";
+import { jsonSyntaxReason } from "../compiler/json-syntax.ts";
 import type { BaseModel } from "../compiler/model.ts";
 import { CheckpointError, SafetensorsFile, isFloatDtype, type TensorInfo } from "./safetensors.ts";
 
@@ -172,13 +173,15 @@ function readJsonObject(dir: string, file: string): Record<string, unknown> {
     text = readFileSync(path, "utf8");
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    throw new CheckpointError(code === "ENOENT" ? `${dir}: no ${file}` : `${path}: cannot read (${code ?? String(e)})`);
+    throw new CheckpointError(
+      code === "ENOENT" ? `${dir}: no ${file}` : code === "EISDIR" ? `${path}: is a directory, not a JSON file` : `${path}: cannot read (${code ?? String(e)})`,
+    );
   }
   let value: unknown;
   try {
     value = JSON.parse(text);
   } catch (e) {
-    throw new CheckpointError(`${path}: not valid JSON (${(e as Error).message})`);
+    throw new CheckpointError(`${path}: not valid JSON (${jsonSyntaxReason(e, text)})`);
   }
   if (typeof value !== "object" || value === null || Array.isArray(value)) {
     throw new CheckpointError(`${path}: not a JSON object`);

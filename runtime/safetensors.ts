@@ -1,8 +1,9 @@
 // The safetensors format: an 8-byte little-endian header length, a JSON header naming every tensor's
 // dtype, shape and byte range, then the raw data. The reader trusts nothing in the file: every
-// field is checked before use, and every problem is a CheckpointError naming the file and tensor.
+// field is checked before use, and every problem is a CheckpointError naming the file (its path, so
+// the checkpoint or adapter directory too) and, where one is at fault, the tensor and its shape.
 import { closeSync, fstatSync, openSync, readSync, renameSync, rmSync, writeSync } from "node:fs";
-import { basename } from "node:path";
+import { jsonSyntaxReason } from "../compiler/json-syntax.ts";
 
 /** A problem with a checkpoint file a user supplied; the message is meant for them. */
 export class CheckpointError extends Error {
@@ -76,7 +77,7 @@ export class SafetensorsFile {
 
   /** Opens and validates `path`; throws CheckpointError if the file is not a sound safetensors file. */
   static open(path: string): SafetensorsFile {
-    const label = basename(path);
+    const label = path;
     let fd: number;
     try {
       fd = openSync(path, "r");
@@ -84,7 +85,11 @@ export class SafetensorsFile {
       throw new CheckpointError(`${path}: cannot open (${(e as NodeJS.ErrnoException).code ?? String(e)})`);
     }
     try {
-      const { tensors, metadata } = parseHeader(fd, label, fstatSync(fd).size);
+      const stat = fstatSync(fd);
+      if (!stat.isFile()) {
+        throw new CheckpointError(`${path}: is ${stat.isDirectory() ? "a directory" : "not a regular file"}; a safetensors weights file was expected here`);
+      }
+      const { tensors, metadata } = parseHeader(fd, label, stat.size);
       return new SafetensorsFile(path, fd, tensors, metadata);
     } catch (e) {
       closeSync(fd);
@@ -94,7 +99,7 @@ export class SafetensorsFile {
 
   private info(name: string): TensorInfo {
     const info = this.tensors.get(name);
-    if (!info) throw new CheckpointError(`${basename(this.path)}: no tensor "${name}"`);
+    if (!info) throw new CheckpointError(`${this.path}: no tensor "${name}"`);
     return info;
   }
 
@@ -111,7 +116,7 @@ export class SafetensorsFile {
     const info = this.info(name);
     if (!isFloatDtype(info.dtype)) {
       throw new CheckpointError(
-        `${basename(this.path)}: tensor "${name}" has dtype ${info.dtype}; weights must be F32, F16 or BF16`,
+        `${this.path}: tensor "${name}" [${info.shape.join(", ")}] has dtype ${info.dtype}; weights must be F32, F16 or BF16`,
       );
     }
     const out = new Float32Array(elementCount(info.shape));
@@ -136,7 +141,9 @@ export class SafetensorsFile {
       const want = Math.min(READ_SLICE_BYTES, out.length - done);
       const got = readSync(this.fd, out, done, want, info.byteOffset + done);
       if (got === 0) {
-        throw new CheckpointError(`${basename(this.path)}: tensor "${info.name}": file ended while reading its data`);
+        throw new CheckpointError(
+          `${this.path}: tensor "${info.name}" (${info.dtype} [${info.shape.join(", ")}]): the file ended while reading its data (it was cut short after opening)`,
+        );
       }
       done += got;
       onBytes?.(got);
@@ -188,7 +195,7 @@ function parseHeader(
   try {
     header = JSON.parse(readExactly(fd, dataStart - 8, 8).toString("utf8"));
   } catch (e) {
-    throw new CheckpointError(`${label}: header is not valid JSON (${(e as Error).message})`);
+    throw new CheckpointError(`${label}: header is not valid JSON (${jsonSyntaxReason(e)}); is this a safetensors file?`);
   }
   if (!isPlainObject(header)) throw new CheckpointError(`${label}: header is not a JSON object`);
 
@@ -200,7 +207,7 @@ function parseHeader(
       metadata = parseMetadata(label, entry);
       continue;
     }
-    const where = `${label}: tensor "${name}"`;
+    const where = `${label}: tensor ${JSON.stringify(name)}`;
     if (!isPlainObject(entry)) throw new CheckpointError(`${where}: entry is not an object`);
     const { dtype, shape, data_offsets: offsets } = entry;
     if (typeof dtype !== "string" || !Object.hasOwn(DTYPE_BYTES, dtype)) {

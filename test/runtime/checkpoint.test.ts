@@ -130,4 +130,33 @@ test("a directory without config.json or weights is refused", () => {
   assert.match(checkpointError(() => openCheckpoint(empty)), "config.json: not valid JSON");
 });
 
+test("weights or configs that are directories are refused naming the checkpoint and the file", () => {
+  const odd = join(root, "odd");
+  mkdirSync(odd);
+  writeFileSync(join(odd, "config.json"), readFileSync(join(single, "config.json")));
+  mkdirSync(join(odd, "model.safetensors"));
+  assert.is(checkpointError(() => openCheckpoint(odd)), `${join(odd, "model.safetensors")}: is a directory; a safetensors weights file was expected here`);
+
+  const shardDir = join(root, "shard-dir");
+  cpSync(sharded, shardDir, { recursive: true });
+  rmSync(join(shardDir, "model-00002-of-00003.safetensors"));
+  mkdirSync(join(shardDir, "model-00002-of-00003.safetensors"));
+  assert.match(checkpointError(() => openCheckpoint(shardDir)), `${join(shardDir, "model-00002-of-00003.safetensors")}: is a directory`);
+
+  const configDir = join(root, "config-dir");
+  mkdirSync(join(configDir, "config.json"), { recursive: true });
+  assert.is(checkpointError(() => openCheckpoint(configDir)), `${join(configDir, "config.json")}: is a directory, not a JSON file`);
+});
+
+test("a config.json that is not JSON is refused with a place, never its text", () => {
+  const dir = join(root, "not-json");
+  mkdirSync(dir);
+  writeFileSync(join(dir, "config.json"), "root:x:0:0:root:/root:/bin/bash\n");
+  const message = checkpointError(() => openCheckpoint(dir));
+  assert.match(message, `${join(dir, "config.json")}: not valid JSON`);
+  assert.not.match(message, "root:x");
+  writeFileSync(join(dir, "config.json"), '{\n  "hidden_size": 16,\n  "secret" 1\n}');
+  assert.match(checkpointError(() => openCheckpoint(dir)), "not valid JSON (unexpected number at line 3, column 12)");
+});
+
 test.run();

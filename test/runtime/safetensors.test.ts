@@ -1,5 +1,5 @@
 import fc from "fast-check";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "uvu";
@@ -159,6 +159,39 @@ test("integer tensors are listed but refused as weights; an unknown name is refu
 
 test("a missing file is a CheckpointError naming it", () => {
   assert.match(openError(join(dir, "absent.safetensors")), "absent.safetensors: cannot open (ENOENT)");
+});
+
+test("errors give the file's whole path, so the checkpoint or adapter directory is named too", () => {
+  const adapterDir = join(dir, "adapters", "support");
+  mkdirSync(adapterDir, { recursive: true });
+  const path = join(adapterDir, "adapter_model.safetensors");
+  writeFileSync(path, readFileSync(rawFile("{not json")));
+  assert.match(openError(path), `${path}: header is not valid JSON`);
+});
+
+test("a weights path that is a directory is a CheckpointError, not EISDIR", () => {
+  const path = join(dir, "model-dir.safetensors");
+  mkdirSync(path);
+  assert.is(openError(path), `${path}: is a directory; a safetensors weights file was expected here`);
+});
+
+test("a header that is not JSON is refused without quoting the file", () => {
+  const path = rawFile("root:x:0:0:root:/root:/bin/bash");
+  const message = openError(path);
+  assert.match(message, "header is not valid JSON");
+  assert.not.match(message, "root:x");
+});
+
+test("a file cut short after opening names the tensor, its dtype and shape", () => {
+  const path = tempPath();
+  writeSafetensors(path, [{ name: "model.norm.weight", dtype: "F32", shape: [2, 4], data: new Float32Array(8) }]);
+  const file = SafetensorsFile.open(path);
+  truncateSync(path, 16);
+  assert.throws(
+    () => file.readF32("model.norm.weight"),
+    (e: Error) => e instanceof CheckpointError && e.message.startsWith(`${path}: tensor "model.norm.weight" (F32 [2, 4]): the file ended while reading its data`),
+  );
+  file.close();
 });
 
 test("fuzz: mutated files give a CheckpointError or valid tensors, nothing else", () => {
