@@ -1,0 +1,362 @@
+// The float64 reference of one MiLoRA training loss and its gradients (milora.md "Training"): the LLaMA
+// forward pass of llama.ts written again over the scalar tape of autodiff.ts, with LoRA on the adapted
+// modules, MiLoRA's per-layer routers (paper eq. 2-3, 8, 6) and the loss of eq. 4-5:
+//   loss = mean cross-entropy over the batch's supervised positions + balance * mean over routed layers
+//          of N * sum_i f_i P_i.
+// The base is frozen; gradients are read off for every trainable tensor. Labels follow Hugging Face:
+// aligned with the tokens, -100 unsupervised, logits at t predict labels[t + 1]. The router of a
+// sequence reads its prompt: the leading run of unsupervised positions (at least the first token).
+import { MODULE_PATHS, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
+import { Tape, type Node } from "./autodiff.ts";
+import { moduleShape, type ReferenceWeights } from "./llama.ts";
+import { erf } from "./milora.ts";
+
+export const IGNORE = -100;
+
+export interface TrainExample {
+  readonly tokens: readonly number[];
+  /** Aligned with tokens; IGNORE where the position is not supervised. */
+  readonly labels: readonly number[];
+}
+
+/** One adapted module: A [rank, in], B [out, rank] as PEFT stores them, scaling alpha / rank. */
+export interface ReferenceLora {
+  readonly a: Float64Array;
+  readonly b: Float64Array;
+  readonly rank: number;
+  readonly scaling: number;
+}
+
+/** One layer's router: W_r as [experts, hidden], the pooler's w_sa, the rational unit's coefficients. */
+export interface ReferenceRouter {
+  readonly experts: readonly ExpertModule[];
+  readonly gate: Float64Array;
+  readonly pooler?: Float64Array;
+  /** a_0..a_m and b_1..b_n of Ra(x) = sum a_j x^j / (1 + |sum b_i x^i|). */
+  readonly rational?: { readonly numerator: Float64Array; readonly denominator: Float64Array };
+}
+
+export interface ReferenceRouting {
+  readonly pooling: "last" | "mean" | "max" | "attention";
+  readonly activation: "none" | "relu" | "gelu" | "rational";
+  readonly selection: { readonly rule: "top_k"; readonly k: number } | { readonly rule: "threshold"; readonly threshold: number } | { readonly rule: "dense" };
+  /** Softmax over the chosen experts' logits (the authors' code) instead of the paper's probabilities. */
+  readonly renormalize: boolean;
+  readonly when: "prompt" | "token";
+}
+
+export interface ReferenceTrainAdapter {
+  /** By `${layer}.${module}`. */
+  readonly lora: ReadonlyMap<string, ReferenceLora>;
+  /** By layer; absent for plain LoRA (every adapted module at gate 1). */
+  readonly routers?: ReadonlyMap<number, ReferenceRouter>;
+  readonly routing?: ReferenceRouting;
+  /** lambda_lb of eq. 4. */
+  readonly balance: number;
+}
+
+export interface RouterGradients {
+  readonly gate: Float64Array;
+  readonly pooler?: Float64Array;
+  readonly numerator?: Float64Array;
+  readonly denominator?: Float64Array;
+}
+
+export interface ReferenceTrainResult {
+  readonly loss: number;
+  readonly lmLoss: number;
+  readonly balanceLoss: number;
+  readonly supervised: number;
+  readonly lora: ReadonlyMap<string, { readonly a: Float64Array; readonly b: Float64Array }>;
+  readonly routers: ReadonlyMap<number, RouterGradients>;
+  /** Each sequence's gates per routed layer (prompt routing), by layer then expert order. */
+  readonly gates: ReadonlyMap<number, number[][]>;
+}
+
+type Vec = Node[];
+
+/** The prompt span a router reads: the leading unsupervised positions, at least one. */
+export function promptLength(example: TrainExample): number {
+  let n = 0;
+  while (n < example.labels.length && example.labels[n] === IGNORE) n++;
+  return Math.max(1, Math.min(n, example.tokens.length));
+}
+
+const SQRT_2PI = Math.sqrt(2 * Math.PI);
+const gelu = (x: number) => 0.5 * x * (1 + erf(x / Math.SQRT2));
+const geluDerivative = (x: number) => 0.5 * (1 + erf(x / Math.SQRT2)) + (x * Math.exp(-0.5 * x * x)) / SQRT_2PI;
+
+class Model {
+  readonly tape = new Tape();
+  readonly #params = new Map<string, Node[]>();
+
+  constructor(
+    readonly base: BaseModel,
+    readonly weights: ReferenceWeights,
+    readonly adapter: ReferenceTrainAdapter,
+  ) {
+    for (const [key, l] of adapter.lora) {
+      this.#params.set(`${key}.a`, this.tape.leaves(l.a));
+      this.#params.set(`${key}.b`, this.tape.leaves(l.b));
+    }
+    for (const [layer, r] of adapter.routers ?? []) {
+      this.#params.set(`router.${layer}.gate`, this.tape.leaves(r.gate));
+      if (r.pooler) this.#params.set(`router.${layer}.pooler`, this.tape.leaves(r.pooler));
+      if (r.rational) {
+        this.#params.set(`router.${layer}.numerator`, this.tape.leaves(r.rational.numerator));
+        this.#params.set(`router.${layer}.denominator`, this.tape.leaves(r.rational.denominator));
+      }
+    }
+  }
+
+  param(name: string): Node[] | undefined {
+    return this.#params.get(name);
+  }
+
+  gradient(grads: Float64Array, name: string): Float64Array | undefined {
+    const nodes = this.#params.get(name);
+    return nodes && Float64Array.from(nodes, (n) => grads[n]!);
+  }
+
+  /** y = W x (+ g * scaling * B A x) for one token; W frozen, LoRA nodes trainable. */
+  linear(layer: number, module: ExpertModule, x: Vec, gate: Node | number): Vec {
+    const t = this.tape;
+    const [out, inFeatures] = moduleShape(this.base, module);
+    const w = this.weights.get(`model.layers.${layer}.${MODULE_PATHS[module]}.weight`);
+    const y = Array.from({ length: out }, (_, o) => t.dotConst(x, w, o * inFeatures));
+    const lora = this.adapter.lora.get(`${layer}.${module}`);
+    if (!lora || gate === 0) return y;
+    const a = this.param(`${layer}.${module}.a`)!;
+    const b = this.param(`${layer}.${module}.b`)!;
+    const r = lora.rank;
+    const shrunk = Array.from({ length: r }, (_, j) => t.dot(x, a.slice(j * inFeatures, (j + 1) * inFeatures)));
+    return y.map((yo, o) => {
+      const update = t.scale(t.dot(shrunk, b.slice(o * r, (o + 1) * r)), lora.scaling);
+      return t.add(yo, typeof gate === "number" ? t.scale(update, gate) : t.mul(gate, update));
+    });
+  }
+
+  rmsNorm(x: Vec, weight: Float64Array): Vec {
+    const t = this.tape;
+    const meanSquare = t.scale(t.dot(x, x), 1 / x.length);
+    const inverse = t.div(t.leaf(1), t.sqrt(t.shift(meanSquare, this.base.rmsNormEps)));
+    return x.map((xi, i) => t.scale(t.mul(xi, inverse), weight[i]!));
+  }
+
+  /** Rotates each head of `v` (heads x headDim) by position `pos`, rotate_half convention. */
+  rope(v: Vec, heads: number, pos: number): Vec {
+    const t = this.tape;
+    const d = this.base.headDim;
+    const half = d / 2;
+    const out = v.slice();
+    for (let h = 0; h < heads; h++)
+      for (let i = 0; i < half; i++) {
+        const angle = pos * this.base.ropeTheta ** ((-2 * i) / d);
+        const [a, b] = [v[h * d + i]!, v[h * d + i + half]!];
+        out[h * d + i] = t.combine([a, b], [Math.cos(angle), -Math.sin(angle)]);
+        out[h * d + i + half] = t.combine([b, a], [Math.cos(angle), Math.sin(angle)]);
+      }
+    return out;
+  }
+
+  attention(q: Vec[], k: Vec[], v: Vec[]): Vec[] {
+    const t = this.tape;
+    const { heads, kvHeads, headDim: d } = this.base;
+    return q.map((qt, pos) => {
+      const out: Vec = [];
+      for (let h = 0; h < heads; h++) {
+        const kv = Math.floor(h / (heads / kvHeads));
+        const qh = qt.slice(h * d, (h + 1) * d);
+        const scores = k.slice(0, pos + 1).map((ku) => t.scale(t.dot(qh, ku.slice(kv * d, (kv + 1) * d)), 1 / Math.sqrt(d)));
+        const lse = t.logSumExp(scores);
+        const p = scores.map((s) => t.exp(t.sub(s, lse)));
+        for (let i = 0; i < d; i++) out.push(t.dot(p, v.slice(0, pos + 1).map((vu) => vu[kv * d + i]!)));
+      }
+      return out;
+    });
+  }
+
+  activate(x: Vec, layer: number): Vec {
+    const t = this.tape;
+    switch (this.adapter.routing!.activation) {
+      case "none":
+        return x;
+      case "relu":
+        return x.map((xi) => t.relu(xi));
+      case "gelu":
+        return x.map((xi) => t.apply(xi, gelu, geluDerivative));
+      case "rational": {
+        const a = this.param(`router.${layer}.numerator`)!;
+        const b = this.param(`router.${layer}.denominator`)!;
+        return x.map((xi) => {
+          const powers: Node[] = [t.leaf(1), xi];
+          while (powers.length < Math.max(a.length, b.length + 1)) powers.push(t.mul(powers.at(-1)!, xi));
+          const numerator = t.dot(a, powers.slice(0, a.length));
+          const denominator = t.shift(t.abs(t.dot(b, powers.slice(1, b.length + 1))), 1);
+          return t.div(numerator, denominator);
+        });
+      }
+    }
+  }
+
+  /** Paper eq. 2 and 8: the prompt rows pooled to one vector. */
+  pool(rows: Vec[], layer: number): Vec {
+    const t = this.tape;
+    const hidden = rows[0]!.length;
+    switch (this.adapter.routing!.pooling) {
+      case "last":
+        return rows.at(-1)!;
+      case "mean":
+        return Array.from({ length: hidden }, (_, i) => t.scale(t.sum(rows.map((r) => r[i]!)), 1 / rows.length));
+      case "max":
+        // The first row holding the maximum takes the gradient, as torch.max does.
+        return Array.from({ length: hidden }, (_, i) => rows.reduce((best, r) => (t.value(r[i]!) > t.value(best[i]!) ? r : best))[i]!);
+      case "attention": {
+        const w = this.param(`router.${layer}.pooler`)!;
+        const scores = rows.map((r) => t.dot(r, w));
+        const lse = t.logSumExp(scores);
+        const weights = scores.map((s) => t.exp(t.sub(s, lse)));
+        return Array.from({ length: hidden }, (_, i) => t.dot(weights, rows.map((r) => r[i]!)));
+      }
+    }
+  }
+
+  /** Eq. 3: the gates of one decision and the full softmax (for the balance loss). */
+  route(pooled: Vec, layer: number): { gates: Map<ExpertModule, Node>; probs: Node[] } {
+    const t = this.tape;
+    const routing = this.adapter.routing!;
+    const router = this.adapter.routers!.get(layer)!;
+    const w = this.param(`router.${layer}.gate`)!;
+    const h = pooled.length;
+    const logits = router.experts.map((_, e) => t.dot(this.activate(pooled, layer), w.slice(e * h, (e + 1) * h)));
+    const lse = t.logSumExp(logits);
+    const probs = logits.map((z) => t.exp(t.sub(z, lse)));
+    const p = t.values(probs);
+    const order = p.map((_, e) => e).sort((x, y) => p[y]! - p[x]! || x - y);
+    const rule = routing.selection;
+    let chosen = rule.rule === "top_k" ? order.slice(0, rule.k) : rule.rule === "dense" ? order : order.filter((e) => p[e]! >= rule.threshold);
+    if (chosen.length === 0) chosen = [order[0]!];
+    const gates = new Map<ExpertModule, Node>();
+    if (routing.renormalize) {
+      const picked = chosen.map((e) => logits[e]!);
+      const pickedLse = t.logSumExp(picked);
+      chosen.forEach((e, i) => gates.set(router.experts[e]!, t.exp(t.sub(picked[i]!, pickedLse))));
+    } else {
+      for (const e of chosen) gates.set(router.experts[e]!, probs[e]!);
+    }
+    return { gates, probs };
+  }
+}
+
+/** Loss, its parts, and the gradient of every trainable tensor for one batch. */
+export function referenceTrainLoss(base: BaseModel, weights: ReferenceWeights, adapter: ReferenceTrainAdapter, batch: readonly TrainExample[]): ReferenceTrainResult {
+  const m = new Model(base, weights, adapter);
+  const t = m.tape;
+  const h = base.hiddenSize;
+  const embed = weights.get("model.embed_tokens.weight");
+  const head = base.tieEmbeddings ? embed : weights.get("lm_head.weight");
+  const losses: Node[] = [];
+  /** Per routed layer: each decision's full softmax and its argmax expert. */
+  const decisions = new Map<number, { probs: Node[]; top: number }[]>();
+  const gatesSeen = new Map<number, number[][]>();
+
+  for (const example of batch) {
+    if (example.tokens.length !== example.labels.length) throw new Error("reference: tokens and labels differ in length");
+    let x: Vec[] = example.tokens.map((tok) => t.leaves(embed.subarray(tok * h, (tok + 1) * h)));
+    const prompt = promptLength(example);
+    for (let layer = 0; layer < base.layers; layer++) {
+      const p = `model.layers.${layer}`;
+      // gateOf(position, module): 1 for plain LoRA, the router's gate for a routed adapter, 0 when off.
+      let gateOf: (pos: number, module: ExpertModule) => Node | number = () => 1;
+      if (adapter.routing) {
+        const routed = adapter.routers?.has(layer) ?? false;
+        if (!routed) gateOf = () => 0;
+        else if (adapter.routing.when === "prompt") {
+          const { gates, probs } = m.route(m.pool(x.slice(0, prompt), layer), layer);
+          record(decisions, gatesSeen, layer, probs, gates, t, adapter.routers!.get(layer)!.experts);
+          gateOf = (_, module) => gates.get(module) ?? 0;
+        } else {
+          const perToken = x.map((row) => m.route(row, layer));
+          for (const d of perToken) record(decisions, gatesSeen, layer, d.probs, d.gates, t, adapter.routers!.get(layer)!.experts);
+          gateOf = (pos, module) => perToken[pos]!.gates.get(module) ?? 0;
+        }
+      }
+      const normed = x.map((row) => m.rmsNorm(row, weights.get(`${p}.input_layernorm.weight`)));
+      const q = normed.map((row, pos) => m.rope(m.linear(layer, "q_proj", row, gateOf(pos, "q_proj")), base.heads, pos));
+      const k = normed.map((row, pos) => m.rope(m.linear(layer, "k_proj", row, gateOf(pos, "k_proj")), base.kvHeads, pos));
+      const v = normed.map((row, pos) => m.linear(layer, "v_proj", row, gateOf(pos, "v_proj")));
+      const attended = m.attention(q, k, v).map((row, pos) => {
+        const o = m.linear(layer, "o_proj", row, gateOf(pos, "o_proj"));
+        return x[pos]!.map((xi, i) => t.add(xi, o[i]!));
+      });
+      x = attended.map((row, pos) => {
+        const n = m.rmsNorm(row, weights.get(`${p}.post_attention_layernorm.weight`));
+        const gate = m.linear(layer, "gate_proj", n, gateOf(pos, "gate_proj"));
+        const up = m.linear(layer, "up_proj", n, gateOf(pos, "up_proj"));
+        const act = gate.map((g, i) => t.mul(t.mul(g, t.sigmoid(g)), up[i]!));
+        const down = m.linear(layer, "down_proj", act, gateOf(pos, "down_proj"));
+        return row.map((ri, i) => t.add(ri, down[i]!));
+      });
+    }
+    for (let pos = 0; pos + 1 < example.tokens.length; pos++) {
+      const label = example.labels[pos + 1]!;
+      if (label === IGNORE) continue;
+      const final = m.rmsNorm(x[pos]!, weights.get("model.norm.weight"));
+      const logits = Array.from({ length: base.vocabSize }, (_, vtok) => t.dotConst(final, head, vtok * h));
+      losses.push(t.sub(t.logSumExp(logits), logits[label]!));
+    }
+  }
+  if (losses.length === 0) throw new Error("reference: the batch has no supervised position");
+  const lm = t.scale(t.sum(losses), 1 / losses.length);
+
+  // Eq. 4-5 per routed layer: f_i (argmax share, no gradient) times P_i (mean probability), times N.
+  const perLayer: Node[] = [];
+  for (const ds of decisions.values()) {
+    const experts = ds[0]!.probs.length;
+    const terms: Node[] = [];
+    for (let i = 0; i < experts; i++) {
+      const f = ds.filter((d) => d.top === i).length / ds.length;
+      if (f === 0) continue;
+      terms.push(t.scale(t.sum(ds.map((d) => d.probs[i]!)), (experts * f) / ds.length));
+    }
+    perLayer.push(terms.length > 0 ? t.sum(terms) : t.leaf(0));
+  }
+  const balance = perLayer.length > 0 ? t.scale(t.sum(perLayer), 1 / perLayer.length) : t.leaf(0);
+  const loss = t.add(lm, t.scale(balance, adapter.balance));
+
+  const grads = t.backward(loss);
+  const lora = new Map([...adapter.lora.keys()].map((key) => [key, { a: m.gradient(grads, `${key}.a`)!, b: m.gradient(grads, `${key}.b`)! }]));
+  const routers = new Map(
+    [...(adapter.routers?.keys() ?? [])].map((layer) => {
+      const g: RouterGradients = {
+        gate: m.gradient(grads, `router.${layer}.gate`)!,
+        ...optional("pooler", m.gradient(grads, `router.${layer}.pooler`)),
+        ...optional("numerator", m.gradient(grads, `router.${layer}.numerator`)),
+        ...optional("denominator", m.gradient(grads, `router.${layer}.denominator`)),
+      };
+      return [layer, g];
+    }),
+  );
+  return { loss: t.value(loss), lmLoss: t.value(lm), balanceLoss: t.value(balance), supervised: losses.length, lora, routers, gates: gatesSeen };
+}
+
+function optional<K extends string>(key: K, value: Float64Array | undefined): { [P in K]?: Float64Array } {
+  return (value === undefined ? {} : { [key]: value }) as { [P in K]?: Float64Array };
+}
+
+function record(
+  decisions: Map<number, { probs: Node[]; top: number }[]>,
+  seen: Map<number, number[][]>,
+  layer: number,
+  probs: Node[],
+  gates: ReadonlyMap<ExpertModule, Node>,
+  t: Tape,
+  experts: readonly ExpertModule[],
+): void {
+  const p = t.values(probs);
+  const top = p.indexOf(Math.max(...p));
+  if (!decisions.has(layer)) decisions.set(layer, []);
+  decisions.get(layer)!.push({ probs, top });
+  if (!seen.has(layer)) seen.set(layer, []);
+  seen.get(layer)!.push(experts.map((e) => (gates.has(e) ? t.value(gates.get(e)!) : 0)));
+}
