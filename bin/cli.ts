@@ -62,7 +62,11 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--seed <s>", "sampling seed")
     .option("--adapter <[name=]dir>", "a PEFT/MiLoRA adapter directory (repeat for several tenants, one prompt each)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option("--merged", "fold the (single) adapter's LoRA into the base weights for the prompt's routing, then decode the base")
-    .option("--json", "print one JSON object { tokens, text?, timings, device, logits?, adapter?, routing? } (one line per adapter)")
+    .option("--beams <n>", "beam search of width n (Hugging Face's num_beams; 1: greedy); the prompt and its routing are shared by every beam")
+    .option("--length-penalty <x>", "with --beams: score = sum of log-probabilities / length ** x", "1")
+    .addOption(new Option("--early-stopping <when>", "with --beams: stop at n finished hypotheses (true), by HF's heuristic (false), or never early").choices(["false", "true", "never"]).default("false"))
+    .option("--num-return-sequences <n>", "with --beams: print the n best hypotheses with their scores", "1")
+    .option("--json", "print one JSON object { tokens, text?, timings, device, logits?, adapter?, routing?, score?, beams? } (one line per adapter)")
     .addOption(new Option("--logits <which>", "add the prompt's logits to --json output").choices(["last", "all"]))
     .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
     .action(async (spec: string | undefined, opts: import("./commands/run.ts").RunOptions) => {

@@ -1,7 +1,9 @@
 // `milora run [SPEC_OR_PACKAGE] --base DIR [--adapter [NAME=]DIR ...] [--merged]`: runs a prompt on a
 // base model, alone or once per adapter (tenants batched together), and reports each one's routing and
 // the speed. The base comes from the spec or compiled package when one is given (see model-source.ts),
-// else from DIR/config.json; a package runs its own plan and kernel files.
+// else from DIR/config.json; a package runs its own plan and kernel files. `--beams N` decodes by beam
+// search (runtime/beam-search.ts, Hugging Face's meaning of num_beams, length_penalty, early_stopping and
+// num_return_sequences); tokens/s then counts one token of the returned sequence per decode step.
 import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
 import { basename, resolve } from "node:path";
@@ -10,6 +12,7 @@ import { loadAdapter, type LoadedAdapter } from "../../runtime/adapter.ts";
 import { AdapterStoreError } from "../../runtime/adapter-store.ts";
 import { NoAdapterError, adapterSummary } from "../../runtime/device.ts";
 import { Engine, EngineError } from "../../runtime/engine.ts";
+import { checkBeamOptions, type BeamSearchOptions } from "../../runtime/beam-search.ts";
 import type { GenerateRequest, Generation } from "../../runtime/generate.ts";
 import type { LayerRouting } from "../../runtime/routing.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
@@ -33,6 +36,10 @@ export interface RunOptions {
   /** `[NAME=]DIR`, repeatable. */
   readonly adapter?: readonly string[];
   readonly merged?: boolean;
+  readonly beams?: string;
+  readonly lengthPenalty?: string;
+  readonly earlyStopping?: string;
+  readonly numReturnSequences?: string;
 }
 
 /** A problem with what the user asked for; `code` is the exit status (1 bad input, 2 bad usage). */
@@ -68,6 +75,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
   if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new RunError(`no model directory ${dir}`, 1);
   const maxTokens = integer("--max-tokens", opts.maxTokens);
   const sampling = samplingOptions(opts);
+  const beam = beamOptions(opts, sampling);
   if ((opts.prompt === undefined) === (opts.tokens === undefined)) throw new RunError("give exactly one of --prompt TEXT and --tokens IDS", 2);
 
   const source = modelSource(spec, dir);
@@ -98,7 +106,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
         maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
         tenants: adapters.map((a) => a.spec),
       }),
-      maxSequences: Math.max(1, adapters.length),
+      maxSequences: Math.max(1, adapters.length) * (beam?.beams ?? 1),
       // A prompt-routed prompt runs in one step, so a step holds the whole prompt.
       maxBatchRows: Math.max(256, prompt.length * Math.max(1, adapters.length)),
       maxAdapters: adapters.length,
@@ -116,8 +124,10 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
       sampling,
       ...(opts.logits ? { logits: opts.logits } : {}),
       ...(tokenizer ? { stop: tokenizer.eosIds } : {}),
+      ...(beam ? { beam } : {}),
     };
     let results: Generation[];
+    if (opts.merged && beam) throw new RunError("--merged and --beams do not combine yet: drop one", 2);
     if (opts.merged) results = [await runMerged(engine, adapters[0]!, request)];
     else if (adapters.length === 0) results = [await engine.generate(request)];
     else results = await engine.generateBatch(adapters.map((a) => ({ ...request, adapter: a.name })));
@@ -125,9 +135,10 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
     results.forEach((result, i) => {
       const tenant = adapters[i]?.name;
       // The tokenizer library refuses to decode nothing (--max-tokens 0).
-      const text = tokenizer && (result.tokens.length > 0 ? tokenizer.decode(result.tokens) : "");
-      if (opts.json) printJson(result, text, device, prompt, tenant);
-      else printText(result, text, device, tenant);
+      const decode = (tokens: readonly number[]) => tokenizer && (tokens.length > 0 ? tokenizer.decode([...tokens]) : "");
+      const text = decode(result.tokens);
+      if (opts.json) printJson(result, text, device, prompt, tenant, decode);
+      else printText(result, text, device, tenant, decode);
     });
     return 0;
   } finally {
@@ -196,6 +207,26 @@ function samplingOptions(opts: RunOptions): Required<SamplingOptions> {
   }
 }
 
+/** --beams and its companions; undefined for greedy or sampled decoding (no --beams, or --beams 1 alone). */
+function beamOptions(opts: RunOptions, sampling: Required<SamplingOptions>): Required<BeamSearchOptions> | undefined {
+  const companions = opts.lengthPenalty !== "1" || opts.earlyStopping !== "false" || opts.numReturnSequences !== "1";
+  if (opts.beams === undefined) {
+    if (companions) throw new RunError("--length-penalty, --early-stopping and --num-return-sequences need --beams N", 2);
+    return undefined;
+  }
+  const beams = integer("--beams", opts.beams);
+  if (beams === 1 && !companions) return undefined;
+  if (sampling.temperature > 0) throw new RunError("--beams is deterministic search: leave --temperature out (beam sampling is not supported)", 2);
+  const lengthPenalty = Number(opts.lengthPenalty ?? "1");
+  if ((opts.lengthPenalty ?? "1").trim() === "" || !Number.isFinite(lengthPenalty)) throw new RunError(`--length-penalty must be a number, got "${opts.lengthPenalty}"`, 2);
+  const earlyStopping = opts.earlyStopping === "true" ? true : opts.earlyStopping === "never" ? "never" : false;
+  try {
+    return checkBeamOptions({ beams, lengthPenalty, earlyStopping, numReturnSequences: integer("--num-return-sequences", opts.numReturnSequences ?? "1") });
+  } catch (e) {
+    throw new RunError((e as Error).message.replace(/^beams/, "--beams").replace(/^num_return_sequences/, "--num-return-sequences"), 2);
+  }
+}
+
 function tokenIds(text: string): number[] {
   return text.split(",").map((part) => {
     const n = Number(part.trim());
@@ -230,7 +261,9 @@ function rates(r: Generation) {
   };
 }
 
-function printJson(r: Generation, text: string | undefined, device: string, prompt: readonly number[], adapter: string | undefined): void {
+type Decode = (tokens: readonly number[]) => string | undefined;
+
+function printJson(r: Generation, text: string | undefined, device: string, prompt: readonly number[], adapter: string | undefined, decode: Decode): void {
   const report = {
     ...(adapter === undefined ? {} : { adapter }),
     promptTokens: prompt,
@@ -239,16 +272,27 @@ function printJson(r: Generation, text: string | undefined, device: string, prom
     finish: r.finish,
     ...(r.routing ? { routing: r.routing } : {}),
     timings: rates(r),
+    ...(r.score === undefined ? {} : { score: r.score }),
+    ...(r.beams && r.beams.length > 1
+      ? { beams: r.beams.map((b) => ({ tokens: b.tokens, ...(decode(b.tokens) === undefined ? {} : { text: decode(b.tokens) }), score: b.score, finish: b.finish })) }
+      : {}),
     device,
     ...(r.logits ? { logits: r.logits.map((row) => Array.from(row)) } : {}),
   };
   process.stdout.write(JSON.stringify(report) + "\n");
 }
 
-function printText(r: Generation, text: string | undefined, device: string, adapter: string | undefined): void {
-  process.stdout.write((adapter === undefined ? "" : `[${adapter}] `) + (text ?? r.tokens.join(" ")) + "\n");
+function printText(r: Generation, text: string | undefined, device: string, adapter: string | undefined, decode: Decode): void {
+  const tag = adapter === undefined ? "" : `[${adapter}] `;
+  if (r.beams && r.beams.length > 1) {
+    // Every returned hypothesis, best first, with its score.
+    for (const b of r.beams) process.stdout.write(`${tag}(${b.score.toFixed(4)}) ${decode(b.tokens) ?? b.tokens.join(" ")}\n`);
+  } else {
+    process.stdout.write(tag + (text ?? r.tokens.join(" ")) + "\n");
+  }
   const t = rates(r);
   const lines = [
+    ...(r.score === undefined ? [] : [`beam     best score ${r.score.toFixed(4)} (sum of log-probabilities / length ** length penalty)`]),
     ...routingLines(r.routing ?? []),
     `prefill  ${t.prefillTokens} tokens in ${t.prefillMs.toFixed(1)} ms (${t.prefillTokensPerSecond.toFixed(1)} tokens/s)`,
     `decode   ${t.decodeTokens} tokens in ${t.decodeMs.toFixed(1)} ms (${t.decodeTokensPerSecond.toFixed(1)} tokens/s, ${t.msPerToken.toFixed(2)} ms/token)`,
