@@ -158,7 +158,10 @@ export class Tape {
     for (let n = root; n >= 0; n--) {
       const g = grad[n]!;
       if (g === 0) continue;
-      for (let i = this.#starts[n]!; i < this.#starts[n + 1]!; i++) grad[this.#parents[i]!] += g * this.#locals[i]!;
+      for (let i = this.#starts[n]!; i < this.#starts[n + 1]!; i++) {
+        const parent = this.#parents[i]!;
+        grad[parent] = grad[parent]! + g * this.#locals[i]!;
+      }
     }
     return grad;
   }

@@ -1,8 +1,11 @@
 // The float64 CPU reference of MiLoRA's forward pass (milora.md, "Forward pass, precisely"), built
-// on the LLaMA reference: LoRA on every enabled module, gated per layer by a router
-// that reads the layer's input hidden states. Full recompute, no KV cache, written for clarity.
+// on the LLaMA reference: LoRA on every enabled module, gated per layer by a router that reads the
+// layer's input hidden states. Written from the paper's equations, not from the kernels: pooling
+// (eq. 2, the self-attention pooler of eq. 8), activation of the pooled vector and
+// TopK(softmax(g(h) W_r)) (eq. 3), the rational activation (eq. 6). Full recompute, no KV cache.
 import { MODULE_PATHS, type Activation, type BaseModel, type ExpertModule, type Pooling, type RouterConfig, type Selection } from "../../compiler/model.ts";
-import { loraKey, type LoadedAdapter, type PoolerWeights, type RouterWeights } from "../../runtime/adapter.ts";
+import { rationalInit } from "../../compiler/rational.ts";
+import { loraKey, type LoadedAdapter, type RationalWeights, type RouterWeights } from "../../runtime/adapter.ts";
 import { argmax, baseLinear, decoderLayer, matmulTransposed, rmsNorm, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
 
 /** Gates of one layer's modules; a module left out has gate 0 (its LoRA is skipped). */
@@ -43,14 +46,36 @@ export function gelu(x: number): number {
   return 0.5 * x * (1 + erf(x / Math.SQRT2));
 }
 
-export function activate(rows: Rows, activation: Activation): Rows {
-  if (activation === "none") return rows;
-  const f = activation === "gelu" ? gelu : (v: number) => Math.max(0, v);
-  return rows.map((row) => row.map(f));
+/**
+ * The rational activation (paper eq. 6), straight from its definition:
+ * Ra(x) = sum_{j=0..m} a_j x^j / (1 + |sum_{i=1..n} b_i x^i|).
+ */
+export function rational(x: number, a: readonly number[], b: readonly number[]): number {
+  const p = a.reduce((s, aj, j) => s + aj * x ** j, 0);
+  const q = b.reduce((s, bi, i) => s + bi * x ** (i + 1), 0);
+  return p / (1 + Math.abs(q));
 }
 
-/** The router input pooled to one vector (rows: the prompt's activated hidden states). */
-export function pool(rows: Rows, pooling: Pooling, pooler?: PoolerWeights): Float64Array {
+/** g of eq. 3, elementwise on one vector; `coefficients` for the rational activation. */
+export function activate(v: Float64Array, activation: Activation, coefficients?: RationalWeights): Float64Array {
+  switch (activation) {
+    case "none":
+      return v;
+    case "relu":
+      return v.map((x) => Math.max(0, x));
+    case "gelu":
+      return v.map(gelu);
+    case "rational": {
+      if (!coefficients) throw new Error("reference: the rational activation needs its coefficients");
+      const a = Array.from(coefficients.numerator);
+      const b = Array.from(coefficients.denominator);
+      return v.map((x) => rational(x, a, b));
+    }
+  }
+}
+
+/** Eq. 2: the prompt's hidden states (rows) pooled to one vector; `wSa` for the self-attention pooler. */
+export function pool(rows: Rows, pooling: Pooling, wSa?: Float32Array): Float64Array {
   const hidden = rows[0]!.length;
   switch (pooling) {
     case "last":
@@ -60,11 +85,10 @@ export function pool(rows: Rows, pooling: Pooling, pooler?: PoolerWeights): Floa
     case "max":
       return Float64Array.from({ length: hidden }, (_, i) => Math.max(...rows.map((r) => r[i]!)));
     case "attention": {
-      if (!pooler) throw new Error("reference: attention pooling needs pooler weights");
-      const v = Float64Array.from(pooler.v);
-      const projected = matmulTransposed(rows, Float64Array.from(pooler.proj), hidden);
-      const scores = projected.map((p) => p.reduce((s, x, i) => s + v[i]! * Math.tanh(x), 0));
-      return weightedSum(rows, softmax(scores));
+      // Appendix C, eq. 8: u_t = h_t . w_sa, a = softmax_t(u), p = sum_t a_t h_t.
+      if (!wSa) throw new Error("reference: attention pooling needs the pooler's w_sa");
+      const u = rows.map((row) => row.reduce((s, x, i) => s + x * wSa[i]!, 0));
+      return weightedSum(rows, softmax(u));
     }
   }
 }
@@ -75,9 +99,12 @@ function weightedSum(rows: Rows, weights: readonly number[]): Float64Array {
   return out;
 }
 
-/** Gates per expert index from gate logits `z`; unselected experts get 0. */
+/**
+ * Gates per expert index from gate logits `z` (eq. 3): p = softmax(z) over all experts; the selected
+ * experts keep p_e (renormalize: p_e / sum of the selected p), the others get 0.
+ */
 export function select(z: readonly number[], selection: Selection): number[] {
-  const gates = z.map(() => 0);
+  const p = softmax([...z]);
   // Largest first; equal logits go to the lower expert index.
   const order = z.map((_, i) => i).sort((a, b) => z[b]! - z[a]! || a - b);
   let chosen: number[];
@@ -86,27 +113,34 @@ export function select(z: readonly number[], selection: Selection): number[] {
       if (selection.k > z.length) throw new Error(`reference: top_k ${selection.k} of ${z.length} experts`);
       chosen = order.slice(0, selection.k);
       break;
-    case "threshold": {
-      const p = softmax([...z]);
-      chosen = order.filter((e) => p[e]! >= selection.threshold);
-      if (chosen.length === 0) chosen = [order[0]!];
+    case "threshold":
+      // Probabilities >= T, and always the most probable expert.
+      chosen = order.filter((e, rank) => rank === 0 || p[e]! >= selection.threshold);
       break;
-    }
     case "dense":
       chosen = order;
       break;
   }
-  // Softmax over the chosen logits equals renormalising the full softmax over them.
-  const probs = softmax(chosen.map((e) => z[e]!));
-  chosen.forEach((e, i) => (gates[e] = probs[i]!));
+  const renormalize = selection.rule !== "dense" && selection.renormalize;
+  const kept = chosen.reduce((s, e) => s + p[e]!, 0);
+  const gates = z.map(() => 0);
+  for (const e of chosen) gates[e] = renormalize ? p[e]! / kept : p[e]!;
   return gates;
 }
 
-/** One router decision from router input rows (already activated): pool, gate logits, selection. */
-export function routerGates(router: RouterWeights, config: RouterConfig, rows: Rows): Gates {
-  const p = pool(rows, config.pooling, router.pooler);
+/** The coefficients the rational activation runs with: the router's, else the GELU-fit initialisation. */
+function rationalOf(router: RouterWeights, config: RouterConfig): RationalWeights | undefined {
+  if (config.activation !== "rational") return undefined;
+  if (router.rational) return router.rational;
+  const init = rationalInit(config.rational!);
+  return { numerator: Float32Array.from(init.numerator), denominator: Float32Array.from(init.denominator) };
+}
+
+/** R(h) of eq. 3 for one router input vector h (a pooled prompt, or one token's state). */
+export function routerGates(router: RouterWeights, config: RouterConfig, h: Float64Array): Gates {
+  const x = activate(h, config.activation, rationalOf(router, config));
   const gate = Float64Array.from(router.gate);
-  const z = matmulTransposed([p], gate, router.experts.length)[0]!;
+  const z = matmulTransposed([x], gate, router.experts.length)[0]!;
   const g = select([...z], config.selection);
   const gates: Gates = {};
   router.experts.forEach((m, e) => {
@@ -171,13 +205,14 @@ export function referenceMiloraLogits(
     } else if (!router) {
       gates = x.map(() => ({}));
     } else if (config.when === "prompt") {
-      const decision = routerGates(router, config, activate(x.slice(0, prompt.length), config.activation));
+      // Pool the prompt span (eq. 2), then activation and gates (eq. 3).
+      const decision = routerGates(router, config, pool(x.slice(0, prompt.length), config.pooling, router.pooler));
       routing.push({ layer, experts: decision });
       gates = x.map(() => decision);
     } else {
       // The per-token baseline: each position routes on its own hidden state, no pooling.
-      gates = activate(x, config.activation).map((row, position) => {
-        const decision = routerGates(router, { ...config, pooling: "last" }, [row]);
+      gates = x.map((row, position) => {
+        const decision = routerGates(router, config, row);
         routing.push({ layer, position, experts: decision });
         return decision;
       });

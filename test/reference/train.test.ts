@@ -55,7 +55,7 @@ test("the loss of the base with LoRA equals the forward reference's cross-entrop
     const [out, inFeatures] = moduleShape(base, module);
     for (let o = 0; o < out; o++)
       for (let i = 0; i < inFeatures; i++)
-        for (let j = 0; j < l.rank; j++) w[o * inFeatures + i] += l.scaling * l.b[o * l.rank + j]! * l.a[j * inFeatures + i]!;
+        for (let j = 0; j < l.rank; j++) w[o * inFeatures + i] = w[o * inFeatures + i]! + l.scaling * l.b[o * l.rank + j]! * l.a[j * inFeatures + i]!;
     folded.set(name, w);
   }
   const foldedWeights = { get: (name: string) => folded.get(name) ?? weights.get(name) };
