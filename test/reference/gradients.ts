@@ -21,7 +21,7 @@ export function linearInputGrad(dy: ArrayLike<number>, w: ArrayLike<number>, M: 
   for (let m = 0; m < M; m++)
     for (let n = 0; n < N; n++) {
       const g = dy[m * N + n]!;
-      for (let k = 0; k < K; k++) dx[m * K + k] += g * w[n * K + k]!;
+      for (let k = 0; k < K; k++) dx[m * K + k] = dx[m * K + k]! + g * w[n * K + k]!;
     }
   return dx;
 }
@@ -83,10 +83,10 @@ export function loraBackward(
   for (let r = 0; r < rows; r++) {
     const coef = gate[r]! * scaling;
     for (let j = 0; j < rank; j++) {
-      for (let k = 0; k < inFeatures; k++) dA[j * inFeatures + k] += dt[r * rank + j]! * x[r * inFeatures + k]!;
-      for (let o = 0; o < outFeatures; o++) dB[o * rank + j] += coef * dy[r * outFeatures + o]! * t[r * rank + j]!;
+      for (let k = 0; k < inFeatures; k++) dA[j * inFeatures + k] = dA[j * inFeatures + k]! + dt[r * rank + j]! * x[r * inFeatures + k]!;
+      for (let o = 0; o < outFeatures; o++) dB[o * rank + j] = dB[o * rank + j]! + coef * dy[r * outFeatures + o]! * t[r * rank + j]!;
       // <dY, B t> = <dY B, t>
-      dGate[r] += scaling * u[r * rank + j]! * t[r * rank + j]!;
+      dGate[r] = dGate[r]! + scaling * u[r * rank + j]! * t[r * rank + j]!;
     }
   }
   return { dt, dA, dB, dX: linearInputGrad(dt, a, rows, rank, inFeatures), dGate };
