@@ -1,9 +1,8 @@
-// The float64 attention and RoPE gradients against central finite differences of L = sum(G * forward).
+// The float64 attention gradients against central finite differences of L = sum(G * forward).
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { mulberry32 } from "../../examples/random-checkpoint.ts";
 import { attentionBackward, attentionForward, type AttentionShape } from "./attention-gradients.ts";
-import { ropeBackward, ropeForward, type RopeShape } from "./rope-gradients.ts";
 
 const random = mulberry32(5);
 const uniform = (n: number) => Float64Array.from({ length: n }, () => random() * 2 - 1);
@@ -37,14 +36,16 @@ test("attention gradients (GQA, two packed sequences) match central finite diffe
   const g = uniform(rows * 24);
   const loss = () => dot(g, attentionForward(shape, q, k, v).out);
   const grads = attentionBackward(shape, q, k, v, g);
+  let worst = 0;
   for (const [name, x, grad] of [["q", q, grads.dQ], ["k", k, grads.dK], ["v", v, grads.dV]] as const)
     for (let trial = 0; trial < 8; trial++) {
       const at = Math.floor(random() * x.length);
       const fd = centralDifference(x, at, loss);
-      assert.ok(Math.abs(fd - grad[at]!) < FD_BOUND * Math.max(1, Math.abs(fd)), `d${name}[${at}]: analytic ${grad[at]}, finite difference ${fd}`);
+      const diff = Math.abs(fd - grad[at]!) / Math.max(1, Math.abs(fd));
+      worst = Math.max(worst, diff);
+      assert.ok(diff < FD_BOUND, `d${name}[${at}]: analytic ${grad[at]}, finite difference ${fd}`);
     }
-  // The last row of a sequence is a key only to itself: its dK is zero only if nothing flows, so check one.
-  assert.ok(grads.dK.some((x) => x !== 0) && grads.dV.every(Number.isFinite));
+  console.log(`  attention reference vs finite differences: worst difference ${worst.toExponential(2)}`);
 });
 
 test("attention lse is the log of the softmax denominator, and rows attend only within their sequence", () => {
@@ -57,19 +58,6 @@ test("attention lse is the log of the softmax denominator, and rows attend only 
   for (let h = 0; h < 2; h++) {
     assert.ok(Math.abs(lse[3 * 2 + h]! - dot(q.subarray((3 * 2 + h) * 4, (3 * 2 + h + 1) * 4), k.subarray(12, 16)) / 2) < 1e-12);
     for (let d = 0; d < 4; d++) assert.ok(Math.abs(out[(3 * 2 + h) * 4 + d]! - v[12 + d]!) < 1e-12);
-  }
-});
-
-test("rope gradient matches central finite differences", () => {
-  const shape: RopeShape = { heads: 3, headDim: 8, theta: 10000 };
-  const positions = [0, 7, 130, 299];
-  const x = uniform(positions.length * 24);
-  const g = uniform(positions.length * 24);
-  const grad = ropeBackward(g, shape, positions);
-  for (let trial = 0; trial < 12; trial++) {
-    const at = Math.floor(random() * x.length);
-    const fd = centralDifference(x, at, () => dot(g, ropeForward(x, shape, positions)));
-    assert.ok(Math.abs(fd - grad[at]!) < FD_BOUND, `dx[${at}]: analytic ${grad[at]}, finite difference ${fd}`);
   }
 });
 
