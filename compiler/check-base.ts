@@ -1,5 +1,4 @@
 // `base` declarations -> BaseModel: a family's defaults or a config.json, then the block's keys on top.
-import { dirname, resolve } from "node:path";
 import type { BaseDecl, Property } from "../grammar/ast.ts";
 import {
   BASE_KEYS,
@@ -13,6 +12,7 @@ import { FAMILY_NAMES, familyNamed, type Family } from "./families.ts";
 import { hfConfigSettings, loadHfConfigJson } from "./hf-config.ts";
 import type { BaseModel } from "./model.ts";
 import type { Reporter } from "./reporter.ts";
+import { fromConfigPath } from "./spec-paths.ts";
 import { didYouMean } from "./suggest.ts";
 import { booleanValue, knownProperties, numberValue } from "./values.ts";
 
@@ -37,8 +37,11 @@ export function checkBase(decl: BaseDecl, specPath: string, r: Reporter): BaseMo
       );
     }
   } else if (decl.from !== undefined) {
-    const configPath = resolve(dirname(specPath), decl.from.value);
-    const loaded = loadHfConfigJson(configPath, decl.from.span);
+    // a .json file or a model directory holding config.json; anything else is named, never read
+    const named = fromConfigPath(specPath, decl.from.value);
+    if ("problem" in named) r.report("MIL303", decl.from.span, named.problem);
+    const configPath = "path" in named ? named.path : "";
+    const loaded = "path" in named ? loadHfConfigJson(configPath, decl.from.span) : { problems: [] };
     const read = loaded.json === undefined ? loaded : hfConfigSettings(loaded.json, configPath, decl.from.span);
     r.diagnostics.push(...read.problems);
     if ("settings" in read && read.settings !== undefined && read.family !== undefined) {

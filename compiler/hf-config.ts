@@ -7,6 +7,7 @@ import type { Diagnostic } from "../grammar/diagnostic.ts";
 import { BASE_KEYS, BASE_KEY_NAMES, completeSettings, shapeProblems, type BaseSettings } from "./base-keys.ts";
 import { familyForModelType, supportedModelTypes, type Family } from "./families.ts";
 import type { CheckCode } from "./codes.ts";
+import { jsonSyntaxReason } from "./json-syntax.ts";
 import type { BaseModel } from "./model.ts";
 
 /** Keys a config must give; the others fall back to the family's defaults (kv heads and head size are derived). */
@@ -28,13 +29,14 @@ export function loadHfConfigJson(configPath: string, span: Span): { json?: unkno
   try {
     text = readFileSync(configPath, "utf8");
   } catch (err) {
-    const reason = (err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message;
+    const code = (err as NodeJS.ErrnoException).code;
+    const reason = code === "ENOENT" ? "no such file" : code === "EISDIR" ? "it is a directory" : (err as Error).message;
     return { problems: [problem("MIL303", span, `cannot read config ${configPath}: ${reason}`)] };
   }
   try {
     return { json: JSON.parse(text), problems: [] };
   } catch (err) {
-    return { problems: [problem("MIL304", span, `config ${configPath} is not valid JSON: ${(err as Error).message}`)] };
+    return { problems: [problem("MIL304", span, `config ${configPath} is not valid JSON: ${jsonSyntaxReason(err, text)}`)] };
   }
 }
 

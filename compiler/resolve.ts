@@ -2,11 +2,12 @@
 // and work out which bases and adapters each file can see (its own and those of every file it imports,
 // directly or not). Name clashes within what one file sees are errors.
 import { readFileSync } from "node:fs";
-import { dirname, join, relative, resolve } from "node:path";
+import { dirname, relative, resolve } from "node:path";
 import type { AdapterDecl, BaseDecl, Span, SpecFile } from "../grammar/ast.ts";
 import type { Diagnostic } from "../grammar/diagnostic.ts";
 import { parseSpec } from "../grammar/parse.ts";
 import type { Reporter } from "./reporter.ts";
+import { importPath, importProblem, importTextProblem } from "./spec-paths.ts";
 
 export interface LoadedFile {
   /** The path as shown in diagnostics: as given for a root, joined onto the importer's path for an import. */
@@ -63,12 +64,23 @@ export function loadProgram(roots: readonly RootFile[], reporter: Reporter): Loa
     if (seen !== undefined) return seen;
 
     if (text === undefined) {
+      const at = { offset: 0, line: 1, column: 1 };
+      const where = importedAt ?? { file: path, start: at, end: at };
+      // an import reads only a .milora spec: anything else is named, never shown
+      const problem = importedAt === undefined ? undefined : importProblem(path);
+      if (problem !== undefined) {
+        reporter.report("MIL301", where, problem);
+        return undefined;
+      }
       try {
         text = readFileSync(absPath, "utf8");
       } catch (err) {
-        const reason = (err as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (err as Error).message;
-        const at = { offset: 0, line: 1, column: 1 };
-        reporter.report("MIL301", importedAt ?? { file: path, start: at, end: at }, `cannot read ${path}: ${reason}`);
+        reporter.report("MIL301", where, `cannot read ${path}: ${readReason(err)}`);
+        return undefined;
+      }
+      const binary = importedAt === undefined ? undefined : importTextProblem(path, text);
+      if (binary !== undefined) {
+        reporter.report("MIL301", where, binary);
         return undefined;
       }
     }
@@ -79,7 +91,7 @@ export function loadProgram(roots: readonly RootFile[], reporter: Reporter): Loa
     stack.push(absPath);
     const imports: LoadedFile[] = [];
     for (const decl of ast.imports) {
-      const imported = load(join(dirname(path), decl.path.value), undefined, decl.path.span);
+      const imported = load(importPath(path, decl.path.value), undefined, decl.path.span);
       if (imported !== undefined) imports.push(imported);
     }
     stack.pop();
@@ -96,6 +108,14 @@ export function loadProgram(roots: readonly RootFile[], reporter: Reporter): Loa
   const clashes = new Set<object>();
   for (const file of files) scopes.set(file, scopeOf(file, reporter, clashes));
   return { files, scopes, sources };
+}
+
+function readReason(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === "ENOENT") return "no such file";
+  if (code === "EISDIR") return "it is a directory";
+  if (code === "EACCES" || code === "EPERM") return "permission denied";
+  return code ?? (err as Error).message;
 }
 
 /** Files a file sees: everything it imports, directly or not, then itself (so its own clashing names come second). */
