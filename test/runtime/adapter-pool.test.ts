@@ -7,7 +7,7 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { randomCheckpointBase } from "../../examples/random-checkpoint.ts";
 import { writeRandomPeftAdapter } from "../../examples/random-adapter.ts";
-import { AdapterPool, UnknownAdapterError, type AdapterReader } from "../../runtime/adapter-pool.ts";
+import { AdapterPool, AdapterReadTimeoutError, UnknownAdapterError, workerReader, type AdapterReader } from "../../runtime/adapter-pool.ts";
 import type { LoadedAdapter } from "../../runtime/adapter.ts";
 import { CheckpointError } from "../../runtime/safetensors.ts";
 
@@ -76,6 +76,58 @@ test("the default reader loads a PEFT adapter on a worker thread, and reports a 
   );
   assert.instance(failed, CheckpointError);
   assert.is(p.has("broken"), false);
+});
+
+test("a name is free as soon as it is unregistered: a new instance takes it while the old one drains", async () => {
+  const { p, events } = pool(3);
+  await p.register("a", root);
+  await p.acquire(p.keyOf("a")!); // a request holds the first instance
+  p.unregister("a");
+  await p.register("a", root);
+  const second = p.keyOf("a")!;
+  assert.is.not(second, "a");
+  assert.equal(p.names(), ["a"]);
+  assert.equal(p.residentNames(), ["a", second]);
+  p.release("a"); // the old request ends: the old instance leaves, the new one stays
+  assert.equal(p.residentNames(), [second]);
+  assert.equal(events, ["+a", `+${second}`, "-a"]);
+  await p.acquire(second);
+  p.release(second);
+  const gone = await p.acquire("a").then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  assert.instance(gone, UnknownAdapterError, "the drained instance's key is gone");
+});
+
+const spinModule = new URL("./server/spin-worker.ts", import.meta.url);
+
+test("the worker reader stops a read that runs past its bound, naming the adapter", async () => {
+  const read = workerReader({ timeoutMs: 300, module: spinModule });
+  const p = new AdapterPool({ base, maxResident: 1, read, host: { add: () => {}, remove: () => {} } });
+  const started = Date.now();
+  const failed = await p.register("slow", root).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  assert.instance(failed, AdapterReadTimeoutError);
+  assert.match((failed as Error).message, "adapter slow");
+  assert.ok(Date.now() - started < 5000);
+  assert.is(p.has("slow"), false);
+});
+
+test("closing the pool stops a read in progress at once, so shutdown never waits on it", async () => {
+  const read = workerReader({ timeoutMs: 600_000, module: spinModule });
+  const p = new AdapterPool({ base, maxResident: 1, read, host: { add: () => {}, remove: () => {} } });
+  const registering = p.register("stuck", root).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  await new Promise((r) => setTimeout(r, 200));
+  const started = Date.now();
+  p.close();
+  assert.instance(await registering, CheckpointError);
+  assert.ok(Date.now() - started < 2000);
 });
 
 test.run();

@@ -1,4 +1,4 @@
-import { type GenerateOptions, type LoadOptions, type Prompt, type Token } from "milora/runtime";
+import { type BeamOptions, type GenerateOptions, type LoadOptions, type Prompt, type ScoredSequence, type Token } from "milora/runtime";
 /** The LoRA modules this spec enables in at least one layer: MiLoRA's experts. */
 export declare const EXPERT_MODULES: readonly ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 export type ExpertModule = (typeof EXPERT_MODULES)[number];
@@ -226,6 +226,11 @@ export declare class Tiny<Tenant extends string = string> {
     static load<const Tenant extends string>(options: LoadOptions<Tenant>): Promise<Tiny<Tenant>>;
     /** The tokens generated after `prompt` (text needs the base directory's tokenizer.json), with their text when a tokenizer is present. */
     generate(prompt: Prompt, options?: GenerateOptions<Tenant>): AsyncIterable<Token>;
+    /**
+     * Beam search of width `options.beams` (Hugging Face's semantics): the best `numReturnSequences` hypotheses (default all), best first, with scores.
+     * The prompt and the tenant's routing decision are computed once and shared by every beam; `generate(prompt, { beams })` yields the best one's tokens.
+     */
+    generateBeams(prompt: Prompt, options: BeamOptions<Tenant>): Promise<ScoredSequence[]>;
     /** The routing decision a tenant's routers make for `prompt`: a gate per enabled module in every layer of LAYERS. */
     route(prompt: Prompt, options: {
         readonly tenant: Tenant;

@@ -122,4 +122,35 @@ test("64 requests over 4 tenants from 16 clients: each equals the same request a
   assert.is(await f.metric("milora_adapters_resident"), 2);
 });
 
+test("a 900 KB prompt is refused by its size before tokenizing: 400 at once, other streams keep flowing", async () => {
+  const stream = (await f.client.completions.create({ model: MODEL, prompt: "hello", max_tokens: 60, temperature: 0, stream: true, ignore_eos: true } as never)) as unknown as AsyncIterable<unknown>;
+  const iterator = stream[Symbol.asyncIterator]();
+  await iterator.next();
+  // The server runs in this process: a stalled event loop shows as a late tick.
+  let last = performance.now();
+  let worstGap = 0;
+  const ticker = setInterval(() => {
+    const now = performance.now();
+    worstGap = Math.max(worstGap, now - last);
+    last = now;
+  }, 5);
+  const started = performance.now();
+  const res = await fetch(`${f.serving.server.url}/v1/completions`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ model: MODEL, prompt: "the quick brown fox ".repeat(45_000) }),
+  });
+  const took = performance.now() - started;
+  clearInterval(ticker);
+  assert.is(res.status, 400);
+  const error = ((await res.json()) as { error: { code: string; message: string } }).error;
+  assert.is(error.code, "context_length_exceeded");
+  assert.match(error.message, "900000 bytes");
+  assert.ok(worstGap < 250, `the event loop stalled for ${worstGap.toFixed(0)} ms`);
+  assert.ok(took < 2000, `answered after ${took.toFixed(0)} ms`);
+  let more = 0;
+  for (let r = await iterator.next(); !r.done; r = await iterator.next()) more++;
+  assert.ok(more > 0, "the stream finished");
+});
+
 test.run();

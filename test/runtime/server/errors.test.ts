@@ -2,7 +2,10 @@
 // server serving normally after each; plus disconnects, overload (429) and adapter management.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
+import { copyFileSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { APIError } from "openai";
+import { workerReader, type AdapterReader } from "../../../runtime/adapter-pool.ts";
 import { CTX, MODEL, eventually, miloraField, startFixture, type Fixture } from "./fixture.ts";
 
 const KEY = "sk-test-key";
@@ -10,7 +13,11 @@ let f: Fixture;
 
 test.before(async () => {
   // One slot and a queue of one make overload easy to reach; a small body bound makes 413 cheap.
-  f = await startFixture({ apiKey: KEY, slots: 1, maxQueue: 1, maxBodyBytes: 16 * 1024, adapterLoading: true });
+  // Adapters named spin-* are read by a worker that never answers, under a bound of 300 ms.
+  const normal = workerReader({ timeoutMs: 60_000 });
+  const spinning = workerReader({ timeoutMs: 300, module: new URL("./spin-worker.ts", import.meta.url) });
+  const readAdapter: AdapterReader = (dir, name, ...rest) => (name.startsWith("spin") ? spinning : normal)(dir, name, ...rest);
+  f = await startFixture({ apiKey: KEY, slots: 1, maxQueue: 1, maxBodyBytes: 16 * 1024, adapterLoading: true, readAdapter });
 });
 test.after(async () => {
   await f.close();
@@ -148,6 +155,57 @@ test("adapters added and removed at run time, from inside the adapter root only"
   assert.is((await raw("DELETE", "/v1/adapters/fresh")).status, 200);
   assert.is((await raw("DELETE", "/v1/adapters/fresh")).status, 404);
   assert.is((await apiError(() => f.client.completions.create({ model: "fresh", prompt: "hi" }))).status, 404);
+  await stillServes();
+});
+
+test("adapter errors never quote file contents: a non-JSON config, weights symlinked out of the root, a bogus header", async () => {
+  const SECRET = "SECRET-0123456789";
+  const good = f.adapterDir("template", 5);
+  const adapters = join(f.root, "adapters");
+  const make = (name: string, config: string | null, weights: (path: string) => void) => {
+    const dir = join(adapters, name);
+    mkdirSync(dir);
+    if (config === null) copyFileSync(join(good, "adapter_config.json"), join(dir, "adapter_config.json"));
+    else writeFileSync(join(dir, "adapter_config.json"), config);
+    weights(join(dir, "adapter_model.safetensors"));
+  };
+  const outside = join(f.root, "secret.txt"); // beside the adapter root, not in it
+  writeFileSync(outside, `${SECRET} ${"x".repeat(100)}`);
+  make("notjson", `${SECRET} this is not JSON`, (p) => copyFileSync(join(good, "adapter_model.safetensors"), p));
+  make("linked", null, (p) => symlinkSync(outside, p));
+  make("bogus", null, (p) => writeFileSync(p, `${SECRET}${"y".repeat(100)}`));
+  make("badheader", null, (p) => {
+    const header = Buffer.from(`{"t": {"dtype": "${SECRET}", "shape": [1], "data_offsets": [0, 4]}}`);
+    const length = Buffer.alloc(8);
+    length.writeBigUInt64LE(BigInt(header.length));
+    writeFileSync(p, Buffer.concat([length, header, Buffer.alloc(4)]));
+  });
+  const firstBytes = String(Buffer.from(SECRET).readBigUInt64LE(0)); // what a header length error used to print
+  for (const name of ["notjson", "linked", "bogus", "badheader"]) {
+    const r = await raw("POST", "/v1/adapters", JSON.stringify({ name, path: name }));
+    assert.is(r.status, 400, `${name}: ${JSON.stringify(r.json)}`);
+    const message = r.json.error!.message;
+    assert.not.match(message, "SECRET", `${name}: ${message}`);
+    assert.not.match(message, firstBytes, `${name}: ${message}`);
+    assert.not.match(message, f.root, `${name}: the server's own paths stay out of it`);
+  }
+  // A directory symlink inside the root that leads out of it is refused like any path outside.
+  symlinkSync(join(f.root, MODEL), join(adapters, "escape"));
+  const escape = await raw("POST", "/v1/adapters", JSON.stringify({ name: "escape", path: "escape" }));
+  assert.is(escape.status, 403);
+  assert.is(escape.json.error?.code, "adapter_path_forbidden");
+  await stillServes();
+});
+
+test("an adapter read that runs away is stopped at its bound: 504 naming the adapter, and the server serves on", async () => {
+  f.adapterDir("spin-a", 3);
+  const started = Date.now();
+  const r = await raw("POST", "/v1/adapters", JSON.stringify({ name: "spin-a", path: "spin-a" }));
+  assert.is(r.status, 504);
+  assert.is(r.json.error?.code, "adapter_load_timeout");
+  assert.match(r.json.error!.message, "adapter spin-a");
+  assert.ok(Date.now() - started < 5000);
+  assert.not.ok((await f.client.models.list()).data.some((m) => m.id === "spin-a"));
   await stillServes();
 });
 

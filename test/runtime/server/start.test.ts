@@ -28,7 +28,7 @@ async function post(url: string, body: unknown): Promise<{ status: number; json:
 
 test("a MiLoRA tenant of a spec: its routing in the `milora` field equals milora run --json's", async () => {
   // As `milora serve examples/llama-tiny.milora --base DIR` sets it up.
-  const f = await startFixture({ fromCheckpoint: (dir) => servingOptions(modelSource(SPEC, dir)) });
+  const f = await startFixture({ fromCheckpoint: (dir) => servingOptions(modelSource(SPEC, dir)), adapterLoading: true });
   try {
     // Room for the largest rank the spec allows, as any adapter registered must match one of its adapters.
     assert.is(f.serving.engine.plan.maxLoraRank, Math.max(...specAdapters.flatMap((a) => a.experts.map((e) => e.rank))));
@@ -60,6 +60,25 @@ test("a MiLoRA tenant of a spec: its routing in the `milora` field equals milora
     served.routing.forEach((d, i) => {
       for (const [module, gate] of Object.entries(d.experts)) assert.ok(Math.abs(gate - ran.routing[i]!.experts[module]!) < 1e-6, `layer ${d.layer} ${module}`);
     });
+  } finally {
+    await f.close();
+  }
+});
+
+test("a prompt-routed adapter and a prompt over the one-step limit: 400 naming the limit, while the base takes it", async () => {
+  // The routers pool over the whole prompt, which the engine prefills in one step of maxBatchRows rows.
+  const f = await startFixture({ fromCheckpoint: (dir) => servingOptions(modelSource(SPEC, dir)), maxBatchRows: 16, adapterLoading: true });
+  try {
+    const alice = join(f.root, "adapters", "alice");
+    writeRandomAdapter(alice, { spec: specAdapter("tiny"), seed: 21 });
+    assert.is((await post(`${f.serving.server.url}/v1/adapters`, { name: "tiny:alice", path: alice })).status, 201);
+    const long = Array.from({ length: 20 }, (_, i) => 40 + i);
+    const refused = await post(`${f.serving.server.url}/v1/completions`, { model: "tiny:alice", prompt: long, max_tokens: 2 });
+    assert.is(refused.status, 400);
+    assert.match(refused.json.error!.message, "at most 16 tokens");
+    assert.match(refused.json.error!.message, "the prompt has 20");
+    assert.is((await post(`${f.serving.server.url}/v1/completions`, { model: MODEL, prompt: long, max_tokens: 2 })).status, 200);
+    assert.is((await post(`${f.serving.server.url}/v1/completions`, { model: "tiny:alice", prompt: long.slice(0, 16), max_tokens: 2 })).status, 200);
   } finally {
     await f.close();
   }
