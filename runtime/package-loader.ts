@@ -13,7 +13,7 @@ import { plannedKernelSource } from "../compiler/plan.ts";
 import { loadAdapter } from "./adapter.ts";
 import type { GpuContext } from "./device.ts";
 import { Engine } from "./engine.ts";
-import { generateSteps } from "./generate.ts";
+import { generateBatch, generateSteps } from "./generate.ts";
 import type { SamplingOptions } from "./sequence.ts";
 import { Tokenizer } from "./tokenizer.ts";
 
@@ -124,6 +124,31 @@ export interface GenerateOptions<Tenant extends string> extends SamplingOptions 
   readonly maxTokens?: number;
   /** Token ids that end generation (default: the tokenizer's end-of-sequence tokens); the stop token is yielded. */
   readonly stop?: readonly number[];
+  /**
+   * Beam search of this width (Hugging Face's num_beams; default 1, greedy or sampled decoding): the
+   * tokens of the best hypothesis are yielded once the search ends. Needs a slot per beam (maxSequences).
+   * The prompt, and a MiLoRA tenant's routing decision, are computed once and shared by every beam.
+   */
+  readonly beams?: number;
+  /** With beams: score = sum of log-probabilities / length ** lengthPenalty (default 1). */
+  readonly lengthPenalty?: number;
+  /** With beams: Hugging Face's early_stopping (default false: its heuristic). */
+  readonly earlyStopping?: boolean | "never";
+}
+
+export interface BeamOptions<Tenant extends string> extends GenerateOptions<Tenant> {
+  readonly beams: number;
+  /** How many hypotheses to return, best first (default: all `beams`). */
+  readonly numReturnSequences?: number;
+}
+
+/** One beam search hypothesis. */
+export interface ScoredSequence {
+  readonly ids: readonly number[];
+  /** The text, when the base has a tokenizer. */
+  readonly text?: string;
+  /** sum of log-probabilities / length ** lengthPenalty. */
+  readonly score: number;
 }
 
 export interface Token {
@@ -162,7 +187,23 @@ export class CompiledModel<Tenant extends string> {
 
   /** Generates after `prompt`, with the tenant's adapter when one is named, yielding each token as its step ends. */
   async *generate(prompt: Prompt, options: GenerateOptions<Tenant> = {}): AsyncGenerator<Token> {
-    const { tenant, maxTokens = DEFAULT_MAX_TOKENS, stop = this.#tokenizer?.eosIds ?? [], ...sampling } = options;
+    if (options.beams !== undefined && options.beams !== 1) {
+      const [best] = await this.generateBeams(prompt, { ...options, beams: options.beams, numReturnSequences: 1 });
+      const ids: number[] = [];
+      let shown = "";
+      for (const id of best!.ids) {
+        ids.push(id);
+        if (this.#tokenizer === undefined) {
+          yield { id };
+          continue;
+        }
+        const text = this.#tokenizer.decode(ids);
+        yield { id, text: text.slice(shown.length) };
+        shown = text;
+      }
+      return;
+    }
+    const { tenant, maxTokens = DEFAULT_MAX_TOKENS, stop = this.#tokenizer?.eosIds ?? [], beams: _beams, lengthPenalty: _lp, earlyStopping: _es, ...sampling } = options;
     if (tenant !== undefined) this.#checkTenant(tenant);
     const request = { prompt: this.encode(prompt), maxTokens, sampling, stop, ...(tenant === undefined ? {} : { adapter: tenant }) };
     const ids: number[] = [];
@@ -179,6 +220,21 @@ export class CompiledModel<Tenant extends string> {
       yield { id, text: text.slice(shown.length) };
       shown = text;
     }
+  }
+
+  /** Beam search after `prompt`: the numReturnSequences best hypotheses (default all), best first, with scores. */
+  async generateBeams(prompt: Prompt, options: BeamOptions<Tenant>): Promise<ScoredSequence[]> {
+    const { tenant, maxTokens = DEFAULT_MAX_TOKENS, stop = this.#tokenizer?.eosIds ?? [], beams, lengthPenalty, earlyStopping, numReturnSequences = beams, ...sampling } = options;
+    if (tenant !== undefined) this.#checkTenant(tenant);
+    const beam = { beams, numReturnSequences, ...(lengthPenalty === undefined ? {} : { lengthPenalty }), ...(earlyStopping === undefined ? {} : { earlyStopping }) };
+    const request = { prompt: this.encode(prompt), maxTokens, sampling, stop, beam, ...(tenant === undefined ? {} : { adapter: tenant }) };
+    const [result] = await generateBatch(this.#engine, [request]);
+    const hypotheses = result!.beams ?? [{ tokens: result!.tokens, score: result!.score ?? NaN }];
+    return hypotheses.map((h) => ({
+      ids: h.tokens,
+      ...(this.#tokenizer === undefined ? {} : { text: h.tokens.length > 0 ? this.#tokenizer.decode(h.tokens) : "" }),
+      score: h.score,
+    }));
   }
 
   /**

@@ -27,7 +27,7 @@ export interface GeneratedFile {
 }
 
 // Names the generated module declares or imports; a class named like one of them gets a suffix.
-const TAKEN = new Set(["EXPERT_MODULES", "ExpertModule", "LAYERS", "Layer", "LAYER_COUNT", "BASE", "EXPERTS", "ROUTER", "BUDGET", "LayerRoute", "Routing", "CompiledModel", "GenerateOptions", "LoadOptions", "Prompt", "Token", "loadCompiledModel"]);
+const TAKEN = new Set(["EXPERT_MODULES", "ExpertModule", "LAYERS", "Layer", "LAYER_COUNT", "BASE", "EXPERTS", "ROUTER", "BUDGET", "LayerRoute", "Routing", "CompiledModel", "GenerateOptions", "LoadOptions", "Prompt", "Token", "BeamOptions", "ScoredSequence", "loadCompiledModel"]);
 
 /** The class name of an adapter: its name in PascalCase (`support_bot` -> `SupportBot`). */
 export function apiClassName(adapterName: string): string {
@@ -84,7 +84,7 @@ function writeIndex(file: SourceFile, input: ApiInput): void {
 
   file.addImportDeclaration({
     moduleSpecifier: RUNTIME_MODULE,
-    namedImports: ["loadCompiledModel", ...["CompiledModel", "GenerateOptions", "LoadOptions", "Prompt", "Token"].map((name) => ({ name, isTypeOnly: true }))],
+    namedImports: ["loadCompiledModel", ...["BeamOptions", "CompiledModel", "GenerateOptions", "LoadOptions", "Prompt", "ScoredSequence", "Token"].map((name) => ({ name, isTypeOnly: true }))],
   });
   constant(file, "EXPERT_MODULES", `${literal(modules)} as const`, "The LoRA modules this spec enables in at least one layer: MiLoRA's experts.");
   file.addTypeAlias({ isExported: true, name: "ExpertModule", type: "(typeof EXPERT_MODULES)[number]" });
@@ -170,6 +170,19 @@ function writeIndex(file: SourceFile, input: ApiInput): void {
         returnType: "AsyncIterable<Token>",
         docs: ["The tokens generated after `prompt` (text needs the base directory's tokenizer.json), with their text when a tokenizer is present."],
         statements: ["return this.#model.generate(prompt, options);"],
+      },
+      {
+        name: "generateBeams",
+        parameters: [
+          { name: "prompt", type: "Prompt" },
+          { name: "options", type: "BeamOptions<Tenant>" },
+        ],
+        returnType: "Promise<ScoredSequence[]>",
+        docs: [
+          "Beam search of width `options.beams` (Hugging Face's semantics): the best `numReturnSequences` hypotheses (default all), best first, with scores.\n" +
+            "The prompt and the tenant's routing decision are computed once and shared by every beam; `generate(prompt, { beams })` yields the best one's tokens.",
+        ],
+        statements: ["return this.#model.generateBeams(prompt, options);"],
       },
       {
         name: "route",
