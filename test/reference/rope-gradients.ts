@@ -1,7 +1,9 @@
 // Float64 reference of rotary position embedding (rotate_half convention) and of its gradient.
 // The forward y = R(angle) x per pair (x[i], x[i + d/2]); the gradient of sum(g * y) with respect to x
-// is R(angle)^T g. Angles use the kernels' inverse frequencies rounded to f32 (as the kernels bake them)
-// times the position, in float64. Checked by finite differences in rope-gradients.test.ts.
+// is R(angle)^T g. The angle is what the kernels (and Hugging Face, in f32) compute: the f32 product of
+// the position and the f32-rounded inverse frequency (that product is exact in float64 before
+// Math.fround). Only the angle is f32; the rest is float64. Checked by finite differences in
+// rope-gradients.test.ts.
 import { ropeInverseFrequencies } from "../../compiler/kernels/rope.ts";
 
 export interface RopeShape {
@@ -19,7 +21,7 @@ function rotatePairs(x: ArrayLike<number>, shape: RopeShape, positions: ArrayLik
     for (let h = 0; h < heads; h++)
       for (let i = 0; i < half; i++) {
         const at = (r * heads + h) * headDim + i;
-        const angle = positions[r]! * frequencies[i]!;
+        const angle = Math.fround(positions[r]! * frequencies[i]!);
         const c = Math.cos(angle);
         const s = sign * Math.sin(angle);
         out[at] = x[at]! * c - x[at + half]! * s;
