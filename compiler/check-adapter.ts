@@ -4,6 +4,7 @@ import type { AdapterDecl, BaseDecl, ExpertsStmt, LayerOverride, Property, Route
 import { applyRouter } from "./check-router.ts";
 import { LORA_DEFAULTS, ROUTER_DEFAULTS } from "./defaults.ts";
 import { allLayers, layerList } from "./layers.ts";
+import { MAX_RANK } from "./limits.ts";
 import {
   EXPERT_MODULES,
   type Adapter,
@@ -224,8 +225,9 @@ export class AdapterChecker {
       const n = numberValue(prop, this.r);
       if (n === undefined) continue;
       if (prop.key.name === "rank") {
-        if (n.integer && n.value >= 1) options.rank = n.value;
-        else this.r.report("MIL202", n.span, `rank must be a positive integer, got ${n.text}`);
+        if (!n.integer || n.value < 1) this.r.report("MIL202", n.span, `rank must be a positive integer, got ${n.text}`);
+        else if (n.value > MAX_RANK) this.r.report("MIL211", n.span, `rank ${n.text} is above milora's limit of ${MAX_RANK}`);
+        else options.rank = n.value;
       } else if (prop.key.name === "alpha") {
         if (n.value > 0) options.alpha = n.value;
         else this.r.report("MIL203", n.span, `alpha must be greater than 0, got ${n.text}`);
@@ -238,9 +240,12 @@ export class AdapterChecker {
   }
 
   private warnOverridden(lines: readonly { stmt: ExpertsStmt; writes: Set<string> }[]): void {
-    lines.forEach(({ stmt, writes }, i) => {
-      const later = new Set(lines.slice(i + 1).flatMap((l) => [...l.writes]));
-      if (writes.size > 0 && [...writes].every((w) => later.has(w))) {
+    // from the last line up, so what later lines write is one growing set (linear in the lines)
+    const later = new Set<string>();
+    lines.toReversed().forEach(({ stmt, writes }) => {
+      const overridden = writes.size > 0 && [...writes].every((w) => later.has(w));
+      for (const w of writes) later.add(w);
+      if (overridden) {
         this.r.report(
           "MIL503",
           stmt.span,
@@ -256,7 +261,8 @@ export class AdapterChecker {
     used: readonly number[],
   ): void {
     for (const { stmt, layers } of overrides) {
-      const unused = layers.filter((l) => !used.includes(l));
+      const usedSet = new Set(used);
+      const unused = layers.filter((l) => !usedSet.has(l));
       if (unused.length === 0) continue;
       const first = stmt.layers[0]!;
       const last = stmt.layers[stmt.layers.length - 1]!;

@@ -10,6 +10,7 @@ import {
 } from "./base-keys.ts";
 import { FAMILY_NAMES, familyNamed, type Family } from "./families.ts";
 import { hfConfigSettings, loadHfConfigJson } from "./hf-config.ts";
+import { derivedHeadDimProblem, limitBroken } from "./limits.ts";
 import type { BaseModel } from "./model.ts";
 import type { Reporter } from "./reporter.ts";
 import { fromConfigPath } from "./spec-paths.ts";
@@ -57,6 +58,11 @@ export function checkBase(decl: BaseDecl, specPath: string, r: Reporter): BaseMo
     const at = props.find((prop) => prop.key.name === p.key) ?? props.find((prop) => prop.key.name === "heads");
     r.report(p.code, at?.key.span ?? decl.name.span, p.message);
   }
+  const headDim = r.errorCount > errorsBefore ? undefined : derivedHeadDimProblem(settings, complete);
+  if (headDim !== undefined) {
+    const at = props.find((prop) => prop.key.name === "hidden_size") ?? props.find((prop) => prop.key.name === "heads");
+    r.report("MIL211", at?.key.span ?? decl.name.span, headDim, "give head_dim, or more heads");
+  }
   if (r.errorCount > errorsBefore) return undefined;
   return {
     name,
@@ -67,6 +73,8 @@ export function checkBase(decl: BaseDecl, specPath: string, r: Reporter): BaseMo
     span: decl.span,
   };
 }
+
+const LIMIT_HINT = "no released model comes near it (milora's limits are listed in docs/reliability.md)";
 
 /** A Hugging Face key written by mistake gets its milora name as the hint. */
 function hfNameHint(key: string): string | undefined {
@@ -85,9 +93,14 @@ function settingsOf(props: readonly Property[], r: Reporter): BaseSettings {
     }
     const value = numberValue(prop, r);
     if (value === undefined) continue;
-    if (value.value <= 0 || (kind === "count" && !value.integer)) {
+    if (!(value.value > 0 && Number.isFinite(value.value)) || (kind === "count" && !value.integer)) {
       const expected = kind === "count" ? "a positive integer" : "a positive number";
       r.report("MIL205", value.span, `\`${prop.key.name}\` must be ${expected}, got ${value.text}`);
+      continue;
+    }
+    const limit = limitBroken(field, value.value);
+    if (limit !== undefined) {
+      r.report("MIL211", value.span, `\`${prop.key.name}\` ${value.text} is above milora's limit of ${limit}`, LIMIT_HINT);
       continue;
     }
     settings[field] = value.value;

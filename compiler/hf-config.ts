@@ -7,8 +7,11 @@ import type { Diagnostic } from "../grammar/diagnostic.ts";
 import { BASE_KEYS, BASE_KEY_NAMES, completeSettings, shapeProblems, type BaseSettings } from "./base-keys.ts";
 import { familyForModelType, supportedModelTypes, type Family } from "./families.ts";
 import type { CheckCode } from "./codes.ts";
+import { derivedHeadDimProblem, limitBroken } from "./limits.ts";
 import { jsonSyntaxReason } from "./json-syntax.ts";
 import type { BaseModel } from "./model.ts";
+
+const LIMIT_HINT = "no released model comes near it: check the file (milora's limits are listed in docs/reliability.md)";
 
 /** Keys a config must give; the others fall back to the family's defaults (kv heads and head size are derived). */
 const REQUIRED_HF_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"];
@@ -80,12 +83,17 @@ export function hfConfigSettings(json: unknown, configPath: string, span: Span):
     const ok =
       kind === "boolean"
         ? typeof value === "boolean"
-        : typeof value === "number" && value > 0 && (kind === "positive" || Number.isInteger(value));
+        : typeof value === "number" && Number.isFinite(value) && value > 0 && (kind === "positive" || Number.isInteger(value));
     if (!ok) {
       const expected = { count: "a positive integer", positive: "a positive number", boolean: "true or false" }[kind];
       problems.push(
-        problem("MIL306", span, `${hf} in config ${configPath} must be ${expected}, got ${JSON.stringify(value)}`),
+        problem("MIL306", span, `${hf} in config ${configPath} must be ${expected}, got ${typeof value === "number" ? String(value) : JSON.stringify(value)}`),
       );
+      continue;
+    }
+    const limit = typeof value === "number" ? limitBroken(field, value) : undefined;
+    if (limit !== undefined) {
+      problems.push(problem("MIL308", span, `${hf} in config ${configPath} is ${value}, above milora's limit of ${limit}`, LIMIT_HINT));
       continue;
     }
     (settings as Record<string, unknown>)[field] = value;
@@ -119,6 +127,8 @@ export function baseFromHfConfig(
     problem(p.code, span, `config ${configPath}: ${p.message}`),
   );
   if (shape.length > 0) return { problems: shape };
+  const headDim = derivedHeadDimProblem(settings, complete);
+  if (headDim !== undefined) return { problems: [problem("MIL308", span, `config ${configPath}: ${headDim}`, LIMIT_HINT)] };
   return {
     base: {
       name,

@@ -1,5 +1,6 @@
 // Layer lists: `all`, or numbers and inclusive ranges such as `0..3, 8, 10..12`, checked against the base.
 import type { NumberLiteral, Value } from "../grammar/ast.ts";
+import { MAX_LAYER_LIST_ITEMS } from "./limits.ts";
 import type { BaseModel } from "./model.ts";
 import type { Reporter } from "./reporter.ts";
 import { describeValue } from "./values.ts";
@@ -13,6 +14,18 @@ export function allLayers(base: BaseModel): number[] {
 export function layerList(values: readonly Value[], base: BaseModel, r: Reporter): number[] | undefined {
   const [first] = values;
   if (values.length === 1 && first?.kind === "Ident" && first.name === "all") return allLayers(base);
+  // checked first, so a list of 200,000 items costs one diagnostic, not one per item
+  if (values.length > MAX_LAYER_LIST_ITEMS) {
+    const extra = values[MAX_LAYER_LIST_ITEMS]!;
+    const last = values[values.length - 1]!;
+    r.report(
+      "MIL212",
+      { file: extra.span.file, start: extra.span.start, end: last.span.end },
+      `a layer list has ${values.length} items; at most ${MAX_LAYER_LIST_ITEMS} are read, as many as the layers of milora's largest base`,
+      "name layers once each, and use ranges such as 0..31",
+    );
+    return undefined;
+  }
   const layers = new Set<number>();
   let ok = true;
   const inBase = (n: NumberLiteral): boolean => {

@@ -166,14 +166,20 @@ function scopeOf(file: LoadedFile, reporter: Reporter, reported: Set<object>): S
  * a node before the error, so its own span is not enough.
  */
 function brokenDecls(ast: SpecFile, diagnostics: readonly Diagnostic[]): Set<BaseDecl | AdapterDecl> {
-  const errors = diagnostics.filter((d) => d.severity === "error").map((d) => d.span.start.offset);
+  const errors = diagnostics
+    .filter((d) => d.severity === "error")
+    .map((d) => d.span.start.offset)
+    .sort((a, b) => a - b);
   const decls = [...ast.imports, ...ast.bases, ...ast.adapters].sort(
     (a, b) => a.span.start.offset - b.span.start.offset,
   );
   const broken = new Set<BaseDecl | AdapterDecl>();
+  // both in offset order: one pass over each (linear, however many declarations and errors)
+  let e = 0;
   decls.forEach((decl, i) => {
     const end = decls[i + 1]?.span.start.offset ?? Infinity;
-    if (decl.kind !== "ImportDecl" && errors.some((o) => o >= decl.span.start.offset && o < end)) broken.add(decl);
+    while (e < errors.length && errors[e]! < decl.span.start.offset) e++;
+    if (decl.kind !== "ImportDecl" && e < errors.length && errors[e]! < end) broken.add(decl);
   });
   return broken;
 }

@@ -11,12 +11,14 @@
 // | MIL005 | an unknown escape in a string (the escapes are `\"`, `\\` and `\n`)      |
 // | MIL006 | `at` followed by something other than `layers` (or `layer`)              |
 // | MIL007 | a router with more than one `select` rule                                |
+// | MIL008 | blocks nested more than 32 deep (the grammar nests 3 deep)                |
+// | MIL009 | more than 100 syntax errors: the rest of the file is not parsed           |
 import { EOF, type IRecognitionException, type IToken } from "chevrotain";
 import type { SpecFile } from "./ast.ts";
 import { AstBuilder } from "./cst-to-ast.ts";
 import type { Diagnostic } from "./diagnostic.ts";
-import { lex, UnterminatedBlockComment, UnterminatedString } from "./lexer.ts";
-import { MiloraParser } from "./parser.ts";
+import { LCurly, lex, RCurly, UnterminatedBlockComment, UnterminatedString } from "./lexer.ts";
+import { MAX_SYNTAX_ERRORS, MiloraParser } from "./parser.ts";
 import { SourceText } from "./source-text.ts";
 import { SyntaxMessages } from "./syntax-messages.ts";
 
@@ -27,17 +29,46 @@ const parser = new MiloraParser(messages);
 export function parseSpec(text: string, file: string): { ast: SpecFile; diagnostics: Diagnostic[] } {
   const source = new SourceText(text, file);
   const lexed = lex(text);
-  messages.reset(lexed.tokens);
-  parser.input = lexed.tokens;
-  const cst = parser.specFile();
+  const { tokens, tooDeep } = withinDepth(lexed.tokens);
+  messages.reset(tokens);
+  const cst = parser.parseFile(tokens);
   const builder = new AstBuilder(source);
   const ast = builder.specFile(cst, lexed.comments);
+  const limits: Diagnostic[] = [];
+  if (tooDeep !== undefined) {
+    const message = `blocks are nested more than ${MAX_DEPTH} deep here; the rest of the file is not parsed`;
+    limits.push(limitDiagnostic("MIL008", source, tooDeep, message, "a spec nests blocks at most 3 deep: adapter { at layers ... { experts ... { } } }"));
+  }
+  const stopped = parser.stoppedAt;
+  if (stopped !== undefined && !Number.isNaN(stopped.startOffset)) {
+    const message = `${MAX_SYNTAX_ERRORS} syntax errors; the rest of the file is not parsed`;
+    limits.push(limitDiagnostic("MIL009", source, stopped, message, "fix these and check again"));
+  }
   const diagnostics = [
     ...lexicalDiagnostics(source, lexed.badCharacters, lexed.tokens, lexed.comments),
-    ...syntaxDiagnostics(source, parser.errors, lexed.tokens.at(-1)),
+    ...syntaxDiagnostics(source, parser.errors, tokens.at(-1)),
     ...builder.diagnostics,
+    ...limits,
   ].sort((a, b) => a.span.start.offset - b.span.start.offset || a.code.localeCompare(b.code));
   return { ast, diagnostics };
+}
+
+/** Braces open at once that the parser accepts: the grammar needs 3, and recovery from more is wasted work. */
+export const MAX_DEPTH = 32;
+
+/** The tokens up to the first "{" that opens block MAX_DEPTH + 1 (that "{", if any, is `tooDeep`). */
+function withinDepth(tokens: IToken[]): { tokens: IToken[]; tooDeep?: IToken } {
+  let depth = 0;
+  for (let i = 0; i < tokens.length; i++) {
+    const token = tokens[i]!;
+    if (token.tokenType === LCurly && ++depth > MAX_DEPTH) return { tokens: tokens.slice(0, i), tooDeep: token };
+    if (token.tokenType === RCurly && depth > 0) depth--;
+  }
+  return { tokens };
+}
+
+function limitDiagnostic(code: Diagnostic["code"], source: SourceText, at: IToken, message: string, hint: string): Diagnostic {
+  return { code, severity: "error", message, span: source.span(at.startOffset, at.startOffset + at.image.length), hint };
 }
 
 /** Characters users type out of habit from other languages. */

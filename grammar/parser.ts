@@ -1,6 +1,6 @@
 // The .milora grammar as a Chevrotain CST parser. Rules are class properties so a misspelt
 // SUBRULE is a compile error; labels name the CST children that cst-to-ast.ts reads.
-import { CstParser, type IParserErrorMessageProvider } from "chevrotain";
+import { CstParser, type CstNode, type IParserErrorMessageProvider, type IRecognitionException, type IToken } from "chevrotain";
 import {
   Adapter,
   allTokens,
@@ -30,10 +30,48 @@ import {
 
 const VALUE = "a value (a number, a string, true, false or a name)";
 
+/** Syntax errors one parse reports before it stops: enough for any real file, bounded for any input. */
+export const MAX_SYNTAX_ERRORS = 100;
+
+/** Chevrotain internals the error cap uses (chevrotain 11: traits/error_handler.js, traits/lexer_adapter.js). */
+interface ParserInternals {
+  SAVE_ERROR(this: unknown, error: IRecognitionException): IRecognitionException;
+  moveToTerminatedState(): void;
+}
+
 export class MiloraParser extends CstParser {
   constructor(errorMessageProvider: IParserErrorMessageProvider) {
     super(allTokens, { recoveryEnabled: true, nodeLocationTracking: "full", errorMessageProvider });
     this.performSelfAnalysis();
+  }
+
+  /** Syntax errors saved in this parse; at MAX_SYNTAX_ERRORS the parse stops (see SAVE_ERROR). */
+  private errorCount = 0;
+  /** The token at which the parse stopped for too many errors, if it did. */
+  stoppedAt: IToken | undefined;
+
+  /** Parses a file's tokens: at most MAX_SYNTAX_ERRORS errors, then the rest of the input is skipped. */
+  parseFile(tokens: IToken[]): CstNode {
+    this.input = tokens;
+    this.errorCount = 0;
+    this.stoppedAt = undefined;
+    return this.specFile();
+  }
+
+  /**
+   * Chevrotain's hook for each recognition error (an internal method, so reached through the prototype).
+   * Recovery costs work per error, and a file of 100,000 broken blocks would spend it on every one; after
+   * MAX_SYNTAX_ERRORS the parser jumps to the end of the input, and later errors (the blocks left open
+   * there) are not kept.
+   */
+  SAVE_ERROR(error: IRecognitionException): IRecognitionException {
+    if (this.stoppedAt !== undefined) return error;
+    const saved = (CstParser.prototype as unknown as ParserInternals).SAVE_ERROR.call(this, error);
+    if (++this.errorCount >= MAX_SYNTAX_ERRORS) {
+      this.stoppedAt = error.token;
+      (this as unknown as ParserInternals).moveToTerminatedState();
+    }
+    return saved;
   }
 
   /** The entry rule: a whole file. */

@@ -3,6 +3,7 @@
 // layers_to_transform, rank_pattern and alpha_pattern); writing does the reverse for a spec.
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
+import { RE2JS } from "re2js";
 import type { Span } from "../grammar/ast.ts";
 import {
   EXPERT_MODULES,
@@ -18,6 +19,7 @@ import {
   type RoutingTime,
   type Selection,
 } from "../compiler/model.ts";
+import { MAX_LAYERS, MAX_RANK } from "../compiler/limits.ts";
 import { moduleShape } from "../compiler/modules.ts";
 import { CheckpointError } from "./safetensors.ts";
 
@@ -40,6 +42,9 @@ export function loraScaling(rank: number, alpha: number, rslora: boolean): numbe
 export function loraSlot(base: BaseModel, layer: number, module: ExpertModule, o: Omit<LoraOptions, "scaling">): ExpertSlot {
   return { layer, module, ...moduleShape(base, module), ...o, scaling: loraScaling(o.rank, o.alpha, o.rslora) };
 }
+
+/** Keys a rank_pattern or alpha_pattern may have: above one per module of the largest base milora accepts. */
+const MAX_PATTERN_KEYS = 8192;
 
 /** PEFT's LoraConfig defaults, for fields a config leaves out. */
 const PEFT_DEFAULTS = { r: 8, loraAlpha: 8, loraDropout: 0 } as const;
@@ -109,6 +114,7 @@ function parseAdapterConfig(json: unknown, path: string): PeftLoraConfig {
   const layersRaw = json.layers_to_transform ?? null;
   const layersToTransform =
     layersRaw === null ? null : isCount(layersRaw) ? [layersRaw] : Array.isArray(layersRaw) && layersRaw.every(isCount) ? layersRaw : fail(`"layers_to_transform" must be a layer number or a list of them, got ${JSON.stringify(layersRaw)}`);
+  if (layersToTransform !== null && layersToTransform.length > MAX_LAYERS) fail(`"layers_to_transform" lists ${layersToTransform.length} layers; milora's largest base has ${MAX_LAYERS}`);
   const targets = json.target_modules;
   const targetModules = isString(targets) ? targets : Array.isArray(targets) && targets.length > 0 && targets.every(isString) ? targets : fail(`"target_modules" must be a regular expression or a non-empty list of module names, got ${JSON.stringify(targets)}`);
   const patterns = (key: string) => field(key, isNumberRecord, "an object of pattern -> number", {});
@@ -124,8 +130,17 @@ function parseAdapterConfig(json: unknown, path: string): PeftLoraConfig {
     alphaPattern: patterns("alpha_pattern"),
     useRslora: field("use_rslora", isBoolean, "true or false", false),
   };
+  // every pattern is compiled now, so a bad one is reported whether or not a module would reach it
+  if (isString(targetModules) && targetModules !== "all-linear") compilePattern(targetModules, targetModules, "target_modules", path);
+  for (const table of ["rank_pattern", "alpha_pattern"] as const) {
+    const keys = Object.keys(table === "rank_pattern" ? config.rankPattern : config.alphaPattern);
+    if (keys.length > MAX_PATTERN_KEYS) fail(`"${table}" has ${keys.length} keys; milora reads at most ${MAX_PATTERN_KEYS} (a ${MAX_LAYERS}-layer base has ${MAX_LAYERS * EXPERT_MODULES.length} modules)`);
+    for (const key of keys) compilePattern(`(.*\\.)?(${key})$`, key, `${table} key`, path);
+  }
+  if (config.r > MAX_RANK) fail(`"r" is ${config.r}, above milora's limit of ${MAX_RANK}`);
   for (const [key, value] of Object.entries(config.rankPattern)) {
     if (!isPositiveInt(value)) fail(`rank_pattern "${key}": rank must be a positive integer, got ${value}`);
+    if (value > MAX_RANK) fail(`rank_pattern "${key}": rank ${value} is above milora's limit of ${MAX_RANK}`);
   }
   for (const [key, value] of Object.entries(config.alphaPattern)) {
     if (!isPositive(value)) fail(`alpha_pattern "${key}": alpha must be a positive number, got ${value}`);
@@ -182,23 +197,44 @@ function parseSelection(raw: unknown, fail: (what: string) => never): Selection 
   return fail(`${want}, got ${JSON.stringify(raw)}`);
 }
 
+// PEFT matches these patterns with Python's `re`; milora matches them with RE2 (the re2js port), whose
+// time is linear in the module name whatever the pattern, so a config such as `"(.*.*)*x"` cannot hang a
+// run. The two engines agree on the syntax PEFT configs use (literals, `.`, classes, `|`, groups, `*+?{m,n}`,
+// `^$` on names without newlines); RE2 refuses backreferences and lookaround, which get a clear error.
+// PEFT's rules (huggingface/peft, src/peft/utils/other.py, read at commit 5d602fd):
+//   target_modules as a string: `match_target_against_key` = `re.fullmatch(target_modules, key)`;
+//   rank_pattern / alpha_pattern: `get_pattern_key` = the first key with `re.match(rf"(.*\.)?({key})$", name)`.
+const compiled = new Map<string, RE2JS>();
+
+/** An RE2 program for a pattern a config gives; one that RE2 cannot compile is an error naming file, key and pattern. */
+function compilePattern(source: string, pattern: string, what: string, file: string): RE2JS {
+  const known = compiled.get(source);
+  if (known !== undefined) return known;
+  let re: RE2JS;
+  try {
+    re = RE2JS.compile(source);
+  } catch (e) {
+    const why = (e as Error).message.replace(/^error parsing regexp: /, "");
+    throw new CheckpointError(
+      `${file}: ${what} ${JSON.stringify(pattern)} is not a regular expression milora can match (${why}); ` +
+        "milora matches module names in linear time (RE2 syntax), without backreferences or lookaround",
+    );
+  }
+  if (compiled.size >= 1024) compiled.clear();
+  compiled.set(source, re);
+  return re;
+}
+
 /**
- * The value a pattern table gives a module, PEFT's way: the first key `k` for which the regular
- * expression `(^|.*\.)k$` matches the module path, so `q_proj` and `layers.3.self_attn.q_proj` both work.
+ * The value a pattern table gives a module, PEFT's way: the first key `k` for which `(.*\.)?(k)$` matches
+ * the module path from its start, so `q_proj` and `layers.3.self_attn.q_proj` both work.
  */
 function patternValue(table: Readonly<Record<string, number>>, path: string, fallback: number, tableName: string, file: string): number {
   for (const [key, value] of Object.entries(table)) {
-    if (compilePattern(`(^|.*\\.)(${key})$`, `${tableName} key "${key}"`, file).test(path)) return value;
+    // re.match anchors at the start and the pattern ends in `$`: a full match of the name
+    if (compilePattern(`(.*\\.)?(${key})$`, key, `${tableName} key`, file).matches(path)) return value;
   }
   return fallback;
-}
-
-function compilePattern(source: string, what: string, file: string): RegExp {
-  try {
-    return new RegExp(source);
-  } catch (e) {
-    throw new CheckpointError(`${file}: ${what} is not a valid regular expression (${(e as Error).message})`);
-  }
 }
 
 /** Whether PEFT would put a LoRA on the module at `path`. */
@@ -206,7 +242,7 @@ function isTargeted(config: PeftLoraConfig, layer: number, path: string): boolea
   if (config.layersToTransform !== null && !config.layersToTransform.includes(layer)) return false;
   const t = config.targetModules;
   if (typeof t === "string") {
-    return t === "all-linear" || compilePattern(`^(?:${t})$`, `target_modules "${t}"`, config.path).test(path);
+    return t === "all-linear" || compilePattern(t, t, "target_modules", config.path).matches(path);
   }
   return t.some((name) => path === name || path.endsWith(`.${name}`));
 }

@@ -4,6 +4,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { jsonSyntaxReason } from "../compiler/json-syntax.ts";
+import { baseLimitProblems } from "../compiler/limits.ts";
 import type { BaseModel } from "../compiler/model.ts";
 import { CheckpointError, SafetensorsFile, isFloatDtype, type TensorInfo } from "./safetensors.ts";
 
@@ -138,6 +139,9 @@ export function openCheckpoint(dir: string, options: OpenCheckpointOptions = {})
 
 /** The tensors of a LLaMA-family checkpoint (HF names; linear weights are [out, in]). */
 export function llamaTensorNames(base: BaseModel): ExpectedTensor[] {
+  // the list grows with the layers: a base beyond milora's limits is refused before it is made
+  const tooLarge = baseLimitProblems(base);
+  if (tooLarge.length > 0) throw new CheckpointError(`base ${base.name}: ${tooLarge.join("; ")}`);
   const { hiddenSize: h, headDim: d, heads, kvHeads, intermediateSize: ff, vocabSize: v } = base;
   const out: ExpectedTensor[] = [{ name: "model.embed_tokens.weight", shape: [v, h] }];
   for (let i = 0; i < base.layers; i++) {

@@ -1,7 +1,7 @@
 // `milora check FILES`: every diagnostic with its code frame and a summary, then (when there are no
 // errors) a budget table per adapter; or all of it as one JSON object with --json.
 import { statSync } from "node:fs";
-import { renderDiagnostic } from "../../grammar/code-frame.ts";
+import { renderDiagnostics } from "../../grammar/code-frame.ts";
 import type { Diagnostic } from "../../grammar/diagnostic.ts";
 import { computeBudget } from "../../compiler/budget.ts";
 import { renderBudgetTable } from "../../compiler/budget-table.ts";
@@ -56,7 +56,8 @@ export async function checkCommand(files: string[], opts: { json?: boolean; colo
   }
 
   const color = opts.color && process.stdout.isTTY === true;
-  const out: string[] = diagnostics.map((d) => renderDiagnostic(d, sources.get(d.span.file) ?? "", { color }) + "\n");
+  // at most MAX_SHOWN_DIAGNOSTICS frames, then a count: a file with a million mistakes prints a screenful
+  const out: string[] = renderDiagnostics(diagnostics, (file) => sources.get(file) ?? "", { color });
   const problems =
     diagnostics.length === 0 ? "no problems" : `${plural(errors, "error")}, ${plural(warnings, "warning")}`;
   out.push(`${problems} in ${plural(sources.size, "file")}`);

@@ -20,6 +20,8 @@ const SEEDS = readdirSync(EXAMPLES)
 const WORDS = [
   ...new Set(SEEDS.flatMap((s) => lex(s).tokens.map((t) => t.image)).filter((w) => /^[\w.-]+$/.test(w))),
   "0", "-1", "1e309", "0.5", "1e-30", "99999999999", "all", "none", "layers", "top_k", "dense", "threshold",
+  // sizes far past milora's limits: each must be one diagnostic, never a grid or a list that large
+  "100000", "1025", "65537", "100000000000000000000", "9".repeat(400), "0..1000000000", "4097",
 ];
 const RUNS = 300;
 const SLOW_MS = 3000;
@@ -62,6 +64,19 @@ test("every example, with tokens swapped, dropped or doubled, checks without thr
 
 test("arbitrary text checks without throwing", () => {
   fc.assert(fc.property(fc.string({ maxLength: 300 }), (text) => check(text)), { numRuns: 100, seed: 7 });
+});
+
+test("deep nesting and huge sizes in real examples check quickly", () => {
+  const huge = fc.constantFrom("100000", "100000000000000000000", "1e999", "9".repeat(300), "1025");
+  const key = fc.constantFrom("layers", "hidden_size", "heads", "head_dim", "vocab_size", "intermediate_size", "max_positions");
+  fc.assert(
+    fc.property(fc.constantFrom(...SEEDS), key, huge, fc.integer({ min: 0, max: 5000 }), (seed, k, n, depth) => {
+      // a huge size in the first base block, and an adapter buried under `depth` unclosed router blocks
+      const sized = seed.replace(/\{/, `{ ${k} ${n} `);
+      check(sized + "\nadapter deep on b {\n" + "router {\n".repeat(depth));
+    }),
+    { numRuns: 40, seed: 99 },
+  );
 });
 
 test.run();

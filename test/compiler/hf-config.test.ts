@@ -125,4 +125,36 @@ test("readHfConfig throws an Error that says what is wrong", () => {
   assert.throws(() => readHfConfig(join(dir, "config.json")), /model_type "bert".*\(supported: "llama"\)/);
 });
 
+test("sizes no real model reaches are refused naming the file and the key, before anything is built", () => {
+  for (const [key, value, limit] of [
+    ["head_dim", 1e8, 1024],
+    ["hidden_size", 1e9, 65536],
+    ["num_hidden_layers", 1e6, 1024],
+    ["vocab_size", 2 ** 30, 2 ** 22],
+    ["intermediate_size", 1e7, 2 ** 18],
+  ] as const) {
+    const heap = process.memoryUsage().heapUsed;
+    const started = performance.now();
+    const { base, problems } = baseFromHfConfig({ ...llama32_1b, [key]: value }, "huge", "/models/huge/config.json", span);
+    assert.ok(performance.now() - started < 100);
+    assert.ok(process.memoryUsage().heapUsed - heap < 20 * 2 ** 20);
+    assert.is(base, undefined);
+    assert.equal(problems.map((p) => [p.code, p.message]), [
+      ["MIL308", `${key} in config /models/huge/config.json is ${value}, above milora's limit of ${limit}`],
+    ]);
+  }
+  // a head size derived as hidden_size / heads is bounded as well
+  const { head_dim: _, ...noHeadDim } = llama32_1b;
+  const derived = baseFromHfConfig({ ...noHeadDim, hidden_size: 65536, num_attention_heads: 32, num_key_value_heads: 8 }, "wide", "c.json", span);
+  assert.match(derived.problems.map((p) => p.message).join(), "hidden_size / heads = 65536 / 32 = 2048 is above milora's limit of 1024");
+});
+
+test("milora run and serve read a checkpoint's config through readHfConfig, which refuses huge sizes", () => {
+  const dir = mkdtempSync(join(tmpdir(), "milora-hf-"));
+  writeFileSync(join(dir, "config.json"), JSON.stringify({ ...llama32_1b, num_hidden_layers: 1e6 }));
+  assert.throws(() => readHfConfig(dir), /num_hidden_layers in config .*config\.json is 1000000, above milora's limit of 1024/);
+  writeFileSync(join(dir, "config.json"), `{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100, "rope_theta": 1e999}`);
+  assert.throws(() => readHfConfig(dir), /rope_theta in config .* must be a positive number, got Infinity/);
+});
+
 test.run();

@@ -6,7 +6,8 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { formatSpec } from "../../grammar/format.ts";
 import { lex } from "../../grammar/lexer.ts";
-import { parseSpec } from "../../grammar/parse.ts";
+import { MAX_DEPTH, parseSpec } from "../../grammar/parse.ts";
+import { MAX_SYNTAX_ERRORS } from "../../grammar/parser.ts";
 import { SourceText } from "../../grammar/source-text.ts";
 
 const SEEDS = ["support-bot.milora", "messy.milora"].map((name) =>
@@ -125,6 +126,25 @@ test("any layout and any comments between tokens format to one fixed point", () 
       checkFormat(relaid);
     }),
     { numRuns: 60 },
+  );
+});
+
+test("deep nesting and huge numbers parse in bounded time with a bounded number of diagnostics", () => {
+  const opener = fc.constantFrom("{", "router {", "experts all {", "at layers 0 {", "adapter a on b {", "base b: llama {");
+  const number = fc.oneof(
+    fc.constantFrom("1e308", "1e999", "-1e999", "100000000000000000000", "9".repeat(400), "0.".concat("0".repeat(300), "1")),
+    fc.bigInt({ min: 0n, max: 10n ** 40n }).map(String),
+  );
+  const filler = fc.oneof(number, number.map((n) => `layers ${n}..${n}`), fc.constantFrom("rank", "}", ",", " "));
+  fc.assert(
+    fc.property(opener, fc.integer({ min: 1, max: 20_000 }), fc.array(filler, { maxLength: 20 }), fc.nat(), (open, depth, inside, closed) => {
+      const text = `${open} `.repeat(depth) + inside.join(" ") + " }".repeat(closed % (depth + 1));
+      const { diagnostics } = checkParse(text);
+      // at most: the syntax-error cap, its notice, the nesting notice, and lexical ones among the filler
+      assert.ok(diagnostics.length <= MAX_SYNTAX_ERRORS + 2 + inside.length, `${diagnostics.length} diagnostics`);
+      if (text.split("{").length - 1 - closed % (depth + 1) > MAX_DEPTH) assert.ok(diagnostics.some((d) => d.code === "MIL008"));
+    }),
+    { numRuns: 60, seed: 4242 },
   );
 });
 

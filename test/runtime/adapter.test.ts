@@ -1,3 +1,4 @@
+import { spawnSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -239,7 +240,7 @@ test("a bad adapter_config.json is refused with the file and the field", () => {
     [{ r: 0 }, `"r" must be a positive integer, got 0`],
     [{ target_modules: ["lm_head"] }, "names none of the modules milora adapts"],
     [{ layers_to_transform: [7] }, "layer 7 is outside the base"],
-    [{ rank_pattern: { "q_proj(": 2 } }, `rank_pattern key "q_proj(" is not a valid regular expression`],
+    [{ rank_pattern: { "q_proj(": 2 } }, `rank_pattern key "q_proj(" is not a regular expression milora can match`],
     [{ milora: { version: 9 } }, `"milora.version" is 9`],
   ] as const) {
     writeFileSync(path, JSON.stringify({ ...config, ...edit }));
@@ -249,6 +250,86 @@ test("a bad adapter_config.json is refused with the file and the field", () => {
   }
   rmSync(path);
   assert.match(refusal(dir), `${path}: missing`);
+});
+
+/**
+ * Reads the adapter at `dir` in a child process that must finish within `limitMs` (the child is killed
+ * at 30 s, so a hanging pattern fails the test instead of hanging it). Returns the child's report.
+ */
+function readInChild(dir: string, limitMs: number): { ms: number; error?: string; experts?: number } {
+  const adapterConfig = new URL("../../runtime/adapter-config.ts", import.meta.url).href;
+  const code = `
+    const { readAdapterConfig, specFromConfig } = await import(${JSON.stringify(adapterConfig)});
+    const base = ${JSON.stringify({ ...base, span: undefined })};
+    const started = performance.now();
+    let report;
+    try { report = { experts: specFromConfig(readAdapterConfig(${JSON.stringify(dir)}), base, "x").experts.length }; }
+    catch (e) { report = { error: e.message }; }
+    console.log(JSON.stringify({ ...report, ms: performance.now() - started }));`;
+  const child = spawnSync(process.execPath, ["--import", "tsx", "--input-type=module", "-e", code], { encoding: "utf8", timeout: 30_000 });
+  assert.is(child.signal, null, `reading ${dir} did not finish within 30 s`);
+  const report = JSON.parse(child.stdout.trim().split("\n").at(-1) ?? "{}");
+  assert.ok(report.ms < limitMs, `reading took ${report.ms} ms`);
+  return report;
+}
+
+function writeConfig(edit: Record<string, unknown>): string {
+  const dir = freshDir();
+  mkdirSync(dir);
+  writeFileSync(join(dir, ADAPTER_CONFIG_FILE), JSON.stringify({ peft_type: "LORA", r: 4, lora_alpha: 8, target_modules: ["q_proj"], ...edit }));
+  return dir;
+}
+
+test("a catastrophic-backtracking target_modules or pattern key is matched in linear time", () => {
+  // With JavaScript's backtracking RegExp "(.*.*)*x" against a 30-character module name never finishes.
+  for (const edit of [
+    { target_modules: "(.*.*)*x" },
+    { target_modules: "(a|aa)*(.*)*b", rank_pattern: { "(.*.*)*x": 2 } },
+    { alpha_pattern: { "((q|q_)*)*_projz": 3 } },
+  ]) {
+    const report = readInChild(writeConfig(edit), 1000);
+    if (edit.target_modules !== undefined) assert.match(report.error ?? "", "names none of the modules milora adapts");
+    else assert.is(report.experts, base.layers);
+  }
+});
+
+test("target_modules is a full match of the module name and pattern keys match its end, as in PEFT", () => {
+  const spec = (edit: Record<string, unknown>) => adapterSpecFromPeft(writeConfig(edit), base, "p").experts.map((e) => [e.layer, e.module, e.rank]);
+  // a full match: "q_proj" alone names no module path, ".*q_proj" names every q_proj
+  assert.throws(() => spec({ target_modules: "q_proj" }), /names none of the modules/);
+  assert.equal(spec({ target_modules: ".*\\.1\\.self_attn\\.q_proj" }), [[1, "q_proj", 4]]);
+  // a key matches whole dot-separated parts at the end: "proj" is no module's last part, "q_proj" is
+  assert.equal(spec({ target_modules: ".*q_proj", rank_pattern: { proj: 2, "1\\.self_attn\\.q_proj": 3 } }), [[0, "q_proj", 4], [1, "q_proj", 3], [2, "q_proj", 4]]);
+  // the first matching key wins, in the file's order
+  assert.equal(spec({ rank_pattern: { "q_.*": 5, q_proj: 6 } }).map((e) => e[2]), [5, 5, 5]);
+});
+
+test("a pattern RE2 cannot match (backreference, lookahead) is refused naming the file, the key and the pattern", () => {
+  for (const [edit, expected] of [
+    [{ target_modules: "(q)_proj\\1" }, `target_modules "(q)_proj\\\\1" is not a regular expression milora can match`],
+    [{ rank_pattern: { "q(?=_proj)": 2 } }, `rank_pattern key "q(?=_proj)" is not a regular expression milora can match`],
+    [{ alpha_pattern: { "(?<=self_attn\\.)q_proj": 2 } }, `alpha_pattern key "(?<=self_attn\\\\.)q_proj"`],
+  ] as const) {
+    const dir = writeConfig(edit);
+    const message = refusal(dir);
+    assert.match(message, join(dir, ADAPTER_CONFIG_FILE));
+    assert.match(message, expected);
+    assert.match(message, "without backreferences or lookaround");
+  }
+});
+
+test("sizes in adapter_config.json are bounded before any work: rank, pattern tables, layer lists", () => {
+  const keys = Object.fromEntries(Array.from({ length: 9000 }, (_, i) => [`layers\\.${i}\\.self_attn\\.q_proj`, 2]));
+  for (const [edit, expected] of [
+    [{ r: 100_000 }, `"r" is 100000, above milora's limit of 4096`],
+    [{ rank_pattern: { q_proj: 1e6 } }, `rank_pattern "q_proj": rank 1000000 is above milora's limit of 4096`],
+    [{ rank_pattern: keys }, `"rank_pattern" has 9000 keys; milora reads at most 8192`],
+    [{ layers_to_transform: Array.from({ length: 5000 }, (_, i) => i) }, `"layers_to_transform" lists 5000 layers`],
+  ] as const) {
+    const started = performance.now();
+    assert.match(refusal(writeConfig(edit)), expected);
+    assert.ok(performance.now() - started < 2000);
+  }
 });
 
 test.run();

@@ -1,0 +1,81 @@
+// Backward of the elementwise kernels (elementwise.ts), over `n` f32 values.
+//   swiglu_backward: act = silu(gate) * up  =>  dGate = dAct * up * silu'(gate), dUp = dAct * silu(gate),
+//     silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g))).
+//     bindings gate (read), up (read), dAct (read), dGate (read_write), dUp (read_write); params n.
+//     With `inPlace`: gate (read_write), up (read_write), dAct (read), and gate, up are overwritten with
+//     dGate, dUp (each invocation reads its element of both before writing), so training holds no
+//     second pair of [rows, intermediate] buffers.
+//   add_into: acc += g; bindings g (read), acc (read_write); params n. The backward of `add` (a residual
+//     join sends its gradient to both inputs) is this accumulation into the residual stream's gradient,
+//     and it sums gradients over micro-batches.
+import type { KernelSource } from "./kernel.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource, type StorageDecl } from "./wgsl.ts";
+
+const WORKGROUP = 256;
+
+function elementwise(name: string, constants: Record<string, boolean>, storage: readonly StorageDecl[], body: string, helpers = ""): KernelSource {
+  return kernelSource({
+    name,
+    constants,
+    storage,
+    params: [{ name: "n", type: "u32" }],
+    body: /* wgsl */ `${helpers}
+@compute @workgroup_size(${WORKGROUP})
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * ${WORKGROUP}u + lid;
+  if (i >= params.n) { return; }
+  ${body}
+}`,
+    dispatch: (p) => grid(Math.ceil((p.n ?? 0) / WORKGROUP)),
+  });
+}
+
+// sigmoid(g) and 1 - sigmoid(g), each from exp of a non-positive argument (no overflow, and 1 - s
+// keeps its precision for large g instead of cancelling to 0).
+const SIGMOIDS = /* wgsl */ `
+fn sigmoids(g: f32) -> vec2<f32> {
+  let e = exp(-abs(g));
+  let small = e / (1.0 + e);
+  let large = 1.0 / (1.0 + e);
+  return select(vec2<f32>(small, large), vec2<f32>(large, small), g >= 0.0);
+}`;
+
+export interface SwigluBackwardConstants {
+  /** Overwrite gate and up with their gradients instead of writing dGate and dUp. */
+  readonly inPlace: boolean;
+}
+
+export function swigluBackwardKernel({ inPlace }: SwigluBackwardConstants): KernelSource {
+  const input = inPlace ? "read_write" : "read";
+  const storage: StorageDecl[] = [
+    { name: "gate", access: input, type: "array<f32>" },
+    { name: "up", access: input, type: "array<f32>" },
+    { name: "dAct", access: "read", type: "array<f32>" },
+  ];
+  if (!inPlace)
+    storage.push({ name: "dGate", access: "read_write", type: "array<f32>" }, { name: "dUp", access: "read_write", type: "array<f32>" });
+  return elementwise(
+    "swiglu_backward",
+    { inPlace },
+    storage,
+    /* wgsl */ `let g = gate[i];
+  let u = up[i];
+  let d = dAct[i];
+  let s = sigmoids(g);
+  ${inPlace ? "gate" : "dGate"}[i] = d * u * s.x * (1.0 + g * s.y);
+  ${inPlace ? "up" : "dUp"}[i] = d * g * s.x;`,
+    SIGMOIDS,
+  );
+}
+
+export function addIntoKernel(): KernelSource {
+  return elementwise(
+    "add_into",
+    {},
+    [
+      { name: "g", access: "read", type: "array<f32>" },
+      { name: "acc", access: "read_write", type: "array<f32>" },
+    ],
+    "acc[i] += g[i];",
+  );
+}
