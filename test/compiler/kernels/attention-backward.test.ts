@@ -72,8 +72,10 @@ test("multi-query (3 heads over 1), head_dim 72 above the workgroup size, a one-
   await check({ heads: 3, kvHeads: 1, headDim: 72, lengths: [150, 1, 66] }, 1);
 });
 
+// q in [-10, 10): scores with a standard deviation about 3.3, so rows are dominated by a few keys and the
+// lanes' maxima differ widely when merged.
 test("multi-head (2 over 2), head_dim 128, one sequence of 260 tokens, peaked scores", async () => {
-  await check({ heads: 2, kvHeads: 2, headDim: 128, lengths: [260] }, 3);
+  await check({ heads: 2, kvHeads: 2, headDim: 128, lengths: [260] }, 10);
 });
 
 test.after(() => gpu.context.destroy());
