@@ -33,9 +33,9 @@ const MODES: Mode[] = [
   { name: "base alone", baseOnly: true },
   { name: "merged LoRA (1 tenant)", merged: true },
   { name: "unmerged LoRA, 7 modules" },
-  { name: "MiLoRA top_k 2 of 7", router: { selection: { rule: "top_k", k: 2 } } },
-  { name: "MiLoRA top_k 3 of 7", router: { selection: { rule: "top_k", k: 3 } } },
-  { name: "per-token top_k 2 of 7", router: { selection: { rule: "top_k", k: 2 }, when: "token" } },
+  { name: "MiLoRA top_k 2 of 7", router: { selection: { rule: "top_k", k: 2, renormalize: false } } },
+  { name: "MiLoRA top_k 3 of 7", router: { selection: { rule: "top_k", k: 3, renormalize: false } } },
+  { name: "per-token top_k 2 of 7", router: { selection: { rule: "top_k", k: 2, renormalize: false }, when: "token" } },
 ];
 
 function spec(mode: Mode, b: BaseModel): Adapter {

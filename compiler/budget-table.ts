@@ -16,8 +16,10 @@ function routerSummary(router: RouterConfig | undefined): string {
   if (router === undefined) return "plain LoRA (router off): every enabled module, gate 1";
   const s = router.selection;
   const rule = s.rule === "top_k" ? `top_k ${s.k}` : s.rule === "threshold" ? `threshold ${s.threshold}` : "dense";
+  const gates = s.rule === "dense" ? "" : s.renormalize ? " renormalize" : "";
+  const activation = router.activation === "none" ? "" : `, activation ${router.activation === "rational" ? `rational ${router.rational?.numerator}/${router.rational?.denominator}` : router.activation}`;
   const when = router.when === "prompt" ? "routed once per prompt" : "routed per token";
-  return `MiLoRA router per layer: ${rule}, pooling ${router.pooling}, ${when}`;
+  return `MiLoRA router per layer: ${rule}${gates}, pooling ${router.pooling}${activation}, ${when}`;
 }
 
 /** Rows of cells padded to their column's width: the first column left-aligned, the others right-aligned. */

@@ -105,21 +105,28 @@ export function computeBudget(adapter: Adapter): AdapterBudget {
 
 /**
  * One layer's router: W_gate [hidden, experts], W_noise of the same shape when noisy gating is on,
- * and for attention pooling a scoring matrix [hidden, hidden] plus its vector [hidden].
+ * the self-attention pooler's w_sa [hidden] for attention pooling, and the rational activation's
+ * m + 1 + n coefficients.
  */
 function routerParams(hidden: number, experts: number, router: RouterConfig): number {
   const gate = hidden * experts;
-  return gate + (router.noise ? gate : 0) + (router.pooling === "attention" ? hidden * hidden + hidden : 0);
+  const rational = router.activation === "rational" && router.rational ? router.rational.numerator + 1 + router.rational.denominator : 0;
+  return gate + (router.noise ? gate : 0) + (router.pooling === "attention" ? hidden : 0) + rational;
 }
 
 /**
- * The share of a layer's enabled modules expected to run per token. top_k assumes every module is
- * equally likely to be chosen, so k of n run; dense and plain LoRA run all; threshold has no fixed
- * count, so all is the bound reported.
+ * The share of a layer's enabled modules expected to run per token, assuming every module is equally
+ * likely to be chosen. top_k: k of n. threshold T: at most floor(1/T) experts can have a probability
+ * >= T (the probabilities sum to 1), and at least the most probable one runs, so min(n, floor(1/T))
+ * of n is the bound reported. The gates' form (as they are, or renormalised) changes no count. dense
+ * and plain LoRA run all.
  */
 function expectedShare(experts: number, router: RouterConfig | undefined): number {
-  if (router?.selection.rule !== "top_k" || experts === 0) return 1;
-  return Math.min(router.selection.k, experts) / experts;
+  if (router === undefined || experts === 0) return 1;
+  const s = router.selection;
+  if (s.rule === "top_k") return Math.min(s.k, experts) / experts;
+  if (s.rule === "threshold") return Math.min(experts, Math.max(1, Math.floor(1 / s.threshold))) / experts;
+  return 1;
 }
 
 /** Parameters of the frozen base: embeddings, per layer 4 attention + 3 MLP matrices and 2 norms, final norm, LM head unless tied. */

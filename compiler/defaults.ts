@@ -1,5 +1,6 @@
 // The defaults a spec gets for what it leaves out: the one place they are written down
-// (docs/language.md repeats them). Values follow the MiLoRA authors' public code.
+// (docs/language.md repeats them). Values follow the MiLoRA authors' public code, except the gates:
+// the paper's un-renormalised top-k softmax probabilities (eq. 3), not the code's renormalised ones.
 import type { RouterConfig } from "./model.ts";
 
 /** LoRA options of an expert module that no `experts` line has set. */
@@ -15,7 +16,7 @@ export const ROUTER_DEFAULTS: RouterConfig = {
   placement: "per_layer",
   input: "layer_input",
   pooling: "last",
-  selection: { rule: "top_k", k: 2 },
+  selection: { rule: "top_k", k: 2, renormalize: false },
   activation: "none",
   when: "prompt",
   noise: true,

@@ -1,6 +1,7 @@
 // The checked model: what a spec means once names are resolved, defaults applied, patterns expanded
 // and every rule checked. The plan (compiler/plan.ts) and the budget are computed from this alone.
 import type { Span } from "../grammar/ast.ts";
+import type { RationalOrders } from "./rational.ts";
 
 /** The seven LoRA-capable linear modules of a LLaMA-family block: MiLoRA's experts. */
 export const EXPERT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
@@ -58,13 +59,21 @@ export interface ExpertSlot extends LoraOptions {
   readonly outFeatures: number;
 }
 
+/** `attention` is the paper's self-attention pooler (appendix C, eq. 8): one learned vector w_sa. */
 export type Pooling = "last" | "mean" | "max" | "attention";
-export type Activation = "none" | "gelu" | "relu";
+/** Applied to the pooled router input (eq. 3); `rational` is the learned rational unit (eq. 6). */
+export type Activation = "none" | "gelu" | "relu" | "rational";
 /** `prompt`: MiLoRA's route-once at prefill; `token`: the per-token MoE-LoRA baseline. */
 export type RoutingTime = "prompt" | "token";
+/**
+ * Which experts a router keeps, and their gates. With `renormalize` false (the paper's eq. 3, the
+ * default) a kept expert's gate is its softmax probability over all of the layer's experts, so the
+ * gates need not sum to 1; with `renormalize` true (the authors' code) the kept probabilities are
+ * divided by their sum. `dense` keeps every expert: its gates are the softmax and sum to 1.
+ */
 export type Selection =
-  | { readonly rule: "top_k"; readonly k: number }
-  | { readonly rule: "threshold"; readonly threshold: number }
+  | { readonly rule: "top_k"; readonly k: number; readonly renormalize: boolean }
+  | { readonly rule: "threshold"; readonly threshold: number; readonly renormalize: boolean }
   | { readonly rule: "dense" };
 
 export interface RouterConfig {
@@ -75,6 +84,8 @@ export interface RouterConfig {
   readonly pooling: Pooling;
   readonly selection: Selection;
   readonly activation: Activation;
+  /** The rational activation's orders: present exactly when `activation` is `rational`. */
+  readonly rational?: RationalOrders;
   readonly when: RoutingTime;
   readonly noise: boolean;
   readonly balance: number;

@@ -401,17 +401,16 @@ export function routerKernelRequests(
 ): { readonly score?: KernelRequest; readonly pool?: KernelRequest; readonly gate: KernelRequest } {
   const { pooling, activation, selection } = config;
   const columns = experts.map((m) => EXPERT_MODULES.indexOf(m));
-  const gateOf = (activation: RouterConfig["activation"]): KernelRequest => ({
+  // The activation acts on the vector the gate reads (eq. 3): the pooled prompt, or a token's state.
+  const gate: KernelRequest = {
     family: "router_gate",
-    constants: { hidden, columns, width: EXPERT_MODULES.length, selection, activation },
-  });
-  // A token's own hidden state is activated by the gate; a pooled prompt was activated by the pool.
-  if (config.when === "token") return { gate: gateOf(activation) };
+    constants: { hidden, columns, width: EXPERT_MODULES.length, selection, activation, ...(activation === "rational" ? { rational: config.rational! } : {}) },
+  };
+  if (config.when === "token") return { gate };
   return {
-    // The pooler's projection is [hidden, hidden] (docs/formats.md), so it scores with hidden rows.
-    ...(pooling === "attention" ? { score: { family: "router_score", constants: { hidden, poolerSize: hidden, activation } } } : {}),
-    pool: { family: "router_pool", constants: { hidden, pooling, activation } },
-    gate: gateOf("none"),
+    ...(pooling === "attention" ? { score: { family: "router_score", constants: { hidden } } } : {}),
+    pool: { family: "router_pool", constants: { hidden, pooling } },
+    gate,
   };
 }
 

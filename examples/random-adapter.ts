@@ -5,6 +5,7 @@ import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { pathToFileURL } from "node:url";
 import type { Adapter, BaseModel, ExpertModule } from "../compiler/model.ts";
+import { rationalInit } from "../compiler/rational.ts";
 import { loraSlot } from "../runtime/adapter-config.ts";
 import { layerExperts, loraKey, writeAdapter, type LoadedAdapter, type LoraKey, type LoraWeights, type RouterWeights } from "../runtime/adapter.ts";
 import { seededNormal } from "./random-checkpoint.ts";
@@ -44,8 +45,14 @@ export function randomAdapter(o: RandomAdapterOptions): LoadedAdapter {
     // Gate logits a few units apart, so the choice follows the prompt rather than being near a tie.
     const gate = gaussian(experts.length * hidden, 4 / Math.sqrt(hidden));
     const noise = gaussian(experts.length * hidden, 1 / Math.sqrt(hidden));
-    const pooler = spec.router.pooling === "attention" ? { proj: gaussian(hidden * hidden, 1 / Math.sqrt(hidden)), v: gaussian(hidden, 3 / Math.sqrt(hidden)) } : undefined;
-    router.set(layer, { gate, experts, ...(spec.router.noise ? { noise } : {}), ...(pooler ? { pooler } : {}) });
+    // w_sa: attention scores a few units apart across the prompt, so the weights are far from uniform.
+    const pooler = spec.router.pooling === "attention" ? gaussian(hidden, 2 / Math.sqrt(hidden)) : undefined;
+    // The GELU-fit initialisation with every coefficient moved by up to about 20%, so that a run that
+    // ignored the adapter's coefficients (using the initialisation) would be caught.
+    const init = spec.router.activation === "rational" ? rationalInit(spec.router.rational!) : undefined;
+    const perturb = (c: readonly number[]) => Float32Array.from(c, (x) => x * (1 + 0.1 * normal()));
+    const rational = init && { numerator: perturb(init.numerator), denominator: perturb(init.denominator) };
+    router.set(layer, { gate, experts, ...(spec.router.noise ? { noise } : {}), ...(pooler ? { pooler } : {}), ...(rational ? { rational } : {}) });
   }
   return { name, spec, lora, router };
 }

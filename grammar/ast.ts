@@ -115,6 +115,8 @@ export interface SelectClause extends Node {
   readonly kind: "SelectClause";
   readonly rule: Identifier;
   readonly argument?: NumberLiteral;
+  /** `renormalize` in `select top_k 2 renormalize`. */
+  readonly modifier?: Identifier;
 }
 
 /** `key value` or `key v1, v2, ...` (e.g. `layers 0..3, 8`). */
@@ -122,6 +124,8 @@ export interface Property extends Node {
   readonly kind: "Property";
   readonly key: Identifier;
   readonly values: readonly Value[];
+  /** A router property's options block, `activation rational { numerator 6 denominator 5 }`. */
+  readonly options?: readonly Property[];
 }
 
 export type Value = NumberLiteral | StringLiteral | BooleanLiteral | IdentValue | RangeValue;

@@ -178,7 +178,21 @@ export class AstBuilder {
       select ??= parsed;
     }
     const properties: Property[] = [];
-    for (const property of c.property ?? []) push(properties, this.property(property));
+    const blocks = [...(c.propertyBlock ?? [])];
+    for (const property of c.property ?? []) {
+      const parsed = this.property(property);
+      if (!parsed) continue;
+      // An options block belongs to the property right before it.
+      const next = (c.property ?? []).find((p) => (p.location?.startOffset ?? 0) > (property.location?.startOffset ?? 0));
+      const at = blocks.findIndex((b) => (b.location?.startOffset ?? 0) > (property.location?.startOffset ?? 0) && (next === undefined || (b.location?.startOffset ?? 0) < (next.location?.startOffset ?? 0)));
+      if (at < 0) {
+        properties.push(parsed);
+        continue;
+      }
+      const [block] = blocks.splice(at, 1);
+      const span = this.nodeSpan(block!);
+      properties.push({ ...parsed, span: { ...parsed.span, end: span.end }, options: this.propertyBlock([block!]) });
+    }
     return {
       kind: "RouterDecl",
       span: this.nodeSpan(node),
@@ -193,11 +207,13 @@ export class AstBuilder {
     const rule = first(c.rule);
     if (rule === undefined) return undefined;
     const argument = first(c.argument);
+    const modifier = first(c.modifier);
     return {
       kind: "SelectClause",
       span: this.nodeSpan(node),
       rule: this.identifier(rule),
       ...(argument && { argument: this.number(argument) }),
+      ...(modifier && { modifier: this.identifier(modifier) }),
     };
   }
 

@@ -58,11 +58,14 @@ export interface RouterDeclCst {
   Kw_off?: IToken[];
   selectClause?: CstNode[];
   property?: CstNode[];
+  /** Options blocks, each following one of the properties. */
+  propertyBlock?: CstNode[];
 }
 
 export interface SelectClauseCst {
   rule?: IToken[];
   argument?: IToken[];
+  modifier?: IToken[];
 }
 
 export interface PropertyBlockCst {

@@ -174,11 +174,12 @@ function experts(statement: ExpertsStmt): string {
 }
 
 function select(clause: SelectClause): string {
-  return `select ${clause.rule.name}${clause.argument ? ` ${clause.argument.text}` : ""}`;
+  return `select ${clause.rule.name}${clause.argument ? ` ${clause.argument.text}` : ""}${clause.modifier ? ` ${clause.modifier.name}` : ""}`;
 }
 
 function property(p: Property): string {
-  return `${p.key.name} ${p.values.map(value).join(", ")}`;
+  const options = p.options === undefined ? "" : p.options.length === 0 ? " { }" : ` { ${p.options.map(property).join(" ")} }`;
+  return `${p.key.name} ${p.values.map(value).join(", ")}${options}`;
 }
 
 function value(v: Value): string {

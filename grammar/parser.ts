@@ -188,7 +188,16 @@ export class MiloraParser extends CstParser {
           this.CONSUME(LCurly);
           this.MANY(() => {
             this.OR2({
-              DEF: [{ ALT: () => this.SUBRULE(this.selectClause) }, { ALT: () => this.SUBRULE(this.property) }],
+              DEF: [
+                { ALT: () => this.SUBRULE(this.selectClause) },
+                {
+                  // A property may carry an options block: `activation rational { numerator 6 }`.
+                  ALT: () => {
+                    this.SUBRULE(this.property);
+                    this.OPTION(() => this.SUBRULE(this.propertyBlock));
+                  },
+                },
+              ],
               ERR_MSG: '"select" or a property',
             });
           });
@@ -202,6 +211,12 @@ export class MiloraParser extends CstParser {
     this.CONSUME(Select);
     this.CONSUME(Identifier, { LABEL: "rule" });
     this.OPTION(() => this.CONSUME(NumberLiteral, { LABEL: "argument" }));
+    // `select top_k 2 renormalize`: only a name spelt like "renormalize" is read as the modifier, so
+    // that a property after the clause (`select dense activation gelu`) stays a property.
+    this.OPTION2({
+      GATE: () => /^renormali[sz]/.test(this.LA(1).image),
+      DEF: () => this.CONSUME2(Identifier, { LABEL: "modifier" }),
+    });
   });
 
   public propertyBlock = this.RULE("propertyBlock", () => {

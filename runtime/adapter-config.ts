@@ -21,11 +21,16 @@ import {
 } from "../compiler/model.ts";
 import { MAX_LAYERS, MAX_RANK } from "../compiler/limits.ts";
 import { moduleShape } from "../compiler/modules.ts";
+import { RATIONAL_ORDER_LIMITS } from "../compiler/rational.ts";
 import { CheckpointError } from "./safetensors.ts";
 
 export const ADAPTER_CONFIG_FILE = "adapter_config.json";
-/** Version of the `milora` section this code reads and writes. */
-export const MILORA_SECTION_VERSION = 1;
+/**
+ * Version of the `milora` section this code reads and writes. 2: the paper's router (self-attention
+ * pooler w_sa, un-renormalised top-k gates unless `renormalize`, activation after pooling, rational
+ * activation). Version 1 files are refused with what changed (see version1Message).
+ */
+export const MILORA_SECTION_VERSION = 2;
 
 
 /** A module's name inside the base model, the string PEFT matches its patterns against. */
@@ -151,6 +156,7 @@ function parseAdapterConfig(json: unknown, path: string): PeftLoraConfig {
 function parseMiloraSection(raw: unknown, fail: (what: string) => never): MiloraSection {
   const where = (key: string) => `"milora.${key}"`;
   if (!isObject(raw)) return fail(`${where("")} must be an object`);
+  if (raw.version === 1) fail(version1Message(raw.router));
   if (raw.version !== MILORA_SECTION_VERSION) fail(`${where("version")} is ${JSON.stringify(raw.version)}; this milora reads version ${MILORA_SECTION_VERSION}`);
   const router = raw.router;
   if (!isObject(router)) return fail(`${where("router")} must be an object`);
@@ -158,6 +164,16 @@ function parseMiloraSection(raw: unknown, fail: (what: string) => never): Milora
     const v = router[key];
     return (choices as readonly unknown[]).includes(v) ? (v as C) : fail(`${where(`router.${key}`)} must be one of ${choices.join(", ")}, got ${JSON.stringify(v)}`);
   };
+  const activation = choice<Activation>("activation", ["none", "gelu", "relu", "rational"]);
+  const rational = router.rational;
+  if (activation === "rational") {
+    const [nLo, nHi] = RATIONAL_ORDER_LIMITS.numerator;
+    const [dLo, dHi] = RATIONAL_ORDER_LIMITS.denominator;
+    const order = (v: unknown, lo: number, hi: number) => Number.isSafeInteger(v) && (v as number) >= lo && (v as number) <= hi;
+    if (!isObject(rational) || !order(rational.numerator, nLo, nHi) || !order(rational.denominator, dLo, dHi)) {
+      fail(`${where("router.rational")} must be {"numerator": M, "denominator": N} with M from ${nLo} to ${nHi} and N from ${dLo} to ${dHi} for activation "rational", got ${JSON.stringify(rational)}`);
+    }
+  } else if (rational !== undefined) fail(`${where("router.rational")} is only for activation "rational" (the activation is ${JSON.stringify(activation)})`);
   const experts = new Map<number, ExpertModule[]>();
   if (!isObject(raw.experts)) return fail(`${where("experts")} must be an object of layer -> module list`);
   for (const [layer, modules] of Object.entries(raw.experts)) {
@@ -179,7 +195,8 @@ function parseMiloraSection(raw: unknown, fail: (what: string) => never): Milora
       input: choice("input", ["layer_input"] as const),
       pooling: choice<Pooling>("pooling", ["last", "mean", "max", "attention"]),
       selection: parseSelection(router.selection, (what) => fail(`${where("router.selection")} ${what}`)),
-      activation: choice<Activation>("activation", ["none", "gelu", "relu"]),
+      activation,
+      ...(activation === "rational" ? { rational: { numerator: (rational as { numerator: number }).numerator, denominator: (rational as { denominator: number }).denominator } } : {}),
       when: choice<RoutingTime>("when", ["prompt", "token"]),
       noise: router.noise,
       balance,
@@ -188,11 +205,37 @@ function parseMiloraSection(raw: unknown, fail: (what: string) => never): Milora
   };
 }
 
+/**
+ * Why a version 1 `milora` section is refused: what its numbers meant then, and whether editing the
+ * config converts it exactly.
+ */
+function version1Message(router: unknown): string {
+  const r = isObject(router) ? router : {};
+  const selection = isObject(r.selection) ? r.selection : {};
+  const gated = selection.rule === "top_k" || selection.rule === "threshold";
+  const changes = [
+    "the attention pooler was a [hidden, hidden] projection with tanh and a score vector (milora_pooler.proj / milora_pooler.v); it is now the paper's self-attention pooler, one vector w_sa (milora_pooler.weight [1, hidden])",
+    "top_k and threshold gates were renormalised over the chosen experts; they are now the chosen experts' softmax probabilities over all experts, unless the selection says \"renormalize\": true",
+    "the activation was applied to each token's state before pooling; it now acts on the pooled vector",
+  ];
+  let how: string;
+  if (r.pooling === "attention") {
+    how = "this adapter pools with attention, whose weights have no equivalent in the new pooler: it cannot be converted and must be retrained (or re-exported with pooling last, mean or max)";
+  } else if (r.activation !== undefined && r.activation !== "none" && r.pooling !== "last" && r.when !== "token") {
+    how = `this adapter applies ${JSON.stringify(r.activation)} before ${JSON.stringify(r.pooling)} pooling, which the new router cannot express exactly: retrain it, or convert as below and accept that the activation now follows the pooling`;
+  } else {
+    how = "this adapter converts exactly: in adapter_config.json set \"milora.version\" to 2" + (gated ? ' and add "renormalize": true to "milora.router.selection" (keeping the gates it was trained with)' : "");
+  }
+  return `"milora.version" is 1, written by an older milora whose router meant something else: ${changes.map((c, i) => `(${i + 1}) ${c}`).join("; ")}. ${how[0]!.toUpperCase()}${how.slice(1)}.`;
+}
+
 function parseSelection(raw: unknown, fail: (what: string) => never): Selection {
-  const want = 'must be {"rule": "top_k", "k": K}, {"rule": "threshold", "threshold": T} or {"rule": "dense"}';
+  const want = 'must be {"rule": "top_k", "k": K, "renormalize": R}, {"rule": "threshold", "threshold": T, "renormalize": R} or {"rule": "dense"} (R true or false, false when absent)';
   if (!isObject(raw)) return fail(want);
-  if (raw.rule === "top_k" && isPositiveInt(raw.k)) return { rule: "top_k", k: raw.k };
-  if (raw.rule === "threshold" && isProbability(raw.threshold)) return { rule: "threshold", threshold: raw.threshold };
+  const renormalize = raw.renormalize ?? false;
+  if (raw.rule !== "dense" && !isBoolean(renormalize)) return fail(`${want}, got ${JSON.stringify(raw)}`);
+  if (raw.rule === "top_k" && isPositiveInt(raw.k)) return { rule: "top_k", k: raw.k, renormalize: renormalize as boolean };
+  if (raw.rule === "threshold" && isProbability(raw.threshold)) return { rule: "threshold", threshold: raw.threshold, renormalize: renormalize as boolean };
   if (raw.rule === "dense") return { rule: "dense" };
   return fail(`${want}, got ${JSON.stringify(raw)}`);
 }
@@ -358,7 +401,7 @@ export function specHash(spec: Adapter): string {
   const canonical = {
     base: [base.family, base.hiddenSize, base.layers, base.heads, base.kvHeads, base.headDim, base.intermediateSize, base.vocabSize],
     experts: spec.experts.map((e) => [e.layer, e.module, e.rank, e.alpha, e.rslora]),
-    router: router ? [router.placement, router.input, router.pooling, router.selection, router.activation, router.when] : null,
+    router: router ? [router.placement, router.input, router.pooling, router.selection, router.activation, router.rational ?? null, router.when] : null,
   };
   return `sha256:${createHash("sha256").update(JSON.stringify(canonical)).digest("hex").slice(0, 16)}`;
 }

@@ -5,7 +5,8 @@
 import { packLoraSlots, type LoraSlotInfo } from "../compiler/kernels/lora.ts";
 import { EXPERT_MODULES, type ExpertModule } from "../compiler/model.ts";
 import type { Plan } from "../compiler/plan.ts";
-import { loraKey, type LoadedAdapter } from "./adapter.ts";
+import { rationalInit } from "../compiler/rational.ts";
+import { loraKey, type LoadedAdapter, type RouterWeights } from "./adapter.ts";
 import { createStorage } from "./kernel-runner.ts";
 
 /** An adapter the store cannot take (wrong base, rank too high, no free slot, name in use). */
@@ -20,11 +21,15 @@ export interface StackedLora {
   readonly slots: GPUBuffer;
 }
 
-/** A layer's router on the GPU: gate [experts, hidden] and, for attention pooling, the pooler. */
+/**
+ * A layer's router on the GPU: gate [experts, hidden]; for attention pooling the pooler's w_sa [hidden];
+ * for the rational activation its coefficients a_0..a_m, b_1..b_n in one buffer.
+ */
 export interface GpuRouter {
   readonly gate: GPUBuffer;
   readonly experts: readonly ExpertModule[];
-  readonly pooler?: { readonly proj: GPUBuffer; readonly v: GPUBuffer };
+  readonly pooler?: GPUBuffer;
+  readonly rational?: GPUBuffer;
 }
 
 export interface ResidentAdapter {
@@ -95,12 +100,19 @@ export class AdapterStore {
       });
     }
     const routers = new Map<number, GpuRouter>();
+    // The rational activation's coefficients, a then b: the adapter's, else the GELU-fit initialisation.
+    const orders = spec.router?.activation === "rational" ? spec.router.rational : undefined;
+    const rational = orders && ((r: RouterWeights) => {
+      const c = r.rational ?? rationalInit(orders);
+      return Float32Array.of(...c.numerator, ...c.denominator);
+    });
     for (const [layer, r] of adapter.router ?? []) {
       const label = `router ${name} layer ${layer}`;
       routers.set(layer, {
         gate: createStorage(this.#device, r.gate, `${label} gate`),
         experts: r.experts,
-        ...(r.pooler ? { pooler: { proj: createStorage(this.#device, r.pooler.proj, `${label} pooler proj`), v: createStorage(this.#device, r.pooler.v, `${label} pooler v`) } } : {}),
+        ...(r.pooler ? { pooler: createStorage(this.#device, r.pooler, `${label} pooler`) } : {}),
+        ...(rational ? { rational: createStorage(this.#device, rational(r), `${label} rational`) } : {}),
       });
     }
     const resident: ResidentAdapter = { name, slot, adapter, routers, has: (layer, m) => adapter.lora.has(loraKey(layer, m)) };
@@ -112,7 +124,7 @@ export class AdapterStore {
   remove(name: string): void {
     const r = this.#resident.get(name);
     if (!r) throw new AdapterStoreError(`no adapter named "${name}" is loaded`);
-    for (const router of r.routers.values()) for (const b of [router.gate, router.pooler?.proj, router.pooler?.v]) b?.destroy();
+    for (const router of r.routers.values()) for (const b of [router.gate, router.pooler, router.rational]) b?.destroy();
     this.#resident.delete(name);
     this.#free.push(r.slot);
   }

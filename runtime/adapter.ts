@@ -1,9 +1,10 @@
 // An adapter directory: adapter_config.json + adapter_model.safetensors in PEFT's layout, plus
-// MiLoRA's router and pooler tensors under names of our own (docs/formats.md). Loading checks the
+// MiLoRA's router, pooler and rational-activation tensors under names of our own (docs/formats.md). Loading checks the
 // files against a spec (given, or rebuilt from the config) and reports every mismatch at once.
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { EXPERT_MODULES, MODULE_PATHS, type Adapter, type BaseModel, type ExpertModule } from "../compiler/model.ts";
+import { rationalInit } from "../compiler/rational.ts";
 import {
   ADAPTER_CONFIG_FILE,
   configJson,
@@ -35,12 +36,12 @@ export interface LoraWeights {
   readonly scaling: number;
 }
 
-/** The self-attentive pooler: weights softmax_t(v . tanh(proj h_t)). */
-export interface PoolerWeights {
-  /** [hidden, hidden]. */
-  readonly proj: Float32Array;
-  /** [1, hidden]. */
-  readonly v: Float32Array;
+/** The rational activation's coefficients (paper eq. 6): Ra(x) = P(x) / (1 + |Q(x)|). */
+export interface RationalWeights {
+  /** a_0 .. a_m. */
+  readonly numerator: Float32Array;
+  /** b_1 .. b_n. */
+  readonly denominator: Float32Array;
 }
 
 /** The router in front of one layer. */
@@ -51,8 +52,10 @@ export interface RouterWeights {
   readonly experts: readonly ExpertModule[];
   /** [experts.length, hidden]; noisy gating while training, unused at inference. */
   readonly noise?: Float32Array;
-  /** Present when the router pools with attention. */
-  readonly pooler?: PoolerWeights;
+  /** w_sa [hidden] of the self-attention pooler (appendix C, eq. 8); present when the router pools with attention. */
+  readonly pooler?: Float32Array;
+  /** Present when the activation is rational: the file's coefficients, else the GELU-fit initialisation. */
+  readonly rational?: RationalWeights;
 }
 
 /** An adapter in memory: its spec and its weights as f32. */
@@ -73,19 +76,23 @@ export const adapterTensorName = {
   loraB: (layer: number, module: ExpertModule) => `${LAYERS}.${layer}.${MODULE_PATHS[module]}.lora_B.weight`,
   router: (layer: number) => `${LAYERS}.${layer}.milora_router.weight`,
   routerNoise: (layer: number) => `${LAYERS}.${layer}.milora_router_noise.weight`,
-  poolerProj: (layer: number) => `${LAYERS}.${layer}.milora_pooler.proj.weight`,
-  poolerV: (layer: number) => `${LAYERS}.${layer}.milora_pooler.v.weight`,
+  pooler: (layer: number) => `${LAYERS}.${layer}.milora_pooler.weight`,
+  rationalNumerator: (layer: number) => `${LAYERS}.${layer}.milora_rational.numerator`,
+  rationalDenominator: (layer: number) => `${LAYERS}.${layer}.milora_rational.denominator`,
 };
 
 type TensorRole =
   | { readonly kind: "lora_A" | "lora_B"; readonly layer: number; readonly module: ExpertModule }
-  | { readonly kind: "router" | "router_noise" | "pooler_proj" | "pooler_v"; readonly layer: number };
+  | { readonly kind: "router" | "router_noise" | "pooler" | "rational_numerator" | "rational_denominator"; readonly layer: number };
 
 /** A tensor a spec calls for, with the shape it must have. */
 interface SpecTensor {
   readonly name: string;
   readonly shape: readonly number[];
-  /** May be absent (the router's noise weights, needed only for training). */
+  /**
+   * May be absent: the router's noise weights (needed only for training), and the rational
+   * activation's coefficients (then the GELU-fit initialisation; both or neither).
+   */
   readonly optional: boolean;
   readonly role: TensorRole;
 }
@@ -108,9 +115,11 @@ function specTensors(spec: Adapter): SpecTensor[] {
     const experts = layerExperts(spec, layer).length;
     add(adapterTensorName.router(layer), [experts, hidden], { kind: "router", layer });
     add(adapterTensorName.routerNoise(layer), [experts, hidden], { kind: "router_noise", layer }, true);
-    if (spec.router.pooling === "attention") {
-      add(adapterTensorName.poolerProj(layer), [hidden, hidden], { kind: "pooler_proj", layer });
-      add(adapterTensorName.poolerV(layer), [1, hidden], { kind: "pooler_v", layer });
+    if (spec.router.pooling === "attention") add(adapterTensorName.pooler(layer), [1, hidden], { kind: "pooler", layer });
+    const orders = spec.router.activation === "rational" ? spec.router.rational : undefined;
+    if (orders) {
+      add(adapterTensorName.rationalNumerator(layer), [orders.numerator + 1], { kind: "rational_numerator", layer }, true);
+      if (orders.denominator > 0) add(adapterTensorName.rationalDenominator(layer), [orders.denominator], { kind: "rational_denominator", layer }, true);
     }
   }
   return out;
@@ -196,6 +205,14 @@ function tensorMismatches(file: SafetensorsFile, expected: readonly SpecTensor[]
       problems.push(`tensor "${t.name}" has dtype ${info.dtype}; weights must be F32, F16 or BF16`);
     }
   }
+  // The rational coefficients come as a set: a file with some of a layer's and not the others is broken.
+  for (const layer of spec.router?.activation === "rational" ? spec.layers : []) {
+    const names = [adapterTensorName.rationalNumerator(layer), adapterTensorName.rationalDenominator(layer)].filter((n) => expected.some((t) => t.name === n));
+    const present = names.filter((n) => file.tensors.has(n));
+    if (present.length > 0 && present.length < names.length) {
+      problems.push(`layer ${layer}: the rational activation needs ${names.map((n) => `"${n}"`).join(" and ")} together (the file has only "${present[0]}")`);
+    }
+  }
   const known = new Set(expected.map((t) => t.name));
   for (const info of file.tensors.values()) {
     if (known.has(info.name)) continue;
@@ -213,14 +230,22 @@ function assemble(name: string, spec: Adapter, data: ReadonlyMap<string, Float32
   }
   if (!spec.router) return { name, spec, lora };
   const pooled = spec.router.pooling === "attention";
+  const orders = spec.router.activation === "rational" ? spec.router.rational : undefined;
+  const init = orders && rationalInit(orders);
   const router = new Map<number, RouterWeights>();
   for (const layer of spec.layers) {
     const noise = data.get(adapterTensorName.routerNoise(layer));
+    const numerator = data.get(adapterTensorName.rationalNumerator(layer));
+    const rational: RationalWeights | undefined = init && {
+      numerator: numerator ?? Float32Array.from(init.numerator),
+      denominator: (numerator ? data.get(adapterTensorName.rationalDenominator(layer)) : undefined) ?? Float32Array.from(init.denominator),
+    };
     router.set(layer, {
       gate: get(adapterTensorName.router(layer)),
       experts: layerExperts(spec, layer),
       ...(noise ? { noise } : {}),
-      ...(pooled ? { pooler: { proj: get(adapterTensorName.poolerProj(layer)), v: get(adapterTensorName.poolerV(layer)) } } : {}),
+      ...(pooled ? { pooler: get(adapterTensorName.pooler(layer)) } : {}),
+      ...(rational ? { rational } : {}),
     });
   }
   return { name, spec, lora, router };
@@ -237,10 +262,12 @@ function tensorData(adapter: LoadedAdapter, role: TensorRole): Float32Array | un
       return r?.gate;
     case "router_noise":
       return r?.noise;
-    case "pooler_proj":
-      return r?.pooler?.proj;
-    case "pooler_v":
-      return r?.pooler?.v;
+    case "pooler":
+      return r?.pooler;
+    case "rational_numerator":
+      return r?.rational?.numerator;
+    case "rational_denominator":
+      return r?.rational?.denominator;
   }
 }
 

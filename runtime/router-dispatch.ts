@@ -2,7 +2,8 @@
 // adapter (one router's weights per dispatch); at the start of each layer the adapter routes, each
 // group runs the router kernels (compiler/kernels/router.ts) on the layer input, the gate kernel
 // writing straight into the step's gate table: prompt routing pools each sequence's prompt (score,
-// pool, gate) and writes the one decision to all its rows; token routing gates every row alone. The
+// pool, then activation and gate) and writes the one decision to all its rows; token routing
+// activates and gates every row alone. The
 // WGSL comes from the engine (the plan's kernels, see Engine's kernel lookup): nothing is generated here.
 import type { KernelSource } from "../compiler/kernels/kernel.ts";
 import type { RouterConfig } from "../compiler/model.ts";
@@ -107,15 +108,13 @@ export class RouterDispatch {
     if (!router) return;
     const kernels = this.#kernelsFor(group.config, router);
     let input: GPUBuffer = x;
-    if (kernels.score) {
-      const pooler = router.pooler!;
-      step.dispatch(kernels.score, { h: x, pooler: pooler.proj, poolerV: pooler.v, scores: this.#scores }, { rows: group.end });
-    }
+    if (kernels.score) step.dispatch(kernels.score, { h: x, pooler: router.pooler!, scores: this.#scores }, { rows: group.end });
     if (kernels.pool) {
       step.dispatch(kernels.pool, { h: x, ranges: group.ranges, ...(kernels.score ? { scores: this.#scores } : {}), pooled: this.#pooled }, { count: group.items });
       input = this.#pooled;
     }
-    step.dispatch(kernels.gate, { x: input, items: group.itemRows, weight: router.gate, table: table.buffer }, { count: group.items, stride: table.stride, base: layer * MODULES_PER_LAYER });
+    const rational: Record<string, GPUBuffer> = router.rational ? { rational: router.rational } : {};
+    step.dispatch(kernels.gate, { x: input, items: group.itemRows, weight: router.gate, ...rational, table: table.buffer }, { count: group.items, stride: table.stride, base: layer * MODULES_PER_LAYER });
   }
 
   /** Every kernel an adapter's sequences dispatch (to compile them when it is loaded). */

@@ -125,7 +125,7 @@ function writeIndex(file: SourceFile, input: ApiInput): void {
         name: "gates",
         isReadonly: true,
         type: "{ readonly [K in M]: number }",
-        docs: ["The gate of each module enabled in this layer: 0 where the router switched it off (no LoRA work there); the chosen gates sum to 1. Plain LoRA: 1 everywhere."],
+        docs: [gatesDoc(adapter)],
       },
     ],
   });
@@ -204,6 +204,18 @@ function writeIndex(file: SourceFile, input: ApiInput): void {
       },
     ],
   });
+}
+
+/** What a layer's gates are, for this adapter's router (paper eq. 3, or the renormalised form). */
+function gatesDoc(adapter: Adapter): string {
+  const off = "The gate of each module enabled in this layer: 0 where the router switched it off (no LoRA work there)";
+  const s = adapter.router?.selection;
+  if (s === undefined) return "The gate of each module enabled in this layer. Plain LoRA: 1 everywhere.";
+  if (s.rule === "dense") return `${off}; every gate is the module's softmax probability, and they sum to 1.`;
+  const rule = s.rule === "top_k" ? `top_k ${s.k}` : `threshold ${s.threshold}`;
+  return s.renormalize
+    ? `${off}; \`select ${rule} renormalize\`: the chosen modules' probabilities divided by their sum, so the chosen gates sum to 1.`
+    : `${off}; \`select ${rule}\` (the paper's eq. 3): each chosen module's softmax probability over all of the layer's modules, so the chosen gates sum to at most 1.`;
 }
 
 function constant(file: SourceFile, name: string, initializer: string, doc: string): void {

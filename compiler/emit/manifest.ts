@@ -6,8 +6,11 @@ import type { Plan } from "../plan.ts";
 
 /** The milora version this compiler writes into manifests (kept equal to package.json's by a test). */
 export const COMPILER_VERSION = "0.1.0";
-/** The manifest's layout; bumped when a field changes meaning. */
-export const MANIFEST_FORMAT = 2;
+/**
+ * The manifest's layout; bumped when a field changes meaning. 3: the paper's router (selection
+ * `renormalize`, `rational` orders, the w_sa pooler's score kernel, the activation after pooling).
+ */
+export const MANIFEST_FORMAT = 3;
 export const MANIFEST_FILE = "manifest.json";
 
 /** A base model without its source span and local config path (they name the compiling machine's files). */

@@ -69,7 +69,9 @@ export function renderReadme(r: ReadmeInput): string {
 function routerLines(router: RouterConfig | undefined): string[] {
   if (router === undefined) return ["None: plain LoRA, every enabled module always on with gate 1."];
   const s = router.selection;
-  const select = s.rule === "top_k" ? `top ${s.k}` : s.rule === "threshold" ? `threshold ${s.threshold}` : "dense";
+  const gates = s.rule === "dense" ? "" : s.renormalize ? ", gates renormalised to sum to 1" : ", gates = softmax probabilities over all experts (paper eq. 3)";
+  const select = (s.rule === "top_k" ? `top ${s.k}` : s.rule === "threshold" ? `threshold ${s.threshold}` : "dense") + gates;
+  const activation = router.activation === "rational" ? `rational (numerator ${router.rational?.numerator}, denominator ${router.rational?.denominator}), on the pooled vector` : `${router.activation}, on the pooled vector`;
   return [
     `| setting | value |`,
     `|---|---|`,
@@ -77,7 +79,7 @@ function routerLines(router: RouterConfig | undefined): string[] {
     `| input | ${router.input} |`,
     `| pooling | ${router.pooling} |`,
     `| select | ${select} |`,
-    `| activation | ${router.activation} |`,
+    `| activation | ${activation} |`,
     `| when | ${router.when === "prompt" ? "prompt (routed once, reused for every generated token)" : "token (routed again at every token)"} |`,
     `| noise (training) | ${router.noise} |`,
     `| balance (training) | ${router.balance} |`,

@@ -1,25 +1,32 @@
-// MiLoRA's per-layer router: pool the layer's input over each prompt, gate, select, and write the
-// gates into the step's gate table, the layout the LoRA kernels read. One adapter's router per
-// dispatch (each tenant has its own weights).
+// MiLoRA's per-layer router (paper eq. 2-3, appendix C eq. 8): pool the layer's input over each
+// prompt, apply the activation g to the pooled vector, gate, select, and write the gates into the
+// step's gate table, the layout the LoRA kernels read. One adapter's router per dispatch (each tenant
+// has its own weights).
 //
 // Prompt routing (`when prompt`), at prefill:
-//   [routerScoreKernel]  (attention pooling only) scores[t] = v . tanh(P act(h[t]))  for t < rows
-//   routerPoolKernel     p[i] = pool over rows [start_i, end_i) of act(h)
-//   routerGateKernel     on p (activation none); writes the one decision to every row of the prompt
-// Per-token routing (`when token`): routerGateKernel alone, on h with the activation, one item per
-// row writing that row's gates.
+//   [routerScoreKernel]  (attention pooling only) scores[t] = h[t] . w_sa  for t < rows
+//   routerPoolKernel     p[i] = pool over rows [start_i, end_i) of h (attention: softmax_t(scores) weights)
+//   routerGateKernel     on g(p): writes the one decision to every row of the prompt
+// Per-token routing (`when token`): routerGateKernel alone, on g(h[t]), one item per row writing that
+// row's gates.
 //
-// Buffers (f32 unless noted; H = hidden, E = experts, S = pooler size):
-//   h       [rows, H]    the layer's input hidden states
-//   ranges  u32 [n, 2]   (start, end) rows of item i's prompt in h; end > start
-//   pooler  [S, H]       P of the attentive pooler; poolerV [S]: v
-//   scores  [rows]       attention scores (only rows inside some range are read)
-//   pooled  [n, H]       pooled router inputs
-//   items   u32 [n, 3]   (input row of x, first and end table rows) for the gate kernel
-//   weight  [E, H]       W_gate (logits z = x W_gate^T)
-//   table   [rows, stride] gate table: one row per token of the step, one column per (layer, module)
+// Gates (eq. 3): TopK(softmax(g(p) W_gate^T)): the chosen experts keep their softmax probabilities over
+// all experts (they need not sum to 1), the others get 0; with `renormalize` the chosen probabilities
+// are divided by their sum (the authors' code).
+//
+// Buffers (f32 unless noted; H = hidden, E = experts):
+//   h        [rows, H]    the layer's input hidden states
+//   ranges   u32 [n, 2]   (start, end) rows of item i's prompt in h; end > start
+//   pooler   [H]          w_sa of the self-attention pooler
+//   scores   [rows]       attention scores (only rows inside some range are read)
+//   pooled   [n, H]       pooled router inputs (before the activation)
+//   items    u32 [n, 3]   (input row of x, first and end table rows) for the gate kernel
+//   weight   [E, H]       W_gate (logits z = g(x) W_gate^T)
+//   rational [m + 1 + n]  the rational activation's a_0..a_m, b_1..b_n (activation rational only)
+//   table    [rows, stride] gate table: one row per token of the step, one column per (layer, module)
 import type { Activation, Pooling, Selection } from "../model.ts";
-import { activationWgsl } from "./activation.ts";
+import type { RationalOrders } from "../rational.ts";
+import { activationStorage, activationWgsl } from "./activation.ts";
 import type { KernelSource } from "./kernel.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource, vec4Rows } from "./wgsl.ts";
 
@@ -49,59 +56,29 @@ fn reduce(value: f32, lid: u32, isMax: bool) -> f32 {
 
 export interface RouterScoreConstants {
   readonly hidden: number;
-  readonly poolerSize: number;
-  readonly activation: Activation;
 }
 
-/** Attention-pooling scores of every row: v . tanh(P act(h[t])). */
-export function routerScoreKernel({ hidden, poolerSize, activation }: RouterScoreConstants): KernelSource {
+/** Self-attention pooler scores of every row (eq. 8): u_t = h[t] . w_sa, one workgroup per row. */
+export function routerScoreKernel({ hidden }: RouterScoreConstants): KernelSource {
   const h = vec4Rows("h", hidden);
   const pooler = vec4Rows("pooler", hidden);
-  const perInvocation = Math.ceil(poolerSize / WORKGROUP);
   return kernelSource({
     name: "router_score",
-    constants: { hidden, poolerSize, activation },
-    storage: [
-      h.decl,
-      pooler.decl,
-      { name: "poolerV", access: "read", type: "array<f32>" },
-      { name: "scores", access: "read_write", type: "array<f32>" },
-    ],
+    constants: { hidden },
+    storage: [h.decl, pooler.decl, { name: "scores", access: "read_write", type: "array<f32>" }],
     params: [{ name: "rows", type: "u32" }],
     body: /* wgsl */ `
 ${h.wgsl}
 ${pooler.wgsl}
-${activationWgsl(activation)}
 ${REDUCE}
-
-var<workgroup> chunk: array<vec4<f32>, ${WORKGROUP}>;
 
 @compute @workgroup_size(${WORKGROUP})
 fn main(${GROUP_BUILTINS}) {
   let row = ${LINEAR_GROUP};
   if (row >= params.rows) { return; }
-  // act(h[row]) is staged a chunk at a time and shared by the pooler rows of every invocation.
-  var acc: array<f32, ${perInvocation}>;
-  for (var q0 = 0u; q0 < ${h.quads}u; q0 += ${WORKGROUP}u) {
-    let q = q0 + lid;
-    chunk[lid] = select(vec4<f32>(0.0), activate(load_h(row, min(q, ${h.quads - 1}u))), q < ${h.quads}u);
-    workgroupBarrier();
-    let width = min(${WORKGROUP}u, ${h.quads}u - q0);
-    for (var k = 0u; k < ${perInvocation}u; k++) {
-      let j = lid + k * ${WORKGROUP}u;
-      if (j < ${poolerSize}u) {
-        for (var c = 0u; c < width; c++) { acc[k] += dot(chunk[c], load_pooler(j, q0 + c)); }
-      }
-    }
-    workgroupBarrier();
-  }
-  var score = 0.0;
-  for (var k = 0u; k < ${perInvocation}u; k++) {
-    let j = lid + k * ${WORKGROUP}u;
-    // tanh saturates to 1 in f32 beyond 10; clamping keeps every implementation's tanh finite.
-    if (j < ${poolerSize}u) { score += poolerV[j] * tanh(clamp(acc[k], -10.0, 10.0)); }
-  }
-  let total = reduce(score, lid, false);
+  var acc = 0.0;
+  for (var q = lid; q < ${h.quads}u; q += ${WORKGROUP}u) { acc += dot(load_h(row, q), load_pooler(0u, q)); }
+  let total = reduce(acc, lid, false);
   if (lid == 0u) { scores[row] = total; }
 }`,
     dispatch: (p) => grid(p.rows ?? 0),
@@ -111,30 +88,29 @@ fn main(${GROUP_BUILTINS}) {
 export interface RouterPoolConstants {
   readonly hidden: number;
   readonly pooling: Pooling;
-  readonly activation: Activation;
 }
 
-// Each pooling as WGSL over act(h[t]) for t in [start, end), column quad q; `loop` runs per row.
+// Each pooling as WGSL over h[t] for t in [start, end), column quad q; `loop` runs per row.
 const POOLED: Record<Pooling, { init: string; loop?: string; finish: string }> = {
-  last: { init: "activate(load_h(end - 1u, q))", finish: "acc" },
-  mean: { init: "vec4<f32>(0.0)", loop: "acc += activate(load_h(t, q));", finish: "acc / f32(end - start)" },
-  max: { init: `vec4<f32>(${LOWEST})`, loop: "acc = max(acc, activate(load_h(t, q)));", finish: "acc" },
+  last: { init: "load_h(end - 1u, q)", finish: "acc" },
+  mean: { init: "vec4<f32>(0.0)", loop: "acc += load_h(t, q);", finish: "acc / f32(end - start)" },
+  max: { init: `vec4<f32>(${LOWEST})`, loop: "acc = max(acc, load_h(t, q));", finish: "acc" },
   attention: {
     init: "vec4<f32>(0.0)",
-    loop: "acc += exp(scores[t] - top) * activate(load_h(t, q));",
+    loop: "acc += exp(scores[t] - top) * load_h(t, q);",
     finish: "acc / total",
   },
 };
 
-/** pooled[i] = the pooling of act(h) over rows [start_i, end_i); 64 invocations own 256 columns. */
-export function routerPoolKernel({ hidden, pooling, activation }: RouterPoolConstants): KernelSource {
+/** pooled[i] = the pooling of h over rows [start_i, end_i); 64 invocations own 256 columns. */
+export function routerPoolKernel({ hidden, pooling }: RouterPoolConstants): KernelSource {
   const h = vec4Rows("h", hidden);
   const blocks = Math.ceil(h.quads / WORKGROUP);
   const attention = pooling === "attention";
   const way = POOLED[pooling];
   return kernelSource({
     name: "router_pool",
-    constants: { hidden, pooling, activation },
+    constants: { hidden, pooling },
     storage: [
       h.decl,
       { name: "ranges", access: "read", type: "array<u32>" },
@@ -144,7 +120,6 @@ export function routerPoolKernel({ hidden, pooling, activation }: RouterPoolCons
     params: [{ name: "count", type: "u32" }],
     body: /* wgsl */ `
 ${h.wgsl}
-${activationWgsl(activation)}
 ${attention ? REDUCE : ""}
 
 @compute @workgroup_size(${WORKGROUP})
@@ -186,11 +161,25 @@ export interface RouterGateConstants {
   /** Columns per layer in the gate table. */
   readonly width: number;
   readonly selection: Selection;
-  /** `none` on pooled inputs (the pool applied it); the router's activation for per-token routing. */
+  /** g, applied to the kernel's input row (a pooled prompt, or one token's state) before the logits. */
   readonly activation: Activation;
+  /** The rational activation's orders (activation `rational` only). */
+  readonly rational?: RationalOrders;
 }
 
-// Marks `chosen[e]` for the experts the rule keeps; z holds the logits.
+/** The selection as a kernel-name constant: `top_k2`, `threshold0.2-renormalize`, `dense`. */
+export function selectionKey(selection: Selection): string {
+  if (selection.rule === "dense") return "dense";
+  const rule = selection.rule === "top_k" ? `top_k${selection.k}` : `threshold${selection.threshold}`;
+  return selection.renormalize ? `${rule}-renormalize` : rule;
+}
+
+/** The activation as a kernel-name constant: `gelu`, `rational6-5`. */
+export function activationKey(activation: Activation, rational?: RationalOrders): string {
+  return activation === "rational" ? `rational${rational?.numerator}-${rational?.denominator}` : activation;
+}
+
+// Marks `chosen[e]` for the experts the rule keeps; z holds the logits, prob the softmax over all.
 function chooseWgsl(selection: Selection, experts: number): string {
   switch (selection.rule) {
     case "dense":
@@ -200,28 +189,24 @@ function chooseWgsl(selection: Selection, experts: number): string {
         throw new Error(`router gate: top_k ${selection.k} must be between 1 and the ${experts} experts`);
       // Repeated argmax with a strict comparison: among equal logits the lower index wins.
       return `for (var n = 0u; n < ${selection.k}u; n++) {
-      var best = E;
+      var pick = E;
       for (var e = 0u; e < E; e++) {
-        if (!chosen[e] && (best == E || z[e] > z[best])) { best = e; }
+        if (!chosen[e] && (pick == E || z[e] > z[pick])) { pick = e; }
       }
-      chosen[best] = true;
+      chosen[pick] = true;
     }`;
     case "threshold":
-      // Softmax over all, keep probabilities >= T, and always the (lowest-index) argmax.
-      return `var best = 0u;
-    for (var e = 1u; e < E; e++) { if (z[e] > z[best]) { best = e; } }
-    var sum = 0.0;
-    for (var e = 0u; e < E; e++) { sum += exp(z[e] - z[best]); }
-    for (var e = 0u; e < E; e++) { chosen[e] = e == best || exp(z[e] - z[best]) / sum >= ${f32Literal(selection.threshold)}; }`;
+      // Probabilities >= T, and always the (lowest-index) argmax.
+      return `for (var e = 0u; e < E; e++) { chosen[e] = e == best || prob[e] >= ${f32Literal(selection.threshold)}; }`;
   }
 }
 
 /**
- * For each item (in, first, end): the gates g = selection(softmax) of act(x[in]) W_gate^T, written to
- * table rows [first, end) at columns base + columns[e]; the layer's other columns are set to 0 there.
- * params: count (items), stride (table columns), base (the layer's first column).
+ * For each item (in, first, end): the gates of g(x[in]) W_gate^T by the selection (see the top of this
+ * file), written to table rows [first, end) at columns base + columns[e]; the layer's other columns are
+ * set to 0 there. params: count (items), stride (table columns), base (the layer's first column).
  */
-export function routerGateKernel({ hidden, columns, width, selection, activation }: RouterGateConstants): KernelSource {
+export function routerGateKernel({ hidden, columns, width, selection, activation, rational }: RouterGateConstants): KernelSource {
   const experts = columns.length;
   if (experts < 1 || experts > MAX_EXPERTS) throw new Error(`router gate: ${experts} experts, expected 1 to ${MAX_EXPERTS}`);
   if (columns.some((c) => !Number.isInteger(c) || c < 0 || c >= width) || new Set(columns).size !== experts)
@@ -230,14 +215,15 @@ export function routerGateKernel({ hidden, columns, width, selection, activation
   const expertOf = Array.from({ length: width }, (_, c) => (columns.includes(c) ? columns.indexOf(c) : experts));
   const x = vec4Rows("x", hidden);
   const weight = vec4Rows("weight", hidden);
-  const rule = selection.rule === "top_k" ? `top_k${selection.k}` : selection.rule === "threshold" ? `threshold${selection.threshold}` : "dense";
+  const renormalize = selection.rule !== "dense" && selection.renormalize;
   return kernelSource({
     name: "router_gate",
-    constants: { hidden, columns: columns.join("-"), width, selection: rule, activation },
+    constants: { hidden, columns: columns.join("-"), width, selection: selectionKey(selection), activation: activationKey(activation, rational) },
     storage: [
       x.decl,
       { name: "items", access: "read", type: "array<u32>" },
       weight.decl,
+      ...activationStorage(activation),
       { name: "table", access: "read_write", type: "array<f32>" },
     ],
     params: [
@@ -248,7 +234,7 @@ export function routerGateKernel({ hidden, columns, width, selection, activation
     body: /* wgsl */ `
 ${x.wgsl}
 ${weight.wgsl}
-${activationWgsl(activation)}
+${activationWgsl(activation, rational)}
 
 const E = ${experts}u;
 const WIDTH = ${width}u;
@@ -277,16 +263,26 @@ fn main(${GROUP_BUILTINS}) {
   if (lid == 0u) {
     var z: array<f32, E>;
     for (var e = 0u; e < E; e++) { z[e] = partial[e * ${WORKGROUP}u]; }
+    // Softmax over all experts; best is the lowest-index argmax.
+    var best = 0u;
+    for (var e = 1u; e < E; e++) { if (z[e] > z[best]) { best = e; } }
+    var total = 0.0;
+    for (var e = 0u; e < E; e++) { total += exp(z[e] - z[best]); }
+    var prob: array<f32, E>;
+    for (var e = 0u; e < E; e++) { prob[e] = exp(z[e] - z[best]) / total; }
     var chosen: array<bool, E>;
     ${chooseWgsl(selection, experts)}
-    // Softmax over the chosen experts alone (the maximum of z is always among them).
-    var top = ${LOWEST};
-    for (var e = 0u; e < E; e++) { if (chosen[e]) { top = max(top, z[e]); } }
-    var total = 0.0;
-    for (var e = 0u; e < E; e++) { if (chosen[e]) { total += exp(z[e] - top); } }
+${
+  renormalize
+    ? `    // renormalize: the chosen probabilities divided by their sum (a softmax over the chosen logits).
+    var kept = 0.0;
+    for (var e = 0u; e < E; e++) { if (chosen[e]) { kept += exp(z[e] - z[best]); } }
+    for (var e = 0u; e < E; e++) { prob[e] = exp(z[e] - z[best]) / kept; }`
+    : "    // The paper's gates: the chosen experts' probabilities over all experts, as they are."
+}
     for (var c = 0u; c < WIDTH; c++) {
       let e = EXPERT_OF[c];
-      columnGate[c] = select(0.0, exp(z[min(e, E - 1u)] - top) / total, e < E && chosen[min(e, E - 1u)]);
+      columnGate[c] = select(0.0, prob[min(e, E - 1u)], e < E && chosen[min(e, E - 1u)]);
     }
   }
   workgroupBarrier();

@@ -94,12 +94,32 @@ test("a MiLoRA router adds W_gate and W_noise per layer; top_k 2 of 7 is the exp
   assert.ok(Math.abs(budget.shareOfBasePercent - (100 * 21_823_488) / 6_738_415_616) < 1e-12);
 });
 
-test("attention pooling adds a hidden x hidden scorer and its vector; no noise drops W_noise", () => {
+test("the self-attention pooler adds its vector w_sa [hidden]; no noise drops W_noise", () => {
   const router: RouterConfig = { ...ROUTER_DEFAULTS, pooling: "attention", noise: false };
   const budget = computeBudget(adapterOn(llama32_1b, ["q_proj", "v_proj"], 4, router, [0, 1]));
-  assert.is(budget.routerParams, 2 * (2048 * 2 + 2048 * 2048 + 2048));
+  // Per layer W_gate 2048 x 2 and w_sa 2048.
+  assert.is(budget.routerParams, 2 * (2048 * 2 + 2048));
   // GQA: v_proj is 2048 -> 8 * 64
   assert.is(budget.loraParams, 2 * (4 * (2048 + 2048) + 4 * (2048 + 512)));
+});
+
+test("the rational activation adds its m + 1 + n coefficients per router", () => {
+  const router: RouterConfig = { ...ROUTER_DEFAULTS, noise: false, activation: "rational", rational: { numerator: 6, denominator: 5 } };
+  const budget = computeBudget(adapterOn(llama32_1b, ["q_proj"], 4, router, [0, 1, 2]));
+  // Per layer W_gate 2048 x 1 and a_0..a_6, b_1..b_5 (12 numbers).
+  assert.is(budget.routerParams, 3 * (2048 + 12));
+});
+
+test("threshold T bounds the expected share by min(n, floor(1/T)) of n; the gate form changes no count", () => {
+  const share = (selection: RouterConfig["selection"]) => {
+    const b = computeBudget(adapterOn(llama32_1b, EXPERT_MODULES, 8, { ...ROUTER_DEFAULTS, selection }));
+    return b.flopsPerToken.expected / b.flopsPerToken.allEnabled;
+  };
+  // floor(1 / 0.3) = 3 experts at most reach 0.3; floor(1 / 0.6) = 1 (the argmax, always kept); 1 / 0.1 = 10 > 7.
+  assert.ok(Math.abs(share({ rule: "threshold", threshold: 0.3, renormalize: false }) - 3 / 7) < 1e-12);
+  assert.ok(Math.abs(share({ rule: "threshold", threshold: 0.6, renormalize: true }) - 1 / 7) < 1e-12);
+  assert.ok(Math.abs(share({ rule: "threshold", threshold: 0.1, renormalize: false }) - 1) < 1e-12);
+  assert.is(share({ rule: "top_k", k: 2, renormalize: true }), share({ rule: "top_k", k: 2, renormalize: false }));
 });
 
 test("dense selection and plain LoRA expect every enabled module to run", () => {

@@ -79,7 +79,7 @@ test("a clean spec resolves bases, experts, variants and routers", () => {
   assert.equal(a!.router, {
     ...a!.router!,
     pooling: "mean",
-    selection: { rule: "top_k", k: 3 },
+    selection: { rule: "top_k", k: 3, renormalize: false },
     when: "prompt",
     balance: 0.1,
   });
@@ -106,7 +106,7 @@ test("defaults: LoRA options, every layer and the MiLoRA router", () => {
     placement: "per_layer",
     input: "layer_input",
     pooling: "last",
-    selection: { rule: "top_k", k: 2 },
+    selection: { rule: "top_k", k: 2, renormalize: false },
     activation: "none",
     when: "prompt",
     noise: true,
@@ -444,6 +444,78 @@ test("MIL404 selection rule with a wrong argument", () => {
   });
 });
 
+test("MIL404 renormalize on dense selection, MIL104 a misspelt modifier", () => {
+  expectOne(BASE + "adapter a on b { experts all router { select dense renormalize } }", "MIL404", {
+    line: 2,
+    column: 52,
+    message: /already sum to 1/,
+  });
+  expectOne(BASE + "adapter a on b { experts all router { select top_k 2 renormalise } }", "MIL104", {
+    line: 2,
+    column: 54,
+    message: /unknown selection modifier `renormalise`/,
+    hint: /renormalize/,
+  });
+});
+
+test("select renormalize and the paper's gates: the selection records the form; a variant's select replaces it whole", () => {
+  const { program, diagnostics } = checkSource(
+    BASE +
+      "adapter a on b { experts all router { select top_k 2 renormalize  activation gelu } }\n" +
+      "adapter t extends a { router { select threshold 0.25 renormalize } }\n" +
+      "adapter p extends a { router { select top_k 3 } }\n",
+    FILE,
+  );
+  assert.equal(diagnostics, []);
+  const [a, t, p] = program.adapters;
+  assert.equal(a!.router?.selection, { rule: "top_k", k: 2, renormalize: true });
+  assert.is(a!.router?.activation, "gelu");
+  assert.equal(t!.router?.selection, { rule: "threshold", threshold: 0.25, renormalize: true });
+  assert.equal(p!.router?.selection, { rule: "top_k", k: 3, renormalize: false });
+});
+
+test("activation rational: the paper's orders by default, an options block overrides them, a variant keeps them", () => {
+  const { program, diagnostics } = checkSource(
+    BASE +
+      "adapter a on b { experts all router { activation rational } }\n" +
+      "adapter c on b { experts all router { activation rational { denominator 4 } } }\n" +
+      "adapter v extends c { router { pooling mean } }\n" +
+      "adapter g extends c { router { activation gelu } }\n",
+    FILE,
+  );
+  assert.equal(diagnostics, []);
+  const [a, c, v, g] = program.adapters;
+  assert.equal([a!.router?.activation, a!.router?.rational], ["rational", { numerator: 6, denominator: 5 }]);
+  assert.equal(c!.router?.rational, { numerator: 6, denominator: 4 });
+  assert.equal(v!.router?.rational, { numerator: 6, denominator: 4 });
+  assert.equal([g!.router?.activation, g!.router?.rational], ["gelu", undefined]);
+});
+
+test("MIL406 rational orders out of range, or an options block where none is taken", () => {
+  expectOne(BASE + "adapter a on b { experts all router { activation rational { numerator 0 } } }", "MIL406", {
+    line: 2,
+    column: 71,
+    message: /rational numerator order must be an integer from 1 to 10, got 0/,
+    hint: /numerator 6 denominator 5/,
+  });
+  expectOne(BASE + "adapter a on b { experts all router { activation gelu { numerator 3 } } }", "MIL406", {
+    line: 2,
+    column: 39,
+    message: /activation gelu takes no options block/,
+  });
+  expectOne(BASE + "adapter a on b { experts all router { pooling mean { numerator 3 } } }", "MIL406", {
+    line: 2,
+    column: 39,
+    message: /`pooling` takes no options block/,
+  });
+  expectOne(BASE + "adapter a on b { experts all router { activation rational { numerater 3 } } }", "MIL103", {
+    line: 2,
+    column: 61,
+    message: /unknown rational activation key `numerater`/,
+    hint: /numerator/,
+  });
+});
+
 test("MIL405 negative balance", () => {
   expectOne(BASE + "adapter a on b { experts all router { balance -0.1 } }", "MIL405", {
     line: 2,
@@ -454,17 +526,18 @@ test("MIL405 negative balance", () => {
 
 // ---- 5xx warnings
 
-test("MIL501 warns that top_k 1 starves the router of gradient", () => {
-  expectOne(BASE + "adapter a on b { experts all router { select top_k 1 } }", "MIL501", {
+test("MIL501 warns that top_k 1 renormalize starves the router of gradient; the paper's top_k 1 does not", () => {
+  expectOne(BASE + "adapter a on b { experts all router { select top_k 1 renormalize } }", "MIL501", {
     line: 2,
-    column: 52,
-    message: /router gets no gradient/,
-    hint: /top_k 2.*dense/,
+    column: 54,
+    message: /top_k 1 renormalize the gate of the one chosen expert is always 1, so the router gets no gradient/,
+    hint: /drop `renormalize`/,
   });
   assert.is(
-    checkSource(BASE + "adapter a on b { experts all router { select top_k 1 } }", FILE).program.adapters.length,
+    checkSource(BASE + "adapter a on b { experts all router { select top_k 1 renormalize } }", FILE).program.adapters.length,
     1,
   );
+  assert.equal(checkSource(BASE + "adapter a on b { experts all router { select top_k 1 } }", FILE).diagnostics, []);
 });
 
 test("MIL502 warns about a balance coefficient above 1", () => {

@@ -39,14 +39,24 @@ test("llama-tiny: MiLoRA on 7 modules, with per-token and plain-LoRA variants", 
   assert.equal([tiny.base.hiddenSize, tiny.base.layers, tiny.base.heads, tiny.base.kvHeads], [64, 2, 4, 2]);
   assert.is(tiny.experts.length, 2 * 7);
   assert.ok(tiny.experts.every((e) => e.rank === 4));
-  assert.equal(tiny.router?.selection, { rule: "top_k", k: 2 });
+  assert.equal(tiny.router?.selection, { rule: "top_k", k: 2, renormalize: false });
+  assert.equal([tiny.router?.pooling, tiny.router?.balance], ["attention", 0.01]);
   assert.is(adapter("llama-tiny.milora", "tiny_token").router?.when, "token");
   assert.is(adapter("llama-tiny.milora", "tiny_lora").router, undefined);
 });
 
-test("llama2-7b: 19,988,480 LoRA parameters at rank 8 on all modules", () => {
-  const budget = computeBudget(adapter("llama2-7b.milora", "llama2_milora"));
-  assert.is(budget.loraParams, 19_988_480);
+test("llama2-7b: the paper's settings, 79,953,920 LoRA parameters at rank 32 on all modules", () => {
+  const a = adapter("llama2-7b.milora", "llama2_milora");
+  assert.equal([a.router?.pooling, a.router?.activation, a.router?.rational, a.router?.balance], ["attention", "rational", { numerator: 6, denominator: 5 }, 0.01]);
+  const budget = computeBudget(a);
+  // Per layer r (in + out) summed over the 7 modules at r = 32:
+  //   q, k, v, o: 4 x 32 x (4096 + 4096) = 1,048,576; gate, up, down: 3 x 32 x (4096 + 11008) = 1,449,984;
+  //   2,498,560 a layer (4 x the rank-8 624,640), x 32 layers = 79,953,920.
+  assert.is(budget.loraParams, 79_953_920);
+  // Per layer router: W_gate 7 x 4096 = 28,672, W_noise the same (noise true), w_sa 4,096,
+  // rational 7 + 5 = 12: 61,452; x 32 layers = 1,966,464.
+  assert.is(budget.routerParams, 1_966_464);
+  assert.is(budget.trainableParams, 79_953_920 + 1_966_464); // 81,920,384
   assert.is(budget.baseParams, 6_738_415_616);
 });
 

@@ -96,11 +96,13 @@ test("a plan made for a routed adapter names its routers' kernels, per layer, fr
   assert.is(prompt.maxLoraRank, 4, "the adapter's largest rank by default");
   assert.equal(prompt.routers.map((r) => r.layer), [0, 1]);
   const [first] = prompt.routers;
-  assert.is(first!.score, undefined, "last-token pooling needs no attention scores");
-  assert.match(first!.pool!, /^router_pool\(hidden=64,pooling=last,activation=none\)$/);
+  // The self-attention pooler scores every row with w_sa; the pool reads the raw hidden states and the
+  // gate applies the activation to the pooled vector.
+  assert.match(first!.score!, /^router_score\(hidden=64\)$/);
+  assert.match(first!.pool!, /^router_pool\(hidden=64,pooling=attention\)$/);
   assert.match(first!.gate, /^router_gate\(hidden=64,columns=0-1-2-3-4-5-6,width=7,selection=top_k2,activation=none\)$/);
   const sources = kernelSources(prompt);
-  for (const r of prompt.routers) for (const key of [r.pool!, r.gate]) assert.ok(sources.has(key), key);
+  for (const r of prompt.routers) for (const key of [r.score!, r.pool!, r.gate]) assert.ok(sources.has(key), key);
 
   // Per-token routing gates every row: no pool, and the gate applies the activation itself.
   const token = planBase(spec("tiny_token").base, { adapter: spec("tiny_token") });

@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import type { Adapter, RouterConfig } from "../../compiler/model.ts";
+import { GELU_RATIONAL } from "../../compiler/rational.ts";
 import { peftSpec, randomAdapter, writeRandomAdapter, writeRandomPeftAdapter } from "../../examples/random-adapter.ts";
 import { randomCheckpointBase } from "../../examples/random-checkpoint.ts";
 import { ADAPTER_CONFIG_FILE, loraSlot, specHash } from "../../runtime/adapter-config.ts";
@@ -21,8 +22,9 @@ const router: RouterConfig = {
   placement: "per_layer",
   input: "layer_input",
   pooling: "attention",
-  selection: { rule: "top_k", k: 2 },
-  activation: "gelu",
+  selection: { rule: "top_k", k: 2, renormalize: false },
+  activation: "rational",
+  rational: { numerator: 6, denominator: 5 },
   when: "prompt",
   noise: true,
   balance: 0.01,
@@ -197,7 +199,7 @@ test("a router of the wrong shape is refused with both shapes", () => {
   const dir = freshDir();
   writeRandomAdapter(dir, { spec: routedSpec(), seed: 2 });
   const gate = adapterTensorName.router(1);
-  const pooler = adapterTensorName.poolerV(0);
+  const pooler = adapterTensorName.pooler(0);
   editTensors(dir, (ts) =>
     ts.map((t) =>
       t.name === gate ? { ...t, shape: [4, 32], data: new Float32Array(128) } : t.name === pooler ? { ...t, shape: [32], data: new Float32Array(32) } : t,
@@ -215,7 +217,9 @@ test("a routed spec over a file without a router is refused, naming each missing
   const message = refusal(dir, routedSpec());
   assert.match(message, "the spec routes this adapter (router pooling attention, when prompt) but the file holds no router tensors");
   assert.match(message, `missing tensor "${adapterTensorName.router(0)}" (spec expects [4, 32])`);
-  assert.match(message, `missing tensor "${adapterTensorName.poolerProj(1)}" (spec expects [32, 32])`);
+  assert.match(message, `missing tensor "${adapterTensorName.pooler(1)}" (spec expects [1, 32])`);
+  // The rational activation's coefficients are optional (the GELU fit stands in for them).
+  assert.not.match(message, "milora_rational");
   assert.not.match(message, "milora_router_noise");
   // The other way round, router tensors are extra for a plain spec.
   const routed = freshDir();
@@ -228,6 +232,43 @@ test("LoRA scaling that differs between the spec and adapter_config.json is refu
   writeRandomPeftAdapter(dir, { base, modules: ["v_proj"], rank: 4, alpha: 8, layers: [2], seed: 1 });
   const spec = peftSpec({ base, modules: ["v_proj"], rank: 4, alpha: 8, layers: [2], rslora: true, seed: 1 });
   assert.match(refusal(dir, spec), "layer 2 v_proj: adapter_config.json gives LoRA scaling 2 (r 4, alpha 8), the spec 4 (r 4, alpha 8, rsLoRA)");
+});
+
+test("rational coefficients load from the file when present, else the GELU-fit initialisation; half a set is refused", () => {
+  const dir = freshDir();
+  const written = writeRandomAdapter(dir, { spec: routedSpec(), seed: 4 });
+  const loaded = loadAdapter(dir, { name: "t", base });
+  assert.equal(loaded.router?.get(1)?.rational, written.router?.get(1)?.rational);
+  assert.not.equal([...loaded.router!.get(1)!.rational!.numerator], GELU_RATIONAL.numerator.map(Math.fround));
+  const numerator = adapterTensorName.rationalNumerator(1);
+  const denominator = adapterTensorName.rationalDenominator(1);
+  editTensors(dir, (ts) => ts.filter((t) => !t.name.includes("milora_rational")));
+  const init = loadAdapter(dir, { name: "t", base }).router!.get(1)!.rational!;
+  assert.equal([...init.numerator], GELU_RATIONAL.numerator.map(Math.fround));
+  assert.equal([...init.denominator], GELU_RATIONAL.denominator.map(Math.fround));
+  writeRandomAdapter(dir, { spec: routedSpec(), seed: 4 });
+  editTensors(dir, (ts) => ts.filter((t) => t.name !== denominator));
+  assert.match(refusal(dir), `layer 1: the rational activation needs "${numerator}" and "${denominator}" together`);
+});
+
+test("a version 1 milora section (the old router) is refused with what changed and how to convert", () => {
+  const dir = freshDir();
+  writeRandomAdapter(dir, { spec: routedSpec(), seed: 2 });
+  const path = join(dir, ADAPTER_CONFIG_FILE);
+  const config = JSON.parse(readFileSync(path, "utf8"));
+  const v1 = (router: Record<string, unknown>) => {
+    writeFileSync(path, JSON.stringify({ ...config, milora: { ...config.milora, version: 1, router: { ...config.milora.router, ...router } } }));
+    return refusal(dir);
+  };
+  const attention = v1({ pooling: "attention", activation: "gelu", selection: { rule: "top_k", k: 2 } });
+  assert.match(attention, `"milora.version" is 1`);
+  assert.match(attention, "[hidden, hidden] projection with tanh");
+  assert.match(attention, "renormalised over the chosen experts");
+  assert.match(attention, "before pooling");
+  assert.match(attention, "cannot be converted");
+  assert.match(v1({ pooling: "mean", activation: "gelu" }), 'applies "gelu" before "mean" pooling');
+  const exact = v1({ pooling: "last", activation: "gelu", selection: { rule: "top_k", k: 2 } });
+  assert.match(exact, 'converts exactly: in adapter_config.json set "milora.version" to 2 and add "renormalize": true');
 });
 
 test("a bad adapter_config.json is refused with the file and the field", () => {

@@ -58,7 +58,7 @@ test("the manifest records the compiler version, the spec's hash, the plan, rout
   assert.is(m.plan.dims.hidden, 64);
   assert.is(m.plan.dims.ctx, 256);
   assert.is(m.plan.maxLoraRank, 4);
-  assert.equal(m.adapter.router?.selection, { rule: "top_k", k: 2 });
+  assert.equal(m.adapter.router?.selection, { rule: "top_k", k: 2, renormalize: false });
   assert.is(m.budget.loraParams, 2 * (4 * (64 + 64) * 2 + 4 * (64 + 32) * 2 + 4 * (64 + 176) * 3));
   // keys sorted at every level, so a reordered field never shows up as a change
   const keys = Object.keys(JSON.parse(files.get("manifest.json")!));
@@ -91,18 +91,19 @@ test("a MiLoRA package ships its routers' kernels as files citing the router blo
   const m = manifestOf(files);
   const routerFiles = m.kernels.filter((k) => k.key.startsWith("router_")).map((k) => k.file);
   assert.equal(routerFiles, [
-    "kernels/router_pool_hidden-64_pooling-last_activation-none.wgsl",
+    "kernels/router_score_hidden-64.wgsl",
+    "kernels/router_pool_hidden-64_pooling-attention.wgsl",
     "kernels/router_gate_hidden-64_columns-0-1-2-3-4-5-6_width-7_selection-top_k2_activation-none.wgsl",
   ]);
-  const { header } = splitKernelFile(files.get(routerFiles[1]!)!);
+  const { header } = splitKernelFile(files.get(routerFiles[2]!)!);
   assert.match(header, "// Used by: router gate of layers 0, 1");
-  for (const line of ["15  router {", "16  pooling last", "17  select top_k 2", "18  when prompt"]) assert.match(header, `llama-tiny.milora:${line}`);
+  for (const line of ["15  router {", "16  pooling attention", "17  select top_k 2", "18  when prompt"]) assert.match(header, `llama-tiny.milora:${line}`);
   // A variant's header cites the router lines it inherits and the one it changes.
   const tokenFiles = compiled({ spec: "examples/llama-tiny.milora", adapter: "tiny_token" });
   const gate = manifestOf(tokenFiles).kernels.find((k) => k.key.startsWith("router_gate"))!;
   const tokenHeader = splitKernelFile(tokenFiles.get(gate.file)!).header;
-  assert.match(tokenHeader, "llama-tiny.milora:16  pooling last");
-  assert.match(tokenHeader, "llama-tiny.milora:24  router { when token }");
+  assert.match(tokenHeader, "llama-tiny.milora:16  pooling attention");
+  assert.match(tokenHeader, "llama-tiny.milora:25  router { when token }");
   assert.not.ok(manifestOf(compiled({ spec: "examples/llama-tiny.milora", adapter: "tiny_lora" })).kernels.some((k) => k.key.startsWith("router_")));
 });
 

@@ -133,36 +133,37 @@ export declare const EXPERTS: {
 export declare const ROUTER: {
     readonly placement: "per_layer";
     readonly input: "layer_input";
-    readonly pooling: "last";
+    readonly pooling: "attention";
     readonly selection: {
         readonly rule: "top_k";
         readonly k: 2;
+        readonly renormalize: false;
     };
     readonly activation: "none";
     readonly when: "prompt";
     readonly noise: true;
-    readonly balance: 0.1;
+    readonly balance: 0.01;
 };
 /** What the adapter costs (`milora check` prints the same numbers). */
 export declare const BUDGET: {
     readonly loraParams: 9344;
-    readonly routerParams: 1792;
-    readonly trainableParams: 11136;
+    readonly routerParams: 1920;
+    readonly trainableParams: 11264;
     readonly baseParams: 158016;
-    readonly shareOfBasePercent: 7.047387606318347;
+    readonly shareOfBasePercent: 7.128392061563386;
     readonly flopsPerToken: {
         readonly allEnabled: 18688;
         readonly expected: 5339.428571428572;
     };
     readonly bytes: {
-        readonly f32: 44544;
-        readonly f16: 22272;
+        readonly f32: 45056;
+        readonly f16: 22528;
     };
 };
 /** One layer's routing decision. */
 export interface LayerRoute<L extends Layer, M extends ExpertModule> {
     readonly layer: L;
-    /** The gate of each module enabled in this layer: 0 where the router switched it off (no LoRA work there); the chosen gates sum to 1. Plain LoRA: 1 everywhere. */
+    /** The gate of each module enabled in this layer: 0 where the router switched it off (no LoRA work there); `select top_k 2` (the paper's eq. 3): each chosen module's softmax probability over all of the layer's modules, so the chosen gates sum to at most 1. */
     readonly gates: {
         readonly [K in M]: number;
     };
@@ -176,21 +177,21 @@ export type Routing = readonly [LayerRoute<0, ExpertModule>, LayerRoute<1, Exper
  * Budget:
  * ```text
  * adapter tiny on llama_tiny
- *   MiLoRA router per layer: top_k 2, pooling last, routed once per prompt
+ *   MiLoRA router per layer: top_k 2, pooling attention, routed once per prompt
  *   module           layers  rank  params   share
- *   q_proj                2     4   1,024    9.2%
- *   k_proj                2     4     768    6.9%
- *   v_proj                2     4     768    6.9%
- *   o_proj                2     4   1,024    9.2%
- *   gate_proj             2     4   1,920   17.2%
- *   up_proj               2     4   1,920   17.2%
- *   down_proj             2     4   1,920   17.2%
- *   router                2         1,792   16.1%
- *   total trainable                11,136  100.0%
- *   base parameters   158,016 (adapter = 7.047% of base)
+ *   q_proj                2     4   1,024    9.1%
+ *   k_proj                2     4     768    6.8%
+ *   v_proj                2     4     768    6.8%
+ *   o_proj                2     4   1,024    9.1%
+ *   gate_proj             2     4   1,920   17.0%
+ *   up_proj               2     4   1,920   17.0%
+ *   down_proj             2     4   1,920   17.0%
+ *   router                2         1,920   17.0%
+ *   total trainable                11,264  100.0%
+ *   base parameters   158,016 (adapter = 7.128% of base)
  *   LoRA FLOPs/token  18,688 with all enabled modules
  *                     5,339 expected under routing
- *   adapter memory    43.5 KiB f32, 21.8 KiB f16
+ *   adapter memory    44.0 KiB f32, 22.0 KiB f16
  * ```
  *
  * Spec:
@@ -209,11 +210,12 @@ export type Routing = readonly [LayerRoute<0, ExpertModule>, LayerRoute<1, Exper
  * 13 | adapter tiny on llama_tiny {
  * 14 |   experts all { rank 4 alpha 8 dropout 0.05 }
  * 15 |   router {
- * 16 |     pooling last
- * 17 |     select top_k 2
+ * 16 |     pooling attention     // the paper's self-attention pooler: one learned vector w_sa per layer
+ * 17 |     select top_k 2        // gates: the two best experts' softmax probabilities over all seven (eq. 3)
  * 18 |     when prompt
- * 19 |   }
- * 20 | }
+ * 19 |     balance 0.01          // lambda_lb of the paper's runs
+ * 20 |   }
+ * 21 | }
  * ```
  */
 export declare class Tiny<Tenant extends string = string> {

@@ -4,10 +4,11 @@
 //   llama-tiny.milora:2  base llama_tiny: llama {
 //   llama-tiny.milora:3  hidden_size 64
 //   llama-tiny.milora:15  router {
-//   llama-tiny.milora:16  pooling last
-//   llama-tiny.milora:17  select top_k 2
+//   llama-tiny.milora:16  pooling attention     // the paper's self-attention pooler: one learned vector w_sa per layer
+//   llama-tiny.milora:17  select top_k 2        // gates: the two best experts' softmax probabilities over all seven (eq. 3)
 //   llama-tiny.milora:18  when prompt
-//   llama-tiny.milora:19  }
+//   llama-tiny.milora:19  balance 0.01          // lambda_lb of the paper's runs
+//   llama-tiny.milora:20  }
 //   (gates the layer's enabled modules: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
 
 // milora kernel router_gate(hidden=64,columns=0-1-2-3-4-5-6,width=7,selection=top_k2,activation=none)
@@ -59,22 +60,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
   if (lid == 0u) {
     var z: array<f32, E>;
     for (var e = 0u; e < E; e++) { z[e] = partial[e * 64u]; }
+    // Softmax over all experts; best is the lowest-index argmax.
+    var best = 0u;
+    for (var e = 1u; e < E; e++) { if (z[e] > z[best]) { best = e; } }
+    var total = 0.0;
+    for (var e = 0u; e < E; e++) { total += exp(z[e] - z[best]); }
+    var prob: array<f32, E>;
+    for (var e = 0u; e < E; e++) { prob[e] = exp(z[e] - z[best]) / total; }
     var chosen: array<bool, E>;
     for (var n = 0u; n < 2u; n++) {
-      var best = E;
+      var pick = E;
       for (var e = 0u; e < E; e++) {
-        if (!chosen[e] && (best == E || z[e] > z[best])) { best = e; }
+        if (!chosen[e] && (pick == E || z[e] > z[pick])) { pick = e; }
       }
-      chosen[best] = true;
+      chosen[pick] = true;
     }
-    // Softmax over the chosen experts alone (the maximum of z is always among them).
-    var top = -0x1.fffffep+127f;
-    for (var e = 0u; e < E; e++) { if (chosen[e]) { top = max(top, z[e]); } }
-    var total = 0.0;
-    for (var e = 0u; e < E; e++) { if (chosen[e]) { total += exp(z[e] - top); } }
+    // The paper's gates: the chosen experts' probabilities over all experts, as they are.
     for (var c = 0u; c < WIDTH; c++) {
       let e = EXPERT_OF[c];
-      columnGate[c] = select(0.0, exp(z[min(e, E - 1u)] - top) / total, e < E && chosen[min(e, E - 1u)]);
+      columnGate[c] = select(0.0, prob[min(e, E - 1u)], e < E && chosen[min(e, E - 1u)]);
     }
   }
   workgroupBarrier();

@@ -44,29 +44,29 @@ export const EXPERTS = {
 export const ROUTER = {
   placement: "per_layer",
   input: "layer_input",
-  pooling: "last",
-  selection: { rule: "top_k", k: 2 },
+  pooling: "attention",
+  selection: { rule: "top_k", k: 2, renormalize: false },
   activation: "none",
   when: "prompt",
   noise: true,
-  balance: 0.1,
+  balance: 0.01,
 } as const;
 
 /** What the adapter costs (`milora check` prints the same numbers). */
 export const BUDGET = {
   loraParams: 9344,
-  routerParams: 1792,
-  trainableParams: 11136,
+  routerParams: 1920,
+  trainableParams: 11264,
   baseParams: 158016,
-  shareOfBasePercent: 7.047387606318347,
+  shareOfBasePercent: 7.128392061563386,
   flopsPerToken: { allEnabled: 18688, expected: 5339.428571428572 },
-  bytes: { f32: 44544, f16: 22272 },
+  bytes: { f32: 45056, f16: 22528 },
 } as const;
 
 /** One layer's routing decision. */
 export interface LayerRoute<L extends Layer, M extends ExpertModule> {
   readonly layer: L;
-  /** The gate of each module enabled in this layer: 0 where the router switched it off (no LoRA work there); the chosen gates sum to 1. Plain LoRA: 1 everywhere. */
+  /** The gate of each module enabled in this layer: 0 where the router switched it off (no LoRA work there); `select top_k 2` (the paper's eq. 3): each chosen module's softmax probability over all of the layer's modules, so the chosen gates sum to at most 1. */
   readonly gates: { readonly [K in M]: number };
 }
 
@@ -80,21 +80,21 @@ export type Routing = readonly [LayerRoute<0, ExpertModule>, LayerRoute<1, Exper
  * Budget:
  * ```text
  * adapter tiny on llama_tiny
- *   MiLoRA router per layer: top_k 2, pooling last, routed once per prompt
+ *   MiLoRA router per layer: top_k 2, pooling attention, routed once per prompt
  *   module           layers  rank  params   share
- *   q_proj                2     4   1,024    9.2%
- *   k_proj                2     4     768    6.9%
- *   v_proj                2     4     768    6.9%
- *   o_proj                2     4   1,024    9.2%
- *   gate_proj             2     4   1,920   17.2%
- *   up_proj               2     4   1,920   17.2%
- *   down_proj             2     4   1,920   17.2%
- *   router                2         1,792   16.1%
- *   total trainable                11,136  100.0%
- *   base parameters   158,016 (adapter = 7.047% of base)
+ *   q_proj                2     4   1,024    9.1%
+ *   k_proj                2     4     768    6.8%
+ *   v_proj                2     4     768    6.8%
+ *   o_proj                2     4   1,024    9.1%
+ *   gate_proj             2     4   1,920   17.0%
+ *   up_proj               2     4   1,920   17.0%
+ *   down_proj             2     4   1,920   17.0%
+ *   router                2         1,920   17.0%
+ *   total trainable                11,264  100.0%
+ *   base parameters   158,016 (adapter = 7.128% of base)
  *   LoRA FLOPs/token  18,688 with all enabled modules
  *                     5,339 expected under routing
- *   adapter memory    43.5 KiB f32, 21.8 KiB f16
+ *   adapter memory    44.0 KiB f32, 22.0 KiB f16
  * ```
  *
  * Spec:
@@ -113,11 +113,12 @@ export type Routing = readonly [LayerRoute<0, ExpertModule>, LayerRoute<1, Exper
  * 13 | adapter tiny on llama_tiny {
  * 14 |   experts all { rank 4 alpha 8 dropout 0.05 }
  * 15 |   router {
- * 16 |     pooling last
- * 17 |     select top_k 2
+ * 16 |     pooling attention     // the paper's self-attention pooler: one learned vector w_sa per layer
+ * 17 |     select top_k 2        // gates: the two best experts' softmax probabilities over all seven (eq. 3)
  * 18 |     when prompt
- * 19 |   }
- * 20 | }
+ * 19 |     balance 0.01          // lambda_lb of the paper's runs
+ * 20 |   }
+ * 21 | }
  * ```
  */
 export class Tiny<Tenant extends string = string> {
