@@ -1,0 +1,28 @@
+// The kernels a training step dispatches, named as requests (a family and the constants it is
+// specialised by). The runtime never generates WGSL: the caller hands the trainer a resolver (the CLI's
+// is compiler/train-kernels.ts), the same rule the engine follows for inference.
+import type { AttentionTrainConstants } from "../../compiler/kernels/attention-train.ts";
+import type { KernelSource } from "../../compiler/kernels/kernel.ts";
+import type { LoraBackwardConstants } from "../../compiler/kernels/lora-backward.ts";
+import type { LoraConstants } from "../../compiler/kernels/lora.ts";
+import type { MatmulBackwardConstants } from "../../compiler/kernels/matmul-backward.ts";
+import type { MatmulConstants } from "../../compiler/kernels/matmul.ts";
+import type { RmsNormConstants } from "../../compiler/kernels/rmsnorm.ts";
+import type { RopeConstants } from "../../compiler/kernels/rope.ts";
+
+export type TrainKernelRequest =
+  | { readonly family: "matmul"; readonly constants: MatmulConstants }
+  | { readonly family: "matmul_input_grad"; readonly constants: MatmulBackwardConstants }
+  | { readonly family: "rmsnorm"; readonly constants: RmsNormConstants }
+  | { readonly family: "rmsnorm_backward"; readonly constants: RmsNormConstants & { readonly accumulate: boolean } }
+  | { readonly family: "rope" | "rope_backward"; readonly constants: RopeConstants }
+  | {
+      readonly family: "attention_train" | "attention_backward_stats" | "attention_backward_query" | "attention_backward_kv";
+      readonly constants: AttentionTrainConstants;
+    }
+  | { readonly family: "swiglu" | "swiglu_backward" | "adamw" | "sgd" | "grad_squares" | "grad_clip"; readonly constants: Record<string, never> }
+  | { readonly family: "lora_shrink" | "lora_expand" | "lora_backward_input"; readonly constants: LoraConstants }
+  | { readonly family: "lora_grad_a" | "lora_grad_b"; readonly constants: LoraBackwardConstants }
+  | { readonly family: "cross_entropy"; readonly constants: { readonly vocab: number } };
+
+export type TrainKernelResolver = (request: TrainKernelRequest) => KernelSource;

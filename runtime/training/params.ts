@@ -1,0 +1,182 @@
+// The trainable tensors of one adapter on the device: each expert's lora_A and lora_B (and, for a
+// routed adapter, each router's tensors), with their gradients and AdamW moments beside them, plus the
+// conversions to and from the adapter in memory (runtime/adapter.ts) that `run`, `compile` and `serve`
+// read. The base is not here: it is frozen, so no gradient or optimizer state exists for it.
+import { packLoraSlots } from "../../compiler/kernels/lora.ts";
+import type { Adapter, ExpertModule } from "../../compiler/model.ts";
+import { loraKey, type LoadedAdapter, type LoraWeights, type RouterWeights } from "../adapter.ts";
+import { createStorage, readBuffer } from "../kernel-runner.ts";
+
+/** One trainable f32 tensor: values, gradient, and the optimizer's two moments, all [count]. */
+export interface TrainTensor {
+  readonly name: string;
+  readonly count: number;
+  readonly value: GPUBuffer;
+  readonly grad: GPUBuffer;
+  readonly m: GPUBuffer;
+  readonly v: GPUBuffer;
+  /** Trained by the eval set's gradients (the rational activation, bi-level) rather than the training set's. */
+  readonly architecture: boolean;
+}
+
+export interface TrainLora {
+  readonly layer: number;
+  readonly module: ExpertModule;
+  readonly rank: number;
+  readonly scaling: number;
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+  /** [rank, in] */
+  readonly a: TrainTensor;
+  /** [out, rank] */
+  readonly b: TrainTensor;
+  /** The one-slot table the LoRA kernels read: { rank, scaling }. */
+  readonly slots: GPUBuffer;
+}
+
+export interface TrainRouter {
+  readonly layer: number;
+  readonly experts: readonly ExpertModule[];
+  /** W_r [experts, hidden] */
+  readonly gate: TrainTensor;
+  /** w_sa [hidden] */
+  readonly pooler?: TrainTensor;
+  readonly numerator?: TrainTensor;
+  readonly denominator?: TrainTensor;
+}
+
+/** A seeded uniform generator on [0, 1) (mulberry32), for initialisation, shuffling and dropout. */
+export function seededRandom(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(s ^ (s >>> 15), 1 | s);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * A fresh adapter's weights, initialised as PEFT initialises LoRA: A by kaiming_uniform_(a = sqrt(5)),
+ * which is U(-1/sqrt(in), 1/sqrt(in)), and B = 0, so training starts from the base's outputs; routers
+ * start at W_r = 0 (uniform routing, milora.md), the pooler's w_sa at 0 (mean pooling), the rational
+ * unit at its GELU fit (given by the caller: it lives with the router kernels' defaults).
+ */
+export function initialAdapter(spec: Adapter, seed: number, rationalInit?: RouterWeights["rational"]): LoadedAdapter {
+  const random = seededRandom(seed);
+  const lora = new Map<ReturnType<typeof loraKey>, LoraWeights>();
+  for (const e of spec.experts) {
+    const bound = 1 / Math.sqrt(e.inFeatures);
+    const a = Float32Array.from({ length: e.rank * e.inFeatures }, () => (random() * 2 - 1) * bound);
+    lora.set(loraKey(e.layer, e.module), { a, b: new Float32Array(e.outFeatures * e.rank), rank: e.rank, scaling: e.scaling });
+  }
+  if (!spec.router) return { name: spec.name, spec, lora };
+  const hidden = spec.base.hiddenSize;
+  const router = new Map<number, RouterWeights>();
+  for (const layer of spec.layers) {
+    const experts = spec.experts.filter((e) => e.layer === layer).map((e) => e.module);
+    router.set(layer, {
+      experts,
+      gate: new Float32Array(experts.length * hidden),
+      ...(spec.router.pooling === "attention" ? { pooler: new Float32Array(hidden) } : {}),
+      ...(spec.router.activation === "rational" && rationalInit
+        ? { rational: { numerator: rationalInit.numerator.slice(), denominator: rationalInit.denominator.slice() } }
+        : {}),
+    });
+  }
+  return { name: spec.name, spec, lora, router };
+}
+
+function tensor(device: GPUDevice, name: string, data: Float32Array, architecture = false): TrainTensor {
+  const bytes = data.byteLength;
+  return {
+    name,
+    count: data.length,
+    value: createStorage(device, data, name),
+    grad: createStorage(device, bytes, `${name} grad`),
+    m: createStorage(device, bytes, `${name} m`),
+    v: createStorage(device, bytes, `${name} v`),
+    architecture,
+  };
+}
+
+/** The adapter's trainable tensors on the device. */
+export class TrainableParams {
+  readonly lora: readonly TrainLora[];
+  readonly routers: ReadonlyMap<number, TrainRouter>;
+
+  constructor(
+    readonly device: GPUDevice,
+    readonly adapter: LoadedAdapter,
+  ) {
+    const spec = adapter.spec;
+    this.lora = spec.experts.map((e) => {
+      const w = adapter.lora.get(loraKey(e.layer, e.module));
+      if (!w) throw new Error(`adapter ${adapter.name}: no LoRA weights for layer ${e.layer} ${e.module}`);
+      const at = `layer ${e.layer} ${e.module}`;
+      return {
+        layer: e.layer,
+        module: e.module,
+        rank: e.rank,
+        scaling: w.scaling,
+        inFeatures: e.inFeatures,
+        outFeatures: e.outFeatures,
+        a: tensor(device, `${at} lora_A`, w.a),
+        b: tensor(device, `${at} lora_B`, w.b),
+        slots: createStorage(device, packLoraSlots([{ rank: e.rank, scaling: w.scaling }]), `${at} slot`),
+      };
+    });
+    this.routers = new Map(
+      [...(adapter.router ?? new Map<number, RouterWeights>())].map(([layer, r]) => [
+        layer,
+        {
+          layer,
+          experts: r.experts,
+          gate: tensor(device, `layer ${layer} router`, r.gate),
+          ...(r.pooler ? { pooler: tensor(device, `layer ${layer} pooler`, r.pooler) } : {}),
+          ...(r.rational
+            ? {
+                numerator: tensor(device, `layer ${layer} rational numerator`, r.rational.numerator, true),
+                denominator: tensor(device, `layer ${layer} rational denominator`, r.rational.denominator, true),
+              }
+            : {}),
+        },
+      ]),
+    );
+  }
+
+  /** Every trainable tensor, in a fixed order (the gradient norm sums them in this order). */
+  get tensors(): TrainTensor[] {
+    const out: TrainTensor[] = this.lora.flatMap((l) => [l.a, l.b]);
+    for (const r of this.routers.values()) out.push(...[r.gate, r.pooler, r.numerator, r.denominator].filter((t): t is TrainTensor => t !== undefined));
+    return out;
+  }
+
+  loraOf(layer: number, module: ExpertModule): TrainLora | undefined {
+    return this.lora.find((l) => l.layer === layer && l.module === module);
+  }
+
+  /** The current weights as an adapter in memory (what writeAdapter saves). */
+  async toAdapter(): Promise<LoadedAdapter> {
+    const read = (t: TrainTensor) => readBuffer(this.device, t.value, 0, t.count * 4);
+    const lora = new Map<ReturnType<typeof loraKey>, LoraWeights>();
+    for (const l of this.lora) lora.set(loraKey(l.layer, l.module), { a: await read(l.a), b: await read(l.b), rank: l.rank, scaling: l.scaling });
+    if (this.routers.size === 0) return { ...this.adapter, lora };
+    const router = new Map<number, RouterWeights>();
+    for (const [layer, r] of this.routers) {
+      const before = this.adapter.router!.get(layer)!;
+      router.set(layer, {
+        ...before,
+        gate: await read(r.gate),
+        ...(r.pooler ? { pooler: await read(r.pooler) } : {}),
+        ...(r.numerator && r.denominator ? { rational: { numerator: await read(r.numerator), denominator: await read(r.denominator) } } : {}),
+      });
+    }
+    return { ...this.adapter, lora, router };
+  }
+
+  destroy(): void {
+    for (const t of this.tensors) for (const b of [t.value, t.grad, t.m, t.v]) b.destroy();
+    for (const l of this.lora) l.slots.destroy();
+  }
+}
