@@ -164,8 +164,9 @@ fn main(${GROUP_BUILTINS}) {
     }
   }
   workgroupBarrier();
+  let argmax = indices[0];
   if (s.temperature <= 0.0) {
-    if (lid == 0u) { tokens[row] = indices[0]; }
+    if (lid == 0u) { tokens[row] = argmax; }
     return;
   }
   if (lid == 0u) { rowTop = sums[0]; }

@@ -106,8 +106,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
     }
   }
   workgroupBarrier();
+  let argmax = indices[0];
   if (s.temperature <= 0.0) {
-    if (lid == 0u) { tokens[row] = indices[0]; }
+    if (lid == 0u) { tokens[row] = argmax; }
     return;
   }
   if (lid == 0u) { rowTop = sums[0]; }
