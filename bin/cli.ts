@@ -75,6 +75,41 @@ export async function main(argv: readonly string[]): Promise<number> {
     });
 
   program
+    .command("train")
+    .description("fine-tune a spec's adapter (LoRA) over a frozen Hugging Face base on the GPU")
+    .argument("<spec>", ".milora spec declaring the adapter")
+    .option("--adapter <name>", "the spec's adapter to train (needed when it declares several)")
+    .requiredOption("--base <dir>", "model directory: config.json, safetensors weights, tokenizer.json for text data")
+    .requiredOption("--data <file>", "training data, JSONL: prompt/completion, messages, text or input_ids/labels lines")
+    .requiredOption("--out <dir>", "where OUT/adapter, OUT/best, OUT/checkpoint and OUT/metrics.jsonl go")
+    .option("--eval <file>", "eval data (same forms): eval loss and perplexity, early stopping, best checkpoint")
+    .option("--init <dir>", "start from this adapter directory instead of a fresh initialisation")
+    .option("--resume <dir>", "continue the run whose --out this was, from its checkpoint")
+    .option("--epochs <n>", "passes over the data", "1")
+    .option("--steps <n>", "optimizer steps (overrides --epochs)")
+    .option("--batch-size <n>", "sequences per micro-batch", "8")
+    .option("--grad-accum <n>", "micro-batches per optimizer step", "1")
+    .option("--lr <x>", "peak learning rate", "1e-4")
+    .addOption(new Option("--lr-schedule <kind>", "learning-rate schedule after warm-up").choices(["linear", "cosine", "constant"]).default("linear"))
+    .option("--warmup <x>", "warm-up: a ratio of the steps (< 1) or a number of steps", "0.06")
+    .addOption(new Option("--optimizer <kind>", "optimizer").choices(["adamw", "sgd"]).default("adamw"))
+    .option("--weight-decay <x>", "AdamW's decoupled weight decay", "0")
+    .option("--max-grad-norm <x>", "clip the global gradient norm to this (0: off)", "1")
+    .option("--max-length <n>", "cut longer examples to this many tokens", "768")
+    .option("--seed <n>", "seed of the initialisation and the data order", "0")
+    .option("--no-shuffle", "keep the data in file order")
+    .option("--eval-every <n>", "evaluate every n steps (0: at the end only)", "200")
+    .option("--patience <n>", "stop after n evaluations without a better eval loss (0: never)", "0")
+    .option("--save-every <n>", "write a resumable checkpoint every n steps (0: at the end)", "0")
+    .option("--chat-template <file>", "a Jinja chat template for messages lines (default: the base's)")
+    .option("--json", "print each step's metrics as one JSON line on stdout")
+    .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
+    .action(async (spec: string, opts: import("./commands/train.ts").TrainCommandOptions) => {
+      const { trainCommand } = await import("./commands/train.ts");
+      exitCode = await trainCommand(spec, opts);
+    });
+
+  program
     .command("compile")
     .description("compile a spec's adapter into a runnable npm package: kernels, manifest, typed API")
     .argument("<spec>", ".milora spec file")

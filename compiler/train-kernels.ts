@@ -3,6 +3,7 @@
 import { attentionBackwardKeyValueKernel, attentionBackwardQueryKernel, attentionBackwardStatsKernel } from "./kernels/attention-backward.ts";
 import { attentionTrainKernel } from "./kernels/attention-train.ts";
 import { crossEntropyKernel } from "./kernels/cross-entropy.ts";
+import { dropoutGradKernel, dropoutKernel } from "./kernels/dropout.ts";
 import { swigluBackwardKernel } from "./kernels/elementwise-backward.ts";
 import { swigluKernel } from "./kernels/elementwise.ts";
 import { gradClipKernel, gradSquaresKernel } from "./kernels/grad-norm.ts";
@@ -64,6 +65,10 @@ function generate(r: TrainKernelRequest): KernelSource {
       return gradSquaresKernel();
     case "grad_clip":
       return gradClipKernel();
+    case "dropout":
+      return dropoutKernel();
+    case "dropout_grad":
+      return dropoutGradKernel();
   }
 }
 

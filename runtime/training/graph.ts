@@ -9,9 +9,11 @@
 // adapted module's shrink output t = A x. The backward recomputes nothing and stores no [rows, rows] or
 // [rows, vocab] gradient beside the logits (the cross-entropy kernel overwrites them with their gradient).
 import { sequenceBounds, sequencePositions } from "../../compiler/kernels/attention-train.ts";
+import { dropoutParams } from "../../compiler/kernels/dropout.ts";
+import { pcg } from "../../compiler/kernels/sampling.ts";
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
 import type { Plan, PlanTensor } from "../../compiler/plan.ts";
-import { StepEncoder, createStorage, readBuffer, type PipelineCache } from "../kernel-runner.ts";
+import { StepEncoder, createStorage, type PipelineCache } from "../kernel-runner.ts";
 import type { GpuTensor, GpuWeights } from "../weights.ts";
 import { IGNORE_INDEX } from "./data.ts";
 import type { TrainKernelRequest, TrainKernelResolver } from "./kernels.ts";
@@ -94,7 +96,12 @@ export class TrainingGraph {
   readonly #saved: Map<Saved, GPUBuffer>[] = [];
   /** Shrink outputs t [maxRows, rank] per adapted module. */
   readonly #t = new Map<TrainLora, GPUBuffer>();
-  readonly #scratch: Record<"dX" | "dXn" | "dAttn" | "dQ" | "dK" | "dV" | "dAct" | "dGate" | "dUp" | "stats" | "dt" | "dGates" | "headIn" | "final" | "logits" | "loss", GPUBuffer>;
+  readonly #scratch: Record<
+    "dX" | "dXn" | "dAttn" | "dQ" | "dK" | "dV" | "dAct" | "dGate" | "dUp" | "stats" | "dt" | "dGates" | "headIn" | "final" | "logits" | "loss" | "dropped" | "dDropped",
+    GPUBuffer
+  >;
+  /** The step's dropout seed; undefined in evaluation (no dropout). */
+  #dropoutSeed: number | undefined;
   readonly #inputs: Record<"positions" | "sequences" | "rowAdapter" | "gates" | "targets", GPUBuffer>;
   readonly #lossReadback: GPUBuffer;
   readonly #gateStride: number;
@@ -116,6 +123,7 @@ export class TrainingGraph {
       this.#saved.push(new Map(names.map((n) => [n, f32(R * widths[n], `layer ${l} ${n}`)])));
     }
     const maxRank = Math.max(1, ...o.params.lora.map((l) => l.rank));
+    const maxIn = Math.max(1, ...o.params.lora.filter((l) => l.dropout > 0).map((l) => l.inFeatures));
     for (const l of o.params.lora) this.#t.set(l, f32(R * l.rank, `layer ${l.layer} ${l.module} t`));
     this.#gateStride = layers * EXPERT_MODULES.length;
     this.#scratch = {
@@ -135,6 +143,9 @@ export class TrainingGraph {
       final: f32(R * hidden, "final norm"),
       logits: f32(R * vocab, "logits"),
       loss: f32(R, "loss"),
+      // A module's LoRA input after dropout and its gradient, regenerated per use from the mask's hash.
+      dropped: f32(R * maxIn, "dropped LoRA input"),
+      dDropped: f32(R * maxIn, "dropped LoRA input gradient"),
     };
     this.#inputs = {
       positions: f32(R, "positions"),
@@ -149,10 +160,11 @@ export class TrainingGraph {
   /**
    * Forward and backward for `batch`: adds each trainable tensor's gradient of
    * lossScale * (sum of the batch's per-token cross-entropies) into its grad buffer. Returns that sum
-   * (unscaled), for reporting.
+   * (unscaled), for reporting. With `backward: false`, the forward and the loss only (evaluation).
    */
-  async run(batch: PackedBatch, lossScale: number): Promise<{ lossSum: number }> {
+  async run(batch: PackedBatch, lossScale: number, options: { readonly backward: boolean; readonly dropoutSeed?: number } = { backward: true }): Promise<{ lossSum: number }> {
     if (batch.rows > this.maxRows) throw new Error(`a batch of ${batch.rows} rows exceeds the graph's ${this.maxRows}`);
+    this.#dropoutSeed = options.backward ? options.dropoutSeed : undefined;
     const queue = this.#device.queue;
     queue.writeBuffer(this.#inputs.positions, 0, batch.positions);
     queue.writeBuffer(this.#inputs.sequences, 0, batch.sequences);
@@ -160,8 +172,8 @@ export class TrainingGraph {
     queue.writeBuffer(this.#inputs.gates, 0, this.#plainGates(batch.rows));
     this.#forward(batch);
     const supervised = batch.supervisedRows.length;
-    this.#head(batch, lossScale);
-    this.#backward(batch);
+    this.#head(batch, lossScale, options.backward);
+    if (options.backward) this.#backward(batch);
     if (supervised > 0) this.#step.copy(this.#scratch.loss, 0, this.#lossReadback, 0, supervised * 4);
     this.#step.submit();
     if (supervised === 0) return { lossSum: 0 };
@@ -228,25 +240,43 @@ export class TrainingGraph {
     return { rows, gateStride: this.#gateStride, gateIndex: l.layer * EXPERT_MODULES.length + EXPERT_MODULES.indexOf(l.module) };
   }
 
-  /** y += g * s * B (A x) for an adapted module, keeping t = A x. */
-  #loraForward(l: TrainLora, x: GPUBuffer, y: GPUBuffer, rows: number): void {
+  /** The dropout mask stream of a module in this step, or undefined when it has no dropout now. */
+  #dropout(l: TrainLora, rows: number): Record<string, number> | undefined {
+    if (l.dropout === 0 || this.#dropoutSeed === undefined) return undefined;
+    const stream = pcg((pcg(this.#dropoutSeed >>> 0) ^ (l.layer * 8 + EXPERT_MODULES.indexOf(l.module) + 1)) >>> 0);
+    return dropoutParams(l.dropout, rows * l.inFeatures, stream);
+  }
+
+  /** y += g * s * B (A dropout(x)) for an adapted module, keeping t = A dropout(x). */
+  #loraForward(l: TrainLora, input: GPUBuffer, y: GPUBuffer, rows: number): void {
     const constants = { inFeatures: l.inFeatures, outFeatures: l.outFeatures, maxRank: l.rank };
     const select = { slots: l.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
     const t = this.#t.get(l)!;
+    const dropout = this.#dropout(l, rows);
+    if (dropout) this.#step.dispatch(this.#k({ family: "dropout", constants: {} }), { x: input, out: this.#scratch.dropped }, dropout);
+    const x = dropout ? this.#scratch.dropped : input;
     this.#step.dispatch(this.#k({ family: "lora_shrink", constants }), { x, a: l.a.value, ...select, t }, this.#loraParams(l, rows));
     this.#step.dispatch(this.#k({ family: "lora_expand", constants }), { t, b: l.b.value, ...select, y }, this.#loraParams(l, rows));
   }
 
-  /** The LoRA's part of the backward: dx += dt A, and dA, dB accumulated. */
-  #loraBackward(l: TrainLora, x: GPUBuffer, dy: GPUBuffer, dx: GPUBuffer, rows: number): void {
+  /**
+   * The LoRA's part of the backward: dx += dt A (through the dropout mask, regenerated), and dA, dB
+   * accumulated.
+   */
+  #loraBackward(l: TrainLora, input: GPUBuffer, dy: GPUBuffer, dx: GPUBuffer, rows: number): void {
     const constants = { inFeatures: l.inFeatures, outFeatures: l.outFeatures, maxRank: l.rank };
     const select = { slots: l.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
     const params = { ...this.#loraParams(l, rows), slot: 0 };
-    const { dt, dGates } = this.#scratch;
+    const { dt, dGates, dropped, dDropped } = this.#scratch;
     const t = this.#t.get(l)!;
-    this.#step.dispatch(this.#k({ family: "lora_backward_input", constants }), { dy, t, a: l.a.value, b: l.b.value, ...select, dt, dGates, dx }, params);
+    const dropout = this.#dropout(l, rows);
+    if (dropout) this.#step.dispatch(this.#k({ family: "dropout", constants: {} }), { x: input, out: dropped }, dropout);
+    const x = dropout ? dropped : input;
+    // With dropout, dt A goes to dDropped (zero: dropout_grad leaves it so) and then through the mask.
+    this.#step.dispatch(this.#k({ family: "lora_backward_input", constants }), { dy, t, a: l.a.value, b: l.b.value, ...select, dt, dGates, dx: dropout ? dDropped : dx }, params);
     this.#step.dispatch(this.#k({ family: "lora_grad_b", constants: { ...constants, accumulate: true } }), { dy, t, ...select, dB: l.b.grad }, params);
     this.#step.dispatch(this.#k({ family: "lora_grad_a", constants: { ...constants, accumulate: true } }), { x, dt, ...select, dA: l.a.grad }, params);
+    if (dropout) this.#step.dispatch(this.#k({ family: "dropout_grad", constants: {} }), { g: dDropped, acc: dx }, dropout);
   }
 
   #forward(batch: PackedBatch): void {
@@ -285,7 +315,7 @@ export class TrainingGraph {
   }
 
   /** Final norm, lm_head and the fused cross-entropy on the supervised rows; dX = their gradient. */
-  #head(batch: PackedBatch, lossScale: number): void {
+  #head(batch: PackedBatch, lossScale: number, backward: boolean): void {
     const { hidden, layers, vocab, rmsNormEps } = this.#plan.dims;
     const step = this.#step;
     const { headIn, final, logits, loss, dX } = this.#scratch;
@@ -300,6 +330,7 @@ export class TrainingGraph {
     const head = this.#headTensor();
     this.#linear(head, final, logits, S);
     step.dispatch(this.#k({ family: "cross_entropy", constants: { vocab } }), { logits, labels: this.#inputs.targets, loss }, { rows: S, lossScale });
+    if (!backward) return;
     // dFinal = dLogits W_head, then the final norm's input gradient, scattered back to the rows.
     this.#linearBackward(head, logits, final, S, false);
     step.dispatch(this.#k({ family: "rmsnorm_backward", constants: { hidden, eps: rmsNormEps, accumulate: false } }), { x: headIn, weight: normWeight, dy: final, dx: this.#scratch.dXn }, { rows: S });
@@ -362,4 +393,3 @@ function runs(rows: Uint32Array): [number, number, number][] {
   return out;
 }
 
-export { readBuffer };

@@ -20,7 +20,10 @@ export type TrainKernelRequest =
       readonly family: "attention_train" | "attention_backward_stats" | "attention_backward_query" | "attention_backward_kv";
       readonly constants: AttentionTrainConstants;
     }
-  | { readonly family: "swiglu" | "swiglu_backward" | "adamw" | "sgd" | "grad_squares" | "grad_clip"; readonly constants: Record<string, never> }
+  | {
+      readonly family: "swiglu" | "swiglu_backward" | "adamw" | "sgd" | "grad_squares" | "grad_clip" | "dropout" | "dropout_grad";
+      readonly constants: Record<string, never>;
+    }
   | { readonly family: "lora_shrink" | "lora_expand" | "lora_backward_input"; readonly constants: LoraConstants }
   | { readonly family: "lora_grad_a" | "lora_grad_b"; readonly constants: LoraBackwardConstants }
   | { readonly family: "cross_entropy"; readonly constants: { readonly vocab: number } };

@@ -26,6 +26,8 @@ export interface TrainLora {
   readonly scaling: number;
   readonly inFeatures: number;
   readonly outFeatures: number;
+  /** PEFT's lora_dropout on the module's input to the LoRA branch, while training. */
+  readonly dropout: number;
   /** [rank, in] */
   readonly a: TrainTensor;
   /** [out, rank] */
@@ -62,7 +64,7 @@ export function seededRandom(seed: number): () => number {
  * start at W_r = 0 (uniform routing, milora.md), the pooler's w_sa at 0 (mean pooling), the rational
  * unit at its GELU fit (given by the caller: it lives with the router kernels' defaults).
  */
-export function initialAdapter(spec: Adapter, seed: number, rationalInit?: RouterWeights["rational"]): LoadedAdapter {
+export function initialAdapter(spec: Adapter, seed: number, rationalInit?: { readonly numerator: readonly number[]; readonly denominator: readonly number[] }): LoadedAdapter {
   const random = seededRandom(seed);
   const lora = new Map<ReturnType<typeof loraKey>, LoraWeights>();
   for (const e of spec.experts) {
@@ -80,7 +82,7 @@ export function initialAdapter(spec: Adapter, seed: number, rationalInit?: Route
       gate: new Float32Array(experts.length * hidden),
       ...(spec.router.pooling === "attention" ? { pooler: new Float32Array(hidden) } : {}),
       ...(spec.router.activation === "rational" && rationalInit
-        ? { rational: { numerator: rationalInit.numerator.slice(), denominator: rationalInit.denominator.slice() } }
+        ? { rational: { numerator: Float32Array.from(rationalInit.numerator), denominator: Float32Array.from(rationalInit.denominator) } }
         : {}),
     });
   }
@@ -121,6 +123,7 @@ export class TrainableParams {
         scaling: w.scaling,
         inFeatures: e.inFeatures,
         outFeatures: e.outFeatures,
+        dropout: e.dropout,
         a: tensor(device, `${at} lora_A`, w.a),
         b: tensor(device, `${at} lora_B`, w.b),
         slots: createStorage(device, packLoraSlots([{ rank: e.rank, scaling: w.scaling }]), `${at} slot`),

@@ -53,6 +53,11 @@ export interface ReferenceTrainAdapter {
   readonly routing?: ReferenceRouting;
   /** lambda_lb of eq. 4. */
   readonly balance: number;
+  /**
+   * LoRA dropout as PEFT applies it (on the LoRA branch's input, inverted): `keeps` says whether an
+   * element of a module's input is kept (by example, position and column), `p` the drop probability.
+   */
+  readonly dropout?: { readonly p: number; keeps(layer: number, module: ExpertModule, example: number, position: number, column: number): boolean };
 }
 
 export interface RouterGradients {
@@ -118,7 +123,10 @@ class Model {
     return nodes && Float64Array.from(nodes, (n) => grads[n]!);
   }
 
-  /** y = W x (+ g * scaling * B A x) for one token; W frozen, LoRA nodes trainable. */
+  /** Which example and position the token being computed is (for the dropout mask). */
+  at = { example: 0, position: 0 };
+
+  /** y = W x (+ g * scaling * B A dropout(x)) for one token; W frozen, LoRA nodes trainable. */
   linear(layer: number, module: ExpertModule, x: Vec, gate: Node | number): Vec {
     const t = this.tape;
     const [out, inFeatures] = moduleShape(this.base, module);
@@ -129,7 +137,9 @@ class Model {
     const a = this.param(`${layer}.${module}.a`)!;
     const b = this.param(`${layer}.${module}.b`)!;
     const r = lora.rank;
-    const shrunk = Array.from({ length: r }, (_, j) => t.dot(x, a.slice(j * inFeatures, (j + 1) * inFeatures)));
+    const d = this.adapter.dropout;
+    const input = d ? x.map((xi, c) => t.scale(xi, d.keeps(layer, module, this.at.example, this.at.position, c) ? 1 / (1 - d.p) : 0)) : x;
+    const shrunk = Array.from({ length: r }, (_, j) => t.dot(input, a.slice(j * inFeatures, (j + 1) * inFeatures)));
     return y.map((yo, o) => {
       const update = t.scale(t.dot(shrunk, b.slice(o * r, (o + 1) * r)), lora.scaling);
       return t.add(yo, typeof gate === "number" ? t.scale(update, gate) : t.mul(gate, update));
@@ -260,7 +270,7 @@ export function referenceTrainLoss(base: BaseModel, weights: ReferenceWeights, a
   const decisions = new Map<number, { probs: Node[]; top: number }[]>();
   const gatesSeen = new Map<number, number[][]>();
 
-  for (const example of batch) {
+  for (const [exampleIndex, example] of batch.entries()) {
     if (example.tokens.length !== example.labels.length) throw new Error("reference: tokens and labels differ in length");
     let x: Vec[] = example.tokens.map((tok) => t.leaves(embed.subarray(tok * h, (tok + 1) * h)));
     const prompt = promptLength(example);
@@ -282,14 +292,17 @@ export function referenceTrainLoss(base: BaseModel, weights: ReferenceWeights, a
         }
       }
       const normed = x.map((row) => m.rmsNorm(row, weights.get(`${p}.input_layernorm.weight`)));
-      const q = normed.map((row, pos) => m.rope(m.linear(layer, "q_proj", row, gateOf(pos, "q_proj")), base.heads, pos));
-      const k = normed.map((row, pos) => m.rope(m.linear(layer, "k_proj", row, gateOf(pos, "k_proj")), base.kvHeads, pos));
-      const v = normed.map((row, pos) => m.linear(layer, "v_proj", row, gateOf(pos, "v_proj")));
+      const at = (position: number) => (m.at = { example: exampleIndex, position });
+      const q = normed.map((row, pos) => (at(pos), m.rope(m.linear(layer, "q_proj", row, gateOf(pos, "q_proj")), base.heads, pos)));
+      const k = normed.map((row, pos) => (at(pos), m.rope(m.linear(layer, "k_proj", row, gateOf(pos, "k_proj")), base.kvHeads, pos)));
+      const v = normed.map((row, pos) => (at(pos), m.linear(layer, "v_proj", row, gateOf(pos, "v_proj"))));
       const attended = m.attention(q, k, v).map((row, pos) => {
+        at(pos);
         const o = m.linear(layer, "o_proj", row, gateOf(pos, "o_proj"));
         return x[pos]!.map((xi, i) => t.add(xi, o[i]!));
       });
       x = attended.map((row, pos) => {
+        at(pos);
         const n = m.rmsNorm(row, weights.get(`${p}.post_attention_layernorm.weight`));
         const gate = m.linear(layer, "gate_proj", n, gateOf(pos, "gate_proj"));
         const up = m.linear(layer, "up_proj", n, gateOf(pos, "up_proj"));

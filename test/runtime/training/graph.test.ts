@@ -1,13 +1,16 @@
 // One training step on the device (forward, fused cross-entropy, backward) against the float64
 // reference of test/reference/train.ts: the loss and the gradient of every LoRA tensor, for plain LoRA
-// on every module of a GQA model, with sequences of different lengths packed in one batch.
+// on every module of a GQA model, with sequences of different lengths packed in one batch, without and
+// with LoRA dropout.
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { readHfConfig } from "../../../compiler/hf-config.ts";
-import { EXPERT_MODULES } from "../../../compiler/model.ts";
+import { EXPERT_MODULES, type ExpertModule } from "../../../compiler/model.ts";
+import { dropoutKeeps } from "../../../compiler/kernels/dropout.ts";
+import { pcg } from "../../../compiler/kernels/sampling.ts";
 import { planBase } from "../../../compiler/plan.ts";
 import { trainKernelResolver } from "../../../compiler/train-kernels.ts";
 import { peftSpec, randomAdapter } from "../../../examples/random-adapter.ts";
@@ -19,7 +22,7 @@ import { IGNORE_INDEX as I } from "../../../runtime/training/data.ts";
 import { TrainingGraph, packBatch } from "../../../runtime/training/graph.ts";
 import { TrainableParams } from "../../../runtime/training/params.ts";
 import { uploadWeights } from "../../../runtime/weights.ts";
-import { loadReferenceWeights } from "../../reference/llama.ts";
+import { loadReferenceWeights, moduleShape } from "../../reference/llama.ts";
 import { referenceTrainLoss, type ReferenceLora } from "../../reference/train.ts";
 
 // f32 forward and backward through 2 layers against float64: gradients within 1e-5 relative (L2 over
@@ -54,10 +57,10 @@ function relative(got: Float32Array, want: Float64Array): number {
   return Math.sqrt(d / n);
 }
 
-test("plain LoRA on every module: loss and every lora_A and lora_B gradient match the float64 reference", async () => {
+async function checkStep(dropout: number, what: string): Promise<void> {
   const spec = peftSpec({ base, modules: EXPERT_MODULES, rank: 4, alpha: 8, seed: 1 });
   // B random (not PEFT's zero) so that A's gradient is not zero as well.
-  const adapter = randomAdapter({ spec, seed: 5 });
+  const adapter = randomAdapter({ spec: { ...spec, experts: spec.experts.map((e) => ({ ...e, dropout })) }, seed: 5 });
   const plan = planBase(base, { maxLoraRank: 4 });
   const checkpoint = openCheckpoint(dir);
   const weights = await uploadWeights(gpu.device, checkpoint, plan, plan.maxBindingBytes);
@@ -66,28 +69,44 @@ test("plain LoRA on every module: loss and every lora_A and lora_B gradient matc
   const graph = new TrainingGraph({ device: gpu.device, plan, weights, params, kernel: trainKernelResolver(), pipelines: new PipelineCache(gpu.device), maxRows: 32 });
   const packed = packBatch(batch);
   const supervised = packed.supervisedRows.length;
-  const { lossSum } = await graph.run(packed, 1 / supervised);
+  const dropoutSeed = 77;
+  const { lossSum } = await graph.run(packed, 1 / supervised, { backward: true, dropoutSeed });
 
+  // The mask the graph draws: module stream from (seed, layer, module), element row * in + column.
+  const offsets = batch.map((_, i) => batch.slice(0, i).reduce((n, e) => n + e.tokens.length, 0));
+  const keeps = (layer: number, module: ExpertModule, example: number, position: number, column: number) => {
+    const stream = pcg((pcg(dropoutSeed) ^ (layer * 8 + EXPERT_MODULES.indexOf(module) + 1)) >>> 0);
+    return dropoutKeeps(dropout, stream, (offsets[example]! + position) * moduleShape(base, module)[1] + column);
+  };
   const want = referenceTrainLoss(base, reference.weights, {
     lora: new Map(
       [...adapter.lora].map(([key, w]): [string, ReferenceLora] => [key, { a: Float64Array.from(w.a), b: Float64Array.from(w.b), rank: w.rank, scaling: w.scaling }]),
     ),
     balance: 0,
+    ...(dropout > 0 ? { dropout: { p: dropout, keeps } } : {}),
   }, batch);
   assert.is(supervised, want.supervised);
   const loss = lossSum / supervised;
-  assert.ok(Math.abs(loss - want.lmLoss) / want.lmLoss < LOSS_BOUND, `loss ${loss} vs ${want.lmLoss}`);
+  assert.ok(Math.abs(loss - want.lmLoss) / want.lmLoss < LOSS_BOUND, `${what}: loss ${loss} vs ${want.lmLoss}`);
   for (const l of params.lora) {
     const key = `${l.layer}.${l.module}`;
     const gotA = await readBuffer(gpu.device, l.a.grad, 0, l.a.count * 4);
     const gotB = await readBuffer(gpu.device, l.b.grad, 0, l.b.count * 4);
     const errA = relative(gotA, want.lora.get(key)!.a);
     const errB = relative(gotB, want.lora.get(key)!.b);
-    assert.ok(errA < GRAD_BOUND && errB < GRAD_BOUND, `${key}: lora_A ${errA.toExponential(2)}, lora_B ${errB.toExponential(2)}`);
+    assert.ok(errA < GRAD_BOUND && errB < GRAD_BOUND, `${what} ${key}: lora_A ${errA.toExponential(2)}, lora_B ${errB.toExponential(2)}`);
   }
   graph.destroy();
   params.destroy();
   weights.destroy();
+}
+
+test("plain LoRA on every module: loss and every lora_A and lora_B gradient match the float64 reference", async () => {
+  await checkStep(0, "no dropout");
+});
+
+test("with LoRA dropout 0.3 (PEFT's, on the LoRA input, a mask per module) the same holds", async () => {
+  await checkStep(0.3, "dropout 0.3");
 });
 
 test.run();

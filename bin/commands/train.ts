@@ -1,0 +1,216 @@
+// `milora train SPEC --adapter NAME --base DIR --data train.jsonl --out DIR`: fine-tunes one adapter of a
+// spec over a frozen Hugging Face base on the GPU. Writes OUT/adapter (the best eval checkpoint, else the
+// last weights), OUT/best, OUT/checkpoint (resumable: --resume OUT), OUT/metrics.jsonl and
+// OUT/training_args.json. Ctrl-C saves a checkpoint and exits; a second Ctrl-C exits at once.
+import { SingleBar } from "cli-progress";
+import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { planBase, PlanError } from "../../compiler/plan.ts";
+import { rationalInit } from "../../compiler/rational.ts";
+import { trainKernelResolver } from "../../compiler/train-kernels.ts";
+import type { Adapter } from "../../compiler/model.ts";
+import { loadAdapter } from "../../runtime/adapter.ts";
+import { openCheckpoint } from "../../runtime/checkpoint.ts";
+import { acquireDevice, adapterSummary, NoAdapterError, type GpuContext } from "../../runtime/device.ts";
+import { CheckpointError } from "../../runtime/safetensors.ts";
+import { ChatTemplate } from "../../runtime/server/chat-template.ts";
+import { Tokenizer } from "../../runtime/tokenizer.ts";
+import { DataError, loadTrainData, type LoadDataOptions } from "../../runtime/training/data.ts";
+import { OPTIMIZER_DEFAULTS } from "../../runtime/training/optimizer.ts";
+import { initialAdapter } from "../../runtime/training/params.ts";
+import { Trainer, checkpointAdapter, type TrainSettings } from "../../runtime/training/trainer.ts";
+import { uploadWeights } from "../../runtime/weights.ts";
+import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
+import { SourceError, adapterSpecOf, modelSource } from "./model-source.ts";
+
+export interface TrainCommandOptions {
+  readonly adapter?: string;
+  readonly base: string;
+  readonly data: string;
+  readonly eval?: string;
+  readonly out: string;
+  readonly init?: string;
+  readonly resume?: string;
+  readonly epochs: string;
+  readonly steps?: string;
+  readonly batchSize: string;
+  readonly gradAccum: string;
+  readonly lr: string;
+  readonly lrSchedule: "linear" | "cosine" | "constant";
+  readonly warmup: string;
+  readonly optimizer: "adamw" | "sgd";
+  readonly weightDecay: string;
+  readonly maxGradNorm: string;
+  readonly maxLength: string;
+  readonly seed: string;
+  readonly shuffle: boolean;
+  readonly evalEvery: string;
+  readonly patience: string;
+  readonly saveEvery: string;
+  readonly chatTemplate?: string;
+  readonly backend?: string;
+  readonly json?: boolean;
+}
+
+class UsageError extends Error {}
+
+function number(name: string, text: string, check: (x: number) => boolean, what: string): number {
+  const x = Number(text);
+  if (text.trim() === "" || !Number.isFinite(x) || !check(x)) throw new UsageError(`--${name} must be ${what}, got "${text}"`);
+  return x;
+}
+const positiveInt = (x: number) => Number.isInteger(x) && x >= 1;
+const count = (x: number) => Number.isInteger(x) && x >= 0;
+
+/** The settings the flags give, checked. */
+export function trainSettings(o: TrainCommandOptions): TrainSettings {
+  return {
+    epochs: number("epochs", o.epochs, positiveInt, "a positive integer"),
+    ...(o.steps === undefined ? {} : { steps: number("steps", o.steps, positiveInt, "a positive integer") }),
+    batchSize: number("batch-size", o.batchSize, positiveInt, "a positive integer"),
+    gradAccum: number("grad-accum", o.gradAccum, positiveInt, "a positive integer"),
+    lr: number("lr", o.lr, (x) => x > 0, "a positive number"),
+    schedule: o.lrSchedule,
+    warmup: number("warmup", o.warmup, (x) => x >= 0 && (x < 1 || Number.isInteger(x)), "a ratio in [0, 1) or a whole number of steps"),
+    optimizer: {
+      ...OPTIMIZER_DEFAULTS,
+      kind: o.optimizer,
+      weightDecay: number("weight-decay", o.weightDecay, (x) => x >= 0, "a number >= 0"),
+      maxGradNorm: number("max-grad-norm", o.maxGradNorm, (x) => x >= 0, "a number >= 0 (0 turns clipping off)"),
+    },
+    maxLength: number("max-length", o.maxLength, (x) => Number.isInteger(x) && x >= 2, "an integer >= 2"),
+    seed: number("seed", o.seed, count, "an integer >= 0"),
+    shuffle: o.shuffle,
+    evalEvery: number("eval-every", o.evalEvery, count, "an integer >= 0"),
+    patience: number("patience", o.patience, count, "an integer >= 0"),
+    saveEvery: number("save-every", o.saveEvery, count, "an integer >= 0"),
+  };
+}
+
+/** What this version trains; the rest is refused up front, naming the spec setting. */
+function checkTrainable(spec: Adapter): void {
+  if (spec.router) {
+    throw new UsageError(
+      `adapter ${spec.name} is routed (router { ... }): training MiLoRA routers is not available in this version yet; ` +
+        "train the plain LoRA variant (`router off`) or wait for router training",
+    );
+  }
+}
+
+export async function trainCommand(specPath: string, opts: TrainCommandOptions): Promise<number> {
+  let gpu: GpuContext | undefined;
+  try {
+    const settings = trainSettings(opts);
+    const dir = opts.base;
+    if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new UsageError(`no model directory ${dir}`);
+    const source = modelSource(specPath, dir);
+    if (source.package) throw new UsageError(`${specPath} is a compiled package: train from its .milora spec`);
+    const spec = adapterSpecOf(source, opts.adapter, opts.out);
+    if (!spec) throw new UsageError(`${specPath} declares no adapter to train`);
+    checkTrainable(spec);
+
+    const tokenizer = await Tokenizer.load(dir);
+    const chat = opts.chatTemplate ? chatTemplateFile(opts.chatTemplate, dir) : tokenizer ? ChatTemplate.load(dir) : undefined;
+    const dataOptions: LoadDataOptions = {
+      vocabSize: source.base.vocabSize,
+      maxLength: Math.min(settings.maxLength, source.base.maxPositions),
+      ...(tokenizer ? { tokenizer } : {}),
+      ...(chat ? { chat } : {}),
+    };
+    const train = loadTrainData(opts.data, dataOptions);
+    const evalData = opts.eval ? loadTrainData(opts.eval, dataOptions) : undefined;
+    for (const [name, d] of [["data", train], ["eval", evalData]] as const) {
+      if (d && d.truncated > 0) process.stderr.write(`milora train: ${d.truncated} ${name} examples cut to ${dataOptions.maxLength} tokens${d.dropped > 0 ? `, ${d.dropped} of them dropped (nothing supervised left)` : ""}\n`);
+    }
+
+    gpu = await acquireDevice(opts.backend === undefined ? {} : { backend: opts.backend });
+    await requireHealthyDevice(gpu);
+    const plan = planBase(source.base, { maxLoraRank: Math.max(...spec.experts.map((e) => e.rank)) });
+    const checkpoint = openCheckpoint(dir);
+    const weights = await uploadWeights(gpu.device, checkpoint, plan, Math.min(plan.maxBindingBytes, gpu.report.limits.maxStorageBufferBindingSize ?? plan.maxBindingBytes));
+    checkpoint.close();
+
+    const fresh = initialAdapter(spec, settings.seed, spec.router?.rational ? rationalInit(spec.router.rational) : undefined);
+    const adapter = opts.resume
+      ? checkpointAdapter(opts.resume, fresh)
+      : opts.init
+        ? loadAdapter(opts.init, { name: spec.name, base: source.base, spec })
+        : fresh;
+    mkdirSync(opts.out, { recursive: true });
+    writeFileSync(join(opts.out, "training_args.json"), `${JSON.stringify({ spec: specPath, adapter: spec.name, base: dir, data: opts.data, eval: opts.eval ?? null, init: opts.init ?? null, ...settings }, null, 2)}\n`);
+    const trainer = new Trainer({ device: gpu.device, plan, weights, adapter, kernel: trainKernelResolver(), settings, train: train.examples, ...(evalData ? { eval: evalData.examples } : {}), out: opts.out });
+    if (opts.resume) trainer.restore(opts.resume);
+    process.stderr.write(
+      `milora train: ${spec.name} on ${source.base.name}, ${train.examples.length} examples${evalData ? ` (${evalData.examples.length} eval)` : ""}, ` +
+        `${trainer.totalSteps} steps from step ${trainer.step}; device ${adapterSummary(gpu.report)}\n`,
+    );
+
+    const abort = new AbortController();
+    const onSignal = () => {
+      if (abort.signal.aborted) process.exit(130);
+      process.stderr.write("\nmilora train: interrupted, saving a checkpoint (Ctrl-C again to exit at once)\n");
+      abort.abort();
+    };
+    process.on("SIGINT", onSignal);
+    process.on("SIGTERM", onSignal);
+    const bar = new SingleBar({
+      format: "step {value}/{total} | epoch {epoch} | loss {loss} | lr {lr} | {tps} tok/s | ETA {eta_formatted}",
+      stream: process.stderr,
+      noTTYOutput: false,
+      hideCursor: true,
+    });
+    const showBar = !opts.json && process.stderr.isTTY;
+    if (showBar) bar.start(trainer.totalSteps, trainer.step, { epoch: "0", loss: "-", lr: "-", tps: "-" });
+    let summary;
+    try {
+      summary = await trainer.run(abort.signal, {
+        onStep: (m) => {
+          if (opts.json) process.stdout.write(`${JSON.stringify(m)}\n`);
+          if (showBar) bar.update(m.step, { epoch: m.epoch.toFixed(2), loss: m.loss.toFixed(4), lr: m.lr.toExponential(2), tps: m.tokens_per_s.toFixed(0) });
+        },
+        onEval: (e) => {
+          const line = `eval at step ${e.step}: loss ${e.eval_loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)}${e.best ? " (best)" : ""}`;
+          if (showBar) bar.stop();
+          if (!opts.json) process.stderr.write(`${line}\n`);
+          if (showBar) bar.start(trainer.totalSteps, e.step);
+        },
+      });
+    } finally {
+      if (showBar) bar.stop();
+      process.off("SIGINT", onSignal);
+      process.off("SIGTERM", onSignal);
+      trainer.destroy();
+      weights.destroy();
+    }
+    const where = summary.interrupted ? `checkpoint in ${join(opts.out, "checkpoint")} (continue with --resume ${opts.out})` : `adapter in ${join(opts.out, "adapter")}`;
+    process.stderr.write(
+      `milora train: ${summary.steps} steps in ${summary.seconds.toFixed(1)} s, last loss ${summary.lastLoss.toFixed(4)}` +
+        (summary.bestEvalLoss === undefined ? "" : `, best eval loss ${summary.bestEvalLoss.toFixed(4)} at step ${summary.bestStep}`) +
+        `${summary.stoppedEarly ? " (stopped early)" : ""}; ${where}\n`,
+    );
+    return summary.interrupted ? 130 : 0;
+  } catch (e) {
+    if (e instanceof UsageError) return fail(e.message, 2);
+    if (e instanceof SourceError) return fail(e.message, e.code);
+    if ([DataError, CheckpointError, PlanError, NoAdapterError, DeviceSelfTestError].some((c) => e instanceof c)) return fail((e as Error).message, 1);
+    throw e;
+  } finally {
+    gpu?.destroy();
+  }
+}
+
+function fail(message: string, code: number): number {
+  process.stderr.write(`milora train: ${message}\n`);
+  return code;
+}
+
+/** A Jinja chat template file given with --chat-template. */
+function chatTemplateFile(path: string, dir: string): ChatTemplate {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (e) {
+    throw new UsageError(`--chat-template ${path}: cannot be read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+  }
+  return ChatTemplate.fromText(text, path, dir);
+}

@@ -1,0 +1,89 @@
+// LoRA dropout as PEFT applies it while training: the LoRA branch reads dropout(x), each module with its
+// own mask, inverted (kept values scaled by 1 / (1 - p)). The mask is a counter-based hash of
+// (stream, element index), so it is never stored: the backward regenerates it.
+//   dropout:       out[i] = keep(i) ? x[i] * scale : 0
+//     bindings: x (read), out (read_write);  params: n, stream, threshold, scale
+//   dropout_grad:  acc[i] += keep(i) ? g[i] * scale : 0, then g[i] = 0 (consumed, so the buffer is zero
+//                  for its next use within the same submit)
+//     bindings: g (read_write), acc (read_write);  params: n, stream, threshold, scale
+// keep(i) is pcg(stream ^ pcg(i)) >= threshold with threshold = round(p * 2^32), stream a 32-bit value the
+// trainer derives from (seed, step, micro-batch, layer, module). Grid of ceil(n / 256) workgroups.
+import type { KernelSource } from "./kernel.ts";
+import { pcg } from "./sampling.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+
+const WORKGROUP = 256;
+
+/** The params of both kernels for drop probability `p` on `n` elements of mask stream `stream`. */
+export function dropoutParams(p: number, n: number, stream: number): Record<string, number> {
+  if (!(p >= 0 && p < 1)) throw new Error(`dropout: p must be in [0, 1), got ${p}`);
+  return { n, stream: stream >>> 0, threshold: Math.min(0xffffffff, Math.round(p * 2 ** 32)), scale: 1 / (1 - p) };
+}
+
+/** Whether element `i` of `stream` is kept: the kernels' mask, for references. */
+export function dropoutKeeps(p: number, stream: number, i: number): boolean {
+  return (pcg(((stream >>> 0) ^ pcg(i >>> 0)) >>> 0) >>> 0) >= Math.min(0xffffffff, Math.round(p * 2 ** 32));
+}
+
+const PARAMS = [
+  { name: "n", type: "u32" },
+  { name: "stream", type: "u32" },
+  { name: "threshold", type: "u32" },
+  { name: "scale", type: "f32" },
+] as const;
+
+const KEEP = /* wgsl */ `
+fn pcg(v: u32) -> u32 {
+  let state = v * 747796405u + 2891336453u;
+  let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+  return (word >> 22u) ^ word;
+}
+
+fn keep(i: u32) -> bool {
+  return pcg(params.stream ^ pcg(i)) >= params.threshold;
+}`;
+
+export function dropoutKernel(): KernelSource {
+  return kernelSource({
+    name: "dropout",
+    constants: {},
+    storage: [
+      { name: "x", access: "read", type: "array<f32>" },
+      { name: "out", access: "read_write", type: "array<f32>" },
+    ],
+    params: PARAMS,
+    body: /* wgsl */ `
+${KEEP}
+
+@compute @workgroup_size(${WORKGROUP})
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * ${WORKGROUP}u + lid;
+  if (i >= params.n) { return; }
+  out[i] = select(0.0, x[i] * params.scale, keep(i));
+}`,
+    dispatch: (p) => grid(Math.ceil((p.n ?? 0) / WORKGROUP)),
+  });
+}
+
+export function dropoutGradKernel(): KernelSource {
+  return kernelSource({
+    name: "dropout_grad",
+    constants: {},
+    storage: [
+      { name: "g", access: "read_write", type: "array<f32>" },
+      { name: "acc", access: "read_write", type: "array<f32>" },
+    ],
+    params: PARAMS,
+    body: /* wgsl */ `
+${KEEP}
+
+@compute @workgroup_size(${WORKGROUP})
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * ${WORKGROUP}u + lid;
+  if (i >= params.n) { return; }
+  if (keep(i)) { acc[i] += g[i] * params.scale; }
+  g[i] = 0.0;
+}`,
+    dispatch: (p) => grid(Math.ceil((p.n ?? 0) / WORKGROUP)),
+  });
+}
