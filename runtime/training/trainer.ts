@@ -127,6 +127,11 @@ export class Trainer {
     return this.#step;
   }
 
+  /** The adapter's current weights. */
+  weights(): Promise<LoadedAdapter> {
+    return this.#params.toAdapter();
+  }
+
   /** The examples of optimizer step `step` (from 0): a slice of the epoch's seeded permutation. */
   #examplesOf(step: number): TrainExample[][] {
     const s = this.#o.settings;
