@@ -18,6 +18,12 @@ export async function withSignalsDeferred<T>(work: () => T): Promise<T> {
     await new Promise<void>((done) => setImmediate(done));
     await new Promise<void>((done) => setTimeout(done, 0));
     for (const s of SIGNALS) process.off(s, note);
-    if (caught !== undefined) process.kill(process.pid, caught);
+    if (caught !== undefined) {
+      process.kill(process.pid, caught);
+      // The re-raised signal is delivered asynchronously: keep the process alive until it lands, so the
+      // caller's next lines never run, with an exit as interrupted if it somehow does not.
+      await new Promise<void>((done) => setTimeout(done, 2000));
+      process.exit(128 + (caught === "SIGINT" ? 2 : caught === "SIGHUP" ? 1 : 15));
+    }
   }
 }
