@@ -12,8 +12,8 @@ import { readHfConfig } from "../compiler/hf-config.ts";
 import { EXPERT_MODULES, type Adapter, type RouterConfig } from "../compiler/model.ts";
 import { peftSpec, randomAdapter } from "../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
-import { acquireDevice, adapterSummary } from "../runtime/device.ts";
-import { Engine } from "../runtime/engine.ts";
+import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
+import { Engine } from "../runtime/engine/engine.ts";
 
 const { values } = parseArgs({ options: { hidden: { type: "string", default: "512" }, decode: { type: "string", default: "16" }, prompt: { type: "string", default: "16" }, repeats: { type: "string", default: "2" } } });
 const hidden = Number(values.hidden);

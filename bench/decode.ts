@@ -5,11 +5,11 @@ import { join } from "node:path";
 import { readHfConfig } from "../compiler/hf-config.ts";
 import { kernelSources, layerTensor, type Plan } from "../compiler/plan.ts";
 import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../examples/random-checkpoint.ts";
-import { openCheckpoint } from "../runtime/checkpoint.ts";
-import { acquireDevice, adapterSummary, type GpuContext } from "../runtime/device.ts";
-import { Engine } from "../runtime/engine.ts";
-import { PipelineCache, StepEncoder, createStorage } from "../runtime/kernel-runner.ts";
-import { uploadWeights } from "../runtime/weights.ts";
+import { openCheckpoint } from "../runtime/formats/checkpoint.ts";
+import { acquireDevice, adapterSummary, type GpuContext } from "../runtime/gpu/device.ts";
+import { Engine } from "../runtime/engine/engine.ts";
+import { PipelineCache, StepEncoder, createStorage } from "../runtime/gpu/kernel-runner.ts";
+import { uploadWeights } from "../runtime/engine/weights.ts";
 
 const MODELS: Record<string, RandomCheckpointOptions> = {
   tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1 },

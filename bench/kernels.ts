@@ -5,8 +5,8 @@ import type { KernelSource } from "../compiler/kernels/kernel.ts";
 import { matmulKernel } from "../compiler/kernels/matmul.ts";
 import { matvecKernel } from "../compiler/kernels/matvec.ts";
 import { kernelSource } from "../compiler/kernels/wgsl.ts";
-import { acquireDevice, adapterSummary } from "../runtime/device.ts";
-import { PipelineCache, StepEncoder, createStorage, readBuffer, type BufferArg } from "../runtime/kernel-runner.ts";
+import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
+import { PipelineCache, StepEncoder, createStorage, readBuffer, type BufferArg } from "../runtime/gpu/kernel-runner.ts";
 
 const context = await acquireDevice();
 const device = context.device;

@@ -9,8 +9,8 @@ import { parseArgs } from "node:util";
 import type { KernelSource } from "../compiler/kernels/kernel.ts";
 import { matmulKernel } from "../compiler/kernels/matmul.ts";
 import { MATVEC_GROUP_ROWS, matvecKernel } from "../compiler/kernels/matvec.ts";
-import { acquireDevice, adapterSummary } from "../runtime/device.ts";
-import { PipelineCache, StepEncoder, createStorage } from "../runtime/kernel-runner.ts";
+import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
+import { PipelineCache, StepEncoder, createStorage } from "../runtime/gpu/kernel-runner.ts";
 
 const { values } = parseArgs({ options: { repeats: { type: "string", default: "3" } } });
 const REPEATS = Number(values.repeats);

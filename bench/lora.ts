@@ -6,8 +6,8 @@
 import { parseArgs } from "node:util";
 import { loraExpandKernel, loraShrinkKernel, packLoraSlots } from "../compiler/kernels/lora.ts";
 import { matvecKernel } from "../compiler/kernels/matvec.ts";
-import { acquireDevice, adapterSummary } from "../runtime/device.ts";
-import { PipelineCache, StepEncoder, createStorage } from "../runtime/kernel-runner.ts";
+import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
+import { PipelineCache, StepEncoder, createStorage } from "../runtime/gpu/kernel-runner.ts";
 
 const { values } = parseArgs({ options: { hidden: { type: "string", default: "1024" }, rank: { type: "string", default: "8" }, repeats: { type: "string", default: "5" } } });
 const hidden = Number(values.hidden);

@@ -11,9 +11,9 @@ import { ROUTER_DEFAULTS } from "../compiler/defaults.ts";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type RouterConfig } from "../compiler/model.ts";
 import { peftSpec, randomAdapter } from "../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
-import { acquireDevice, adapterSummary } from "../runtime/device.ts";
-import { Engine } from "../runtime/engine.ts";
-import type { GenerateRequest } from "../runtime/generate.ts";
+import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
+import { Engine } from "../runtime/engine/engine.ts";
+import type { GenerateRequest } from "../runtime/engine/generate.ts";
 
 const { values } = parseArgs({ options: { hidden: { type: "string", default: "512" }, decode: { type: "string", default: "16" }, prompt: { type: "string", default: "16" }, repeats: { type: "string", default: "3" } } });
 const hidden = Number(values.hidden);

@@ -11,8 +11,8 @@ import { checkSource } from "../compiler/check.ts";
 import { readHfConfig } from "../compiler/hf-config.ts";
 import { mulberry32, writeRandomCheckpoint, type RandomCheckpointOptions } from "../examples/random-checkpoint.ts";
 import { writeRandomAdapter, writeRandomPeftAdapter } from "../examples/random-adapter.ts";
-import { acquireDevice, adapterSummary } from "../runtime/device.ts";
-import { startServing } from "../runtime/server/start.ts";
+import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
+import { startServing } from "../runtime/serving/http/start.ts";
 
 const MODELS: Record<string, RandomCheckpointOptions> = {
   tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1, tokenizer: true },

@@ -6,8 +6,8 @@ import { parseArgs } from "node:util";
 import { pathToFileURL } from "node:url";
 import type { Adapter, BaseModel, ExpertModule } from "../compiler/model.ts";
 import { rationalInit } from "../compiler/rational.ts";
-import { loraSlot } from "../runtime/adapter-config.ts";
-import { layerExperts, loraKey, writeAdapter, type LoadedAdapter, type LoraKey, type LoraWeights, type RouterWeights } from "../runtime/adapter.ts";
+import { loraSlot } from "../runtime/formats/adapter-config.ts";
+import { layerExperts, loraKey, writeAdapter, type LoadedAdapter, type LoraKey, type LoraWeights, type RouterWeights } from "../runtime/formats/adapter.ts";
 import { seededNormal } from "./random-checkpoint.ts";
 
 export interface RandomAdapterOptions {

@@ -6,8 +6,8 @@ import { basename, dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { pathToFileURL } from "node:url";
 import type { BaseModel } from "../compiler/model.ts";
-import { INDEX_FILE, SINGLE_FILE, llamaTensorNames } from "../runtime/checkpoint.ts";
-import { DTYPE_BYTES, SafetensorsFile, elementCount, writeSafetensors, type FloatDtype, type TensorToWrite } from "../runtime/safetensors.ts";
+import { INDEX_FILE, SINGLE_FILE, llamaTensorNames } from "../runtime/formats/checkpoint.ts";
+import { DTYPE_BYTES, SafetensorsFile, elementCount, writeSafetensors, type FloatDtype, type TensorToWrite } from "../runtime/formats/safetensors.ts";
 
 export interface RandomCheckpointOptions {
   readonly hiddenSize: number;

@@ -19,7 +19,7 @@ fi
 # 2. A WebGPU adapter. The probe prints the adapter's backend, or exits 1 when there is none.
 probe() {
   node --import tsx --input-type=module -e '
-    import { acquireDevice } from "./runtime/device.ts";
+    import { acquireDevice } from "./runtime/gpu/device.ts";
     try { const c = await acquireDevice(); console.log(c.report.backend); c.destroy(); }
     catch (e) { console.error(e.message); process.exit(1); }
   ' 2>/dev/null

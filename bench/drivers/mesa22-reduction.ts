@@ -5,8 +5,8 @@
 // register across the loop's barriers, and right when it is re-read from workgroup memory.
 //   node --import tsx bench/drivers/mesa22-reduction.ts
 import { kernelSource } from "../../compiler/kernels/wgsl.ts";
-import { acquireDevice, adapterSummary } from "../../runtime/device.ts";
-import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../runtime/kernel-runner.ts";
+import { acquireDevice, adapterSummary } from "../../runtime/gpu/device.ts";
+import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../runtime/gpu/kernel-runner.ts";
 
 const N = 777;
 const STEPS = 8;

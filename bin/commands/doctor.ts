@@ -1,7 +1,7 @@
 // `milora doctor`: which adapter milora gets, with what limits, and whether milora's kernels produce
 // the right numbers on it (bin/commands/self-test.ts).
 import pc from "picocolors";
-import { acquireDevice, adapterSummary, NoAdapterError, type GpuContext } from "../../runtime/device.ts";
+import { acquireDevice, adapterSummary, NoAdapterError, type GpuContext } from "../../runtime/gpu/device.ts";
 import { runSelfTest } from "./self-test.ts";
 
 export async function doctorCommand(opts: { backend?: string; json?: boolean }): Promise<number> {

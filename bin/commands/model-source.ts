@@ -8,11 +8,11 @@ import { BASE_KEYS, BASE_KEY_NAMES } from "../../compiler/base-keys.ts";
 import { checkFiles } from "../../compiler/check.ts";
 import { readHfConfig } from "../../compiler/hf-config.ts";
 import type { Adapter, BaseModel } from "../../compiler/model.ts";
-import { CONFIG_FILE } from "../../runtime/checkpoint.ts";
-import type { EngineOptions } from "../../runtime/engine.ts";
-import { PackageError, readCompiledPackage, type CompiledPackage } from "../../runtime/package-loader.ts";
-import { CheckpointError } from "../../runtime/safetensors.ts";
-import type { ServingSetup } from "../../runtime/server/start.ts";
+import { CONFIG_FILE } from "../../runtime/formats/checkpoint.ts";
+import type { EngineOptions } from "../../runtime/engine/engine.ts";
+import { PackageError, readCompiledPackage, type CompiledPackage } from "../../runtime/package/loader.ts";
+import { CheckpointError } from "../../runtime/formats/safetensors.ts";
+import type { ServingSetup } from "../../runtime/serving/http/start.ts";
 
 /** A source that cannot be used; `code` is the exit status (1 bad input, 2 bad usage). */
 export class SourceError extends Error {

@@ -2,22 +2,22 @@
 // base model, alone or once per adapter (tenants batched together), and reports each one's routing and
 // the speed. The base comes from the spec or compiled package when one is given (see model-source.ts),
 // else from DIR/config.json; a package runs its own plan and kernel files. `--beams N` decodes by beam
-// search (runtime/beam-search.ts, Hugging Face's meaning of num_beams, length_penalty, early_stopping and
+// search (runtime/engine/beam-search.ts, Hugging Face's meaning of num_beams, length_penalty, early_stopping and
 // num_return_sequences); tokens/s then counts one token of the returned sequence per decode step.
 import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
 import { basename, resolve } from "node:path";
 import { PlanError } from "../../compiler/plan.ts";
-import { loadAdapter, type LoadedAdapter } from "../../runtime/adapter.ts";
-import { AdapterStoreError } from "../../runtime/adapter-store.ts";
-import { NoAdapterError, adapterSummary } from "../../runtime/device.ts";
-import { Engine, EngineError } from "../../runtime/engine.ts";
-import { checkBeamOptions, type BeamSearchOptions } from "../../runtime/beam-search.ts";
-import type { GenerateRequest, Generation } from "../../runtime/generate.ts";
-import type { LayerRouting } from "../../runtime/routing.ts";
-import { CheckpointError } from "../../runtime/safetensors.ts";
-import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/sequence.ts";
-import { Tokenizer } from "../../runtime/tokenizer.ts";
+import { loadAdapter, type LoadedAdapter } from "../../runtime/formats/adapter.ts";
+import { AdapterStoreError } from "../../runtime/engine/tenants.ts";
+import { NoAdapterError, adapterSummary } from "../../runtime/gpu/device.ts";
+import { Engine, EngineError } from "../../runtime/engine/engine.ts";
+import { checkBeamOptions, type BeamSearchOptions } from "../../runtime/engine/beam-search.ts";
+import type { GenerateRequest, Generation } from "../../runtime/engine/generate.ts";
+import type { LayerRouting } from "../../runtime/engine/routing.ts";
+import { CheckpointError } from "../../runtime/formats/safetensors.ts";
+import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/engine/sequence.ts";
+import { Tokenizer } from "../../runtime/text/tokenizer.ts";
 import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
 import { SourceError, adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
 

@@ -8,8 +8,8 @@ import { matvecKernel } from "../../compiler/kernels/matvec.ts";
 import { rmsNormKernel } from "../../compiler/kernels/rmsnorm.ts";
 import { sampleCpu } from "../../compiler/kernels/sampling-cpu.ts";
 import { packSamplingSettings, samplingKernel, type SamplingSettings } from "../../compiler/kernels/sampling.ts";
-import type { GpuContext } from "../../runtime/device.ts";
-import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../runtime/kernel-runner.ts";
+import type { GpuContext } from "../../runtime/gpu/device.ts";
+import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../runtime/gpu/kernel-runner.ts";
 
 export interface KernelCheck {
   readonly kernel: string;

@@ -6,10 +6,10 @@
 // from DIR/config.json, with plain PEFT adapters.
 import { existsSync, statSync } from "node:fs";
 import { PlanError } from "../../compiler/plan.ts";
-import { NoAdapterError, adapterSummary } from "../../runtime/device.ts";
-import { EngineError } from "../../runtime/engine.ts";
-import { CheckpointError } from "../../runtime/safetensors.ts";
-import { startServing, type ServingSetup } from "../../runtime/server/start.ts";
+import { NoAdapterError, adapterSummary } from "../../runtime/gpu/device.ts";
+import { EngineError } from "../../runtime/engine/engine.ts";
+import { CheckpointError } from "../../runtime/formats/safetensors.ts";
+import { startServing, type ServingSetup } from "../../runtime/serving/http/start.ts";
 import { SourceError, modelSource, servingOptions, type ModelSource } from "./model-source.ts";
 import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
 

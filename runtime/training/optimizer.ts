@@ -4,7 +4,7 @@
 // the norm comes back for the metrics log.
 import { NORM_PARTIALS_PER_BUFFER } from "../../compiler/kernels/grad-norm.ts";
 import { adamwParams } from "../../compiler/kernels/optimizer.ts";
-import { StepEncoder, createStorage, type PipelineCache } from "../kernel-runner.ts";
+import { StepEncoder, createStorage, type PipelineCache } from "../gpu/kernel-runner.ts";
 import type { TrainKernelResolver } from "./kernels.ts";
 import type { TrainTensor } from "./params.ts";
 

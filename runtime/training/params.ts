@@ -4,8 +4,8 @@
 // read. The base is not here: it is frozen, so no gradient or optimizer state exists for it.
 import { packLoraSlots } from "../../compiler/kernels/lora.ts";
 import type { Adapter, ExpertModule } from "../../compiler/model.ts";
-import { loraKey, type LoadedAdapter, type LoraWeights, type RouterWeights } from "../adapter.ts";
-import { createStorage, readBuffer } from "../kernel-runner.ts";
+import { loraKey, type LoadedAdapter, type LoraWeights, type RouterWeights } from "../formats/adapter.ts";
+import { createStorage, readBuffer } from "../gpu/kernel-runner.ts";
 
 /** One trainable f32 tensor: values, gradient, and the optimizer's two moments, all [count]. */
 export interface TrainTensor {

@@ -6,10 +6,10 @@
 import { appendFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Plan } from "../../compiler/plan.ts";
-import { loadAdapter, writeAdapter, type LoadedAdapter } from "../adapter.ts";
-import { PipelineCache, readBuffer } from "../kernel-runner.ts";
-import { SafetensorsFile, writeSafetensors } from "../safetensors.ts";
-import type { GpuWeights } from "../weights.ts";
+import { loadAdapter, writeAdapter, type LoadedAdapter } from "../formats/adapter.ts";
+import { PipelineCache, readBuffer } from "../gpu/kernel-runner.ts";
+import { SafetensorsFile, writeSafetensors } from "../formats/safetensors.ts";
+import type { GpuWeights } from "../engine/weights.ts";
 import { IGNORE_INDEX, type TrainExample } from "./data.ts";
 import { TrainingGraph, packBatch } from "./graph.ts";
 import type { TrainKernelResolver } from "./kernels.ts";

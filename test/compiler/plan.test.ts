@@ -4,7 +4,7 @@ import * as assert from "uvu/assert";
 import { checkFiles } from "../../compiler/check.ts";
 import { PlanError, kernelSources, planBase, type PlanOp } from "../../compiler/plan.ts";
 import { randomCheckpointBase } from "../../examples/random-checkpoint.ts";
-import { llamaTensorNames } from "../../runtime/checkpoint.ts";
+import { llamaTensorNames } from "../../runtime/formats/checkpoint.ts";
 
 const gqa = randomCheckpointBase({
   hiddenSize: 64,

@@ -2,7 +2,7 @@
 // its BeamSearchScorer and BeamHypotheses (the 4.36-4.46 form, batch of one, decoder-only), for
 // clarity rather than speed: every beam is a full token list, the first step runs all beams with
 // scores (0, -1e9, ...), candidates are a top-k over the flattened [beams * vocab] scores. The engine's
-// runtime/beam-search.ts is measured against it.
+// runtime/engine/beam-search.ts is measured against it.
 import { referenceLogits, type LinearFn, type ReferenceWeights } from "./llama.ts";
 import type { BaseModel } from "../../compiler/model.ts";
 

@@ -2,7 +2,7 @@
 // the oracle every GPU kernel and the engine are measured against. Full recompute, no KV cache.
 import { readHfConfig } from "../../compiler/hf-config.ts";
 import { MODULE_PATHS, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
-import { llamaTensorNames, openCheckpoint } from "../../runtime/checkpoint.ts";
+import { llamaTensorNames, openCheckpoint } from "../../runtime/formats/checkpoint.ts";
 
 /** Rows of a matrix, one Float64Array per token. */
 export type Rows = Float64Array[];

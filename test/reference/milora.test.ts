@@ -4,7 +4,7 @@ import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
 import type { Adapter, ExpertModule, RouterConfig, Selection } from "../../compiler/model.ts";
 import { peftSpec, randomAdapter } from "../../examples/random-adapter.ts";
 import { randomCheckpointBase, randomWeights } from "../../examples/random-checkpoint.ts";
-import type { LoadedAdapter, RouterWeights } from "../../runtime/adapter.ts";
+import type { LoadedAdapter, RouterWeights } from "../../runtime/formats/adapter.ts";
 import { referenceLogits, softmax, weightsFromMap } from "./llama.ts";
 import { activate, erf, foldLora, gelu, pool, rational, referenceMiloraGreedy, referenceMiloraLogits, routerGates, select, type RoutingDecision } from "./milora.ts";
 

@@ -5,7 +5,7 @@
 // TopK(softmax(g(h) W_r)) (eq. 3), the rational activation (eq. 6). Full recompute, no KV cache.
 import { MODULE_PATHS, type Activation, type BaseModel, type ExpertModule, type Pooling, type RouterConfig, type Selection } from "../../compiler/model.ts";
 import { rationalInit } from "../../compiler/rational.ts";
-import { loraKey, type LoadedAdapter, type RationalWeights, type RouterWeights } from "../../runtime/adapter.ts";
+import { loraKey, type LoadedAdapter, type RationalWeights, type RouterWeights } from "../../runtime/formats/adapter.ts";
 import { argmax, baseLinear, decoderLayer, matmulTransposed, rmsNorm, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
 
 /** Gates of one layer's modules; a module left out has gate 0 (its LoRA is skipped). */

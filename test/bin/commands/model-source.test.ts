@@ -8,7 +8,7 @@ import * as assert from "uvu/assert";
 import type { Adapter } from "../../../compiler/model.ts";
 import { planBase, plannedKey, routerKernelRequests } from "../../../compiler/plan.ts";
 import { modelSource, planOptions } from "../../../bin/commands/model-source.ts";
-import { adapterSpecFromPeft } from "../../../runtime/adapter.ts";
+import { adapterSpecFromPeft } from "../../../runtime/formats/adapter.ts";
 import { writeRandomPeftAdapter } from "../../../examples/random-adapter.ts";
 
 const spec = new URL("../../../examples/llama-tiny.milora", import.meta.url).pathname;

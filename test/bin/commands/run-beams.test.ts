@@ -8,7 +8,7 @@ import { promisify } from "node:util";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { PRESETS, writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
-import { Tokenizer } from "../../../runtime/tokenizer.ts";
+import { Tokenizer } from "../../../runtime/text/tokenizer.ts";
 import { referenceBeamSearch, referenceNextLogprobs } from "../../reference/beam.ts";
 import { loadReferenceWeights } from "../../reference/llama.ts";
 

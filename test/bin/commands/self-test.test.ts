@@ -3,7 +3,7 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { DeviceSelfTestError, judgeSelfTest, runSelfTest, type SelfTestReport } from "../../../bin/commands/self-test.ts";
-import { acquireDevice } from "../../../runtime/device.ts";
+import { acquireDevice } from "../../../runtime/gpu/device.ts";
 
 test("this device passes every kernel check: matvec, rmsnorm, attention, sampling with top-k and top-p", async () => {
   const ctx = await acquireDevice();

@@ -11,7 +11,7 @@ export const repo = resolve(".");
 export function buildRuntime(): void {
   const started = Date.now();
   const build = spawnSync("npm", ["run", "--silent", "build"], { cwd: repo, encoding: "utf8" });
-  for (const entry of ["dist/runtime/package-loader.js", "dist/runtime/package-cli.js", "dist/runtime/package-loader.d.ts"]) {
+  for (const entry of ["dist/runtime/package/loader.js", "dist/runtime/package/cli.js", "dist/runtime/package/loader.d.ts"]) {
     const path = join(repo, entry);
     if (!existsSync(path) || statSync(path).mtimeMs < started - 1000) throw new Error(`npm run build did not write ${entry}:\n${build.stdout}${build.stderr}`);
   }

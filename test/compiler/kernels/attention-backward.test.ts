@@ -9,7 +9,7 @@ import {
   attentionBackwardStatsKernel,
 } from "../../../compiler/kernels/attention-backward.ts";
 import { attentionTrainKernel, sequenceBounds } from "../../../compiler/kernels/attention-train.ts";
-import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { attentionBackward, attentionForward, type AttentionShape } from "../../reference/attention-gradients.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
 

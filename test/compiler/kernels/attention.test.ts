@@ -5,7 +5,7 @@ import * as assert from "uvu/assert";
 import { attentionKernel } from "../../../compiler/kernels/attention.ts";
 import { kvWriteKernel } from "../../../compiler/kernels/kv-write.ts";
 import { ropeInverseFrequencies, ropeKernel } from "../../../compiler/kernels/rope.ts";
-import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, runOnce, seeded } from "./gpu-check.ts";
 
 const gpu = await openGpu();

@@ -1,8 +1,8 @@
 // Shared by the kernel tests: seeded inputs, the relative-error measure, and one-call kernel runs with
 // every output poisoned (NaN) beforehand so an unwritten element cannot pass for a right one.
 import type { KernelSource } from "../../../compiler/kernels/kernel.ts";
-import { acquireDevice, type GpuContext } from "../../../runtime/device.ts";
-import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { acquireDevice, type GpuContext } from "../../../runtime/gpu/device.ts";
+import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { mulberry32 } from "../../../examples/random-checkpoint.ts";
 
 export interface Gpu {

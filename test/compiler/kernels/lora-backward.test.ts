@@ -7,7 +7,7 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { loraBackwardInputKernel, loraGradAKernel, loraGradBKernel } from "../../../compiler/kernels/lora-backward.ts";
 import { NO_ADAPTER, packLoraSlots, type LoraConstants, type LoraSlotInfo } from "../../../compiler/kernels/lora.ts";
-import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { loraBackward, linearForward } from "../../reference/gradients.ts";
 import { openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
 

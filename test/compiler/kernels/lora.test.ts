@@ -2,7 +2,7 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { NO_ADAPTER, loraExpandKernel, loraShrinkKernel, packLoraSlots, type LoraConstants, type LoraSlotInfo } from "../../../compiler/kernels/lora.ts";
-import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
 
 const gpu = await openGpu();

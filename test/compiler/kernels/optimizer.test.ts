@@ -4,7 +4,7 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { NORM_PARTIALS_PER_BUFFER, gradClipKernel, gradSquaresKernel } from "../../../compiler/kernels/grad-norm.ts";
 import { adamwKernel, adamwParams, sgdKernel, type AdamWSettings } from "../../../compiler/kernels/optimizer.ts";
-import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { adamwStep, clipFactor, globalNorm, sgdStep } from "../../reference/optimizer.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, seeded, type Gpu } from "./gpu-check.ts";
 

@@ -5,7 +5,7 @@ import * as assert from "uvu/assert";
 import { sequencePositions } from "../../../compiler/kernels/attention-train.ts";
 import { ropeBackwardKernel } from "../../../compiler/kernels/rope-backward.ts";
 import { ropeKernel } from "../../../compiler/kernels/rope.ts";
-import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { ropeBackward } from "../../reference/rope-gradients.ts";
 import { openGpu, randomFloats, relativeError, runOnce, seeded } from "./gpu-check.ts";
 

@@ -23,7 +23,7 @@ import {
   type RouterTrainConstants,
 } from "../../../compiler/kernels/router-train.ts";
 import { kernelSource } from "../../../compiler/kernels/wgsl.ts";
-import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { geluDerivative, routerTrainReference } from "../../reference/router-train.ts";
 import { openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
 

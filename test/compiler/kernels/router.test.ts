@@ -8,7 +8,7 @@ import * as assert from "uvu/assert";
 import { routerGateKernel, routerPoolKernel, routerScoreKernel } from "../../../compiler/kernels/router.ts";
 import type { Activation, Pooling, Selection } from "../../../compiler/model.ts";
 import { GELU_RATIONAL, RATIONAL_DEFAULT_ORDERS, type RationalOrders } from "../../../compiler/rational.ts";
-import { createStorage, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, seeded, type Gpu } from "./gpu-check.ts";
 
 const gpu = await openGpu();

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
-import { Tokenizer } from "../../../runtime/tokenizer.ts";
+import { Tokenizer } from "../../../runtime/text/tokenizer.ts";
 import { DataError, IGNORE_INDEX as I, loadTrainData, type ChatRenderer } from "../../../runtime/training/data.ts";
 
 const root = mkdtempSync(join(tmpdir(), "milora-data-"));

@@ -15,13 +15,13 @@ import { planBase } from "../../../compiler/plan.ts";
 import { trainKernelResolver } from "../../../compiler/train-kernels.ts";
 import { peftSpec, randomAdapter } from "../../../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
-import { openCheckpoint } from "../../../runtime/checkpoint.ts";
-import { acquireDevice } from "../../../runtime/device.ts";
-import { PipelineCache, readBuffer } from "../../../runtime/kernel-runner.ts";
+import { openCheckpoint } from "../../../runtime/formats/checkpoint.ts";
+import { acquireDevice } from "../../../runtime/gpu/device.ts";
+import { PipelineCache, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { IGNORE_INDEX as I } from "../../../runtime/training/data.ts";
 import { TrainingGraph, packBatch } from "../../../runtime/training/graph.ts";
 import { TrainableParams } from "../../../runtime/training/params.ts";
-import { uploadWeights } from "../../../runtime/weights.ts";
+import { uploadWeights } from "../../../runtime/engine/weights.ts";
 import { loadReferenceWeights, moduleShape } from "../../reference/llama.ts";
 import { referenceTrainLoss, type ReferenceLora } from "../../reference/train.ts";
 

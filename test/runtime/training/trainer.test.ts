@@ -11,13 +11,13 @@ import { planBase } from "../../../compiler/plan.ts";
 import { trainKernelResolver } from "../../../compiler/train-kernels.ts";
 import { peftSpec, randomAdapter } from "../../../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
-import type { LoadedAdapter } from "../../../runtime/adapter.ts";
-import { openCheckpoint } from "../../../runtime/checkpoint.ts";
-import { acquireDevice } from "../../../runtime/device.ts";
+import type { LoadedAdapter } from "../../../runtime/formats/adapter.ts";
+import { openCheckpoint } from "../../../runtime/formats/checkpoint.ts";
+import { acquireDevice } from "../../../runtime/gpu/device.ts";
 import { IGNORE_INDEX as I, type TrainExample } from "../../../runtime/training/data.ts";
 import { OPTIMIZER_DEFAULTS, type OptimizerSettings } from "../../../runtime/training/optimizer.ts";
 import { Trainer, checkpointAdapter, type TrainSettings } from "../../../runtime/training/trainer.ts";
-import { uploadWeights } from "../../../runtime/weights.ts";
+import { uploadWeights } from "../../../runtime/engine/weights.ts";
 import { loadReferenceWeights } from "../../reference/llama.ts";
 import { referenceTrainLoss, type ReferenceLora } from "../../reference/train.ts";
 

@@ -1,0 +1,188 @@
+// The GPU adapter store: several adapters (tenants) resident at once over one base, addressed by
+// name. Each (layer, module) holds every slot's LoRA stacked as the LoRA kernels read it
+// (compiler/kernels/lora.ts): A [slots, R, in], B [slots, out, R] zero past a slot's rank, and per slot
+// { rank, scaling }, with rank 0 for a module the adapter lacks. Router weights stay per adapter.
+import { packLoraSlots, type LoraSlotInfo } from "../../compiler/kernels/lora.ts";
+import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
+import type { Plan } from "../../compiler/plan.ts";
+import { rationalInit } from "../../compiler/rational.ts";
+import { loraKey, type LoadedAdapter, type RouterWeights } from "../formats/adapter.ts";
+import { createStorage } from "../gpu/kernel-runner.ts";
+
+/** An adapter the store cannot take (wrong base, rank too high, no free slot, name in use). */
+export class AdapterStoreError extends Error {
+  override name = "AdapterStoreError";
+}
+
+/** One module's stacked LoRA weights of every slot. */
+export interface StackedLora {
+  readonly a: GPUBuffer;
+  readonly b: GPUBuffer;
+  readonly slots: GPUBuffer;
+}
+
+/**
+ * A layer's router on the GPU: gate [experts, hidden]; for attention pooling the pooler's w_sa [hidden];
+ * for the rational activation its coefficients a_0..a_m, b_1..b_n in one buffer.
+ */
+export interface GpuRouter {
+  readonly gate: GPUBuffer;
+  readonly experts: readonly ExpertModule[];
+  readonly pooler?: GPUBuffer;
+  readonly rational?: GPUBuffer;
+}
+
+export interface ResidentAdapter {
+  readonly name: string;
+  /** Its index in every stacked buffer (the LoRA kernels' rowAdapter value). */
+  readonly slot: number;
+  readonly adapter: LoadedAdapter;
+  /** By layer; empty for plain LoRA. */
+  readonly routers: ReadonlyMap<number, GpuRouter>;
+  /** Whether the adapter has a LoRA on (layer, module): other modules are never dispatched for it. */
+  has(layer: number, module: ExpertModule): boolean;
+}
+
+export class AdapterStore {
+  readonly #device: GPUDevice;
+  readonly #plan: Plan;
+  readonly #stacks: StackedLora[][];
+  readonly #resident = new Map<string, ResidentAdapter>();
+  readonly #free: number[];
+
+  constructor(
+    device: GPUDevice,
+    plan: Plan,
+    readonly slots: number,
+  ) {
+    this.#device = device;
+    this.#plan = plan;
+    const R = plan.maxLoraRank;
+    this.#stacks = Array.from({ length: plan.dims.layers }, (_, layer) =>
+      EXPERT_MODULES.map((m) => {
+        const [out, inF] = moduleShape(plan, m);
+        const label = `lora layer ${layer} ${m}`;
+        return {
+          a: createStorage(device, slots * R * inF * 4, `${label} A`),
+          b: createStorage(device, slots * out * R * 4, `${label} B`),
+          slots: createStorage(device, slots * 8, `${label} slots`),
+        };
+      }),
+    );
+    this.#free = Array.from({ length: slots }, (_, i) => slots - 1 - i);
+  }
+
+  /** Uploads an adapter into a free slot. Throws AdapterStoreError naming what does not fit. */
+  add(adapter: LoadedAdapter): ResidentAdapter {
+    const { name, spec } = adapter;
+    if (this.#resident.has(name)) throw new AdapterStoreError(`an adapter named "${name}" is already loaded`);
+    const problems = this.#problems(adapter);
+    if (problems.length > 0) throw new AdapterStoreError(`adapter ${name} (spec ${spec.name}) cannot be served:\n${problems.map((p) => `  ${p}`).join("\n")}`);
+    const slot = this.#free.pop();
+    if (slot === undefined) throw new AdapterStoreError(`all ${this.slots} adapter slots are in use: unload one first`);
+    const R = this.#plan.maxLoraRank;
+    const queue = this.#device.queue;
+    for (let layer = 0; layer < this.#plan.dims.layers; layer++) {
+      EXPERT_MODULES.forEach((m, mi) => {
+        const w = adapter.lora.get(loraKey(layer, m));
+        const stack = this.#stacks[layer]![mi]!;
+        const [out, inF] = moduleShape(this.#plan, m);
+        let info: LoraSlotInfo = { rank: 0, scaling: 0 };
+        if (w) {
+          queue.writeBuffer(stack.a, slot * R * inF * 4, w.a);
+          // B's rows padded to R columns with zeros, as the expand kernel requires.
+          const b = new Float32Array(out * R);
+          for (let o = 0; o < out; o++) b.set(w.b.subarray(o * w.rank, (o + 1) * w.rank), o * R);
+          queue.writeBuffer(stack.b, slot * out * R * 4, b);
+          info = { rank: w.rank, scaling: w.scaling };
+        }
+        queue.writeBuffer(stack.slots, slot * 8, packLoraSlots([info]));
+      });
+    }
+    const routers = new Map<number, GpuRouter>();
+    // The rational activation's coefficients, a then b: the adapter's, else the GELU-fit initialisation.
+    const orders = spec.router?.activation === "rational" ? spec.router.rational : undefined;
+    const rational = orders && ((r: RouterWeights) => {
+      const c = r.rational ?? rationalInit(orders);
+      return Float32Array.of(...c.numerator, ...c.denominator);
+    });
+    for (const [layer, r] of adapter.router ?? []) {
+      const label = `router ${name} layer ${layer}`;
+      routers.set(layer, {
+        gate: createStorage(this.#device, r.gate, `${label} gate`),
+        experts: r.experts,
+        ...(r.pooler ? { pooler: createStorage(this.#device, r.pooler, `${label} pooler`) } : {}),
+        ...(rational ? { rational: createStorage(this.#device, rational(r), `${label} rational`) } : {}),
+      });
+    }
+    const resident: ResidentAdapter = { name, slot, adapter, routers, has: (layer, m) => adapter.lora.has(loraKey(layer, m)) };
+    this.#resident.set(name, resident);
+    return resident;
+  }
+
+  /** Frees an adapter's slot (its stale weights stay but no row points at them). */
+  remove(name: string): void {
+    const r = this.#resident.get(name);
+    if (!r) throw new AdapterStoreError(`no adapter named "${name}" is loaded`);
+    for (const router of r.routers.values()) for (const b of [router.gate, router.pooler, router.rational]) b?.destroy();
+    this.#resident.delete(name);
+    this.#free.push(r.slot);
+  }
+
+  get(name: string): ResidentAdapter | undefined {
+    return this.#resident.get(name);
+  }
+
+  names(): string[] {
+    return [...this.#resident.keys()];
+  }
+
+  /** The stacked buffers of one (layer, module). */
+  stack(layer: number, module: ExpertModule): StackedLora {
+    return this.#stacks[layer]![EXPERT_MODULES.indexOf(module)]!;
+  }
+
+  destroy(): void {
+    for (const name of this.names()) this.remove(name);
+    for (const s of this.#stacks.flat()) for (const b of [s.a, s.b, s.slots]) b.destroy();
+  }
+
+  #problems(adapter: LoadedAdapter): string[] {
+    const d = this.#plan.dims;
+    const base = adapter.spec.base;
+    const problems: string[] = [];
+    const pairs: [string, number, number][] = [
+      ["hidden_size", base.hiddenSize, d.hidden],
+      ["layers", base.layers, d.layers],
+      ["intermediate_size", base.intermediateSize, d.intermediate],
+      ["heads", base.heads, d.heads],
+      ["kv_heads", base.kvHeads, d.kvHeads],
+    ];
+    for (const [key, theirs, ours] of pairs) if (theirs !== ours) problems.push(`its base ${base.name} has ${key} ${theirs}, the engine's ${this.#plan.base} ${ours}`);
+    for (const e of adapter.spec.experts) {
+      if (e.rank > this.#plan.maxLoraRank) {
+        problems.push(`layer ${e.layer} ${e.module} has rank ${e.rank}, above the engine's largest LoRA rank ${this.#plan.maxLoraRank} (option maxLoraRank)`);
+      }
+    }
+    return problems;
+  }
+}
+
+/** [out, in] of a module's weight in the plan's dimensions. */
+function moduleShape(plan: Plan, module: ExpertModule): [number, number] {
+  const { hidden, qWidth, kvWidth, intermediate } = plan.dims;
+  switch (module) {
+    case "q_proj":
+      return [qWidth, hidden];
+    case "k_proj":
+    case "v_proj":
+      return [kvWidth, hidden];
+    case "o_proj":
+      return [hidden, qWidth];
+    case "gate_proj":
+    case "up_proj":
+      return [intermediate, hidden];
+    case "down_proj":
+      return [hidden, intermediate];
+  }
+}

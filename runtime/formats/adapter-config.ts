@@ -1,0 +1,435 @@
+// adapter_config.json: Hugging Face PEFT's LoRA config, plus a `milora` section for routed adapters.
+// Reading turns it into the Adapter spec it describes (with PEFT's rules for target_modules,
+// layers_to_transform, rank_pattern and alpha_pattern); writing does the reverse for a spec.
+import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { RE2JS } from "re2js";
+import type { Span } from "../../grammar/ast.ts";
+import {
+  EXPERT_MODULES,
+  MODULE_PATHS,
+  type Activation,
+  type Adapter,
+  type BaseModel,
+  type ExpertModule,
+  type ExpertSlot,
+  type LoraOptions,
+  type Pooling,
+  type RouterConfig,
+  type RoutingTime,
+  type Selection,
+} from "../../compiler/model.ts";
+import { MAX_LAYERS, MAX_RANK } from "../../compiler/limits.ts";
+import { moduleShape } from "../../compiler/modules.ts";
+import { RATIONAL_ORDER_LIMITS } from "../../compiler/rational.ts";
+import { CheckpointError } from "./safetensors.ts";
+
+export const ADAPTER_CONFIG_FILE = "adapter_config.json";
+/**
+ * Version of the `milora` section this code reads and writes. 2: the paper's router (self-attention
+ * pooler w_sa, un-renormalised top-k gates unless `renormalize`, activation after pooling, rational
+ * activation). Version 1 files are refused with what changed (see version1Message).
+ */
+export const MILORA_SECTION_VERSION = 2;
+
+
+/** A module's name inside the base model, the string PEFT matches its patterns against. */
+function modulePath(layer: number, module: ExpertModule): string {
+  return `model.layers.${layer}.${MODULE_PATHS[module]}`;
+}
+
+/** The LoRA update's multiplier: alpha / r, or alpha / sqrt(r) with rsLoRA. */
+export function loraScaling(rank: number, alpha: number, rslora: boolean): number {
+  return rslora ? alpha / Math.sqrt(rank) : alpha / rank;
+}
+
+/** One expert slot of a base with the given LoRA options; the shape comes from the base. */
+export function loraSlot(base: BaseModel, layer: number, module: ExpertModule, o: Omit<LoraOptions, "scaling">): ExpertSlot {
+  return { layer, module, ...moduleShape(base, module), ...o, scaling: loraScaling(o.rank, o.alpha, o.rslora) };
+}
+
+/** Keys a rank_pattern or alpha_pattern may have: above one per module of the largest base milora accepts. */
+const MAX_PATTERN_KEYS = 8192;
+
+/** PEFT's LoraConfig defaults, for fields a config leaves out. */
+const PEFT_DEFAULTS = { r: 8, loraAlpha: 8, loraDropout: 0 } as const;
+
+/** The `milora` section: what a routed adapter adds to PEFT's fields. */
+export interface MiloraSection {
+  readonly version: number;
+  /** specHash of the spec the adapter was made for (provenance; not needed to load it). */
+  readonly specHash: string;
+  /** The adapter's name in its spec. */
+  readonly adapter: string;
+  readonly router: RouterConfig;
+  /** Enabled modules per layer, in EXPERT_MODULES order: the rows of that layer's router. */
+  readonly experts: ReadonlyMap<number, readonly ExpertModule[]>;
+}
+
+/** The fields of a PEFT LoRA config that milora reads, validated. */
+export interface PeftLoraConfig {
+  readonly path: string;
+  readonly baseModel: string | null;
+  readonly r: number;
+  readonly loraAlpha: number;
+  readonly loraDropout: number;
+  /** A list of module-name suffixes, or one regular expression matched against the whole module path. */
+  readonly targetModules: readonly string[] | string;
+  readonly layersToTransform: readonly number[] | null;
+  readonly rankPattern: Readonly<Record<string, number>>;
+  readonly alphaPattern: Readonly<Record<string, number>>;
+  readonly useRslora: boolean;
+  readonly milora?: MiloraSection;
+}
+
+/** Reads and validates `dir`/adapter_config.json; every problem is one CheckpointError naming the file. */
+export function readAdapterConfig(dir: string): PeftLoraConfig {
+  const path = `${dir}/${ADAPTER_CONFIG_FILE}`;
+  let json: unknown;
+  try {
+    json = JSON.parse(readFileSync(path, "utf8"));
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === "ENOENT" ? "missing" : code ? `cannot read (${code})` : `not valid JSON (${(e as Error).message})`;
+    throw new CheckpointError(`${path}: ${why}`);
+  }
+  return parseAdapterConfig(json, path);
+}
+
+function parseAdapterConfig(json: unknown, path: string): PeftLoraConfig {
+  const fail = (what: string): never => {
+    throw new CheckpointError(`${path}: ${what}`);
+  };
+  if (!isObject(json)) return fail("not a JSON object");
+  const field = <T>(key: string, ok: (v: unknown) => v is T, want: string, fallback?: T): T => {
+    const v = json[key];
+    if ((v === undefined || v === null) && fallback !== undefined) return fallback;
+    return ok(v) ? v : fail(`"${key}" must be ${want}, got ${JSON.stringify(v)}`);
+  };
+  const peftType = field("peft_type", isString, "a string", "LORA");
+  if (peftType !== "LORA") fail(`peft_type ${peftType} is not supported (only LORA)`);
+  for (const [key, unsupported] of [
+    ["use_dora", true],
+    ["fan_in_fan_out", true],
+  ] as const) {
+    if (json[key] === unsupported) fail(`"${key}": ${unsupported} is not supported`);
+  }
+  const bias = json.bias ?? "none";
+  if (bias !== "none") fail(`"bias": ${JSON.stringify(bias)} is not supported (only "none")`);
+  const layersRaw = json.layers_to_transform ?? null;
+  const layersToTransform =
+    layersRaw === null ? null : isCount(layersRaw) ? [layersRaw] : Array.isArray(layersRaw) && layersRaw.every(isCount) ? layersRaw : fail(`"layers_to_transform" must be a layer number or a list of them, got ${JSON.stringify(layersRaw)}`);
+  if (layersToTransform !== null && layersToTransform.length > MAX_LAYERS) fail(`"layers_to_transform" lists ${layersToTransform.length} layers; milora's largest base has ${MAX_LAYERS}`);
+  const targets = json.target_modules;
+  const targetModules = isString(targets) ? targets : Array.isArray(targets) && targets.length > 0 && targets.every(isString) ? targets : fail(`"target_modules" must be a regular expression or a non-empty list of module names, got ${JSON.stringify(targets)}`);
+  const patterns = (key: string) => field(key, isNumberRecord, "an object of pattern -> number", {});
+  const config: PeftLoraConfig = {
+    path,
+    baseModel: field<string | null>("base_model_name_or_path", (v): v is string | null => v === null || isString(v), "a string", null),
+    r: field("r", isPositiveInt, "a positive integer", PEFT_DEFAULTS.r),
+    loraAlpha: field("lora_alpha", isPositive, "a positive number", PEFT_DEFAULTS.loraAlpha),
+    loraDropout: field("lora_dropout", isProbability, "a number from 0 to 1", PEFT_DEFAULTS.loraDropout),
+    targetModules,
+    layersToTransform,
+    rankPattern: patterns("rank_pattern"),
+    alphaPattern: patterns("alpha_pattern"),
+    useRslora: field("use_rslora", isBoolean, "true or false", false),
+  };
+  // every pattern is compiled now, so a bad one is reported whether or not a module would reach it
+  if (isString(targetModules) && targetModules !== "all-linear") compilePattern(targetModules, targetModules, "target_modules", path);
+  for (const table of ["rank_pattern", "alpha_pattern"] as const) {
+    const keys = Object.keys(table === "rank_pattern" ? config.rankPattern : config.alphaPattern);
+    if (keys.length > MAX_PATTERN_KEYS) fail(`"${table}" has ${keys.length} keys; milora reads at most ${MAX_PATTERN_KEYS} (a ${MAX_LAYERS}-layer base has ${MAX_LAYERS * EXPERT_MODULES.length} modules)`);
+    for (const key of keys) compilePattern(`(.*\\.)?(${key})$`, key, `${table} key`, path);
+  }
+  if (config.r > MAX_RANK) fail(`"r" is ${config.r}, above milora's limit of ${MAX_RANK}`);
+  for (const [key, value] of Object.entries(config.rankPattern)) {
+    if (!isPositiveInt(value)) fail(`rank_pattern "${key}": rank must be a positive integer, got ${value}`);
+    if (value > MAX_RANK) fail(`rank_pattern "${key}": rank ${value} is above milora's limit of ${MAX_RANK}`);
+  }
+  for (const [key, value] of Object.entries(config.alphaPattern)) {
+    if (!isPositive(value)) fail(`alpha_pattern "${key}": alpha must be a positive number, got ${value}`);
+  }
+  return json.milora === undefined || json.milora === null ? config : { ...config, milora: parseMiloraSection(json.milora, fail) };
+}
+
+function parseMiloraSection(raw: unknown, fail: (what: string) => never): MiloraSection {
+  const where = (key: string) => `"milora.${key}"`;
+  if (!isObject(raw)) return fail(`${where("")} must be an object`);
+  if (raw.version === 1) fail(version1Message(raw.router));
+  if (raw.version !== MILORA_SECTION_VERSION) fail(`${where("version")} is ${JSON.stringify(raw.version)}; this milora reads version ${MILORA_SECTION_VERSION}`);
+  const router = raw.router;
+  if (!isObject(router)) return fail(`${where("router")} must be an object`);
+  const choice = <C extends string>(key: string, choices: readonly C[]): C => {
+    const v = router[key];
+    return (choices as readonly unknown[]).includes(v) ? (v as C) : fail(`${where(`router.${key}`)} must be one of ${choices.join(", ")}, got ${JSON.stringify(v)}`);
+  };
+  const activation = choice<Activation>("activation", ["none", "gelu", "relu", "rational"]);
+  const rational = router.rational;
+  if (activation === "rational") {
+    const [nLo, nHi] = RATIONAL_ORDER_LIMITS.numerator;
+    const [dLo, dHi] = RATIONAL_ORDER_LIMITS.denominator;
+    const order = (v: unknown, lo: number, hi: number) => Number.isSafeInteger(v) && (v as number) >= lo && (v as number) <= hi;
+    if (!isObject(rational) || !order(rational.numerator, nLo, nHi) || !order(rational.denominator, dLo, dHi)) {
+      fail(`${where("router.rational")} must be {"numerator": M, "denominator": N} with M from ${nLo} to ${nHi} and N from ${dLo} to ${dHi} for activation "rational", got ${JSON.stringify(rational)}`);
+    }
+  } else if (rational !== undefined) fail(`${where("router.rational")} is only for activation "rational" (the activation is ${JSON.stringify(activation)})`);
+  const experts = new Map<number, ExpertModule[]>();
+  if (!isObject(raw.experts)) return fail(`${where("experts")} must be an object of layer -> module list`);
+  for (const [layer, modules] of Object.entries(raw.experts)) {
+    const inOrder = EXPERT_MODULES.filter((m) => Array.isArray(modules) && modules.includes(m));
+    if (!/^\d+$/.test(layer) || !Array.isArray(modules) || modules.length === 0 || inOrder.length !== modules.length || modules.some((m, i) => m !== inOrder[i])) {
+      fail(`${where(`experts.${layer}`)} must map a layer number to distinct module names in the order ${EXPERT_MODULES.join(", ")}, got ${JSON.stringify(modules)}`);
+    }
+    experts.set(Number(layer), inOrder);
+  }
+  const balance = router.balance;
+  if (!isNonNegative(balance)) return fail(`${where("router.balance")} must be a number >= 0, got ${JSON.stringify(balance)}`);
+  if (!isBoolean(router.noise)) return fail(`${where("router.noise")} must be true or false`);
+  return {
+    version: MILORA_SECTION_VERSION,
+    specHash: isString(raw.spec_hash) ? raw.spec_hash : fail(`${where("spec_hash")} must be a string`),
+    adapter: isString(raw.adapter) ? raw.adapter : fail(`${where("adapter")} must be a string`),
+    router: {
+      placement: choice("placement", ["per_layer"] as const),
+      input: choice("input", ["layer_input"] as const),
+      pooling: choice<Pooling>("pooling", ["last", "mean", "max", "attention"]),
+      selection: parseSelection(router.selection, (what) => fail(`${where("router.selection")} ${what}`)),
+      activation,
+      ...(activation === "rational" ? { rational: { numerator: (rational as { numerator: number }).numerator, denominator: (rational as { denominator: number }).denominator } } : {}),
+      when: choice<RoutingTime>("when", ["prompt", "token"]),
+      noise: router.noise,
+      balance,
+    },
+    experts,
+  };
+}
+
+/**
+ * Why a version 1 `milora` section is refused: what its numbers meant then, and whether editing the
+ * config converts it exactly.
+ */
+function version1Message(router: unknown): string {
+  const r = isObject(router) ? router : {};
+  const selection = isObject(r.selection) ? r.selection : {};
+  const gated = selection.rule === "top_k" || selection.rule === "threshold";
+  const changes = [
+    "the attention pooler was a [hidden, hidden] projection with tanh and a score vector (milora_pooler.proj / milora_pooler.v); it is now the paper's self-attention pooler, one vector w_sa (milora_pooler.weight [1, hidden])",
+    "top_k and threshold gates were renormalised over the chosen experts; they are now the chosen experts' softmax probabilities over all experts, unless the selection says \"renormalize\": true",
+    "the activation was applied to each token's state before pooling; it now acts on the pooled vector",
+  ];
+  let how: string;
+  if (r.pooling === "attention") {
+    how = "this adapter pools with attention, whose weights have no equivalent in the new pooler: it cannot be converted and must be retrained (or re-exported with pooling last, mean or max)";
+  } else if (r.activation !== undefined && r.activation !== "none" && r.pooling !== "last" && r.when !== "token") {
+    how = `this adapter applies ${JSON.stringify(r.activation)} before ${JSON.stringify(r.pooling)} pooling, which the new router cannot express exactly: retrain it, or convert as below and accept that the activation now follows the pooling`;
+  } else {
+    how = "this adapter converts exactly: in adapter_config.json set \"milora.version\" to 2" + (gated ? ' and add "renormalize": true to "milora.router.selection" (keeping the gates it was trained with)' : "");
+  }
+  return `"milora.version" is 1, written by an older milora whose router meant something else: ${changes.map((c, i) => `(${i + 1}) ${c}`).join("; ")}. ${how[0]!.toUpperCase()}${how.slice(1)}.`;
+}
+
+function parseSelection(raw: unknown, fail: (what: string) => never): Selection {
+  const want = 'must be {"rule": "top_k", "k": K, "renormalize": R}, {"rule": "threshold", "threshold": T, "renormalize": R} or {"rule": "dense"} (R true or false, false when absent)';
+  if (!isObject(raw)) return fail(want);
+  const renormalize = raw.renormalize ?? false;
+  if (raw.rule !== "dense" && !isBoolean(renormalize)) return fail(`${want}, got ${JSON.stringify(raw)}`);
+  if (raw.rule === "top_k" && isPositiveInt(raw.k)) return { rule: "top_k", k: raw.k, renormalize: renormalize as boolean };
+  if (raw.rule === "threshold" && isProbability(raw.threshold)) return { rule: "threshold", threshold: raw.threshold, renormalize: renormalize as boolean };
+  if (raw.rule === "dense") return { rule: "dense" };
+  return fail(`${want}, got ${JSON.stringify(raw)}`);
+}
+
+// PEFT matches these patterns with Python's `re`; milora matches them with RE2 (the re2js port), whose
+// time is linear in the module name whatever the pattern, so a config such as `"(.*.*)*x"` cannot hang a
+// run. The two engines agree on the syntax PEFT configs use (literals, `.`, classes, `|`, groups, `*+?{m,n}`,
+// `^$` on names without newlines); RE2 refuses backreferences and lookaround, which get a clear error.
+// PEFT's rules (huggingface/peft, src/peft/utils/other.py, read at commit 5d602fd):
+//   target_modules as a string: `match_target_against_key` = `re.fullmatch(target_modules, key)`;
+//   rank_pattern / alpha_pattern: `get_pattern_key` = the first key with `re.match(rf"(.*\.)?({key})$", name)`.
+const compiled = new Map<string, RE2JS>();
+
+/** An RE2 program for a pattern a config gives; one that RE2 cannot compile is an error naming file, key and pattern. */
+function compilePattern(source: string, pattern: string, what: string, file: string): RE2JS {
+  const known = compiled.get(source);
+  if (known !== undefined) return known;
+  let re: RE2JS;
+  try {
+    re = RE2JS.compile(source);
+  } catch (e) {
+    const why = (e as Error).message.replace(/^error parsing regexp: /, "");
+    throw new CheckpointError(
+      `${file}: ${what} ${JSON.stringify(pattern)} is not a regular expression milora can match (${why}); ` +
+        "milora matches module names in linear time (RE2 syntax), without backreferences or lookaround",
+    );
+  }
+  if (compiled.size >= 1024) compiled.clear();
+  compiled.set(source, re);
+  return re;
+}
+
+/**
+ * The value a pattern table gives a module, PEFT's way: the first key `k` for which `(.*\.)?(k)$` matches
+ * the module path from its start, so `q_proj` and `layers.3.self_attn.q_proj` both work.
+ */
+function patternValue(table: Readonly<Record<string, number>>, path: string, fallback: number, tableName: string, file: string): number {
+  for (const [key, value] of Object.entries(table)) {
+    // re.match anchors at the start and the pattern ends in `$`: a full match of the name
+    if (compilePattern(`(.*\\.)?(${key})$`, key, `${tableName} key`, file).matches(path)) return value;
+  }
+  return fallback;
+}
+
+/** Whether PEFT would put a LoRA on the module at `path`. */
+function isTargeted(config: PeftLoraConfig, layer: number, path: string): boolean {
+  if (config.layersToTransform !== null && !config.layersToTransform.includes(layer)) return false;
+  const t = config.targetModules;
+  if (typeof t === "string") {
+    return t === "all-linear" || compilePattern(t, t, "target_modules", config.path).matches(path);
+  }
+  return t.some((name) => path === name || path.endsWith(`.${name}`));
+}
+
+/** The LoRA options the PEFT fields give one module (the rank is checked against the tensors later). */
+export function configLoraOptions(config: PeftLoraConfig, layer: number, module: ExpertModule): Omit<LoraOptions, "scaling"> {
+  const path = modulePath(layer, module);
+  return {
+    rank: patternValue(config.rankPattern, path, config.r, "rank_pattern", config.path),
+    alpha: patternValue(config.alphaPattern, path, config.loraAlpha, "alpha_pattern", config.path),
+    dropout: config.loraDropout,
+    rslora: config.useRslora,
+  };
+}
+
+/**
+ * The spec a config describes. With a `milora` section: its router and per-layer experts. Without one
+ * (a plain PEFT adapter): every targeted module of every transformed layer, no router (gate 1).
+ */
+export function specFromConfig(config: PeftLoraConfig, base: BaseModel, name: string, useMilora = true): Adapter {
+  const section = useMilora ? config.milora : undefined;
+  const enabled = (layer: number): readonly ExpertModule[] =>
+    section ? (section.experts.get(layer) ?? []) : EXPERT_MODULES.filter((m) => isTargeted(config, layer, modulePath(layer, m)));
+  const outside = section ? [...section.experts.keys()].filter((l) => l >= base.layers) : (config.layersToTransform ?? []).filter((l) => l >= base.layers);
+  if (outside.length > 0) {
+    throw new CheckpointError(`${config.path}: layer ${outside.join(", ")} is outside the base (${base.name} has ${base.layers} layers)`);
+  }
+  const experts: ExpertSlot[] = [];
+  for (let layer = 0; layer < base.layers; layer++) {
+    for (const m of enabled(layer)) experts.push(loraSlot(base, layer, m, configLoraOptions(config, layer, m)));
+  }
+  if (experts.length === 0) {
+    throw new CheckpointError(
+      `${config.path}: target_modules ${JSON.stringify(config.targetModules)} names none of the modules milora adapts (${EXPERT_MODULES.join(", ")})`,
+    );
+  }
+  const at = { offset: 0, line: 1, column: 1 };
+  const span: Span = { file: config.path, start: at, end: at };
+  return {
+    name: section?.adapter ?? name,
+    base,
+    layers: [...new Set(experts.map((e) => e.layer))],
+    experts,
+    ...(section ? { router: section.router } : {}),
+    span,
+  };
+}
+
+/** The adapter_config.json for a spec: PEFT's fields, and the `milora` section when it is routed. */
+export function configJson(spec: Adapter): Record<string, unknown> {
+  const { base, experts } = spec;
+  const r = mostCommon(experts.map((e) => e.rank));
+  const alpha = mostCommon(experts.map((e) => e.alpha));
+  const rslora = experts[0]?.rslora ?? false;
+  if (experts.some((e) => e.rslora !== rslora)) {
+    throw new Error(`adapter ${spec.name}: PEFT stores one use_rslora per adapter, but the spec mixes rsLoRA and plain scaling`);
+  }
+  const modules = EXPERT_MODULES.filter((m) => experts.some((e) => e.module === m));
+  // A list of modules covers every chosen layer; a spec that is not such a grid names each module path.
+  const isGrid = experts.length === modules.length * spec.layers.length;
+  const allLayers = spec.layers.length === base.layers;
+  return {
+    peft_type: "LORA",
+    task_type: "CAUSAL_LM",
+    base_model_name_or_path: base.configPath ? base.name : null,
+    r,
+    lora_alpha: alpha,
+    lora_dropout: mostCommon(experts.map((e) => e.dropout)),
+    target_modules: isGrid ? modules : experts.map((e) => modulePath(e.layer, e.module).replaceAll(".", "\\.")).join("|"),
+    layers_to_transform: isGrid && !allLayers ? spec.layers : null,
+    rank_pattern: exceptions(spec, (e) => e.rank, r),
+    alpha_pattern: exceptions(spec, (e) => e.alpha, alpha),
+    use_rslora: rslora,
+    bias: "none",
+    fan_in_fan_out: false,
+    inference_mode: true,
+    ...(spec.router ? { milora: miloraSectionJson(spec, spec.router) } : {}),
+  };
+}
+
+function miloraSectionJson(spec: Adapter, router: RouterConfig): Record<string, unknown> {
+  const experts: Record<string, ExpertModule[]> = {};
+  for (const e of spec.experts) (experts[e.layer] ??= []).push(e.module);
+  return { version: MILORA_SECTION_VERSION, spec_hash: specHash(spec), adapter: spec.name, router, experts };
+}
+
+/** Pattern entries for slots whose value differs from the default: by module name when uniform across layers. */
+function exceptions(spec: Adapter, value: (e: ExpertSlot) => number, fallback: number): Record<string, number> {
+  const table: Record<string, number> = {};
+  for (const m of EXPERT_MODULES) {
+    const slots = spec.experts.filter((e) => e.module === m);
+    const values = new Set(slots.map(value));
+    if (values.size === 1 && !values.has(fallback)) table[m] = value(slots[0]!);
+    else if (values.size > 1) {
+      for (const e of slots) if (value(e) !== fallback) table[`layers.${e.layer}.${MODULE_PATHS[m]}`] = value(e);
+    }
+  }
+  return table;
+}
+
+function mostCommon(values: readonly number[]): number {
+  const counts = new Map<number, number>();
+  for (const v of values) counts.set(v, (counts.get(v) ?? 0) + 1);
+  return [...counts].sort((a, b) => b[1] - a[1] || a[0] - b[0])[0]?.[0] ?? 0;
+}
+
+/**
+ * A short hash of what decides an adapter's tensors and outputs: base dimensions, experts with their
+ * LoRA options, and router settings. Training-only settings (dropout, noise, balance) are left out.
+ */
+export function specHash(spec: Adapter): string {
+  const { base, router } = spec;
+  const canonical = {
+    base: [base.family, base.hiddenSize, base.layers, base.heads, base.kvHeads, base.headDim, base.intermediateSize, base.vocabSize],
+    experts: spec.experts.map((e) => [e.layer, e.module, e.rank, e.alpha, e.rslora]),
+    router: router ? [router.placement, router.input, router.pooling, router.selection, router.activation, router.rational ?? null, router.when] : null,
+  };
+  return `sha256:${createHash("sha256").update(JSON.stringify(canonical)).digest("hex").slice(0, 16)}`;
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+function isString(v: unknown): v is string {
+  return typeof v === "string";
+}
+function isBoolean(v: unknown): v is boolean {
+  return typeof v === "boolean";
+}
+function isCount(v: unknown): v is number {
+  return Number.isSafeInteger(v) && (v as number) >= 0;
+}
+function isPositiveInt(v: unknown): v is number {
+  return Number.isSafeInteger(v) && (v as number) > 0;
+}
+function isPositive(v: unknown): v is number {
+  return typeof v === "number" && Number.isFinite(v) && v > 0;
+}
+function isNonNegative(v: unknown): v is number {
+  return typeof v === "number" && Number.isFinite(v) && v >= 0;
+}
+function isProbability(v: unknown): v is number {
+  return isNonNegative(v) && v <= 1;
+}
+function isNumberRecord(v: unknown): v is Record<string, number> {
+  return isObject(v) && Object.values(v).every((x) => typeof x === "number" && Number.isFinite(x));
+}

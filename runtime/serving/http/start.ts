@@ -1,0 +1,127 @@
+// Everything `milora serve` assembles, in one call the CLI, the tests and the benchmark share: the
+// engine over a model directory, the scheduler over its KV cache slots, the adapter pool, the
+// tokenizer and chat template, and the HTTP server in front.
+import type { KernelSource } from "../../../compiler/kernels/kernel.ts";
+import type { Adapter, BaseModel } from "../../../compiler/model.ts";
+import type { Plan } from "../../../compiler/plan.ts";
+import { adapterSpecFromPeft } from "../../formats/adapter.ts";
+import { AdapterPool, type AdapterHost, type AdapterReader } from "../adapter-pool.ts";
+import type { GpuContext } from "../../gpu/device.ts";
+import { Engine } from "../../engine/engine.ts";
+import { Scheduler } from "../scheduler.ts";
+import { Tokenizer } from "../../text/tokenizer.ts";
+import { ChatTemplate } from "./chat-template.ts";
+import { MiloraServer, type ServerOptions } from "./server.ts";
+
+export interface ServingSetup extends ServerOptions {
+  readonly base: BaseModel;
+  /** The Hugging Face model directory (config.json, weights, tokenizer files). */
+  readonly checkpointDir: string;
+  /** KV cache slots: sequences decoding at once. */
+  readonly slots: number;
+  /** Positions per sequence (default: the base's, capped at 2048). */
+  readonly ctx?: number;
+  /**
+   * Largest LoRA rank served: the engine reserves adapter buffers for it (default: the largest rank of
+   * the adapters given at start, 16 when none is). Adapters registered later must fit in it.
+   */
+  readonly maxLoraRank?: number;
+  /** A compiled package's plan and kernel files, to run instead of the engine's own (they fix ctx and maxLoraRank). */
+  readonly compiled?: { readonly plan: Plan; readonly kernels: ReadonlyMap<string, KernelSource> };
+  /** The spec an adapter registered under a name must match (default: none, its own config says). Throws CheckpointError. */
+  readonly adapterSpec?: (name: string) => Adapter | undefined;
+  /** Requests that may wait beyond the slots before the server answers 429. */
+  readonly maxQueue: number;
+  /** Adapters resident at once (vLLM's --max-loras). */
+  readonly maxResidentAdapters: number;
+  /** Adapters to register at start: [name, directory]. */
+  readonly adapters?: readonly (readonly [string, string])[];
+  readonly gpu?: GpuContext;
+  readonly backend?: string;
+  /** Milliseconds an adapter's files may take to read before the read is stopped (default AdapterPool's, 60 s). */
+  readonly adapterReadTimeoutMs?: number;
+  /** Rows one engine step runs (default the engine's, 256): also the longest prompt a prompt-routed adapter takes. */
+  readonly maxBatchRows?: number;
+  /** Reads adapter directories (default: on worker threads); tests put slow or failing readers here. */
+  readonly readAdapter?: AdapterReader;
+  /** Refuses a device before weights are uploaded (the CLI's kernel self-test). */
+  readonly checkDevice?: (gpu: GpuContext) => Promise<void>;
+}
+
+export interface Serving {
+  readonly server: MiloraServer;
+  readonly engine: Engine;
+  /** Stops adapter reads in progress, drains, stops listening and frees the engine. */
+  close(): Promise<void>;
+}
+
+export async function startServing(setup: ServingSetup): Promise<Serving> {
+  const tokenizer = await Tokenizer.load(setup.checkpointDir);
+  const chatTemplate = tokenizer ? ChatTemplate.load(setup.checkpointDir) : undefined;
+  const engine = await Engine.load({
+    base: setup.base,
+    checkpointDir: setup.checkpointDir,
+    maxSequences: setup.slots,
+    maxAdapters: setup.maxResidentAdapters,
+    ...(setup.maxBatchRows === undefined ? {} : { maxBatchRows: setup.maxBatchRows }),
+    ...(setup.compiled ?? { maxLoraRank: setup.maxLoraRank ?? largestRank(setup), ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }) }),
+    ...(setup.gpu ? { gpu: setup.gpu } : {}),
+    ...(setup.backend === undefined ? {} : { backend: setup.backend }),
+    ...(setup.checkDevice ? { checkDevice: setup.checkDevice } : {}),
+  });
+  let adapters: AdapterPool | undefined;
+  try {
+    const host: AdapterHost = { add: (a) => void engine.loadAdapter(a.name, a), remove: (name) => engine.unloadAdapter(name) };
+    adapters = new AdapterPool({
+      base: setup.base,
+      host,
+      maxResident: setup.maxResidentAdapters,
+      ...(setup.adapterSpec ? { specOf: setup.adapterSpec } : {}),
+      ...(setup.readAdapter ? { read: setup.readAdapter } : {}),
+      ...(setup.adapterReadTimeoutMs === undefined ? {} : { readTimeoutMs: setup.adapterReadTimeoutMs }),
+    });
+    for (const [name, dir] of setup.adapters ?? []) await adapters.register(name, dir);
+    const ctx = engine.plan.dims.ctx;
+    const scheduler = new Scheduler({ engine, slots: setup.slots, ctx, maxQueue: setup.maxQueue, adapters });
+    const pool = adapters;
+    const server = await MiloraServer.start(
+      {
+        scheduler,
+        adapters,
+        baseName: setup.base.name,
+        vocabSize: setup.base.vocabSize,
+        ctx,
+        maxRoutedPromptTokens: engine.maxRows,
+        ...(tokenizer ? { tokenizer } : {}),
+        ...(chatTemplate ? { chatTemplate } : {}),
+      },
+      setup,
+    );
+    return {
+      server,
+      engine,
+      close: async () => {
+        // Reads in progress are stopped first: requests waiting on them fail, so the drain can end.
+        pool.close();
+        await server.close();
+        tokenizer?.close();
+        engine.destroy();
+      },
+    };
+  } catch (e) {
+    adapters?.close();
+    tokenizer?.close();
+    engine.destroy();
+    throw e;
+  }
+}
+
+/** Adapters registered later may bring higher ranks; with none at start, room for the engine's usual 16. */
+const DEFAULT_MAX_LORA_RANK = 16;
+
+/** The largest rank among the adapters given at start (read from their specs or configs). */
+function largestRank(setup: ServingSetup): number {
+  const specs = (setup.adapters ?? []).map(([name, dir]) => setup.adapterSpec?.(name) ?? adapterSpecFromPeft(dir, setup.base, name));
+  const ranks = specs.flatMap((a) => a.experts.map((e) => e.rank));
+  return ranks.length > 0 ? Math.max(...ranks) : DEFAULT_MAX_LORA_RANK;
+}

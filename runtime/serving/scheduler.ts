@@ -1,0 +1,377 @@
+// Continuous batching: requests wait in a bounded queue until a KV cache slot is free, are prefilled in
+// the next step (their routing computed once, there) and then decode with everyone else, one token per
+// step, leaving the batch the moment they finish, stop or their client goes away. Admission is fair
+// across tenants: the tenant with the fewest running sequences goes first, ties by who waited longest.
+import type { LayerRouting } from "../engine/routing.ts";
+import type { Sequence, SamplingOptions } from "../engine/sequence.ts";
+
+/** What the scheduler needs of an engine; runtime/engine.ts's Engine provides it. */
+export interface StepEngine {
+  /** A new sequence in a free KV cache slot; throws when the prompt or sampling options are bad. */
+  createSequence(prompt: readonly number[], options: { readonly sampling?: SamplingOptions; readonly adapter?: string }): Sequence;
+  /** Runs every pending token of `seqs` in shared steps; returns the token sampled after each. */
+  prefill(seqs: readonly Sequence[]): Promise<Map<Sequence, { readonly token: number }>>;
+  /** Ends a sequence and frees its slot. */
+  release(seq: Sequence): void;
+}
+
+/** Keeps an adapter resident while sequences use it (AdapterPool implements it). */
+export interface AdapterResidency {
+  /** Resolves once `name` is resident and pinned for one more sequence. */
+  acquire(name: string): Promise<void>;
+  /** Unpins one use of `name`. */
+  release(name: string): void;
+}
+
+export interface SchedulerOptions {
+  readonly engine: StepEngine;
+  /** KV cache slots the scheduler may fill (at most the engine's). */
+  readonly slots: number;
+  /** Positions per sequence: prompt plus generated tokens must fit. */
+  readonly ctx: number;
+  /** Requests that may wait for a slot; beyond it submit throws QueueFullError. */
+  readonly maxQueue: number;
+  /** Present when requests name adapters that must be made resident first. */
+  readonly adapters?: AdapterResidency;
+}
+
+export interface GenerationRequest {
+  /** Whose request this is, for fairness and metrics (the adapter name, or the base model's). */
+  readonly tenant: string;
+  /** The adapter to run with; none runs the base model. */
+  readonly adapter?: string;
+  readonly prompt: readonly number[];
+  readonly maxTokens: number;
+  readonly sampling?: SamplingOptions;
+  /** Token ids that end generation (kept in the output). */
+  readonly stopTokens?: readonly number[];
+  /**
+   * Called with each generated token and the routing decisions made since the last call (a prompt's
+   * with the first token; a token-routed adapter's with every token). Returning "stop" ends the
+   * generation there (a stop string).
+   */
+  readonly onToken?: (token: number, routing: readonly LayerRouting[]) => "stop" | void;
+  /** Aborting it (a client disconnecting) ends the request and frees its slot at the next step. */
+  readonly signal?: AbortSignal;
+}
+
+/** `length`: maxTokens; `stop`: a stop token or onToken said so; `context`: the slot is full; `cancelled`: aborted. */
+export type FinishReason = "length" | "stop" | "context" | "cancelled";
+
+export interface GenerationResult {
+  readonly tokens: readonly number[];
+  readonly finish: FinishReason;
+  /** Every routing decision of the sequence (none for the base model). */
+  readonly routing: readonly LayerRouting[];
+  /** Milliseconds from submit to the first generated token, and from it to the last. */
+  readonly timeToFirstTokenMs: number;
+  readonly decodeMs: number;
+}
+
+/** The queue is full: the caller should retry after `retryAfterSeconds`. */
+export class QueueFullError extends Error {
+  override name = "QueueFullError";
+  constructor(readonly retryAfterSeconds: number) {
+    super(`the server is at capacity (every slot busy and the queue full); retry after ${retryAfterSeconds} s`);
+  }
+}
+
+/** A request the scheduler refuses as given (too long for the context, bad token budget). */
+export class RequestError extends Error {
+  override name = "RequestError";
+}
+
+/** The scheduler is draining and takes no new requests. */
+export class DrainingError extends Error {
+  override name = "DrainingError";
+}
+
+/** Counters for /metrics: gauges now, totals since start. */
+export interface SchedulerStats {
+  readonly slots: number;
+  readonly running: number;
+  readonly queued: number;
+  /** Sequences in the last step. */
+  readonly batchSize: number;
+  readonly steps: number;
+  readonly generatedTokens: number;
+  /** Generated tokens per second over the last few seconds. */
+  readonly tokensPerSecond: number;
+  readonly rejected: number;
+  /** Per tenant: finished requests by finish reason, and generated tokens. */
+  readonly tenants: ReadonlyMap<string, { readonly finished: Readonly<Partial<Record<FinishReason | "error", number>>>; readonly tokens: number }>;
+}
+
+interface Job {
+  readonly request: GenerationRequest;
+  readonly submitted: number;
+  readonly tokens: number[];
+  readonly resolve: (r: GenerationResult) => void;
+  readonly reject: (e: unknown) => void;
+  /** False while its adapter is loading. */
+  ready: boolean;
+  seq?: Sequence;
+  firstTokenAt?: number;
+  /** Routing decisions already handed to onToken. */
+  routingSent: number;
+  /** Whether it holds an adapter pin to give back. */
+  pinned: boolean;
+}
+
+const RATE_WINDOW_MS = 5000;
+
+export class Scheduler {
+  readonly #opts: SchedulerOptions;
+  readonly #waiting: Job[] = [];
+  readonly #running = new Set<Job>();
+  readonly #tenants = new Map<string, { finished: Partial<Record<FinishReason | "error", number>>; tokens: number }>();
+  /** When each tenant last had a request admitted, for round-robin among equals. */
+  readonly #lastAdmitted = new Map<string, number>();
+  readonly #recentSteps: { at: number; tokens: number }[] = [];
+  #admissions = 0;
+  #batchSize = 0;
+  #steps = 0;
+  #generated = 0;
+  #rejected = 0;
+  #draining = false;
+  #loop: Promise<void> | undefined;
+  /** Average milliseconds a request holds a slot, for Retry-After. */
+  #meanServiceMs = 1000;
+
+  constructor(options: SchedulerOptions) {
+    if (!Number.isInteger(options.slots) || options.slots < 1) throw new RangeError(`slots must be a positive integer, got ${options.slots}`);
+    if (!Number.isInteger(options.maxQueue) || options.maxQueue < 0) throw new RangeError(`maxQueue must be an integer >= 0, got ${options.maxQueue}`);
+    this.#opts = options;
+  }
+
+  /**
+   * Queues a request and resolves when it finishes (cancelled requests resolve too, with what they had).
+   * Throws at once, without queueing, with RequestError, QueueFullError or DrainingError.
+   */
+  submit(request: GenerationRequest): Promise<GenerationResult> {
+    if (this.#draining) throw new DrainingError("the server is shutting down");
+    const { prompt, maxTokens } = request;
+    if (prompt.length === 0) throw new RequestError("the prompt has no tokens");
+    if (!Number.isInteger(maxTokens) || maxTokens < 1) throw new RequestError(`max_tokens must be an integer >= 1, got ${maxTokens}`);
+    if (prompt.length >= this.#opts.ctx) {
+      throw new RequestError(`the prompt has ${prompt.length} tokens; this server's context holds ${this.#opts.ctx} positions, prompt and output together`);
+    }
+    // Jobs waiting for a slot that is free now are about to join the batch, not queueing behind it.
+    if (this.#running.size + this.#waiting.length >= this.#opts.slots + this.#opts.maxQueue) {
+      this.#rejected++;
+      throw new QueueFullError(this.#retryAfterSeconds());
+    }
+    return new Promise<GenerationResult>((resolve, reject) => {
+      const job: Job = { request, submitted: performance.now(), tokens: [], resolve, reject, ready: request.adapter === undefined, pinned: false, routingSent: 0 };
+      this.#waiting.push(job);
+      request.signal?.addEventListener("abort", () => this.#cancelWaiting(job), { once: true });
+      if (!job.ready) this.#pinAdapter(job);
+      this.#wake();
+    });
+  }
+
+  /** Takes no new requests and resolves once every queued and running one has finished. */
+  async drain(): Promise<void> {
+    this.#draining = true;
+    // Jobs whose adapter is still loading are in no loop yet, so wait on them by polling.
+    while (this.#running.size + this.#waiting.length > 0) await (this.#loop ?? new Promise((r) => setTimeout(r, 20)));
+  }
+
+  get draining(): boolean {
+    return this.#draining;
+  }
+
+  stats(): SchedulerStats {
+    const now = performance.now();
+    while (this.#recentSteps.length > 0 && now - this.#recentSteps[0]!.at > RATE_WINDOW_MS) this.#recentSteps.shift();
+    const recent = this.#recentSteps.reduce((n, s) => n + s.tokens, 0);
+    return {
+      slots: this.#opts.slots,
+      running: this.#running.size,
+      queued: this.#waiting.length,
+      batchSize: this.#batchSize,
+      steps: this.#steps,
+      generatedTokens: this.#generated,
+      tokensPerSecond: recent / (RATE_WINDOW_MS / 1000),
+      rejected: this.#rejected,
+      tenants: this.#tenants,
+    };
+  }
+
+  #retryAfterSeconds(): number {
+    // One slot frees about every mean-service-time / slots; the whole queue has to go before a newcomer.
+    const perSlot = this.#meanServiceMs / this.#opts.slots;
+    return Math.max(1, Math.ceil(((this.#waiting.length + 1) * perSlot) / 1000));
+  }
+
+  #pinAdapter(job: Job): void {
+    const { adapters } = this.#opts;
+    const name = job.request.adapter!;
+    if (!adapters) {
+      job.ready = true;
+      return;
+    }
+    adapters.acquire(name).then(
+      () => {
+        job.pinned = true;
+        job.ready = true;
+        // Cancelled while loading: nothing will run it, so give the pin straight back.
+        if (!this.#waiting.includes(job)) this.#unpin(job);
+        this.#wake();
+      },
+      (e: unknown) => {
+        const at = this.#waiting.indexOf(job);
+        if (at < 0) return;
+        this.#waiting.splice(at, 1);
+        this.#fail(job, e);
+      },
+    );
+  }
+
+  #unpin(job: Job): void {
+    if (!job.pinned) return;
+    job.pinned = false;
+    this.#opts.adapters?.release(job.request.adapter!);
+  }
+
+  #cancelWaiting(job: Job): void {
+    const at = this.#waiting.indexOf(job);
+    if (at < 0) return; // running: the loop sees the signal after its step
+    this.#waiting.splice(at, 1);
+    this.#finish(job, "cancelled");
+  }
+
+  #wake(): void {
+    if (this.#loop) return;
+    this.#loop = this.#run().finally(() => {
+      this.#loop = undefined;
+      // Work that arrived while the loop was ending its last await.
+      if (this.#waiting.some((j) => j.ready)) this.#wake();
+    });
+  }
+
+  async #run(): Promise<void> {
+    for (;;) {
+      for (const job of this.#running) if (job.request.signal?.aborted) this.#finish(job, "cancelled");
+      const joining = this.#admit();
+      const batch = [...this.#running];
+      if (batch.length === 0) return;
+      // Decoders go first: when the rows run out, a long prompt's prefill is what gets chunked.
+      const seqs = [...batch.filter((j) => !joining.includes(j)), ...joining].map((j) => j.seq!);
+      let outputs: Map<Sequence, { readonly token: number }>;
+      try {
+        outputs = await this.#opts.engine.prefill(seqs);
+      } catch (e) {
+        for (const job of batch) this.#fail(job, e);
+        continue;
+      }
+      this.#steps++;
+      this.#batchSize = batch.length;
+      const now = performance.now();
+      this.#recentSteps.push({ at: now, tokens: batch.length });
+      for (const job of batch) this.#accept(job, outputs.get(job.seq!)!.token, now);
+    }
+  }
+
+  /** Moves waiting jobs into free slots, fairest tenant first; returns the jobs that joined. */
+  #admit(): Job[] {
+    const joined: Job[] = [];
+    while (this.#running.size < this.#opts.slots) {
+      const job = this.#nextFair();
+      if (!job) break;
+      this.#waiting.splice(this.#waiting.indexOf(job), 1);
+      const { request } = job;
+      try {
+        job.seq = this.#opts.engine.createSequence(request.prompt, {
+          ...(request.sampling ? { sampling: request.sampling } : {}),
+          ...(request.adapter === undefined ? {} : { adapter: request.adapter }),
+        });
+      } catch (e) {
+        this.#fail(job, e);
+        continue;
+      }
+      this.#lastAdmitted.set(request.tenant, ++this.#admissions);
+      this.#running.add(job);
+      joined.push(job);
+    }
+    return joined;
+  }
+
+  #nextFair(): Job | undefined {
+    const runningBy = new Map<string, number>();
+    for (const j of this.#running) runningBy.set(j.request.tenant, (runningBy.get(j.request.tenant) ?? 0) + 1);
+    let best: Job | undefined;
+    let bestKey: [number, number] = [Infinity, Infinity];
+    for (const job of this.#waiting) {
+      if (!job.ready) continue;
+      const t = job.request.tenant;
+      const key: [number, number] = [runningBy.get(t) ?? 0, this.#lastAdmitted.get(t) ?? 0];
+      // Strictly better only, so within a tenant the oldest request wins.
+      if (key[0] < bestKey[0] || (key[0] === bestKey[0] && key[1] < bestKey[1])) [best, bestKey] = [job, key];
+    }
+    return best;
+  }
+
+  /** Records a generated token; the sequence either takes it as its next input or leaves. */
+  #accept(job: Job, token: number, now: number): void {
+    const { request } = job;
+    job.tokens.push(token);
+    job.firstTokenAt ??= now;
+    this.#generated++;
+    this.#tenant(request.tenant).tokens++;
+    let verdict: "stop" | void;
+    try {
+      const routing = job.seq!.routing;
+      verdict = request.onToken?.(token, routing.slice(job.routingSent));
+      job.routingSent = routing.length;
+    } catch (e) {
+      this.#fail(job, e);
+      return;
+    }
+    if (request.signal?.aborted) this.#finish(job, "cancelled");
+    else if (verdict === "stop" || request.stopTokens?.includes(token)) this.#finish(job, "stop");
+    else if (job.tokens.length >= request.maxTokens) this.#finish(job, "length");
+    else if (!job.seq!.fits(1)) this.#finish(job, "context");
+    else job.seq!.append([token]);
+  }
+
+  /** Takes a job out of the batch, if it is in it: frees its slot and its adapter pin. */
+  #leave(job: Job): void {
+    // The sequence goes before the pin: an adapter is evictable only once no sequence holds it.
+    if (this.#running.delete(job)) this.#opts.engine.release(job.seq!);
+    this.#unpin(job);
+    if (!job.seq) return;
+    this.#meanServiceMs = 0.9 * this.#meanServiceMs + 0.1 * (performance.now() - job.submitted);
+  }
+
+  #fail(job: Job, error: unknown): void {
+    this.#leave(job);
+    this.#count(job.request.tenant, "error");
+    job.reject(error);
+  }
+
+  #finish(job: Job, finish: FinishReason): void {
+    this.#leave(job);
+    this.#count(job.request.tenant, finish);
+    const now = performance.now();
+    const first = job.firstTokenAt;
+    job.resolve({
+      tokens: job.tokens,
+      finish,
+      routing: [...(job.seq?.routing ?? [])],
+      timeToFirstTokenMs: first === undefined ? NaN : first - job.submitted,
+      decodeMs: first === undefined ? 0 : now - first,
+    });
+  }
+
+  #count(tenant: string, outcome: FinishReason | "error"): void {
+    const t = this.#tenant(tenant);
+    t.finished[outcome] = (t.finished[outcome] ?? 0) + 1;
+  }
+
+  #tenant(name: string) {
+    let t = this.#tenants.get(name);
+    if (!t) this.#tenants.set(name, (t = { finished: {}, tokens: 0 }));
+    return t;
+  }
+}
