@@ -17,6 +17,8 @@ import { rmsNormInputGradKernel } from "./kernels/rmsnorm-backward.ts";
 import { rmsNormKernel } from "./kernels/rmsnorm.ts";
 import { ropeBackwardKernel } from "./kernels/rope-backward.ts";
 import { ropeKernel } from "./kernels/rope.ts";
+import { routerTrainBackwardKernel, routerTrainGradKernel } from "./kernels/router-train-backward.ts";
+import { routerBalanceKernel, routerTrainForwardKernel } from "./kernels/router-train.ts";
 import type { TrainKernelRequest, TrainKernelResolver } from "../runtime/training/kernels.ts";
 
 function generate(r: TrainKernelRequest): KernelSource {
@@ -69,6 +71,14 @@ function generate(r: TrainKernelRequest): KernelSource {
       return dropoutKernel();
     case "dropout_grad":
       return dropoutGradKernel();
+    case "router_train_forward":
+      return routerTrainForwardKernel(r.constants);
+    case "router_train_backward":
+      return routerTrainBackwardKernel(r.constants);
+    case "router_train_grad":
+      return routerTrainGradKernel(r.constants);
+    case "router_balance":
+      return routerBalanceKernel(r.constants);
   }
 }
 

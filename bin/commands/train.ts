@@ -47,6 +47,7 @@ export interface TrainCommandOptions {
   readonly evalEvery: string;
   readonly patience: string;
   readonly saveEvery: string;
+  readonly activationLr: string;
   readonly chatTemplate?: string;
   readonly backend?: string;
   readonly json?: boolean;
@@ -84,17 +85,20 @@ export function trainSettings(o: TrainCommandOptions): TrainSettings {
     evalEvery: number("eval-every", o.evalEvery, count, "an integer >= 0"),
     patience: number("patience", o.patience, count, "an integer >= 0"),
     saveEvery: number("save-every", o.saveEvery, count, "an integer >= 0"),
+    activationLr: number("activation-lr", o.activationLr, (x) => x >= 0, "a number >= 0"),
   };
 }
 
-/** What this version trains; the rest is refused up front, naming the spec setting. */
-function checkTrainable(spec: Adapter): void {
-  if (spec.router) {
-    throw new UsageError(
-      `adapter ${spec.name} is routed (router { ... }): training MiLoRA routers is not available in this version yet; ` +
-        "train the plain LoRA variant (`router off`) or wait for router training",
-    );
+/** Notices about spec settings training does not follow exactly, printed before it starts. */
+function trainingNotices(spec: Adapter, hasEval: boolean): string[] {
+  const router = spec.router;
+  if (!router) return [];
+  const notices: string[] = [];
+  if (router.noise) notices.push("`noise true`: noisy gating (the authors' code, not the paper) is not implemented in training; routers train without noise");
+  if (router.activation === "rational" && !hasEval) {
+    notices.push("`activation rational` is trained bi-level on eval batches (--activation-lr); without --eval its coefficients stay at their GELU fit");
   }
+  return notices;
 }
 
 export async function trainCommand(specPath: string, opts: TrainCommandOptions): Promise<number> {
@@ -107,7 +111,7 @@ export async function trainCommand(specPath: string, opts: TrainCommandOptions):
     if (source.package) throw new UsageError(`${specPath} is a compiled package: train from its .milora spec`);
     const spec = adapterSpecOf(source, opts.adapter, opts.out);
     if (!spec) throw new UsageError(`${specPath} declares no adapter to train`);
-    checkTrainable(spec);
+    for (const n of trainingNotices(spec, opts.eval !== undefined)) process.stderr.write(`milora train: note: ${n}\n`);
 
     const tokenizer = await Tokenizer.load(dir);
     const chat = opts.chatTemplate ? chatTemplateFile(opts.chatTemplate, dir) : tokenizer ? ChatTemplate.load(dir) : undefined;
@@ -140,9 +144,12 @@ export async function trainCommand(specPath: string, opts: TrainCommandOptions):
     writeFileSync(join(opts.out, "training_args.json"), `${JSON.stringify({ spec: specPath, adapter: spec.name, base: dir, data: opts.data, eval: opts.eval ?? null, init: opts.init ?? null, ...settings }, null, 2)}\n`);
     const trainer = new Trainer({ device: gpu.device, plan, weights, adapter, kernel: trainKernelResolver(), settings, train: train.examples, ...(evalData ? { eval: evalData.examples } : {}), out: opts.out });
     if (opts.resume) trainer.restore(opts.resume);
+    const mib = (b: number) => (b / 1024 / 1024).toFixed(1);
+    const memory = trainer.bytes;
     process.stderr.write(
       `milora train: ${spec.name} on ${source.base.name}, ${train.examples.length} examples${evalData ? ` (${evalData.examples.length} eval)` : ""}, ` +
-        `${trainer.totalSteps} steps from step ${trainer.step}; device ${adapterSummary(gpu.report)}\n`,
+        `${trainer.totalSteps} steps from step ${trainer.step}; device ${adapterSummary(gpu.report)}\n` +
+        `  GPU memory: base ${mib(weights.bytes)} MiB, activations and scratch ${mib(memory.activations)} MiB, parameters with gradients and moments ${mib(memory.parameters)} MiB\n`,
     );
 
     const abort = new AbortController();

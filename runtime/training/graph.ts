@@ -10,6 +10,8 @@
 // [rows, vocab] gradient beside the logits (the cross-entropy kernel overwrites them with their gradient).
 import { sequenceBounds, sequencePositions } from "../../compiler/kernels/attention-train.ts";
 import { dropoutParams } from "../../compiler/kernels/dropout.ts";
+import { routerScratchLength } from "../../compiler/kernels/router-train-backward.ts";
+import { routeRecordLength, routerSpans, type RouterTrainConstants } from "../../compiler/kernels/router-train.ts";
 import { pcg } from "../../compiler/kernels/sampling.ts";
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
 import type { Plan, PlanTensor } from "../../compiler/plan.ts";
@@ -17,7 +19,7 @@ import { StepEncoder, createStorage, type PipelineCache } from "../gpu/kernel-ru
 import type { GpuTensor, GpuWeights } from "../engine/weights.ts";
 import { IGNORE_INDEX } from "./data.ts";
 import type { TrainKernelRequest, TrainKernelResolver } from "./kernels.ts";
-import type { TrainLora, TrainableParams } from "./params.ts";
+import type { TrainLora, TrainRouter, TrainableParams } from "./params.ts";
 
 /** Sequences packed row after row, as the step runs them. */
 export interface PackedBatch {
@@ -30,6 +32,8 @@ export interface PackedBatch {
   /** The rows whose next token is supervised, and that token. */
   readonly supervisedRows: Uint32Array;
   readonly targets: Uint32Array;
+  /** Per sequence, the prompt MiLoRA's router reads: its leading unsupervised positions (at least one). */
+  readonly promptLengths: readonly number[];
 }
 
 /** Packs examples (tokens and HF labels) into one batch. */
@@ -57,7 +61,29 @@ export function packBatch(examples: readonly { readonly tokens: readonly number[
     sequences: sequenceBounds(lengths),
     supervisedRows: Uint32Array.from(supervised),
     targets: Uint32Array.from(targets),
+    promptLengths: examples.map((e) => {
+      let n = 0;
+      while (n < e.labels.length && e.labels[n] === IGNORE_INDEX) n++;
+      return Math.max(1, Math.min(n, e.tokens.length));
+    }),
   };
+}
+
+/** How one run of the graph goes: training (backward, with dropout and the balance loss) or evaluation. */
+export interface RunOptions {
+  readonly backward: boolean;
+  /** Seeds this micro-batch's dropout masks; no dropout without it. */
+  readonly dropoutSeed?: number;
+  /** balance / (routed layers x micro-batches of the step): the weight of each layer's eq. 4-5 loss. */
+  readonly balanceCoef?: number;
+}
+
+interface RoutedLayer {
+  readonly router: TrainRouter;
+  readonly constants: RouterTrainConstants;
+  readonly pooled: GPUBuffer;
+  readonly attn: GPUBuffer;
+  readonly route: GPUBuffer;
 }
 
 type Saved = "x" | "xn" | "q" | "k" | "v" | "attn" | "lse" | "h" | "xn2" | "gate" | "up" | "act";
@@ -97,14 +123,23 @@ export class TrainingGraph {
   /** Shrink outputs t [maxRows, rank] per adapted module. */
   readonly #t = new Map<TrainLora, GPUBuffer>();
   readonly #scratch: Record<
-    "dX" | "dXn" | "dAttn" | "dQ" | "dK" | "dV" | "dAct" | "dGate" | "dUp" | "stats" | "dt" | "dGates" | "headIn" | "final" | "logits" | "loss" | "dropped" | "dDropped",
+    | "dX" | "dXn" | "dAttn" | "dQ" | "dK" | "dV" | "dAct" | "dGate" | "dUp" | "stats" | "dt" | "dGates" | "headIn" | "final" | "logits" | "loss"
+    | "dropped" | "dDropped" | "routerScratch" | "balance",
     GPUBuffer
   >;
   /** The step's dropout seed; undefined in evaluation (no dropout). */
   #dropoutSeed: number | undefined;
-  readonly #inputs: Record<"positions" | "sequences" | "rowAdapter" | "gates" | "targets", GPUBuffer>;
+  readonly #inputs: Record<"positions" | "sequences" | "rowAdapter" | "gates" | "targets" | "spans", GPUBuffer>;
   readonly #lossReadback: GPUBuffer;
   readonly #gateStride: number;
+  /** Bytes of every buffer the graph allocated: the saved activations and the backward's scratch. */
+  readonly bytes: number;
+  /** Each routed layer's router: its kernel constants and what its forward keeps for the backward. */
+  readonly #routers: readonly RoutedLayer[];
+  /** Per layer, the gate column of each adapted module (its index among the layer's adapted modules). */
+  readonly #columns: ReadonlyMap<string, number>;
+  /** The balance coefficient of this step's decisions (balance / (routed layers x micro-batches)). */
+  #balanceCoef = 0;
 
   constructor(o: TrainingGraphOptions) {
     this.#device = o.device;
@@ -126,6 +161,35 @@ export class TrainingGraph {
     const maxIn = Math.max(1, ...o.params.lora.filter((l) => l.dropout > 0).map((l) => l.inFeatures));
     for (const l of o.params.lora) this.#t.set(l, f32(R * l.rank, `layer ${l.layer} ${l.module} t`));
     this.#gateStride = layers * EXPERT_MODULES.length;
+    const columns = new Map<string, number>();
+    for (let l = 0; l < layers; l++) {
+      const adapted = EXPERT_MODULES.filter((m) => o.params.loraOf(l, m));
+      adapted.forEach((m, i) => columns.set(`${l}.${m}`, l * EXPERT_MODULES.length + i));
+    }
+    this.#columns = columns;
+    const config = o.params.adapter.spec.router;
+    this.#routers = [...o.params.routers.values()].map((router) => {
+      if (!config) throw new Error("training: routers without a router configuration");
+      const sel = config.selection;
+      const constants: RouterTrainConstants = {
+        hidden,
+        experts: router.experts.length,
+        when: config.when,
+        pooling: config.pooling,
+        activation: config.activation,
+        ...(config.rational ? { rational: config.rational } : {}),
+        selection: sel.rule === "top_k" ? { rule: "top_k", k: sel.k } : sel.rule === "threshold" ? { rule: "threshold", threshold: sel.threshold } : { rule: "dense" },
+        renormalize: sel.rule === "dense" ? false : sel.renormalize,
+      };
+      const decisions = R; // at most one per row (token routing), one per sequence otherwise
+      return {
+        router,
+        constants,
+        pooled: f32(decisions * hidden, `layer ${router.layer} router pooled`),
+        attn: f32(R, `layer ${router.layer} router attention`),
+        route: f32(routeRecordLength(constants, decisions), `layer ${router.layer} router record`),
+      };
+    });
     this.#scratch = {
       dX: f32(R * hidden, "dX"),
       dXn: f32(R * hidden, "dXn"),
@@ -146,6 +210,8 @@ export class TrainingGraph {
       // A module's LoRA input after dropout and its gradient, regenerated per use from the mask's hash.
       dropped: f32(R * maxIn, "dropped LoRA input"),
       dDropped: f32(R * maxIn, "dropped LoRA input gradient"),
+      routerScratch: f32(Math.max(1, ...this.#routers.map((r) => routerScratchLength(r.constants, R, R))), "router scratch"),
+      balance: f32(layers, "balance loss per layer"),
     };
     this.#inputs = {
       positions: f32(R, "positions"),
@@ -153,8 +219,17 @@ export class TrainingGraph {
       rowAdapter: createStorage(o.device, new Uint32Array(R), "row adapter"), // every row uses slot 0
       gates: f32(R * this.#gateStride, "gates"),
       targets: f32(R, "targets"),
+      spans: f32(R * 3, "router spans"),
     };
-    this.#lossReadback = o.device.createBuffer({ label: "loss readback", size: Math.max(4, R * 4), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    const all = [
+      ...this.#saved.flatMap((m) => [...m.values()]),
+      ...this.#t.values(),
+      ...Object.values(this.#scratch),
+      ...Object.values(this.#inputs),
+      ...this.#routers.flatMap((r) => [r.pooled, r.attn, r.route]),
+    ];
+    this.bytes = all.reduce((n, b) => n + b.size, 0);
+    this.#lossReadback = o.device.createBuffer({ label: "loss readback", size: (R + layers) * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   }
 
   /**
@@ -162,34 +237,41 @@ export class TrainingGraph {
    * lossScale * (sum of the batch's per-token cross-entropies) into its grad buffer. Returns that sum
    * (unscaled), for reporting. With `backward: false`, the forward and the loss only (evaluation).
    */
-  async run(batch: PackedBatch, lossScale: number, options: { readonly backward: boolean; readonly dropoutSeed?: number } = { backward: true }): Promise<{ lossSum: number }> {
+  async run(batch: PackedBatch, lossScale: number, options: RunOptions = { backward: true }): Promise<{ lossSum: number; balanceLoss: number }> {
     if (batch.rows > this.maxRows) throw new Error(`a batch of ${batch.rows} rows exceeds the graph's ${this.maxRows}`);
     this.#dropoutSeed = options.backward ? options.dropoutSeed : undefined;
+    this.#balanceCoef = options.backward ? (options.balanceCoef ?? 0) : 0;
     const queue = this.#device.queue;
     queue.writeBuffer(this.#inputs.positions, 0, batch.positions);
     queue.writeBuffer(this.#inputs.sequences, 0, batch.sequences);
     queue.writeBuffer(this.#inputs.targets, 0, batch.targets);
-    queue.writeBuffer(this.#inputs.gates, 0, this.#plainGates(batch.rows));
+    // Routed layers' gates are written by their routers during the step; a plain adapter's are all 1.
+    queue.writeBuffer(this.#inputs.gates, 0, this.#routers.length > 0 ? new Float32Array(batch.rows * this.#gateStride) : this.#plainGates(batch.rows));
+    if (this.#routers.length > 0) queue.writeBuffer(this.#inputs.spans, 0, routerSpans(batch.lengths, batch.promptLengths));
     this.#forward(batch);
     const supervised = batch.supervisedRows.length;
     this.#head(batch, lossScale, options.backward);
     if (options.backward) this.#backward(batch);
-    if (supervised > 0) this.#step.copy(this.#scratch.loss, 0, this.#lossReadback, 0, supervised * 4);
+    const layers = this.#plan.dims.layers;
+    this.#step.copy(this.#scratch.balance, 0, this.#lossReadback, 0, layers * 4);
+    if (supervised > 0) this.#step.copy(this.#scratch.loss, 0, this.#lossReadback, layers * 4, supervised * 4);
     this.#step.submit();
-    if (supervised === 0) return { lossSum: 0 };
-    await this.#lossReadback.mapAsync(GPUMapMode.READ, 0, supervised * 4);
-    const losses = new Float32Array(this.#lossReadback.getMappedRange(0, supervised * 4).slice(0));
+    const bytes = (layers + supervised) * 4;
+    await this.#lossReadback.mapAsync(GPUMapMode.READ, 0, bytes);
+    const values = new Float32Array(this.#lossReadback.getMappedRange(0, bytes).slice(0));
     this.#lossReadback.unmap();
     let lossSum = 0;
-    for (const l of losses) lossSum += l;
-    return { lossSum };
+    for (const l of values.subarray(layers)) lossSum += l;
+    // Eq. 4-5: the balance loss of each routed layer, averaged over them (reported; its gradient is in).
+    const balance = this.#routers.reduce((sum, r) => sum + values[r.router.layer]!, 0);
+    return { lossSum, balanceLoss: this.#routers.length > 0 ? balance / this.#routers.length : 0 };
   }
 
   /** Gate 1 on every adapted module of every row: plain LoRA. */
   #plainGates(rows: number): Float32Array {
     const gates = new Float32Array(rows * this.#gateStride);
     for (const l of this.#params.lora) {
-      const column = l.layer * EXPERT_MODULES.length + EXPERT_MODULES.indexOf(l.module);
+      const column = this.#columns.get(`${l.layer}.${l.module}`)!;
       for (let r = 0; r < rows; r++) gates[r * this.#gateStride + column] = 1;
     }
     return gates;
@@ -237,7 +319,7 @@ export class TrainingGraph {
   }
 
   #loraParams(l: TrainLora, rows: number) {
-    return { rows, gateStride: this.#gateStride, gateIndex: l.layer * EXPERT_MODULES.length + EXPERT_MODULES.indexOf(l.module) };
+    return { rows, gateStride: this.#gateStride, gateIndex: this.#columns.get(`${l.layer}.${l.module}`)! };
   }
 
   /** The dropout mask stream of a module in this step, or undefined when it has no dropout now. */
@@ -297,6 +379,8 @@ export class TrainingGraph {
       const s = this.#saved[l]!;
       const next = this.#saved[l + 1]!.get("x")!;
       const act = (name: Saved) => s.get(name)!;
+      const routed = this.#routers.find((r) => r.router.layer === l);
+      if (routed) this.#routeForward(routed, act("x"), batch);
       step.dispatch(norm, { x: act("x"), weight: this.#tensor("attn_norm", l).blocks[0]!.buffer, out: act("xn") }, { rows });
       for (const { module, input, output } of LINEAR_IO) {
         if (module === "o_proj") {
@@ -370,11 +454,68 @@ export class TrainingGraph {
       linearBack("k_proj", "xn", sc.dK, sc.dXn, true);
       linearBack("v_proj", "xn", sc.dV, sc.dXn, true);
       step.dispatch(normBackward, { x: act("x"), weight: this.#tensor("attn_norm", l).blocks[0]!.buffer, dy: sc.dXn, dx: sc.dX }, { rows });
+      // The router read x_l too: its gradient (through the gates the LoRA backward left in dGates) joins dX.
+      const routed = this.#routers.find((r) => r.router.layer === l);
+      if (routed) this.#routeBackward(routed, act("x"), batch);
       // dX = d(x_l): the next (lower) layer's output gradient.
     }
   }
 
+  #routerBuffers(r: RoutedLayer, x: GPUBuffer) {
+    const c = r.constants;
+    return {
+      x,
+      ...(c.when === "prompt" ? { spans: this.#inputs.spans, pooled: r.pooled } : {}),
+      weight: r.router.gate.value,
+      ...(c.pooling === "attention" && c.when === "prompt" ? { pooler: r.router.pooler!.value, attn: r.attn } : {}),
+      ...(c.activation === "rational" ? { rational: r.router.rational!.value } : {}),
+      route: r.route,
+    };
+  }
+
+  #decisions(r: RoutedLayer, batch: PackedBatch): number {
+    return r.constants.when === "prompt" ? batch.lengths.length : batch.rows;
+  }
+
+  /** Paper eq. 2-3 (and 8, 6): the layer's gates into the gate table, the balance loss of eq. 4-5 and its gradient. */
+  #routeForward(r: RoutedLayer, x: GPUBuffer, batch: PackedBatch): void {
+    const decisions = this.#decisions(r, batch);
+    const gateIndex0 = r.router.layer * EXPERT_MODULES.length;
+    this.#step.dispatch(this.#k({ family: "router_train_forward", constants: r.constants }), { ...this.#routerBuffers(r, x), table: this.#inputs.gates }, { decisions, gateStride: this.#gateStride, gateIndex0 });
+    this.#step.dispatch(
+      this.#k({ family: "router_balance", constants: { experts: r.constants.experts } }),
+      { route: r.route, loss: this.#scratch.balance },
+      { decisions, lossIndex: r.router.layer, coef: this.#balanceCoef },
+    );
+  }
+
+  /** The router's backward: dx += its input gradient, and W_r, w_sa and the rational coefficients' gradients accumulated. */
+  #routeBackward(r: RoutedLayer, x: GPUBuffer, batch: PackedBatch): void {
+    const decisions = this.#decisions(r, batch);
+    const c = r.constants;
+    const gateIndex0 = r.router.layer * EXPERT_MODULES.length;
+    const scratch = this.#scratch.routerScratch;
+    this.#step.dispatch(
+      this.#k({ family: "router_train_backward", constants: c }),
+      { ...this.#routerBuffers(r, x), dGates: this.#scratch.dGates, scratch, dx: this.#scratch.dX },
+      { decisions, gateStride: this.#gateStride, gateIndex0 },
+    );
+    const source: Record<string, GPUBuffer> = c.when === "prompt" ? { pooled: r.pooled } : { x };
+    this.#step.dispatch(
+      this.#k({ family: "router_train_grad", constants: { ...c, accumulate: true } }),
+      {
+        ...source,
+        ...(c.activation === "rational" ? { rational: r.router.rational!.value, dRational: r.router.rational!.grad } : {}),
+        scratch,
+        dWeight: r.router.gate.grad,
+        ...(c.pooling === "attention" && c.when === "prompt" ? { dPooler: r.router.pooler!.grad } : {}),
+      },
+      { decisions },
+    );
+  }
+
   destroy(): void {
+    for (const r of this.#routers) for (const b of [r.pooled, r.attn, r.route]) b.destroy();
     for (const m of this.#saved) for (const b of m.values()) b.destroy();
     for (const b of this.#t.values()) b.destroy();
     for (const b of [...Object.values(this.#scratch), ...Object.values(this.#inputs), this.#lossReadback]) b.destroy();

@@ -9,6 +9,8 @@ import type { MatmulBackwardConstants } from "../../compiler/kernels/matmul-back
 import type { MatmulConstants } from "../../compiler/kernels/matmul.ts";
 import type { RmsNormConstants } from "../../compiler/kernels/rmsnorm.ts";
 import type { RopeConstants } from "../../compiler/kernels/rope.ts";
+import type { RouterTrainBackwardConstants } from "../../compiler/kernels/router-train-backward.ts";
+import type { RouterTrainConstants } from "../../compiler/kernels/router-train.ts";
 
 export type TrainKernelRequest =
   | { readonly family: "matmul"; readonly constants: MatmulConstants }
@@ -26,6 +28,9 @@ export type TrainKernelRequest =
     }
   | { readonly family: "lora_shrink" | "lora_expand" | "lora_backward_input"; readonly constants: LoraConstants }
   | { readonly family: "lora_grad_a" | "lora_grad_b"; readonly constants: LoraBackwardConstants }
-  | { readonly family: "cross_entropy"; readonly constants: { readonly vocab: number } };
+  | { readonly family: "cross_entropy"; readonly constants: { readonly vocab: number } }
+  | { readonly family: "router_train_forward" | "router_train_backward"; readonly constants: RouterTrainConstants }
+  | { readonly family: "router_train_grad"; readonly constants: RouterTrainBackwardConstants }
+  | { readonly family: "router_balance"; readonly constants: { readonly experts: number } };
 
 export type TrainKernelResolver = (request: TrainKernelRequest) => KernelSource;

@@ -38,13 +38,15 @@ export interface TrainLora {
 
 export interface TrainRouter {
   readonly layer: number;
+  /** The layer's adapted modules in EXPERT_MODULES order: the rows of W_r and the gate columns. */
   readonly experts: readonly ExpertModule[];
   /** W_r [experts, hidden] */
   readonly gate: TrainTensor;
   /** w_sa [hidden] */
   readonly pooler?: TrainTensor;
-  readonly numerator?: TrainTensor;
-  readonly denominator?: TrainTensor;
+  /** The rational unit's a_0..a_m then b_1..b_n in one tensor, as the router kernels read them. */
+  readonly rational?: TrainTensor;
+  readonly numeratorLength: number;
 }
 
 /** A seeded uniform generator on [0, 1) (mulberry32), for initialisation, shuffling and dropout. */
@@ -138,20 +140,23 @@ export class TrainableParams {
           gate: tensor(device, `layer ${layer} router`, r.gate),
           ...(r.pooler ? { pooler: tensor(device, `layer ${layer} pooler`, r.pooler) } : {}),
           ...(r.rational
-            ? {
-                numerator: tensor(device, `layer ${layer} rational numerator`, r.rational.numerator, true),
-                denominator: tensor(device, `layer ${layer} rational denominator`, r.rational.denominator, true),
-              }
+            ? { rational: tensor(device, `layer ${layer} rational`, Float32Array.from([...r.rational.numerator, ...r.rational.denominator]), true) }
             : {}),
+          numeratorLength: r.rational?.numerator.length ?? 0,
         },
       ]),
     );
   }
 
+  /** Bytes on the device: each tensor four times (values, gradient, two moments). */
+  get bytes(): number {
+    return this.tensors.reduce((n, t) => n + 4 * t.count * 4, 0);
+  }
+
   /** Every trainable tensor, in a fixed order (the gradient norm sums them in this order). */
   get tensors(): TrainTensor[] {
     const out: TrainTensor[] = this.lora.flatMap((l) => [l.a, l.b]);
-    for (const r of this.routers.values()) out.push(...[r.gate, r.pooler, r.numerator, r.denominator].filter((t): t is TrainTensor => t !== undefined));
+    for (const r of this.routers.values()) out.push(...[r.gate, r.pooler, r.rational].filter((t): t is TrainTensor => t !== undefined));
     return out;
   }
 
@@ -168,11 +173,12 @@ export class TrainableParams {
     const router = new Map<number, RouterWeights>();
     for (const [layer, r] of this.routers) {
       const before = this.adapter.router!.get(layer)!;
+      const rational = r.rational ? await read(r.rational) : undefined;
       router.set(layer, {
         ...before,
         gate: await read(r.gate),
         ...(r.pooler ? { pooler: await read(r.pooler) } : {}),
-        ...(r.numerator && r.denominator ? { rational: { numerator: await read(r.numerator), denominator: await read(r.denominator) } } : {}),
+        ...(rational ? { rational: { numerator: rational.slice(0, r.numeratorLength), denominator: rational.slice(r.numeratorLength) } } : {}),
       });
     }
     return { ...this.adapter, lora, router };

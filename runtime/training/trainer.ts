@@ -38,6 +38,12 @@ export interface TrainSettings {
   readonly patience: number;
   /** Write a resumable checkpoint every this many steps; 0 only at the end or on interrupt. */
   readonly saveEvery: number;
+  /**
+   * Learning rate of the rational activation's coefficients, trained bi-level as in the paper (DARTS-style
+   * alternation): after each step on the training batches, one step on an eval batch updates them alone.
+   * Without eval data they stay at their initialisation.
+   */
+  readonly activationLr: number;
 }
 
 /** One line of metrics.jsonl. */
@@ -75,6 +81,8 @@ interface TrainerState {
   readonly bestEvalLoss: number | null;
   readonly bestStep: number | null;
   readonly badEvals: number;
+  readonly archStep: number;
+  readonly archBatch: number;
   readonly settings: TrainSettings;
 }
 
@@ -106,6 +114,9 @@ export class Trainer {
   readonly stepsPerEpoch: number;
   readonly totalSteps: number;
   #step = 0;
+  /** Steps the architecture parameters have taken (their AdamW counter), and the next eval batch they use. */
+  #archStep = 0;
+  #archBatch = 0;
   #bestEvalLoss: number | null = null;
   #bestStep: number | null = null;
   #badEvals = 0;
@@ -125,6 +136,11 @@ export class Trainer {
 
   get step(): number {
     return this.#step;
+  }
+
+  /** Device memory the trainer holds besides the frozen base: activations kept for the backward, scratch, parameters with their gradients and moments. */
+  get bytes(): { readonly activations: number; readonly parameters: number } {
+    return { activations: this.#graph.bytes, parameters: this.#params.bytes };
   }
 
   /** The adapter's current weights. */
@@ -178,22 +194,57 @@ export class Trainer {
     const started = performance.now();
     const micro = this.#examplesOf(this.#step);
     const supervised = micro.flat().reduce((n, e) => n + supervisedCount(e), 0);
+    const router = this.#o.adapter.spec.router;
+    const routed = this.#params.routers.size;
+    // Eq. 4-5 per micro-batch (its decisions are the micro-batch's sequences), averaged over them and the routed layers.
+    const balanceCoef = router && routed > 0 ? router.balance / (routed * micro.length) : 0;
     let lossSum = 0;
+    let balanceSum = 0;
     let tokens = 0;
     for (const [m, batch] of micro.entries()) {
       const packed = packBatch(batch);
       // Each micro-batch draws its own dropout masks, fixed by (seed, step, micro-batch) so a resumed run draws the same.
       const dropoutSeed = (Math.imul(s.seed + 1, 0x9e3779b1) ^ Math.imul(this.#step + 1, 0x85ebca6b) ^ m) >>> 0;
-      lossSum += (await this.#graph.run(packed, 1 / supervised, { backward: true, dropoutSeed })).lossSum;
+      const out = await this.#graph.run(packed, 1 / supervised, { backward: true, dropoutSeed, balanceCoef });
+      lossSum += out.lossSum;
+      balanceSum += out.balanceLoss;
       tokens += packed.rows;
     }
     const lr = learningRate({ kind: s.schedule, lr: s.lr, warmup: warmupSteps(s.warmup, this.totalSteps), total: this.totalSteps }, this.#step);
-    const { gradNorm } = await this.#optimizer.update(this.#step + 1, lr, 1);
+    const architecture = this.#params.tensors.filter((t) => t.architecture);
+    const { gradNorm } = await this.#optimizer.update(this.#step + 1, lr, 1, (t) => !t.architecture);
+    // The rational coefficients learn from eval batches only (bi-level): drop what the training batches gave them.
+    this.#optimizer.clear(architecture);
+    if (architecture.length > 0 && this.#o.eval && this.#o.eval.length > 0 && s.activationLr > 0) await this.#architectureStep();
     this.#step++;
-    const loss = lossSum / supervised;
+    const lmLoss = lossSum / supervised;
+    const balanceLoss = balanceSum / micro.length;
     const seconds = (performance.now() - started) / 1000;
     const epoch = (this.#step * s.batchSize * s.gradAccum) / this.#o.train.length;
-    return { step: this.#step, epoch: +epoch.toFixed(4), loss, lm_loss: loss, balance_loss: 0, lr, grad_norm: gradNorm, tokens_per_s: tokens / seconds };
+    return {
+      step: this.#step,
+      epoch: +epoch.toFixed(4),
+      loss: lmLoss + (router?.balance ?? 0) * balanceLoss,
+      lm_loss: lmLoss,
+      balance_loss: balanceLoss,
+      lr,
+      grad_norm: gradNorm,
+      tokens_per_s: tokens / seconds,
+    };
+  }
+
+  /** One step of the architecture parameters (the rational activation) on the next eval batch. */
+  async #architectureStep(): Promise<void> {
+    const s = this.#o.settings;
+    const data = this.#o.eval!;
+    const batch = Array.from({ length: Math.min(s.batchSize, data.length) }, (_, i) => data[(this.#archBatch + i) % data.length]!);
+    this.#archBatch = (this.#archBatch + batch.length) % data.length;
+    const supervised = batch.reduce((n, e) => n + supervisedCount(e), 0);
+    const router = this.#o.adapter.spec.router!;
+    await this.#graph.run(packBatch(batch), 1 / supervised, { backward: true, balanceCoef: router.balance / this.#params.routers.size });
+    this.#archStep++;
+    await this.#optimizer.update(this.#archStep, s.activationLr, 1, (t) => t.architecture);
+    this.#optimizer.clear(this.#params.tensors.filter((t) => !t.architecture));
   }
 
   /** Mean cross-entropy over every supervised token of `examples` (no gradient kept). */
@@ -272,7 +323,7 @@ export class Trainer {
       moments.push({ name: `${t.name}.v`, dtype: "F32" as const, shape: [t.count], data: await readBuffer(device, t.v, 0, t.count * 4) });
     }
     writeSafetensors(join(temp, MOMENTS_FILE), moments);
-    const state: TrainerState = { format: 1, step: this.#step, bestEvalLoss: this.#bestEvalLoss, bestStep: this.#bestStep, badEvals: this.#badEvals, settings: this.#o.settings };
+    const state: TrainerState = { format: 1, step: this.#step, bestEvalLoss: this.#bestEvalLoss, bestStep: this.#bestStep, badEvals: this.#badEvals, archStep: this.#archStep, archBatch: this.#archBatch, settings: this.#o.settings };
     writeFileSync(join(temp, STATE_FILE), `${JSON.stringify(state, null, 2)}\n`);
     const old = `${dir}.old-${process.pid}`;
     if (existsSync(dir)) renameSync(dir, old);
@@ -289,6 +340,8 @@ export class Trainer {
     this.#bestEvalLoss = state.bestEvalLoss;
     this.#bestStep = state.bestStep;
     this.#badEvals = state.badEvals;
+    this.#archStep = state.archStep;
+    this.#archBatch = state.archBatch;
     const file = SafetensorsFile.open(join(dir, MOMENTS_FILE));
     try {
       for (const t of this.#params.tensors) {

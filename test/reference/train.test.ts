@@ -2,12 +2,16 @@
 // gradients against central finite differences of the loss itself, for plain LoRA and each router kind.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { EXPERT_MODULES, MODULE_PATHS, type ExpertModule } from "../../compiler/model.ts";
+import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
+import { EXPERT_MODULES, MODULE_PATHS, type Adapter, type ExpertModule, type RouterConfig } from "../../compiler/model.ts";
+import { peftSpec, randomAdapter } from "../../examples/random-adapter.ts";
 import { mulberry32, randomCheckpointBase, randomWeights } from "../../examples/random-checkpoint.ts";
 import { Tape } from "./autodiff.ts";
 import { moduleShape, referenceLogits, weightsFromMap } from "./llama.ts";
+import { referenceMiloraLogits } from "./milora.ts";
 import { IGNORE, referenceTrainLoss, type ReferenceLora, type ReferenceRouter, type ReferenceRouting, type ReferenceTrainAdapter, type TrainExample } from "./train.ts";
 
+const paper: ReferenceRouting = { pooling: "attention", activation: "rational", selection: { rule: "top_k", k: 2 }, renormalize: false, when: "prompt" };
 const base = randomCheckpointBase({ hiddenSize: 8, layers: 2, heads: 2, kvHeads: 1, intermediateSize: 12, vocabSize: 16, seed: 4 });
 const weights = weightsFromMap(new Map(randomWeights(base, 4).map((t) => [t.name, Float64Array.from(t.data)])));
 const random = mulberry32(99);
@@ -77,6 +81,42 @@ test("the loss of the base with LoRA equals the forward reference's cross-entrop
   assert.is(got.balanceLoss, 0);
 });
 
+test("with routers, the loss and the gates equal the forward MiLoRA reference's (milora.ts) on the same adapter", () => {
+  const config: RouterConfig = { ...ROUTER_DEFAULTS, noise: false, balance: 0.01, pooling: "attention", activation: "rational", rational: { numerator: 6, denominator: 5 }, selection: { rule: "top_k", k: 2, renormalize: false } };
+  const spec: Adapter = { ...peftSpec({ base, modules: EXPERT_MODULES, rank: 2, alpha: 4, seed: 0 }), router: config };
+  const adapter = randomAdapter({ spec, seed: 3 });
+  const got = referenceTrainLoss(base, weights, {
+    lora: new Map([...adapter.lora].map(([key, w]): [string, ReferenceLora] => [key, { a: Float64Array.from(w.a), b: Float64Array.from(w.b), rank: w.rank, scaling: w.scaling }])),
+    routers: new Map(
+      [...adapter.router!].map(([layer, r]): [number, ReferenceRouter] => [
+        layer,
+        { experts: r.experts, gate: Float64Array.from(r.gate), pooler: Float64Array.from(r.pooler!), rational: { numerator: Float64Array.from(r.rational!.numerator), denominator: Float64Array.from(r.rational!.denominator) } },
+      ]),
+    ),
+    routing: paper,
+    balance: 0,
+  }, batch);
+  let total = 0;
+  let count = 0;
+  batch.forEach((ex, s) => {
+    const prompt = ex.labels.findIndex((l) => l !== IGNORE);
+    const forward = referenceMiloraLogits(base, weights, adapter, ex.tokens.slice(0, prompt), ex.tokens.slice(prompt));
+    for (const d of forward.routing) {
+      const gates = got.gates.get(d.layer)![s]!;
+      EXPERT_MODULES.forEach((m, e) => assert.ok(Math.abs((d.experts[m] ?? 0) - gates[e]!) < 1e-12, `sequence ${s} layer ${d.layer} ${m}`));
+    }
+    for (let t = 0; t + 1 < ex.tokens.length; t++) {
+      const label = ex.labels[t + 1]!;
+      if (label === IGNORE) continue;
+      const row = forward.logits[t]!;
+      const max = Math.max(...row);
+      total += max + Math.log(row.reduce((a, v) => a + Math.exp(v - max), 0)) - row[label]!;
+      count++;
+    }
+  });
+  assert.ok(Math.abs(got.lmLoss - total / count) < 1e-10, `${got.lmLoss} vs ${total / count}`);
+});
+
 /** Central differences of the loss in a few elements of every trainable tensor, against the tape's gradient. */
 function checkGradients(adapter: ReferenceTrainAdapter, what: string): void {
   const result = referenceTrainLoss(base, weights, adapter, batch);
@@ -112,7 +152,6 @@ function checkGradients(adapter: ReferenceTrainAdapter, what: string): void {
   }
 }
 
-const paper: ReferenceRouting = { pooling: "attention", activation: "rational", selection: { rule: "top_k", k: 2 }, renormalize: false, when: "prompt" };
 
 test("gradients of plain LoRA on every module match finite differences", () => {
   // B starts at zero in training; random B here so that A's gradient is not zero too.

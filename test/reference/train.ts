@@ -126,14 +126,17 @@ class Model {
   /** Which example and position the token being computed is (for the dropout mask). */
   at = { example: 0, position: 0 };
 
-  /** y = W x (+ g * scaling * B A dropout(x)) for one token; W frozen, LoRA nodes trainable. */
-  linear(layer: number, module: ExpertModule, x: Vec, gate: Node | number): Vec {
+  /**
+   * y = W x (+ g * scaling * B A dropout(x)) for one token; W frozen, LoRA nodes trainable. `gate` is a
+   * node (a router's gate, or a constant 1 for plain LoRA), or undefined for a module switched off.
+   */
+  linear(layer: number, module: ExpertModule, x: Vec, gate: Node | undefined): Vec {
     const t = this.tape;
     const [out, inFeatures] = moduleShape(this.base, module);
     const w = this.weights.get(`model.layers.${layer}.${MODULE_PATHS[module]}.weight`);
     const y = Array.from({ length: out }, (_, o) => t.dotConst(x, w, o * inFeatures));
     const lora = this.adapter.lora.get(`${layer}.${module}`);
-    if (!lora || gate === 0) return y;
+    if (!lora || gate === undefined) return y;
     const a = this.param(`${layer}.${module}.a`)!;
     const b = this.param(`${layer}.${module}.b`)!;
     const r = lora.rank;
@@ -142,7 +145,7 @@ class Model {
     const shrunk = Array.from({ length: r }, (_, j) => t.dot(input, a.slice(j * inFeatures, (j + 1) * inFeatures)));
     return y.map((yo, o) => {
       const update = t.scale(t.dot(shrunk, b.slice(o * r, (o + 1) * r)), lora.scaling);
-      return t.add(yo, typeof gate === "number" ? t.scale(update, gate) : t.mul(gate, update));
+      return t.add(yo, t.mul(gate, update));
     });
   }
 
@@ -276,19 +279,20 @@ export function referenceTrainLoss(base: BaseModel, weights: ReferenceWeights, a
     const prompt = promptLength(example);
     for (let layer = 0; layer < base.layers; layer++) {
       const p = `model.layers.${layer}`;
-      // gateOf(position, module): 1 for plain LoRA, the router's gate for a routed adapter, 0 when off.
-      let gateOf: (pos: number, module: ExpertModule) => Node | number = () => 1;
+      // gateOf(position, module): 1 for plain LoRA, the router's gate for a routed adapter, none when off.
+      const one = t.leaf(1);
+      let gateOf: (pos: number, module: ExpertModule) => Node | undefined = () => one;
       if (adapter.routing) {
         const routed = adapter.routers?.has(layer) ?? false;
-        if (!routed) gateOf = () => 0;
+        if (!routed) gateOf = () => undefined;
         else if (adapter.routing.when === "prompt") {
           const { gates, probs } = m.route(m.pool(x.slice(0, prompt), layer), layer);
           record(decisions, gatesSeen, layer, probs, gates, t, adapter.routers!.get(layer)!.experts);
-          gateOf = (_, module) => gates.get(module) ?? 0;
+          gateOf = (_, module) => gates.get(module);
         } else {
           const perToken = x.map((row) => m.route(row, layer));
           for (const d of perToken) record(decisions, gatesSeen, layer, d.probs, d.gates, t, adapter.routers!.get(layer)!.experts);
-          gateOf = (pos, module) => perToken[pos]!.gates.get(module) ?? 0;
+          gateOf = (pos, module) => perToken[pos]!.gates.get(module);
         }
       }
       const normed = x.map((row) => m.rmsNorm(row, weights.get(`${p}.input_layernorm.weight`)));

@@ -58,6 +58,7 @@ const settings = (optimizer: Partial<OptimizerSettings>, over: Partial<TrainSett
   evalEvery: 0,
   patience: 0,
   saveEvery: 0,
+  activationLr: 1e-6,
   ...over,
 });
 
