@@ -146,6 +146,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--headers-timeout <s>", "seconds a client has to send a request's headers", "10")
     .option("--request-timeout <s>", "seconds a client has to send a whole request, body included (answers may stream for longer)", "30")
     .option("--max-connections <n>", "connections held at once; more are closed as they arrive", "512")
+    .option("--no-ui", "no page at / (the live view of throughput, latency, KV slots and routing)")
     .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
     .action(async (spec: string | undefined, opts: import("./commands/serve.ts").ServeOptions) => {
       const { serveCommand } = await import("./commands/serve.ts");

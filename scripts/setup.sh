@@ -72,3 +72,22 @@ if [[ "$mesa" == 22.* ]] && grep -q '^VERSION_CODENAME=bookworm' /etc/os-release
     say "using Debian's Mesa $mesa; bookworm-backports' Mesa 25 runs milora about twice as fast: $BACKPORTS_COMMAND (as root)"
   fi
 fi
+
+# 4. Chromium for the serving page's browser test (test/runtime/serving/ui/page.test.ts): Debian's own
+# package through apt, never a browser downloaded by a tool. Without it that test skips and says so.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    candidate() { apt-cache policy chromium 2>/dev/null | sed -n 's/^ *Candidate: //p'; }
+    c=$(candidate)
+    if [ -z "$c" ] || [ "$c" = "(none)" ]; then apt-get update -qq >&2 || true; c=$(candidate); fi
+    if [ -n "$c" ] && [ "$c" != "(none)" ]; then
+      say "installing Debian's chromium $c (for the serving page's browser test)"
+      apt-get install -y -qq --no-install-recommends chromium >&2 || say "could not install chromium; the page's browser test will skip"
+    else
+      say "apt has no chromium package here; the page's browser test will skip"
+    fi
+  else
+    say "no /usr/bin/chromium: the page's browser test will skip. To run it: sudo apt-get install -y chromium"
+  fi
+fi

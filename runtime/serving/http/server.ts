@@ -15,6 +15,7 @@ import { CheckpointError } from "../../formats/safetensors.ts";
 import { handleGeneration, sendJson, type ServedModel } from "./completions.ts";
 import { ApiError, badRequest, notFound, tooLarge } from "./errors.ts";
 import { METRICS_CONTENT_TYPE, renderMetrics } from "./metrics.ts";
+import { Dashboard, pageKey, pageUnauthorized } from "../ui/dashboard.ts";
 
 export interface ServerOptions {
   /** 127.0.0.1 unless given: serving beyond the machine is a choice. */
@@ -36,6 +37,8 @@ export interface ServerOptions {
   readonly requestTimeoutMs?: number;
   /** Connections held at once; more are closed as they arrive (default DEFAULT_MAX_CONNECTIONS). */
   readonly maxConnections?: number;
+  /** The page at / (runtime/serving/ui/): on unless false. Behind the API key too (HTTP Basic, the key as password). */
+  readonly ui?: boolean;
 }
 
 /** Headers come in one packet from any real client; 10 s is generous. */
@@ -63,6 +66,8 @@ export class MiloraServer {
 
   private constructor(model: ServedModel, options: ServerOptions) {
     if (options.apiKey !== undefined && options.apiKey.trim() === "") throw new RangeError("the API key is empty: give a key, or none to serve without one");
+    const ui = options.ui === false ? undefined : new Dashboard(model);
+    if (ui) model = ui.model; // the page watches the scheduler's requests
     this.#model = model;
     this.#options = options;
     this.#keyHash = options.apiKey === undefined ? undefined : sha256(options.apiKey);
@@ -76,6 +81,7 @@ export class MiloraServer {
       ["POST", /^\/v1\/chat\/completions$/, async (req, res) => handleGeneration("chat", await this.#json(req), res, model)],
       ["POST", /^\/v1\/adapters$/, async (req, res) => this.#addAdapter(res, await this.#json(req))],
       ["DELETE", /^\/v1\/adapters\/([^/]+)$/, (_q, res, [name]) => this.#deleteAdapter(res, name!)],
+      ...(ui?.routes() ?? []),
     ];
     const requestTimeout = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     const headersTimeout = Math.min(options.headersTimeoutMs ?? DEFAULT_HEADERS_TIMEOUT_MS, requestTimeout);
@@ -148,10 +154,10 @@ export class MiloraServer {
 
   #authorize(req: IncomingMessage): void {
     if (this.#keyHash === undefined) return;
-    const given = /^Bearer (.+)$/.exec(req.headers.authorization ?? "")?.[1] ?? "";
+    const given = /^Bearer (.+)$/.exec(req.headers.authorization ?? "")?.[1] ?? pageKey(req) ?? "";
     // Equal-length digests: the time taken depends on neither key's length nor where they differ.
     if (!timingSafeEqual(sha256(given), this.#keyHash)) {
-      throw new ApiError(401, "a valid API key is needed: send `Authorization: Bearer KEY`", "invalid_request_error", "invalid_api_key");
+      throw pageUnauthorized(req) ?? new ApiError(401, "a valid API key is needed: send `Authorization: Bearer KEY`", "invalid_request_error", "invalid_api_key");
     }
   }
 
