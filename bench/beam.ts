@@ -14,6 +14,7 @@ import { peftSpec, randomAdapter } from "../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
 import { Engine } from "../runtime/engine/engine.ts";
+import { plannedEngine } from "../bin/engine-plan.ts";
 
 const { values } = parseArgs({ options: { hidden: { type: "string", default: "512" }, decode: { type: "string", default: "16" }, prompt: { type: "string", default: "16" }, repeats: { type: "string", default: "2" } } });
 const hidden = Number(values.hidden);
@@ -39,7 +40,7 @@ function spec(router: Partial<RouterConfig> | undefined): Adapter {
 }
 
 const gpu = await acquireDevice();
-const engine = await Engine.load({ base, checkpointDir: dir, gpu, ctx: PROMPT + DECODE + 2, maxSequences: 3, maxAdapters: MODES.length, maxLoraRank: RANK });
+const engine = await Engine.load(plannedEngine({ base, checkpointDir: dir, gpu, ctx: PROMPT + DECODE + 2, maxSequences: 3, maxAdapters: MODES.length, maxLoraRank: RANK }));
 MODES.forEach((m, i) => engine.loadAdapter(m.name, randomAdapter({ spec: spec(m.router), seed: 100 + i, name: m.name })));
 const selection = ROUTER_DEFAULTS.selection;
 console.log(`device: ${adapterSummary(gpu.report)}`);

@@ -10,6 +10,7 @@ import { acquireDevice, adapterSummary, type GpuContext } from "../runtime/gpu/d
 import { Engine } from "../runtime/engine/engine.ts";
 import { PipelineCache, StepEncoder, createStorage } from "../runtime/gpu/kernel-runner.ts";
 import { uploadWeights } from "../runtime/engine/weights.ts";
+import { plannedEngine } from "../bin/engine-plan.ts";
 
 const MODELS: Record<string, RandomCheckpointOptions> = {
   tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1 },
@@ -70,13 +71,13 @@ async function measure(gpu: GpuContext, name: string, options: RandomCheckpointO
   const dir = join(".cache", "bench", name);
   writeRandomCheckpoint(dir, options);
   const base = readHfConfig(dir);
-  const engine = await Engine.load({ base, checkpointDir: dir, gpu, ctx: Math.min(base.maxPositions, 256), maxSequences: 1 });
+  const engine = await Engine.load(plannedEngine({ base, checkpointDir: dir, gpu, ctx: Math.min(base.maxPositions, 256), maxSequences: 1 }));
   const prompt = (n: number) => Array.from({ length: n }, (_, i) => (i * 7919 + 13) % base.vocabSize);
   try {
     await engine.generate({ prompt: prompt(PREFILL_TOKENS), maxTokens: 2 }); // first use of every path
     const prefill = await engine.generate({ prompt: prompt(PREFILL_TOKENS), maxTokens: 0 });
     const decode = await engine.generate({ prompt: prompt(DECODE_PROMPT), maxTokens: DECODE_TOKENS + 1 });
-    const stream = await streamOnceMs(gpu, engine.plan, dir);
+    const stream = await streamOnceMs(gpu, engine.plan as Plan, dir);
     const t = decode.timings;
     return {
       model: `${name} (hidden ${base.hiddenSize}, ${base.layers} layers, vocab ${base.vocabSize})`,

@@ -33,7 +33,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
   for (var k = 0u; k < ${K}u; k++) { sum += x[row * ${K}u + k] * w[col * ${K}u + k]; }
   y[row * ${N}u + col] = sum;
 }`,
-    dispatch: (p) => [Math.ceil(N / 64), p.rows ?? 0, 1],
+    dispatch: { groups: [Math.ceil(N / 64), { param: "rows" }, 1] },
   });
 }
 

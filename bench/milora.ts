@@ -14,6 +14,7 @@ import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
 import { Engine } from "../runtime/engine/engine.ts";
 import type { GenerateRequest } from "../runtime/engine/generate.ts";
+import { plannedEngine } from "../bin/engine-plan.ts";
 
 const { values } = parseArgs({ options: { hidden: { type: "string", default: "512" }, decode: { type: "string", default: "16" }, prompt: { type: "string", default: "16" }, repeats: { type: "string", default: "3" } } });
 const hidden = Number(values.hidden);
@@ -51,7 +52,7 @@ function spec(mode: Mode, b: BaseModel): Adapter {
 }
 
 const gpu = await acquireDevice();
-const engine = await Engine.load({ base, checkpointDir: dir, gpu, ctx: PROMPT + DECODE + 2, maxSequences: TENANTS, maxAdapters: TENANTS, maxLoraRank: RANK });
+const engine = await Engine.load(plannedEngine({ base, checkpointDir: dir, gpu, ctx: PROMPT + DECODE + 2, maxSequences: TENANTS, maxAdapters: TENANTS, maxLoraRank: RANK }));
 console.log(`device: ${adapterSummary(gpu.report)}`);
 console.log(`model: hidden ${hidden}, 8 layers, intermediate ${base.intermediateSize}, vocab ${base.vocabSize}; adapters: rank ${RANK} on all 7 modules`);
 console.log(`prefill: ${PROMPT}-token prompts; decode: ${DECODE} steps; greedy; best of ${REPEATS}`);

@@ -13,6 +13,7 @@ import { mulberry32, writeRandomCheckpoint, type RandomCheckpointOptions } from 
 import { writeRandomAdapter, writeRandomPeftAdapter } from "../examples/random-adapter.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
 import { startServing } from "../runtime/serving/http/start.ts";
+import { servingPlan } from "../bin/engine-plan.ts";
 
 const MODELS: Record<string, RandomCheckpointOptions> = {
   tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1, tokenizer: true },
@@ -101,7 +102,7 @@ async function main(): Promise<void> {
 
   const sequential = new Map<Popularity, number>();
   for (const slots of [1, 16]) {
-    const serving = await startServing({ base, checkpointDir: dir, slots, ctx: 128, maxQueue: 256, maxResidentAdapters: TENANTS, adapters, port: 0, gpu });
+    const serving = await startServing({ base, checkpointDir: dir, slots, maxQueue: 256, maxResidentAdapters: TENANTS, adapters, port: 0, gpu, engine: servingPlan({ base, ctx: 128, maxResidentAdapters: TENANTS, adapters }) });
     try {
       for (const clients of slots === 1 ? [16] : [1, 4, 16]) {
         for (const popularity of ["distinct", "uniform", "skewed", "base"] as const) {

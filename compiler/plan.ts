@@ -24,6 +24,18 @@ import {
   type RouterScoreConstants,
 } from "./kernels/router.ts";
 import { samplingKernel } from "./kernels/sampling.ts";
+import { beamTopKKernel } from "./kernels/beam-topk.ts";
+import { layerTensor, rowsPerBlock } from "../runtime/package/format.ts";
+import type {
+  ActivationName,
+  Plan as FormatPlan,
+  PlanDims,
+  PlanLora,
+  PlanOp as FormatPlanOp,
+  PlanRouterLayer as FormatPlanRouterLayer,
+  PlanTensor as FormatPlanTensor,
+  TensorRole,
+} from "../runtime/package/format.ts";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "./model.ts";
 
 /** A base model the planner cannot lower, with the reason in words. */
@@ -31,129 +43,20 @@ export class PlanError extends Error {
   override name = "PlanError";
 }
 
-export interface PlanDims {
-  readonly hidden: number;
-  readonly layers: number;
-  readonly heads: number;
-  readonly kvHeads: number;
-  readonly headDim: number;
-  /** heads * headDim: width of q and of the attention output. */
-  readonly qWidth: number;
-  /** kvHeads * headDim: width of k, v and of one cached position. */
-  readonly kvWidth: number;
-  readonly intermediate: number;
-  readonly vocab: number;
-  readonly ropeTheta: number;
-  readonly rmsNormEps: number;
-  /** Positions a sequence may reach: the KV cache's length, at most the base's max_positions. */
-  readonly ctx: number;
-  readonly tiedEmbeddings: boolean;
-}
-
-export type TensorRole = "embedding" | "lm_head" | "attn_norm" | "mlp_norm" | "final_norm" | "linear";
-
-/** One tensor of the checkpoint as the runtime holds it. Linear weights are [out, in], as in HF. */
-export interface PlanTensor {
-  readonly name: string;
-  readonly shape: readonly number[];
-  /** Element type on the GPU; the checkpoint's F16/BF16 are widened on upload. */
-  readonly gpuDtype: "f32";
-  readonly role: TensorRole;
-  readonly layer?: number;
-  readonly module?: ExpertModule;
-  /**
-   * Whether the runtime may split it into row blocks when it exceeds one storage binding: the tensors it
-   * reads by rows (the embedding) or as a linear weight, whose blocks each compute their own outputs.
-   */
-  readonly splittable: boolean;
-}
-
-/** The activation buffers of one forward step, each [rows, width] f32. */
-export type ActivationName =
-  "x" | "h" | "xn" | "q" | "k" | "v" | "attn" | "gate" | "up" | "act" | "out" | "outNorm" | "logits";
-
-export interface PlanActivation {
-  readonly name: ActivationName;
-  readonly width: number;
-}
-
+export { layerTensor, rowsPerBlock } from "../runtime/package/format.ts";
+export type {
+  ActivationName,
+  PlanActivation,
+  PlanBlockKernels,
+  PlanDims,
+  PlanLora,
+  TensorRole,
+} from "../runtime/package/format.ts";
 /** A linear module's place: one of the LoRA-capable experts, or the output head. */
 export type LinearModule = ExpertModule | "lm_head";
-
-/**
- * One step of the forward pass. Weight names in layer ops are templates with `{layer}`. Kernels are
- * referenced by key into Plan.kernels; a linear names two, the engine picks by the rows of the step
- * (matvec up to `matvecMaxRows`, matmul above), so prefill and decode share one op list.
- */
-export type PlanOp =
-  | {
-      readonly op: "rmsnorm";
-      readonly kernel: string;
-      readonly input: ActivationName;
-      readonly weight: string;
-      readonly output: ActivationName;
-    }
-  | {
-      readonly op: "linear";
-      readonly module: LinearModule;
-      readonly matmul: string;
-      readonly matvec: string;
-      readonly input: ActivationName;
-      readonly weight: string;
-      readonly output: ActivationName;
-      /** Added to the product (the residual stream); must differ from output. */
-      readonly residual?: ActivationName;
-      /** The module's LoRA, when the plan serves adapters: shrink and expand kernels run after the product. */
-      readonly lora?: PlanLora;
-      /**
-       * When the weight exceeds the plan's storage binding: its kernels for each row-block height. Each
-       * block writes its outputs (and adds its residual) in place in the full-width output; LoRA then
-       * runs once on the whole output.
-       */
-      readonly blocks?: readonly PlanBlockKernels[];
-    }
-  | { readonly op: "rope"; readonly kernel: string; readonly q: ActivationName; readonly k: ActivationName }
-  | { readonly op: "kv_write"; readonly kernel: string; readonly k: ActivationName; readonly v: ActivationName }
-  | { readonly op: "attention"; readonly kernel: string; readonly q: ActivationName; readonly output: ActivationName }
-  | {
-      readonly op: "swiglu";
-      readonly kernel: string;
-      readonly gate: ActivationName;
-      readonly up: ActivationName;
-      readonly output: ActivationName;
-    }
-  | { readonly op: "sample"; readonly kernel: string; readonly logits: ActivationName };
-
-/**
- * Where a linear module's LoRA update comes from: kernel keys, and the column of the step's gates
- * buffer ([rows, layers * EXPERT_MODULES.length]) this module reads in layer 0 (add layer * 7).
- */
-export interface PlanLora {
-  readonly shrink: string;
-  readonly expand: string;
-  readonly gateColumn: number;
-}
-
-/** A linear kernel pair specialised for a row block of `rows` output features of a split weight. */
-export interface PlanBlockKernels {
-  readonly rows: number;
-  readonly matmul: string;
-  readonly matvec: string;
-}
-
-/**
- * The router of one routed layer, run on the layer's input before its first op: kernel keys into
- * Plan.kernels. Prompt routing pools each prompt (`score` first for attention pooling) and gates the
- * pooled row; token routing gates every row and has neither `score` nor `pool`.
- */
-export interface PlanRouterLayer {
-  readonly layer: number;
-  /** The layer's enabled modules, in gate order. */
-  readonly experts: readonly ExpertModule[];
-  readonly score?: string;
-  readonly pool?: string;
-  readonly gate: string;
-}
+export type PlanTensor = FormatPlanTensor<ExpertModule>;
+export type PlanOp = FormatPlanOp<ExpertModule>;
+export type PlanRouterLayer = FormatPlanRouterLayer<ExpertModule>;
 
 /** A kernel of the set: the generator family and the constants it is called with. */
 export type PlannedKernel =
@@ -168,38 +71,14 @@ export type PlannedKernel =
   | { readonly key: string; readonly family: "lora_shrink" | "lora_expand"; readonly constants: LoraConstants }
   | { readonly key: string; readonly family: "router_score"; readonly constants: RouterScoreConstants }
   | { readonly key: string; readonly family: "router_pool"; readonly constants: RouterPoolConstants }
-  | { readonly key: string; readonly family: "router_gate"; readonly constants: RouterGateConstants };
+  | { readonly key: string; readonly family: "router_gate"; readonly constants: RouterGateConstants }
+  | { readonly key: string; readonly family: "beam_topk"; readonly constants: { readonly vocab: number } };
 
 /** A kernel of the set before its key is known. */
 export type KernelRequest = PlannedKernel extends infer K ? (K extends PlannedKernel ? Omit<K, "key"> : never) : never;
 
-export interface Plan {
-  readonly base: string;
-  readonly family: string;
-  readonly dims: PlanDims;
-  readonly tensors: readonly PlanTensor[];
-  readonly activations: readonly PlanActivation[];
-  /**
-   * Before the layers the engine writes the embedding rows of the step's tokens into `input`; the
-   * layer ops run once per layer and leave the residual stream in `input` again; the engine then
-   * gathers the rows that need logits into `headInput`, and the head ops run on those rows only.
-   */
-  readonly input: ActivationName;
-  readonly embedding: string;
-  readonly layer: readonly PlanOp[];
-  readonly headInput: ActivationName;
-  readonly head: readonly PlanOp[];
-  /** Steps of up to this many rows use the matvec kernels (decode batches), larger ones matmul (prefill). */
-  readonly matvecMaxRows: number;
-  /** Largest LoRA rank an adapter slot holds; 0 when the plan serves no adapters. */
-  readonly maxLoraRank: number;
-  /**
-   * The storage binding size the plan assumes: splittable tensors larger than this are uploaded in row
-   * blocks of at most this many bytes, with the kernels of their linear op's `blocks`.
-   */
-  readonly maxBindingBytes: number;
-  /** The routers of the adapter the plan was made for (empty for plain LoRA or the base alone). */
-  readonly routers: readonly PlanRouterLayer[];
+/** The plan as the planner makes it: the format's plan (runtime/package/format.ts), its kernels typed by family. */
+export interface Plan extends FormatPlan<ExpertModule> {
   readonly kernels: readonly PlannedKernel[];
 }
 
@@ -365,6 +244,8 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     linear("lm_head", hidden, vocab, { input: "outNorm", output: "logits" }, lmHead),
     { op: "sample", kernel: use({ family: "sampling", constants: { vocab } }), logits: "logits" },
   ];
+  // Beam search's top-k of the log-softmax, dispatched after the head when a step asks for candidates.
+  const beamTopK = use({ family: "beam_topk", constants: { vocab } });
 
   return {
     base: base.name,
@@ -389,6 +270,8 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     maxLoraRank,
     maxBindingBytes,
     routers,
+    ...(routers.length > 0 ? { router: adapter!.router! } : {}),
+    beamTopK,
     kernels: [...kernels.values()],
   };
 }
@@ -414,12 +297,6 @@ export function routerKernelRequests(
   };
 }
 
-/** Rows per block so that one block fits `maxBindingBytes` (the whole tensor when it fits). */
-export function rowsPerBlock(shape: readonly number[], maxBindingBytes: number): number {
-  const rows = shape[0] ?? 1;
-  const rowBytes = shape.slice(1).reduce((a, b) => a * b, 1) * 4;
-  return Math.min(rows, Math.max(1, Math.floor(maxBindingBytes / rowBytes)));
-}
 
 /** The distinct row-block heights of a splittable tensor beyond the binding size; none when it fits. */
 function blockHeights(t: PlanTensor, maxBindingBytes: number): number[] {
@@ -476,12 +353,8 @@ function tensorTable(d: PlanDims): PlanTensor[] {
   return out;
 }
 
-/** A layer op's weight name for one layer. */
-export function layerTensor(template: string, layer: number): string {
-  return template.replace("{layer}", String(layer));
-}
 
-/** The WGSL source of one planned kernel (or of one the runtime must generate, see unplannedKernel). */
+/** The WGSL source of one planned kernel (or of one outside the plan that the CLI resolves for the engine). */
 export function plannedKernelSource(k: KernelRequest): KernelSource {
   switch (k.family) {
     case "rmsnorm":
@@ -510,6 +383,8 @@ export function plannedKernelSource(k: KernelRequest): KernelSource {
       return routerPoolKernel(k.constants);
     case "router_gate":
       return routerGateKernel(k.constants);
+    case "beam_topk":
+      return beamTopKKernel(k.constants);
   }
 }
 

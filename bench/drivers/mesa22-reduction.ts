@@ -78,7 +78,7 @@ for (const inWorkgroup of [false, true]) {
     ],
     params: [],
     body: body(inWorkgroup),
-    dispatch: () => [1, 1, 1],
+    dispatch: { groups: [1, 1, 1] },
   });
   const buffers = {
     logits: createStorage(device, logits, "logits"),

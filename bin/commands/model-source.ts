@@ -9,10 +9,10 @@ import { checkFiles } from "../../compiler/check.ts";
 import { readHfConfig } from "../../compiler/hf-config.ts";
 import type { Adapter, BaseModel } from "../../compiler/model.ts";
 import { CONFIG_FILE } from "../../runtime/formats/checkpoint.ts";
-import type { EngineOptions } from "../../runtime/engine/engine.ts";
 import { PackageError, readCompiledPackage, type CompiledPackage } from "../../runtime/package/loader.ts";
 import { CheckpointError } from "../../runtime/formats/safetensors.ts";
 import type { ServingSetup } from "../../runtime/serving/http/start.ts";
+import { enginePlan, type EnginePlan } from "../engine-plan.ts";
 
 /** A source that cannot be used; `code` is the exit status (1 bad input, 2 bad usage). */
 export class SourceError extends Error {
@@ -68,24 +68,28 @@ export interface PlanSizing {
   readonly maxLoraRank?: number;
   /** The spec each tenant run was checked against, one per tenant. */
   readonly tenants?: readonly Adapter[];
+  /** Adapters resident at once (0: the base alone, planned without LoRA kernels). */
+  readonly maxAdapters?: number;
 }
 
 /**
- * Engine options that fix its plan and kernels: a package's own plan and kernel files (which fix
- * everything), else a plan the engine makes for `ctx` positions and LoRA up to `maxLoraRank`, serving the
+ * The engine's plan and kernels: a package's own plan and kernel files (which fix everything), else a
+ * plan made here, in the CLI, for `ctx` positions and LoRA up to `maxLoraRank`, serving the
  * spec's adapter when every tenant runs under that one adapter, so that its router kernels are planned.
  */
-export function planOptions(source: ModelSource, sizing: PlanSizing): Partial<EngineOptions> {
+export function planOptions(source: ModelSource, sizing: PlanSizing): EnginePlan {
   const pkg = source.package;
   if (pkg) return { plan: pkg.manifest.plan, kernels: pkg.kernels };
   const specs = new Set(sizing.tenants ?? []);
   const [only] = specs;
   const adapter = specs.size === 1 && source.adapters.includes(only!) ? only : undefined;
-  return {
+  return enginePlan({
+    base: source.base,
+    ...(sizing.maxAdapters === undefined ? {} : { maxAdapters: sizing.maxAdapters }),
     ...(sizing.ctx === undefined ? {} : { ctx: sizing.ctx }),
     ...(sizing.maxLoraRank === undefined ? {} : { maxLoraRank: sizing.maxLoraRank }),
     ...(adapter === undefined ? {} : { adapter }),
-  };
+  });
 }
 
 /**
@@ -94,7 +98,7 @@ export function planOptions(source: ModelSource, sizing: PlanSizing): Partial<En
  * largest the spec allows, since any adapter registered later matches one of its adapters), and a
  * package's plan and kernel files. Nothing without one: the adapters given at start size the engine.
  */
-export function servingOptions(source: ModelSource): Pick<ServingSetup, "adapterSpec" | "maxLoraRank" | "compiled"> {
+export function servingOptions(source: ModelSource): Pick<ServingSetup, "adapterSpec"> & { readonly maxLoraRank?: number; readonly compiled?: EnginePlan } {
   if (source.path === undefined) return {};
   const adapterSpec = (name: string) => {
     try {

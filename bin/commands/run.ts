@@ -105,6 +105,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
         ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),
         maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
         tenants: adapters.map((a) => a.spec),
+        maxAdapters: adapters.length,
       }),
       maxSequences: Math.max(1, adapters.length) * (beam?.beams ?? 1),
       // A prompt-routed prompt runs in one step, so a step holds the whole prompt.

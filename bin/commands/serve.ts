@@ -10,6 +10,7 @@ import { NoAdapterError, adapterSummary } from "../../runtime/gpu/device.ts";
 import { EngineError } from "../../runtime/engine/engine.ts";
 import { CheckpointError } from "../../runtime/formats/safetensors.ts";
 import { startServing, type ServingSetup } from "../../runtime/serving/http/start.ts";
+import { servingPlan, type EnginePlan } from "../engine-plan.ts";
 import { SourceError, modelSource, servingOptions, type ModelSource } from "./model-source.ts";
 import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
 
@@ -30,6 +31,8 @@ export interface ServeOptions {
   readonly headersTimeout?: string;
   readonly requestTimeout?: string;
   readonly maxConnections?: string;
+  /** False with --no-ui: no page at /. */
+  readonly ui?: boolean;
 }
 
 /** How long the first signal waits for requests in flight before exiting anyway. */
@@ -48,7 +51,9 @@ export async function serveCommand(source: string | undefined, opts: ServeOption
   }
   let serving;
   try {
-    serving = await startServing({ ...setup, checkDevice: requireHealthyDevice });
+    const { compiled, ...rest } = setup;
+    // Planning happens here, in the CLI: a package's plan and kernel files, else a plan for the spec's sizes.
+    serving = await startServing({ ...rest, engine: compiled ?? servingPlan(setup), checkDevice: requireHealthyDevice });
   } catch (e) {
     const userError = [CheckpointError, PlanError, EngineError, NoAdapterError, DeviceSelfTestError].some((c) => e instanceof c) || (e as NodeJS.ErrnoException).code === "EADDRINUSE";
     if (!userError) throw e;
@@ -60,6 +65,7 @@ export async function serveCommand(source: string | undefined, opts: ServeOption
     `milora serve: ${server.url}/v1 (model ${setup.base.name}${setup.adapters.length > 0 ? `, adapters ${setup.adapters.map(([n]) => n).join(", ")}` : ""})\n` +
       `  device ${adapterSummary(engine.device)}; ${setup.slots} slots of ${engine.plan.dims.ctx} positions\n` +
       (setup.apiKey === undefined ? "" : "  API key required on every route but /health\n") +
+      (setup.ui === false ? "" : `  page ${server.url}/${setup.apiKey === undefined ? "" : " (the API key as password)"}\n`) +
       (setup.adapterRoot === undefined ? "" : `  run-time adapter loading on, from ${setup.adapterRoot}\n`),
   );
   let stopping = false;
@@ -124,12 +130,16 @@ function settings(sourcePath: string | undefined, opts: ServeOptions) {
     headersTimeoutMs: seconds("--headers-timeout", opts.headersTimeout, 10),
     requestTimeoutMs: seconds("--request-timeout", opts.requestTimeout, 30),
     maxConnections: opts.maxConnections === undefined ? 512 : count("--max-connections", opts.maxConnections, 1),
+    ...(opts.ui === false ? { ui: false } : {}),
     ...(opts.backend === undefined ? {} : { backend: opts.backend }),
   };
 }
 
+/** Serving settings before planning: what the plan is sized by, or a package's plan. */
+type PlannedSetup = Omit<ServingSetup, "engine"> & { readonly ctx?: number; readonly maxLoraRank?: number; readonly compiled?: EnginePlan };
+
 /** The spec's or package's settings, and the context: a package's is fixed when it was compiled. */
-function sourceSettings(source: ModelSource, ctx: number | undefined): Partial<ServingSetup> {
+function sourceSettings(source: ModelSource, ctx: number | undefined): Partial<PlannedSetup> {
   const compiledCtx = source.package?.manifest.plan.dims.ctx;
   if (compiledCtx !== undefined && ctx !== undefined && ctx !== compiledCtx) {
     throw new UsageError(`${source.path} was compiled for ${compiledCtx} positions: leave out --ctx, or recompile it with --ctx ${ctx}`);

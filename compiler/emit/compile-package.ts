@@ -15,6 +15,7 @@ import { renderReadme } from "./readme.ts";
 import { declarationSpans, numberedLines, SpecLines } from "./spec-lines.ts";
 import { kernelFiles } from "./wgsl-files.ts";
 import type { PackageFile } from "./write-package.ts";
+import { validateManifest } from "../../runtime/package/format.ts";
 
 export interface CompileOptions {
   readonly spec: string;
@@ -86,12 +87,15 @@ export function compilePackage(options: CompileOptions): CompileResult {
     },
     plan,
     budget,
-    kernels: kernels.map(({ key, file }) => ({ key, file })),
+    kernels: kernels.map(({ key, file, name, entryPoint, bindings, params, dispatch }) => ({ key, file, name, entryPoint, bindings, params, dispatch })),
   };
+  const manifestJson = canonicalJson(manifest);
+  // Every manifest written is one the runtime runs: the format's own check, on the bytes written.
+  validateManifest(JSON.parse(manifestJson), MANIFEST_FILE);
   const className = apiClassName(adapter.name);
   const files: PackageFile[] = [
     { path: "package.json", contents: packageJson({ name, version }, `MiLoRA adapter ${adapter.name} on ${base.name}, compiled by milora`) },
-    { path: MANIFEST_FILE, contents: canonicalJson(manifest) },
+    { path: MANIFEST_FILE, contents: manifestJson },
     {
       path: "README.md",
       contents: renderReadme({ adapter, packageName: name, className, specFile, budgetTable, specLines, kernelCount: kernels.length }),

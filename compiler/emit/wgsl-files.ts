@@ -6,10 +6,13 @@ import { BASE_KEYS, type BaseKeyName } from "../base-keys.ts";
 import type { BaseModel } from "../model.ts";
 import { kernelSources, type LinearModule, type Plan, type PlannedKernel } from "../plan.ts";
 import { COMPILER_VERSION, type ManifestKernel } from "./manifest.ts";
+
+export { splitKernelFile } from "../../runtime/package/format.ts";
 import { citeLine, type SpecLine, type SpecLines } from "./spec-lines.ts";
 
 const KERNELS_DIR = "kernels";
 
+/** A kernel's file: its manifest entry (key, file and interface) and its text. */
 export interface KernelFile extends ManifestKernel {
   readonly text: string;
 }
@@ -25,6 +28,7 @@ const FAMILY_KEYS: Readonly<Record<Exclude<PlannedKernel["family"], LinearFamily
   router_score: ["hidden_size"],
   router_pool: ["hidden_size"],
   router_gate: ["hidden_size"],
+  beam_topk: ["vocab_size"],
 };
 
 /** Kernels of linear modules: their constants come from the modules' shapes (and LoRA ranks). */
@@ -96,15 +100,9 @@ export function kernelFiles(plan: Plan, base: BaseModel, lines: SpecLines, cited
     if (plan.dims.ctx !== base.maxPositions && (k.family === "kv_write" || k.family === "attention")) {
       header.push(`//   context ${plan.dims.ctx} positions (milora compile --ctx), within max_positions ${base.maxPositions}`);
     }
-    return { key: k.key, file, text: `${header.join("\n")}\n\n${sources.get(k.key)!.wgsl}` };
+    const { wgsl, name, entryPoint, bindings, params, dispatch } = sources.get(k.key)!;
+    return { key: k.key, file, name, entryPoint, bindings, params, dispatch, text: `${header.join("\n")}\n\n${wgsl}` };
   });
-}
-
-/** A kernel file split into its header and the WGSL that follows it. */
-export function splitKernelFile(text: string): { header: string; wgsl: string } {
-  const end = text.indexOf("\n\n");
-  if (!text.startsWith("//") || end < 0) return { header: "", wgsl: text };
-  return { header: text.slice(0, end + 1), wgsl: text.slice(end + 2) };
 }
 
 function defaultSource(base: BaseModel, lines: SpecLines): string {
@@ -133,6 +131,7 @@ function usersOf(plan: Plan, key: string): string[] {
     const layers = routed(role);
     if (layers.length > 0) users.push(`router ${role} of layer${layers.length === 1 ? "" : "s"} ${layers.join(", ")}`);
   }
+  if (plan.beamTopK === key) users.push("beam search (log-softmax top-k candidates)");
   return [...new Set(users)];
 }
 

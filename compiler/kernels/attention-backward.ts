@@ -20,7 +20,7 @@
 // Per-(row, head) values are read from `stats` at each use, never reduced inside the kernels.
 import type { KernelSource } from "./kernel.ts";
 import { ATTENTION_TRAIN_BLOCK, attentionTrainShape, type AttentionTrainConstants } from "./attention-train.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 const B = ATTENTION_TRAIN_BLOCK;
 const STATS_WORKGROUP = 256;
@@ -48,7 +48,7 @@ fn main(${GROUP_BUILTINS}) {
   for (var d = 0u; d < ${headDim}u; d++) { delta += dOut[at + d] * out[at + d]; }
   stats[item] = vec2<f32>(lse[item], delta);
 }`,
-    dispatch: (p) => grid(Math.ceil(((p.rows ?? 0) * heads) / STATS_WORKGROUP)),
+    dispatch: { grid: { param: "rows", times: heads, per: STATS_WORKGROUP } },
   });
 }
 
@@ -122,7 +122,7 @@ fn main(${GROUP_BUILTINS}) {
     if (d < ${headDim}u) { dQ[qAt + d] = acc[i] * ${scale}; }
   }
 }`,
-    dispatch: (p) => grid((p.rows ?? 0) * heads),
+    dispatch: { grid: { param: "rows", times: heads } },
   });
 }
 
@@ -208,6 +208,6 @@ fn main(${GROUP_BUILTINS}) {
     }
   }
 }`,
-    dispatch: (p) => grid((p.rows ?? 0) * kvHeads),
+    dispatch: { grid: { param: "rows", times: kvHeads } },
   });
 }

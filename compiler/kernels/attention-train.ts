@@ -15,7 +15,7 @@
 // later barriers, docs/drivers.md). Scores are summed as (q_d / sqrt(headDim)) * k_d in order of d, the
 // same expression the backward kernels use, so their probabilities round the same way.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource } from "./wgsl.ts";
 
 export interface AttentionTrainConstants {
   readonly heads: number;
@@ -156,6 +156,6 @@ fn main(${GROUP_BUILTINS}) {
     if (d < ${headDim}u) { out[qAt + d] = acc[i]; }
   }
 }`,
-    dispatch: (p) => grid((p.rows ?? 0) * heads),
+    dispatch: { grid: { param: "rows", times: heads } },
   });
 }

@@ -9,7 +9,7 @@
 // One workgroup per (row, head). Keys are streamed in blocks of 64, one key per invocation; the softmax is
 // online (running max and rescaled sums), so any context length fits in fixed workgroup memory.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource } from "./wgsl.ts";
 
 export interface AttentionConstants {
   readonly heads: number;
@@ -104,6 +104,6 @@ fn main(${GROUP_BUILTINS}) {
     if (d < ${headDim}u) { out[qAt + d] = acc[i] / total; }
   }
 }`,
-    dispatch: (p) => grid((p.rows ?? 0) * heads),
+    dispatch: { grid: { param: "rows", times: heads } },
   });
 }

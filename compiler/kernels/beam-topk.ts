@@ -9,13 +9,10 @@
 // (1 + eos ids) * beams), so k passes cost about what the sampling kernel's bit searches cost.
 // test/compiler/kernels/beam-topk.test.ts checks it against a float64 log-softmax.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+import { MAX_BEAM_CANDIDATES } from "../../runtime/gpu/layouts.ts";
 
-/** Most candidates one row may ask for (the workgroup keeps none of them, this only bounds the loop). */
-export const MAX_BEAM_CANDIDATES = 256;
-
-/** u32 words per candidate in the output buffer: token id, then the f32 log-probability. */
-export const BEAM_CANDIDATE_WORDS = 2;
+export { BEAM_CANDIDATE_WORDS, MAX_BEAM_CANDIDATES } from "../../runtime/gpu/layouts.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 const WORKGROUP = 256;
 const NONE = "0xffffffffu";
@@ -116,6 +113,6 @@ fn main(${GROUP_BUILTINS}) {
     workgroupBarrier();
   }
 }`,
-    dispatch: (p) => grid(p.rows ?? 0),
+    dispatch: { grid: { param: "rows" } },
   });
 }

@@ -14,7 +14,7 @@
 // the label's gradient is -(sum over the other tokens) / sum, not p - 1, and the loss is log1p(others)
 // when the label holds the max, not log(sum) - 0; both keep their relative precision as the loss -> 0.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 /** `labels` value of a row without a target (the prompt tokens). */
 export const IGNORE_LABEL = 0xffffffff;
@@ -112,6 +112,6 @@ fn main(${GROUP_BUILTINS}) {
     logits[at] = g * params.lossScale;
   }
 }`,
-    dispatch: (p) => grid(p.rows ?? 0),
+    dispatch: { grid: { param: "rows" } },
   });
 }

@@ -10,7 +10,7 @@
 // trainer derives from (seed, step, micro-batch, layer, module). Grid of ceil(n / 256) workgroups.
 import type { KernelSource } from "./kernel.ts";
 import { pcg } from "./sampling.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 const WORKGROUP = 256;
 
@@ -61,7 +61,7 @@ fn main(${GROUP_BUILTINS}) {
   if (i >= params.n) { return; }
   out[i] = select(0.0, x[i] * params.scale, keep(i));
 }`,
-    dispatch: (p) => grid(Math.ceil((p.n ?? 0) / WORKGROUP)),
+    dispatch: { grid: { param: "n", per: WORKGROUP } },
   });
 }
 
@@ -84,6 +84,6 @@ fn main(${GROUP_BUILTINS}) {
   if (keep(i)) { acc[i] += g[i] * params.scale; }
   g[i] = 0.0;
 }`,
-    dispatch: (p) => grid(Math.ceil((p.n ?? 0) / WORKGROUP)),
+    dispatch: { grid: { param: "n", per: WORKGROUP } },
   });
 }

@@ -9,7 +9,7 @@
 //     join sends its gradient to both inputs) is this accumulation into the residual stream's gradient,
 //     and it sums gradients over micro-batches.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource, type StorageDecl } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, type StorageDecl } from "./wgsl.ts";
 
 const WORKGROUP = 256;
 
@@ -26,7 +26,7 @@ fn main(${GROUP_BUILTINS}) {
   if (i >= params.n) { return; }
   ${body}
 }`,
-    dispatch: (p) => grid(Math.ceil((p.n ?? 0) / WORKGROUP)),
+    dispatch: { grid: { param: "n", per: WORKGROUP } },
   });
 }
 

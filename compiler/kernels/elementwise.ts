@@ -3,7 +3,7 @@
 //   add:    bindings a (read), b (read), out (read_write);     params n.  out = a + b
 // (out may not alias an input: WebGPU forbids one buffer bound as read and read_write in a dispatch.)
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 const WORKGROUP = 256;
 
@@ -24,7 +24,7 @@ fn main(${GROUP_BUILTINS}) {
   if (i >= params.n) { return; }
   out[i] = ${expression};
 }`,
-    dispatch: (p) => grid(Math.ceil((p.n ?? 0) / WORKGROUP)),
+    dispatch: { grid: { param: "n", per: WORKGROUP } },
   });
 }
 

@@ -3,7 +3,7 @@
 //   params:   rows
 // An id outside the vocabulary yields a zero row rather than reading out of bounds.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 export interface EmbeddingConstants {
   readonly vocab: number;
@@ -32,6 +32,6 @@ fn main(${GROUP_BUILTINS}) {
   let id = ids[r];
   out[i] = select(0.0, table[id * ${hidden}u + c], id < ${vocab}u);
 }`,
-    dispatch: (p) => grid(Math.ceil(((p.rows ?? 0) * hidden) / WORKGROUP)),
+    dispatch: { grid: { param: "rows", times: hidden, per: WORKGROUP } },
   });
 }

@@ -57,7 +57,7 @@ fn main(${GROUP_BUILTINS}) {
   let total = treeSum(lid, s);
   if (lid == 0u) { partials[params.slot * ${NORM_PARTIALS_PER_BUFFER}u + w] = total; }
 }`,
-    dispatch: () => [NORM_PARTIALS_PER_BUFFER, 1, 1],
+    dispatch: { groups: [NORM_PARTIALS_PER_BUFFER, 1, 1] },
   });
 }
 
@@ -90,6 +90,6 @@ fn main(${GROUP_BUILTINS}) {
     clip[1] = norm;
   }
 }`,
-    dispatch: () => [1, 1, 1],
+    dispatch: { groups: [1, 1, 1] },
   });
 }

@@ -5,7 +5,7 @@
 //   params:   rows
 // A position at or past maxPositions is dropped (the engine must not schedule one).
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 export interface KvWriteConstants {
   readonly kvHeads: number;
@@ -41,6 +41,6 @@ fn main(${GROUP_BUILTINS}) {
   kCache[at] = k[i];
   vCache[at] = v[i];
 }`,
-    dispatch: (p) => grid(Math.ceil(((p.rows ?? 0) * width) / WORKGROUP)),
+    dispatch: { grid: { param: "rows", times: width, per: WORKGROUP } },
   });
 }

@@ -17,7 +17,7 @@
 // With `accumulate`, dA and dB are added to (gradient accumulation over micro-batches).
 import type { KernelSource } from "./kernel.ts";
 import type { LoraConstants } from "./lora.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource, vec4Rows } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, vec4Rows } from "./wgsl.ts";
 
 export interface LoraBackwardConstants extends LoraConstants {
   /** dA, dB += instead of = (lora_grad_a and lora_grad_b only). */
@@ -158,7 +158,7 @@ fn main(${GROUP_BUILTINS}) {
     if (k + 3u < ${inFeatures}u) { dx[at + 3u] += acc.w; }
   }
 }`,
-    dispatch: (p) => grid(p.rows ?? 0),
+    dispatch: { grid: { param: "rows" } },
   });
 }
 
@@ -256,7 +256,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
   }
 }`,
     // Every element is written even for zero rows (a gradient of nothing is zero).
-    dispatch: () => [Math.ceil(R / QT), Math.ceil(P / PT), 1],
+    dispatch: { groups: [Math.ceil(R / QT), Math.ceil(P / PT), 1] },
   });
 }
 

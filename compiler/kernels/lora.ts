@@ -20,32 +20,14 @@
 // run side by side on separate workgroups instead of one after another in a shared row tile (which
 // on llvmpipe, one workgroup per core, made a mixed-tenant batch cost 2-3x a one-tenant one).
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource, vec4Rows } from "./wgsl.ts";
+
+export { NO_ADAPTER, packLoraSlots, type LoraSlotInfo } from "../../runtime/gpu/layouts.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, vec4Rows } from "./wgsl.ts";
 
 export interface LoraConstants {
   readonly inFeatures: number;
   readonly outFeatures: number;
   readonly maxRank: number;
-}
-
-/** `rowAdapter` value of a row that uses no adapter. */
-export const NO_ADAPTER = 0xffffffff;
-
-/** Rank and scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) of one resident adapter slot. */
-export interface LoraSlotInfo {
-  readonly rank: number;
-  readonly scaling: number;
-}
-
-/** The `slots` buffer's bytes: per slot a u32 rank then an f32 scaling, little-endian. */
-export function packLoraSlots(slots: readonly LoraSlotInfo[]): Uint8Array {
-  const bytes = new Uint8Array(slots.length * 8);
-  const view = new DataView(bytes.buffer);
-  slots.forEach((s, i) => {
-    view.setUint32(i * 8, s.rank, true);
-    view.setFloat32(i * 8 + 4, s.scaling, true);
-  });
-  return bytes;
 }
 
 const WORKGROUP = 64;
@@ -125,7 +107,7 @@ fn main(${GROUP_BUILTINS}) {
     workgroupBarrier();
   }
 }`,
-    dispatch: (p) => grid(p.rows ?? 0),
+    dispatch: { grid: { param: "rows" } },
   });
 }
 
@@ -167,6 +149,6 @@ fn main(${GROUP_BUILTINS}) {
     y[row * ${outFeatures}u + col] += coef * acc;
   }
 }`,
-    dispatch: (p) => grid((p.rows ?? 0) * columnBlocks),
+    dispatch: { grid: { param: "rows", times: columnBlocks } },
   });
 }

@@ -107,10 +107,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
   }
 }`,
-    dispatch: (p) => {
-      const rowBlocks = Math.ceil((p.rows ?? 0) / TILE);
-      if (rowBlocks > 65535) throw new Error(`matmul backward: ${p.rows} rows exceed one dispatch`);
-      return [rowBlocks === 0 ? 0 : Math.ceil(K / TILE), rowBlocks, 1];
-    },
+    // Row tiles in y (at most 65535 of them: workgroups() refuses more); no rows, no work.
+    dispatch: { groups: [Math.ceil(K / TILE), { param: "rows", per: TILE }, 1], emptyWhenZero: "rows" },
   });
 }

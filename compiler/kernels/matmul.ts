@@ -104,10 +104,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
   }
 }`,
-    dispatch: (p) => {
-      const rowBlocks = Math.ceil((p.rows ?? 0) / TILE);
-      if (rowBlocks > 65535) throw new Error(`matmul: ${p.rows} rows exceed one dispatch`);
-      return [rowBlocks === 0 ? 0 : columnBlocks, rowBlocks, 1];
-    },
+    // Row tiles in y (at most 65535 of them: workgroups() refuses more); no rows, no work.
+    dispatch: { groups: [columnBlocks, { param: "rows", per: TILE }, 1], emptyWhenZero: "rows" },
   });
 }

@@ -12,7 +12,7 @@
 // plus M dot products, where the 64-row matmul tile would compute (and waste) 64 rows.
 import type { KernelSource } from "./kernel.ts";
 import { outputLayout, type MatmulConstants } from "./matmul.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource, vec4Rows } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, vec4Rows } from "./wgsl.ts";
 
 /** As MatmulConstants: K inputs, N outputs, the residual epilogue, and y's row width for a row block. */
 export type MatvecConstants = MatmulConstants;
@@ -76,6 +76,6 @@ fn main(${GROUP_BUILTINS}) {
     workgroupBarrier();
   }
 }`,
-    dispatch: (p) => grid((p.rows ?? 0) === 0 ? 0 : Math.ceil(N / COLUMNS)),
+    dispatch: { grid: Math.ceil(N / COLUMNS), emptyWhenZero: "rows" },
   });
 }

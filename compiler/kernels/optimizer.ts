@@ -15,7 +15,7 @@
 //     bindings: param (read_write), grad (read), scale (read);  params: count, lr, gradScale
 // m and v start at zero. Grid of ceil(count / 256) workgroups.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 const WORKGROUP = 256;
 
@@ -84,7 +84,7 @@ fn main(${GROUP_BUILTINS}) {
   v[i] = v1;
   param[i] = param[i] * params.decay - params.stepSize * m1 / (sqrt(v1) / params.sqrtBiasCorrection2 + params.eps);
 }`,
-    dispatch: (p) => grid(Math.ceil((p.count ?? 0) / WORKGROUP)),
+    dispatch: { grid: { param: "count", per: WORKGROUP } },
   });
 }
 
@@ -109,6 +109,6 @@ fn main(${GROUP_BUILTINS}) {
   if (i >= params.count) { return; }
   param[i] = param[i] - params.lr * (grad[i] * (params.gradScale * scale[0]));
 }`,
-    dispatch: (p) => grid(Math.ceil((p.count ?? 0) / WORKGROUP)),
+    dispatch: { grid: { param: "count", per: WORKGROUP } },
   });
 }

@@ -13,7 +13,7 @@
 // One workgroup per row: both sums in one pass, reduced together as vec2 in workgroup memory; the
 // reduced sums are read from workgroup memory where used (docs/drivers.md, Mesa 22.3).
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource } from "./wgsl.ts";
 
 export interface RmsNormBackwardConstants {
   readonly hidden: number;
@@ -62,6 +62,6 @@ fn main(${GROUP_BUILTINS}) {
     dx[base + c] = g${accumulate ? " + dx[base + c]" : ""};
   }
 }`,
-    dispatch: (p) => grid(p.rows ?? 0),
+    dispatch: { grid: { param: "rows" } },
   });
 }

@@ -3,7 +3,7 @@
 //   params:   rows
 // One workgroup per row: each invocation sums a strided slice, then a tree reduction in workgroup memory.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource } from "./wgsl.ts";
 
 export interface RmsNormConstants {
   readonly hidden: number;
@@ -46,6 +46,6 @@ fn main(${GROUP_BUILTINS}) {
     out[base + c] = x[base + c] * scale * weight[c];
   }
 }`,
-    dispatch: (p) => grid(p.rows ?? 0),
+    dispatch: { grid: { param: "rows" } },
   });
 }

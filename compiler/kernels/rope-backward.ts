@@ -9,7 +9,7 @@
 // ropeInverseFrequencies, times f32(position)), so forward and backward rotate by bit-identical angles.
 import type { KernelSource } from "./kernel.ts";
 import { ropeInverseFrequencies, type RopeConstants } from "./rope.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource } from "./wgsl.ts";
 
 const WORKGROUP = 256;
 
@@ -57,6 +57,6 @@ fn main(${GROUP_BUILTINS}) {
     dk[at + ${half}u] = r.y;
   }
 }`,
-    dispatch: (p) => grid(Math.ceil(((p.rows ?? 0) * pairsPerRow) / WORKGROUP)),
+    dispatch: { grid: { param: "rows", times: pairsPerRow, per: WORKGROUP } },
   });
 }

@@ -6,7 +6,7 @@
 //   params:   rows
 // The inverse frequencies are computed in float64 and baked as f32, as exact as a shader `pow` or better.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource } from "./wgsl.ts";
 
 export interface RopeConstants {
   readonly heads: number;
@@ -67,6 +67,6 @@ fn main(${GROUP_BUILTINS}) {
     k[at + ${half}u] = r.y;
   }
 }`,
-    dispatch: (p) => grid(Math.ceil(((p.rows ?? 0) * pairsPerRow) / WORKGROUP)),
+    dispatch: { grid: { param: "rows", times: pairsPerRow, per: WORKGROUP } },
   });
 }

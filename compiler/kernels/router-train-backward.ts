@@ -27,7 +27,7 @@
 // storageBarrier().
 import type { KernelSource } from "./kernel.ts";
 import { ROUTER_TRAIN_WORKGROUP, routerActivationStorage, routerActivationWgsl, routerTrainKey, routerTrainShape, type RouterTrainConstants } from "./router-train.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource, type StorageDecl } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, type StorageDecl } from "./wgsl.ts";
 
 const WG = ROUTER_TRAIN_WORKGROUP;
 
@@ -248,7 +248,7 @@ ${
     : ""
 }
 }`,
-    dispatch: (p) => grid(p.decisions ?? 0),
+    dispatch: { grid: { param: "decisions" } },
   });
 }
 
@@ -307,6 +307,6 @@ ${
     : ""
 }
 }`,
-    dispatch: () => [Math.ceil(Math.max(H, C) / WG), 1, 1],
+    dispatch: { groups: [Math.ceil(Math.max(H, C) / WG), 1, 1] },
   });
 }

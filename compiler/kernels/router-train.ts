@@ -32,7 +32,7 @@
 // Values reduced across the workgroup live in workgroup memory and are re-read at each use (Mesa 22.3
 // llvmpipe loses reduced values held in registers across later barriers, docs/drivers.md).
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource, type StorageDecl } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource, type StorageDecl } from "./wgsl.ts";
 
 export type RouterTrainPooling = "last" | "mean" | "max" | "attention";
 export type RouterTrainActivation = "none" | "relu" | "gelu" | "rational";
@@ -392,7 +392,7 @@ ${
     table[(first + i / N) * params.gateStride + params.gateIndex0 + i % N] = gateOut[i % N];
   }
 }`,
-    dispatch: (p) => grid(p.decisions ?? 0),
+    dispatch: { grid: { param: "decisions" } },
   });
 }
 
@@ -469,6 +469,6 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     route[(i / N) * RW + 2u * N + i % N] = dp[i % N];
   }
 }`,
-    dispatch: () => [1, 1, 1],
+    dispatch: { groups: [1, 1, 1] },
   });
 }

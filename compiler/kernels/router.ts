@@ -28,7 +28,7 @@ import type { Activation, Pooling, Selection } from "../model.ts";
 import type { RationalOrders } from "../rational.ts";
 import { activationStorage, activationWgsl } from "./activation.ts";
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, grid, kernelSource, vec4Rows } from "./wgsl.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource, vec4Rows } from "./wgsl.ts";
 
 const WORKGROUP = 64;
 /** The lowest finite f32, as a WGSL literal. */
@@ -81,7 +81,7 @@ fn main(${GROUP_BUILTINS}) {
   let total = reduce(acc, lid, false);
   if (lid == 0u) { scores[row] = total; }
 }`,
-    dispatch: (p) => grid(p.rows ?? 0),
+    dispatch: { grid: { param: "rows" } },
   });
 }
 
@@ -150,7 +150,7 @@ ${way.loop ? `  for (var t = start; t < end; t++) { ${way.loop} }` : ""}
     if (column + c < ${hidden}u) { pooled[item * ${hidden}u + column + c] = value[c]; }
   }
 }`,
-    dispatch: (p) => grid((p.count ?? 0) * blocks),
+    dispatch: { grid: { param: "count", times: blocks } },
   });
 }
 
@@ -293,6 +293,6 @@ ${
     table[(first + i / WIDTH) * params.stride + params.base + i % WIDTH] = columnGate[i % WIDTH];
   }
 }`,
-    dispatch: (p) => grid(p.count ?? 0),
+    dispatch: { grid: { param: "count" } },
   });
 }

@@ -10,38 +10,9 @@
 // The draw walks the kept tokens in index order until the cumulative weight passes u * (kept mass).
 // sampling-cpu.ts holds the same procedure in float64 for tests and reference checks.
 import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, grid, kernelSource } from "./wgsl.ts";
 
-/** How one sequence picks its next token. */
-export interface SamplingSettings {
-  /** 0 selects greedy argmax. */
-  readonly temperature: number;
-  /** Keep the k most likely tokens; 0 for no limit. */
-  readonly topK: number;
-  /** Keep the smallest most-likely set with this much probability; 1 for no limit. */
-  readonly topP: number;
-  readonly seed: number;
-  /** The sequence's own token counter: (seed, step) fixes the draw whatever row the sequence lands on. */
-  readonly step: number;
-}
-
-/** u32 words per row of the settings buffer: seed, step, temperature (f32), topK, topP (f32). */
-export const SAMPLING_WORDS = 5;
-
-/** Packs per-row settings into the layout the sampling kernel reads. */
-export function packSamplingSettings(rows: readonly SamplingSettings[]): Uint32Array {
-  const words = new Uint32Array(rows.length * SAMPLING_WORDS);
-  const floats = new Float32Array(words.buffer);
-  rows.forEach((s, r) => {
-    const at = r * SAMPLING_WORDS;
-    words[at] = s.seed >>> 0;
-    words[at + 1] = s.step >>> 0;
-    floats[at + 2] = s.temperature;
-    words[at + 3] = s.topK;
-    floats[at + 4] = s.topP;
-  });
-  return words;
-}
+export { SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../../runtime/gpu/layouts.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 /** PCG hash (Jarzynski and Olano 2020), identical to the kernel's `pcg`. */
 export function pcg(v: number): number {
@@ -241,6 +212,6 @@ fn main(${GROUP_BUILTINS}) {
     tokens[row] = select(pick, atomicLoad(&lastKept), pick == ${NONE});
   }
 }`,
-    dispatch: (p) => grid(p.rows ?? 0),
+    dispatch: { grid: { param: "rows" } },
   });
 }

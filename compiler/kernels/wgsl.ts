@@ -1,6 +1,8 @@
 // Assembles a KernelSource from a kernel body: binding declarations, the Params struct, the cache key
 // and the workgroup grid are generated here once, so each kernel file holds only its own math.
-import type { KernelBinding, KernelParam, KernelSource } from "./kernel.ts";
+import type { DispatchRule, KernelBinding, KernelParam, KernelSource } from "./kernel.ts";
+
+export { MAX_GROUPS_PER_DIMENSION, grid } from "../../runtime/gpu/kernel.ts";
 
 /** A storage buffer of a kernel, with its WGSL type, e.g. `array<f32>` or `array<vec4<f32>>`. */
 export interface StorageDecl {
@@ -19,20 +21,8 @@ export interface KernelSpec {
   readonly params: readonly KernelParam[];
   /** WGSL after the declarations; must define `fn main`. */
   readonly body: string;
-  readonly dispatch: KernelSource["dispatch"];
-}
-
-/** Largest workgroup count per grid dimension that WebGPU guarantees. */
-export const MAX_GROUPS_PER_DIMENSION = 65535;
-
-/**
- * A grid of at least `groups` workgroups laid out as x * y (y > 1 only past the per-dimension limit).
- * Kernels recover the linear index with {@link LINEAR_GROUP} and skip the excess groups.
- */
-export function grid(groups: number): readonly [number, number, number] {
-  if (groups <= MAX_GROUPS_PER_DIMENSION) return [Math.max(groups, 0), 1, 1];
-  const y = Math.ceil(groups / MAX_GROUPS_PER_DIMENSION);
-  return [Math.ceil(groups / y), y, 1];
+  /** The workgroup rule, as data (runtime/gpu/kernel.ts workgroups()). */
+  readonly dispatch: DispatchRule;
 }
 
 /** WGSL expression of the linear workgroup index for a {@link grid} dispatch. */

@@ -32,7 +32,7 @@ import { EngineError, type Engine, type StepOutput } from "./engine.ts";
 import type { GenerateRequest, Generation, GenerationTimings } from "./generate.ts";
 import type { LayerRouting } from "./routing.ts";
 import { SequenceError, type Sequence } from "./sequence.ts";
-import { MAX_BEAM_CANDIDATES } from "../../compiler/kernels/beam-topk.ts";
+import { MAX_BEAM_CANDIDATES } from "../gpu/layouts.ts";
 
 export interface BeamSearchOptions {
   /** Beam width (HF num_beams); 1 is greedy decoding. */

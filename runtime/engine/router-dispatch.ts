@@ -4,10 +4,9 @@
 // writing straight into the step's gate table: prompt routing pools each sequence's prompt (score,
 // pool, then activation and gate) and writes the one decision to all its rows; token routing
 // activates and gates every row alone. The
-// WGSL comes from the engine (the plan's kernels, see Engine's kernel lookup): nothing is generated here.
-import type { KernelSource } from "../../compiler/kernels/kernel.ts";
+// WGSL comes from the engine (the plan's kernels, or its resolver's): nothing is generated here.
 import type { RouterConfig } from "../../compiler/model.ts";
-import { routerKernelRequests, type KernelRequest } from "../../compiler/plan.ts";
+import type { KernelSource } from "../gpu/kernel.ts";
 import type { GpuRouter, ResidentAdapter } from "./tenants.ts";
 import { createStorage, type BufferArg, type StepEncoder } from "../gpu/kernel-runner.ts";
 import { MODULES_PER_LAYER } from "./routing.ts";
@@ -39,26 +38,31 @@ export interface RouteGroup {
 const ALIGN = 256;
 const align = (bytes: number) => Math.ceil(bytes / ALIGN) * ALIGN;
 
+/** One layer's router kernels. */
+export interface RouterKernelSet {
+  readonly score?: KernelSource;
+  readonly pool?: KernelSource;
+  readonly gate: KernelSource;
+}
+
 export class RouterDispatch {
   readonly #device: GPUDevice;
-  readonly #hidden: number;
   readonly #maxRows: number;
-  readonly #kernelFor: (request: KernelRequest) => KernelSource;
+  readonly #kernelsOf: (config: RouterConfig, layer: number, router: GpuRouter) => RouterKernelSet;
   /** Per group a segment of (start, end) ranges and (input row, first row, end row) items. */
   readonly #indices: GPUBuffer;
   readonly #segment: number;
   readonly #scores: GPUBuffer;
   readonly #pooled: GPUBuffer;
 
-  /** `kernelFor`: the WGSL of a router kernel, as the engine resolves it. */
+  /** `kernelsOf`: a router's kernels in its layer, as the engine resolves them (the plan's, or its resolver's). */
   constructor(
     device: GPUDevice,
     dims: { readonly hidden: number; readonly maxRows: number; readonly maxGroups: number },
-    kernelFor: (request: KernelRequest) => KernelSource,
+    kernelsOf: (config: RouterConfig, layer: number, router: GpuRouter) => RouterKernelSet,
   ) {
     this.#device = device;
-    this.#kernelFor = kernelFor;
-    this.#hidden = dims.hidden;
+    this.#kernelsOf = kernelsOf;
     this.#maxRows = dims.maxRows;
     this.#segment = align(dims.maxRows * 8) + align(dims.maxRows * 12);
     this.#indices = createStorage(device, Math.max(1, dims.maxGroups) * this.#segment, "router indices");
@@ -106,7 +110,7 @@ export class RouterDispatch {
   route(step: StepEncoder, group: RouteGroup, layer: number, x: GPUBuffer, table: { readonly buffer: GPUBuffer; readonly stride: number }): void {
     const router = group.adapter.routers.get(layer);
     if (!router) return;
-    const kernels = this.#kernelsFor(group.config, router);
+    const kernels = this.#kernelsFor(group.config, layer, router);
     let input: GPUBuffer = x;
     if (kernels.score) step.dispatch(kernels.score, { h: x, pooler: router.pooler!, scores: this.#scores }, { rows: group.end });
     if (kernels.pool) {
@@ -121,15 +125,14 @@ export class RouterDispatch {
   kernelsOf(adapter: ResidentAdapter): KernelSource[] {
     const config = adapter.adapter.spec.router;
     if (!config) return [];
-    return [...adapter.routers.values()].flatMap((router) => Object.values(this.#kernelsFor(config, router)));
+    return [...adapter.routers].flatMap(([layer, router]) => Object.values(this.#kernelsFor(config, layer, router)));
   }
 
   destroy(): void {
     for (const b of [this.#indices, this.#scores, this.#pooled]) b.destroy();
   }
 
-  #kernelsFor(config: RouterConfig, router: GpuRouter): { score?: KernelSource; pool?: KernelSource; gate: KernelSource } {
-    const { score, pool, gate } = routerKernelRequests(config, this.#hidden, router.experts);
-    return { ...(score ? { score: this.#kernelFor(score) } : {}), ...(pool ? { pool: this.#kernelFor(pool) } : {}), gate: this.#kernelFor(gate) };
+  #kernelsFor(config: RouterConfig, layer: number, router: GpuRouter): RouterKernelSet {
+    return this.#kernelsOf(config, layer, router);
   }
 }

@@ -1,6 +1,6 @@
 // A sequence: one prompt and what has been generated after it, bound to a KV cache slot. The engine
 // advances it by running its pending tokens (those not yet in the cache); the caller appends tokens.
-import type { SamplingSettings } from "../../compiler/kernels/sampling.ts";
+import type { SamplingSettings } from "../gpu/layouts.ts";
 import type { ResidentAdapter } from "./tenants.ts";
 import type { LayerRouting } from "./routing.ts";
 

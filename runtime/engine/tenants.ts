@@ -2,9 +2,9 @@
 // name. Each (layer, module) holds every slot's LoRA stacked as the LoRA kernels read it
 // (compiler/kernels/lora.ts): A [slots, R, in], B [slots, out, R] zero past a slot's rank, and per slot
 // { rank, scaling }, with rank 0 for a module the adapter lacks. Router weights stay per adapter.
-import { packLoraSlots, type LoraSlotInfo } from "../../compiler/kernels/lora.ts";
+import { packLoraSlots, type LoraSlotInfo } from "../gpu/layouts.ts";
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
-import type { Plan } from "../../compiler/plan.ts";
+import type { Plan } from "../package/format.ts";
 import { rationalInit } from "../../compiler/rational.ts";
 import { loraKey, type LoadedAdapter, type RouterWeights } from "../formats/adapter.ts";
 import { createStorage } from "../gpu/kernel-runner.ts";

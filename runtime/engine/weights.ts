@@ -2,7 +2,7 @@
 // before any is read (all problems reported at once), then streamed: read one tensor as f32, copy it
 // into its buffer(s), let it go. A splittable tensor (the embedding and every linear weight) larger than
 // the plan's storage binding (or the device's, when smaller) is split into row blocks.
-import { rowsPerBlock, type Plan, type PlanTensor } from "../../compiler/plan.ts";
+import { rowsPerBlock, type Plan, type PlanTensor } from "../package/format.ts";
 import type { Checkpoint } from "../formats/checkpoint.ts";
 import { assertFinite } from "../formats/finite.ts";
 import { createStorage, readBuffer } from "../gpu/kernel-runner.ts";

@@ -4,7 +4,6 @@
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { RE2JS } from "re2js";
-import type { Span } from "../../grammar/ast.ts";
 import {
   EXPERT_MODULES,
   MODULE_PATHS,
@@ -323,7 +322,7 @@ export function specFromConfig(config: PeftLoraConfig, base: BaseModel, name: st
     );
   }
   const at = { offset: 0, line: 1, column: 1 };
-  const span: Span = { file: config.path, start: at, end: at };
+  const span: Adapter["span"] = { file: config.path, start: at, end: at };
   return {
     name: section?.adapter ?? name,
     base,

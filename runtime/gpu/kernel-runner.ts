@@ -2,7 +2,7 @@
 // records a whole step (many dispatches and copies), then encodes it into one command encoder with as
 // few compute passes as the copies allow, writes every dispatch's params into one uniform arena with a
 // single writeBuffer, and submits once.
-import type { KernelSource } from "../../compiler/kernels/kernel.ts";
+import { workgroups, type KernelSource } from "./kernel.ts";
 
 /** A whole buffer, or a byte range of one (offset a multiple of 256, the storage offset alignment). */
 export type BufferArg = GPUBuffer | { readonly buffer: GPUBuffer; readonly offset: number; readonly size: number };
@@ -110,10 +110,10 @@ export class StepEncoder {
    * Records a dispatch of `k`. `buffers` names every storage binding of `k`; `params` gives every
    * field of its Params struct. Throws on a missing or unknown name, or a non-integer u32.
    */
-  dispatch(k: KernelSource, buffers: Readonly<Record<string, BufferArg>>, params: Readonly<Record<string, number>> = {}): void {
+  dispatch<B extends string>(k: KernelSource<B>, buffers: Readonly<Partial<Record<Exclude<B, "params">, BufferArg>>>, params: Readonly<Record<string, number>> = {}): void {
     const storage = k.bindings.filter((b) => b.access !== "uniform");
     const args = storage.map((b) => {
-      const arg = buffers[b.name];
+      const arg = (buffers as Readonly<Record<string, BufferArg | undefined>>)[b.name];
       if (arg === undefined) throw new Error(`${k.key}: no buffer for binding "${b.name}"`);
       if (isRange(arg) && arg.offset % BINDING_ALIGNMENT !== 0)
         throw new Error(`${k.key}: binding "${b.name}" offset ${arg.offset} is not a multiple of ${BINDING_ALIGNMENT}`);
@@ -124,7 +124,7 @@ export class StepEncoder {
     for (const name of Object.keys(params))
       if (!k.params.some((p) => p.name === name)) throw new Error(`${k.key}: kernel has no param "${name}"`);
     const paramOffset = k.params.length > 0 ? this.#writeParams(k, params) : 0;
-    const groups = k.dispatch(params);
+    const groups = workgroups(k, params);
     this.#commands.push({ kind: "dispatch", kernel: k, buffers: args, paramOffset, groups });
   }
 
@@ -280,14 +280,4 @@ export async function readBuffer(
   byteLength = buffer.size - byteOffset,
 ): Promise<Float32Array> {
   return new Float32Array(await readBytes(device, buffer, byteOffset, byteLength));
-}
-
-/** As {@link readBuffer}, for u32 data (token ids, positions). */
-export async function readBufferU32(
-  device: GPUDevice,
-  buffer: GPUBuffer,
-  byteOffset = 0,
-  byteLength = buffer.size - byteOffset,
-): Promise<Uint32Array> {
-  return new Uint32Array(await readBytes(device, buffer, byteOffset, byteLength));
 }

@@ -2,7 +2,6 @@
 // and adapters, then generate after a prompt or print its routing. Exit 0 on success, 1 when the
 // inputs are wrong (files, shapes, unsupported requests), 2 on bad usage.
 import { parseArgs } from "node:util";
-import { PlanError } from "../../compiler/plan.ts";
 import { AdapterStoreError } from "../engine/tenants.ts";
 import { NoAdapterError } from "../gpu/device.ts";
 import { EngineError } from "../engine/engine.ts";
@@ -64,7 +63,7 @@ export async function runPackageCli(packageDir: string | URL, argv: readonly str
       process.stderr.write(`${e.message}\n(run with --help for usage)\n`);
       return 2;
     }
-    const userError = [PackageError, UnsupportedError, CheckpointError, AdapterStoreError, EngineError, SequenceError, PlanError, NoAdapterError].some((c) => e instanceof c);
+    const userError = [PackageError, UnsupportedError, CheckpointError, AdapterStoreError, EngineError, SequenceError, NoAdapterError].some((c) => e instanceof c);
     if (!userError) throw e;
     process.stderr.write(`${(e as Error).message}\n`);
     return 1;

@@ -4,12 +4,9 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { Span } from "../../grammar/ast.ts";
-import type { KernelSource } from "../../compiler/kernels/kernel.ts";
-import { compatibleVersions, COMPILER_VERSION, MANIFEST_FILE, MANIFEST_FORMAT, type Manifest } from "../../compiler/emit/manifest.ts";
-import { splitKernelFile } from "../../compiler/emit/wgsl-files.ts";
-import type { Adapter, BaseModel, ExpertModule } from "../../compiler/model.ts";
-import { plannedKernelSource } from "../../compiler/plan.ts";
+import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type ExpertSlot, type RouterConfig } from "../../compiler/model.ts";
+import type { KernelSource } from "../gpu/kernel.ts";
+import { COMPILER_VERSION, MANIFEST_FILE, PackageError, splitKernelFile, validateManifest, type Manifest } from "./format.ts";
 import { loadAdapter } from "../formats/adapter.ts";
 import type { GpuContext } from "../gpu/device.ts";
 import { Engine } from "../engine/engine.ts";
@@ -19,10 +16,7 @@ import { Tokenizer } from "../text/tokenizer.ts";
 
 export { acquireDevice, type GpuContext } from "../gpu/device.ts";
 
-/** A package that cannot be used: missing or unreadable files, or a manifest from an incompatible compiler. */
-export class PackageError extends Error {
-  override name = "PackageError";
-}
+export { PackageError } from "./format.ts";
 
 /** Something the package asks for that this runtime version cannot do yet. */
 export class UnsupportedError extends Error {
@@ -32,10 +26,10 @@ export class UnsupportedError extends Error {
 /** A compiled package as read from disk, before anything touches a device. */
 export interface CompiledPackage {
   readonly dir: string;
-  readonly manifest: Manifest;
+  readonly manifest: Manifest<ExpertModule>;
   readonly base: BaseModel;
   readonly adapter: Adapter;
-  /** By key: the WGSL of kernels/*.wgsl (header removed) with the dispatch rules of its kernel family. */
+  /** By key: the WGSL of kernels/*.wgsl (header removed) with the interface the manifest records for it. */
   readonly kernels: ReadonlyMap<string, KernelSource>;
 }
 
@@ -48,13 +42,20 @@ export function readCompiledPackage(location: string | URL): CompiledPackage {
   const manifest = readManifest(dir);
   // Spans of the compiled spec are not shipped; diagnostics about the package point at its manifest.
   const at = { offset: 0, line: 1, column: 1 };
-  const span: Span = { file: join(dir, MANIFEST_FILE), start: at, end: at };
+  const span: BaseModel["span"] = { file: join(dir, MANIFEST_FILE), start: at, end: at };
   const base: BaseModel = { ...manifest.base, span };
-  const adapter: Adapter = { ...manifest.adapter, base, span };
+  // The format checked the router's and experts' shapes; the module names are checked here, against the family's.
+  const adapter: Adapter = {
+    ...manifest.adapter,
+    experts: manifest.adapter.experts as readonly ExpertSlot[],
+    ...(manifest.adapter.router === undefined ? {} : { router: manifest.adapter.router as RouterConfig }),
+    base,
+    span,
+  };
   return { dir, manifest, base, adapter, kernels: readKernels(dir, manifest) };
 }
 
-function readManifest(dir: string): Manifest {
+function readManifest(dir: string): Manifest<ExpertModule> {
   const path = join(dir, MANIFEST_FILE);
   if (!existsSync(path)) throw new PackageError(`${dir} is not a compiled milora package: it has no ${MANIFEST_FILE}`);
   let json: unknown;
@@ -63,42 +64,35 @@ function readManifest(dir: string): Manifest {
   } catch (e) {
     throw new PackageError(`${path}: not valid JSON (${(e as Error).message})`);
   }
-  const m = json as Partial<Manifest> | null;
-  const version = m?.compiler?.version;
-  if (typeof version !== "string" || typeof m?.format !== "number") {
-    throw new PackageError(`${path}: not a milora manifest (no format or compiler version)`);
-  }
-  if (!compatibleVersions(version, COMPILER_VERSION) || m.format !== MANIFEST_FORMAT) {
-    throw new PackageError(
-      `${path} was written by milora ${version} (manifest format ${m.format}); this runtime is milora ${COMPILER_VERSION} ` +
-        `(format ${MANIFEST_FORMAT}) and cannot run it: recompile the spec with this milora, or install a runtime compatible with ${version}`,
-    );
-  }
-  return m as Manifest;
+  const manifest = validateManifest(json, path);
+  const modules: readonly string[] = EXPERT_MODULES;
+  const unknown = [
+    ...manifest.adapter.experts.map((e, i) => [`adapter.experts[${i}].module`, e.module] as const),
+    ...manifest.plan.tensors.map((t, i) => [`plan.tensors[${i}].module`, t.module] as const),
+    ...manifest.plan.routers.flatMap((r, i) => r.experts.map((m, j) => [`plan.routers[${i}].experts[${j}]`, m] as const)),
+  ].find(([, m]) => m !== undefined && !modules.includes(m));
+  if (unknown) throw new PackageError(`${path}: field ${unknown[0]} must be one of ${modules.join(", ")} (got ${JSON.stringify(unknown[1])})`);
+  return manifest as Manifest<ExpertModule>;
 }
 
 /**
  * The kernels of kernels/*.wgsl, each one the manifest's plan dispatches. The files are the source of
- * truth for the WGSL (hand-tuning one is allowed); bindings, params and workgroup counts follow from
- * the kernel's family and constants in the plan.
+ * truth for the WGSL (hand-tuning one is allowed); bindings, params and workgroup counts are the
+ * interface the manifest records beside each file.
  */
 function readKernels(dir: string, manifest: Manifest): Map<string, KernelSource> {
   const kernels = new Map<string, KernelSource>();
-  for (const { key, file } of manifest.kernels) {
-    const planned = manifest.plan.kernels.find((k) => k.key === key);
-    if (planned === undefined) throw new PackageError(`${join(dir, MANIFEST_FILE)}: kernel ${key} is not in the plan`);
+  for (const { file, ...kernel } of manifest.kernels) {
     const path = join(dir, file);
-    if (!existsSync(path)) throw new PackageError(`${dir} is incomplete: ${file} (kernel ${key}) is missing`);
+    if (!existsSync(path)) throw new PackageError(`${dir} is incomplete: ${file} (kernel ${kernel.key}) is missing`);
     let text: string;
     try {
       text = readFileSync(path, "utf8");
     } catch (e) {
-      throw new PackageError(`${path} (kernel ${key}) cannot be read: ${(e as Error).message}`);
+      throw new PackageError(`${path} (kernel ${kernel.key}) cannot be read: ${(e as Error).message}`);
     }
-    kernels.set(key, { ...plannedKernelSource(planned), wgsl: splitKernelFile(text).wgsl });
+    kernels.set(kernel.key, { ...kernel, wgsl: splitKernelFile(text).wgsl });
   }
-  const unfiled = manifest.plan.kernels.filter((k) => !kernels.has(k.key)).map((k) => k.key);
-  if (unfiled.length > 0) throw new PackageError(`${join(dir, MANIFEST_FILE)}: no kernel file is listed for ${unfiled.join(", ")}`);
   return kernels;
 }
 

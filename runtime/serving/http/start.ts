@@ -1,13 +1,10 @@
 // Everything `milora serve` assembles, in one call the CLI, the tests and the benchmark share: the
 // engine over a model directory, the scheduler over its KV cache slots, the adapter pool, the
 // tokenizer and chat template, and the HTTP server in front.
-import type { KernelSource } from "../../../compiler/kernels/kernel.ts";
 import type { Adapter, BaseModel } from "../../../compiler/model.ts";
-import type { Plan } from "../../../compiler/plan.ts";
-import { adapterSpecFromPeft } from "../../formats/adapter.ts";
 import { AdapterPool, type AdapterHost, type AdapterReader } from "../adapter-pool.ts";
 import type { GpuContext } from "../../gpu/device.ts";
-import { Engine } from "../../engine/engine.ts";
+import { Engine, type EngineOptions } from "../../engine/engine.ts";
 import { Scheduler } from "../scheduler.ts";
 import { Tokenizer } from "../../text/tokenizer.ts";
 import { ChatTemplate } from "./chat-template.ts";
@@ -19,15 +16,8 @@ export interface ServingSetup extends ServerOptions {
   readonly checkpointDir: string;
   /** KV cache slots: sequences decoding at once. */
   readonly slots: number;
-  /** Positions per sequence (default: the base's, capped at 2048). */
-  readonly ctx?: number;
-  /**
-   * Largest LoRA rank served: the engine reserves adapter buffers for it (default: the largest rank of
-   * the adapters given at start, 16 when none is). Adapters registered later must fit in it.
-   */
-  readonly maxLoraRank?: number;
-  /** A compiled package's plan and kernel files, to run instead of the engine's own (they fix ctx and maxLoraRank). */
-  readonly compiled?: { readonly plan: Plan; readonly kernels: ReadonlyMap<string, KernelSource> };
+  /** The plan and its kernels: a compiled package's, or one the CLI made (bin/engine-plan.ts servingPlan). */
+  readonly engine: Pick<EngineOptions, "plan" | "kernels" | "resolver">;
   /** The spec an adapter registered under a name must match (default: none, its own config says). Throws CheckpointError. */
   readonly adapterSpec?: (name: string) => Adapter | undefined;
   /** Requests that may wait beyond the slots before the server answers 429. */
@@ -64,7 +54,7 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
     maxSequences: setup.slots,
     maxAdapters: setup.maxResidentAdapters,
     ...(setup.maxBatchRows === undefined ? {} : { maxBatchRows: setup.maxBatchRows }),
-    ...(setup.compiled ?? { maxLoraRank: setup.maxLoraRank ?? largestRank(setup), ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }) }),
+    ...setup.engine,
     ...(setup.gpu ? { gpu: setup.gpu } : {}),
     ...(setup.backend === undefined ? {} : { backend: setup.backend }),
     ...(setup.checkDevice ? { checkDevice: setup.checkDevice } : {}),
@@ -117,11 +107,3 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
 }
 
 /** Adapters registered later may bring higher ranks; with none at start, room for the engine's usual 16. */
-const DEFAULT_MAX_LORA_RANK = 16;
-
-/** The largest rank among the adapters given at start (read from their specs or configs). */
-function largestRank(setup: ServingSetup): number {
-  const specs = (setup.adapters ?? []).map(([name, dir]) => setup.adapterSpec?.(name) ?? adapterSpecFromPeft(dir, setup.base, name));
-  const ranks = specs.flatMap((a) => a.experts.map((e) => e.rank));
-  return ranks.length > 0 ? Math.max(...ranks) : DEFAULT_MAX_LORA_RANK;
-}

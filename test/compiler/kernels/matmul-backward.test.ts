@@ -5,6 +5,7 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { matmulInputGradKernel } from "../../../compiler/kernels/matmul-backward.ts";
+import { workgroups } from "../../../runtime/gpu/kernel.ts";
 import { linearInputGrad } from "../../reference/gradients.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, runOnce, seeded } from "./gpu-check.ts";
 
@@ -57,7 +58,7 @@ test("the key names the variant; zero rows dispatch nothing", () => {
   const k = matmulInputGradKernel({ K: 8, N: 3, accumulate: true, stride: 10 });
   assert.is(k.key, "matmul_dx(K=8,N=3,accumulate=true,stride=10)");
   assert.equal(k.params.map((p) => p.name), ["rows", "column"]);
-  assert.equal(k.dispatch({ rows: 0, column: 0 }), [0, 0, 1]);
+  assert.equal(workgroups(k, { rows: 0, column: 0 }), [0, 0, 1]);
   assert.throws(() => matmulInputGradKernel({ K: 0, N: 3, accumulate: false }), /positive integer/);
 });
 

@@ -292,7 +292,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
   value[id.x] = act(xs[id.x]);
   slope[id.x] = act_grad(xs[id.x]);
 }`,
-    dispatch: (p) => [Math.ceil((p.count ?? 0) / 64), 1, 1],
+    dispatch: { groups: [{ param: "count", per: 64 }, 1, 1] },
   });
   const device = gpu.device;
   const b = { xs: createStorage(device, xs, "xs"), value: createStorage(device, xs.byteLength, "value"), slope: createStorage(device, xs.byteLength, "slope") };

@@ -20,6 +20,7 @@ import { SequenceError } from "../../../runtime/engine/sequence.ts";
 import { loadReferenceWeights } from "../../reference/llama.ts";
 import { logSoftmax, referenceBeamSearch, referenceNextLogprobs } from "../../reference/beam.ts";
 import { foldLora, referenceMiloraLogits } from "../../reference/milora.ts";
+import { plannedEngine } from "../../../bin/engine-plan.ts";
 
 // Each step's log-probabilities are f32 on the device (logits within 1e-4 of their norm, see
 // milora.test.ts; one f32 log-softmax) against float64: a few 1e-5 per token, summed over at most
@@ -39,7 +40,7 @@ let engine: Engine;
 
 test.before(async () => {
   gpu = await acquireDevice();
-  engine = await Engine.load({ base: readHfConfig(checkpointDir), checkpointDir, gpu, ctx: 64, maxSequences: 8, maxAdapters: 3, maxLoraRank: 8 });
+  engine = await Engine.load(plannedEngine({ base: readHfConfig(checkpointDir), checkpointDir, gpu, ctx: 64, maxSequences: 8, maxAdapters: 3, maxLoraRank: 8 }));
 });
 test.after(() => {
   engine.destroy();

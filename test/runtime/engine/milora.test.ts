@@ -24,6 +24,7 @@ import { writeSafetensors } from "../../../runtime/formats/safetensors.ts";
 import { loadReferenceWeights, type ReferenceWeights } from "../../reference/llama.ts";
 import { argmax } from "../../reference/llama.ts";
 import { foldLora, referenceMiloraLogits, type RoutingDecision } from "../../reference/milora.ts";
+import { plannedEngine } from "../../../bin/engine-plan.ts";
 
 // f32 on the GPU against float64, as for the base model (engine.test.ts), plus two rank-8 LoRA
 // products per module and the router's pooling and softmax: relative error (Frobenius norm over all
@@ -43,7 +44,7 @@ let engine: Engine;
 
 test.before(async () => {
   gpu = await acquireDevice();
-  engine = await Engine.load({ base: readHfConfig(checkpointDir), checkpointDir, gpu, ctx: 64, maxSequences: 6, maxAdapters: 4, maxLoraRank: 8 });
+  engine = await Engine.load(plannedEngine({ base: readHfConfig(checkpointDir), checkpointDir, gpu, ctx: 64, maxSequences: 6, maxAdapters: 4, maxLoraRank: 8 }));
 });
 test.after(() => {
   engine.destroy();
@@ -149,7 +150,7 @@ test("a PEFT adapter gives the logits of the base checkpoint with W + (alpha/r) 
   const adapter = writeRandomPeftAdapter(join(root, "peft-fold"), { base, modules: EXPERT_MODULES, rank: 4, alpha: 8, seed: 4 });
   const foldedDir = join(root, "folded");
   writeFolded(foldedDir, foldLora(weights, adapter));
-  const folded = await Engine.load({ base: readHfConfig(foldedDir), checkpointDir: foldedDir, gpu, ctx: 64, maxAdapters: 0 });
+  const folded = await Engine.load(plannedEngine({ base: readHfConfig(foldedDir), checkpointDir: foldedDir, gpu, ctx: 64, maxAdapters: 0 }));
   engine.loadAdapter("peft", adapter);
   try {
     const viaFold = (await folded.generate({ prompt: PROMPT, maxTokens: 0, logits: "all" })).logits!;
@@ -282,7 +283,7 @@ test("merged mode (W + g s B A for one prompt's decision) gives the unmerged log
 test("weights larger than a storage binding run as row blocks: MiLoRA prefill and decode match the reference, merging folds every block", async () => {
   // A 20 KB binding splits gate/up_proj [176, 64] into blocks of 78 rows, down_proj [64, 176] (with its
   // residual) into blocks of 28, and the embedding and lm_head [97, 64] into blocks of 78.
-  const split = await Engine.load({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxAdapters: 1, maxLoraRank: 8, maxBindingBytes: 20_000 });
+  const split = await Engine.load(plannedEngine({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxAdapters: 1, maxLoraRank: 8, maxBindingBytes: 20_000 }));
   try {
     await matchesReference(milora({ pooling: "mean" }, 61, "split"), split);
     split.loadAdapter("lora", randomAdapter({ spec: peftSpec({ base, modules: EXPERT_MODULES, rank: 8, alpha: 16, seed: 0, name: "lora" }), seed: 62 }));
@@ -297,7 +298,7 @@ test("weights larger than a storage binding run as row blocks: MiLoRA prefill an
   }
   // A 40 KB binding still splits gate/up_proj (45 KB) but lets a step hold a 40-row prompt: past the
   // matvec's row limit, so the blocks run through the prefill matmul too.
-  const wide = await Engine.load({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxAdapters: 1, maxLoraRank: 8, maxBindingBytes: 40_000 });
+  const wide = await Engine.load(plannedEngine({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxAdapters: 1, maxLoraRank: 8, maxBindingBytes: 40_000 }));
   try {
     const long = Array.from({ length: 40 }, (_, i) => (i * 37 + 5) % base.vocabSize);
     await matchesReference(milora({ pooling: "mean" }, 63, "split-long"), wide, long);
@@ -307,7 +308,7 @@ test("weights larger than a storage binding run as row blocks: MiLoRA prefill an
 });
 
 test("refusals: a routed prompt longer than one step, unloading an adapter in use, a rank above the engine's, merging token routing", async () => {
-  const small = await Engine.load({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxBatchRows: 8, maxLoraRank: 4 });
+  const small = await Engine.load(plannedEngine({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxBatchRows: 8, maxLoraRank: 4 }));
   try {
     assert.throws(() => small.loadAdapter("big", milora({}, 51)), /rank 8, above the engine's largest LoRA rank 4/);
     small.loadAdapter("a", milora({}, 52, "a", 4));

@@ -9,7 +9,7 @@ import * as assert from "uvu/assert";
 import { checkFiles } from "../../../compiler/check.ts";
 import { compilePackage } from "../../../compiler/emit/compile-package.ts";
 import { writePackage } from "../../../compiler/emit/write-package.ts";
-import { kernelSources } from "../../../compiler/plan.ts";
+import { kernelSources, type Plan } from "../../../compiler/plan.ts";
 import { writeRandomAdapter } from "../../../examples/random-adapter.ts";
 import { PRESETS, writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
 import { acquireDevice, type GpuContext } from "../../../runtime/gpu/device.ts";
@@ -17,6 +17,7 @@ import { Engine, EngineError } from "../../../runtime/engine/engine.ts";
 import { loadCompiledModel, PackageError, readCompiledPackage } from "../../../runtime/package/loader.ts";
 import { CheckpointError } from "../../../runtime/formats/safetensors.ts";
 import { buildRuntime, packageProject, repo } from "../../compiler/emit/package-project.ts";
+import { plannedEngine } from "../../../bin/engine-plan.ts";
 
 const project = packageProject("milora-package-");
 const checkpoint = join(project.root, "tiny-model");
@@ -52,9 +53,16 @@ test.after(() => {
 test("a package's kernels are read from its kernels/ files, header removed", () => {
   const dir = compileTiny("tiny");
   const pkg = readCompiledPackage(dir);
-  const generated = kernelSources(pkg.manifest.plan);
+  // The manifest's plan is the planner's, written as JSON: its kernels' constants are the generators'.
+  const generated = kernelSources(pkg.manifest.plan as Plan);
   assert.equal([...pkg.kernels.keys()], [...generated.keys()]);
-  for (const [key, k] of pkg.kernels) assert.is(k.wgsl, generated.get(key)!.wgsl, key);
+  for (const [key, k] of pkg.kernels) {
+    assert.is(k.wgsl, generated.get(key)!.wgsl, key);
+    // The interface comes from the manifest, as data, equal to the generator's.
+    const { wgsl: _w, ...fromManifest } = k;
+    const { wgsl: _g, ...fromGenerator } = generated.get(key)!;
+    assert.equal(fromManifest, fromGenerator, key);
+  }
 });
 
 test("the engine runs the package's kernel files: a hand-edited sampler is the one that samples", async () => {
@@ -133,7 +141,7 @@ test("tenants: adapters are checked against the spec and generate as the engine 
     "does not match adapter spec tiny_lora",
   );
   const model = await loadCompiledModel(dir, { base: checkpoint, adapters: { alice: join(project.root, "alice") }, device: gpu });
-  const engine = await Engine.load({ base: spec.base, checkpointDir: checkpoint, gpu, ctx: 256, maxLoraRank: 4 });
+  const engine = await Engine.load(plannedEngine({ base: spec.base, checkpointDir: checkpoint, gpu, ctx: 256, maxLoraRank: 4 }));
   try {
     const routing = await model.route([1, 2, 3], { tenant: "alice" });
     assert.equal(routing.map((r) => r.layer), [0, 1]);

@@ -9,6 +9,7 @@ import { PRESETS, writeRandomCheckpoint } from "../../../../examples/random-chec
 import { writeRandomPeftAdapter } from "../../../../examples/random-adapter.ts";
 import { acquireDevice, type GpuContext } from "../../../../runtime/gpu/device.ts";
 import { startServing, type Serving, type ServingSetup } from "../../../../runtime/serving/http/start.ts";
+import { servingPlan } from "../../../../bin/engine-plan.ts";
 
 export const MODEL = "tiny";
 export const CTX = 128;
@@ -44,7 +45,7 @@ export async function startFixture(options: FixtureOptions = {}): Promise<Fixtur
     return at;
   };
   const gpu: GpuContext = await acquireDevice();
-  const serving = await startServing({
+  const setup = {
     base,
     checkpointDir: dir,
     slots: 4,
@@ -57,7 +58,9 @@ export async function startFixture(options: FixtureOptions = {}): Promise<Fixtur
     ...(options.adapterLoading ? { adapterRoot: join(root, "adapters") } : {}),
     ...options,
     ...options.fromCheckpoint?.(dir),
-  });
+  };
+  // Planned as `milora serve` plans (bin/engine-plan.ts), for the fixture's context and adapters.
+  const serving = await startServing({ ...setup, engine: servingPlan(setup) });
   const client = new OpenAI({ baseURL: `${serving.server.url}/v1`, apiKey: options.apiKey ?? "unused", maxRetries: 0, timeout: 30_000 });
   return {
     serving,

@@ -1,0 +1,61 @@
+// Host-side layouts of the buffers kernels read and write: how the runtime packs sampling settings and
+// LoRA slots, and reads beam candidates. The generators (compiler/kernels/*) write WGSL that reads
+// these layouts and import them from here, so the runtime needs no generator to fill a buffer.
+
+/** How one sequence picks its next token. */
+export interface SamplingSettings {
+  /** 0 selects greedy argmax. */
+  readonly temperature: number;
+  /** Keep the k most likely tokens; 0 for no limit. */
+  readonly topK: number;
+  /** Keep the smallest most-likely set with this much probability; 1 for no limit. */
+  readonly topP: number;
+  readonly seed: number;
+  /** The sequence's own token counter: (seed, step) fixes the draw whatever row the sequence lands on. */
+  readonly step: number;
+}
+
+/** u32 words per row of the settings buffer: seed, step, temperature (f32), topK, topP (f32). */
+export const SAMPLING_WORDS = 5;
+
+/** Packs per-row settings into the layout the sampling kernel reads. */
+export function packSamplingSettings(rows: readonly SamplingSettings[]): Uint32Array {
+  const words = new Uint32Array(rows.length * SAMPLING_WORDS);
+  const floats = new Float32Array(words.buffer);
+  rows.forEach((s, r) => {
+    const at = r * SAMPLING_WORDS;
+    words[at] = s.seed >>> 0;
+    words[at + 1] = s.step >>> 0;
+    floats[at + 2] = s.temperature;
+    words[at + 3] = s.topK;
+    floats[at + 4] = s.topP;
+  });
+  return words;
+}
+
+/** `rowAdapter` value of a row that uses no adapter. */
+export const NO_ADAPTER = 0xffffffff;
+
+/** Rank and scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) of one resident adapter slot. */
+export interface LoraSlotInfo {
+  readonly rank: number;
+  readonly scaling: number;
+}
+
+/** The `slots` buffer's bytes: per slot a u32 rank then an f32 scaling, little-endian. */
+export function packLoraSlots(slots: readonly LoraSlotInfo[]): Uint8Array {
+  const bytes = new Uint8Array(slots.length * 8);
+  const view = new DataView(bytes.buffer);
+  slots.forEach((s, i) => {
+    view.setUint32(i * 8, s.rank, true);
+    view.setFloat32(i * 8 + 4, s.scaling, true);
+  });
+  return bytes;
+}
+
+/** Most candidates one row may ask for (the workgroup keeps none of them, this only bounds the loop). */
+export const MAX_BEAM_CANDIDATES = 256;
+
+/** u32 words per candidate in the output buffer: token id, then the f32 log-probability. */
+export const BEAM_CANDIDATE_WORDS = 2;
+

@@ -1,0 +1,567 @@
+// The package format: what manifest.json holds, as types, and the check that a parsed manifest is
+// one (every field, with an error naming the file and the field), plus the version rule. The plan's
+// types live here because the plan is part of the format: the compiler's planner and emitters write
+// these types, the runtime reads them. This file imports nothing from compiler/ or grammar/.
+import type { DispatchRule, GroupCount, KernelBinding, KernelInterface, KernelParam } from "../gpu/kernel.ts";
+
+/** The milora version this code writes into (and runs) manifests (kept equal to package.json's by a test). */
+export const COMPILER_VERSION = "0.1.0";
+/**
+ * The manifest's layout; bumped when a field changes meaning. 3: the paper's router (selection
+ * `renormalize`, `rational` orders, the w_sa pooler's score kernel, the activation after pooling).
+ * 4: every kernel's interface (bindings, params, dispatch rule) beside its file; the beam top-k kernel
+ * in the plan.
+ */
+export const MANIFEST_FORMAT = 4;
+export const MANIFEST_FILE = "manifest.json";
+
+/**
+ * Whether a runtime of version `runtime` can run a manifest written by compiler `compiler`: the same
+ * major version, and before 1.0 the same minor version too (0.x releases may change the plan).
+ */
+export function compatibleVersions(compiler: string, runtime: string): boolean {
+  const [cMajor, cMinor] = compiler.split(".");
+  const [rMajor, rMinor] = runtime.split(".");
+  if (cMajor === undefined || cMajor !== rMajor) return false;
+  return cMajor !== "0" || cMinor === rMinor;
+}
+
+// ---- The plan -------------------------------------------------------------------------------------
+
+export interface PlanDims {
+  readonly hidden: number;
+  readonly layers: number;
+  readonly heads: number;
+  readonly kvHeads: number;
+  readonly headDim: number;
+  /** heads * headDim: width of q and of the attention output. */
+  readonly qWidth: number;
+  /** kvHeads * headDim: width of k, v and of one cached position. */
+  readonly kvWidth: number;
+  readonly intermediate: number;
+  readonly vocab: number;
+  readonly ropeTheta: number;
+  readonly rmsNormEps: number;
+  /** Positions a sequence may reach: the KV cache's length, at most the base's max_positions. */
+  readonly ctx: number;
+  readonly tiedEmbeddings: boolean;
+}
+
+export const TENSOR_ROLES = ["embedding", "lm_head", "attn_norm", "mlp_norm", "final_norm", "linear"] as const;
+export type TensorRole = (typeof TENSOR_ROLES)[number];
+
+/** One tensor of the checkpoint as the runtime holds it. Linear weights are [out, in], as in HF. */
+export interface PlanTensor<M extends string = string> {
+  readonly name: string;
+  readonly shape: readonly number[];
+  /** Element type on the GPU; the checkpoint's F16/BF16 are widened on upload. */
+  readonly gpuDtype: "f32";
+  readonly role: TensorRole;
+  readonly layer?: number;
+  readonly module?: M;
+  /**
+   * Whether the runtime may split it into row blocks when it exceeds one storage binding: the tensors it
+   * reads by rows (the embedding) or as a linear weight, whose blocks each compute their own outputs.
+   */
+  readonly splittable: boolean;
+}
+
+export const ACTIVATION_NAMES = ["x", "h", "xn", "q", "k", "v", "attn", "gate", "up", "act", "out", "outNorm", "logits"] as const;
+/** The activation buffers of one forward step, each [rows, width] f32. */
+export type ActivationName = (typeof ACTIVATION_NAMES)[number];
+
+export interface PlanActivation {
+  readonly name: ActivationName;
+  readonly width: number;
+}
+
+/**
+ * One step of the forward pass. Weight names in layer ops are templates with `{layer}`. Kernels are
+ * referenced by key into Plan.kernels; a linear names two, the engine picks by the rows of the step
+ * (matvec up to `matvecMaxRows`, matmul above), so prefill and decode share one op list. `M` names a
+ * linear's module (the family's expert modules, or `lm_head`).
+ */
+export type PlanOp<M extends string = string> =
+  | {
+      readonly op: "rmsnorm";
+      readonly kernel: string;
+      readonly input: ActivationName;
+      readonly weight: string;
+      readonly output: ActivationName;
+    }
+  | {
+      readonly op: "linear";
+      readonly module: M | "lm_head";
+      readonly matmul: string;
+      readonly matvec: string;
+      readonly input: ActivationName;
+      readonly weight: string;
+      readonly output: ActivationName;
+      /** Added to the product (the residual stream); must differ from output. */
+      readonly residual?: ActivationName;
+      /** The module's LoRA, when the plan serves adapters: shrink and expand kernels run after the product. */
+      readonly lora?: PlanLora;
+      /**
+       * When the weight exceeds the plan's storage binding: its kernels for each row-block height. Each
+       * block writes its outputs (and adds its residual) in place in the full-width output; LoRA then
+       * runs once on the whole output.
+       */
+      readonly blocks?: readonly PlanBlockKernels[];
+    }
+  | { readonly op: "rope"; readonly kernel: string; readonly q: ActivationName; readonly k: ActivationName }
+  | { readonly op: "kv_write"; readonly kernel: string; readonly k: ActivationName; readonly v: ActivationName }
+  | { readonly op: "attention"; readonly kernel: string; readonly q: ActivationName; readonly output: ActivationName }
+  | {
+      readonly op: "swiglu";
+      readonly kernel: string;
+      readonly gate: ActivationName;
+      readonly up: ActivationName;
+      readonly output: ActivationName;
+    }
+  | { readonly op: "sample"; readonly kernel: string; readonly logits: ActivationName };
+
+/**
+ * Where a linear module's LoRA update comes from: kernel keys, and the column of the step's gates
+ * buffer ([rows, layers * modules]) this module reads in layer 0 (add layer * modules).
+ */
+export interface PlanLora {
+  readonly shrink: string;
+  readonly expand: string;
+  readonly gateColumn: number;
+}
+
+/** A linear kernel pair specialised for a row block of `rows` output features of a split weight. */
+export interface PlanBlockKernels {
+  readonly rows: number;
+  readonly matmul: string;
+  readonly matvec: string;
+}
+
+/**
+ * The router of one routed layer, run on the layer's input before its first op: kernel keys into
+ * Plan.kernels. Prompt routing pools each prompt (`score` first for attention pooling) and gates the
+ * pooled row; token routing gates every row and has neither `score` nor `pool`.
+ */
+export interface PlanRouterLayer<M extends string = string> {
+  readonly layer: number;
+  /** The layer's enabled modules, in gate order. */
+  readonly experts: readonly M[];
+  readonly score?: string;
+  readonly pool?: string;
+  readonly gate: string;
+}
+
+export const KERNEL_FAMILIES = [
+  "rmsnorm",
+  "matmul",
+  "matvec",
+  "rope",
+  "kv_write",
+  "attention",
+  "swiglu",
+  "sampling",
+  "lora_shrink",
+  "lora_expand",
+  "router_score",
+  "router_pool",
+  "router_gate",
+  "beam_topk",
+] as const;
+export type KernelFamily = (typeof KERNEL_FAMILIES)[number];
+
+/** A kernel of the plan's set: the generator family and the constants it was made with (opaque here). */
+export interface PlanKernel {
+  readonly key: string;
+  readonly family: KernelFamily;
+  readonly constants: object;
+}
+
+/**
+ * The binding names of each kernel family ("params", the uniform, last; `?`: not every variant has it). The engine
+ * dispatches a family's kernels with exactly these names, so a kernel file whose interface differs
+ * is refused at load rather than failing mid-step.
+ */
+export const FAMILY_BINDINGS = {
+  rmsnorm: ["x", "weight", "out", "params"],
+  matmul: ["x", "w", "residual?", "y", "params"],
+  matvec: ["x", "w", "residual?", "y", "params"],
+  rope: ["q", "k", "positions", "params"],
+  kv_write: ["k", "v", "kCache", "vCache", "rowSlot", "positions", "params"],
+  attention: ["q", "kCache", "vCache", "rowSlot", "positions", "out", "params"],
+  swiglu: ["gate", "up", "out", "params"],
+  sampling: ["logits", "settings", "tokens", "params"],
+  lora_shrink: ["x", "a", "slots", "rowAdapter", "gates", "t", "params"],
+  lora_expand: ["t", "b", "slots", "rowAdapter", "gates", "y", "params"],
+  router_score: ["h", "pooler", "scores", "params"],
+  router_pool: ["h", "ranges", "scores?", "pooled", "params"],
+  router_gate: ["x", "items", "weight", "rational?", "table", "params"],
+  beam_topk: ["logits", "candidates", "params"],
+} as const satisfies Record<KernelFamily, readonly string[]>;
+
+/** A family's binding names, `?` (optional bindings) stripped. */
+export type FamilyBinding<F extends KernelFamily> = (typeof FAMILY_BINDINGS)[F][number] extends infer N
+  ? N extends `${infer Name}?`
+    ? Name
+    : N & string
+  : never;
+
+/** The plan: everything the runtime needs to run a base model, as plain data (see compiler/plan.ts). */
+export interface Plan<M extends string = string> {
+  readonly base: string;
+  readonly family: string;
+  readonly dims: PlanDims;
+  readonly tensors: readonly PlanTensor<M>[];
+  readonly activations: readonly PlanActivation[];
+  /**
+   * Before the layers the engine writes the embedding rows of the step's tokens into `input`; the
+   * layer ops run once per layer and leave the residual stream in `input` again; the engine then
+   * gathers the rows that need logits into `headInput`, and the head ops run on those rows only.
+   */
+  readonly input: ActivationName;
+  readonly embedding: string;
+  readonly layer: readonly PlanOp<M>[];
+  readonly headInput: ActivationName;
+  readonly head: readonly PlanOp<M>[];
+  /** Steps of up to this many rows use the matvec kernels (decode batches), larger ones matmul (prefill). */
+  readonly matvecMaxRows: number;
+  /** Largest LoRA rank an adapter slot holds; 0 when the plan serves no adapters. */
+  readonly maxLoraRank: number;
+  /**
+   * The storage binding size the plan assumes: splittable tensors larger than this are uploaded in row
+   * blocks of at most this many bytes, with the kernels of their linear op's `blocks`.
+   */
+  readonly maxBindingBytes: number;
+  /** The routers of the adapter the plan was made for (empty for plain LoRA or the base alone). */
+  readonly routers: readonly PlanRouterLayer<M>[];
+  /** The router configuration `routers` was made for (absent when there are none). */
+  readonly router?: ManifestRouter;
+  /** Beam search's log-softmax top-k over the logits (key into kernels). */
+  readonly beamTopK: string;
+  readonly kernels: readonly PlanKernel[];
+}
+
+// ---- The manifest ---------------------------------------------------------------------------------
+
+/** A base model's hyper-parameters, as the manifest records them (compiler/model.ts BaseModel, less its span). */
+export interface ManifestBase {
+  readonly name: string;
+  readonly family: string;
+  readonly hiddenSize: number;
+  readonly layers: number;
+  readonly heads: number;
+  readonly kvHeads: number;
+  readonly headDim: number;
+  readonly intermediateSize: number;
+  readonly vocabSize: number;
+  readonly ropeTheta: number;
+  readonly rmsNormEps: number;
+  readonly maxPositions: number;
+  readonly tieEmbeddings: boolean;
+  readonly attentionBias: boolean;
+}
+
+export interface ManifestExpert {
+  readonly layer: number;
+  readonly module: string;
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+  readonly rank: number;
+  readonly alpha: number;
+  readonly dropout: number;
+  readonly rslora: boolean;
+  readonly scaling: number;
+}
+
+export type ManifestSelection =
+  | { readonly rule: "top_k"; readonly k: number; readonly renormalize: boolean }
+  | { readonly rule: "threshold"; readonly threshold: number; readonly renormalize: boolean }
+  | { readonly rule: "dense" };
+
+export interface ManifestRouter {
+  readonly placement: "per_layer";
+  readonly input: "layer_input";
+  readonly pooling: "last" | "mean" | "max" | "attention";
+  readonly selection: ManifestSelection;
+  readonly activation: "none" | "gelu" | "relu" | "rational";
+  readonly rational?: { readonly numerator: number; readonly denominator: number };
+  readonly when: "prompt" | "token";
+  readonly noise: boolean;
+  readonly balance: number;
+}
+
+export interface ManifestAdapter {
+  readonly name: string;
+  readonly extends?: string;
+  readonly layers: readonly number[];
+  readonly experts: readonly ManifestExpert[];
+  /** Absent for plain LoRA (`router off`). */
+  readonly router?: ManifestRouter;
+}
+
+/** A kernel of the package: its key in the plan, its WGSL file, and the interface it is run with. */
+export interface ManifestKernel extends KernelInterface {
+  /** Path of its WGSL file inside the package. */
+  readonly file: string;
+}
+
+export interface Manifest<M extends string = string> {
+  readonly format: number;
+  readonly compiler: { readonly name: "milora"; readonly version: string };
+  readonly package: { readonly name: string; readonly version: string };
+  /** The spec file (relative to itself: its base name) and the SHA-256 of every source it read. */
+  readonly spec: { readonly file: string; readonly sha256: string };
+  readonly base: ManifestBase;
+  readonly adapter: ManifestAdapter;
+  readonly plan: Plan<M>;
+  /** The adapter's parameter budget (compiler/budget.ts), for the package's README and API. */
+  readonly budget: object;
+  readonly kernels: readonly ManifestKernel[];
+}
+
+/** A package that cannot be used: missing or unreadable files, or a manifest that is not one this runtime runs. */
+export class PackageError extends Error {
+  override name = "PackageError";
+  readonly kind = "input";
+}
+
+// ---- Validation -----------------------------------------------------------------------------------
+
+/** One field's check: returns a problem in words, or undefined. `at` is the field's path. */
+type Check = (v: unknown, at: string) => void;
+
+class FieldError extends Error {}
+
+const fail = (at: string, what: string, v: unknown): never => {
+  const got = v === undefined ? "it is missing" : `got ${JSON.stringify(v)?.slice(0, 60) ?? String(v)}`;
+  throw new FieldError(`field ${at} must be ${what} (${got})`);
+};
+const str: Check = (v, at) => void (typeof v === "string" || fail(at, "a string", v));
+const num: Check = (v, at) => void ((typeof v === "number" && Number.isFinite(v)) || fail(at, "a number", v));
+const int: Check = (v, at) => void ((typeof v === "number" && Number.isInteger(v) && v >= 0) || fail(at, "a whole number >= 0", v));
+const bool: Check = (v, at) => void (typeof v === "boolean" || fail(at, "true or false", v));
+const oneOf =
+  (values: readonly unknown[]): Check =>
+  (v, at) =>
+    void (values.includes(v) || fail(at, `one of ${values.map((x) => JSON.stringify(x)).join(", ")}`, v));
+const arr =
+  (item: Check): Check =>
+  (v, at) => {
+    if (!Array.isArray(v)) fail(at, "an array", v);
+    (v as unknown[]).forEach((x, i) => item(x, `${at}[${i}]`));
+  };
+const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+const anyObject: Check = (v, at) => void (isObject(v) || fail(at, "an object", v));
+/** An object with these fields; a key ending in `?` may be absent. */
+const obj =
+  (fields: Readonly<Record<string, Check>>): Check =>
+  (v, at) => {
+    if (!isObject(v)) fail(at, "an object", v);
+    const o = v as Record<string, unknown>;
+    for (const [key, check] of Object.entries(fields)) {
+      const optional = key.endsWith("?");
+      const name = optional ? key.slice(0, -1) : key;
+      if (optional && o[name] === undefined) continue;
+      check(o[name], at === "" ? name : `${at}.${name}`);
+    }
+  };
+/** A union discriminated by `tag`. */
+const tagged =
+  (tag: string, cases: Readonly<Record<string, Readonly<Record<string, Check>>>>): Check =>
+  (v, at) => {
+    if (!isObject(v)) fail(at, "an object", v);
+    const which = (v as Record<string, unknown>)[tag];
+    const fields = typeof which === "string" ? cases[which] : undefined;
+    if (fields === undefined) fail(`${at}.${tag}`, `one of ${Object.keys(cases).join(", ")}`, which);
+    obj({ [tag]: str, ...fields })(v, at);
+  };
+
+const act = oneOf(ACTIVATION_NAMES);
+const groupCount: Check = (v, at) => (typeof v === "number" ? int(v, at) : obj({ param: str, "times?": int, "per?": int })(v, at));
+const dispatchRule: Check = (v, at) => {
+  if (isObject(v) && "groups" in v) {
+    obj({ groups: arr(groupCount), "emptyWhenZero?": str })(v, at);
+    if ((v.groups as unknown[]).length !== 3) fail(`${at}.groups`, "three counts", v.groups);
+  } else obj({ grid: groupCount, "emptyWhenZero?": str })(v, at);
+};
+const binding: Check = obj({ name: str, access: oneOf(["read", "read_write", "uniform"]) });
+const param: Check = obj({ name: str, type: oneOf(["u32", "i32", "f32"]) });
+
+const planOp = tagged("op", {
+  rmsnorm: { kernel: str, input: act, weight: str, output: act },
+  linear: {
+    module: str,
+    matmul: str,
+    matvec: str,
+    input: act,
+    weight: str,
+    output: act,
+    "residual?": act,
+    "lora?": obj({ shrink: str, expand: str, gateColumn: int }),
+    "blocks?": arr(obj({ rows: int, matmul: str, matvec: str })),
+  },
+  rope: { kernel: str, q: act, k: act },
+  kv_write: { kernel: str, k: act, v: act },
+  attention: { kernel: str, q: act, output: act },
+  swiglu: { kernel: str, gate: act, up: act, output: act },
+  sample: { kernel: str, logits: act },
+});
+
+const plan: Check = obj({
+  base: str,
+  family: str,
+  dims: obj({
+    hidden: int,
+    layers: int,
+    heads: int,
+    kvHeads: int,
+    headDim: int,
+    qWidth: int,
+    kvWidth: int,
+    intermediate: int,
+    vocab: int,
+    ropeTheta: num,
+    rmsNormEps: num,
+    ctx: int,
+    tiedEmbeddings: bool,
+  }),
+  tensors: arr(
+    obj({ name: str, shape: arr(int), gpuDtype: oneOf(["f32"]), role: oneOf(TENSOR_ROLES), "layer?": int, "module?": str, splittable: bool }),
+  ),
+  activations: arr(obj({ name: act, width: int })),
+  input: act,
+  embedding: str,
+  layer: arr(planOp),
+  headInput: act,
+  head: arr(planOp),
+  matvecMaxRows: int,
+  maxLoraRank: int,
+  maxBindingBytes: int,
+  routers: arr(obj({ layer: int, experts: arr(str), "score?": str, "pool?": str, gate: str })),
+  "router?": anyObject,
+  beamTopK: str,
+  kernels: arr(obj({ key: str, family: oneOf(KERNEL_FAMILIES), constants: anyObject })),
+});
+
+const manifest: Check = obj({
+  format: int,
+  compiler: obj({ name: oneOf(["milora"]), version: str }),
+  package: obj({ name: str, version: str }),
+  spec: obj({ file: str, sha256: str }),
+  base: obj({
+    name: str,
+    family: str,
+    hiddenSize: int,
+    layers: int,
+    heads: int,
+    kvHeads: int,
+    headDim: int,
+    intermediateSize: int,
+    vocabSize: int,
+    ropeTheta: num,
+    rmsNormEps: num,
+    maxPositions: int,
+    tieEmbeddings: bool,
+    attentionBias: bool,
+  }),
+  adapter: obj({
+    name: str,
+    "extends?": str,
+    layers: arr(int),
+    experts: arr(obj({ layer: int, module: str, inFeatures: int, outFeatures: int, rank: int, alpha: num, dropout: num, rslora: bool, scaling: num })),
+    "router?": obj({
+      placement: oneOf(["per_layer"]),
+      input: oneOf(["layer_input"]),
+      pooling: oneOf(["last", "mean", "max", "attention"]),
+      selection: tagged("rule", { top_k: { k: int, renormalize: bool }, threshold: { threshold: num, renormalize: bool }, dense: {} }),
+      activation: oneOf(["none", "gelu", "relu", "rational"]),
+      "rational?": obj({ numerator: int, denominator: int }),
+      when: oneOf(["prompt", "token"]),
+      noise: bool,
+      balance: num,
+    }),
+  }),
+  plan,
+  budget: anyObject,
+  kernels: arr(obj({ key: str, file: str, name: str, entryPoint: str, bindings: arr(binding), params: arr(param), dispatch: dispatchRule })),
+});
+
+/**
+ * Checks that `json` (manifest.json as parsed, read from `path`) is a manifest this runtime runs: the
+ * format and version first (a manifest of another version is refused as such, not field by field),
+ * then every field, then that the kernels and the plan agree. Throws PackageError naming `path`.
+ */
+export function validateManifest(json: unknown, path: string): Manifest {
+  const m = isObject(json) ? json : undefined;
+  const version = isObject(m?.compiler) ? m.compiler.version : undefined;
+  if (typeof version !== "string" || typeof m?.format !== "number") {
+    throw new PackageError(`${path}: not a milora manifest (no format or compiler version)`);
+  }
+  if (!compatibleVersions(version, COMPILER_VERSION) || m.format !== MANIFEST_FORMAT) {
+    throw new PackageError(
+      `${path} was written by milora ${version} (manifest format ${m.format}); this runtime is milora ${COMPILER_VERSION} ` +
+        `(format ${MANIFEST_FORMAT}) and cannot run it: recompile the spec with this milora, or install a runtime compatible with ${version}`,
+    );
+  }
+  try {
+    manifest(m, "");
+  } catch (e) {
+    if (e instanceof FieldError) throw new PackageError(`${path}: ${e.message}`);
+    throw e;
+  }
+  const checked = m as unknown as Manifest;
+  const planned = new Map(checked.plan.kernels.map((k) => [k.key, k]));
+  for (const [i, k] of checked.kernels.entries()) {
+    const p = planned.get(k.key);
+    if (p === undefined) throw new PackageError(`${path}: kernel ${k.key} is not in the plan`);
+    const problem = interfaceProblem(p.family, k);
+    if (problem !== undefined) throw new PackageError(`${path}: field kernels[${i}] (${k.key}): ${problem}`);
+  }
+  const filed = new Set(checked.kernels.map((k) => k.key));
+  const unfiled = checked.plan.kernels.filter((k) => !filed.has(k.key)).map((k) => k.key);
+  if (unfiled.length > 0) throw new PackageError(`${path}: no kernel file is listed for ${unfiled.join(", ")}`);
+  const referenced = planKernelKeys(checked.plan).filter((key) => !planned.has(key));
+  if (referenced.length > 0) throw new PackageError(`${path}: the plan's ops name kernels its kernel set lacks: ${[...new Set(referenced)].join(", ")}`);
+  return checked;
+}
+
+/** Why `k` cannot serve as a kernel of `family` (its binding names or their order differ), or undefined. */
+export function interfaceProblem(family: KernelFamily, k: Pick<KernelInterface, "bindings" | "params">): string | undefined {
+  const expected: readonly string[] = FAMILY_BINDINGS[family];
+  const names = k.bindings.map((b) => b.name);
+  const required = expected.filter((n) => !n.endsWith("?"));
+  const allowed = new Set(expected.map((n) => n.replace(/\?$/, "")));
+  const missing = required.filter((n) => !names.includes(n) && !(n === "params" && k.params.length === 0));
+  const unknown = names.filter((n) => !allowed.has(n));
+  if (missing.length === 0 && unknown.length === 0) return undefined;
+  return `a ${family} kernel binds ${expected.join(", ")}; this one binds ${names.join(", ") || "nothing"}`;
+}
+
+/** Every kernel key the plan's ops, routers and beam search name. */
+export function planKernelKeys(plan: Plan): string[] {
+  const ops = [...plan.layer, ...plan.head].flatMap((op) =>
+    op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])] : [op.kernel],
+  );
+  const routers = plan.routers.flatMap((r) => [r.score, r.pool, r.gate].filter((k): k is string => k !== undefined));
+  return [...ops, ...routers, plan.beamTopK];
+}
+
+/** Rows per block so that one block fits `maxBindingBytes` (the whole tensor when it fits). */
+export function rowsPerBlock(shape: readonly number[], maxBindingBytes: number): number {
+  const rows = shape[0] ?? 1;
+  const rowBytes = shape.slice(1).reduce((a, b) => a * b, 1) * 4;
+  return Math.min(rows, Math.max(1, Math.floor(maxBindingBytes / rowBytes)));
+}
+
+/** A layer op's weight name for one layer. */
+export function layerTensor(template: string, layer: number): string {
+  return template.replace("{layer}", String(layer));
+}
+
+/** A kernel file split into its header (comment lines ended by one blank line) and the WGSL after it. */
+export function splitKernelFile(text: string): { header: string; wgsl: string } {
+  const end = text.indexOf("\n\n");
+  if (!text.startsWith("//") || end < 0) return { header: "", wgsl: text };
+  return { header: text.slice(0, end + 1), wgsl: text.slice(end + 2) };
+}
+
+export type { DispatchRule, GroupCount, KernelBinding, KernelInterface, KernelParam };
