@@ -98,7 +98,7 @@ async function run(spec: Adapter, tasks: readonly Task[]): Promise<Result> {
         const { logits, routing } = referenceMiloraLogits(base, reference.weights, trained, prompt, got);
         const row = logits.at(-1)!;
         got.push(row.indexOf(Math.max(...row)));
-        if (k === 0) for (const d of routing) EXPERT_MODULES.forEach((m, e) => (sums[d.layer]![e] += (d.experts[m] ?? 0) / heldOut.get(t)!.length));
+        if (k === 0) for (const d of routing) EXPERT_MODULES.forEach((m, e) => (sums[d.layer]![e] = sums[d.layer]![e]! + (d.experts[m] ?? 0) / heldOut.get(t)!.length));
       }
       if (got.every((g, i) => g === want[i])) right++;
     }
