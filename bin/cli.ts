@@ -67,6 +67,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .addOption(new Option("--early-stopping <when>", "with --beams: stop at n finished hypotheses (true), by HF's heuristic (false), or never early").choices(["false", "true", "never"]).default("false"))
     .option("--num-return-sequences <n>", "with --beams: print the n best hypotheses with their scores", "1")
     .option("--json", "print one JSON object { tokens, text?, timings, device, logits?, adapter?, routing?, score?, beams? } (one line per adapter)")
+    .option("--routing-svg <file>", "write each tenant's routing as an SVG heatmap (layers x modules; tokens x layers for per-token routing)")
     .addOption(new Option("--logits <which>", "add the prompt's logits to --json output").choices(["last", "all"]))
     .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
     .action(async (spec: string | undefined, opts: import("./commands/run.ts").RunOptions) => {

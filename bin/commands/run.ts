@@ -20,6 +20,7 @@ import { SequenceError, checkSampling, type SamplingOptions } from "../../runtim
 import { Tokenizer } from "../../runtime/text/tokenizer.ts";
 import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
 import { SourceError, adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
+import { writeRoutingSvg } from "./routing-picture.ts";
 
 export interface RunOptions {
   readonly base: string;
@@ -40,6 +41,8 @@ export interface RunOptions {
   readonly lengthPenalty?: string;
   readonly earlyStopping?: string;
   readonly numReturnSequences?: string;
+  /** Write the routing of every tenant as an SVG heatmap to this file. */
+  readonly routingSvg?: string;
 }
 
 /** A problem with what the user asked for; `code` is the exit status (1 bad input, 2 bad usage). */
@@ -141,6 +144,11 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
       if (opts.json) printJson(result, text, device, prompt, tenant, decode);
       else printText(result, text, device, tenant, decode);
     });
+    if (opts.routingSvg !== undefined) {
+      const decodeOne = tokenizer && ((t: number) => tokenizer.decode([t]) || `<${t}>`);
+      writeRoutingSvg(opts.routingSvg, results.map((result, i) => ({ tenant: adapters[i]?.name, result, ...(adapters[i] ? { spec: adapters[i].spec } : {}) })), prompt, decodeOne);
+      process.stderr.write(`milora run: routing heatmap written to ${opts.routingSvg}\n`);
+    }
     return 0;
   } finally {
     engine.destroy();

@@ -1,0 +1,38 @@
+// `milora run --routing-svg FILE`: the run's routing as one picture (runtime/pictures/heatmap.ts), a
+// panel per tenant side by side: layers x modules for prompt routing, tokens x layers for per-token
+// routing (labelled with the tokens when the model has a tokenizer).
+import { writeFileSync } from "node:fs";
+import type { Adapter } from "../../compiler/model.ts";
+import type { Generation } from "../../runtime/engine/generate.ts";
+import type { LayerRouting } from "../../runtime/engine/routing.ts";
+import { routingSvg, type RoutingPanel } from "../../runtime/pictures/heatmap.ts";
+
+export interface RoutingPictureRun {
+  /** The tenant (adapter) name; undefined for the base model alone. */
+  readonly tenant: string | undefined;
+  readonly result: Generation;
+  /** The tenant's spec: a plain LoRA adapter (no router) is drawn with its modules at gate 1. */
+  readonly spec?: Adapter;
+}
+
+/** Plain LoRA's "routing": every module the adapter has, on at gate 1, in every layer it covers. */
+function allOn(spec: Adapter): LayerRouting[] {
+  return spec.layers.map((layer) => ({ layer, experts: Object.fromEntries(spec.experts.filter((e) => e.layer === layer).map((e) => [e.module, 1])) }));
+}
+
+/** The panels of a run: the prompt's tokens then the generated ones label token-routed strips. */
+export function routingPanels(runs: readonly RoutingPictureRun[], prompt: readonly number[], decodeOne?: (token: number) => string): RoutingPanel[] {
+  return runs.map(({ tenant, result, spec }) => {
+    const ids = [...prompt, ...result.tokens];
+    return {
+      title: tenant ?? "base model",
+      routing: result.routing ?? (spec && !spec.router ? allOn(spec) : []),
+      ...(decodeOne ? { tokens: ids.map(decodeOne) } : {}),
+      ...(result.routing === undefined ? { subtitle: tenant === undefined ? "no adapter: nothing is routed" : "no routers (plain LoRA): every module on" } : {}),
+    };
+  });
+}
+
+export function writeRoutingSvg(file: string, runs: readonly RoutingPictureRun[], prompt: readonly number[], decodeOne?: (token: number) => string): void {
+  writeFileSync(file, routingSvg(routingPanels(runs, prompt, decodeOne)));
+}
