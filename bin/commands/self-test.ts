@@ -1,11 +1,12 @@
 // The device self-test: milora's own kernels (matvec, RMSNorm, attention, sampling with top-k and
-// top-p) run once on small random inputs and are compared with float64 references written here from the
-// math. A driver that miscompiles one of them (Mesa 22.3 did, docs/drivers.md) is caught before it serves
+// top-p, MiLoRA's router with the self-attention pooler) run once on small random inputs and are
+// compared with float64 references written here from the math. A driver that miscompiles one of them (Mesa 22.3 did, docs/drivers.md) is caught before it serves
 // wrong tokens. `milora doctor` prints the result; `run` and `serve` refuse a device that fails it.
 import { attentionKernel } from "../../compiler/kernels/attention.ts";
 import type { KernelSource } from "../../compiler/kernels/kernel.ts";
 import { matvecKernel } from "../../compiler/kernels/matvec.ts";
 import { rmsNormKernel } from "../../compiler/kernels/rmsnorm.ts";
+import { routerGateKernel, routerPoolKernel, routerScoreKernel } from "../../compiler/kernels/router.ts";
 import { sampleCpu } from "../../compiler/kernels/sampling-cpu.ts";
 import { packSamplingSettings, samplingKernel, type SamplingSettings } from "../../compiler/kernels/sampling.ts";
 import type { GpuContext } from "../../runtime/gpu/device.ts";
@@ -61,10 +62,21 @@ class Runner {
     this.#step = new StepEncoder(device, new PipelineCache(device));
   }
   /** Runs `kernel` once over fresh buffers and returns the contents of `output`. */
-  async run(kernel: KernelSource, data: Record<string, Float32Array | Uint32Array>, params: Record<string, number>, output: string) {
+  run(kernel: KernelSource, data: Record<string, Float32Array | Uint32Array>, params: Record<string, number>, output: string) {
+    return this.runSteps([[kernel, Object.keys(data), params]], data, output);
+  }
+
+  /**
+   * Runs each kernel in order, each bound to the named ones of the same fresh buffers (`binding=buffer`
+   * where the kernel's name for it differs); returns `output`.
+   */
+  async runSteps(steps: readonly (readonly [KernelSource, readonly string[], Record<string, number>])[], data: Record<string, Float32Array | Uint32Array>, output: string) {
     const buffers = Object.fromEntries(Object.entries(data).map(([name, d]) => [name, createStorage(this.#device, d, name)]));
     try {
-      this.#step.dispatch(kernel, buffers, params);
+      for (const [kernel, names, params] of steps) {
+        const bound = names.map((n) => n.split("=") as [string, string?]).map(([binding, buffer]) => [binding, buffers[buffer ?? binding]!]);
+        this.#step.dispatch(kernel, Object.fromEntries(bound), params);
+      }
       this.#step.submit();
       return await readBuffer(this.#device, buffers[output]!, 0, data[output]!.byteLength);
     } finally {
@@ -162,13 +174,58 @@ async function checkSampling(gpu: Runner, next: () => number): Promise<KernelChe
   };
 }
 
+async function checkRouter(gpu: Runner, next: () => number): Promise<KernelCheck> {
+  // MiLoRA's prompt routing as the paper defines it: the self-attention pooler (eq. 8) over two prompts,
+  // then TopK(softmax(p W^T)) with the kept experts' probabilities as gates (eq. 3), top 2 of 7.
+  const [hidden, rows, experts] = [96, 9, 7];
+  const ranges = [[0, 4], [4, 9]] as const;
+  const h = floats(next, rows * hidden, 2);
+  const pooler = floats(next, hidden, 0.5);
+  const weight = floats(next, experts * hidden, 0.5);
+  const steps = [
+    [routerScoreKernel({ hidden }), ["h", "pooler", "scores"], { rows }],
+    [routerPoolKernel({ hidden, pooling: "attention" }), ["h", "ranges", "pooled", "scores"], { count: 2 }],
+    [
+      routerGateKernel({ hidden, columns: [0, 1, 2, 3, 4, 5, 6], width: experts, selection: { rule: "top_k", k: 2, renormalize: false }, activation: "none" }),
+      ["x=pooled", "items", "weight", "table"],
+      { count: 2, stride: experts, base: 0 },
+    ],
+  ] as const;
+  const data = {
+    h,
+    pooler,
+    scores: new Float32Array(rows),
+    ranges: Uint32Array.from(ranges.flat()),
+    pooled: new Float32Array(2 * hidden).fill(NaN),
+    items: Uint32Array.from(ranges.flatMap(([start, end], i) => [i, start, end])),
+    weight,
+    table: new Float32Array(rows * experts).fill(NaN),
+  };
+  const got = await gpu.runSteps(steps, data, "table");
+  const want = new Float64Array(rows * experts);
+  for (const [start, end] of ranges) {
+    const u = Array.from({ length: end - start }, (_, t) => h.subarray((start + t) * hidden, (start + t + 1) * hidden).reduce((acc, x, i) => acc + x * pooler[i]!, 0));
+    const top = Math.max(...u);
+    const a = u.map((x) => Math.exp(x - top));
+    const total = a.reduce((x, y) => x + y, 0);
+    const p = Array.from({ length: hidden }, (_, i) => a.reduce((acc, w, t) => acc + (w / total) * h[(start + t) * hidden + i]!, 0));
+    const z = Array.from({ length: experts }, (_, e) => p.reduce((acc, x, i) => acc + x * weight[e * hidden + i]!, 0));
+    const zt = Math.max(...z);
+    const ez = z.map((x) => Math.exp(x - zt));
+    const zs = ez.reduce((x, y) => x + y, 0);
+    const order = z.map((_, e) => e).sort((x, y) => z[y]! - z[x]! || x - y);
+    for (let r = start; r < end; r++) for (const e of order.slice(0, 2)) want[r * experts + e] = ez[e]! / zs;
+  }
+  return errorCheck("router", relativeError(got, want));
+}
+
 /** Runs every kernel check on the device; never throws for a wrong result, only for a device error. */
 export async function runSelfTest(ctx: GpuContext): Promise<SelfTestReport> {
   const started = performance.now();
   const gpu = new Runner(ctx.device);
   const next = random(20261201);
   const checks: KernelCheck[] = [];
-  for (const check of [checkMatvec, checkRmsNorm, checkAttention, checkSampling]) {
+  for (const check of [checkMatvec, checkRmsNorm, checkAttention, checkSampling, checkRouter]) {
     ctx.device.pushErrorScope("validation");
     let result: KernelCheck;
     try {

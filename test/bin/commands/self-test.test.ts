@@ -5,11 +5,11 @@ import * as assert from "uvu/assert";
 import { DeviceSelfTestError, judgeSelfTest, runSelfTest, type SelfTestReport } from "../../../bin/commands/self-test.ts";
 import { acquireDevice } from "../../../runtime/gpu/device.ts";
 
-test("this device passes every kernel check: matvec, rmsnorm, attention, sampling with top-k and top-p", async () => {
+test("this device passes every kernel check: matvec, rmsnorm, attention, sampling with top-k and top-p, the router", async () => {
   const ctx = await acquireDevice();
   try {
     const report = await runSelfTest(ctx);
-    assert.equal(report.checks.map((c) => c.kernel), ["matvec", "rmsnorm", "attention", "sampling"]);
+    assert.equal(report.checks.map((c) => c.kernel), ["matvec", "rmsnorm", "attention", "sampling", "router"]);
     for (const c of report.checks) assert.ok(c.ok, `${c.kernel}: ${c.detail}`);
     assert.ok(report.ok);
   } finally {
