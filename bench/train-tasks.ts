@@ -23,7 +23,8 @@ import { acquireDevice } from "../runtime/gpu/device.ts";
 import { uploadWeights } from "../runtime/engine/weights.ts";
 import { IGNORE_INDEX, type TrainExample } from "../runtime/training/data.ts";
 import { OPTIMIZER_DEFAULTS } from "../runtime/training/optimizer.ts";
-import { initialAdapter, seededRandom } from "../runtime/training/params.ts";
+import { mulberry32 } from "../runtime/random.ts";
+import { initialAdapter } from "../runtime/training/params.ts";
 import { Trainer, type TrainSettings } from "../runtime/training/trainer.ts";
 import { loadReferenceWeights } from "../test/reference/llama.ts";
 import { referenceMiloraLogits } from "../test/reference/milora.ts";
@@ -47,7 +48,7 @@ function example(task: Task, digits: number[]): TrainExample {
   const completion = answer[task](digits).map((d) => DIGIT + d);
   return { tokens: [...prompt, ...completion], labels: [...prompt.map(() => IGNORE_INDEX), ...completion], source: task };
 }
-const random = seededRandom(seed);
+const random = mulberry32(seed);
 const set = (task: Task, n: number) => Array.from({ length: n }, () => example(task, Array.from({ length: 4 }, () => Math.floor(random() * 10))));
 const train = new Map(TASKS.map((t) => [t, set(t, 256)]));
 const heldOut = new Map(TASKS.map((t) => [t, set(t, 32)]));

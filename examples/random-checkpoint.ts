@@ -1,6 +1,7 @@
 // Writes tiny LLaMA checkpoints with seeded random weights in the Hugging Face layout, for tests,
 // the README demo and benchmarks. Run it to make the `tiny` model of examples/llama-tiny.milora:
 //   node --import tsx examples/random-checkpoint.ts models/tiny --preset tiny
+import { mulberry32 } from "../runtime/random.ts";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -46,17 +47,7 @@ export const PRESETS = {
   },
 } satisfies Record<string, RandomCheckpointOptions>;
 
-/** A seeded uniform generator on [0, 1) (mulberry32): small, fast, and the same on every platform. */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { mulberry32 };
 
 /** A seeded standard normal generator (Box-Muller over mulberry32). */
 export function seededNormal(seed: number): () => number {

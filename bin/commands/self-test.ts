@@ -9,6 +9,7 @@ import { rmsNormKernel } from "../../compiler/kernels/rmsnorm.ts";
 import { routerGateKernel, routerPoolKernel, routerScoreKernel } from "../../compiler/kernels/router.ts";
 import { sampleCpu } from "../../compiler/kernels/sampling-cpu.ts";
 import { packSamplingSettings, samplingKernel, type SamplingSettings } from "../../compiler/kernels/sampling.ts";
+import { mulberry32 } from "../../runtime/random.ts";
 import type { GpuContext } from "../../runtime/gpu/device.ts";
 import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../runtime/gpu/kernel-runner.ts";
 
@@ -27,16 +28,6 @@ export interface SelfTestReport {
 
 /** f32 kernels against float64 references: a few ulps per reduction step, far below this bound. */
 const BOUND = 1e-5;
-
-function random(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(s ^ (s >>> 15), 1 | s);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function floats(next: () => number, n: number, scale = 1): Float32Array {
   return Float32Array.from({ length: n }, () => (next() * 2 - 1) * scale);
@@ -223,7 +214,7 @@ async function checkRouter(gpu: Runner, next: () => number): Promise<KernelCheck
 export async function runSelfTest(ctx: GpuContext): Promise<SelfTestReport> {
   const started = performance.now();
   const gpu = new Runner(ctx.device);
-  const next = random(20261201);
+  const next = mulberry32(20261201);
   const checks: KernelCheck[] = [];
   for (const check of [checkMatvec, checkRmsNorm, checkAttention, checkSampling, checkRouter]) {
     ctx.device.pushErrorScope("validation");

@@ -5,6 +5,7 @@
 import { packLoraSlots } from "../../compiler/kernels/lora.ts";
 import type { Adapter, ExpertModule } from "../../compiler/model.ts";
 import { loraKey, type LoadedAdapter, type LoraWeights, type RouterWeights } from "../formats/adapter.ts";
+import { mulberry32 } from "../random.ts";
 import { createStorage, readBuffer } from "../gpu/kernel-runner.ts";
 
 /** One trainable f32 tensor: values, gradient, and the optimizer's two moments, all [count]. */
@@ -49,17 +50,6 @@ export interface TrainRouter {
   readonly numeratorLength: number;
 }
 
-/** A seeded uniform generator on [0, 1) (mulberry32), for initialisation, shuffling and dropout. */
-export function seededRandom(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(s ^ (s >>> 15), 1 | s);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /**
  * A fresh adapter's weights, initialised as PEFT initialises LoRA: A by kaiming_uniform_(a = sqrt(5)),
  * which is U(-1/sqrt(in), 1/sqrt(in)), and B = 0, so training starts from the base's outputs; routers
@@ -67,7 +57,7 @@ export function seededRandom(seed: number): () => number {
  * unit at its GELU fit (given by the caller: it lives with the router kernels' defaults).
  */
 export function initialAdapter(spec: Adapter, seed: number, rationalInit?: { readonly numerator: readonly number[]; readonly denominator: readonly number[] }): LoadedAdapter {
-  const random = seededRandom(seed);
+  const random = mulberry32(seed);
   const lora = new Map<ReturnType<typeof loraKey>, LoraWeights>();
   for (const e of spec.experts) {
     const bound = 1 / Math.sqrt(e.inFeatures);

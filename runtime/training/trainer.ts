@@ -14,7 +14,8 @@ import { IGNORE_INDEX, type TrainExample } from "./data.ts";
 import { TrainingGraph, packBatch } from "./graph.ts";
 import type { TrainKernelResolver } from "./kernels.ts";
 import { Optimizer, type OptimizerSettings } from "./optimizer.ts";
-import { TrainableParams, seededRandom } from "./params.ts";
+import { mulberry32 } from "../random.ts";
+import { TrainableParams } from "./params.ts";
 import { learningRate, warmupSteps, type ScheduleKind } from "./schedule.ts";
 
 export interface TrainSettings {
@@ -176,7 +177,7 @@ export class Trainer {
     if (!order) {
       order = Array.from(this.#o.train, (_, i) => i);
       if (this.#o.settings.shuffle) {
-        const random = seededRandom((this.#o.settings.seed * 1000003 + epoch) >>> 0);
+        const random = mulberry32((this.#o.settings.seed * 1000003 + epoch) >>> 0);
         for (let i = order.length - 1; i > 0; i--) {
           const j = Math.floor(random() * (i + 1));
           [order[i], order[j]] = [order[j]!, order[i]!];

@@ -1,0 +1,13 @@
+// The project's seeded generator: uniform on [0, 1) (mulberry32), small, fast and the same on every
+// platform. Training draws its initialisation and data order from it, the self-test its inputs, and the
+// examples their random checkpoints.
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
