@@ -3,8 +3,10 @@
 // MoE-LoRA style) and plain LoRA, all unmerged, on one spec: rank 8 on all 7 modules of every layer,
 // the routers top_k of ROUTER_DEFAULTS. tokens/s counts one token of the returned sequence per decode
 // step (a beam step decodes 3 rows), as the paper's beam-3 figures do.
-//   node --import tsx bench/beam.ts [--hidden 512] [--decode 16] [--prompt 16] [--repeats 2]
+//   node --import tsx bench/beam.ts [--hidden 512] [--decode 16] [--prompt 16] [--repeats 2] [--json FILE] [--svg FILE]
+// --json writes the figures as data, --svg their bar chart (bench/chart.ts renders one from the other).
 // The checkpoint is written once under .cache/bench/; rounds interleave the modes; best of rounds.
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { ROUTER_DEFAULTS } from "../compiler/defaults.ts";
@@ -15,8 +17,9 @@ import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
 import { Engine } from "../runtime/engine/engine.ts";
 import { plannedEngine } from "../bin/engine-plan.ts";
+import { beamChart, type BeamResult } from "./chart.ts";
 
-const { values } = parseArgs({ options: { hidden: { type: "string", default: "512" }, decode: { type: "string", default: "16" }, prompt: { type: "string", default: "16" }, repeats: { type: "string", default: "2" } } });
+const { values } = parseArgs({ options: { hidden: { type: "string", default: "512" }, decode: { type: "string", default: "16" }, prompt: { type: "string", default: "16" }, repeats: { type: "string", default: "2" }, json: { type: "string" }, svg: { type: "string" } } });
 const hidden = Number(values.hidden);
 const DECODE = Number(values.decode);
 const PROMPT = Number(values.prompt);
@@ -28,10 +31,10 @@ const dir = join(".cache", "bench", `milora-${hidden}`);
 writeRandomCheckpoint(dir, { hiddenSize: hidden, layers: 8, heads: 8, kvHeads: 4, intermediateSize: Math.round((hidden * 8) / 3 / 64) * 64, vocabSize: 4096, maxPositions: 256, seed: 3 });
 const base = readHfConfig(dir);
 
-const MODES: { readonly name: string; readonly router?: Partial<RouterConfig> }[] = [
-  { name: "MiLoRA (when prompt)", router: { when: "prompt" } },
-  { name: "per-token (when token)", router: { when: "token" } },
-  { name: "LoRA (unmerged)" },
+const MODES: { readonly name: string; readonly label: string; readonly router?: Partial<RouterConfig> }[] = [
+  { name: "MiLoRA (when prompt)", label: "MiLoRA", router: { when: "prompt" } },
+  { name: "per-token (when token)", label: "per-token baseline", router: { when: "token" } },
+  { name: "LoRA (unmerged)", label: "plain LoRA" },
 ];
 
 function spec(router: Partial<RouterConfig> | undefined): Adapter {
@@ -72,5 +75,13 @@ for (const beams of BEAMS) {
   console.log(`beam ${beams}: MiLoRA ${(milora / get(MODES[1]!.name, beams)).toFixed(2)}x the per-token baseline's tokens/s, ${(milora / get(MODES[2]!.name, beams)).toFixed(2)}x plain LoRA's`);
 }
 console.log("paper (LLaMA-2 7B, A40): MiLoRA 43.7 / 33.5 tok/s, MOELoRA 35.9 / 28.4 (MiLoRA 1.22x / 1.18x); LoRA-family DoRA 36.5 / 29.6");
+const result: BeamResult = {
+  bench: "beam",
+  device: adapterSummary(gpu.report),
+  model: `hidden ${hidden}, 8 layers, vocab ${base.vocabSize}; rank ${RANK} on all 7 modules; ${PROMPT}-token prompt, ${DECODE} decode steps, best of ${REPEATS}`,
+  results: MODES.flatMap((m) => BEAMS.map((beams) => ({ mode: m.name, label: m.label, beams, tokensPerSecond: get(m.name, beams) }))),
+};
+if (values.json) writeFileSync(values.json, JSON.stringify(result, null, 2) + "\n");
+if (values.svg) writeFileSync(values.svg, beamChart(result));
 engine.destroy();
 gpu.destroy();

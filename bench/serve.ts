@@ -4,7 +4,9 @@
 // (one KV slot), and the base model alone under the same load.
 // Tenants are plain LoRA on all seven modules (`--tenants lora`, every module on, gate 1) or MiLoRA
 // adapters with a top-2-of-7 prompt router per layer (`--tenants milora`), at the same rank.
-//   node --import tsx bench/serve.ts [--model tiny|small] [--tenants lora|milora] [--requests N] [--tokens N]
+//   node --import tsx bench/serve.ts [--model tiny|small] [--tenants lora|milora] [--requests N] [--tokens N] [--json FILE] [--svg FILE]
+// --json writes the table as data, --svg the throughput-against-clients chart (bench/chart.ts renders one from the other).
+import { writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { checkSource } from "../compiler/check.ts";
@@ -14,6 +16,7 @@ import { writeRandomAdapter, writeRandomPeftAdapter } from "../examples/random-a
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
 import { startServing } from "../runtime/serving/http/start.ts";
 import { servingPlan } from "../bin/engine-plan.ts";
+import { serveChart, type ServeResult, type ServeRow } from "./chart.ts";
 
 const MODELS: Record<string, RandomCheckpointOptions> = {
   tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1, tokenizer: true },
@@ -76,7 +79,7 @@ function percentile(values: number[], p: number): number {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { model: { type: "string", default: "tiny" }, tenants: { type: "string", default: "lora" }, requests: { type: "string", default: "48" }, tokens: { type: "string", default: "24" } } });
+  const { values } = parseArgs({ options: { model: { type: "string", default: "tiny" }, tenants: { type: "string", default: "lora" }, requests: { type: "string", default: "48" }, tokens: { type: "string", default: "24" }, json: { type: "string" }, svg: { type: "string" } } });
   const options = MODELS[values.model!];
   if (!options) throw new Error(`--model must be one of ${Object.keys(MODELS).join(", ")}`);
   const requests = Number(values.requests);
@@ -101,6 +104,7 @@ async function main(): Promise<void> {
   process.stdout.write("| load | clients | popularity | tokens/s | vs one at a time | TTFT p50 / p99 ms | TPOT p50 / p99 ms |\n| --- | ---: | --- | ---: | ---: | ---: | ---: |\n");
 
   const sequential = new Map<Popularity, number>();
+  const rows: ServeRow[] = [];
   for (const slots of [1, 16]) {
     const serving = await startServing({ base, checkpointDir: dir, slots, maxQueue: 256, maxResidentAdapters: TENANTS, adapters, port: 0, gpu, engine: servingPlan({ base, ctx: 128, maxResidentAdapters: TENANTS, adapters }) });
     try {
@@ -124,6 +128,8 @@ async function main(): Promise<void> {
           const ratio = slots === 1 ? "1.00x" : `${(rate / sequential.get(popularity)!).toFixed(2)}x`;
           const t = (key: "ttftMs" | "tpotMs") => `${percentile(samples.map((s) => s[key]), 50).toFixed(1)} / ${percentile(samples.map((s) => s[key]), 99).toFixed(1)}`;
           const load = slots === 1 ? "one at a time" : "batched";
+          const p = (key: "ttftMs" | "tpotMs") => ({ p50: percentile(samples.map((s) => s[key]), 50), p99: percentile(samples.map((s) => s[key]), 99) });
+          rows.push({ load, clients, popularity, tokensPerSecond: rate, ttftMs: p("ttftMs"), tpotMs: p("tpotMs") });
           process.stdout.write(`| ${load} | ${clients} | ${popularity} | ${rate.toFixed(0)} | ${ratio} | ${t("ttftMs")} | ${t("tpotMs")} |\n`);
         }
       }
@@ -131,6 +137,17 @@ async function main(): Promise<void> {
       await serving.close();
     }
   }
+  const result: ServeResult = {
+    bench: "serve",
+    device: adapterSummary(gpu.report),
+    model: `${values.model} (hidden ${base.hiddenSize}, ${base.layers} layers), ${TENANTS} tenants, rank 8 on all 7 modules`,
+    tenants: values.tenants,
+    requests,
+    tokens: maxTokens,
+    rows,
+  };
+  if (values.json) writeFileSync(values.json, JSON.stringify(result, null, 2) + "\n");
+  if (values.svg) writeFileSync(values.svg, serveChart(result));
   gpu.destroy();
 }
 

@@ -112,6 +112,16 @@ export async function main(argv: readonly string[]): Promise<number> {
     });
 
   program
+    .command("report")
+    .description("draw a milora train run's loss and eval curves (OUT/metrics.jsonl) as an SVG")
+    .argument("<out>", "the run's --out directory, or its metrics.jsonl")
+    .option("--out <file>", "where to write the SVG (default: OUT/report.svg)")
+    .action(async (dir: string, opts: import("./commands/report.ts").ReportOptions) => {
+      const { reportCommand } = await import("./commands/report.ts");
+      exitCode = reportCommand(dir, opts);
+    });
+
+  program
     .command("compile")
     .description("compile a spec's adapter into a runnable npm package: kernels, manifest, typed API")
     .argument("<spec>", ".milora spec file")

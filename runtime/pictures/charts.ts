@@ -45,7 +45,7 @@ export interface BarChart {
   readonly height?: number;
 }
 
-const MARGIN = { top: 52, right: 16, bottom: 48, left: 64 };
+const MARGIN = { top: 52, right: 16, bottom: 48, left: 72 };
 
 function frame(title: string, subtitle: string | undefined): string[] {
   const parts = [el("text", { x: 12, y: 20, "font-size": 15, "font-weight": 600, fill: "#1a1a1a", class: "chart-title" }, text(title))];
@@ -56,7 +56,9 @@ function frame(title: string, subtitle: string | undefined): string[] {
 function yAxis(y: ScaleContinuousNumeric<number, number>, x0: number, x1: number, yLabel: string, plotTop: number, plotBottom: number, log: boolean): string[] {
   const parts: string[] = [];
   const ticks = log ? y.ticks(5).filter((t) => /^[125]/.test(t.toExponential())) : y.ticks(6);
-  const format = log ? label : y.tickFormat(6);
+  const small = Math.max(...y.domain().map(Math.abs)) < 0.01;
+  const d3format = y.tickFormat(6, small ? "~e" : undefined);
+  const format = log ? label : (t: number) => (t === 0 ? "0" : d3format(t));
   for (const t of ticks) {
     const ty = y(t);
     parts.push(el("line", { x1: x0, x2: x1, y1: ty, y2: ty, stroke: "#e3e3e3", class: "grid" }));
@@ -115,8 +117,10 @@ export function lineChartSvg(c: LineChart): string {
         .nice();
   const parts = frame(c.title, c.subtitle);
   parts.push(...yAxis(y, plot.left, plot.right, c.yLabel, plot.top, plot.bottom, log));
-  const xTicks = c.xTicks ?? x.ticks(8);
-  const xFormat = c.xTicks ? label : x.tickFormat(8);
+  // Whole-number data (steps, clients) gets whole-number ticks only.
+  const whole = xs.every(Number.isInteger);
+  const xTicks = c.xTicks ?? (whole ? x.ticks(8).filter(Number.isInteger) : x.ticks(8));
+  const xFormat = c.xTicks || whole ? label : x.tickFormat(8);
   parts.push(el("line", { x1: plot.left, x2: plot.right, y1: plot.bottom, y2: plot.bottom, stroke: "#666666" }));
   for (const t of xTicks) {
     parts.push(el("line", { x1: x(t), x2: x(t), y1: plot.bottom, y2: plot.bottom + 4, stroke: "#666666" }));
