@@ -1,6 +1,7 @@
 // Renders a benchmark's --json output as an SVG chart (runtime/pictures/charts.ts), the pictures that
 // docs/performance.md shows next to its tables:
 //   node --import tsx bench/chart.ts RESULT.json [--out CHART.svg]     (default: RESULT.svg)
+//   node --import tsx bench/chart.ts RESULT.json --table               (the chart's figures as a markdown table)
 // bench/beam.ts: tokens/s at beam 1 and 3 for MiLoRA, the per-token baseline and plain LoRA (bars);
 // bench/serve.ts: batched tokens/s against concurrent clients per tenant popularity, with the same load
 // served one request at a time (lines).
@@ -35,16 +36,22 @@ export interface ServeResult {
   readonly rows: readonly ServeRow[];
 }
 
+/** The device in a few words: "software, Mesa 22.3.6" for llvmpipe, else the first part of its summary. */
+function shortDevice(device: string): string {
+  const mesa = /Mesa [\d.]+/.exec(device)?.[0];
+  return mesa ? `llvmpipe (${mesa})` : device.slice(0, 40);
+}
+
 export function beamChart(r: BeamResult): string {
   const labels = [...new Set(r.results.map((x) => x.label))];
   const beams = [...new Set(r.results.map((x) => x.beams))].sort((a, b) => a - b);
   return barChartSvg({
-    title: "Decode tokens/s at beam 1 and 3: MiLoRA vs the per-token baseline vs plain LoRA",
-    subtitle: `${r.model}; ${r.device}`,
+    title: "Decode tokens/s: MiLoRA vs per-token routing vs plain LoRA",
+    subtitle: `${r.model}; ${shortDevice(r.device)}`,
     yLabel: "tokens/s (one request)",
     series: labels,
     groups: beams.map((b) => ({ label: `beam ${b}`, values: Object.fromEntries(r.results.filter((x) => x.beams === b).map((x) => [x.label, x.tokensPerSecond])) })),
-    width: 680,
+    width: 760,
   });
 }
 
@@ -55,8 +62,8 @@ export function serveChart(r: ServeResult): string {
   const sequential = r.rows.filter((x) => x.load === "one at a time");
   const mean = sequential.reduce((n, x) => n + x.tokensPerSecond, 0) / Math.max(1, sequential.length);
   return lineChartSvg({
-    title: `Serving throughput against concurrent clients (${r.tenants === "milora" ? "MiLoRA" : "plain LoRA"} tenants)`,
-    subtitle: `${r.model}; ${r.requests} streamed requests of ${r.tokens} tokens per point; ${r.device}`,
+    title: `Serving tokens/s against concurrent clients (${r.tenants === "milora" ? "MiLoRA" : "plain LoRA"} tenants)`,
+    subtitle: `${r.model}; ${r.requests} requests of ${r.tokens} tokens a point; ${shortDevice(r.device)}`,
     xLabel: "concurrent clients",
     yLabel: "generated tokens/s",
     xTicks: clients,
@@ -64,8 +71,34 @@ export function serveChart(r: ServeResult): string {
       ...popularities.map((p) => ({ name: p === "base" ? "base model alone" : `batched, ${p} tenants`, points: batched.filter((x) => x.popularity === p).map((x) => [x.clients, x.tokensPerSecond] as [number, number]) })),
       ...(sequential.length > 0 ? [{ name: "one at a time (1 KV slot, 16 clients)", points: clients.map((c) => [c, mean] as [number, number]) }] : []),
     ],
-    width: 680,
+    width: 760,
   });
+}
+
+/** The figures a chart draws, as a markdown table. */
+export function tableOf(result: BeamResult | ServeResult): string {
+  if (result.bench === "beam") {
+    const labels = [...new Set(result.results.map((x) => x.label))];
+    const beams = [...new Set(result.results.map((x) => x.beams))].sort((a, b) => a - b);
+    const get = (l: string, b: number) => result.results.find((x) => x.label === l && x.beams === b)?.tokensPerSecond ?? NaN;
+    return [
+      `| mode | ${beams.map((b) => `beam ${b} tok/s`).join(" | ")} |`,
+      `| --- | ${beams.map(() => "---:").join(" | ")} |`,
+      ...labels.map((l) => `| ${l} | ${beams.map((b) => get(l, b).toFixed(1)).join(" | ")} |`),
+    ].join("\n");
+  }
+  const popularities = [...new Set(result.rows.map((x) => x.popularity))];
+  const rows = [...result.rows].sort((a, b) => (a.load === b.load ? a.clients - b.clients : a.load === "one at a time" ? -1 : 1));
+  const keys = [...new Set(rows.map((r) => `${r.load}|${r.clients}`))];
+  return [
+    `| load | clients | ${popularities.join(" | ")} |`,
+    `| --- | ---: | ${popularities.map(() => "---:").join(" | ")} |`,
+    ...keys.map((k) => {
+      const [load, clients] = k.split("|");
+      const cells = popularities.map((p) => rows.find((r) => r.load === load && String(r.clients) === clients && r.popularity === p)?.tokensPerSecond.toFixed(0) ?? "");
+      return `| ${load} | ${clients} | ${cells.join(" | ")} |`;
+    }),
+  ].join("\n");
 }
 
 export function chartOf(result: BeamResult | ServeResult): string {
@@ -75,9 +108,13 @@ export function chartOf(result: BeamResult | ServeResult): string {
 }
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
-  const { values, positionals } = parseArgs({ allowPositionals: true, options: { out: { type: "string" } } });
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { out: { type: "string" }, table: { type: "boolean" } } });
   const input = positionals[0];
-  if (input === undefined) throw new Error("usage: bench/chart.ts RESULT.json [--out CHART.svg]");
+  if (input === undefined) throw new Error("usage: bench/chart.ts RESULT.json [--out CHART.svg | --table]");
+  if (values.table) {
+    console.log(tableOf(JSON.parse(readFileSync(input, "utf8")) as BeamResult | ServeResult));
+    process.exit(0);
+  }
   const out = values.out ?? input.replace(/\.json$/, "") + ".svg";
   writeFileSync(out, chartOf(JSON.parse(readFileSync(input, "utf8")) as BeamResult | ServeResult));
   console.log(`wrote ${out}`);

@@ -269,7 +269,7 @@ function tokenGrid(panel: RoutingPanel): Grid {
   const tokenLabel = (p: number) => {
     const t = panel.tokens?.[p];
     if (t === undefined) return String(p);
-    const shown = JSON.stringify(t).slice(1, -1);
+    const shown = visibleToken(t);
     return shown.length > 10 ? `${shown.slice(0, 9)}…` : shown;
   };
   const every = Math.max(1, Math.ceil(positions.length / 48));
@@ -288,6 +288,18 @@ function tokenGrid(panel: RoutingPanel): Grid {
     rotateColumns: true,
     ...(layers.length === 0 ? { note: "no routing decisions" } : {}),
   };
+}
+
+/** A token as a label: spaces as ␣, control and unprintable characters as \uXXXX escapes. */
+export function visibleToken(t: string): string {
+  return [...t]
+    .map((c) => {
+      const code = c.codePointAt(0)!;
+      if (c === " ") return "␣";
+      if (code < 0x20 || (code >= 0x7f && code <= 0x9f) || code === 0xad || code === 0x2028 || code === 0x2029 || code === 0xfffd) return `\\u${code.toString(16).padStart(4, "0")}`;
+      return c;
+    })
+    .join("");
 }
 
 /** Whether a routing is per token (its decisions name positions). */

@@ -5,7 +5,7 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { interpolateViridis } from "d3-scale-chromatic";
 import { EXPERT_MODULES } from "../../../compiler/model.ts";
-import { OFF_FILL, cellFill, moduleUseSvg, routingSvg } from "../../../runtime/pictures/heatmap.ts";
+import { OFF_FILL, cellFill, moduleUseSvg, routingSvg, visibleToken } from "../../../runtime/pictures/heatmap.ts";
 import { elements, parseSvg, texts } from "./svg-dom.ts";
 
 const prompt: { layer: number; experts: Record<string, number> }[] = [
@@ -69,6 +69,11 @@ test("several tenants side by side, a token-routed one as a tokens x layers stri
   }
   assert.equal(texts(panels[1]!, "text", "column-label"), ["<s>", "Hel", "lo", "!"]);
   assert.equal(texts(panels[1]!, "text", "row-label"), ["L0", "L1"]);
+});
+
+test("token labels show spaces and unprintable characters", () => {
+  assert.is(visibleToken(" he\u0001\ufffd"), "␣he\\u0001\\ufffd");
+  assert.is(visibleToken("naïve"), "naïve");
 });
 
 test("a compiled package's route() result ({ layer, gates }) draws as it is", () => {
