@@ -25,6 +25,7 @@ import {
 } from "./kernels/router.ts";
 import { samplingKernel } from "./kernels/sampling.ts";
 import { beamTopKKernel } from "./kernels/beam-topk.ts";
+import { chosenLogprobKernel, logitAdjustKernel } from "./kernels/logit-adjust.ts";
 import { layerTensor, rowsPerBlock } from "../runtime/package/format.ts";
 import type {
   ActivationName,
@@ -72,7 +73,8 @@ export type PlannedKernel =
   | { readonly key: string; readonly family: "router_score"; readonly constants: RouterScoreConstants }
   | { readonly key: string; readonly family: "router_pool"; readonly constants: RouterPoolConstants }
   | { readonly key: string; readonly family: "router_gate"; readonly constants: RouterGateConstants }
-  | { readonly key: string; readonly family: "beam_topk"; readonly constants: { readonly vocab: number } };
+  | { readonly key: string; readonly family: "beam_topk"; readonly constants: { readonly vocab: number } }
+  | { readonly key: string; readonly family: "logit_adjust" | "chosen_logprob"; readonly constants: { readonly vocab: number } };
 
 /** A kernel of the set before its key is known. */
 export type KernelRequest = PlannedKernel extends infer K ? (K extends PlannedKernel ? Omit<K, "key"> : never) : never;
@@ -246,6 +248,9 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   ];
   // Beam search's top-k of the log-softmax, dispatched after the head when a step asks for candidates.
   const beamTopK = use({ family: "beam_topk", constants: { vocab } });
+  // The server's penalties, logit_bias and min_p before sampling, and the sampled token's logprob after.
+  const logitAdjust = use({ family: "logit_adjust", constants: { vocab } });
+  const chosenLogprob = use({ family: "chosen_logprob", constants: { vocab } });
 
   return {
     base: base.name,
@@ -272,6 +277,8 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     routers,
     ...(routers.length > 0 ? { router: adapter!.router! } : {}),
     beamTopK,
+    logitAdjust,
+    chosenLogprob,
     kernels: [...kernels.values()],
   };
 }
@@ -385,6 +392,10 @@ export function plannedKernelSource(k: KernelRequest): KernelSource {
       return routerGateKernel(k.constants);
     case "beam_topk":
       return beamTopKKernel(k.constants);
+    case "logit_adjust":
+      return logitAdjustKernel(k.constants);
+    case "chosen_logprob":
+      return chosenLogprobKernel(k.constants);
   }
 }
 

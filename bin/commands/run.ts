@@ -4,6 +4,7 @@
 // else from DIR/config.json; a package runs its own plan and kernel files. `--beams N` decodes by beam
 // search (runtime/engine/beam-search.ts, Hugging Face's meaning of num_beams, length_penalty, early_stopping and
 // num_return_sequences); tokens/s then counts one token of the returned sequence per decode step.
+import { detokenize } from "../../runtime/text/detokenizer.ts";
 import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
 import { basename, resolve } from "node:path";
@@ -139,7 +140,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
     results.forEach((result, i) => {
       const tenant = adapters[i]?.name;
       // The tokenizer library refuses to decode nothing (--max-tokens 0).
-      const decode = (tokens: readonly number[]) => tokenizer && (tokens.length > 0 ? tokenizer.decode([...tokens]) : "");
+      const decode = (tokens: readonly number[]) => tokenizer && detokenize((ids) => tokenizer.decode([...ids]), tokens);
       const text = decode(result.tokens);
       if (opts.json) printJson(result, text, device, prompt, tenant, decode);
       else printText(result, text, device, tenant, decode);

@@ -29,6 +29,8 @@ const FAMILY_KEYS: Readonly<Record<Exclude<PlannedKernel["family"], LinearFamily
   router_pool: ["hidden_size"],
   router_gate: ["hidden_size"],
   beam_topk: ["vocab_size"],
+  logit_adjust: ["vocab_size"],
+  chosen_logprob: ["vocab_size"],
 };
 
 /** Kernels of linear modules: their constants come from the modules' shapes (and LoRA ranks). */
@@ -132,6 +134,8 @@ function usersOf(plan: Plan, key: string): string[] {
     if (layers.length > 0) users.push(`router ${role} of layer${layers.length === 1 ? "" : "s"} ${layers.join(", ")}`);
   }
   if (plan.beamTopK === key) users.push("beam search (log-softmax top-k candidates)");
+  if (plan.logitAdjust === key) users.push("logit processing before sampling (penalties, logit bias, min-p)");
+  if (plan.chosenLogprob === key) users.push("the sampled token's log-probability");
   return [...new Set(users)];
 }
 

@@ -7,7 +7,7 @@
 // slot to slot on the device, never recomputed.
 import { isDeepStrictEqual } from "node:util";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "../../compiler/model.ts";
-import { BEAM_CANDIDATE_WORDS, MAX_BEAM_CANDIDATES, NO_ADAPTER, SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../gpu/layouts.ts";
+import { ADJUST_ENTRY_WORDS, ADJUST_ROW_WORDS, BEAM_CANDIDATE_WORDS, MAX_BEAM_CANDIDATES, NO_ADAPTER, SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../gpu/layouts.ts";
 import type { KernelSource } from "../gpu/kernel.ts";
 import { interfaceProblem, layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanKernel, type PlanLora, type PlanOp } from "../package/format.ts";
 import { openCheckpoint, type ProgressFn } from "../formats/checkpoint.ts";
@@ -96,6 +96,8 @@ export interface StepOutput {
   readonly logits?: readonly Float32Array[];
   /** With `seq.candidates` > 0: the most likely next tokens, largest log-probability first. */
   readonly candidates?: BeamCandidates;
+  /** With `seq.wantsLogprob`: the sampled token's log-probability under the raw logits (f32). */
+  readonly logprob?: number;
 }
 
 /** A row's most likely next tokens and their log-probabilities (log-softmax over the vocabulary, f32). */
@@ -154,6 +156,10 @@ export class Engine {
   #candidates: { readonly kernel: KernelSource<FamilyBinding<"beam_topk">>; readonly buffer: GPUBuffer; readonly readback: GPUBuffer } | undefined;
   #nextId = 0;
   #queue: Promise<unknown> = Promise.resolve();
+  /** Logit processing (penalties, bias, min_p) and chosen logprobs: kernels and buffers made on first use. */
+  #processing: LogitProcessingBuffers | undefined;
+  /** The logits the sampling op reads in this step, when processing wrote them elsewhere. */
+  #sampleInput: GPUBuffer | undefined;
 
   readonly plan: Plan<ExpertModule>;
   readonly maxRows: number;
@@ -303,13 +309,15 @@ export class Engine {
   /**
    * A new sequence in a free slot holding everything `parent` holds: its tokens, its adapter and routing
    * decision (a prompt's gates are shared, not recomputed) and its cached keys and values, copied on the
-   * device. Beam search forks the prompt's sequence into its beams after the prefill.
+   * device. Beam search forks the prompt's sequence into its beams after the prefill; the server's n > 1
+   * choices fork it too, each with its own `sampling` (default: the parent's).
    */
-  fork(parent: Sequence): Sequence {
+  fork(parent: Sequence, sampling?: SamplingOptions): Sequence {
     if (parent.released) throw new SequenceError(`sequence ${parent.id} was released`);
+    const own = sampling === undefined ? parent.sampling : checkSampling(sampling);
     const slot = this.#cache.acquire();
     if (slot === undefined) throw new EngineError(`all ${this.#cache.shape.slots} sequence slots are in use: beam search needs one per beam`);
-    const child = new Sequence(this.#nextId++, slot, parent.ctx, parent.vocab, parent.sampling, parent.adapter);
+    const child = new Sequence(this.#nextId++, slot, parent.ctx, parent.vocab, own, parent.adapter);
     child.copyStateFrom(parent);
     this.#cache.copyPositions([{ from: parent.slot, to: slot, start: 0, end: parent.cached }]);
     if (parent.adapter) this.#users.get(parent.adapter.name)!.add(child);
@@ -456,6 +464,7 @@ export class Engine {
     this.#gatesReadback?.destroy();
     this.#candidates?.buffer.destroy();
     this.#candidates?.readback.destroy();
+    if (this.#processing) for (const b of [this.#processing.info, this.#processing.entries, this.#processing.work, this.#processing.chosen, this.#processing.chosenReadback]) b.destroy();
     if (this.#ownsDevice) this.#gpu.destroy();
   }
 
@@ -511,7 +520,10 @@ export class Engine {
       if (candidates > Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)) {
         throw new EngineError(`${candidates} beam candidates per row asked for; at most ${Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)} (and the vocabulary)`);
       }
-      const result = await this.#run(rows, outRows, settings, wantLogits, jobs, candidates);
+      const processing = this.#processingOf(outRows.map((r, i) => (finishing.get(rows[r]!.seq) === i ? rows[r]!.seq : undefined)));
+      const chosen = [...finishing.keys()].some((s) => s.wantsLogprob);
+      if (processing || chosen) this.#logitProcessing(); // throws, before the step, when the plan lacks its kernels
+      const result = await this.#run(rows, outRows, settings, wantLogits, jobs, candidates, processing, chosen);
 
       for (const job of jobs) {
         const { seq } = job;
@@ -536,7 +548,8 @@ export class Engine {
         seq.sampled++;
         const logits = seq.logits === "all" ? logitsSoFar.get(seq) : seq.logits === "last" ? [result.logits!(out)] : undefined;
         const mine = seq.candidates > 0 ? result.candidates?.(out, seq.candidates) : undefined;
-        outputs.set(seq, { token: result.tokens[out]!, ...(logits ? { logits } : {}), ...(mine ? { candidates: mine } : {}) });
+        const logprob = seq.wantsLogprob ? result.chosen?.[out] : undefined;
+        outputs.set(seq, { token: result.tokens[out]!, ...(logits ? { logits } : {}), ...(mine ? { candidates: mine } : {}), ...(logprob === undefined ? {} : { logprob }) });
       }
       waiting = waiting.filter((s) => !outputs.has(s));
     }
@@ -548,7 +561,16 @@ export class Engine {
    * then the head on `outRows` (indices into rows), sampled with `settings` (one per out row). One
    * submit; the waits are for the readbacks (tokens, and logits and gates when asked for).
    */
-  async #run(rows: readonly Row[], outRows: readonly number[], settings: readonly SamplingSettings[], wantLogits: boolean, jobs: readonly RouteJob[], candidates = 0) {
+  async #run(
+    rows: readonly Row[],
+    outRows: readonly number[],
+    settings: readonly SamplingSettings[],
+    wantLogits: boolean,
+    jobs: readonly RouteJob[],
+    candidates = 0,
+    processing?: { readonly info: Uint32Array; readonly entries: Uint32Array },
+    chosenLogprobs = false,
+  ) {
     const { device } = this.#gpu;
     const { hidden, vocab, layers } = this.plan.dims;
     const queue = device.queue;
@@ -581,8 +603,18 @@ export class Engine {
       const headInput = this.#act(this.plan.headInput);
       for (const [from, to, count] of runs(outRows)) step.copy(x, from * hidden * 4, headInput, to * hidden * 4, count * hidden * 4);
       queue.writeBuffer(this.#inputs.settings, 0, packSamplingSettings(settings));
-      for (const op of this.plan.head) this.#dispatch(op, out, 0, []);
+      for (const op of this.plan.head) {
+        // Penalties, bias and min_p write processed logits elsewhere: the raw ones stay for logprobs.
+        if (op.op === "sample" && processing) this.#sampleInput = this.#adjustLogits(processing, out);
+        this.#dispatch(op, out, 0, []);
+        this.#sampleInput = undefined;
+      }
       step.copy(this.#inputs.tokens, 0, this.#tokensReadback, 0, out * 4);
+      if (chosenLogprobs) {
+        const p = this.#logitProcessing();
+        step.dispatch(p.chosenKernel, { logits: this.#act("logits"), tokens: this.#inputs.tokens, out: p.chosen }, { rows: out });
+        step.copy(p.chosen, 0, p.chosenReadback, 0, out * 4);
+      }
       if (wantLogits) step.copy(this.#act("logits"), 0, this.#logitsStaging(), 0, out * vocab * 4);
       if (candidates > 0) {
         // Beam search needs log-probabilities, and sampling already runs on the device, so the log-softmax
@@ -603,7 +635,7 @@ export class Engine {
       gates = new Float32Array(staging.getMappedRange(0, gatesBytes).slice(0));
       staging.unmap();
     }
-    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined, gates, candidates: undefined };
+    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined, gates, candidates: undefined, chosen: undefined };
 
     await this.#tokensReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
     const tokens = new Uint32Array(this.#tokensReadback.getMappedRange(0, out * 4).slice(0));
@@ -633,7 +665,14 @@ export class Engine {
         };
       };
     }
-    return { tokens, logits, gates, candidates: picks };
+    let chosen: Float32Array | undefined;
+    if (chosenLogprobs) {
+      const { chosenReadback } = this.#logitProcessing();
+      await chosenReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
+      chosen = new Float32Array(chosenReadback.getMappedRange(0, out * 4).slice(0));
+      chosenReadback.unmap();
+    }
+    return { tokens, logits, gates, candidates: picks, chosen };
   }
 
   /**
@@ -685,7 +724,7 @@ export class Engine {
       case "swiglu":
         return step.dispatch(kernel("swiglu", op.kernel), { gate: act(op.gate), up: act(op.up), out: act(op.output) }, { n: rows * this.plan.dims.intermediate });
       case "sample":
-        return step.dispatch(kernel("sampling", op.kernel), { logits: act(op.logits), settings: this.#inputs.settings, tokens: this.#inputs.tokens }, { rows });
+        return step.dispatch(kernel("sampling", op.kernel), { logits: this.#sampleInput ?? act(op.logits), settings: this.#inputs.settings, tokens: this.#inputs.tokens }, { rows });
     }
   }
 
@@ -794,6 +833,68 @@ export class Engine {
     return this.#candidates;
   }
 
+  /** Per out row the sequence it samples for (undefined: a logits-only row): its processing, if any row has some. */
+  #processingOf(sampled: readonly (Sequence | undefined)[]): { info: Uint32Array; entries: Uint32Array } | undefined {
+    if (!sampled.some((s) => s && ((s.adjust?.size ?? 0) > 0 || s.sampling.minP > 0))) return undefined;
+    const info = new Uint32Array(sampled.length * ADJUST_ROW_WORDS);
+    const floats = new Float32Array(info.buffer);
+    let total = 0;
+    for (const s of sampled) total += s?.adjust?.size ?? 0;
+    const entries = new Uint32Array(Math.max(1, total) * ADJUST_ENTRY_WORDS);
+    let at = 0;
+    sampled.forEach((s, r) => {
+      const words = s?.adjust?.words;
+      info[r * ADJUST_ROW_WORDS] = at;
+      info[r * ADJUST_ROW_WORDS + 1] = words ? words.length / ADJUST_ENTRY_WORDS : 0;
+      floats[r * ADJUST_ROW_WORDS + 2] = s?.sampling.minP ?? 0;
+      floats[r * ADJUST_ROW_WORDS + 3] = s?.sampling.temperature ?? 0;
+      if (words) {
+        entries.set(words, at * ADJUST_ENTRY_WORDS);
+        at += words.length / ADJUST_ENTRY_WORDS;
+      }
+    });
+    return { info, entries };
+  }
+
+  /** Records the logit processing kernel for `out` rows; returns the buffer of processed logits. */
+  #adjustLogits(processing: { readonly info: Uint32Array; readonly entries: Uint32Array }, out: number): GPUBuffer {
+    const p = this.#logitProcessing();
+    const device = this.#gpu.device;
+    if (processing.entries.byteLength > p.entries.size) {
+      p.entries.destroy();
+      p.entries = createStorage(device, Math.max(processing.entries.byteLength, 2 * p.entries.size), "logit adjust entries");
+    }
+    device.queue.writeBuffer(p.info, 0, processing.info);
+    device.queue.writeBuffer(p.entries, 0, processing.entries);
+    this.#step.dispatch(p.adjustKernel, { logits: this.#act("logits"), info: p.info, entries: p.entries, work: p.work }, { rows: out });
+    return p.work;
+  }
+
+  #logitProcessing(): LogitProcessingBuffers {
+    if (!this.#processing) {
+      const device = this.#gpu.device;
+      const { vocab } = this.plan.dims;
+      const { logitAdjust, chosenLogprob } = this.plan;
+      if (logitAdjust === undefined || chosenLogprob === undefined) {
+        throw new EngineError("this plan has no logit processing kernels (penalties, logit bias, min-p, logprobs): it was compiled before they existed; recompile the package");
+      }
+      const adjustKernel = this.#kernel("logit_adjust", logitAdjust);
+      const chosenKernel = this.#kernel("chosen_logprob", chosenLogprob);
+      this.#pipelines.get(adjustKernel);
+      this.#pipelines.get(chosenKernel);
+      this.#processing = {
+        adjustKernel,
+        chosenKernel,
+        info: createStorage(device, this.maxRows * ADJUST_ROW_WORDS * 4, "logit adjust rows"),
+        entries: createStorage(device, 1024 * ADJUST_ENTRY_WORDS * 4, "logit adjust entries"),
+        work: createStorage(device, this.maxRows * vocab * 4, "processed logits"),
+        chosen: createStorage(device, this.maxRows * 4, "chosen logprobs"),
+        chosenReadback: device.createBuffer({ label: "chosen logprobs readback", size: this.maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      };
+    }
+    return this.#processing;
+  }
+
   #logitsStaging(): GPUBuffer {
     this.#logitsReadback ??= this.#gpu.device.createBuffer({
       label: "logits readback",
@@ -834,6 +935,16 @@ function foldLora(w: Float32Array, a: Float32Array, b: Float32Array, rank: numbe
     }
   }
   return out;
+}
+
+interface LogitProcessingBuffers {
+  readonly adjustKernel: KernelSource<FamilyBinding<"logit_adjust">>;
+  readonly chosenKernel: KernelSource<FamilyBinding<"chosen_logprob">>;
+  readonly info: GPUBuffer;
+  entries: GPUBuffer;
+  readonly work: GPUBuffer;
+  readonly chosen: GPUBuffer;
+  readonly chosenReadback: GPUBuffer;
 }
 
 /** Settings for out rows whose sample nobody reads (logits-only rows). */

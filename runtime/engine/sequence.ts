@@ -1,6 +1,7 @@
 // A sequence: one prompt and what has been generated after it, bound to a KV cache slot. The engine
 // advances it by running its pending tokens (those not yet in the cache); the caller appends tokens.
 import type { SamplingSettings } from "../gpu/layouts.ts";
+import type { LogitAdjust } from "./logit-adjust.ts";
 import type { ResidentAdapter } from "./tenants.ts";
 import type { LayerRouting } from "./routing.ts";
 
@@ -11,6 +12,8 @@ export interface SamplingOptions {
   readonly topK?: number;
   /** Keep the smallest most likely set with this probability mass; 1 (the default) for no limit. */
   readonly topP?: number;
+  /** Drop tokens whose probability is below minP times the most likely one's; 0 (the default) for off. */
+  readonly minP?: number;
   readonly seed?: number;
 }
 
@@ -23,12 +26,13 @@ export class SequenceError extends Error {
 }
 
 export function checkSampling(s: SamplingOptions): Required<SamplingOptions> {
-  const { temperature = 0, topK = 0, topP = 1, seed = 0 } = s;
+  const { temperature = 0, topK = 0, topP = 1, seed = 0, minP = 0 } = s;
   if (!(temperature >= 0) || !Number.isFinite(temperature)) throw new SequenceError(`temperature must be a number >= 0, got ${temperature}`);
   if (!Number.isInteger(topK) || topK < 0) throw new SequenceError(`top-k must be an integer >= 0, got ${topK}`);
   if (!(topP > 0 && topP <= 1)) throw new SequenceError(`top-p must be in (0, 1], got ${topP}`);
   if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new SequenceError(`seed must be an integer from 0 to 2^32-1, got ${seed}`);
-  return { temperature, topK, topP, seed };
+  if (!(minP >= 0 && minP <= 1)) throw new SequenceError(`min-p must be in [0, 1], got ${minP}`);
+  return { temperature, topK, topP, seed, minP };
 }
 
 export class Sequence {
@@ -45,6 +49,13 @@ export class Sequence {
    * ends this sequence's pending tokens reads back (0: none, the usual case).
    */
   candidates = 0;
+  /**
+   * Penalties and logit bias applied on the device before sampling (logit-adjust.ts); the owner updates
+   * it with each token it keeps. Not copied by copyStateFrom: each choice counts its own tokens.
+   */
+  adjust: LogitAdjust | undefined;
+  /** Whether each step also reads back the sampled token's log-probability (raw logits). */
+  wantsLogprob = false;
   /**
    * Gates of every (layer, module) (see routing.ts) once known: at creation for plain LoRA, after the
    * prompt's prefill for prompt routing; never for token routing, which routes every step.
@@ -115,6 +126,7 @@ export class Sequence {
     this.sampled = other.sampled;
     this.logits = other.logits;
     this.candidates = other.candidates;
+    this.wantsLogprob = other.wantsLogprob;
     // Gates are never written in place once known (a prompt's decision is shared by all its beams).
     this.gates = other.gates;
     this.routing.length = 0;

@@ -59,3 +59,8 @@ export const MAX_BEAM_CANDIDATES = 256;
 /** u32 words per candidate in the output buffer: token id, then the f32 log-probability. */
 export const BEAM_CANDIDATE_WORDS = 2;
 
+
+/** Logit processing (penalties, bias, min_p): u32 words per row of `info`: start, count, minP (f32), temperature (f32). */
+export const ADJUST_ROW_WORDS = 4;
+/** u32 words per entry: token, mulPos (f32), mulNeg (f32), add (f32); the transform is x' = (x > 0 ? x * mulPos : x * mulNeg) + add. */
+export const ADJUST_ENTRY_WORDS = 4;

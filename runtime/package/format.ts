@@ -166,6 +166,8 @@ export const KERNEL_FAMILIES = [
   "router_pool",
   "router_gate",
   "beam_topk",
+  "logit_adjust",
+  "chosen_logprob",
 ] as const;
 export type KernelFamily = (typeof KERNEL_FAMILIES)[number];
 
@@ -196,6 +198,8 @@ export const FAMILY_BINDINGS = {
   router_pool: ["h", "ranges", "scores?", "pooled", "params"],
   router_gate: ["x", "items", "weight", "rational?", "table", "params"],
   beam_topk: ["logits", "candidates", "params"],
+  logit_adjust: ["logits", "info", "entries", "work", "params"],
+  chosen_logprob: ["logits", "tokens", "out", "params"],
 } as const satisfies Record<KernelFamily, readonly string[]>;
 
 /** A family's binding names, `?` (optional bindings) stripped. */
@@ -237,6 +241,12 @@ export interface Plan<M extends string = string> {
   readonly router?: ManifestRouter;
   /** Beam search's log-softmax top-k over the logits (key into kernels). */
   readonly beamTopK: string;
+  /**
+   * The server's logit processing before sampling (penalties, logit_bias, min_p) and the sampled token's
+   * log-probability (keys into kernels). Absent in plans made before they existed: those serve neither.
+   */
+  readonly logitAdjust?: string;
+  readonly chosenLogprob?: string;
   readonly kernels: readonly PlanKernel[];
 }
 
@@ -439,6 +449,8 @@ const plan: Check = obj({
   routers: arr(obj({ layer: int, experts: arr(str), "score?": str, "pool?": str, gate: str })),
   "router?": anyObject,
   beamTopK: str,
+  "logitAdjust?": str,
+  "chosenLogprob?": str,
   kernels: arr(obj({ key: str, family: oneOf(KERNEL_FAMILIES), constants: anyObject })),
 });
 
@@ -542,7 +554,7 @@ export function planKernelKeys(plan: Plan): string[] {
     op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])] : [op.kernel],
   );
   const routers = plan.routers.flatMap((r) => [r.score, r.pool, r.gate].filter((k): k is string => k !== undefined));
-  return [...ops, ...routers, plan.beamTopK];
+  return [...ops, ...routers, plan.beamTopK, ...[plan.logitAdjust, plan.chosenLogprob].filter((k): k is string => k !== undefined)];
 }
 
 /** Rows per block so that one block fits `maxBindingBytes` (the whole tensor when it fits). */

@@ -1,6 +1,7 @@
 // Loading a package `milora compile` wrote: its manifest (refused when an incompatible compiler wrote
 // it), its kernels from kernels/*.wgsl, then the base checkpoint and the tenants' adapters. This is the
 // runtime entry compiled packages import as `milora/runtime`.
+import { IncrementalDetokenizer, detokenize } from "../text/detokenizer.ts";
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -183,37 +184,26 @@ export class CompiledModel<Tenant extends string> {
   async *generate(prompt: Prompt, options: GenerateOptions<Tenant> = {}): AsyncGenerator<Token> {
     if (options.beams !== undefined && options.beams !== 1) {
       const [best] = await this.generateBeams(prompt, { ...options, beams: options.beams, numReturnSequences: 1 });
-      const ids: number[] = [];
-      let shown = "";
-      for (const id of best!.ids) {
-        ids.push(id);
-        if (this.#tokenizer === undefined) {
-          yield { id };
-          continue;
-        }
-        const text = this.#tokenizer.decode(ids);
-        yield { id, text: text.slice(shown.length) };
-        shown = text;
-      }
+      const text = this.#detokenizer();
+      for (const id of best!.ids) yield text ? { id, text: text.push(id) } : { id };
       return;
     }
     const { tenant, maxTokens = DEFAULT_MAX_TOKENS, stop = this.#tokenizer?.eosIds ?? [], beams: _beams, lengthPenalty: _lp, earlyStopping: _es, ...sampling } = options;
     if (tenant !== undefined) this.#checkTenant(tenant);
     const request = { prompt: this.encode(prompt), maxTokens, sampling, stop, ...(tenant === undefined ? {} : { adapter: tenant }) };
-    const ids: number[] = [];
-    let shown = "";
+    // One token at a time through the incremental detokenizer: a character split over tokens comes out
+    // whole with the token that completes it (the server and `milora run` decode the same way).
+    // Bytes of a character the output ends inside are never text, so nothing is owed at the end.
+    const text = this.#detokenizer();
     for await (const [id] of generateSteps(this.#engine, [request])) {
       if (id === undefined) continue;
-      ids.push(id);
-      if (this.#tokenizer === undefined) {
-        yield { id };
-        continue;
-      }
-      // Decoding the whole prefix keeps multi-token characters intact; each token adds what is new.
-      const text = this.#tokenizer.decode(ids);
-      yield { id, text: text.slice(shown.length) };
-      shown = text;
+      yield text ? { id, text: text.push(id) } : { id };
     }
+  }
+
+  #detokenizer(): IncrementalDetokenizer | undefined {
+    const tokenizer = this.#tokenizer;
+    return tokenizer === undefined ? undefined : new IncrementalDetokenizer((ids) => tokenizer.decode(ids));
   }
 
   /** Beam search after `prompt`: the numReturnSequences best hypotheses (default all), best first, with scores. */
@@ -226,7 +216,7 @@ export class CompiledModel<Tenant extends string> {
     const hypotheses = result!.beams ?? [{ tokens: result!.tokens, score: result!.score ?? NaN }];
     return hypotheses.map((h) => ({
       ids: h.tokens,
-      ...(this.#tokenizer === undefined ? {} : { text: h.tokens.length > 0 ? this.#tokenizer.decode(h.tokens) : "" }),
+      ...(this.#tokenizer === undefined ? {} : { text: detokenize((ids) => this.#tokenizer!.decode(ids), h.tokens) }),
       score: h.score,
     }));
   }

@@ -23,6 +23,24 @@ export interface AdapterHost {
   add(adapter: LoadedAdapter): void | Promise<void>;
   /** Frees an adapter (by instance key) no sequence uses any more. */
   remove(name: string): void;
+  /** The engine's adapter slot a resident instance occupies, when the host tells. */
+  slotOf?(key: string): number | undefined;
+}
+
+/** What GET /v1/adapters says of one registered adapter. */
+export interface AdapterInfo {
+  readonly id: string;
+  readonly object: "adapter";
+  readonly resident: boolean;
+  readonly loading: boolean;
+  /** The engine's adapter slot while resident, else null. */
+  readonly slot: number | null;
+  /** Sequences using it now. */
+  readonly running: number;
+  /** Unix seconds of the last request for it (null: none since it was registered). */
+  readonly last_used: number | null;
+  /** Whether its router runs once on the prompt (MiLoRA), once known. */
+  readonly prompt_routed: boolean;
 }
 
 /**
@@ -77,6 +95,8 @@ interface Entry {
   pins: number;
   /** Use counter at its last acquire: the LRU order. */
   lastUsed: number;
+  /** Date.now() at its last acquire (0: never). */
+  lastUsedAt: number;
   /** Unregistered while in use: removed when the last pin goes. */
   retired: boolean;
   /** Whether its router runs once on the whole prompt (known once it has loaded). */
@@ -128,7 +148,7 @@ export class AdapterPool implements AdapterResidency {
     if (this.#closed) throw new CheckpointError("the adapter pool is closed");
     if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new CheckpointError(`no adapter directory ${dir}`);
     const key = this.#entries.has(name) ? `${name}#${++this.#instances + 1}` : name;
-    const entry: Entry = { name, dir, root: options.root, spec: this.#opts.specOf?.(name), resident: false, pins: 0, lastUsed: 0, retired: false, promptRouted: false };
+    const entry: Entry = { name, dir, root: options.root, spec: this.#opts.specOf?.(name), resident: false, pins: 0, lastUsed: 0, lastUsedAt: 0, retired: false, promptRouted: false };
     this.#entries.set(key, entry);
     this.#current.set(name, key);
     try {
@@ -170,6 +190,29 @@ export class AdapterPool implements AdapterResidency {
     return [...this.#current.keys()];
   }
 
+  /** The directory an adapter was registered from. */
+  dirOf(name: string): string | undefined {
+    const key = this.#current.get(name);
+    return key === undefined ? undefined : this.#entries.get(key)?.dir;
+  }
+
+  /** Every registered adapter, in registration order, with its residency. */
+  list(): AdapterInfo[] {
+    return [...this.#current].map(([name, key]) => {
+      const e = this.#entries.get(key)!;
+      return {
+        id: name,
+        object: "adapter" as const,
+        resident: e.resident,
+        loading: !e.resident && e.loading !== undefined,
+        slot: e.resident ? (this.#opts.host.slotOf?.(key) ?? null) : null,
+        running: e.pins,
+        last_used: e.lastUsedAt === 0 ? null : Math.floor(e.lastUsedAt / 1000),
+        prompt_routed: e.promptRouted,
+      };
+    });
+  }
+
   /** Keys of the resident instances (draining ones included). */
   residentNames(): string[] {
     return [...this.#entries].filter(([, e]) => e.resident).map(([k]) => k);
@@ -185,6 +228,7 @@ export class AdapterPool implements AdapterResidency {
     if (!entry || entry.retired) throw new UnknownAdapterError(`no adapter named ${entry?.name ?? key}`);
     entry.pins++;
     entry.lastUsed = ++this.#clock;
+    entry.lastUsedAt = Date.now();
     try {
       while (!entry.resident) {
         if (this.#closed) throw new CheckpointError(`adapter ${entry.name}: the server is shutting down`);

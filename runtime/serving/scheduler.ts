@@ -2,6 +2,7 @@
 // the next step (their routing computed once, there) and then decode with everyone else, one token per
 // step, leaving the batch the moment they finish, stop or their client goes away. Admission is fair
 // across tenants: the tenant with the fewest running sequences goes first, ties by who waited longest.
+import { LogitAdjust, penaltiesActive, type PenaltySettings } from "../engine/logit-adjust.ts";
 import type { LayerRouting } from "../engine/routing.ts";
 import type { Sequence, SamplingOptions } from "../engine/sequence.ts";
 
@@ -10,9 +11,33 @@ export interface StepEngine {
   /** A new sequence in a free KV cache slot; throws when the prompt or sampling options are bad. */
   createSequence(prompt: readonly number[], options: { readonly sampling?: SamplingOptions; readonly adapter?: string }): Sequence;
   /** Runs every pending token of `seqs` in shared steps; returns the token sampled after each. */
-  prefill(seqs: readonly Sequence[]): Promise<Map<Sequence, { readonly token: number }>>;
+  prefill(seqs: readonly Sequence[]): Promise<Map<Sequence, StepResult>>;
+  /**
+   * A new sequence in a free slot holding everything `parent` holds (tokens, routing decision, cached
+   * keys and values, copied on the device), sampling with `sampling`: how n > 1 choices share a prompt.
+   */
+  fork?(parent: Sequence, sampling?: SamplingOptions): Sequence;
   /** Ends a sequence and frees its slot. */
   release(seq: Sequence): void;
+}
+
+/** What one step gives back for a sequence: the token, and with logprobs asked for, their values. */
+export interface StepResult {
+  readonly token: number;
+  /** The most likely next tokens with their log-probabilities (the sequence's `candidates` count). */
+  readonly candidates?: { readonly tokens: ArrayLike<number>; readonly logprobs: ArrayLike<number> };
+  /** The sampled token's log-probability under the model's distribution, when asked for. */
+  readonly logprob?: number;
+}
+
+/** Per generated token, what onToken learns besides the token. */
+export interface TokenInfo {
+  /** Which of the request's n choices the token belongs to (0 when n is 1). */
+  readonly choice: number;
+  /** The token's log-probability (model distribution before penalties, bias and temperature), with `logprobs`. */
+  readonly logprob?: number;
+  /** The `logprobs` most likely tokens at this position, largest first, with `logprobs` > 0. */
+  readonly top?: readonly { readonly token: number; readonly logprob: number }[];
 }
 
 /** Keeps an adapter resident while sequences use it (AdapterPool implements it). */
@@ -43,6 +68,15 @@ export interface GenerationRequest {
   readonly prompt: readonly number[];
   readonly maxTokens: number;
   readonly sampling?: SamplingOptions;
+  /**
+   * Parallel choices of one prompt (default 1): the prompt is prefilled once, its routing decision made
+   * once, and the other n - 1 choices fork its KV cache on the device; choice i samples with seed + i.
+   */
+  readonly n?: number;
+  /** Repetition, frequency and presence penalties and logit bias, applied on the device (per choice). */
+  readonly penalties?: PenaltySettings;
+  /** Per token, the sampled token's log-probability and this many of the most likely (0 for only the sampled one's). */
+  readonly logprobs?: number;
   /** Token ids that end generation (kept in the output). */
   readonly stopTokens?: readonly number[];
   /**
@@ -50,7 +84,7 @@ export interface GenerationRequest {
    * with the first token; a token-routed adapter's with every token). Returning "stop" ends the
    * generation there (a stop string).
    */
-  readonly onToken?: (token: number, routing: readonly LayerRouting[]) => "stop" | void;
+  readonly onToken?: (token: number, routing: readonly LayerRouting[], info: TokenInfo) => "stop" | void;
   /** Aborting it (a client disconnecting) ends the request and frees its slot at the next step. */
   readonly signal?: AbortSignal;
 }
@@ -66,7 +100,14 @@ export interface GenerationResult {
   /** Milliseconds from submit to the first generated token, and from it to the last. */
   readonly timeToFirstTokenMs: number;
   readonly decodeMs: number;
+  /** Milliseconds the request waited for a slot (and its adapter). */
+  readonly queueMs: number;
+  /** Every choice's result, choice 0 first (the result itself, whose fields are choice 0's). */
+  readonly choices: readonly ChoiceResult[];
 }
+
+/** One choice of a request. */
+export type ChoiceResult = Omit<GenerationResult, "choices">;
 
 /** The queue is full: the caller should retry after `retryAfterSeconds`. */
 export class QueueFullError extends Error {
@@ -104,6 +145,10 @@ export interface SchedulerStats {
 
 interface Job {
   readonly request: GenerationRequest;
+  /** The choice this job computes (0 for the request's own job; forks carry 1..n-1). */
+  readonly choice: number;
+  /** The request's choices, shared by its jobs; the request's promise settles once all are done. */
+  readonly group: Group;
   readonly submitted: number;
   readonly tokens: number[];
   readonly resolve: (r: GenerationResult) => void;
@@ -116,6 +161,16 @@ interface Job {
   routingSent: number;
   /** Whether it holds an adapter pin to give back. */
   pinned: boolean;
+  /** When it got its slot. */
+  admittedAt?: number;
+}
+
+interface Group {
+  readonly n: number;
+  readonly results: (ChoiceResult | undefined)[];
+  /** Choices still running or not yet forked. */
+  open: number;
+  failed: boolean;
 }
 
 const RATE_WINDOW_MS = 5000;
@@ -134,6 +189,7 @@ export class Scheduler {
   #generated = 0;
   #rejected = 0;
   #draining = false;
+  readonly #roots = new WeakMap<Group, Job>();
   #loop: Promise<void> | undefined;
   /** Average milliseconds a request holds a slot, for Retry-After. */
   #meanServiceMs = 1000;
@@ -153,6 +209,10 @@ export class Scheduler {
     const { prompt, maxTokens } = request;
     if (prompt.length === 0) throw new RequestError("the prompt has no tokens");
     if (!Number.isInteger(maxTokens) || maxTokens < 1) throw new RequestError(`max_tokens must be an integer >= 1, got ${maxTokens}`);
+    const n = request.n ?? 1;
+    if (!Number.isInteger(n) || n < 1) throw new RequestError(`n must be an integer >= 1, got ${n}`);
+    if (n > this.#opts.slots) throw new RequestError(`n = ${n} choices need ${n} sequence slots at once; this server has ${this.#opts.slots}`);
+    if (n > 1 && !this.#opts.engine.fork) throw new RequestError("this engine cannot fork sequences: n must be 1");
     if (prompt.length >= this.#opts.ctx) {
       throw new RequestError(`the prompt has ${prompt.length} tokens; this server's context holds ${this.#opts.ctx} positions, prompt and output together`);
     }
@@ -162,7 +222,9 @@ export class Scheduler {
       throw new QueueFullError(this.#retryAfterSeconds());
     }
     return new Promise<GenerationResult>((resolve, reject) => {
-      const job: Job = { request, submitted: performance.now(), tokens: [], resolve, reject, ready: request.adapter === undefined, pinned: false, routingSent: 0 };
+      const group: Group = { n, results: [], open: n, failed: false };
+      const job: Job = { request, choice: 0, group, submitted: performance.now(), tokens: [], resolve, reject, ready: request.adapter === undefined, pinned: false, routingSent: 0 };
+      this.#roots.set(group, job);
       this.#waiting.push(job);
       request.signal?.addEventListener("abort", () => this.#cancelWaiting(job), { once: true });
       if (!job.ready) this.#pinAdapter(job);
@@ -258,7 +320,7 @@ export class Scheduler {
       if (batch.length === 0) return;
       // Decoders go first: when the rows run out, a long prompt's prefill is what gets chunked.
       const seqs = [...batch.filter((j) => !joining.includes(j)), ...joining].map((j) => j.seq!);
-      let outputs: Map<Sequence, { readonly token: number }>;
+      let outputs: Map<Sequence, StepResult>;
       try {
         outputs = await this.#opts.engine.prefill(seqs);
       } catch (e) {
@@ -269,7 +331,8 @@ export class Scheduler {
       this.#batchSize = batch.length;
       const now = performance.now();
       this.#recentSteps.push({ at: now, tokens: batch.length });
-      for (const job of batch) this.#accept(job, outputs.get(job.seq!)!.token, now);
+      for (const job of joining) if (job.group.n > 1 && job.choice === 0) this.#forkChoices(job);
+      for (const job of batch) this.#accept(job, outputs.get(job.seq!)!, now);
     }
   }
 
@@ -279,6 +342,8 @@ export class Scheduler {
     while (this.#running.size < this.#opts.slots) {
       const job = this.#nextFair();
       if (!job) break;
+      // Its n choices fork into slots of their own right after the prefill: they must be free now.
+      if (this.#running.size + job.group.n > this.#opts.slots) break;
       this.#waiting.splice(this.#waiting.indexOf(job), 1);
       const { request } = job;
       try {
@@ -286,11 +351,13 @@ export class Scheduler {
           ...(request.sampling ? { sampling: request.sampling } : {}),
           ...(request.adapter === undefined ? {} : { adapter: request.adapter }),
         });
+        this.#equip(job.seq, request);
       } catch (e) {
         this.#fail(job, e);
         continue;
       }
       this.#lastAdmitted.set(request.tenant, ++this.#admissions);
+      job.admittedAt = performance.now();
       this.#running.add(job);
       joined.push(job);
     }
@@ -312,9 +379,77 @@ export class Scheduler {
     return best;
   }
 
+  /**
+   * After a request's prefill (its prompt's keys, values and routing decision now cached), its other
+   * choices fork its sequence into the slots reserved at admission. Each re-runs the prompt's last
+   * token (its keys and values are rewritten, the same) so that it samples its own first token.
+   */
+  #forkChoices(parent: Job): void {
+    const { request } = parent;
+    const seq = parent.seq!;
+    const seed = request.sampling?.seed ?? 0;
+    const last = seq.cached - 1;
+    for (let choice = 1; choice < parent.group.n; choice++) {
+      const job: Job = {
+        request,
+        choice,
+        group: parent.group,
+        submitted: parent.submitted,
+        tokens: [],
+        resolve: () => undefined,
+        reject: () => undefined,
+        ready: true,
+        pinned: false,
+        routingSent: 0,
+        ...(parent.admittedAt === undefined ? {} : { admittedAt: parent.admittedAt }),
+      };
+      try {
+        const child = this.#opts.engine.fork!(seq, { ...request.sampling, seed: (seed + choice) >>> 0 });
+        child.cached = last;
+        // It samples the parent's first position again, with its own seed: the same step as the parent's draw there.
+        child.sampled = seq.sampled - 1;
+        // A token-routed adapter routes the re-run position again; a prompt's decision is kept as it is.
+        if (child.gates === undefined) {
+          const kept = child.routing.filter((d) => d.position !== last);
+          child.routing.length = 0;
+          child.routing.push(...kept);
+        }
+        this.#equip(child, request);
+        job.seq = child;
+      } catch (e) {
+        this.#fail(job, e);
+        continue;
+      }
+      // Its adapter pin is the parent's: one per request would be released early, so each choice takes one.
+      if (request.adapter !== undefined && this.#opts.adapters) {
+        const adapters = this.#opts.adapters;
+        const name = request.adapter;
+        adapters.acquire(name).then(
+          () => {
+            if (this.#running.has(job)) job.pinned = true;
+            else adapters.release(name);
+          },
+          () => undefined,
+        );
+      }
+      job.routingSent = job.seq.routing.length;
+      this.#running.add(job);
+    }
+  }
+
+  /** What a sequence needs beyond its sampling: logprobs read back, penalty and bias entries. */
+  #equip(seq: Sequence, request: GenerationRequest): void {
+    if (request.logprobs !== undefined) {
+      seq.wantsLogprob = true;
+      seq.candidates = request.logprobs;
+    }
+    seq.adjust = request.penalties && penaltiesActive(request.penalties) ? new LogitAdjust(request.prompt, request.penalties) : undefined;
+  }
+
   /** Records a generated token; the sequence either takes it as its next input or leaves. */
-  #accept(job: Job, token: number, now: number): void {
+  #accept(job: Job, output: StepResult, now: number): void {
     const { request } = job;
+    const token = output.token;
     job.tokens.push(token);
     job.firstTokenAt ??= now;
     this.#generated++;
@@ -322,7 +457,7 @@ export class Scheduler {
     let verdict: "stop" | void;
     try {
       const routing = job.seq!.routing;
-      verdict = request.onToken?.(token, routing.slice(job.routingSent));
+      verdict = request.onToken?.(token, routing.slice(job.routingSent), tokenInfo(job.choice, request.logprobs, output));
       job.routingSent = routing.length;
     } catch (e) {
       this.#fail(job, e);
@@ -332,7 +467,10 @@ export class Scheduler {
     else if (verdict === "stop" || request.stopTokens?.includes(token)) this.#finish(job, "stop");
     else if (job.tokens.length >= request.maxTokens) this.#finish(job, "length");
     else if (!job.seq!.fits(1)) this.#finish(job, "context");
-    else job.seq!.append([token]);
+    else {
+      job.seq!.adjust?.observe(token);
+      job.seq!.append([token]);
+    }
   }
 
   /** Takes a job out of the batch, if it is in it: frees its slot and its adapter pin. */
@@ -347,7 +485,12 @@ export class Scheduler {
   #fail(job: Job, error: unknown): void {
     this.#leave(job);
     this.#count(job.request.tenant, "error");
-    job.reject(error);
+    const { group } = job;
+    if (group.failed) return;
+    group.failed = true;
+    // A request fails as a whole: its other choices stop at the next step.
+    for (const other of this.#running) if (other.group === group) this.#leave(other);
+    this.#root(group)?.reject(error);
   }
 
   #finish(job: Job, finish: FinishReason): void {
@@ -355,13 +498,34 @@ export class Scheduler {
     this.#count(job.request.tenant, finish);
     const now = performance.now();
     const first = job.firstTokenAt;
-    job.resolve({
+    const { group } = job;
+    if (group.failed) return;
+    group.results[job.choice] = {
       tokens: job.tokens,
       finish,
       routing: [...(job.seq?.routing ?? [])],
       timeToFirstTokenMs: first === undefined ? NaN : first - job.submitted,
       decodeMs: first === undefined ? 0 : now - first,
-    });
+      queueMs: (job.admittedAt ?? now) - job.submitted,
+    };
+    // A request cancelled before its prefill never forked: its other choices end with it.
+    if (job.choice === 0 && (finish === "cancelled" || job.seq === undefined || job.tokens.length === 0) && !this.#hasForks(group)) {
+      for (let i = 1; i < group.n; i++) group.results[i] ??= { ...group.results[0]!, tokens: [] };
+      group.open = 1;
+    }
+    if (--group.open > 0) return;
+    const choices = group.results.map((r) => r!);
+    this.#root(group)?.resolve({ ...choices[0]!, choices });
+  }
+
+  /** The job that holds the request's promise (choice 0); its resolve is kept on the group's first job. */
+  #root(group: Group): Job | undefined {
+    return this.#roots.get(group);
+  }
+
+  #hasForks(group: Group): boolean {
+    for (const j of this.#running) if (j.group === group && j.choice > 0) return true;
+    return group.results.some((r, i) => i > 0 && r !== undefined);
   }
 
   #count(tenant: string, outcome: FinishReason | "error"): void {
@@ -374,4 +538,15 @@ export class Scheduler {
     if (!t) this.#tenants.set(name, (t = { finished: {}, tokens: 0 }));
     return t;
   }
+}
+
+function tokenInfo(choice: number, logprobs: number | undefined, output: StepResult): TokenInfo {
+  if (logprobs === undefined) return { choice };
+  const c = output.candidates;
+  const top = c ? Array.from({ length: Math.min(logprobs, c.tokens.length) }, (_, i) => ({ token: c.tokens[i]!, logprob: c.logprobs[i]! })) : [];
+  let logprob = output.logprob;
+  if (logprob === undefined && c) {
+    for (let i = 0; i < c.tokens.length; i++) if (c.tokens[i] === output.token) logprob = c.logprobs[i];
+  }
+  return { choice, ...(logprob === undefined ? {} : { logprob }), ...(logprobs > 0 ? { top } : {}) };
 }

@@ -5,7 +5,7 @@ import { randomInt, randomUUID } from "node:crypto";
 import type { ServerResponse } from "node:http";
 import { AdapterReadTimeoutError, type AdapterPool } from "../adapter-pool.ts";
 import type { LayerRouting } from "../../engine/routing.ts";
-import { DrainingError, QueueFullError, RequestError, type FinishReason, type GenerationResult, type Scheduler } from "../scheduler.ts";
+import { DrainingError, QueueFullError, RequestError, type FinishReason, type GenerationResult, type Scheduler, type TokenInfo } from "../scheduler.ts";
 import type { Tokenizer } from "../../text/tokenizer.ts";
 import type { ChatTemplate } from "./chat-template.ts";
 import { ApiError, badRequest, contextTooLong, notFound } from "./errors.ts";
@@ -24,6 +24,8 @@ export interface ServedModel {
   /** Absent when the directory has no tokenizer.json: prompts must then be token ids. */
   readonly tokenizer?: Tokenizer;
   readonly chatTemplate?: ChatTemplate;
+  /** An adapter's own chat template (its directory has one), used for requests naming it instead of the base's. */
+  readonly adapterChatTemplate?: (adapter: string) => ChatTemplate | undefined;
   /**
    * The longest prompt a prompt-routed (MiLoRA) adapter takes: its routers pool over the whole prompt,
    * so the engine prefills it in one step, of at most this many rows (the engine's maxBatchRows).
@@ -41,32 +43,57 @@ interface Prepared {
   readonly adapterKey: string | undefined;
   readonly prompt: readonly number[];
   readonly maxTokens: number;
+  /** The prompt's text when the completion echoes it, else "". */
+  readonly echo: string;
 }
 
-export async function handleGeneration(kind: Kind, body: unknown, res: ServerResponse, model: ServedModel): Promise<void> {
-  const { params, adapter, adapterKey, prompt, maxTokens } = await prepare(kind, body, model);
+export async function handleGeneration(kind: Kind, body: unknown, res: ServerResponse, model: ServedModel, log?: RequestLog): Promise<void> {
+  const { params, adapter, adapterKey, prompt, maxTokens, echo } = await prepare(kind, body, model);
+  if (log) log.model = params.model;
   const tokenizer = model.tokenizer;
-  const text = new TextStream((ids) => tokenizer?.decode(ids) ?? "", params.stop);
+  const decode = (ids: readonly number[]) => tokenizer?.decode(ids) ?? "";
   const id = `${kind === "chat" ? "chatcmpl" : "cmpl"}-${randomUUID()}`;
   const created = Math.floor(Date.now() / 1000);
   const abort = new AbortController();
   res.on("close", () => {
     if (!res.writableFinished) abort.abort();
   });
-  let whole = "";
-  let onDelta: (delta: string, token: number, routing: readonly LayerRouting[]) => void = (delta) => (whole += delta);
+  const stopIds = new Set(params.stopTokenIds);
+  const eos = params.ignoreEos ? [] : (tokenizer?.eosIds ?? []);
+  const choices: Choice[] = Array.from({ length: params.n }, (_, index) => ({
+    index,
+    text: new TextStream(decode, params.stop, { includeStop: params.includeStopStrInOutput }),
+    whole: echo,
+    offset: echo.length,
+    logprobs: [],
+    stopToken: undefined,
+  }));
+  // The stream's writer once headers are out; before that, pieces gather in each choice.
+  let onPiece: ((c: Choice, delta: string, token: number, routing: readonly LayerRouting[], lp: LogprobEntry | undefined) => void) | undefined;
   let result: Promise<GenerationResult>;
+  const seed = params.seed ?? randomInt(0x100000000);
   try {
     result = model.scheduler.submit({
       tenant: params.model,
       ...(adapterKey === undefined ? {} : { adapter: adapterKey }),
       prompt,
       maxTokens,
-      sampling: { temperature: params.temperature, topP: params.topP, seed: params.seed ?? randomInt(0x100000000) },
-      stopTokens: params.ignoreEos ? [] : (tokenizer?.eosIds ?? []),
-      onToken: (token, routing) => {
-        const step = text.push(token);
-        onDelta(step.delta, token, routing);
+      n: params.n,
+      sampling: { temperature: params.temperature, topP: params.topP, topK: params.topK, minP: params.minP, seed },
+      penalties: { presence: params.presencePenalty, frequency: params.frequencyPenalty, repetition: params.repetitionPenalty, bias: params.logitBias },
+      ...(params.logprobs === undefined ? {} : { logprobs: params.logprobs }),
+      stopTokens: [...eos, ...stopIds],
+      onToken: (token, routing, info) => {
+        const c = choices[info.choice]!;
+        // A stop token id ends the choice; its text stays out unless include_stop_str_in_output.
+        const isStopId = stopIds.has(token) && !eos.includes(token);
+        if (isStopId) c.stopToken = token;
+        const step = isStopId && !params.includeStopStrInOutput ? { delta: "", stopped: false } : c.text.push(token);
+        const lp = info.logprob === undefined ? undefined : logprobEntry(decode, token, info.logprob, info.top);
+        if (lp) c.logprobs.push({ ...lp, offset: c.offset });
+        c.offset += step.delta.length;
+        if (onPiece) onPiece(c, step.delta, token, routing, lp);
+        else c.whole += step.delta;
         return step.stopped ? "stop" : undefined;
       },
       signal: abort.signal,
@@ -74,7 +101,7 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
   } catch (e) {
     throw schedulerError(e);
   }
-  const shape = { kind, id, created, model: params.model, adapter };
+  const shape = { kind, id, created, model: params.model, adapter, includeUsage: params.includeUsage };
   if (!params.stream) {
     let done: GenerationResult;
     try {
@@ -82,19 +109,24 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
     } catch (e) {
       throw generationError(e);
     }
+    log?.onResult?.(prompt.length, done);
     if (done.finish === "cancelled") return;
-    sendJson(res, 200, finalBody(shape, prompt, done, whole + text.flush()));
+    for (const c of choices) c.whole += c.text.flush();
+    if (log) log.tokens = { prompt: prompt.length, completion: completionTokens(done) };
+    sendJson(res, 200, finalBody(shape, prompt, done, choices, params.logprobs));
     return;
   }
 
   res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", connection: "keep-alive" });
   res.flushHeaders();
-  let first = true;
   const send = (data: unknown) => res.write(`data: ${JSON.stringify(data)}\n\n`);
-  onDelta = (delta, token, routing) => {
-    send(chunk(shape, delta, first, null, [token], routing));
-    first = false;
+  const started = new Set<number>();
+  onPiece = (c, delta, token, routing, lp) => {
+    const first = !started.has(c.index);
+    started.add(c.index);
+    send(chunk(shape, c.index, (first ? echo : "") + delta, first, null, null, [token], routing, lp ? logprobsOf(kind, [{ ...lp, offset: c.offset - delta.length }]) : null));
   };
+  // Choices that generated before the headers went out (none: the scheduler runs after this tick).
   let done: GenerationResult;
   try {
     done = await result;
@@ -104,10 +136,79 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
     res.end();
     return;
   }
+  log?.onResult?.(prompt.length, done);
   if (done.finish === "cancelled") return;
-  send(chunk(shape, text.flush(), first, finishReason(done.finish), [], []));
+  for (const c of choices) {
+    const r = done.choices[c.index]!;
+    const first = !started.has(c.index);
+    send(chunk(shape, c.index, (first ? echo : "") + c.text.flush(), first, finishReason(r.finish), stopReason(c), [], [], null));
+  }
   if (params.includeUsage) send({ ...chunkHead(shape), choices: [], usage: usage(prompt, done) });
+  if (log) log.tokens = { prompt: prompt.length, completion: completionTokens(done) };
   res.end("data: [DONE]\n\n");
+}
+
+/** What the access log line of a request says (the server fills in the rest). */
+export interface RequestLog {
+  model?: string;
+  tokens?: { readonly prompt: number; readonly completion: number };
+  /** Told of every generation that ran (metrics). */
+  onResult?: (promptTokens: number, done: GenerationResult) => void;
+}
+
+interface LogprobEntry {
+  readonly token: number;
+  readonly text: string;
+  readonly logprob: number;
+  readonly top: readonly { readonly token: number; readonly text: string; readonly logprob: number }[] | undefined;
+  /** Characters of the choice's text before this token's. */
+  readonly offset: number;
+}
+
+interface Choice {
+  readonly index: number;
+  readonly text: TextStream;
+  whole: string;
+  offset: number;
+  readonly logprobs: LogprobEntry[];
+  stopToken: number | undefined;
+}
+
+function logprobEntry(decode: (ids: readonly number[]) => string, token: number, logprob: number, top: TokenInfo["top"]): LogprobEntry {
+  return {
+    token,
+    text: decode([token]),
+    logprob,
+    top: top?.map((t) => ({ token: t.token, text: decode([t.token]), logprob: t.logprob })),
+    offset: 0,
+  };
+}
+
+/** OpenAI's logprobs objects: the completions API's parallel arrays, or the chat API's content list. */
+function logprobsOf(kind: Kind, entries: readonly LogprobEntry[]) {
+  if (kind === "chat") {
+    const bytes = (t: string) => [...Buffer.from(t, "utf8")];
+    return {
+      content: entries.map((e) => ({
+        token: e.text,
+        logprob: e.logprob,
+        bytes: bytes(e.text),
+        top_logprobs: (e.top ?? []).map((t) => ({ token: t.text, logprob: t.logprob, bytes: bytes(t.text) })),
+      })),
+      refusal: null,
+    };
+  }
+  return {
+    tokens: entries.map((e) => e.text),
+    token_logprobs: entries.map((e) => e.logprob),
+    // Two tokens may decode to the same text: the more likely one's value is kept, as a map must.
+    top_logprobs: entries.map((e) => (e.top ? Object.fromEntries([...e.top].reverse().map((t) => [t.text, t.logprob])) : null)),
+    text_offset: entries.map((e) => e.offset),
+  };
+}
+
+function completionTokens(done: GenerationResult): number {
+  return done.choices.reduce((n, c) => n + c.tokens.length, 0);
 }
 
 async function prepare(kind: Kind, body: unknown, model: ServedModel): Promise<Prepared> {
@@ -136,10 +237,16 @@ async function prepare(kind: Kind, body: unknown, model: ServedModel): Promise<P
   };
   let prompt: readonly number[];
   if ("messages" in params) {
-    if (!tokenizer || !model.chatTemplate) throw badRequest("this model has no chat template (tokenizer_config.json's chat_template): use /v1/completions", "messages");
+    const template = (adapter === undefined ? undefined : model.adapterChatTemplate?.(adapter)) ?? model.chatTemplate;
+    if (!tokenizer || !template) {
+      throw badRequest(
+        "this model has no chat template (none of chat_template.jinja, chat_template.json or tokenizer_config.json's chat_template; the server takes --chat-template FILE): use /v1/completions",
+        "messages",
+      );
+    }
     let rendered: string;
     try {
-      rendered = model.chatTemplate.render(params.messages);
+      rendered = template.render(params.messages);
     } catch (e) {
       throw badRequest(`the chat template cannot render these messages: ${(e as Error).message}`, "messages");
     }
@@ -174,7 +281,15 @@ async function prepare(kind: Kind, body: unknown, model: ServedModel): Promise<P
       "prompt_too_long_for_routing",
     );
   }
-  return { params, adapter, adapterKey, prompt, maxTokens };
+  for (const [field, ids] of [["logit_bias", [...params.logitBias.keys()]], ["stop_token_ids", params.stopTokenIds]] as const) {
+    const bad = ids.find((t) => t >= model.vocabSize);
+    if (bad !== undefined) throw badRequest(`\`${field}\`: token id ${bad} is outside the vocabulary (0..${model.vocabSize - 1})`, field);
+  }
+  if (params.n > 1 && params.n > model.scheduler.stats().slots) {
+    throw badRequest(`\`n\` = ${params.n} choices run side by side, one sequence slot each; this server has ${model.scheduler.stats().slots} (--slots)`, "n");
+  }
+  const echo = "echo" in params && params.echo ? (typeof params.prompt === "string" ? params.prompt : (tokenizer?.decode(prompt) ?? "")) : "";
+  return { params, adapter, adapterKey, prompt, maxTokens, echo };
 }
 
 /** A generation that failed after it was queued: client-caused failures as 4xx, the rest as they are. */
@@ -199,45 +314,67 @@ interface Shape {
   readonly created: number;
   readonly model: string;
   readonly adapter: string | undefined;
+  readonly includeUsage: boolean;
 }
 
 function chunkHead(s: Shape) {
   return { id: s.id, object: s.kind === "chat" ? "chat.completion.chunk" : "text_completion", created: s.created, model: s.model };
 }
 
-function chunk(s: Shape, delta: string, first: boolean, finish: string | null, tokens: readonly number[], routing: readonly LayerRouting[]) {
+function chunk(
+  s: Shape,
+  index: number,
+  delta: string,
+  first: boolean,
+  finish: string | null,
+  stop: string | number | null,
+  tokens: readonly number[],
+  routing: readonly LayerRouting[],
+  logprobs: unknown,
+) {
   const choice =
     s.kind === "chat"
-      ? { index: 0, delta: { ...(first ? { role: "assistant" } : {}), content: delta }, logprobs: null, finish_reason: finish }
-      : { index: 0, text: delta, logprobs: null, finish_reason: finish };
-  return { ...chunkHead(s), choices: [choice], milora: { adapter: s.adapter ?? null, token_ids: tokens, routing } };
+      ? { index, delta: { ...(first ? { role: "assistant" } : {}), content: delta }, logprobs, finish_reason: finish, ...(finish ? { stop_reason: stop } : {}) }
+      : { index, text: delta, logprobs, finish_reason: finish, ...(finish ? { stop_reason: stop } : {}) };
+  // With include_usage, every chunk before the last carries usage: null (OpenAI's stream format).
+  return { ...chunkHead(s), choices: [choice], ...(s.includeUsage ? { usage: null } : {}), milora: { adapter: s.adapter ?? null, token_ids: tokens, routing } };
 }
 
-function finalBody(s: Shape, prompt: readonly number[], done: GenerationResult, text: string) {
-  const finish = finishReason(done.finish);
-  const choice =
-    s.kind === "chat"
-      ? { index: 0, message: { role: "assistant", content: text }, logprobs: null, finish_reason: finish }
-      : { index: 0, text, logprobs: null, finish_reason: finish };
+function finalBody(s: Shape, prompt: readonly number[], done: GenerationResult, choices: readonly Choice[], logprobs: number | undefined) {
+  const body = choices.map((c) => {
+    const r = done.choices[c.index]!;
+    const finish = finishReason(r.finish);
+    const lp = logprobs === undefined ? null : logprobsOf(s.kind, c.logprobs);
+    return s.kind === "chat"
+      ? { index: c.index, message: { role: "assistant", content: c.whole, refusal: null, tool_calls: [] }, logprobs: lp, finish_reason: finish, stop_reason: stopReason(c) }
+      : { index: c.index, text: c.whole, logprobs: lp, finish_reason: finish, stop_reason: stopReason(c) };
+  });
   return {
     id: s.id,
     object: s.kind === "chat" ? "chat.completion" : "text_completion",
     created: s.created,
     model: s.model,
-    choices: [choice],
+    choices: body,
     usage: usage(prompt, done),
     milora: {
       adapter: s.adapter ?? null,
       prompt_token_ids: prompt,
       token_ids: done.tokens,
+      ...(done.choices.length > 1 ? { choices: done.choices.map((c, index) => ({ index, token_ids: c.tokens })) } : {}),
       routing: done.routing,
       time_to_first_token_ms: done.timeToFirstTokenMs,
     },
   };
 }
 
+/** vLLM's stop_reason: the stop string or stop token id that ended a choice, else null. */
+function stopReason(c: Choice): string | number | null {
+  return c.text.stopString ?? c.stopToken ?? null;
+}
+
 function usage(prompt: readonly number[], done: GenerationResult) {
-  return { prompt_tokens: prompt.length, completion_tokens: done.tokens.length, total_tokens: prompt.length + done.tokens.length };
+  const completion = completionTokens(done);
+  return { prompt_tokens: prompt.length, completion_tokens: completion, total_tokens: prompt.length + completion };
 }
 
 /** OpenAI's finish reasons: a full context is a length limit too. */

@@ -12,9 +12,10 @@ import { AdapterReadTimeoutError, UnknownAdapterError } from "../adapter-pool.ts
 import { AdapterStoreError } from "../../engine/tenants.ts";
 import { EngineError } from "../../engine/engine.ts";
 import { CheckpointError } from "../../formats/safetensors.ts";
-import { handleGeneration, sendJson, type ServedModel } from "./completions.ts";
+import { handleGeneration, sendJson, type RequestLog, type ServedModel } from "./completions.ts";
+import { accessLogFor, corsHeaders, extraRoutes, type ExtraHost } from "./routes.ts";
 import { ApiError, badRequest, notFound, tooLarge } from "./errors.ts";
-import { METRICS_CONTENT_TYPE, renderMetrics } from "./metrics.ts";
+import { METRICS_CONTENT_TYPE, ServerMetrics } from "./metrics.ts";
 import { Dashboard, pageKey, pageUnauthorized } from "../ui/dashboard.ts";
 
 export interface ServerOptions {
@@ -37,6 +38,13 @@ export interface ServerOptions {
   readonly requestTimeoutMs?: number;
   /** Connections held at once; more are closed as they arrive (default DEFAULT_MAX_CONNECTIONS). */
   readonly maxConnections?: number;
+  /**
+   * Origins whose browser pages may call the API (CORS): exact origins such as https://app.example, or
+   * "*" for any. Off (no CORS headers, preflights refused) unless given.
+   */
+  readonly corsOrigins?: readonly string[];
+  /** Receives one access log line per request (method, route, model, status, tokens, milliseconds); none by default. */
+  readonly accessLog?: (line: string) => void;
   /** The page at / (runtime/serving/ui/): on unless false. Behind the API key too (HTTP Basic, the key as password). */
   readonly ui?: boolean;
 }
@@ -51,7 +59,7 @@ const DEFAULT_MAX_BODY_BYTES = 1024 * 1024;
 /** JSON nesting deeper than this is refused before parsing: no request of these routes nests beyond 5. */
 export const MAX_JSON_DEPTH = 64;
 
-type Handler = (req: IncomingMessage, res: ServerResponse, params: readonly string[]) => Promise<void> | void;
+type Handler = (req: IncomingMessage, res: ServerResponse, params: readonly string[], log: RequestLog) => Promise<void> | void;
 
 export class MiloraServer {
   readonly #http: Server;
@@ -63,6 +71,7 @@ export class MiloraServer {
   readonly #keyHash: Buffer | undefined;
   readonly #routes: readonly (readonly [method: string, path: RegExp, handler: Handler])[];
   readonly #started = Math.floor(Date.now() / 1000);
+  readonly #recorder: ServerMetrics;
 
   private constructor(model: ServedModel, options: ServerOptions) {
     if (options.apiKey !== undefined && options.apiKey.trim() === "") throw new RangeError("the API key is empty: give a key, or none to serve without one");
@@ -70,6 +79,8 @@ export class MiloraServer {
     if (ui) model = ui.model; // the page watches the scheduler's requests
     this.#model = model;
     this.#options = options;
+    const served = model;
+    this.#recorder = new ServerMetrics({ model: model.baseName, scheduler: () => served.scheduler.stats(), adapters: () => served.adapters.stats() });
     this.#keyHash = options.apiKey === undefined ? undefined : sha256(options.apiKey);
     this.#adapterRoot = options.adapterRoot === undefined ? undefined : realDirectory(options.adapterRoot);
     this.#routes = [
@@ -77,10 +88,11 @@ export class MiloraServer {
       ["GET", /^\/metrics$/, (_q, res) => this.#metrics(res)],
       ["GET", /^\/v1\/models$/, (_q, res) => sendJson(res, 200, { object: "list", data: this.#modelIds().map((id) => this.#modelCard(id)) })],
       ["GET", /^\/v1\/models\/([^/]+)$/, (_q, res, [id]) => this.#getModel(res, id!)],
-      ["POST", /^\/v1\/completions$/, async (req, res) => handleGeneration("completion", await this.#json(req), res, model)],
-      ["POST", /^\/v1\/chat\/completions$/, async (req, res) => handleGeneration("chat", await this.#json(req), res, model)],
+      ["POST", /^\/v1\/completions$/, async (req, res, _p, log) => handleGeneration("completion", await this.#json(req), res, model, log)],
+      ["POST", /^\/v1\/chat\/completions$/, async (req, res, _p, log) => handleGeneration("chat", await this.#json(req), res, model, log)],
       ["POST", /^\/v1\/adapters$/, async (req, res) => this.#addAdapter(res, await this.#json(req))],
       ["DELETE", /^\/v1\/adapters\/([^/]+)$/, (_q, res, [name]) => this.#deleteAdapter(res, name!)],
+      ...extraRoutes(() => this.extraHost),
       ...(ui?.routes() ?? []),
     ];
     const requestTimeout = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
@@ -124,8 +136,13 @@ export class MiloraServer {
   }
 
   async #handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const log = accessLogFor(req, res, this.#options);
+    log.onResult = (promptTokens, done) => this.#recorder.observe(promptTokens, done);
     try {
       const path = requestPath(req.url ?? "");
+      log.route = path;
+      // CORS comes before authorisation: a browser's preflight carries no credentials.
+      if (corsHeaders(req, res, this.#options.corsOrigins)) return;
       // Authorisation comes before routing, so that without the key no route (nor whether a route
       // exists) can be learnt: everything but /health answers 401. /health stays open because load
       // balancers and orchestrators probe it without credentials, and it says only "ok" or "draining".
@@ -134,7 +151,7 @@ export class MiloraServer {
       if (candidates.length === 0) throw notFound(`no route ${req.method} ${path}`, "unknown_url");
       const route = candidates.find((r) => r.method === req.method);
       if (!route) throw new ApiError(405, `${path} takes ${candidates.map((r) => r.method).join(", ")}, not ${req.method}`, "invalid_request_error", "method_not_allowed");
-      await route.handler(req, res, route.match!.slice(1).map(decodeSegment));
+      await route.handler(req, res, route.match!.slice(1).map(decodeSegment), log);
     } catch (e) {
       this.#fail(req, res, e);
     }
@@ -182,6 +199,16 @@ export class MiloraServer {
     }
   }
 
+  /** For routes.ts: what the extra routes need of the server. */
+  get extraHost(): ExtraHost {
+    return {
+      model: this.#model,
+      json: (req) => this.#json(req),
+      addAdapter: (res, body, status) => this.#addAdapter(res, body, status),
+      deleteAdapter: (res, name) => this.#deleteAdapter(res, name),
+    };
+  }
+
   #modelIds(): string[] {
     return [this.#model.baseName, ...this.#model.adapters.names()];
   }
@@ -196,8 +223,8 @@ export class MiloraServer {
     sendJson(res, 200, this.#modelCard(id));
   }
 
-  #metrics(res: ServerResponse): void {
-    const text = renderMetrics(this.#model.scheduler.stats(), this.#model.adapters.stats());
+  async #metrics(res: ServerResponse): Promise<void> {
+    const text = await this.#recorder.text();
     res.writeHead(200, { "content-type": METRICS_CONTENT_TYPE });
     res.end(text);
   }
@@ -215,7 +242,7 @@ export class MiloraServer {
     return this.#adapterRoot;
   }
 
-  async #addAdapter(res: ServerResponse, body: unknown): Promise<void> {
+  async #addAdapter(res: ServerResponse, body: unknown, status = 201): Promise<void> {
     const root = this.#managementRoot();
     const { name, path } = (typeof body === "object" && body !== null ? body : {}) as { name?: unknown; path?: unknown };
     if (typeof name !== "string" || name === "") throw badRequest("`name` must be the adapter's model id", "name");
@@ -235,7 +262,7 @@ export class MiloraServer {
       if (e instanceof CheckpointError || e instanceof AdapterStoreError || e instanceof EngineError) throw badRequest(message, "path");
       throw e;
     }
-    sendJson(res, 201, this.#modelCard(name));
+    sendJson(res, status, this.#modelCard(name));
   }
 
   #deleteAdapter(res: ServerResponse, name: string): void {

@@ -34,6 +34,10 @@ export interface ServingSetup extends ServerOptions {
   readonly maxBatchRows?: number;
   /** Reads adapter directories (default: on worker threads); tests put slow or failing readers here. */
   readonly readAdapter?: AdapterReader;
+  /** The base model's id in the API (vLLM's --served-model-name); default the base's name. */
+  readonly servedModelName?: string;
+  /** A chat template file for every request (`--chat-template FILE`), over the model's and adapters' own. */
+  readonly chatTemplateFile?: string;
   /** Refuses a device before weights are uploaded (the CLI's kernel self-test). */
   readonly checkDevice?: (gpu: GpuContext) => Promise<void>;
 }
@@ -47,7 +51,11 @@ export interface Serving {
 
 export async function startServing(setup: ServingSetup): Promise<Serving> {
   const tokenizer = await Tokenizer.load(setup.checkpointDir);
-  const chatTemplate = tokenizer ? ChatTemplate.load(setup.checkpointDir) : undefined;
+  const chatTemplate = !tokenizer
+    ? undefined
+    : setup.chatTemplateFile !== undefined
+      ? ChatTemplate.fromFile(setup.chatTemplateFile, setup.checkpointDir)
+      : ChatTemplate.load(setup.checkpointDir);
   const engine = await Engine.load({
     base: setup.base,
     checkpointDir: setup.checkpointDir,
@@ -61,7 +69,15 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
   });
   let adapters: AdapterPool | undefined;
   try {
-    const host: AdapterHost = { add: (a) => void engine.loadAdapter(a.name, a), remove: (name) => engine.unloadAdapter(name) };
+    const slots = new Map<string, number>();
+    const host: AdapterHost = {
+      add: (a) => void slots.set(a.name, engine.loadAdapter(a.name, a).slot),
+      remove: (name) => {
+        engine.unloadAdapter(name);
+        slots.delete(name);
+      },
+      slotOf: (key) => slots.get(key),
+    };
     adapters = new AdapterPool({
       base: setup.base,
       host,
@@ -78,12 +94,14 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
       {
         scheduler,
         adapters,
-        baseName: setup.base.name,
+        baseName: setup.servedModelName ?? setup.base.name,
         vocabSize: setup.base.vocabSize,
         ctx,
         maxRoutedPromptTokens: engine.maxRows,
         ...(tokenizer ? { tokenizer } : {}),
         ...(chatTemplate ? { chatTemplate } : {}),
+        // An adapter directory with its own template serves its chats with it, unless the operator named one for all.
+        ...(tokenizer && setup.chatTemplateFile === undefined ? { adapterChatTemplate: adapterTemplates(pool, setup.checkpointDir) } : {}),
       },
       setup,
     );
@@ -107,3 +125,14 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
 }
 
 /** Adapters registered later may bring higher ranks; with none at start, room for the engine's usual 16. */
+
+/** Adapters' own chat templates, read once per registered directory. */
+function adapterTemplates(pool: AdapterPool, baseDir: string): (adapter: string) => ChatTemplate | undefined {
+  const cache = new Map<string, ChatTemplate | undefined>();
+  return (adapter) => {
+    const dir = pool.dirOf(adapter);
+    if (dir === undefined) return undefined;
+    if (!cache.has(dir)) cache.set(dir, ChatTemplate.load(dir, baseDir));
+    return cache.get(dir);
+  };
+}

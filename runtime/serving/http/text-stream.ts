@@ -1,6 +1,9 @@
 // Generated tokens -> text, a piece at a time: text is released only when it can no longer change,
-// that is, not while a multi-byte character is half decoded (U+FFFD at the end) and not while the end
-// could still grow into a stop string. A stop string ends the text just before it.
+// that is, not while a multi-byte character is half decoded (the incremental detokenizer holds it)
+// and not while the end could still grow into a stop string. A stop string ends the text just before
+// it (or just after it, with vLLM's include_stop_str_in_output). Work per token is bounded by the
+// detokenizer's window and the longest stop string, not by the length of the output.
+import { IncrementalDetokenizer } from "../../text/detokenizer.ts";
 
 export interface TextStreamStep {
   /** New text since the last step. */
@@ -10,63 +13,67 @@ export interface TextStreamStep {
 }
 
 export class TextStream {
-  readonly #tokens: number[] = [];
-  #emitted = 0;
+  readonly #text: IncrementalDetokenizer;
+  readonly #stops: readonly string[];
+  readonly #includeStop: boolean;
+  /** Decoded text not yet released (it could be the start of a stop string). */
+  #held = "";
   #stopped = false;
+  /** The stop string that ended the text, if one did. */
+  stopString: string | undefined;
 
-  constructor(
-    private readonly decode: (ids: readonly number[]) => string,
-    private readonly stops: readonly string[],
-  ) {}
+  constructor(decode: (ids: readonly number[]) => string, stops: readonly string[], options: { readonly includeStop?: boolean } = {}) {
+    this.#text = new IncrementalDetokenizer(decode);
+    this.#stops = stops;
+    this.#includeStop = options.includeStop ?? false;
+  }
 
   push(token: number): TextStreamStep {
     if (this.#stopped) return { delta: "", stopped: true };
-    this.#tokens.push(token);
-    const text = this.decode(this.#tokens);
-    const hit = this.#firstStop(text);
-    if (hit !== undefined) {
-      this.#stopped = true;
-      return { delta: this.#release(text, hit), stopped: true };
-    }
-    let safe = text.endsWith("\uFFFD") ? text.length - 1 : text.length;
-    safe -= this.#stopPrefixAtEnd(text.slice(0, safe));
-    return { delta: this.#release(text, safe), stopped: false };
+    return this.#take(this.#text.push(token));
   }
 
   /** The text held back, once generation is over (a partial stop string is ordinary text then). */
   flush(): string {
-    return this.#stopped ? "" : this.#release(this.decode(this.#tokens), Infinity);
+    if (this.#stopped) return "";
+    const step = this.#take(this.#text.flush());
+    if (step.stopped) return step.delta;
+    const rest = this.#held;
+    this.#held = "";
+    return step.delta + rest;
   }
 
-  #release(text: string, upTo: number): string {
-    const end = Math.min(upTo, text.length);
-    if (end <= this.#emitted) return "";
-    const delta = text.slice(this.#emitted, end);
-    this.#emitted = end;
-    return delta;
-  }
-
-  #firstStop(text: string): number | undefined {
+  #take(piece: string): TextStreamStep {
+    if (piece === "") return { delta: "", stopped: false };
+    const held = this.#held + piece;
     let first: number | undefined;
-    for (const stop of this.stops) {
-      // A stop can only start in text not yet released, or straddle its edge.
-      const at = text.indexOf(stop, Math.max(0, this.#emitted - stop.length + 1));
-      if (at >= 0 && (first === undefined || at < first)) first = at;
+    let which: string | undefined;
+    for (const stop of this.#stops) {
+      const at = held.indexOf(stop);
+      if (at >= 0 && (first === undefined || at < first)) [first, which] = [at, stop];
     }
-    return first;
+    if (first !== undefined) {
+      this.#stopped = true;
+      this.stopString = which;
+      this.#held = "";
+      return { delta: held.slice(0, this.#includeStop ? first + which!.length : first), stopped: true };
+    }
+    const keep = stopPrefixAtEnd(held, this.#stops);
+    this.#held = held.slice(held.length - keep);
+    return { delta: held.slice(0, held.length - keep), stopped: false };
   }
+}
 
-  /** Length of the longest end of `text` that is the start of some stop string. */
-  #stopPrefixAtEnd(text: string): number {
-    let longest = 0;
-    for (const stop of this.stops) {
-      for (let n = Math.min(stop.length - 1, text.length); n > longest; n--) {
-        if (text.endsWith(stop.slice(0, n))) {
-          longest = n;
-          break;
-        }
+/** Length of the longest end of `text` that is the start of some stop string. */
+function stopPrefixAtEnd(text: string, stops: readonly string[]): number {
+  let longest = 0;
+  for (const stop of stops) {
+    for (let n = Math.min(stop.length - 1, text.length); n > longest; n--) {
+      if (text.endsWith(stop.slice(0, n))) {
+        longest = n;
+        break;
       }
     }
-    return longest;
   }
+  return longest;
 }

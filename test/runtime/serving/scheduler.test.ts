@@ -28,7 +28,7 @@ class ScriptedEngine implements StepEngine {
   createSequence(prompt: readonly number[], options: { sampling?: SamplingOptions; adapter?: string }): Sequence {
     const slot = this.free.shift();
     if (slot === undefined) throw new Error("no free slot: the scheduler admitted beyond its slots");
-    const seq = new Sequence(this.#id++, slot, CTX, VOCAB, { temperature: 0, topK: 0, topP: 1, seed: 0 });
+    const seq = new Sequence(this.#id++, slot, CTX, VOCAB, { temperature: 0, topK: 0, topP: 1, seed: 0, minP: 0 });
     seq.append(prompt);
     this.admitted.push({ prompt, ...(options.adapter === undefined ? {} : { adapter: options.adapter }) });
     return seq;
