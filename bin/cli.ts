@@ -4,7 +4,8 @@
 import { Command, CommanderError, Option } from "commander";
 import { readFileSync } from "node:fs";
 
-const version = (JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as { version: string })
+// From the sources bin/cli.ts, built dist/bin/cli.js: milora's package.json is one or two folders up.
+const version = (JSON.parse(readFileSync(new URL(import.meta.url.endsWith(".js") ? "../../package.json" : "../package.json", import.meta.url), "utf8")) as { version: string })
   .version;
 
 export async function main(argv: readonly string[]): Promise<number> {

@@ -5,10 +5,11 @@ import { IndentationText, NewLineKind, Project, QuoteKind, Scope, VariableDeclar
 import type { AdapterBudget } from "../budget.ts";
 import { EXPERT_MODULES, type Adapter, type ExpertModule } from "../model.ts";
 import { COMPILER_VERSION } from "./manifest.ts";
+import { RUNTIME_CLI_IMPORT, RUNTIME_IMPORT } from "./runtime-files.ts";
 
-/** The module the generated code imports the runtime from (package.json "exports" of milora). */
-const RUNTIME_MODULE = "milora/runtime";
-const RUNTIME_CLI_MODULE = "milora/runtime/cli";
+/** The modules the generated code imports the runtime from: the package's own copy (package.json "imports", runtime-files.ts). */
+const RUNTIME_MODULE = RUNTIME_IMPORT;
+const RUNTIME_CLI_MODULE = RUNTIME_CLI_IMPORT;
 
 export interface ApiInput {
   readonly adapter: Adapter;

@@ -12,6 +12,7 @@ import { apiClassName, generateApi } from "./api.ts";
 import { canonicalJson, COMPILER_VERSION, MANIFEST_FILE, MANIFEST_FORMAT, type Manifest } from "./manifest.ts";
 import { defaultPackageName, packageJson, packageNameProblem, versionProblem } from "./package-json.ts";
 import { renderReadme } from "./readme.ts";
+import { runtimeFiles, RuntimeBuildError } from "./runtime-files.ts";
 import { declarationSpans, numberedLines, SpecLines } from "./spec-lines.ts";
 import { kernelFiles } from "./wgsl-files.ts";
 import type { PackageFile } from "./write-package.ts";
@@ -93,8 +94,15 @@ export function compilePackage(options: CompileOptions): CompileResult {
   // Every manifest written is one the runtime runs: the format's own check, on the bytes written.
   validateManifest(JSON.parse(manifestJson), MANIFEST_FILE);
   const className = apiClassName(adapter.name);
+  let runtime;
+  try {
+    runtime = runtimeFiles();
+  } catch (e) {
+    if (e instanceof RuntimeBuildError) throw new CompileError(e.message);
+    throw e;
+  }
   const files: PackageFile[] = [
-    { path: "package.json", contents: packageJson({ name, version }, `MiLoRA adapter ${adapter.name} on ${base.name}, compiled by milora`) },
+    { path: "package.json", contents: packageJson({ name, version }, `MiLoRA adapter ${adapter.name} on ${base.name}, compiled by milora`, runtime) },
     { path: MANIFEST_FILE, contents: manifestJson },
     {
       path: "README.md",
@@ -102,6 +110,7 @@ export function compilePackage(options: CompileOptions): CompileResult {
     },
     ...kernels.map((k) => ({ path: k.file, contents: k.text })),
     ...generateApi({ adapter, budget, specFile, budgetTable, specLines }).map((f) => ({ ...f, ...(f.path === "cli.js" ? { executable: true } : {}) })),
+    ...runtime.files,
   ];
   return { diagnostics, sources, package: { adapter, files: files.sort((a, b) => (a.path < b.path ? -1 : 1)) } };
 }

@@ -1,15 +1,20 @@
-// The compiled package's package.json: an ES module with its types, a `bin` that runs it, and the
-// milora runtime as its one dependency.
-import { COMPILER_VERSION } from "./manifest.ts";
+// The compiled package's package.json: an ES module with its types, a `bin` that runs it, the runtime
+// it carries (milora-runtime/, reached through package.json "imports") and the registry packages that
+// runtime imports as its dependencies. It does not depend on milora, so it installs anywhere.
+import { RUNTIME_DIR, type RuntimeFiles } from "./runtime-files.ts";
 
 export interface PackageIdentity {
   readonly name: string;
   readonly version: string;
 }
 
-/** The default package name of an adapter: its name in kebab case (`support_bot` -> `support-bot`). */
+/**
+ * The default package name of an adapter: `milora-` and its name in kebab case (`support_bot` ->
+ * `milora-support-bot`), so that it, and the `bin` named after it, do not resolve to an unrelated
+ * registry package (`npx tiny` outside a project would fetch the registry's `tiny`).
+ */
 export function defaultPackageName(adapterName: string): string {
-  return adapterName.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "");
+  return `milora-${adapterName.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "")}`;
 }
 
 /** npm's rules for a package name, short of the registry's own checks: lower case, URL-safe, optionally scoped. */
@@ -25,8 +30,7 @@ export function versionProblem(version: string): string | undefined {
   return /^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$/.test(version) ? undefined : `"${version}" is not a semantic version such as 1.0.0`;
 }
 
-export function packageJson(id: PackageIdentity, description: string): string {
-  const [major, minor] = COMPILER_VERSION.split(".");
+export function packageJson(id: PackageIdentity, description: string, runtime: Pick<RuntimeFiles, "dependencies" | "imports">): string {
   // Key order is meaningful here (export conditions match first to last), so it is written, not sorted.
   const json = {
     name: id.name,
@@ -36,10 +40,11 @@ export function packageJson(id: PackageIdentity, description: string): string {
     main: "index.js",
     types: "index.d.ts",
     exports: { ".": { types: "./index.d.ts", default: "./index.js" }, "./manifest.json": "./manifest.json" },
+    imports: runtime.imports,
     bin: { [id.name.replace(/^@[^/]+\//, "")]: "cli.js" },
-    files: ["index.js", "index.d.ts", "cli.js", "cli.d.ts", "src", "kernels", "manifest.json", "README.md"],
-    // The runtime must read this compiler's manifests: same major, and before 1.0 the same minor.
-    dependencies: { milora: major === "0" ? `~${major}.${minor}.0` : `^${major}.0.0` },
+    files: ["index.js", "index.d.ts", "cli.js", "cli.d.ts", "src", "kernels", "manifest.json", "README.md", RUNTIME_DIR],
+    // The runtime is the package's own copy (it reads this compiler's manifests): only registry packages remain.
+    dependencies: runtime.dependencies,
     engines: { node: ">=20" },
   };
   return JSON.stringify(json, null, 2) + "\n";

@@ -128,10 +128,10 @@ test("the typed API and README carry the spec's source lines and budget", () => 
   assert.match(api, /4 \| adapter support_bot on tiny_hf \{[^]*19 \| adapter support_bot_lora extends support_bot \{ router off \}/);
   assert.match(api, "total trainable");
   const readme = files.get("README.md")!;
-  assert.match(readme, "# support-bot-lora");
+  assert.match(readme, "# milora-support-bot-lora");
   assert.match(readme, "None: plain LoRA");
-  assert.match(readme, "import { SupportBotLora } from \"support-bot-lora\";");
-  assert.equal(JSON.parse(files.get("package.json")!).bin, { "support-bot-lora": "cli.js" });
+  assert.match(readme, "import { SupportBotLora } from \"milora-support-bot-lora\";");
+  assert.equal(JSON.parse(files.get("package.json")!).bin, { "milora-support-bot-lora": "cli.js" });
 });
 
 test("package name and version come from the options", () => {
@@ -140,7 +140,8 @@ test("package name and version come from the options", () => {
   assert.is(pkg.name, "@acme/tiny");
   assert.is(pkg.version, "2.1.0");
   assert.equal(pkg.bin, { tiny: "cli.js" });
-  assert.is(pkg.dependencies.milora, "~0.1.0");
+  assert.is(pkg.dependencies.milora, undefined, "the package carries its runtime (milora-runtime/)");
+  assert.equal(Object.keys(pkg.dependencies), ["@huggingface/tokenizers", "@webgpu/types", "re2js", "webgpu"]);
   assert.equal(Object.keys(pkg.exports["."]), ["types", "default"], "types must be the first export condition");
 });
 

@@ -3,7 +3,7 @@
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 
 export const repo = resolve(".");
 
@@ -23,6 +23,11 @@ export function packageProject(prefix: string): { root: string; remove(): void }
   mkdirSync(join(root, "node_modules/@types"), { recursive: true });
   symlinkSync(repo, join(root, "node_modules/milora"));
   symlinkSync(join(repo, "node_modules/@types/node"), join(root, "node_modules/@types/node"));
+  // The registry packages the runtime a compiled package carries imports (test/package-install.test.ts installs them for real).
+  for (const name of ["webgpu", "@webgpu/types", "@huggingface/tokenizers", "re2js"]) {
+    mkdirSync(dirname(join(root, "node_modules", name)), { recursive: true });
+    symlinkSync(join(repo, "node_modules", name), join(root, "node_modules", name));
+  }
   writeFileSync(join(root, "package.json"), '{ "type": "module" }\n');
   return { root, remove: () => rmSync(root, { recursive: true, force: true }) };
 }

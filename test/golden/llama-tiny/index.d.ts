@@ -1,4 +1,4 @@
-import { type BeamOptions, type GenerateOptions, type LoadOptions, type Prompt, type ScoredSequence, type Token } from "milora/runtime";
+import { type BeamOptions, type GenerateOptions, type LoadOptions, type Prompt, type ScoredSequence, type Token } from "#milora-runtime";
 /** The LoRA modules this spec enables in at least one layer: MiLoRA's experts. */
 export declare const EXPERT_MODULES: readonly ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 export type ExpertModule = (typeof EXPERT_MODULES)[number];

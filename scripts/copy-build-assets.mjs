@@ -1,0 +1,10 @@
+// Part of `npm run build`: the files the built JavaScript reads beside itself that tsc does not emit
+// (the serving page's static files), copied to the same place under dist/.
+import { cpSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+
+for (const dir of ["runtime/serving/ui"]) {
+  for (const name of readdirSync(dir)) {
+    if (!name.endsWith(".ts")) cpSync(join(dir, name), join("dist", dir, name));
+  }
+}
