@@ -59,7 +59,11 @@ export function adapterSpecOf(source: ModelSource, name: string | undefined, dir
   if (named) return named;
   if (adapters.length === 1) return adapters[0];
   if (name === undefined) throw new SourceError(`${path} declares ${adapters.length} adapters (${names}): say which with --adapter NAME=${dir}`, 2);
-  throw new SourceError(`${path} has no adapter ${name} (adapters: ${names})`, 1);
+  throw new SourceError(
+    `${path} has no adapter ${name} (adapters: ${names}): --adapter NAME=DIR names the tenant, and with a spec of several adapters NAME must be one of them; ` +
+      `write SPEC_ADAPTER:NAME=DIR to run one of the spec's adapters under another name (e.g. ${adapters[0]?.name ?? "adapter"}:${name}=DIR)`,
+    1,
+  );
 }
 
 /** What a run needs its engine's plan to hold: the cache length, the largest rank, the tenants' specs. */

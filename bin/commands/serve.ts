@@ -33,6 +33,12 @@ export interface ServeOptions {
   readonly maxConnections?: string;
   /** False with --no-ui: no page at /. */
   readonly ui?: boolean;
+  readonly servedModelName?: string;
+  readonly chatTemplate?: string;
+  readonly corsOrigin?: readonly string[];
+  /** False with --no-access-log. */
+  readonly accessLog?: boolean;
+  readonly maxBatchRows?: string;
 }
 
 /** How long the first signal waits for requests in flight before exiting anyway. */
@@ -62,7 +68,7 @@ export async function serveCommand(source: string | undefined, opts: ServeOption
   }
   const { server, engine } = serving;
   process.stderr.write(
-    `milora serve: ${server.url}/v1 (model ${setup.base.name}${setup.adapters.length > 0 ? `, adapters ${setup.adapters.map(([n]) => n).join(", ")}` : ""})\n` +
+    `milora serve: ${server.url}/v1 (model ${setup.servedModelName ?? setup.base.name}${setup.adapters.length > 0 ? `, adapters ${setup.adapters.map(([n]) => n).join(", ")}` : ""})\n` +
       `  device ${adapterSummary(engine.device)}; ${setup.slots} slots of ${engine.plan.dims.ctx} positions\n` +
       (setup.apiKey === undefined ? "" : "  API key required on every route but /health\n") +
       (setup.ui === false ? "" : `  page ${server.url}/${setup.apiKey === undefined ? "" : " (the API key as password)"}\n`) +
@@ -131,6 +137,11 @@ function settings(sourcePath: string | undefined, opts: ServeOptions) {
     requestTimeoutMs: seconds("--request-timeout", opts.requestTimeout, 30),
     maxConnections: opts.maxConnections === undefined ? 512 : count("--max-connections", opts.maxConnections, 1),
     ...(opts.ui === false ? { ui: false } : {}),
+    ...(opts.servedModelName === undefined ? {} : { servedModelName: opts.servedModelName }),
+    ...(opts.chatTemplate === undefined ? {} : { chatTemplateFile: opts.chatTemplate }),
+    ...(opts.corsOrigin && opts.corsOrigin.length > 0 ? { corsOrigins: opts.corsOrigin } : {}),
+    ...(opts.accessLog === false ? {} : { accessLog: (line: string) => process.stderr.write(`milora serve: ${line}\n`) }),
+    ...(opts.maxBatchRows === undefined ? {} : { maxBatchRows: count("--max-batch-rows", opts.maxBatchRows, 1) }),
     ...(opts.backend === undefined ? {} : { backend: opts.backend }),
   };
 }

@@ -12,7 +12,8 @@ import { SequenceError } from "../engine/sequence.ts";
 const USAGE = `usage: <package> --base DIR (--prompt TEXT | --tokens IDS) [options]
 
   --base DIR            the base model: a Hugging Face directory
-  --adapter NAME=DIR    a tenant's adapter directory (repeatable)
+  --adapter NAME=DIR    a tenant's adapter directory, run as tenant NAME and checked against the
+                        package's adapter (repeatable; the same meaning as milora run and serve)
   --tenant NAME         apply this tenant's adapter
   --prompt TEXT         prompt text (needs DIR/tokenizer.json)
   --tokens IDS          prompt as comma-separated token ids

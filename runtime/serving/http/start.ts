@@ -61,7 +61,9 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
     checkpointDir: setup.checkpointDir,
     maxSequences: setup.slots,
     maxAdapters: setup.maxResidentAdapters,
-    ...(setup.maxBatchRows === undefined ? {} : { maxBatchRows: setup.maxBatchRows }),
+    // One step may run a whole context (the engine keeps it within the device's binding limit): a
+    // prompt-routed adapter's prompt is prefilled in one step, so this bounds its prompt length.
+    maxBatchRows: setup.maxBatchRows ?? setup.engine.plan.dims.ctx,
     ...setup.engine,
     ...(setup.gpu ? { gpu: setup.gpu } : {}),
     ...(setup.backend === undefined ? {} : { backend: setup.backend }),

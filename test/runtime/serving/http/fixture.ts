@@ -26,6 +26,8 @@ export interface Fixture {
 }
 
 export interface FixtureOptions extends Partial<ServingSetup> {
+  /** Positions per sequence (default CTX). */
+  readonly ctx?: number;
   readonly adapterNames?: readonly string[];
   /** Turn run-time adapter loading on, confined to the directory adapterDir() writes in (root/adapters). */
   readonly adapterLoading?: boolean;

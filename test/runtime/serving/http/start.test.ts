@@ -10,6 +10,9 @@ import { checkFiles } from "../../../../compiler/check.ts";
 import { writeRandomAdapter } from "../../../../examples/random-adapter.ts";
 import { modelSource, servingOptions } from "../../../../bin/commands/model-source.ts";
 import { MODEL, miloraField, startFixture } from "./fixture.ts";
+import { loadReferenceWeights } from "../../../reference/llama.ts";
+import { referenceMiloraGreedy } from "../../../reference/milora.ts";
+import { loadAdapter } from "../../../../runtime/formats/adapter.ts";
 
 const SPEC = "examples/llama-tiny.milora";
 const specAdapters = checkFiles([SPEC]).program.adapters;
@@ -79,6 +82,28 @@ test("a prompt-routed adapter and a prompt over the one-step limit: 400 naming t
     assert.match(refused.json.error!.message, "the prompt has 20");
     assert.is((await post(`${f.serving.server.url}/v1/completions`, { model: MODEL, prompt: long, max_tokens: 2 })).status, 200);
     assert.is((await post(`${f.serving.server.url}/v1/completions`, { model: "tiny:alice", prompt: long.slice(0, 16), max_tokens: 2 })).status, 200);
+  } finally {
+    await f.close();
+  }
+});
+
+test("by default one step holds the context: a prompt-routed tenant takes a 200-token prompt, routed and decoded as the float64 MiLoRA reference", async () => {
+  const f = await startFixture({ fromCheckpoint: (dir) => servingOptions(modelSource(SPEC, dir)), ctx: 256, adapterLoading: true });
+  try {
+    const alice = join(f.root, "adapters", "alice");
+    writeRandomAdapter(alice, { spec: specAdapter("tiny"), seed: 21 });
+    assert.is((await post(`${f.serving.server.url}/v1/adapters`, { name: "tiny:alice", path: alice })).status, 201);
+    const prompt = Array.from({ length: 200 }, (_, i) => (i * 37 + 5) % 500);
+    const r = await f.client.completions.create({ model: "tiny:alice", prompt, max_tokens: 3, temperature: 0 });
+    const served = miloraField(r) as ReturnType<typeof miloraField> & { routing: Decision[] };
+    const { base, weights } = loadReferenceWeights(join(f.root, MODEL));
+    const adapter = loadAdapter(alice, { name: "alice", base, spec: specAdapter("tiny") });
+    const want = referenceMiloraGreedy(base, weights, adapter, prompt, 3);
+    assert.equal(served.token_ids, want.tokens);
+    served.routing.forEach((d, i) => {
+      assert.equal(Object.keys(d.experts).sort(), Object.keys(want.routing[i]!.experts).sort(), `layer ${d.layer}`);
+      for (const [m, g] of Object.entries(d.experts)) assert.ok(Math.abs(g - (want.routing[i]!.experts as Record<string, number>)[m]!) < 1e-4, `layer ${d.layer} ${m}`);
+    });
   } finally {
     await f.close();
   }
