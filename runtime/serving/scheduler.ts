@@ -170,6 +170,8 @@ interface Group {
   readonly results: (ChoiceResult | undefined)[];
   /** Choices still running or not yet forked. */
   open: number;
+  /** Whether choices 1..n-1 have forked (their reserved slots are theirs now). */
+  forked: boolean;
   failed: boolean;
 }
 
@@ -222,7 +224,7 @@ export class Scheduler {
       throw new QueueFullError(this.#retryAfterSeconds());
     }
     return new Promise<GenerationResult>((resolve, reject) => {
-      const group: Group = { n, results: [], open: n, failed: false };
+      const group: Group = { n, results: [], open: n, failed: false, forked: false };
       const job: Job = { request, choice: 0, group, submitted: performance.now(), tokens: [], resolve, reject, ready: request.adapter === undefined, pinned: false, routingSent: 0 };
       this.#roots.set(group, job);
       this.#waiting.push(job);
@@ -332,18 +334,20 @@ export class Scheduler {
       const now = performance.now();
       this.#recentSteps.push({ at: now, tokens: batch.length });
       for (const job of joining) if (job.group.n > 1 && job.choice === 0) this.#forkChoices(job);
-      for (const job of batch) this.#accept(job, outputs.get(job.seq!)!, now);
+      // A job may have left the batch while it ran (its request failed as a whole).
+      for (const job of batch) if (this.#running.has(job)) this.#accept(job, outputs.get(job.seq!)!, now);
     }
   }
 
   /** Moves waiting jobs into free slots, fairest tenant first; returns the jobs that joined. */
   #admit(): Job[] {
     const joined: Job[] = [];
-    while (this.#running.size < this.#opts.slots) {
+    while (this.#occupied() < this.#opts.slots) {
       const job = this.#nextFair();
       if (!job) break;
-      // Its n choices fork into slots of their own right after the prefill: they must be free now.
-      if (this.#running.size + job.group.n > this.#opts.slots) break;
+      // Its n choices fork into slots of their own right after the prefill: they must be free now, and
+      // stay free for it (slots other requests' choices will fork into are taken already).
+      if (this.#occupied() + job.group.n > this.#opts.slots) break;
       this.#waiting.splice(this.#waiting.indexOf(job), 1);
       const { request } = job;
       try {
@@ -362,6 +366,13 @@ export class Scheduler {
       joined.push(job);
     }
     return joined;
+  }
+
+  /** Slots held by running sequences plus those reserved for choices still to fork. */
+  #occupied(): number {
+    let n = this.#running.size;
+    for (const job of this.#running) if (job.choice === 0 && job.group.n > 1 && !job.group.forked) n += job.group.n - 1;
+    return n;
   }
 
   #nextFair(): Job | undefined {
@@ -389,6 +400,7 @@ export class Scheduler {
     const seq = parent.seq!;
     const seed = request.sampling?.seed ?? 0;
     const last = seq.cached - 1;
+    parent.group.forked = true;
     for (let choice = 1; choice < parent.group.n; choice++) {
       const job: Job = {
         request,
