@@ -67,6 +67,7 @@ export function serveChart(r: ServeResult): string {
     xLabel: "concurrent clients",
     yLabel: "generated tokens/s",
     xTicks: clients,
+    logX: true,
     series: [
       ...popularities.map((p) => ({ name: p === "base" ? "base model alone" : `batched, ${p} tenants`, points: batched.filter((x) => x.popularity === p).map((x) => [x.clients, x.tokensPerSecond] as [number, number]) })),
       ...(sequential.length > 0 ? [{ name: "one at a time (1 KV slot, 16 clients)", points: clients.map((c) => [c, mean] as [number, number]) }] : []),

@@ -27,6 +27,8 @@ export interface LineChart {
   readonly height?: number;
   /** A log y axis (losses spanning decades); every y must then be > 0. */
   readonly logY?: boolean;
+  /** A log (base 2) x axis: client counts 1, 4, 16 evenly apart. */
+  readonly logX?: boolean;
   /** Start the y axis at 0 (default: true for linear axes). */
   readonly zeroY?: boolean;
   /** Label x ticks with these values only (e.g. client counts). */
@@ -70,13 +72,27 @@ function yAxis(y: ScaleContinuousNumeric<number, number>, x0: number, x1: number
   return parts;
 }
 
-function legend(names: readonly string[], x: number, y: number, swatch: (i: number) => string): string {
-  let at = x;
-  const items = names.map((name, i) => {
-    const item = el("g", { transform: `translate(${at} ${y})`, class: "legend-item", "data-series": name }, swatch(i), el("text", { x: 26, y: 4, "font-size": 11, fill: "#1a1a1a" }, text(name)));
-    at += 26 + textWidth(name, 11) + 18;
-    return item;
+const LEGEND_ROW = 16;
+
+/** Where each legend item goes, wrapping onto more rows past maxX; and how many rows that takes. */
+function legendLayout(names: readonly string[], x: number, maxX: number): { at: [number, number][]; rows: number } {
+  let cx = x;
+  let row = 0;
+  const at = names.map((name) => {
+    const w = 26 + textWidth(name, 11) + 18;
+    if (cx > x && cx + w > maxX) [cx, row] = [x, row + 1];
+    const place: [number, number] = [cx, row * LEGEND_ROW];
+    cx += w;
+    return place;
   });
+  return { at, rows: row + 1 };
+}
+
+function legend(names: readonly string[], x: number, y: number, maxX: number, swatch: (i: number) => string): string {
+  const { at } = legendLayout(names, x, maxX);
+  const items = names.map((name, i) =>
+    el("g", { transform: `translate(${at[i]![0]} ${y + at[i]![1]})`, class: "legend-item", "data-series": name }, swatch(i), el("text", { x: 26, y: 4, "font-size": 11, fill: "#1a1a1a" }, text(name))),
+  );
   return el("g", { class: "legend" }, ...items);
 }
 
@@ -97,14 +113,15 @@ function marker(kind: (typeof MARKERS)[number], x: number, y: number, colour: st
 export function lineChartSvg(c: LineChart): string {
   const width = c.width ?? 640;
   const height = c.height ?? 360;
-  const plot = { left: MARGIN.left, right: width - MARGIN.right, top: MARGIN.top + 24, bottom: height - MARGIN.bottom };
+  const legendRows = legendLayout(c.series.map((s) => s.name), MARGIN.left, width - MARGIN.right).rows;
+  const plot = { left: MARGIN.left, right: width - MARGIN.right, top: MARGIN.top + 24 + (legendRows - 1) * LEGEND_ROW, bottom: height - MARGIN.bottom };
   const all = c.series.flatMap((s) => s.points);
   const xs = all.map((p) => p[0]);
   const ys = all.map((p) => p[1]).filter((v) => Number.isFinite(v));
   const xMin = Math.min(...xs, ...(c.xTicks ?? []));
   const xMax = Math.max(...xs, ...(c.xTicks ?? []));
-  const x = scaleLinear()
-    .domain(all.length === 0 ? [0, 1] : xMin === xMax ? [xMin - 1, xMax + 1] : [xMin, xMax])
+  const x: ScaleContinuousNumeric<number, number> = (c.logX ? scaleLog().base(2) : scaleLinear())
+    .domain(all.length === 0 ? [1, 2] : xMin === xMax ? [xMin / 2, xMax * 2] : [xMin, xMax])
     .range([plot.left, plot.right]);
   const log = c.logY === true;
   const yLo = ys.length === 0 ? 0 : Math.min(...ys);
@@ -147,7 +164,7 @@ export function lineChartSvg(c: LineChart): string {
     );
   });
   parts.push(
-    legend(c.series.map((s) => s.name), plot.left, MARGIN.top, (i) => {
+    legend(c.series.map((s) => s.name), plot.left, MARGIN.top, plot.right, (i) => {
       const colour = SERIES_COLOURS[i % SERIES_COLOURS.length]!;
       return (
         el("line", { x1: 0, x2: 22, y1: 0, y2: 0, stroke: colour, "stroke-width": 2, "stroke-dasharray": DASHES[i % DASHES.length] }) +
@@ -161,7 +178,8 @@ export function lineChartSvg(c: LineChart): string {
 export function barChartSvg(c: BarChart): string {
   const width = c.width ?? 640;
   const height = c.height ?? 360;
-  const plot = { left: MARGIN.left, right: width - MARGIN.right, top: MARGIN.top + 24, bottom: height - MARGIN.bottom };
+  const legendRows = legendLayout(c.series, MARGIN.left, width - MARGIN.right).rows;
+  const plot = { left: MARGIN.left, right: width - MARGIN.right, top: MARGIN.top + 24 + (legendRows - 1) * LEGEND_ROW, bottom: height - MARGIN.bottom };
   const x = scaleBand<string>()
     .domain(c.groups.map((g) => g.label))
     .range([plot.left, plot.right])
@@ -194,6 +212,6 @@ export function barChartSvg(c: BarChart): string {
       parts.push(el("text", { x: bx + inner.bandwidth() / 2, y: top - 4, "font-size": 10, fill: "#333333", "text-anchor": "middle", class: "bar-value" }, text(label(v))));
     });
   }
-  parts.push(legend(c.series, plot.left, MARGIN.top, (i) => el("rect", { x: 0, y: -6, width: 22, height: 12, fill: SERIES_COLOURS[i % SERIES_COLOURS.length] })));
+  parts.push(legend(c.series, plot.left, MARGIN.top, plot.right, (i) => el("rect", { x: 0, y: -6, width: 22, height: 12, fill: SERIES_COLOURS[i % SERIES_COLOURS.length] })));
   return document(width, height, c.title, parts, { class: "milora-chart milora-bar-chart" });
 }
