@@ -155,7 +155,9 @@ test("an interrupted compile finishes its write, leaves no temporary directory, 
     });
     console.log("not reached: the signal ends the process");`);
   const run = spawnSync(process.execPath, ["--import", "tsx", script], { encoding: "utf8", timeout: 60_000 });
-  assert.is(run.signal, "SIGTERM", run.stderr);
+  // Ended as interrupted: by the re-raised signal, or (when it has not landed in 2 s, as under heavy load)
+  // by the fallback exit with the shell's status for it.
+  assert.ok(run.signal === "SIGTERM" || run.status === 143, `signal ${run.signal}, status ${run.status}: ${run.stderr}`);
   assert.not.match(run.stdout, "not reached");
   assert.equal(readdirSync(dirname(out)), ["pkg"], "the package is whole and nothing temporary is left");
   assert.ok(existsSync(join(out, "cli.js")));
