@@ -4,6 +4,7 @@
 // across tenants: the tenant with the fewest running sequences goes first, ties by who waited longest.
 import { LogitAdjust, penaltiesActive, type PenaltySettings } from "../engine/logit-adjust.ts";
 import type { LayerRouting } from "../engine/routing.ts";
+import type { GenerateRequest, Generation } from "../engine/generate.ts";
 import type { Sequence, SamplingOptions } from "../engine/sequence.ts";
 
 /** What the scheduler needs of an engine; runtime/engine.ts's Engine provides it. */
@@ -17,6 +18,8 @@ export interface StepEngine {
    * keys and values, copied on the device), sampling with `sampling`: how n > 1 choices share a prompt.
    */
   fork?(parent: Sequence, sampling?: SamplingOptions): Sequence;
+  /** Runs whole requests (the scheduler uses it for beam search; engine.ts's generateBatch). */
+  generateBatch?(requests: readonly GenerateRequest[]): Promise<Generation[]>;
   /** Ends a sequence and frees its slot. */
   release(seq: Sequence): void;
 }
@@ -80,6 +83,12 @@ export interface GenerationRequest {
   /** Token ids that end generation (kept in the output). */
   readonly stopTokens?: readonly number[];
   /**
+   * Beam search (the engine's, Hugging Face's meaning) instead of sampling: `n` is the number of
+   * hypotheses returned, best first. It takes `beams` slots; onToken is not called (hypotheses are
+   * known at the end).
+   */
+  readonly beam?: { readonly beams: number; readonly lengthPenalty?: number; readonly earlyStopping?: boolean | "never" };
+  /**
    * Called with each generated token and the routing decisions made since the last call (a prompt's
    * with the first token; a token-routed adapter's with every token). Returning "stop" ends the
    * generation there (a stop string).
@@ -106,8 +115,8 @@ export interface GenerationResult {
   readonly choices: readonly ChoiceResult[];
 }
 
-/** One choice of a request. */
-export type ChoiceResult = Omit<GenerationResult, "choices">;
+/** One choice of a request (with beam search, a hypothesis and its score). */
+export type ChoiceResult = Omit<GenerationResult, "choices"> & { readonly score?: number };
 
 /** The queue is full: the caller should retry after `retryAfterSeconds`. */
 export class QueueFullError extends Error {
@@ -192,6 +201,8 @@ export class Scheduler {
   #rejected = 0;
   #draining = false;
   readonly #roots = new WeakMap<Group, Job>();
+  /** Beam search requests running, with the slots each holds. */
+  readonly #searching = new Map<Job, number>();
   #loop: Promise<void> | undefined;
   /** Average milliseconds a request holds a slot, for Retry-After. */
   #meanServiceMs = 1000;
@@ -214,17 +225,21 @@ export class Scheduler {
     const n = request.n ?? 1;
     if (!Number.isInteger(n) || n < 1) throw new RequestError(`n must be an integer >= 1, got ${n}`);
     if (n > this.#opts.slots) throw new RequestError(`n = ${n} choices need ${n} sequence slots at once; this server has ${this.#opts.slots}`);
-    if (n > 1 && !this.#opts.engine.fork) throw new RequestError("this engine cannot fork sequences: n must be 1");
+    if (n > 1 && !request.beam && !this.#opts.engine.fork) throw new RequestError("this engine cannot fork sequences: n must be 1");
+    if (request.beam) {
+      if (!this.#opts.engine.generateBatch) throw new RequestError("this engine has no beam search");
+      if (request.beam.beams > this.#opts.slots) throw new RequestError(`beam search of width ${request.beam.beams} needs ${request.beam.beams} sequence slots at once; this server has ${this.#opts.slots}`);
+    }
     if (prompt.length >= this.#opts.ctx) {
       throw new RequestError(`the prompt has ${prompt.length} tokens; this server's context holds ${this.#opts.ctx} positions, prompt and output together`);
     }
     // Jobs waiting for a slot that is free now are about to join the batch, not queueing behind it.
-    if (this.#running.size + this.#waiting.length >= this.#opts.slots + this.#opts.maxQueue) {
+    if (this.#running.size + this.#searching.size + this.#waiting.length >= this.#opts.slots + this.#opts.maxQueue) {
       this.#rejected++;
       throw new QueueFullError(this.#retryAfterSeconds());
     }
     return new Promise<GenerationResult>((resolve, reject) => {
-      const group: Group = { n, results: [], open: n, failed: false, forked: false };
+      const group: Group = { n: request.beam ? 1 : n, results: [], open: request.beam ? 1 : n, failed: false, forked: false };
       const job: Job = { request, choice: 0, group, submitted: performance.now(), tokens: [], resolve, reject, ready: request.adapter === undefined, pinned: false, routingSent: 0 };
       this.#roots.set(group, job);
       this.#waiting.push(job);
@@ -238,7 +253,7 @@ export class Scheduler {
   async drain(): Promise<void> {
     this.#draining = true;
     // Jobs whose adapter is still loading are in no loop yet, so wait on them by polling.
-    while (this.#running.size + this.#waiting.length > 0) await (this.#loop ?? new Promise((r) => setTimeout(r, 20)));
+    while (this.#running.size + this.#searching.size + this.#waiting.length > 0) await (this.#loop ?? new Promise((r) => setTimeout(r, 20)));
   }
 
   get draining(): boolean {
@@ -251,7 +266,8 @@ export class Scheduler {
     const recent = this.#recentSteps.reduce((n, s) => n + s.tokens, 0);
     return {
       slots: this.#opts.slots,
-      running: this.#running.size,
+      // A beam search holds all its beams' slots.
+      running: this.#running.size + [...this.#searching.values()].reduce((a, b) => a + b, 0),
       queued: this.#waiting.length,
       batchSize: this.#batchSize,
       steps: this.#steps,
@@ -309,8 +325,11 @@ export class Scheduler {
     if (this.#loop) return;
     this.#loop = this.#run().finally(() => {
       this.#loop = undefined;
-      // Work that arrived while the loop was ending its last await.
-      if (this.#waiting.some((j) => j.ready)) this.#wake();
+      // Work that arrived while the loop was ending its last await, if it can start now: a request
+      // waiting for slots that a beam search or forking choices hold waits for them to end (they wake
+      // the loop), else this would spin without ever yielding to the event loop.
+      const next = this.#nextFair();
+      if (next && this.#fits(next)) this.#wake();
     });
   }
 
@@ -347,9 +366,13 @@ export class Scheduler {
       if (!job) break;
       // Its n choices fork into slots of their own right after the prefill: they must be free now, and
       // stay free for it (slots other requests' choices will fork into are taken already).
-      if (this.#occupied() + job.group.n > this.#opts.slots) break;
+      if (!this.#fits(job)) break;
       this.#waiting.splice(this.#waiting.indexOf(job), 1);
       const { request } = job;
+      if (request.beam) {
+        this.#search(job);
+        continue;
+      }
       try {
         job.seq = this.#opts.engine.createSequence(request.prompt, {
           ...(request.sampling ? { sampling: request.sampling } : {}),
@@ -368,9 +391,70 @@ export class Scheduler {
     return joined;
   }
 
+  /**
+   * A beam search request runs on its own (the engine interleaves its steps with the batch's): it holds
+   * `beams` slots until it ends, and is not part of the batch.
+   */
+  #search(job: Job): void {
+    const { request } = job;
+    const beam = request.beam!;
+    job.admittedAt = performance.now();
+    this.#lastAdmitted.set(request.tenant, ++this.#admissions);
+    this.#searching.set(job, beam.beams);
+    const n = request.n ?? 1;
+    const run = this.#opts.engine.generateBatch!([
+      {
+        prompt: request.prompt,
+        maxTokens: request.maxTokens,
+        stop: request.stopTokens ?? [],
+        ...(request.adapter === undefined ? {} : { adapter: request.adapter }),
+        beam: { beams: beam.beams, numReturnSequences: n, ...(beam.lengthPenalty === undefined ? {} : { lengthPenalty: beam.lengthPenalty }), ...(beam.earlyStopping === undefined ? {} : { earlyStopping: beam.earlyStopping }) },
+      },
+    ]);
+    run.then(
+      ([g]) => {
+        this.#searching.delete(job);
+        this.#unpin(job);
+        const now = performance.now();
+        const queueMs = job.admittedAt! - job.submitted;
+        const hypotheses = g!.beams ?? [{ tokens: g!.tokens, score: g!.score ?? NaN, finish: g!.finish, routing: g!.routing }];
+        const choices: ChoiceResult[] = hypotheses.map((h) => ({
+          tokens: h.tokens,
+          finish: h.finish,
+          routing: [...(h.routing ?? g!.routing ?? [])],
+          timeToFirstTokenMs: job.admittedAt! - job.submitted + g!.timings.prefillMs,
+          decodeMs: g!.timings.decodeMs,
+          queueMs,
+          score: h.score,
+        }));
+        this.#generated += choices.reduce((s, c) => s + c.tokens.length, 0);
+        for (const c of choices) {
+          this.#tenant(request.tenant).tokens += c.tokens.length;
+          this.#count(request.tenant, c.finish);
+        }
+        this.#meanServiceMs = 0.9 * this.#meanServiceMs + 0.1 * (now - job.submitted);
+        job.resolve({ ...choices[0]!, choices });
+        this.#wake();
+      },
+      (e: unknown) => {
+        this.#searching.delete(job);
+        this.#unpin(job);
+        this.#count(request.tenant, "error");
+        job.reject(e);
+        this.#wake();
+      },
+    );
+  }
+
+  /** Whether `job` (its n choices, or its beams) fits in the slots free now. */
+  #fits(job: Job): boolean {
+    return this.#occupied() + (job.request.beam?.beams ?? job.group.n) <= this.#opts.slots;
+  }
+
   /** Slots held by running sequences plus those reserved for choices still to fork. */
   #occupied(): number {
     let n = this.#running.size;
+    for (const beams of this.#searching.values()) n += beams;
     for (const job of this.#running) if (job.choice === 0 && job.group.n > 1 && !job.group.forked) n += job.group.n - 1;
     return n;
   }

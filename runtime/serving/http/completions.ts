@@ -79,6 +79,7 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
       prompt,
       maxTokens,
       n: params.n,
+      ...(params.beam ? { beam: params.beam } : {}),
       sampling: { temperature: params.temperature, topP: params.topP, topK: params.topK, minP: params.minP, seed },
       penalties: { presence: params.presencePenalty, frequency: params.frequencyPenalty, repetition: params.repetitionPenalty, bias: params.logitBias },
       ...(params.logprobs === undefined ? {} : { logprobs: params.logprobs }),
@@ -111,7 +112,9 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
     }
     log?.onResult?.(prompt.length, done);
     if (done.finish === "cancelled") return;
-    for (const c of choices) c.whole += c.text.flush();
+    // Beam search's hypotheses come whole at the end: their text goes through the same stream (stop strings).
+    if (params.beam) for (const c of choices) c.whole = echo + beamText(c, done.choices[c.index]!.tokens, decode, params.stop);
+    else for (const c of choices) c.whole += c.text.flush();
     if (log) log.tokens = { prompt: prompt.length, completion: completionTokens(done) };
     sendJson(res, 200, finalBody(shape, prompt, done, choices, params.logprobs));
     return;
@@ -205,6 +208,21 @@ function logprobsOf(kind: Kind, entries: readonly LogprobEntry[]) {
     top_logprobs: entries.map((e) => (e.top ? Object.fromEntries([...e.top].reverse().map((t) => [t.text, t.logprob])) : null)),
     text_offset: entries.map((e) => e.offset),
   };
+}
+
+/** A hypothesis' text, cut at the first stop string (which then names the stop_reason). */
+function beamText(c: Choice, tokens: readonly number[], decode: (ids: readonly number[]) => string, stops: readonly string[]): string {
+  const text = new TextStream(decode, stops);
+  let out = "";
+  for (const t of tokens) {
+    const step = text.push(t);
+    out += step.delta;
+    if (step.stopped) {
+      c.text.stopString = text.stopString;
+      return out;
+    }
+  }
+  return out + text.flush();
 }
 
 function completionTokens(done: GenerationResult): number {
@@ -343,7 +361,7 @@ function chunk(
 function finalBody(s: Shape, prompt: readonly number[], done: GenerationResult, choices: readonly Choice[], logprobs: number | undefined) {
   const body = choices.map((c) => {
     const r = done.choices[c.index]!;
-    const finish = finishReason(r.finish);
+    const finish = c.text.stopString !== undefined ? "stop" : finishReason(r.finish);
     const lp = logprobs === undefined ? null : logprobsOf(s.kind, c.logprobs);
     return s.kind === "chat"
       ? { index: c.index, message: { role: "assistant", content: c.whole, refusal: null, tool_calls: [] }, logprobs: lp, finish_reason: finish, stop_reason: stopReason(c) }
@@ -360,7 +378,8 @@ function finalBody(s: Shape, prompt: readonly number[], done: GenerationResult, 
       adapter: s.adapter ?? null,
       prompt_token_ids: prompt,
       token_ids: done.tokens,
-      ...(done.choices.length > 1 ? { choices: done.choices.map((c, index) => ({ index, token_ids: c.tokens })) } : {}),
+      ...(done.choices.length > 1 ? { choices: done.choices.map((c, index) => ({ index, token_ids: c.tokens, ...(c.score === undefined ? {} : { score: c.score }) })) } : {}),
+      ...(done.choices[0]?.score === undefined ? {} : { score: done.choices[0].score }),
       routing: done.routing,
       time_to_first_token_ms: done.timeToFirstTokenMs,
     },

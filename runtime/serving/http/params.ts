@@ -39,6 +39,14 @@ export interface GenerationParams extends SamplingParams {
   readonly ignoreEos: boolean;
   /** Per token: undefined for no logprobs, else how many of the most likely tokens come with the sampled one's. */
   readonly logprobs?: number;
+  /** vLLM's use_beam_search: the n best of `beams` hypotheses. */
+  readonly beam?: BeamParams;
+}
+
+export interface BeamParams {
+  readonly beams: number;
+  readonly lengthPenalty: number;
+  readonly earlyStopping: boolean | "never";
 }
 
 export interface CompletionParams extends GenerationParams {
@@ -61,7 +69,7 @@ const COMMON_FIELDS = [
   "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
   "logit_bias", "seed", "n", "stop", "stop_token_ids", "include_stop_str_in_output", "stream", "stream_options", "ignore_eos", "user",
   "logprobs", "best_of", "use_beam_search", "response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-  "min_tokens", "skip_special_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+  "min_tokens", "skip_special_tokens", "length_penalty", "early_stopping", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
 ];
 const COMPLETION_FIELDS = new Set([...COMMON_FIELDS, "prompt", "echo", "suffix"]);
 const CHAT_FIELDS = new Set([...COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"]);
@@ -119,14 +127,14 @@ function commonParams(b: Body, maxTokensField: string, defaultMaxTokens: number 
   if (b.parallel_tool_calls !== undefined && b.parallel_tool_calls !== null) unsupported("parallel_tool_calls", "no tools can be called");
   if (b.functions !== undefined && b.functions !== null) unsupported("functions", "no functions can be called");
   if (b.function_call !== undefined && b.function_call !== null && b.function_call !== "none") unsupported("function_call", "no functions can be called");
-  if (b.use_beam_search === true) unsupported("use_beam_search", "beam search runs in `milora run --beams` and the typed API, not yet in the server");
   if (b.skip_special_tokens === false) unsupported("skip_special_tokens", "special tokens are always left out of the text (they are in `milora.token_ids`)");
   if (b.user !== undefined && b.user !== null && typeof b.user !== "string") throw badRequest("`user` must be a string", "user");
 
   const n = optionalNumber(b, "n") ?? 1;
   if (!Number.isInteger(n) || n < 1 || n > 128) throw badRequest("`n` must be an integer from 1 to 128", "n");
   const bestOf = optionalNumber(b, "best_of");
-  if (bestOf !== undefined && bestOf !== n) unsupported("best_of", "choosing the best of more samples than are returned is not implemented: leave it out or equal to `n`");
+  const beam = beamParams(b, n, bestOf);
+  if (!beam && bestOf !== undefined && bestOf !== n) unsupported("best_of", "choosing the best of more samples than are returned needs `use_beam_search: true` (beam width best_of); otherwise leave it out or equal to `n`");
   const minTokens = optionalNumber(b, "min_tokens");
   if (minTokens !== undefined && minTokens !== 0) unsupported("min_tokens", "only 0");
 
@@ -184,7 +192,44 @@ function commonParams(b: Body, maxTokensField: string, defaultMaxTokens: number 
     stream,
     includeUsage: (streamOptions as { include_usage?: unknown } | null | undefined)?.include_usage === true,
     ignoreEos: boolean(b, "ignore_eos"),
+    ...(beam ? { beam } : {}),
   };
+}
+
+/**
+ * vLLM's `use_beam_search: true`: beam search of width `best_of` (default `n`) returning the `n` best
+ * hypotheses, with Hugging Face's `length_penalty` (default 1) and `early_stopping` (false, true or
+ * "never"). Deterministic: sampling fields, penalties, logprobs and streaming are refused with it.
+ */
+function beamParams(b: Body, n: number, bestOf: number | undefined): BeamParams | undefined {
+  if (b.use_beam_search !== undefined && b.use_beam_search !== null && typeof b.use_beam_search !== "boolean") throw badRequest("`use_beam_search` must be true or false", "use_beam_search");
+  if (b.use_beam_search !== true) {
+    for (const f of ["length_penalty", "early_stopping"]) if (b[f] !== undefined && b[f] !== null) unsupported(f, "it is a beam search setting: add `use_beam_search: true`");
+    return undefined;
+  }
+  const beams = bestOf ?? n;
+  if (!Number.isInteger(beams) || beams < n || beams > 64) throw badRequest("`best_of` (the beam width) must be an integer from `n` to 64", "best_of");
+  const lengthPenalty = optionalNumber(b, "length_penalty") ?? 1;
+  const es = b.early_stopping ?? false;
+  if (es !== true && es !== false && es !== "never") throw badRequest('`early_stopping` must be true, false or "never"', "early_stopping");
+  const deterministic: [string, (v: unknown) => boolean][] = [
+    ["temperature", (v) => v === 0],
+    ["top_p", (v) => v === 1],
+    ["top_k", (v) => v === 0 || v === -1],
+    ["min_p", (v) => v === 0],
+    ["presence_penalty", (v) => v === 0],
+    ["frequency_penalty", (v) => v === 0],
+    ["repetition_penalty", (v) => v === 1],
+    ["seed", () => false],
+    ["logit_bias", (v) => typeof v === "object" && v !== null && Object.keys(v).length === 0],
+    ["logprobs", (v) => v === false],
+    ["top_logprobs", (v) => v === 0],
+    ["stream", (v) => v === false],
+  ];
+  for (const [f, neutral] of deterministic) {
+    if (b[f] !== undefined && b[f] !== null && !neutral(b[f])) unsupported(f, "beam search is deterministic and returns its hypotheses at the end: leave it out with `use_beam_search`");
+  }
+  return { beams, lengthPenalty, earlyStopping: es };
 }
 
 /** OpenAI's logit_bias: {"token id": bias}, bias in [-100, 100]; the ids are checked against the vocabulary later. */

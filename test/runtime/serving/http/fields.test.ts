@@ -7,6 +7,7 @@ import OpenAI from "openai";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { argmax, loadReferenceWeights, referenceLogits } from "../../../reference/llama.ts";
+import { referenceBeamSearch, referenceNextLogprobs } from "../../../reference/beam.ts";
 import { allowedTokens, logSoftmax64, penalisedLogits, type ReferencePenalties } from "../../../reference/sampling.ts";
 import { CTX, MODEL, miloraField, startFixture, type Fixture } from "./fixture.ts";
 
@@ -167,7 +168,6 @@ test("fields not honoured are a 400 naming them: response_format, tools, best_of
     [{ tools: [{ type: "function", function: { name: "f", parameters: {} } }] }, "tools"],
     [{ tool_choice: "required" }, "tool_choice"],
     [{ guided_json: { type: "object" } }, "guided_json"],
-    [{ use_beam_search: true }, "use_beam_search"],
     [{ frobnicate: 1 }, "frobnicate"],
     [{ logit_bias: { 999999: 1 } }, "logit_bias"],
     [{ top_logprobs: 3 }, "top_logprobs"],
@@ -181,6 +181,22 @@ test("fields not honoured are a 400 naming them: response_format, tools, best_of
   assert.is(bestOf.param, "best_of");
   // response_format text is plain text: honoured.
   assert.is((await status(() => f.client.chat.completions.create({ ...base, response_format: { type: "text" } }))).status, 200);
+});
+
+test("use_beam_search: the n best of best_of beams, with scores, equal the float64 beam search over the reference model; its sampling fields are refused", async () => {
+  const next = referenceNextLogprobs(ref.base, ref.weights);
+  const want = referenceBeamSearch(next, PROMPT, { numBeams: 3, maxNewTokens: 5, eos: [], lengthPenalty: 1, earlyStopping: false, numReturnSequences: 2 });
+  const r = await f.client.completions.create({ model: MODEL, prompt: PROMPT, max_tokens: 5, n: 2, best_of: 3, ignore_eos: true, use_beam_search: true } as never);
+  const m = miloraField(r) as unknown as { choices: { token_ids: number[]; score: number }[] };
+  assert.equal(m.choices.map((c) => c.token_ids), want.map((b) => b.tokens));
+  m.choices.forEach((c, i) => assert.ok(Math.abs(c.score - want[i]!.score) < 1e-3, `hypothesis ${i}: ${c.score} vs ${want[i]!.score}`));
+  assert.is((r as OpenAI.Completion).choices.length, 2);
+  for (const extra of [{ temperature: 0.7 }, { stream: true }, { logprobs: 2 }, { presence_penalty: 1 }]) {
+    const got = await status(() => f.client.completions.create({ model: MODEL, prompt: PROMPT, max_tokens: 2, use_beam_search: true, ...extra } as never));
+    assert.is(got.status, 400);
+    assert.is(got.param, Object.keys(extra)[0]);
+  }
+  assert.is((await status(() => f.client.completions.create({ model: MODEL, prompt: PROMPT, max_tokens: 2, length_penalty: 2 } as never))).param, "length_penalty");
 });
 
 test("max_tokens past the context: 400 context_length_exceeded naming the prompt's tokens and max_tokens", async () => {

@@ -1,5 +1,5 @@
 // Load: 64 requests from 16 concurrent clients over loopback, mixing completions and chat, streaming
-// and not, n > 1, long prompts, penalties, logit_bias, logprobs, min_p/top_k, stop ids, three adapters
+// and not, n > 1, beam search, long prompts, penalties, logit_bias, logprobs, min_p/top_k, stop ids, three adapters
 // for two resident places (so adapters are evicted and reloaded) and a few clients that hang up
 // mid-stream. Every request must end (200, or its client's own hang-up), and afterwards no KV slot,
 // adapter pin or queued request may be left.
@@ -16,6 +16,8 @@ function body(i: number): { path: string; body: Record<string, unknown>; hangUp:
   const long = i % 5 === 0;
   const prompt = Array.from({ length: long ? 100 + (i % 17) : 3 + (i % 7) }, (_, j) => (i * 31 + j * 7) % 500);
   const maxTokens = long ? CTX - prompt.length - 1 : 4 + (i % 6);
+  // Beam search holds three slots at once until it ends, beside the batch.
+  if (i % 16 === 9) return { path: "/v1/completions", body: { model, prompt, max_tokens: 6, n: 2, best_of: 3, use_beam_search: true }, hangUp: false };
   const fields: Record<string, unknown> = { model, max_tokens: Math.min(maxTokens, 12), temperature: i % 3 === 0 ? 0 : 0.8, seed: i };
   if (i % 4 === 1) fields.n = 2 + (i % 2);
   if (i % 6 === 2) Object.assign(fields, { presence_penalty: 0.5, frequency_penalty: 0.3, repetition_penalty: 1.2 });
