@@ -49,6 +49,19 @@ class ScriptedEngine implements StepEngine {
     seq.markReleased();
     this.free.push(seq.slot);
   }
+
+  /** As the engine's: a new slot holding the parent's state. */
+  fork(parent: Sequence, sampling?: SamplingOptions): Sequence {
+    const slot = this.free.shift();
+    if (slot === undefined) throw new Error("no free slot: the scheduler forked beyond its slots");
+    const child = new Sequence(this.#id++, slot, CTX, VOCAB, { temperature: 0, topK: 0, topP: 1, minP: 0, seed: sampling?.seed ?? 0 });
+    child.copyStateFrom(parent);
+    this.forks.push(child.sampling.seed);
+    return child;
+  }
+
+  /** Seeds of the sequences forked, in order. */
+  readonly forks: number[] = [];
 }
 
 function expected(prompt: readonly number[], count: number): number[] {
@@ -103,6 +116,24 @@ test("beyond the slots and the queue, submit refuses at once with a retry delay"
   assert.is(scheduler.stats().rejected, 1);
   assert.is((await Promise.all(accepted)).length, 3);
   await scheduler.submit(request("b", 4)); // room again once the others are done
+});
+
+test("n choices: the prompt is prefilled once and forked with seed + i; their slots are reserved, so a later request waits rather than taking them", async () => {
+  const { engine, scheduler } = setup(3);
+  const tokens: number[][] = [[], [], []];
+  const three = scheduler.submit({ ...request("a", 10, 4), n: 3, sampling: { seed: 7 }, onToken: (t, _r, info) => void tokens[info.choice]!.push(t) });
+  const other = scheduler.submit(request("b", 50, 2));
+  const [r, o] = await Promise.all([three, other]);
+  assert.is(r.choices.length, 3);
+  for (const c of r.choices) assert.equal(c.tokens, expected([10, 11], 4));
+  assert.equal(tokens, r.choices.map((c) => c.tokens));
+  assert.equal(engine.forks, [8, 9]);
+  // The prompt ran once: one admission for the three choices, and b came after them.
+  assert.equal(engine.admitted.map((a) => a.prompt[0]), [10, 50]);
+  assert.ok(engine.steps.every((s) => s.length <= 3));
+  assert.equal(o.tokens, expected([50, 51], 2));
+  assert.is(engine.free.length, 3, "every slot back");
+  assert.throws(() => void scheduler.submit({ ...request("a", 1), n: 4 }), (e: unknown) => e instanceof RequestError);
 });
 
 const isRequestError = (e: unknown) => e instanceof RequestError;
