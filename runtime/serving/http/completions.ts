@@ -294,7 +294,7 @@ async function prepare(kind: Kind, body: unknown, model: ServedModel): Promise<P
   if (adapterKey !== undefined && routedLimit !== undefined && prompt.length > routedLimit && model.adapters.routesOnPrompt(adapterKey)) {
     throw badRequest(
       `adapter ${adapter} routes on the whole prompt, which this server prefills in one step of at most ${routedLimit} tokens ` +
-        `(the engine's maxBatchRows); the prompt has ${prompt.length}: shorten it`,
+        `(the engine's maxBatchRows, --max-batch-rows, within the device's storage binding limit); the prompt has ${prompt.length}: shorten it`,
       param,
       "prompt_too_long_for_routing",
     );
