@@ -31,6 +31,8 @@ export interface ServedModel {
    * so the engine prefills it in one step, of at most this many rows (the engine's maxBatchRows).
    */
   readonly maxRoutedPromptTokens?: number;
+  /** False when the engine's plan has no logit processing kernels (a package compiled before them): penalties, logit_bias, min_p and logprobs are refused. */
+  readonly logitProcessing?: boolean;
 }
 
 type Kind = "completion" | "chat";
@@ -305,6 +307,18 @@ async function prepare(kind: Kind, body: unknown, model: ServedModel): Promise<P
   }
   if (params.n > 1 && params.n > model.scheduler.stats().slots) {
     throw badRequest(`\`n\` = ${params.n} choices run side by side, one sequence slot each; this server has ${model.scheduler.stats().slots} (--slots)`, "n");
+  }
+  if (model.logitProcessing === false) {
+    const used: [string, boolean][] = [
+      ["logprobs", params.logprobs !== undefined],
+      ["min_p", params.minP > 0],
+      ["presence_penalty", params.presencePenalty !== 0],
+      ["frequency_penalty", params.frequencyPenalty !== 0],
+      ["repetition_penalty", params.repetitionPenalty !== 1],
+      ["logit_bias", params.logitBias.size > 0],
+    ];
+    const field = used.find(([, on]) => on)?.[0];
+    if (field) throw badRequest(`\`${field}\` needs the logit processing kernels, which this package was compiled without: recompile it with this milora`, field, "unsupported_field");
   }
   const echo = "echo" in params && params.echo ? (typeof params.prompt === "string" ? params.prompt : (tokenizer?.decode(prompt) ?? "")) : "";
   return { params, adapter, adapterKey, prompt, maxTokens, echo };

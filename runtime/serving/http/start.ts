@@ -100,6 +100,7 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
         vocabSize: setup.base.vocabSize,
         ctx,
         maxRoutedPromptTokens: engine.maxRows,
+        logitProcessing: engine.plan.logitAdjust !== undefined && engine.plan.chosenLogprob !== undefined,
         ...(tokenizer ? { tokenizer } : {}),
         ...(chatTemplate ? { chatTemplate } : {}),
         // An adapter directory with its own template serves its chats with it, unless the operator named one for all.
