@@ -158,7 +158,18 @@ if (!existsSync(CHROMIUM)) {
         assert.is(Number(tokens), responses.get(tenant)!.usage.completion_tokens);
       }
 
-      // Charts (uPlot): one TTFT and TPOT point per request; throughput sampled; slot use drawn.
+      // Charts (uPlot): one TTFT and TPOT point per request; throughput sampled; slot use drawn. The
+      // throughput is sampled once a second over a 5 s window: wait (bounded) for a sample to reach the page.
+      await page
+        .waitForFunction(
+          () => {
+            const c = (globalThis as unknown as { miloraCharts?: Record<string, { data: (number | null)[][] }> }).miloraCharts;
+            return c?.throughput?.data[1]?.some((v) => v !== null && v > 0) ?? false;
+          },
+          undefined,
+          { timeout: 10_000 },
+        )
+        .catch(() => undefined);
       const charts = await page.evaluate(() => {
         const c = (globalThis as unknown as { miloraCharts: Record<string, { data: (number | null)[][] }> }).miloraCharts;
         return Object.fromEntries(Object.entries(c).map(([k, u]) => [k, u.data.map((s) => [...s])]));
