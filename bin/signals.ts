@@ -14,9 +14,10 @@ export async function withSignalsDeferred<T>(work: () => T): Promise<T> {
   try {
     return work();
   } finally {
-    // let signals that arrived during the work reach `note` before the listeners go
-    await new Promise<void>((done) => setImmediate(done));
-    await new Promise<void>((done) => setTimeout(done, 0));
+    // Let signals that arrived during the work reach `note` before the listeners go: libuv hands them to
+    // the event loop asynchronously, and under load one loop turn is not enough (a signal dropped here
+    // would be lost), so wait up to 100 ms, less when one has come.
+    for (let i = 0; i < 10 && caught === undefined; i++) await new Promise<void>((done) => setTimeout(done, 10));
     for (const s of SIGNALS) process.off(s, note);
     if (caught !== undefined) {
       process.kill(process.pid, caught);
