@@ -9,8 +9,8 @@
 // keep(i) is pcg(stream ^ pcg(i)) >= threshold with threshold = round(p * 2^32), stream a 32-bit value the
 // trainer derives from (seed, step, micro-batch, layer, module). Grid of ceil(n / 256) workgroups.
 import type { KernelSource } from "./kernel.ts";
-import { pcg } from "./sampling.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
+import { PCG_WGSL, pcg } from "./sampling.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, type StorageDecl } from "./wgsl.ts";
 
 const WORKGROUP = 256;
 
@@ -33,24 +33,18 @@ const PARAMS = [
 ] as const;
 
 const KEEP = /* wgsl */ `
-fn pcg(v: u32) -> u32 {
-  let state = v * 747796405u + 2891336453u;
-  let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
-  return (word >> 22u) ^ word;
-}
+${PCG_WGSL}
 
 fn keep(i: u32) -> bool {
   return pcg(params.stream ^ pcg(i)) >= params.threshold;
 }`;
 
-export function dropoutKernel(): KernelSource {
+/** An elementwise kernel over n values with the mask in scope: `body` is the statement for element i. */
+function masked(name: string, storage: readonly StorageDecl[], body: string): KernelSource {
   return kernelSource({
-    name: "dropout",
+    name,
     constants: {},
-    storage: [
-      { name: "x", access: "read", type: "array<f32>" },
-      { name: "out", access: "read_write", type: "array<f32>" },
-    ],
+    storage,
     params: PARAMS,
     body: /* wgsl */ `
 ${KEEP}
@@ -59,31 +53,30 @@ ${KEEP}
 fn main(${GROUP_BUILTINS}) {
   let i = ${LINEAR_GROUP} * ${WORKGROUP}u + lid;
   if (i >= params.n) { return; }
-  out[i] = select(0.0, x[i] * params.scale, keep(i));
+  ${body}
 }`,
     dispatch: { grid: { param: "n", per: WORKGROUP } },
   });
 }
 
+export function dropoutKernel(): KernelSource {
+  return masked(
+    "dropout",
+    [
+      { name: "x", access: "read", type: "array<f32>" },
+      { name: "out", access: "read_write", type: "array<f32>" },
+    ],
+    "out[i] = select(0.0, x[i] * params.scale, keep(i));",
+  );
+}
+
 export function dropoutGradKernel(): KernelSource {
-  return kernelSource({
-    name: "dropout_grad",
-    constants: {},
-    storage: [
+  return masked(
+    "dropout_grad",
+    [
       { name: "g", access: "read_write", type: "array<f32>" },
       { name: "acc", access: "read_write", type: "array<f32>" },
     ],
-    params: PARAMS,
-    body: /* wgsl */ `
-${KEEP}
-
-@compute @workgroup_size(${WORKGROUP})
-fn main(${GROUP_BUILTINS}) {
-  let i = ${LINEAR_GROUP} * ${WORKGROUP}u + lid;
-  if (i >= params.n) { return; }
-  if (keep(i)) { acc[i] += g[i] * params.scale; }
-  g[i] = 0.0;
-}`,
-    dispatch: { grid: { param: "n", per: WORKGROUP } },
-  });
+    "if (keep(i)) { acc[i] += g[i] * params.scale; }\n  g[i] = 0.0;",
+  );
 }

@@ -26,6 +26,13 @@ export function uniformDraw(seed: number, step: number): number {
   return (pcg((pcg(seed >>> 0) ^ step) >>> 0) >>> 8) / 16777216;
 }
 
+/** The kernels' `pcg`, the same hash as {@link pcg}: sampling's draws and dropout's masks use it. */
+export const PCG_WGSL = /* wgsl */ `fn pcg(v: u32) -> u32 {
+  let state = v * 747796405u + 2891336453u;
+  let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+  return (word >> 22u) ^ word;
+}`;
+
 const WORKGROUP = 256;
 const NONE = "0xffffffffu";
 
@@ -54,11 +61,7 @@ var<workgroup> lastKept: atomic<u32>;
 var<workgroup> rowTop: f32;
 var<workgroup> rowGoal: f32;
 
-fn pcg(v: u32) -> u32 {
-  let state = v * 747796405u + 2891336453u;
-  let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
-  return (word >> 22u) ^ word;
-}
+${PCG_WGSL}
 
 // Orders like the float: negative values flipped entirely, non-negative ones above them.
 fn orderKey(x: f32) -> u32 {
