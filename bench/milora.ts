@@ -13,7 +13,7 @@ import { peftSpec, randomAdapter } from "../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
 import { Engine } from "../runtime/engine/engine.ts";
-import type { GenerateRequest } from "../runtime/engine/generate.ts";
+import type { GenerateRequest } from "../runtime/engine/requests.ts";
 import { plannedEngine } from "../bin/engine-plan.ts";
 
 const { values } = parseArgs({ options: { hidden: { type: "string", default: "512" }, decode: { type: "string", default: "16" }, prompt: { type: "string", default: "16" }, repeats: { type: "string", default: "3" } } });

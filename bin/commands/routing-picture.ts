@@ -3,7 +3,7 @@
 // routing (labelled with the tokens when the model has a tokenizer).
 import { writeFileSync } from "node:fs";
 import type { Adapter } from "../../compiler/model.ts";
-import type { Generation } from "../../runtime/engine/generate.ts";
+import type { Generation } from "../../runtime/engine/requests.ts";
 import type { LayerRouting } from "../../runtime/engine/routing.ts";
 import { routingSvg, type RoutingPanel } from "../../runtime/pictures/heatmap.ts";
 

@@ -13,8 +13,8 @@ import { loadAdapter, type LoadedAdapter } from "../../runtime/formats/adapter.t
 import { AdapterStoreError } from "../../runtime/engine/tenants.ts";
 import { NoAdapterError, adapterSummary } from "../../runtime/gpu/device.ts";
 import { Engine, EngineError } from "../../runtime/engine/engine.ts";
-import { checkBeamOptions, type BeamSearchOptions } from "../../runtime/engine/beam-search.ts";
-import type { GenerateRequest, Generation } from "../../runtime/engine/generate.ts";
+import { checkBeamOptions } from "../../runtime/engine/beam-search.ts";
+import type { BeamSearchOptions, GenerateRequest, Generation } from "../../runtime/engine/requests.ts";
 import type { LayerRouting } from "../../runtime/engine/routing.ts";
 import { CheckpointError } from "../../runtime/formats/safetensors.ts";
 import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/engine/sequence.ts";

@@ -28,34 +28,11 @@
 // then forked into the beams by copying its keys and values slot to slot on the device. Each step, a
 // beam continuing another beam's history takes over a sequence whose beam died and gets the differing
 // cached positions copied (Engine.adopt): the prompt is never recomputed or recopied.
-import { EngineError, type Engine, type StepOutput } from "./engine.ts";
-import type { GenerateRequest, Generation, GenerationTimings } from "./generate.ts";
+import { EngineError } from "./engine-error.ts";
+import type { BeamSearchOptions, BeamSequence, GenerateRequest, Generation, GenerationTimings, SequenceRunner, StepOutput } from "./requests.ts";
 import type { LayerRouting } from "./routing.ts";
 import { SequenceError, type Sequence } from "./sequence.ts";
 import { MAX_BEAM_CANDIDATES } from "../gpu/layouts.ts";
-
-export interface BeamSearchOptions {
-  /** Beam width (HF num_beams); 1 is greedy decoding. */
-  readonly beams: number;
-  /** Exponent of the generated length that divides a hypothesis' sum of log-probabilities (default 1.0). */
-  readonly lengthPenalty?: number;
-  /** HF's early_stopping: false (default, the heuristic), true, or "never". */
-  readonly earlyStopping?: boolean | "never";
-  /** How many hypotheses to return, best first (default 1, at most `beams`). */
-  readonly numReturnSequences?: number;
-}
-
-/** One returned hypothesis. */
-export interface BeamSequence {
-  /** Generated tokens (the stop token kept when it ended with one). */
-  readonly tokens: number[];
-  /** sum of log-probabilities / generated length ** length_penalty. */
-  readonly score: number;
-  readonly sumLogprobs: number;
-  readonly finish: Generation["finish"];
-  /** The beam's routing: the prompt's decision (shared by every beam), or per position for token routing. */
-  readonly routing?: readonly LayerRouting[];
-}
 
 /** Checked options with their defaults. */
 export function checkBeamOptions(options: BeamSearchOptions, stopIds = 0): Required<BeamSearchOptions> {
@@ -204,7 +181,7 @@ interface Search {
  * Beam search for each request (each needs `beam`), the requests' beams decoded together in one
  * step. Needs `beams` free sequence slots per request.
  */
-export async function beamSearchBatch(engine: Engine, requests: readonly GenerateRequest[]): Promise<Generation[]> {
+export async function beamSearchBatch(engine: SequenceRunner, requests: readonly GenerateRequest[]): Promise<Generation[]> {
   const searches: Search[] = [];
   const live = new Set<Sequence>();
   try {
@@ -280,7 +257,7 @@ export async function beamSearchBatch(engine: Engine, requests: readonly Generat
  * (Engine.adopt copies the differing cached positions) or, on the first step, forks of the prompt's
  * sequence. Each sequence then gets its new token; a finished search releases its sequences.
  */
-function advance(engine: Engine, s: Search, outputs: ReadonlyMap<Sequence, StepOutput>, live: Set<Sequence>): void {
+function advance(engine: SequenceRunner, s: Search, outputs: ReadonlyMap<Sequence, StepOutput>, live: Set<Sequence>): void {
   const rows = s.seqs.map((seq) => outputs.get(seq)!.candidates!);
   const next = s.state.step(rows, (b) => s.seqs[b]!.routing.slice());
   if (s.state.done) {

@@ -14,13 +14,17 @@ import { openCheckpoint, type ProgressFn } from "../formats/checkpoint.ts";
 import { acquireDevice, type AdapterReport, type GpuContext } from "../gpu/device.ts";
 import { loadAdapter as readAdapterDir, loraKey, type LoadedAdapter } from "../formats/adapter.ts";
 import { AdapterStore, type ResidentAdapter } from "./tenants.ts";
-import { generate, generateBatch, type GenerateRequest, type Generation } from "./generate.ts";
+import { EngineError } from "./engine-error.ts";
+import { generate, generateBatch } from "./generate.ts";
+import type { BeamCandidates, CreateSequenceOptions, GenerateRequest, Generation, SequenceRunner, StepOutput } from "./requests.ts";
 import { PipelineCache, StepEncoder, createStorage } from "../gpu/kernel-runner.ts";
 import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
 import { MODULES_PER_LAYER, allOnGates, decisionsOf, gateColumn, gatesOf, type LayerRouting } from "./routing.ts";
 import { KvCache, kvLayerBytes } from "./kv-cache.ts";
-import { Sequence, SequenceError, checkSampling, type LogitsMode, type SamplingOptions } from "./sequence.ts";
+import { Sequence, SequenceError, checkSampling, type SamplingOptions } from "./sequence.ts";
 import { uploadWeights, type GpuTensor, type GpuWeights } from "./weights.ts";
+
+export { EngineError } from "./engine-error.ts";
 
 /** The router kernels of one layer, as the engine dispatches them. */
 export interface RouterKernels {
@@ -37,10 +41,6 @@ export interface KernelResolver {
   block(kernel: PlanKernel, rows: number): KernelSource;
 }
 
-/** A request the engine cannot serve as configured (context, capacity, device limits). */
-export class EngineError extends Error {
-  override name = "EngineError";
-}
 
 export interface EngineOptions {
   readonly base: BaseModel;
@@ -81,31 +81,6 @@ export interface EngineOptions {
   readonly resolver?: KernelResolver;
 }
 
-export interface CreateSequenceOptions {
-  readonly sampling?: SamplingOptions;
-  readonly logits?: LogitsMode;
-  /** Name of a loaded adapter to run with; the base alone when absent. */
-  readonly adapter?: string;
-}
-
-/** What a step gave one sequence whose pending tokens all ran. */
-export interface StepOutput {
-  /** The token sampled after its last token. */
-  readonly token: number;
-  /** Logits rows ([vocab] each) as the sequence's `logits` mode asked: every run row's, or the last. */
-  readonly logits?: readonly Float32Array[];
-  /** With `seq.candidates` > 0: the most likely next tokens, largest log-probability first. */
-  readonly candidates?: BeamCandidates;
-  /** With `seq.wantsLogprob`: the sampled token's log-probability under the raw logits (f32). */
-  readonly logprob?: number;
-}
-
-/** A row's most likely next tokens and their log-probabilities (log-softmax over the vocabulary, f32). */
-export interface BeamCandidates {
-  readonly tokens: Uint32Array;
-  readonly logprobs: Float32Array;
-}
-
 /** One token of a step: its id, its position and the cache slot of its sequence. */
 interface Row {
   readonly slot: number;
@@ -122,7 +97,7 @@ interface MergedState {
   readonly originals: ReadonlyMap<string, Float32Array>;
 }
 
-export class Engine {
+export class Engine implements SequenceRunner {
   readonly #gpu: GpuContext;
   readonly #ownsDevice: boolean;
   readonly #weights: GpuWeights;

@@ -1,55 +1,10 @@
 // Generation on top of the engine's steps: prefill the prompts together, then decode every live
 // sequence in lockstep until each reaches its token budget, a stop token or the end of its context.
-import { beamSearchBatch, type BeamSearchOptions, type BeamSequence } from "./beam-search.ts";
-import type { Engine } from "./engine.ts";
-import type { LayerRouting } from "./routing.ts";
-import type { Sequence, SamplingOptions } from "./sequence.ts";
+import { beamSearchBatch } from "./beam-search.ts";
+import type { GenerateRequest, Generation, GenerationTimings, SequenceRunner } from "./requests.ts";
+import type { Sequence } from "./sequence.ts";
 
-export interface GenerateRequest {
-  readonly prompt: readonly number[];
-  /** Tokens to generate; 0 runs the prompt only (for its logits). */
-  readonly maxTokens: number;
-  readonly sampling?: SamplingOptions;
-  /** Logits of the prompt to return: its last position's, or every position's. */
-  readonly logits?: "last" | "all";
-  /** Token ids that end generation (the stop token is kept in the output). */
-  readonly stop?: readonly number[];
-  /** A loaded adapter (tenant) to run with; the base alone when absent. */
-  readonly adapter?: string;
-  /**
-   * Beam search (beam-search.ts: Hugging Face's meaning) when `beams` > 1: the returned tokens are the
-   * best hypothesis', and `beams` of the Generation holds numReturnSequences of them with scores.
-   * Needs greedy sampling (the default) and one free sequence slot per beam.
-   */
-  readonly beam?: BeamSearchOptions;
-}
-
-/** Wall-clock times of the batch a generation ran in (shared by all its requests). */
-export interface GenerationTimings {
-  readonly prefillTokens: number;
-  readonly prefillMs: number;
-  /** Tokens produced by decode steps (the first token of each sequence comes from prefill). */
-  readonly decodeTokens: number;
-  readonly decodeSteps: number;
-  readonly decodeMs: number;
-}
-
-export interface Generation {
-  readonly tokens: number[];
-  /** `length`: maxTokens reached; `stop`: a stop token came; `context`: the KV cache is full. */
-  readonly finish: "length" | "stop" | "context";
-  /** Prompt logits as asked, one row of vocab_size per position. */
-  readonly logits?: readonly Float32Array[];
-  /** The adapter's routing: per routed layer (prompt routing) or per layer and position (token routing). */
-  readonly routing?: readonly LayerRouting[];
-  readonly timings: GenerationTimings;
-  /** Beam search: the best hypothesis' score (sum of log-probabilities / length ** length_penalty). */
-  readonly score?: number;
-  /** Beam search: the numReturnSequences best hypotheses, best first (the first is `tokens`). */
-  readonly beams?: readonly BeamSequence[];
-}
-
-export async function generate(engine: Engine, request: GenerateRequest): Promise<Generation> {
+export async function generate(engine: SequenceRunner, request: GenerateRequest): Promise<Generation> {
   const [one] = await generateBatch(engine, [request]);
   return one!;
 }
@@ -67,7 +22,7 @@ export function isBeamSearch(request: GenerateRequest): boolean {
   return request.beam !== undefined && request.beam.beams !== 1;
 }
 
-export async function generateBatch(engine: Engine, requests: readonly GenerateRequest[]): Promise<Generation[]> {
+export async function generateBatch(engine: SequenceRunner, requests: readonly GenerateRequest[]): Promise<Generation[]> {
   if (requests.some(isBeamSearch)) {
     // Beam requests decode together in their own steps; any others then run as usual.
     const beams = requests.filter(isBeamSearch);
@@ -89,7 +44,7 @@ export async function generateBatch(engine: Engine, requests: readonly GenerateR
  * iteration early releases the sequences.
  */
 export async function* generateSteps(
-  engine: Engine,
+  engine: SequenceRunner,
   requests: readonly GenerateRequest[],
 ): AsyncGenerator<readonly (number | undefined)[], Generation[]> {
   for (const r of requests) {

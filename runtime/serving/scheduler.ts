@@ -4,7 +4,7 @@
 // across tenants: the tenant with the fewest running sequences goes first, ties by who waited longest.
 import { LogitAdjust, penaltiesActive, type PenaltySettings } from "../engine/logit-adjust.ts";
 import type { LayerRouting } from "../engine/routing.ts";
-import type { GenerateRequest, Generation } from "../engine/generate.ts";
+import type { GenerateRequest, Generation } from "../engine/requests.ts";
 import type { Sequence, SamplingOptions } from "../engine/sequence.ts";
 
 /** What the scheduler needs of an engine; runtime/engine.ts's Engine provides it. */

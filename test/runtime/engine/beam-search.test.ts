@@ -13,7 +13,7 @@ import { EXPERT_MODULES, type Adapter, type RouterConfig } from "../../../compil
 import { peftSpec, randomAdapter } from "../../../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
 import type { LoadedAdapter } from "../../../runtime/formats/adapter.ts";
-import type { BeamSearchOptions } from "../../../runtime/engine/beam-search.ts";
+import type { BeamSearchOptions } from "../../../runtime/engine/requests.ts";
 import { acquireDevice, type GpuContext } from "../../../runtime/gpu/device.ts";
 import { Engine, EngineError } from "../../../runtime/engine/engine.ts";
 import { SequenceError } from "../../../runtime/engine/sequence.ts";

@@ -5,7 +5,8 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { mulberry32 } from "../../../examples/random-checkpoint.ts";
-import { BeamState, checkBeamOptions, type BeamSearchOptions } from "../../../runtime/engine/beam-search.ts";
+import { BeamState, checkBeamOptions } from "../../../runtime/engine/beam-search.ts";
+import type { BeamSearchOptions } from "../../../runtime/engine/requests.ts";
 import { SequenceError } from "../../../runtime/engine/sequence.ts";
 import { logSoftmax, referenceBeamSearch } from "../../reference/beam.ts";
 

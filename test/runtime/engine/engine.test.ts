@@ -9,7 +9,7 @@ import { kernelSources, planBase } from "../../../compiler/plan.ts";
 import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../../../examples/random-checkpoint.ts";
 import { acquireDevice, type GpuContext } from "../../../runtime/gpu/device.ts";
 import { Engine, EngineError, type EngineOptions } from "../../../runtime/engine/engine.ts";
-import type { Generation } from "../../../runtime/engine/generate.ts";
+import type { Generation } from "../../../runtime/engine/requests.ts";
 import { CheckpointError, SafetensorsFile, writeSafetensors } from "../../../runtime/formats/safetensors.ts";
 import { sampleRowCpu } from "../../../compiler/kernels/sampling-cpu.ts";
 import { loadReferenceWeights, referenceGreedy, referenceLogits } from "../../reference/llama.ts";
