@@ -8,7 +8,7 @@ import {
   type ExpertSlot,
   type RouterConfig,
 } from "./model.ts";
-import { moduleShape } from "./modules.ts";
+import { moduleShape } from "./families.ts";
 
 export interface ModuleBudget {
   readonly module: ExpertModule;

@@ -13,7 +13,8 @@ import {
   type ExpertSlot,
   type RouterConfig,
 } from "./model.ts";
-import { moduleShape, modulesOfPattern, PATTERN_SPELLINGS } from "./modules.ts";
+import { moduleShape } from "./families.ts";
+import { modulesOfPattern, PATTERN_SPELLINGS } from "./modules.ts";
 import type { Declared, Scope } from "./resolve.ts";
 import type { Reporter } from "./reporter.ts";
 import { didYouMean } from "./suggest.ts";

@@ -68,7 +68,6 @@ export function checkBase(decl: BaseDecl, specPath: string, r: Reporter): BaseMo
     name,
     family: family.name,
     ...complete,
-    attentionBias: family.attentionBias,
     ...(from === undefined ? {} : { configPath: from.configPath }),
     span: decl.span,
   };

@@ -134,7 +134,6 @@ export function baseFromHfConfig(
       name,
       family: family.name,
       ...complete,
-      attentionBias: family.attentionBias,
       configPath: resolve(configPath),
       span,
     },

@@ -7,21 +7,10 @@ import type { RationalOrders } from "./rational.ts";
 export const EXPERT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
 export type ExpertModule = (typeof EXPERT_MODULES)[number];
 
-/** Where each module sits in a LLaMA block: its path in Hugging Face module and tensor names. */
-export const MODULE_PATHS: Readonly<Record<ExpertModule, string>> = {
-  q_proj: "self_attn.q_proj",
-  k_proj: "self_attn.k_proj",
-  v_proj: "self_attn.v_proj",
-  o_proj: "self_attn.o_proj",
-  gate_proj: "mlp.gate_proj",
-  up_proj: "mlp.up_proj",
-  down_proj: "mlp.down_proj",
-};
-
 /** Concrete hyper-parameters of a base model, in milora's names (HF names in comments). */
 export interface BaseModel {
   readonly name: string;
-  /** `llama`, `mistral`, `qwen2`: selects tensor naming and small architectural differences. */
+  /** A name of compiler/families.ts: its architecture table names the tensors and their shapes. */
   readonly family: string;
   readonly hiddenSize: number; // hidden_size
   readonly layers: number; // num_hidden_layers
@@ -34,8 +23,6 @@ export interface BaseModel {
   readonly rmsNormEps: number; // rms_norm_eps
   readonly maxPositions: number; // max_position_embeddings
   readonly tieEmbeddings: boolean; // tie_word_embeddings
-  /** Whether q/k/v projections carry a bias (qwen2). */
-  readonly attentionBias: boolean;
   /** Absolute path of the HF config.json this base was read from, if any. */
   readonly configPath?: string;
   readonly span: Span;

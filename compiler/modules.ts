@@ -1,5 +1,5 @@
-// The expert modules of a layer: how `experts` patterns name them and the shape each has in a base.
-import { EXPERT_MODULES, type BaseModel, type ExpertModule } from "./model.ts";
+// The expert modules of a layer: how `experts` patterns name them (their shapes: families.ts).
+import { EXPERT_MODULES, type ExpertModule } from "./model.ts";
 
 /** `attn.*` and `mlp.*`: the modules of the attention block and of the feed-forward block. */
 export const MODULE_GROUPS = {
@@ -16,24 +16,4 @@ export function modulesOfPattern(name: string, wildcard: boolean): readonly Expe
     return Object.hasOwn(MODULE_GROUPS, name) ? MODULE_GROUPS[name as keyof typeof MODULE_GROUPS] : undefined;
   if (name === "all") return EXPERT_MODULES;
   return (EXPERT_MODULES as readonly string[]).includes(name) ? [name as ExpertModule] : undefined;
-}
-
-/** A linear module's [in, out] features in a base (weights are stored [out, in]). */
-export function moduleShape(base: BaseModel, module: ExpertModule): { inFeatures: number; outFeatures: number } {
-  const q = base.heads * base.headDim;
-  const kv = base.kvHeads * base.headDim;
-  switch (module) {
-    case "q_proj":
-      return { inFeatures: base.hiddenSize, outFeatures: q };
-    case "k_proj":
-    case "v_proj":
-      return { inFeatures: base.hiddenSize, outFeatures: kv };
-    case "o_proj":
-      return { inFeatures: q, outFeatures: base.hiddenSize };
-    case "gate_proj":
-    case "up_proj":
-      return { inFeatures: base.hiddenSize, outFeatures: base.intermediateSize };
-    case "down_proj":
-      return { inFeatures: base.intermediateSize, outFeatures: base.hiddenSize };
-  }
 }

@@ -35,8 +35,8 @@ import type {
   PlanOp as FormatPlanOp,
   PlanRouterLayer as FormatPlanRouterLayer,
   PlanTensor as FormatPlanTensor,
-  TensorRole,
 } from "../runtime/package/format.ts";
+import { checkpointTensors, familyNamed, layerTemplate, widthsOf } from "./families.ts";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "./model.ts";
 
 /** A base model the planner cannot lower, with the reason in words. */
@@ -110,9 +110,11 @@ export const MATVEC_MAX_ROWS = 28;
 
 /** Plans a LLaMA-family base model. Throws PlanError for what the kernels do not implement. */
 export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
-  if (base.family !== "llama")
-    throw new PlanError(`base ${base.name}: family "${base.family}" has no planner (only llama)`);
-  if (base.attentionBias) throw new PlanError(`base ${base.name}: attention biases are not supported yet`);
+  const family = familyNamed(base.family);
+  if (family === undefined) throw new PlanError(`base ${base.name}: family "${base.family}" has no planner`);
+  const arch = family.architecture;
+  const biased = EXPERT_MODULES.filter((m) => arch.modules[m].bias);
+  if (biased.length > 0) throw new PlanError(`base ${base.name}: biases on ${biased.join(", ")} are not supported yet`);
   const ctx = options.ctx ?? base.maxPositions;
   const { adapter } = options;
   if (adapter !== undefined && adapter.base.name !== base.name)
@@ -152,7 +154,12 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     if (!kernels.has(key)) kernels.set(key, { ...request, key } as PlannedKernel);
     return key;
   };
-  const tensors = tensorTable(dims);
+  const tensors = tensorTable(base);
+  const linearWeight = (module: ExpertModule) => layerTemplate(arch, `${arch.modules[module].path}.weight`);
+  const linearOf = (module: ExpertModule, io: { input: ActivationName; output: ActivationName; residual?: ActivationName }) => {
+    const m = arch.modules[module];
+    return linear(module, widths[m.input], widths[m.output], io, linearWeight(module));
+  };
   const linear = (
     module: LinearModule,
     K: number,
@@ -187,14 +194,15 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     };
   };
   const { hidden, qWidth, kvWidth, intermediate, vocab } = dims;
+  const widths = widthsOf(base);
   const norm = use({ family: "rmsnorm", constants: { hidden, eps: dims.rmsNormEps } });
   const attentionShape = { heads: dims.heads, kvHeads: dims.kvHeads, headDim: dims.headDim };
 
   const layer: PlanOp[] = [
-    { op: "rmsnorm", kernel: norm, input: "x", weight: "model.layers.{layer}.input_layernorm.weight", output: "xn" },
-    linear("q_proj", hidden, qWidth, { input: "xn", output: "q" }, linearWeight("q_proj")),
-    linear("k_proj", hidden, kvWidth, { input: "xn", output: "k" }, linearWeight("k_proj")),
-    linear("v_proj", hidden, kvWidth, { input: "xn", output: "v" }, linearWeight("v_proj")),
+    { op: "rmsnorm", kernel: norm, input: "x", weight: layerTemplate(arch, `${arch.attentionNorm}.weight`), output: "xn" },
+    linearOf("q_proj", { input: "xn", output: "q" }),
+    linearOf("k_proj", { input: "xn", output: "k" }),
+    linearOf("v_proj", { input: "xn", output: "v" }),
     {
       op: "rope",
       kernel: use({ family: "rope", constants: { ...attentionShape, theta: dims.ropeTheta } }),
@@ -216,18 +224,18 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       q: "q",
       output: "attn",
     },
-    linear("o_proj", qWidth, hidden, { input: "attn", output: "h", residual: "x" }, linearWeight("o_proj")),
+    linearOf("o_proj", { input: "attn", output: "h", residual: "x" }),
     {
       op: "rmsnorm",
       kernel: norm,
       input: "h",
-      weight: "model.layers.{layer}.post_attention_layernorm.weight",
+      weight: layerTemplate(arch, `${arch.mlpNorm}.weight`),
       output: "xn",
     },
-    linear("gate_proj", hidden, intermediate, { input: "xn", output: "gate" }, linearWeight("gate_proj")),
-    linear("up_proj", hidden, intermediate, { input: "xn", output: "up" }, linearWeight("up_proj")),
+    linearOf("gate_proj", { input: "xn", output: "gate" }),
+    linearOf("up_proj", { input: "xn", output: "up" }),
     { op: "swiglu", kernel: use({ family: "swiglu", constants: {} }), gate: "gate", up: "up", output: "act" },
-    linear("down_proj", intermediate, hidden, { input: "act", output: "x", residual: "h" }, linearWeight("down_proj")),
+    linearOf("down_proj", { input: "act", output: "x", residual: "h" }),
   ];
   const routers = (adapter?.router === undefined ? [] : adapter.layers).map((layer): PlanRouterLayer => {
     const experts = EXPERT_MODULES.filter((m) => adapter!.experts.some((e) => e.layer === layer && e.module === m));
@@ -240,9 +248,9 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       gate: use(requests.gate),
     };
   });
-  const lmHead = dims.tiedEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  const lmHead = dims.tiedEmbeddings ? arch.embedding : arch.lmHead;
   const head: PlanOp[] = [
-    { op: "rmsnorm", kernel: norm, input: "out", weight: "model.norm.weight", output: "outNorm" },
+    { op: "rmsnorm", kernel: norm, input: "out", weight: arch.finalNorm, output: "outNorm" },
     linear("lm_head", hidden, vocab, { input: "outNorm", output: "logits" }, lmHead),
     { op: "sample", kernel: use({ family: "sampling", constants: { vocab } }), logits: "logits" },
   ];
@@ -267,7 +275,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       { name: "logits", width: vocab },
     ],
     input: "x",
-    embedding: "model.embed_tokens.weight",
+    embedding: arch.embedding,
     layer,
     headInput: "out",
     head,
@@ -313,51 +321,14 @@ function blockHeights(t: PlanTensor, maxBindingBytes: number): number[] {
   return rows % perBlock === 0 ? [perBlock] : [perBlock, rows % perBlock];
 }
 
-const MODULE_BLOCK: Readonly<Record<ExpertModule, "self_attn" | "mlp">> = {
-  q_proj: "self_attn",
-  k_proj: "self_attn",
-  v_proj: "self_attn",
-  o_proj: "self_attn",
-  gate_proj: "mlp",
-  up_proj: "mlp",
-  down_proj: "mlp",
-};
-
-/** The HF name template of a layer's linear weight. */
-function linearWeight(module: ExpertModule): string {
-  return `model.layers.{layer}.${MODULE_BLOCK[module]}.${module}.weight`;
-}
-
-/** The checkpoint tensors of a LLaMA model, in checkpoint order. */
-function tensorTable(d: PlanDims): PlanTensor[] {
-  const t = (name: string, shape: number[], role: TensorRole, extra: Partial<PlanTensor> = {}): PlanTensor => ({
-    name,
-    shape,
+/** The checkpoint tensors of a base as the plan places them on the GPU, in checkpoint order. */
+function tensorTable(base: BaseModel): PlanTensor[] {
+  return checkpointTensors(base).map((t) => ({
+    ...t,
+    shape: [...t.shape],
     gpuDtype: "f32",
-    role,
-    splittable: role === "embedding" || role === "lm_head" || role === "linear",
-    ...extra,
-  });
-  const out = [t("model.embed_tokens.weight", [d.vocab, d.hidden], "embedding")];
-  const modules: [ExpertModule, number, number][] = [
-    ["q_proj", d.qWidth, d.hidden],
-    ["k_proj", d.kvWidth, d.hidden],
-    ["v_proj", d.kvWidth, d.hidden],
-    ["o_proj", d.hidden, d.qWidth],
-    ["gate_proj", d.intermediate, d.hidden],
-    ["up_proj", d.intermediate, d.hidden],
-    ["down_proj", d.hidden, d.intermediate],
-  ];
-  for (let layer = 0; layer < d.layers; layer++) {
-    const p = `model.layers.${layer}`;
-    out.push(t(`${p}.input_layernorm.weight`, [d.hidden], "attn_norm", { layer }));
-    for (const [module, rows, cols] of modules)
-      out.push(t(layerTensor(linearWeight(module), layer), [rows, cols], "linear", { layer, module }));
-    out.push(t(`${p}.post_attention_layernorm.weight`, [d.hidden], "mlp_norm", { layer }));
-  }
-  out.push(t("model.norm.weight", [d.hidden], "final_norm"));
-  if (!d.tiedEmbeddings) out.push(t("lm_head.weight", [d.vocab, d.hidden], "lm_head"));
-  return out;
+    splittable: t.role === "embedding" || t.role === "lm_head" || t.role === "linear",
+  }));
 }
 
 

@@ -7,7 +7,8 @@ import { basename, dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { pathToFileURL } from "node:url";
 import type { BaseModel } from "../compiler/model.ts";
-import { INDEX_FILE, SINGLE_FILE, llamaTensorNames } from "../runtime/formats/checkpoint.ts";
+import { INDEX_FILE, SINGLE_FILE } from "../runtime/formats/checkpoint.ts";
+import { checkpointTensors } from "../compiler/families.ts";
 import { DTYPE_BYTES, SafetensorsFile, elementCount, writeSafetensors, type FloatDtype, type TensorToWrite } from "../runtime/formats/safetensors.ts";
 
 export interface RandomCheckpointOptions {
@@ -73,7 +74,6 @@ export function randomCheckpointBase(o: RandomCheckpointOptions, configPath?: st
     rmsNormEps: o.rmsNormEps ?? 1e-6,
     maxPositions: o.maxPositions ?? 256,
     tieEmbeddings: o.tieEmbeddings ?? false,
-    attentionBias: false,
     ...(configPath ? { configPath: resolve(configPath) } : {}),
     span: { file: configPath ?? "<random>", start: at, end: at },
   };
@@ -82,7 +82,7 @@ export function randomCheckpointBase(o: RandomCheckpointOptions, configPath?: st
 /** Seeded weights for every tensor of the base, in checkpoint order; scaled so a tiny model's logits differ. */
 export function randomWeights(base: BaseModel, seed: number): { name: string; shape: number[]; data: Float32Array }[] {
   const normal = seededNormal(seed);
-  return llamaTensorNames(base).map(({ name, shape }) => {
+  return checkpointTensors(base).map(({ name, shape }) => {
     const data = new Float32Array(elementCount(shape));
     if (name.endsWith("norm.weight")) {
       // Norm gains near 1 but not equal to it, so a kernel that ignores them fails the reference test.

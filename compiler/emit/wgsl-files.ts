@@ -3,6 +3,7 @@
 // kernels, the binding size for a split weight's block kernels). The header is comment lines ended by
 // one blank line; splitKernelFile() takes it off again when the runtime loads the file.
 import { BASE_KEYS, type BaseKeyName } from "../base-keys.ts";
+import { familyOf, type Width } from "../families.ts";
 import type { BaseModel } from "../model.ts";
 import { kernelSources, type LinearModule, type Plan, type PlannedKernel } from "../plan.ts";
 import { COMPILER_VERSION, type ManifestKernel } from "./manifest.ts";
@@ -17,7 +18,7 @@ export interface KernelFile extends ManifestKernel {
   readonly text: string;
 }
 
-/** The base keys each kernel family's constants come from (linear kernels: see LINEAR_KEYS). */
+/** The base keys each kernel family's constants come from (linear kernels: linearBaseKeys). */
 const FAMILY_KEYS: Readonly<Record<Exclude<PlannedKernel["family"], LinearFamily>, readonly BaseKeyName[]>> = {
   rmsnorm: ["hidden_size", "rms_norm_eps"],
   rope: ["heads", "kv_heads", "head_dim", "rope_theta"],
@@ -36,17 +37,20 @@ const FAMILY_KEYS: Readonly<Record<Exclude<PlannedKernel["family"], LinearFamily
 /** Kernels of linear modules: their constants come from the modules' shapes (and LoRA ranks). */
 type LinearFamily = "matmul" | "matvec" | "lora_shrink" | "lora_expand";
 
-/** The base keys that give a linear module its K (inputs) and N (outputs). */
-const LINEAR_KEYS: Readonly<Record<LinearModule, readonly BaseKeyName[]>> = {
-  q_proj: ["hidden_size", "heads", "head_dim"],
-  k_proj: ["hidden_size", "kv_heads", "head_dim"],
-  v_proj: ["hidden_size", "kv_heads", "head_dim"],
-  o_proj: ["hidden_size", "heads", "head_dim"],
-  gate_proj: ["hidden_size", "intermediate_size"],
-  up_proj: ["hidden_size", "intermediate_size"],
-  down_proj: ["hidden_size", "intermediate_size"],
-  lm_head: ["hidden_size", "vocab_size"],
+/** The base keys a width comes from. */
+const WIDTH_KEYS: Readonly<Record<Width, readonly BaseKeyName[]>> = {
+  hidden: ["hidden_size"],
+  q: ["heads", "head_dim"],
+  kv: ["kv_heads", "head_dim"],
+  intermediate: ["intermediate_size"],
+  vocab: ["vocab_size"],
 };
+
+/** The base keys that give a linear module its K (inputs) and N (outputs), by its family's table. */
+function linearBaseKeys(family: string, module: LinearModule): BaseKeyName[] {
+  const m = module === "lm_head" ? { input: "hidden" as const, output: "vocab" as const } : familyOf({ family, name: family }).architecture.modules[module];
+  return [...WIDTH_KEYS[m.input], ...WIDTH_KEYS[m.output]];
+}
 
 /** A file name from a kernel key: `matmul(K=64,N=32,residual=false)` -> `matmul_K-64_N-32_residual-false.wgsl`. */
 export function kernelFileName(key: string): string {
@@ -151,7 +155,7 @@ function isBlockKernel(plan: Plan, key: string): boolean {
 function baseKeysOf(plan: Plan, k: PlannedKernel): BaseKeyName[] {
   if (k.family !== "matmul" && k.family !== "matvec" && k.family !== "lora_shrink" && k.family !== "lora_expand") return [...FAMILY_KEYS[k.family]];
   const keys = [...plan.layer, ...plan.head].flatMap((op) =>
-    op.op === "linear" && linearKeys(op).includes(k.key) ? LINEAR_KEYS[op.module] : [],
+    op.op === "linear" && linearKeys(op).includes(k.key) ? linearBaseKeys(plan.family, op.module) : [],
   );
   return [...new Set(keys)];
 }

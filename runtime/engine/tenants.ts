@@ -168,21 +168,9 @@ export class AdapterStore {
   }
 }
 
-/** [out, in] of a module's weight in the plan's dimensions. */
+/** [out, in] of a module's weight: the shape the plan's tensor table gives it. */
 function moduleShape(plan: Plan, module: ExpertModule): [number, number] {
-  const { hidden, qWidth, kvWidth, intermediate } = plan.dims;
-  switch (module) {
-    case "q_proj":
-      return [qWidth, hidden];
-    case "k_proj":
-    case "v_proj":
-      return [kvWidth, hidden];
-    case "o_proj":
-      return [hidden, qWidth];
-    case "gate_proj":
-    case "up_proj":
-      return [intermediate, hidden];
-    case "down_proj":
-      return [hidden, intermediate];
-  }
+  const t = plan.tensors.find((t) => t.role === "linear" && t.module === module);
+  if (t === undefined || t.shape.length !== 2) throw new AdapterStoreError(`the plan has no linear weight for ${module}`);
+  return [t.shape[0]!, t.shape[1]!];
 }

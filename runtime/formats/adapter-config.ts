@@ -6,7 +6,6 @@ import { readFileSync } from "node:fs";
 import { RE2JS } from "re2js";
 import {
   EXPERT_MODULES,
-  MODULE_PATHS,
   type Activation,
   type Adapter,
   type BaseModel,
@@ -19,7 +18,7 @@ import {
   type Selection,
 } from "../../compiler/model.ts";
 import { MAX_LAYERS, MAX_RANK } from "../../compiler/limits.ts";
-import { moduleShape } from "../../compiler/modules.ts";
+import { moduleShape, modulePath } from "../../compiler/families.ts";
 import { RATIONAL_ORDER_LIMITS } from "../../compiler/rational.ts";
 import { CheckpointError } from "./safetensors.ts";
 
@@ -31,11 +30,6 @@ export const ADAPTER_CONFIG_FILE = "adapter_config.json";
  */
 export const MILORA_SECTION_VERSION = 2;
 
-
-/** A module's name inside the base model, the string PEFT matches its patterns against. */
-function modulePath(layer: number, module: ExpertModule): string {
-  return `model.layers.${layer}.${MODULE_PATHS[module]}`;
-}
 
 /** The LoRA update's multiplier: alpha / r, or alpha / sqrt(r) with rsLoRA. */
 export function loraScaling(rank: number, alpha: number, rslora: boolean): number {
@@ -290,8 +284,8 @@ function isTargeted(config: PeftLoraConfig, layer: number, path: string): boolea
 }
 
 /** The LoRA options the PEFT fields give one module (the rank is checked against the tensors later). */
-export function configLoraOptions(config: PeftLoraConfig, layer: number, module: ExpertModule): Omit<LoraOptions, "scaling"> {
-  const path = modulePath(layer, module);
+export function configLoraOptions(config: PeftLoraConfig, base: BaseModel, layer: number, module: ExpertModule): Omit<LoraOptions, "scaling"> {
+  const path = modulePath(base, layer, module);
   return {
     rank: patternValue(config.rankPattern, path, config.r, "rank_pattern", config.path),
     alpha: patternValue(config.alphaPattern, path, config.loraAlpha, "alpha_pattern", config.path),
@@ -307,14 +301,14 @@ export function configLoraOptions(config: PeftLoraConfig, layer: number, module:
 export function specFromConfig(config: PeftLoraConfig, base: BaseModel, name: string, useMilora = true): Adapter {
   const section = useMilora ? config.milora : undefined;
   const enabled = (layer: number): readonly ExpertModule[] =>
-    section ? (section.experts.get(layer) ?? []) : EXPERT_MODULES.filter((m) => isTargeted(config, layer, modulePath(layer, m)));
+    section ? (section.experts.get(layer) ?? []) : EXPERT_MODULES.filter((m) => isTargeted(config, layer, modulePath(base, layer, m)));
   const outside = section ? [...section.experts.keys()].filter((l) => l >= base.layers) : (config.layersToTransform ?? []).filter((l) => l >= base.layers);
   if (outside.length > 0) {
     throw new CheckpointError(`${config.path}: layer ${outside.join(", ")} is outside the base (${base.name} has ${base.layers} layers)`);
   }
   const experts: ExpertSlot[] = [];
   for (let layer = 0; layer < base.layers; layer++) {
-    for (const m of enabled(layer)) experts.push(loraSlot(base, layer, m, configLoraOptions(config, layer, m)));
+    for (const m of enabled(layer)) experts.push(loraSlot(base, layer, m, configLoraOptions(config, base, layer, m)));
   }
   if (experts.length === 0) {
     throw new CheckpointError(
@@ -353,7 +347,7 @@ export function configJson(spec: Adapter): Record<string, unknown> {
     r,
     lora_alpha: alpha,
     lora_dropout: mostCommon(experts.map((e) => e.dropout)),
-    target_modules: isGrid ? modules : experts.map((e) => modulePath(e.layer, e.module).replaceAll(".", "\\.")).join("|"),
+    target_modules: isGrid ? modules : experts.map((e) => modulePath(base, e.layer, e.module).replaceAll(".", "\\.")).join("|"),
     layers_to_transform: isGrid && !allLayers ? spec.layers : null,
     rank_pattern: exceptions(spec, (e) => e.rank, r),
     alpha_pattern: exceptions(spec, (e) => e.alpha, alpha),
@@ -379,7 +373,7 @@ function exceptions(spec: Adapter, value: (e: ExpertSlot) => number, fallback: n
     const values = new Set(slots.map(value));
     if (values.size === 1 && !values.has(fallback)) table[m] = value(slots[0]!);
     else if (values.size > 1) {
-      for (const e of slots) if (value(e) !== fallback) table[`layers.${e.layer}.${MODULE_PATHS[m]}`] = value(e);
+      for (const e of slots) if (value(e) !== fallback) table[modulePath(spec.base, e.layer, m)] = value(e);
     }
   }
   return table;

@@ -3,7 +3,8 @@
 // files against a spec (given, or rebuilt from the config) and reports every mismatch at once.
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { EXPERT_MODULES, MODULE_PATHS, type Adapter, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
+import { familyOf, modulePath } from "../../compiler/families.ts";
+import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
 import { rationalInit } from "../../compiler/rational.ts";
 import {
   ADAPTER_CONFIG_FILE,
@@ -68,17 +69,20 @@ export interface LoadedAdapter {
   readonly router?: ReadonlyMap<number, RouterWeights>;
 }
 
-const LAYERS = "base_model.model.model.layers";
+/** PEFT wraps the base model twice: `base_model.model.` precedes every module path of the base. */
+const PEFT_PREFIX = "base_model.model";
+type Base = Pick<BaseModel, "family" | "name">;
+const layerPath = (base: Base, layer: number) => `${PEFT_PREFIX}.${familyOf(base).architecture.layers}.${layer}`;
 
-/** Tensor names in adapter_model.safetensors. */
+/** Tensor names in adapter_model.safetensors, for an adapter over `base`. */
 export const adapterTensorName = {
-  loraA: (layer: number, module: ExpertModule) => `${LAYERS}.${layer}.${MODULE_PATHS[module]}.lora_A.weight`,
-  loraB: (layer: number, module: ExpertModule) => `${LAYERS}.${layer}.${MODULE_PATHS[module]}.lora_B.weight`,
-  router: (layer: number) => `${LAYERS}.${layer}.milora_router.weight`,
-  routerNoise: (layer: number) => `${LAYERS}.${layer}.milora_router_noise.weight`,
-  pooler: (layer: number) => `${LAYERS}.${layer}.milora_pooler.weight`,
-  rationalNumerator: (layer: number) => `${LAYERS}.${layer}.milora_rational.numerator`,
-  rationalDenominator: (layer: number) => `${LAYERS}.${layer}.milora_rational.denominator`,
+  loraA: (base: Base, layer: number, module: ExpertModule) => `${PEFT_PREFIX}.${modulePath(base, layer, module)}.lora_A.weight`,
+  loraB: (base: Base, layer: number, module: ExpertModule) => `${PEFT_PREFIX}.${modulePath(base, layer, module)}.lora_B.weight`,
+  router: (base: Base, layer: number) => `${layerPath(base, layer)}.milora_router.weight`,
+  routerNoise: (base: Base, layer: number) => `${layerPath(base, layer)}.milora_router_noise.weight`,
+  pooler: (base: Base, layer: number) => `${layerPath(base, layer)}.milora_pooler.weight`,
+  rationalNumerator: (base: Base, layer: number) => `${layerPath(base, layer)}.milora_rational.numerator`,
+  rationalDenominator: (base: Base, layer: number) => `${layerPath(base, layer)}.milora_rational.denominator`,
 };
 
 type TensorRole =
@@ -106,20 +110,20 @@ function specTensors(spec: Adapter): SpecTensor[] {
   const out: SpecTensor[] = [];
   const add = (name: string, shape: number[], role: TensorRole, optional = false) => out.push({ name, shape, optional, role });
   for (const { layer, module, rank, inFeatures, outFeatures } of spec.experts) {
-    add(adapterTensorName.loraA(layer, module), [rank, inFeatures], { kind: "lora_A", layer, module });
-    add(adapterTensorName.loraB(layer, module), [outFeatures, rank], { kind: "lora_B", layer, module });
+    add(adapterTensorName.loraA(spec.base, layer, module), [rank, inFeatures], { kind: "lora_A", layer, module });
+    add(adapterTensorName.loraB(spec.base, layer, module), [outFeatures, rank], { kind: "lora_B", layer, module });
   }
   if (!spec.router) return out;
   const hidden = spec.base.hiddenSize;
   for (const layer of spec.layers) {
     const experts = layerExperts(spec, layer).length;
-    add(adapterTensorName.router(layer), [experts, hidden], { kind: "router", layer });
-    add(adapterTensorName.routerNoise(layer), [experts, hidden], { kind: "router_noise", layer }, true);
-    if (spec.router.pooling === "attention") add(adapterTensorName.pooler(layer), [1, hidden], { kind: "pooler", layer });
+    add(adapterTensorName.router(spec.base, layer), [experts, hidden], { kind: "router", layer });
+    add(adapterTensorName.routerNoise(spec.base, layer), [experts, hidden], { kind: "router_noise", layer }, true);
+    if (spec.router.pooling === "attention") add(adapterTensorName.pooler(spec.base, layer), [1, hidden], { kind: "pooler", layer });
     const orders = spec.router.activation === "rational" ? spec.router.rational : undefined;
     if (orders) {
-      add(adapterTensorName.rationalNumerator(layer), [orders.numerator + 1], { kind: "rational_numerator", layer }, true);
-      if (orders.denominator > 0) add(adapterTensorName.rationalDenominator(layer), [orders.denominator], { kind: "rational_denominator", layer }, true);
+      add(adapterTensorName.rationalNumerator(spec.base, layer), [orders.numerator + 1], { kind: "rational_numerator", layer }, true);
+      if (orders.denominator > 0) add(adapterTensorName.rationalDenominator(spec.base, layer), [orders.denominator], { kind: "rational_denominator", layer }, true);
     }
   }
   return out;
@@ -178,7 +182,7 @@ function baseMismatches(specBase: BaseModel, base: BaseModel): string[] {
 function scalingMismatches(config: PeftLoraConfig, spec: Adapter): string[] {
   const problems: string[] = [];
   for (const e of spec.experts) {
-    const o = configLoraOptions(config, e.layer, e.module);
+    const o = configLoraOptions(config, spec.base, e.layer, e.module);
     const scaling = loraScaling(o.rank, o.alpha, o.rslora);
     if (Math.abs(scaling - e.scaling) > 1e-12 * Math.abs(e.scaling)) {
       const describe = (x: { rank: number; alpha: number; rslora: boolean }) => `r ${x.rank}, alpha ${x.alpha}${x.rslora ? ", rsLoRA" : ""}`;
@@ -207,7 +211,7 @@ function tensorMismatches(file: SafetensorsFile, expected: readonly SpecTensor[]
   }
   // The rational coefficients come as a set: a file with some of a layer's and not the others is broken.
   for (const layer of spec.router?.activation === "rational" ? spec.layers : []) {
-    const names = [adapterTensorName.rationalNumerator(layer), adapterTensorName.rationalDenominator(layer)].filter((n) => expected.some((t) => t.name === n));
+    const names = [adapterTensorName.rationalNumerator(spec.base, layer), adapterTensorName.rationalDenominator(spec.base, layer)].filter((n) => expected.some((t) => t.name === n));
     const present = names.filter((n) => file.tensors.has(n));
     if (present.length > 0 && present.length < names.length) {
       problems.push(`layer ${layer}: the rational activation needs ${names.map((n) => `"${n}"`).join(" and ")} together (the file has only "${present[0]}")`);
@@ -226,7 +230,7 @@ function assemble(name: string, spec: Adapter, data: ReadonlyMap<string, Float32
   const get = (n: string) => data.get(n)!;
   const lora = new Map<LoraKey, LoraWeights>();
   for (const { layer, module, rank, scaling } of spec.experts) {
-    lora.set(loraKey(layer, module), { a: get(adapterTensorName.loraA(layer, module)), b: get(adapterTensorName.loraB(layer, module)), rank, scaling });
+    lora.set(loraKey(layer, module), { a: get(adapterTensorName.loraA(spec.base, layer, module)), b: get(adapterTensorName.loraB(spec.base, layer, module)), rank, scaling });
   }
   if (!spec.router) return { name, spec, lora };
   const pooled = spec.router.pooling === "attention";
@@ -234,17 +238,17 @@ function assemble(name: string, spec: Adapter, data: ReadonlyMap<string, Float32
   const init = orders && rationalInit(orders);
   const router = new Map<number, RouterWeights>();
   for (const layer of spec.layers) {
-    const noise = data.get(adapterTensorName.routerNoise(layer));
-    const numerator = data.get(adapterTensorName.rationalNumerator(layer));
+    const noise = data.get(adapterTensorName.routerNoise(spec.base, layer));
+    const numerator = data.get(adapterTensorName.rationalNumerator(spec.base, layer));
     const rational: RationalWeights | undefined = init && {
       numerator: numerator ?? Float32Array.from(init.numerator),
-      denominator: (numerator ? data.get(adapterTensorName.rationalDenominator(layer)) : undefined) ?? Float32Array.from(init.denominator),
+      denominator: (numerator ? data.get(adapterTensorName.rationalDenominator(spec.base, layer)) : undefined) ?? Float32Array.from(init.denominator),
     };
     router.set(layer, {
-      gate: get(adapterTensorName.router(layer)),
+      gate: get(adapterTensorName.router(spec.base, layer)),
       experts: layerExperts(spec, layer),
       ...(noise ? { noise } : {}),
-      ...(pooled ? { pooler: get(adapterTensorName.pooler(layer)) } : {}),
+      ...(pooled ? { pooler: get(adapterTensorName.pooler(spec.base, layer)) } : {}),
       ...(rational ? { rational } : {}),
     });
   }

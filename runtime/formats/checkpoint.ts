@@ -4,8 +4,6 @@
 import { existsSync, readFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { jsonSyntaxReason } from "../../compiler/json-syntax.ts";
-import { baseLimitProblems } from "../../compiler/limits.ts";
-import type { BaseModel } from "../../compiler/model.ts";
 import { CheckpointError, SafetensorsFile, isFloatDtype, type TensorInfo } from "./safetensors.ts";
 
 export const CONFIG_FILE = "config.json";
@@ -135,35 +133,6 @@ export function openCheckpoint(dir: string, options: OpenCheckpointOptions = {})
     throw e;
   }
   return new Checkpoint(dir, config, files, location, options.onProgress);
-}
-
-/** The tensors of a LLaMA-family checkpoint (HF names; linear weights are [out, in]). */
-export function llamaTensorNames(base: BaseModel): ExpectedTensor[] {
-  // the list grows with the layers: a base beyond milora's limits is refused before it is made
-  const tooLarge = baseLimitProblems(base);
-  if (tooLarge.length > 0) throw new CheckpointError(`base ${base.name}: ${tooLarge.join("; ")}`);
-  const { hiddenSize: h, headDim: d, heads, kvHeads, intermediateSize: ff, vocabSize: v } = base;
-  const out: ExpectedTensor[] = [{ name: "model.embed_tokens.weight", shape: [v, h] }];
-  for (let i = 0; i < base.layers; i++) {
-    const p = `model.layers.${i}`;
-    out.push({ name: `${p}.input_layernorm.weight`, shape: [h] });
-    out.push({ name: `${p}.self_attn.q_proj.weight`, shape: [heads * d, h] });
-    out.push({ name: `${p}.self_attn.k_proj.weight`, shape: [kvHeads * d, h] });
-    out.push({ name: `${p}.self_attn.v_proj.weight`, shape: [kvHeads * d, h] });
-    if (base.attentionBias) {
-      out.push({ name: `${p}.self_attn.q_proj.bias`, shape: [heads * d] });
-      out.push({ name: `${p}.self_attn.k_proj.bias`, shape: [kvHeads * d] });
-      out.push({ name: `${p}.self_attn.v_proj.bias`, shape: [kvHeads * d] });
-    }
-    out.push({ name: `${p}.self_attn.o_proj.weight`, shape: [h, heads * d] });
-    out.push({ name: `${p}.post_attention_layernorm.weight`, shape: [h] });
-    out.push({ name: `${p}.mlp.gate_proj.weight`, shape: [ff, h] });
-    out.push({ name: `${p}.mlp.up_proj.weight`, shape: [ff, h] });
-    out.push({ name: `${p}.mlp.down_proj.weight`, shape: [h, ff] });
-  }
-  out.push({ name: "model.norm.weight", shape: [h] });
-  if (!base.tieEmbeddings) out.push({ name: "lm_head.weight", shape: [v, h] });
-  return out;
 }
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {

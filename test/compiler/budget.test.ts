@@ -10,7 +10,7 @@ import {
   type RouterConfig,
 } from "../../compiler/model.ts";
 import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
-import { moduleShape } from "../../compiler/modules.ts";
+import { moduleShape } from "../../compiler/families.ts";
 
 const at = { offset: 0, line: 1, column: 1 };
 const span: Span = { file: "test.milora", start: at, end: at };
@@ -29,7 +29,6 @@ const llama2_7b: BaseModel = {
   rmsNormEps: 1e-5,
   maxPositions: 4096,
   tieEmbeddings: false,
-  attentionBias: false,
   span,
 };
 

@@ -1,8 +1,8 @@
 // The float64 CPU reference of a LLaMA forward pass, Hugging Face semantics, written for clarity:
 // the oracle every GPU kernel and the engine are measured against. Full recompute, no KV cache.
 import { readHfConfig } from "../../compiler/hf-config.ts";
-import { MODULE_PATHS, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
-import { llamaTensorNames, openCheckpoint } from "../../runtime/formats/checkpoint.ts";
+import { type BaseModel, type ExpertModule } from "../../compiler/model.ts";
+import { openCheckpoint } from "../../runtime/formats/checkpoint.ts";
 
 /** Rows of a matrix, one Float64Array per token. */
 export type Rows = Float64Array[];
@@ -30,9 +30,8 @@ export function loadReferenceWeights(dir: string): { base: BaseModel; weights: R
   const base = readHfConfig(dir);
   const checkpoint = openCheckpoint(dir);
   try {
-    const expected = llamaTensorNames(base);
-    checkpoint.validate(expected);
-    const map = new Map(expected.map(({ name, shape }) => [name, Float64Array.from(checkpoint.readF32(name, shape))]));
+    // Every tensor the file holds, whatever the family: the reference asks for its weights by HF name.
+    const map = new Map(checkpoint.names().map((name) => [name, Float64Array.from(checkpoint.readF32(name, checkpoint.tensorInfo(name)!.shape))]));
     return { base, weights: weightsFromMap(map) };
   } finally {
     checkpoint.close();
@@ -69,12 +68,21 @@ export function moduleShape(base: BaseModel, module: ExpertModule): [number, num
   return shapes[module];
 }
 
+/** Families whose q/k/v projections have a bias (transformers' Qwen2Attention). */
+const QKV_BIAS_FAMILIES = ["qwen2"];
+
+/** A module's Hugging Face name: every family here keeps LLaMA's `self_attn` and `mlp` blocks. */
+export function hfModuleName(layer: number, module: ExpertModule): string {
+  const block = ["q_proj", "k_proj", "v_proj", "o_proj"].includes(module) ? "self_attn" : "mlp";
+  return `model.layers.${layer}.${block}.${module}`;
+}
+
 /** The base model's own linear layers (with the q/k/v bias of families that have one). */
 export function baseLinear(base: BaseModel, weights: ReferenceWeights): LinearFn {
   return (layer, module, x) => {
-    const name = `model.layers.${layer}.${MODULE_PATHS[module]}`;
+    const name = hfModuleName(layer, module);
     const y = matmulTransposed(x, weights.get(`${name}.weight`), moduleShape(base, module)[0]);
-    if (!base.attentionBias || !["q_proj", "k_proj", "v_proj"].includes(module)) return y;
+    if (!QKV_BIAS_FAMILIES.includes(base.family) || !["q_proj", "k_proj", "v_proj"].includes(module)) return y;
     const bias = weights.get(`${name}.bias`);
     return y.map((row) => row.map((v, i) => v + bias[i]!));
   };

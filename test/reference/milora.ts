@@ -3,10 +3,10 @@
 // layer's input hidden states. Written from the paper's equations, not from the kernels: pooling
 // (eq. 2, the self-attention pooler of eq. 8), activation of the pooled vector and
 // TopK(softmax(g(h) W_r)) (eq. 3), the rational activation (eq. 6). Full recompute, no KV cache.
-import { MODULE_PATHS, type Activation, type BaseModel, type ExpertModule, type Pooling, type RouterConfig, type Selection } from "../../compiler/model.ts";
+import { type Activation, type BaseModel, type ExpertModule, type Pooling, type RouterConfig, type Selection } from "../../compiler/model.ts";
 import { rationalInit } from "../../compiler/rational.ts";
 import { loraKey, type LoadedAdapter, type RationalWeights, type RouterWeights } from "../../runtime/formats/adapter.ts";
-import { argmax, baseLinear, decoderLayer, matmulTransposed, rmsNorm, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
+import { argmax, baseLinear, decoderLayer, hfModuleName, matmulTransposed, rmsNorm, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
 
 /** Gates of one layer's modules; a module left out has gate 0 (its LoRA is skipped). */
 export type Gates = Partial<Record<ExpertModule, number>>;
@@ -254,7 +254,7 @@ export function foldLora(weights: ReferenceWeights, adapter: LoadedAdapter, rout
   for (const { layer, module, rank, scaling, inFeatures, outFeatures } of adapter.spec.experts) {
     const g = routing ? (routing.find((d) => d.layer === layer)?.experts[module] ?? 0) : 1;
     if (g === 0) continue;
-    const name = `model.layers.${layer}.${MODULE_PATHS[module]}.weight`;
+    const name = `${hfModuleName(layer, module)}.weight`;
     const w = weights.get(name).slice();
     const { a, b } = adapter.lora.get(loraKey(layer, module))!;
     for (let o = 0; o < outFeatures; o++) {

@@ -3,11 +3,11 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
-import { EXPERT_MODULES, MODULE_PATHS, type Adapter, type ExpertModule, type RouterConfig } from "../../compiler/model.ts";
+import { EXPERT_MODULES, type Adapter, type ExpertModule, type RouterConfig } from "../../compiler/model.ts";
 import { peftSpec, randomAdapter } from "../../examples/random-adapter.ts";
 import { mulberry32, randomCheckpointBase, randomWeights } from "../../examples/random-checkpoint.ts";
 import { Tape } from "./autodiff.ts";
-import { moduleShape, referenceLogits, weightsFromMap } from "./llama.ts";
+import { hfModuleName, moduleShape, referenceLogits, weightsFromMap } from "./llama.ts";
 import { referenceMiloraLogits } from "./milora.ts";
 import { IGNORE, referenceTrainLoss, type ReferenceLora, type ReferenceRouter, type ReferenceRouting, type ReferenceTrainAdapter, type TrainExample } from "./train.ts";
 
@@ -54,7 +54,7 @@ test("the loss of the base with LoRA equals the forward reference's cross-entrop
   const folded = new Map<string, Float64Array>();
   for (const [key, l] of adapter.lora) {
     const [layer, module] = key.split(".") as [string, ExpertModule];
-    const name = `model.layers.${layer}.${MODULE_PATHS[module]}.weight`;
+    const name = `${hfModuleName(Number(layer), module)}.weight`;
     const w = weights.get(name).slice();
     const [out, inFeatures] = moduleShape(base, module);
     for (let o = 0; o < out; o++)

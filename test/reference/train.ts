@@ -6,9 +6,9 @@
 // The base is frozen; gradients are read off for every trainable tensor. Labels follow Hugging Face:
 // aligned with the tokens, -100 unsupervised, logits at t predict labels[t + 1]. The router of a
 // sequence reads its prompt: the leading run of unsupervised positions (at least the first token).
-import { MODULE_PATHS, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
+import { type BaseModel, type ExpertModule } from "../../compiler/model.ts";
 import { Tape, type Node } from "./autodiff.ts";
-import { moduleShape, type ReferenceWeights } from "./llama.ts";
+import { hfModuleName, moduleShape, type ReferenceWeights } from "./llama.ts";
 import { erf } from "./milora.ts";
 
 export const IGNORE = -100;
@@ -133,7 +133,7 @@ class Model {
   linear(layer: number, module: ExpertModule, x: Vec, gate: Node | undefined): Vec {
     const t = this.tape;
     const [out, inFeatures] = moduleShape(this.base, module);
-    const w = this.weights.get(`model.layers.${layer}.${MODULE_PATHS[module]}.weight`);
+    const w = this.weights.get(`${hfModuleName(layer, module)}.weight`);
     const y = Array.from({ length: out }, (_, o) => t.dotConst(x, w, o * inFeatures));
     const lora = this.adapter.lora.get(`${layer}.${module}`);
     if (!lora || gate === undefined) return y;

@@ -14,10 +14,10 @@ import { EXPERT_MODULES, type Adapter, type ExpertModule, type RouterConfig } fr
 import { peftSpec, randomAdapter, writeRandomPeftAdapter } from "../../../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
 import type { LoadedAdapter } from "../../../runtime/formats/adapter.ts";
-import { llamaTensorNames } from "../../../runtime/formats/checkpoint.ts";
+import { checkpointTensors } from "../../../compiler/families.ts";
 import { acquireDevice, type GpuContext } from "../../../runtime/gpu/device.ts";
 import { Engine, EngineError } from "../../../runtime/engine/engine.ts";
-import type { Generation } from "../../../runtime/engine/generate.ts";
+import type { Generation } from "../../../runtime/engine/requests.ts";
 import type { LayerRouting } from "../../../runtime/engine/routing.ts";
 import type { Sequence } from "../../../runtime/engine/sequence.ts";
 import { writeSafetensors } from "../../../runtime/formats/safetensors.ts";
@@ -167,7 +167,7 @@ test("a PEFT adapter gives the logits of the base checkpoint with W + (alpha/r) 
 function writeFolded(dir: string, w: ReferenceWeights): void {
   mkdirSync(dir, { recursive: true });
   copyFileSync(join(checkpointDir, "config.json"), join(dir, "config.json"));
-  const tensors = llamaTensorNames(base).map(({ name, shape }) => ({ name, dtype: "F32" as const, shape, data: Float32Array.from(w.get(name)) }));
+  const tensors = checkpointTensors(base).map(({ name, shape }) => ({ name, dtype: "F32" as const, shape, data: Float32Array.from(w.get(name)) }));
   writeSafetensors(join(dir, "model.safetensors"), tensors, { format: "pt" });
 }
 

@@ -80,7 +80,7 @@ test("a routed adapter round-trips: the spec is rebuilt from adapter_config.json
 
   const config = JSON.parse(readFileSync(join(dir, ADAPTER_CONFIG_FILE), "utf8"));
   assert.is(config.peft_type, "LORA");
-  assert.equal(config.rank_pattern, { "layers.0.mlp.down_proj": 4 });
+  assert.equal(config.rank_pattern, { "model.layers.0.mlp.down_proj": 4 });
   assert.is(config.milora.spec_hash, specHash(spec));
   assertSameWeights(loadAdapter(dir, { name: "tenantA", base, spec }), written);
 });
@@ -149,7 +149,7 @@ test("rank_pattern and alpha_pattern apply PEFT's way, by module name or layer p
   // Weights written for this spec (with milora's own config) still load under the hand-written config.
   writeAdapter(dir, randomAdapter({ spec, seed: 4 }));
   const ours = JSON.parse(readFileSync(join(dir, ADAPTER_CONFIG_FILE), "utf8"));
-  assert.equal(ours.rank_pattern, { "layers.0.self_attn.q_proj": 8, "layers.1.self_attn.q_proj": 2 });
+  assert.equal(ours.rank_pattern, { "model.layers.0.self_attn.q_proj": 8, "model.layers.1.self_attn.q_proj": 2 });
   assert.equal(adapterSpecFromPeft(dir, base, "hand").experts, spec.experts);
   writeFileSync(join(dir, ADAPTER_CONFIG_FILE), JSON.stringify(hand));
   assert.equal(loadAdapter(dir, { name: "hand", base }).spec.experts, spec.experts);
@@ -164,7 +164,7 @@ test("target_modules all-linear adapts all seven modules", () => {
   assert.is(spec.experts.length, 7);
 });
 
-const qA0 = adapterTensorName.loraA(0, "q_proj");
+const qA0 = adapterTensorName.loraA(base, 0, "q_proj");
 
 test("a rank that differs from the spec is refused with the tensor name and both shapes", () => {
   const dir = freshDir();
@@ -172,7 +172,7 @@ test("a rank that differs from the spec is refused with the tensor name and both
   const spec = peftSpec({ base, modules: ["q_proj"], rank: 4, alpha: 8, seed: 1 });
   const message = refusal(dir, spec);
   assert.match(message, `tensor "${qA0}" has shape [8, 32], spec expects [4, 32]`);
-  assert.match(message, `tensor "${adapterTensorName.loraB(0, "q_proj")}" has shape [32, 8], spec expects [32, 4]`);
+  assert.match(message, `tensor "${adapterTensorName.loraB(base, 0, "q_proj")}" has shape [32, 8], spec expects [32, 4]`);
   // alpha / r is 2 in both, so the scaling itself agrees; only the shapes are wrong (2 tensors x 3 layers).
   assert.match(message, "(6 problems)");
 });
@@ -182,8 +182,8 @@ test("a module the spec needs but the file lacks, and a tensor the spec does not
   writeRandomPeftAdapter(dir, { base, modules: ["q_proj", "v_proj"], rank: 4, alpha: 8, layers: [0], seed: 1 });
   const spec = peftSpec({ base, modules: ["q_proj", "k_proj"], rank: 4, alpha: 8, layers: [0], seed: 1 });
   const message = refusal(dir, spec);
-  assert.match(message, `missing tensor "${adapterTensorName.loraA(0, "k_proj")}" (spec expects [4, 32])`);
-  assert.match(message, `unexpected tensor "${adapterTensorName.loraA(0, "v_proj")}" [4, 32] (not part of adapter spec peft)`);
+  assert.match(message, `missing tensor "${adapterTensorName.loraA(base, 0, "k_proj")}" (spec expects [4, 32])`);
+  assert.match(message, `unexpected tensor "${adapterTensorName.loraA(base, 0, "v_proj")}" [4, 32] (not part of adapter spec peft)`);
   assert.match(message, "(4 problems)");
 });
 
@@ -198,8 +198,8 @@ test("an unknown extra tensor is refused by name even without a spec", () => {
 test("a router of the wrong shape is refused with both shapes", () => {
   const dir = freshDir();
   writeRandomAdapter(dir, { spec: routedSpec(), seed: 2 });
-  const gate = adapterTensorName.router(1);
-  const pooler = adapterTensorName.pooler(0);
+  const gate = adapterTensorName.router(base, 1);
+  const pooler = adapterTensorName.pooler(base, 0);
   editTensors(dir, (ts) =>
     ts.map((t) =>
       t.name === gate ? { ...t, shape: [4, 32], data: new Float32Array(128) } : t.name === pooler ? { ...t, shape: [32], data: new Float32Array(32) } : t,
@@ -216,15 +216,15 @@ test("a routed spec over a file without a router is refused, naming each missing
   writeRandomAdapter(dir, { spec: plain, seed: 2 });
   const message = refusal(dir, routedSpec());
   assert.match(message, "the spec routes this adapter (router pooling attention, when prompt) but the file holds no router tensors");
-  assert.match(message, `missing tensor "${adapterTensorName.router(0)}" (spec expects [4, 32])`);
-  assert.match(message, `missing tensor "${adapterTensorName.pooler(1)}" (spec expects [1, 32])`);
+  assert.match(message, `missing tensor "${adapterTensorName.router(base, 0)}" (spec expects [4, 32])`);
+  assert.match(message, `missing tensor "${adapterTensorName.pooler(base, 1)}" (spec expects [1, 32])`);
   // The rational activation's coefficients are optional (the GELU fit stands in for them).
   assert.not.match(message, "milora_rational");
   assert.not.match(message, "milora_router_noise");
   // The other way round, router tensors are extra for a plain spec.
   const routed = freshDir();
   writeRandomAdapter(routed, { spec: routedSpec(), seed: 2 });
-  assert.match(refusal(routed, plain), `unexpected tensor "${adapterTensorName.router(0)}" [4, 32] (the spec has no router)`);
+  assert.match(refusal(routed, plain), `unexpected tensor "${adapterTensorName.router(base, 0)}" [4, 32] (the spec has no router)`);
 });
 
 test("LoRA scaling that differs between the spec and adapter_config.json is refused", () => {
@@ -240,8 +240,8 @@ test("rational coefficients load from the file when present, else the GELU-fit i
   const loaded = loadAdapter(dir, { name: "t", base });
   assert.equal(loaded.router?.get(1)?.rational, written.router?.get(1)?.rational);
   assert.not.equal([...loaded.router!.get(1)!.rational!.numerator], GELU_RATIONAL.numerator.map(Math.fround));
-  const numerator = adapterTensorName.rationalNumerator(1);
-  const denominator = adapterTensorName.rationalDenominator(1);
+  const numerator = adapterTensorName.rationalNumerator(base, 1);
+  const denominator = adapterTensorName.rationalDenominator(base, 1);
   editTensors(dir, (ts) => ts.filter((t) => !t.name.includes("milora_rational")));
   const init = loadAdapter(dir, { name: "t", base }).router!.get(1)!.rational!;
   assert.equal([...init.numerator], GELU_RATIONAL.numerator.map(Math.fround));

@@ -4,7 +4,8 @@ import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { randomCheckpointBase, writeRandomCheckpoint, type RandomCheckpointOptions } from "../../../examples/random-checkpoint.ts";
-import { INDEX_FILE, llamaTensorNames, openCheckpoint } from "../../../runtime/formats/checkpoint.ts";
+import { INDEX_FILE, openCheckpoint } from "../../../runtime/formats/checkpoint.ts";
+import { checkpointTensors } from "../../../compiler/families.ts";
 import { CheckpointError, f16BitsToF32, f32ToF16Bits } from "../../../runtime/formats/safetensors.ts";
 
 const root = mkdtempSync(join(tmpdir(), "milora-checkpoint-"));
@@ -26,9 +27,9 @@ function checkpointError(f: () => unknown): string {
   throw new Error("expected a CheckpointError");
 }
 
-test("llamaTensorNames lists every LLaMA tensor with [out, in] linear shapes", () => {
+test("checkpointTensors lists every LLaMA tensor with [out, in] linear shapes", () => {
   const base = randomCheckpointBase(small);
-  const names = llamaTensorNames(base);
+  const names = checkpointTensors(base);
   assert.is(names.length, 1 + 9 * 2 + 2);
   const shape = (n: string) => names.find((t) => t.name === n)?.shape;
   assert.equal(shape("model.embed_tokens.weight"), [40, 16]);
@@ -36,7 +37,7 @@ test("llamaTensorNames lists every LLaMA tensor with [out, in] linear shapes", (
   assert.equal(shape("model.layers.1.self_attn.k_proj.weight"), [8, 16]); // 2 kv heads of 4
   assert.equal(shape("model.layers.0.mlp.down_proj.weight"), [16, 24]);
   assert.equal(shape("lm_head.weight"), [40, 16]);
-  assert.not.ok(llamaTensorNames({ ...base, tieEmbeddings: true }).some((t) => t.name === "lm_head.weight"));
+  assert.not.ok(checkpointTensors({ ...base, tieEmbeddings: true }).some((t) => t.name === "lm_head.weight"));
 });
 
 test("a sharded checkpoint holds the same weights as the single file", () => {
@@ -45,7 +46,7 @@ test("a sharded checkpoint holds the same weights as the single file", () => {
   const files = new Set(b.names().map((n) => b.tensorInfo(n)!.file));
   assert.equal([...files].sort(), ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]);
   assert.equal(b.names().sort(), a.names().sort());
-  for (const { name, shape } of llamaTensorNames(randomCheckpointBase(small))) {
+  for (const { name, shape } of checkpointTensors(randomCheckpointBase(small))) {
     assert.equal(b.readF32(name, shape), a.readF32(name, shape), name);
   }
   assert.is(a.config.hidden_size, 16);
@@ -68,7 +69,7 @@ test("F16 checkpoints hold the F32 weights rounded to half precision", () => {
 test("reading reports progress up to the checkpoint's total bytes", () => {
   const seen: [number, number][] = [];
   const ckpt = openCheckpoint(sharded, { onProgress: (done, total) => seen.push([done, total]) });
-  for (const { name, shape } of llamaTensorNames(randomCheckpointBase(small))) ckpt.readF32(name, shape);
+  for (const { name, shape } of checkpointTensors(randomCheckpointBase(small))) ckpt.readF32(name, shape);
   ckpt.close();
   const total = ckpt.totalBytes;
   assert.is(total, ckpt.names().reduce((n, name) => n + ckpt.tensorInfo(name)!.byteLength, 0));
@@ -92,13 +93,13 @@ test("a missing tensor or a wrong shape is refused with names and shapes", () =>
 test("validate reports every mismatch with a model at once", () => {
   const ckpt = openCheckpoint(single);
   const wider = randomCheckpointBase({ ...small, intermediateSize: 32, layers: 3 });
-  assert.equal(ckpt.mismatches(llamaTensorNames(randomCheckpointBase(small))), []);
-  const problems = ckpt.mismatches(llamaTensorNames(wider));
+  assert.equal(ckpt.mismatches(checkpointTensors(randomCheckpointBase(small))), []);
+  const problems = ckpt.mismatches(checkpointTensors(wider));
   assert.ok(problems.includes('tensor "model.layers.0.mlp.gate_proj.weight" has shape [24, 16], expected [32, 16]'));
   assert.ok(problems.includes('tensor "model.layers.1.mlp.down_proj.weight" has shape [16, 24], expected [16, 32]'));
   assert.ok(problems.includes('missing tensor "model.layers.2.self_attn.q_proj.weight"'));
   assert.is(problems.length, 2 * 3 + 9);
-  assert.match(checkpointError(() => ckpt.validate(llamaTensorNames(wider))), `${single} does not fit the model (15 problems)`);
+  assert.match(checkpointError(() => ckpt.validate(checkpointTensors(wider))), `${single} does not fit the model (15 problems)`);
   ckpt.close();
 });
 
