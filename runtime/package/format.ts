@@ -11,8 +11,10 @@ export const COMPILER_VERSION = "0.1.0";
  * `renormalize`, `rational` orders, the w_sa pooler's score kernel, the activation after pooling).
  * 4: every kernel's interface (bindings, params, dispatch rule) beside its file; the beam top-k kernel
  * in the plan.
+ * 5: the base names no `attentionBias` (its family's architecture table says which modules have biases);
+ * bias tensors in the tensor table.
  */
-export const MANIFEST_FORMAT = 4;
+export const MANIFEST_FORMAT = 5;
 export const MANIFEST_FILE = "manifest.json";
 
 /**
@@ -47,7 +49,7 @@ export interface PlanDims {
   readonly tiedEmbeddings: boolean;
 }
 
-export const TENSOR_ROLES = ["embedding", "lm_head", "attn_norm", "mlp_norm", "final_norm", "linear"] as const;
+export const TENSOR_ROLES = ["embedding", "lm_head", "attn_norm", "mlp_norm", "final_norm", "linear", "bias"] as const;
 export type TensorRole = (typeof TENSOR_ROLES)[number];
 
 /** One tensor of the checkpoint as the runtime holds it. Linear weights are [out, in], as in HF. */
@@ -267,7 +269,6 @@ export interface ManifestBase {
   readonly rmsNormEps: number;
   readonly maxPositions: number;
   readonly tieEmbeddings: boolean;
-  readonly attentionBias: boolean;
 }
 
 export interface ManifestExpert {
@@ -473,7 +474,6 @@ const manifest: Check = obj({
     rmsNormEps: num,
     maxPositions: int,
     tieEmbeddings: bool,
-    attentionBias: bool,
   }),
   adapter: obj({
     name: str,
