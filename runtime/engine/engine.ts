@@ -12,15 +12,16 @@ import type { KernelSource } from "../gpu/kernel.ts";
 import { interfaceProblem, layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanKernel, type PlanLora, type PlanOp } from "../package/format.ts";
 import { openCheckpoint, type ProgressFn } from "../formats/checkpoint.ts";
 import { acquireDevice, type AdapterReport, type GpuContext } from "../gpu/device.ts";
-import { loadAdapter as readAdapterDir, loraKey, type LoadedAdapter } from "../formats/adapter.ts";
+import { loadAdapter as readAdapterDir, type LoadedAdapter } from "../formats/adapter.ts";
 import { AdapterStore, type ResidentAdapter } from "./tenants.ts";
 import { EngineError } from "./engine-error.ts";
 import { generate, generateBatch } from "./generate.ts";
 import type { BeamCandidates, CreateSequenceOptions, GenerateRequest, Generation, SequenceRunner, StepOutput } from "./requests.ts";
 import { PipelineCache, StepEncoder, createStorage } from "../gpu/kernel-runner.ts";
 import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
-import { MODULES_PER_LAYER, allOnGates, decisionsOf, gateColumn, gatesOf, type LayerRouting } from "./routing.ts";
+import { MODULES_PER_LAYER, allOnGates, decisionsOf, gateColumn, type LayerRouting } from "./routing.ts";
 import { KvCache, kvLayerBytes } from "./kv-cache.ts";
+import { MergedMode } from "./merged-mode.ts";
 import { Sequence, SequenceError, checkSampling, type SamplingOptions } from "./sequence.ts";
 import { uploadWeights, type GpuTensor, type GpuWeights } from "./weights.ts";
 
@@ -91,12 +92,6 @@ interface Row {
   readonly gates?: Float32Array;
 }
 
-/** The adapter folded into the base weights, and what the changed weights held before. */
-interface MergedState {
-  readonly adapter: string;
-  readonly originals: ReadonlyMap<string, Float32Array>;
-}
-
 export class Engine implements SequenceRunner {
   readonly #gpu: GpuContext;
   readonly #ownsDevice: boolean;
@@ -122,7 +117,7 @@ export class Engine implements SequenceRunner {
   readonly #tokensReadback: GPUBuffer;
   readonly #adapters: AdapterStore;
   readonly #router: RouterDispatch;
-  #merged: MergedState | undefined;
+  readonly #merged: MergedMode;
   /** Live sequences per adapter name: an adapter in use cannot be unloaded. */
   readonly #users = new Map<string, Set<Sequence>>();
   #logitsReadback: GPUBuffer | undefined;
@@ -168,6 +163,7 @@ export class Engine implements SequenceRunner {
     };
     this.#adapters = new AdapterStore(device, plan, maxAdapters);
     this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: maxAdapters }, (config, layer, router) => this.#routerKernels(config, layer, router.experts));
+    this.#merged = new MergedMode({ device, plan, weights: parts.weights });
     this.#tokensReadback = device.createBuffer({ label: "tokens readback", size: maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
     // Compiling every pipeline now keeps shader compilation out of the first step's timing.
     for (const k of this.#allKernels()) this.#pipelines.get(k);
@@ -255,7 +251,7 @@ export class Engine implements SequenceRunner {
     if (prompt.length === 0) throw new SequenceError("a prompt needs at least one token");
     const sampling = checkSampling(options.sampling ?? {});
     const adapter = options.adapter === undefined ? undefined : this.#resident(options.adapter);
-    if (adapter && this.#merged) throw new EngineError(`adapter ${this.#merged.adapter} is merged into the base weights: unmerge it before running adapters`);
+    if (adapter && this.#merged.tenant !== undefined) throw new EngineError(`adapter ${this.#merged.tenant} is merged into the base weights: unmerge it before running adapters`);
     if (adapter?.adapter.spec.router?.when === "prompt" && prompt.length > this.maxRows) {
       throw new EngineError(
         `the prompt has ${prompt.length} tokens but adapter ${adapter.name} routes on the prompt, which must be prefilled in one step ` +
@@ -350,7 +346,7 @@ export class Engine implements SequenceRunner {
   unloadAdapter(name: string): void {
     const users = this.#users.get(name)?.size ?? 0;
     if (users > 0) throw new EngineError(`adapter ${name} is used by ${users} live sequence${users === 1 ? "" : "s"}: release them first`);
-    if (this.#merged?.adapter === name) throw new EngineError(`adapter ${name} is merged into the base weights: unmerge it first`);
+    if (this.#merged.tenant === name) throw new EngineError(`adapter ${name} is merged into the base weights: unmerge it first`);
     this.#adapters.remove(name);
   }
 
@@ -365,40 +361,17 @@ export class Engine implements SequenceRunner {
    * so that sequences without an adapter then run the base kernels only. Token routing cannot be folded.
    */
   mergeAdapter(name: string, routing?: readonly LayerRouting[]): Promise<void> {
-    return this.#serialised(async () => {
-      if (this.#merged) throw new EngineError(`adapter ${this.#merged.adapter} is already merged: unmerge it first`);
-      const adapter = this.#resident(name);
-      const router = adapter.adapter.spec.router;
-      if (router?.when === "token") throw new EngineError(`adapter ${name} routes every token, which no single set of merged weights can express`);
-      if (router && !routing) throw new EngineError(`adapter ${name} is routed: merging needs a routing decision (a prompt's)`);
-      const gates = routing ? gatesOf(routing, this.plan.dims.layers) : allOnGates(adapter, this.plan.dims.layers);
-      const device = this.#gpu.device;
-      const originals = new Map<string, Float32Array>();
-      for (const { layer, module } of adapter.adapter.spec.experts) {
-        const g = gates[gateColumn(layer, module)]!;
-        if (g === 0) continue;
-        const w = adapter.adapter.lora.get(loraKey(layer, module))!;
-        const tensor = this.plan.tensors.find((t) => t.layer === layer && t.module === module)!.name;
-        const original = await this.#weights.read(device, tensor);
-        originals.set(tensor, original);
-        this.#weights.write(device.queue, tensor, foldLora(original, w.a, w.b, w.rank, g * w.scaling));
-      }
-      this.#merged = { adapter: name, originals };
-    });
+    return this.#serialised(() => this.#merged.merge(this.#resident(name), routing));
   }
 
   /** Restores the base weights a merge changed. */
   unmergeAdapter(): Promise<void> {
-    return this.#serialised(async () => {
-      if (!this.#merged) return;
-      for (const [name, data] of this.#merged.originals) this.#weights.write(this.#gpu.device.queue, name, data);
-      this.#merged = undefined;
-    });
+    return this.#serialised(async () => this.#merged.unmerge());
   }
 
   /** The merged adapter's name, if any. */
   get merged(): string | undefined {
-    return this.#merged?.adapter;
+    return this.#merged.tenant;
   }
 
   /**
@@ -455,7 +428,7 @@ export class Engine implements SequenceRunner {
     for (const s of seqs) {
       if (s.released) throw new SequenceError(`sequence ${s.id} was released`);
       if (s.pending === 0) throw new SequenceError(`sequence ${s.id} has no pending tokens`);
-      if (s.adapter && this.#merged) throw new EngineError(`adapter ${this.#merged.adapter} is merged into the base weights: unmerge it before running adapters`);
+      if (s.adapter && this.#merged.tenant !== undefined) throw new EngineError(`adapter ${this.#merged.tenant} is merged into the base weights: unmerge it before running adapters`);
       if (routesPrompt(s) && s.pending > this.maxRows) {
         throw new EngineError(`sequence ${s.id}: a prompt-routed prompt of ${s.pending} tokens must run in one step of at most ${this.maxRows} rows`);
       }
@@ -897,19 +870,6 @@ interface EngineParts {
 /** Whether the sequence still has to route on its prompt (its first step decides for good). */
 function routesPrompt(seq: Sequence): boolean {
   return seq.adapter?.adapter.spec.router?.when === "prompt" && seq.gates === undefined;
-}
-
-/** W + c * B A for W [out, in] row-major, A [rank, in], B [out, rank]. */
-function foldLora(w: Float32Array, a: Float32Array, b: Float32Array, rank: number, c: number): Float32Array {
-  const inF = a.length / rank;
-  const out = Float32Array.from(w);
-  for (let o = 0; o < out.length / inF; o++) {
-    for (let j = 0; j < rank; j++) {
-      const coef = c * b[o * rank + j]!;
-      for (let i = 0; i < inF; i++) out[o * inF + i]! += coef * a[j * inF + i]!;
-    }
-  }
-  return out;
 }
 
 interface LogitProcessingBuffers {
