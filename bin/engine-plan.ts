@@ -4,7 +4,8 @@
 // under another router, row blocks of a device's smaller binding), with the compiler's generators.
 import type { Adapter, BaseModel } from "../compiler/model.ts";
 import { kernelSources, planBase, plannedKernelSource, routerKernelRequests, type KernelRequest, type Plan } from "../compiler/plan.ts";
-import type { EngineOptions, KernelResolver } from "../runtime/engine/engine.ts";
+import type { EngineOptions } from "../runtime/engine/engine.ts";
+import type { KernelResolver } from "../runtime/engine/kernels.ts";
 import { adapterSpecFromPeft } from "../runtime/formats/adapter.ts";
 
 /** Positions per sequence when none is asked for: the base's, capped here. */

@@ -5,11 +5,10 @@
 // sequence asked for, the gates a router chose in that step, and a beam's top log-prob candidates).
 // Beam search (beam-search.ts) forks and re-parents sequences here: their keys and values are copied
 // slot to slot on the device, never recomputed.
-import { isDeepStrictEqual } from "node:util";
-import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "../../compiler/model.ts";
+import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
 import { ADJUST_ENTRY_WORDS, ADJUST_ROW_WORDS, BEAM_CANDIDATE_WORDS, MAX_BEAM_CANDIDATES, NO_ADAPTER, SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../gpu/layouts.ts";
 import type { KernelSource } from "../gpu/kernel.ts";
-import { interfaceProblem, layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanKernel, type PlanLora, type PlanOp } from "../package/format.ts";
+import { layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanLora, type PlanOp } from "../package/format.ts";
 import { openCheckpoint, type ProgressFn } from "../formats/checkpoint.ts";
 import { acquireDevice, type AdapterReport, type GpuContext } from "../gpu/device.ts";
 import { loadAdapter as readAdapterDir, type LoadedAdapter } from "../formats/adapter.ts";
@@ -22,26 +21,11 @@ import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
 import { MODULES_PER_LAYER, allOnGates, decisionsOf, gateColumn, type LayerRouting } from "./routing.ts";
 import { KvCache, kvLayerBytes } from "./kv-cache.ts";
 import { MergedMode } from "./merged-mode.ts";
+import { EngineKernels, type KernelResolver } from "./kernels.ts";
 import { Sequence, SequenceError, checkSampling, type SamplingOptions } from "./sequence.ts";
 import { uploadWeights, type GpuTensor, type GpuWeights } from "./weights.ts";
 
 export { EngineError } from "./engine-error.ts";
-
-/** The router kernels of one layer, as the engine dispatches them. */
-export interface RouterKernels {
-  readonly score?: KernelSource;
-  readonly pool?: KernelSource;
-  readonly gate: KernelSource;
-}
-
-/** Makes kernels the plan does not hold (see EngineOptions.resolver). */
-export interface KernelResolver {
-  /** The kernels of a router with `config` in a layer whose enabled modules are `experts`. */
-  router(config: RouterConfig, hidden: number, experts: readonly ExpertModule[]): RouterKernels;
-  /** The variant of the plan's linear kernel `kernel` for a row block of `rows` outputs. */
-  block(kernel: PlanKernel, rows: number): KernelSource;
-}
-
 
 export interface EngineOptions {
   readonly base: BaseModel;
@@ -97,10 +81,7 @@ export class Engine implements SequenceRunner {
   readonly #ownsDevice: boolean;
   readonly #weights: GpuWeights;
   readonly #cache: KvCache;
-  readonly #kernels: ReadonlyMap<string, KernelSource>;
-  /** Kernels from the resolver, so each is made once. */
-  readonly #resolved = new Map<string, KernelSource>();
-  readonly #resolvedRouters = new Map<string, RouterKernels>();
+  readonly #kernels: EngineKernels;
   readonly #pipelines: PipelineCache;
   readonly #step: StepEncoder;
   readonly #activations: ReadonlyMap<ActivationName, GPUBuffer>;
@@ -134,7 +115,6 @@ export class Engine implements SequenceRunner {
   readonly plan: Plan<ExpertModule>;
   readonly maxRows: number;
   readonly base: BaseModel;
-  readonly #resolver: KernelResolver | undefined;
 
   private constructor(parts: EngineParts) {
     const { plan, maxRows, gpu } = parts;
@@ -145,7 +125,6 @@ export class Engine implements SequenceRunner {
     this.#ownsDevice = parts.ownsDevice;
     this.#weights = parts.weights;
     this.#cache = parts.cache;
-    this.#resolver = parts.resolver;
     const maxAdapters = parts.maxAdapters;
     const device = gpu.device;
     this.#kernels = parts.kernels;
@@ -162,11 +141,11 @@ export class Engine implements SequenceRunner {
       loraT: createStorage(device, maxRows * Math.max(1, plan.maxLoraRank) * 4, "lora shrink output"),
     };
     this.#adapters = new AdapterStore(device, plan, maxAdapters);
-    this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: maxAdapters }, (config, layer, router) => this.#routerKernels(config, layer, router.experts));
+    this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: maxAdapters }, (config, layer, router) => this.#kernels.router(config, layer, router.experts));
     this.#merged = new MergedMode({ device, plan, weights: parts.weights });
     this.#tokensReadback = device.createBuffer({ label: "tokens readback", size: maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
     // Compiling every pipeline now keeps shader compilation out of the first step's timing.
-    for (const k of this.#allKernels()) this.#pipelines.get(k);
+    for (const k of this.#kernels.all(this.#weights)) this.#pipelines.get(k);
   }
 
   /**
@@ -181,12 +160,7 @@ export class Engine implements SequenceRunner {
     if (!Number.isInteger(maxAdapters) || maxAdapters < 0) throw new EngineError(`maxAdapters must be an integer >= 0, got ${maxAdapters}`);
     const { plan, kernels } = options;
     const { ctx } = plan.dims;
-    const missing = plan.kernels.filter((k) => !kernels.has(k.key)).map((k) => k.key);
-    if (missing.length > 0) throw new EngineError(`no WGSL was given for kernel${missing.length === 1 ? "" : "s"} ${missing.join(", ")} of the plan`);
-    for (const k of plan.kernels) {
-      const problem = interfaceProblem(k.family, kernels.get(k.key)!);
-      if (problem !== undefined) throw new EngineError(`kernel ${k.key}: ${problem}`);
-    }
+    const engineKernels = new EngineKernels({ plan, kernels, resolver: options.resolver });
     const checkpoint = openCheckpoint(options.checkpointDir, options.onProgress ? { onProgress: options.onProgress } : {});
     let gpu: GpuContext | undefined;
     try {
@@ -205,7 +179,7 @@ export class Engine implements SequenceRunner {
       const maxRows = Math.max(1, Math.min(options.maxBatchRows ?? 256, Math.floor(maxBinding / (4 * widest))));
       const weights = await uploadWeights(gpu.device, checkpoint, plan, maxBinding);
       const cache = new KvCache(gpu.device, cacheShape);
-      const engine = new Engine({ plan, maxRows, base, maxAdapters, kernels, gpu, ownsDevice: options.gpu === undefined, weights, cache, resolver: options.resolver });
+      const engine = new Engine({ plan, maxRows, base, maxAdapters, kernels: engineKernels, gpu, ownsDevice: options.gpu === undefined, weights, cache });
       try {
         await engine.#warmUp();
       } catch (e) {
@@ -338,7 +312,7 @@ export class Engine implements SequenceRunner {
         ? readAdapterDir(source, { name, base: this.base, ...(options.spec ? { spec: options.spec } : {}) })
         : { ...source, name };
     const resident = this.#adapters.add(adapter);
-    for (const k of this.#router.kernelsOf(resident)) this.#pipelines.get(k);
+    for (const k of this.#kernels.ofTenant(resident)) this.#pipelines.get(k);
     return resident;
   }
 
@@ -653,7 +627,7 @@ export class Engine implements SequenceRunner {
   #dispatch(op: PlanOp, rows: number, layer: number, active: readonly boolean[]): void {
     const step = this.#step;
     const act = (name: ActivationName) => this.#act(name);
-    const kernel = <F extends KernelFamily>(family: F, key: string) => this.#kernel(family, key);
+    const kernel = <F extends KernelFamily>(family: F, key: string) => this.#kernels.get(family, key);
     const cache = { kCache: this.#cache.keys[layer]!, vCache: this.#cache.values[layer]! };
     const { positions, rowSlot } = this.#inputs;
     switch (op.op) {
@@ -682,11 +656,11 @@ export class Engine implements SequenceRunner {
     const io = { x: this.#act(op.input), y: this.#act(op.output), ...(op.residual === undefined ? {} : { residual: this.#act(op.residual) }) };
     const family = rows <= this.plan.matvecMaxRows ? "matvec" : "matmul";
     if (weight.blocks.length === 1) {
-      this.#step.dispatch(this.#kernel(family, key), { ...io, w: weight.blocks[0]!.buffer }, { rows });
+      this.#step.dispatch(this.#kernels.get(family, key), { ...io, w: weight.blocks[0]!.buffer }, { rows });
       return;
     }
     // A split weight: each row block computes its own columns of y in place (residual included).
-    for (const block of weight.blocks) this.#step.dispatch(this.#blockKernel(op, family, block.rows), { ...io, w: block.buffer }, { rows, column: block.firstRow });
+    for (const block of weight.blocks) this.#step.dispatch(this.#kernels.block(op, family, block.rows), { ...io, w: block.buffer }, { rows, column: block.firstRow });
   }
 
   /** y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module. */
@@ -695,60 +669,8 @@ export class Engine implements SequenceRunner {
     const select = { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
     const params = { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + lora.gateColumn };
     const t = this.#inputs.loraT;
-    this.#step.dispatch(this.#kernel("lora_shrink", lora.shrink), { x: this.#act(op.input), a: stack.a, ...select, t }, params);
-    this.#step.dispatch(this.#kernel("lora_expand", lora.expand), { t, b: stack.b, ...select, y: this.#act(op.output) }, params);
-  }
-
-  /**
-   * The plan's kernel `key`, typed by its family's bindings (FAMILY_BINDINGS: checked at load), so a
-   * dispatch naming a binding the family lacks does not compile.
-   */
-  #kernel<F extends KernelFamily>(_family: F, key: string): KernelSource<FamilyBinding<F>> {
-    return this.#kernels.get(key)! as KernelSource<FamilyBinding<F>>;
-  }
-
-  /** The kernel for a row block of `rows` outputs of a split weight: the plan's, else the resolver's. */
-  #blockKernel(op: Extract<PlanOp, { op: "linear" }>, family: "matmul" | "matvec", rows: number): KernelSource<FamilyBinding<"matmul">> {
-    const planned = op.blocks?.find((b) => b.rows === rows)?.[family];
-    if (planned !== undefined) return this.#kernel(family, planned);
-    const key = op[family];
-    const id = `block ${key} ${rows}`;
-    let source = this.#resolved.get(id);
-    if (source === undefined) {
-      if (this.#resolver === undefined) {
-        throw new EngineError(`${op.module}'s weight is split into blocks of ${rows} rows, finer than the plan's binding size assumes, and the plan has no kernel for them: recompile for a smaller binding size`);
-      }
-      source = this.#resolver.block(this.plan.kernels.find((k) => k.key === key)!, rows);
-      this.#resolved.set(id, source);
-    }
-    return source as KernelSource<FamilyBinding<"matmul">>;
-  }
-
-  /** A router's kernels in `layer`: the plan's when it was made for this router, else the resolver's. */
-  #routerKernels(config: RouterConfig, layer: number, experts: readonly ExpertModule[]): RouterKernels {
-    const planned = this.plan.routers.find((r) => r.layer === layer);
-    if (planned && isDeepStrictEqual(this.plan.router, config) && isDeepStrictEqual([...planned.experts], [...experts])) {
-      const { score, pool, gate } = planned;
-      return { ...(score ? { score: this.#kernels.get(score)! } : {}), ...(pool ? { pool: this.#kernels.get(pool)! } : {}), gate: this.#kernels.get(gate)! };
-    }
-    const id = `router ${JSON.stringify(config)} ${experts.join(",")}`;
-    let kernels = this.#resolvedRouters.get(id);
-    if (kernels === undefined) {
-      if (this.#resolver === undefined) throw new EngineError(`the plan has no router kernels for this adapter's router in layer ${layer}: it was made for another router`);
-      kernels = this.#resolver.router(config, this.plan.dims.hidden, experts);
-      this.#resolvedRouters.set(id, kernels);
-    }
-    return kernels;
-  }
-
-  *#allKernels(): Iterable<KernelSource> {
-    yield* this.#kernels.values();
-    for (const op of [...this.plan.layer, ...this.plan.head]) {
-      if (op.op !== "linear") continue;
-      const weight = this.#weights.get(layerTensor(op.weight, 0));
-      if (weight.blocks.length === 1) continue;
-      for (const b of weight.blocks) for (const family of ["matmul", "matvec"] as const) yield this.#blockKernel(op, family, b.rows);
-    }
+    this.#step.dispatch(this.#kernels.get("lora_shrink", lora.shrink), { x: this.#act(op.input), a: stack.a, ...select, t }, params);
+    this.#step.dispatch(this.#kernels.get("lora_expand", lora.expand), { t, b: stack.b, ...select, y: this.#act(op.output) }, params);
   }
 
   #act(name: ActivationName): GPUBuffer {
@@ -769,7 +691,7 @@ export class Engine implements SequenceRunner {
    */
   #beamCandidates() {
     if (!this.#candidates) {
-      const kernel = this.#kernel("beam_topk", this.plan.beamTopK);
+      const kernel = this.#kernels.get("beam_topk", this.plan.beamTopK);
       this.#pipelines.get(kernel);
       const size = this.maxRows * MAX_BEAM_CANDIDATES * BEAM_CANDIDATE_WORDS * 4;
       this.#candidates = {
@@ -826,8 +748,8 @@ export class Engine implements SequenceRunner {
       if (logitAdjust === undefined || chosenLogprob === undefined) {
         throw new EngineError("this plan has no logit processing kernels (penalties, logit bias, min-p, logprobs): it was compiled before they existed; recompile the package");
       }
-      const adjustKernel = this.#kernel("logit_adjust", logitAdjust);
-      const chosenKernel = this.#kernel("chosen_logprob", chosenLogprob);
+      const adjustKernel = this.#kernels.get("logit_adjust", logitAdjust);
+      const chosenKernel = this.#kernels.get("chosen_logprob", chosenLogprob);
       this.#pipelines.get(adjustKernel);
       this.#pipelines.get(chosenKernel);
       this.#processing = {
@@ -859,12 +781,11 @@ interface EngineParts {
   readonly maxRows: number;
   readonly base: BaseModel;
   readonly maxAdapters: number;
-  readonly kernels: ReadonlyMap<string, KernelSource>;
+  readonly kernels: EngineKernels;
   readonly gpu: GpuContext;
   readonly ownsDevice: boolean;
   readonly weights: GpuWeights;
   readonly cache: KvCache;
-  readonly resolver: KernelResolver | undefined;
 }
 
 /** Whether the sequence still has to route on its prompt (its first step decides for good). */

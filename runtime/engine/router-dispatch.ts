@@ -6,7 +6,7 @@
 // activates and gates every row alone. The
 // WGSL comes from the engine (the plan's kernels, or its resolver's): nothing is generated here.
 import type { RouterConfig } from "../../compiler/model.ts";
-import type { KernelSource } from "../gpu/kernel.ts";
+import type { RouterKernels } from "./kernels.ts";
 import type { GpuRouter, ResidentAdapter } from "./tenants.ts";
 import { createStorage, type BufferArg, type StepEncoder } from "../gpu/kernel-runner.ts";
 import { MODULES_PER_LAYER } from "./routing.ts";
@@ -38,17 +38,10 @@ export interface RouteGroup {
 const ALIGN = 256;
 const align = (bytes: number) => Math.ceil(bytes / ALIGN) * ALIGN;
 
-/** One layer's router kernels. */
-export interface RouterKernelSet {
-  readonly score?: KernelSource;
-  readonly pool?: KernelSource;
-  readonly gate: KernelSource;
-}
-
 export class RouterDispatch {
   readonly #device: GPUDevice;
   readonly #maxRows: number;
-  readonly #kernelsOf: (config: RouterConfig, layer: number, router: GpuRouter) => RouterKernelSet;
+  readonly #kernelsOf: (config: RouterConfig, layer: number, router: GpuRouter) => RouterKernels;
   /** Per group a segment of (start, end) ranges and (input row, first row, end row) items. */
   readonly #indices: GPUBuffer;
   readonly #segment: number;
@@ -59,7 +52,7 @@ export class RouterDispatch {
   constructor(
     device: GPUDevice,
     dims: { readonly hidden: number; readonly maxRows: number; readonly maxGroups: number },
-    kernelsOf: (config: RouterConfig, layer: number, router: GpuRouter) => RouterKernelSet,
+    kernelsOf: (config: RouterConfig, layer: number, router: GpuRouter) => RouterKernels,
   ) {
     this.#device = device;
     this.#kernelsOf = kernelsOf;
@@ -110,7 +103,7 @@ export class RouterDispatch {
   route(step: StepEncoder, group: RouteGroup, layer: number, x: GPUBuffer, table: { readonly buffer: GPUBuffer; readonly stride: number }): void {
     const router = group.adapter.routers.get(layer);
     if (!router) return;
-    const kernels = this.#kernelsFor(group.config, layer, router);
+    const kernels = this.#kernelsOf(group.config, layer, router);
     let input: GPUBuffer = x;
     if (kernels.score) step.dispatch(kernels.score, { h: x, pooler: router.pooler!, scores: this.#scores }, { rows: group.end });
     if (kernels.pool) {
@@ -121,18 +114,7 @@ export class RouterDispatch {
     step.dispatch(kernels.gate, { x: input, items: group.itemRows, weight: router.gate, ...rational, table: table.buffer }, { count: group.items, stride: table.stride, base: layer * MODULES_PER_LAYER });
   }
 
-  /** Every kernel an adapter's sequences dispatch (to compile them when it is loaded). */
-  kernelsOf(adapter: ResidentAdapter): KernelSource[] {
-    const config = adapter.adapter.spec.router;
-    if (!config) return [];
-    return [...adapter.routers].flatMap(([layer, router]) => Object.values(this.#kernelsFor(config, layer, router)));
-  }
-
   destroy(): void {
     for (const b of [this.#indices, this.#scores, this.#pooled]) b.destroy();
-  }
-
-  #kernelsFor(config: RouterConfig, layer: number, router: GpuRouter): RouterKernelSet {
-    return this.#kernelsOf(config, layer, router);
   }
 }
