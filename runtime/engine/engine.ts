@@ -5,25 +5,27 @@
 // sequence asked for, the gates a router chose in that step, and a beam's top log-prob candidates).
 // Beam search (beam-search.ts) forks and re-parents sequences here: their keys and values are copied
 // slot to slot on the device, never recomputed.
-import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule } from "../../compiler/model.ts";
-import { ADJUST_ENTRY_WORDS, ADJUST_ROW_WORDS, BEAM_CANDIDATE_WORDS, MAX_BEAM_CANDIDATES, NO_ADAPTER, SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../gpu/layouts.ts";
+import type { Adapter, BaseModel, ExpertModule } from "../../compiler/model.ts";
+import { MAX_BEAM_CANDIDATES, NO_ADAPTER } from "../gpu/layouts.ts";
 import type { KernelSource } from "../gpu/kernel.ts";
-import { layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanLora, type PlanOp } from "../package/format.ts";
+import type { Plan } from "../package/format.ts";
 import { openCheckpoint, type ProgressFn } from "../formats/checkpoint.ts";
 import { acquireDevice, type AdapterReport, type GpuContext } from "../gpu/device.ts";
 import { loadAdapter as readAdapterDir, type LoadedAdapter } from "../formats/adapter.ts";
+import { PipelineCache } from "../gpu/kernel-runner.ts";
 import { AdapterStore, type ResidentAdapter } from "./tenants.ts";
 import { EngineError } from "./engine-error.ts";
+import { ForwardEncoder, GREEDY, type Row } from "./forward.ts";
 import { generate, generateBatch } from "./generate.ts";
-import type { BeamCandidates, CreateSequenceOptions, GenerateRequest, Generation, SequenceRunner, StepOutput } from "./requests.ts";
-import { PipelineCache, StepEncoder, createStorage } from "../gpu/kernel-runner.ts";
-import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
-import { MODULES_PER_LAYER, allOnGates, decisionsOf, gateColumn, type LayerRouting } from "./routing.ts";
-import { KvCache, kvLayerBytes } from "./kv-cache.ts";
-import { MergedMode } from "./merged-mode.ts";
 import { EngineKernels, type KernelResolver } from "./kernels.ts";
+import { KvCache, kvLayerBytes } from "./kv-cache.ts";
+import { logitProcessingOf } from "./logit-adjust.ts";
+import { MergedMode } from "./merged-mode.ts";
+import type { CreateSequenceOptions, GenerateRequest, Generation, SequenceRunner, StepOutput } from "./requests.ts";
+import type { RouteJob } from "./router-dispatch.ts";
+import { MODULES_PER_LAYER, allOnGates, decisionsOf, type LayerRouting } from "./routing.ts";
 import { Sequence, SequenceError, checkSampling, type SamplingOptions } from "./sequence.ts";
-import { uploadWeights, type GpuTensor, type GpuWeights } from "./weights.ts";
+import { uploadWeights, type GpuWeights } from "./weights.ts";
 
 export { EngineError } from "./engine-error.ts";
 
@@ -66,16 +68,6 @@ export interface EngineOptions {
   readonly resolver?: KernelResolver;
 }
 
-/** One token of a step: its id, its position and the cache slot of its sequence. */
-interface Row {
-  readonly slot: number;
-  readonly token: number;
-  readonly position: number;
-  /** Adapter slot (NO_ADAPTER for the base alone) and the gates known before the step. */
-  readonly adapter: number;
-  readonly gates?: Float32Array;
-}
-
 export class Engine implements SequenceRunner {
   readonly #gpu: GpuContext;
   readonly #ownsDevice: boolean;
@@ -83,35 +75,13 @@ export class Engine implements SequenceRunner {
   readonly #cache: KvCache;
   readonly #kernels: EngineKernels;
   readonly #pipelines: PipelineCache;
-  readonly #step: StepEncoder;
-  readonly #activations: ReadonlyMap<ActivationName, GPUBuffer>;
-  readonly #inputs: {
-    readonly positions: GPUBuffer;
-    readonly rowSlot: GPUBuffer;
-    readonly settings: GPUBuffer;
-    readonly tokens: GPUBuffer;
-    /** Per row: adapter slot, gates [rows, layers * 7], and shrink's output [rows, maxRank]. */
-    readonly rowAdapter: GPUBuffer;
-    readonly gates: GPUBuffer;
-    readonly loraT: GPUBuffer;
-  };
-  readonly #tokensReadback: GPUBuffer;
+  readonly #forward: ForwardEncoder;
   readonly #adapters: AdapterStore;
-  readonly #router: RouterDispatch;
   readonly #merged: MergedMode;
   /** Live sequences per adapter name: an adapter in use cannot be unloaded. */
   readonly #users = new Map<string, Set<Sequence>>();
-  #logitsReadback: GPUBuffer | undefined;
-  #gatesReadback: GPUBuffer | undefined;
-  /** Beam candidates [maxRows, MAX_BEAM_CANDIDATES] on the device and their readback, made on first use. */
-  #candidates: { readonly kernel: KernelSource<FamilyBinding<"beam_topk">>; readonly buffer: GPUBuffer; readonly readback: GPUBuffer } | undefined;
   #nextId = 0;
   #queue: Promise<unknown> = Promise.resolve();
-  /** Logit processing (penalties, bias, min_p) and chosen logprobs: kernels and buffers made on first use. */
-  #processing: LogitProcessingBuffers | undefined;
-  /** The logits the sampling op reads in this step, when processing wrote them elsewhere. */
-  #sampleInput: GPUBuffer | undefined;
-
   readonly plan: Plan<ExpertModule>;
   readonly maxRows: number;
   readonly base: BaseModel;
@@ -129,21 +99,9 @@ export class Engine implements SequenceRunner {
     const device = gpu.device;
     this.#kernels = parts.kernels;
     this.#pipelines = new PipelineCache(device);
-    this.#step = new StepEncoder(device, this.#pipelines);
-    this.#activations = new Map(plan.activations.map((a) => [a.name, createStorage(device, maxRows * a.width * 4, `activation ${a.name}`)]));
-    this.#inputs = {
-      positions: createStorage(device, maxRows * 4, "positions"),
-      rowSlot: createStorage(device, maxRows * 4, "row slots"),
-      settings: createStorage(device, maxRows * SAMPLING_WORDS * 4, "sampling settings"),
-      tokens: createStorage(device, maxRows * 4, "sampled tokens"),
-      rowAdapter: createStorage(device, maxRows * 4, "row adapters"),
-      gates: createStorage(device, maxRows * this.#gateStride * 4, "gates"),
-      loraT: createStorage(device, maxRows * Math.max(1, plan.maxLoraRank) * 4, "lora shrink output"),
-    };
     this.#adapters = new AdapterStore(device, plan, maxAdapters);
-    this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: maxAdapters }, (config, layer, router) => this.#kernels.router(config, layer, router.experts));
+    this.#forward = new ForwardEncoder({ device, plan, maxRows, maxTenants: maxAdapters, weights: this.#weights, cache: this.#cache, kernels: this.#kernels, pipelines: this.#pipelines, tenants: this.#adapters });
     this.#merged = new MergedMode({ device, plan, weights: parts.weights });
-    this.#tokensReadback = device.createBuffer({ label: "tokens readback", size: maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
     // Compiling every pipeline now keeps shader compilation out of the first step's timing.
     for (const k of this.#kernels.all(this.#weights)) this.#pipelines.get(k);
   }
@@ -181,7 +139,7 @@ export class Engine implements SequenceRunner {
       const cache = new KvCache(gpu.device, cacheShape);
       const engine = new Engine({ plan, maxRows, base, maxAdapters, kernels: engineKernels, gpu, ownsDevice: options.gpu === undefined, weights, cache });
       try {
-        await engine.#warmUp();
+        await engine.#forward.warmUp();
       } catch (e) {
         engine.destroy();
         throw e;
@@ -192,18 +150,6 @@ export class Engine implements SequenceRunner {
       throw e;
     } finally {
       checkpoint.close();
-    }
-  }
-
-  /**
-   * Runs one matmul-sized and one matvec-sized step, since GL drivers (llvmpipe among them) compile a
-   * shader on its first dispatch: that belongs to loading, not to the first prefill's timing. The rows
-   * scribble on slot 0's cache, which a sequence overwrites before it reads any position.
-   */
-  async #warmUp(): Promise<void> {
-    for (const n of [Math.min(this.maxRows, this.plan.matvecMaxRows + 1), 1]) {
-      const rows = Array.from({ length: n }, (_, position) => ({ slot: 0, token: 0, position, adapter: NO_ADAPTER }));
-      await this.#run(rows, [n - 1], [GREEDY], false, []);
     }
   }
 
@@ -378,15 +324,8 @@ export class Engine implements SequenceRunner {
   destroy(): void {
     this.#weights.destroy();
     this.#adapters.destroy();
-    this.#router.destroy();
+    this.#forward.destroy();
     this.#cache.destroy();
-    this.#step.destroy();
-    for (const b of [...this.#activations.values(), ...Object.values(this.#inputs), this.#tokensReadback]) b.destroy();
-    this.#logitsReadback?.destroy();
-    this.#gatesReadback?.destroy();
-    this.#candidates?.buffer.destroy();
-    this.#candidates?.readback.destroy();
-    if (this.#processing) for (const b of [this.#processing.info, this.#processing.entries, this.#processing.work, this.#processing.chosen, this.#processing.chosenReadback]) b.destroy();
     if (this.#ownsDevice) this.#gpu.destroy();
   }
 
@@ -442,10 +381,9 @@ export class Engine implements SequenceRunner {
       if (candidates > Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)) {
         throw new EngineError(`${candidates} beam candidates per row asked for; at most ${Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)} (and the vocabulary)`);
       }
-      const processing = this.#processingOf(outRows.map((r, i) => (finishing.get(rows[r]!.seq) === i ? rows[r]!.seq : undefined)));
-      const chosen = [...finishing.keys()].some((s) => s.wantsLogprob);
-      if (processing || chosen) this.#logitProcessing(); // throws, before the step, when the plan lacks its kernels
-      const result = await this.#run(rows, outRows, settings, wantLogits, jobs, candidates, processing, chosen);
+      const processing = logitProcessingOf(outRows.map((r, i) => (finishing.get(rows[r]!.seq) === i ? rows[r]!.seq : undefined)));
+      const chosenLogprobs = [...finishing.keys()].some((s) => s.wantsLogprob);
+      const result = await this.#forward.run({ rows, outRows, settings, wantLogits, jobs, candidates, ...(processing ? { processing } : {}), chosenLogprobs });
 
       for (const job of jobs) {
         const { seq } = job;
@@ -478,138 +416,6 @@ export class Engine implements SequenceRunner {
     return outputs;
   }
 
-  /**
-   * One forward step: `rows` through every layer (routers of `jobs` first in each layer they route),
-   * then the head on `outRows` (indices into rows), sampled with `settings` (one per out row). One
-   * submit; the waits are for the readbacks (tokens, and logits and gates when asked for).
-   */
-  async #run(
-    rows: readonly Row[],
-    outRows: readonly number[],
-    settings: readonly SamplingSettings[],
-    wantLogits: boolean,
-    jobs: readonly RouteJob[],
-    candidates = 0,
-    processing?: { readonly info: Uint32Array; readonly entries: Uint32Array },
-    chosenLogprobs = false,
-  ) {
-    const { device } = this.#gpu;
-    const { hidden, vocab, layers } = this.plan.dims;
-    const queue = device.queue;
-    queue.writeBuffer(this.#inputs.positions, 0, Uint32Array.from(rows, (r) => r.position));
-    queue.writeBuffer(this.#inputs.rowSlot, 0, Uint32Array.from(rows, (r) => r.slot));
-    const active = this.#loraActivity(rows, jobs);
-    if (active.some((layer) => layer.some(Boolean))) {
-      const G = this.#gateStride;
-      const gates = new Float32Array(rows.length * G);
-      rows.forEach((r, i) => r.gates && gates.set(r.gates, i * G));
-      queue.writeBuffer(this.#inputs.rowAdapter, 0, Uint32Array.from(rows, (r) => r.adapter));
-      queue.writeBuffer(this.#inputs.gates, 0, gates);
-    }
-    const step = this.#step;
-
-    const x = this.#act(this.plan.input);
-    const embedding = this.#weights.get(this.plan.embedding);
-    rows.forEach((row, r) => {
-      const block = blockOf(embedding, row.token);
-      step.copy(block.buffer, (row.token - block.firstRow) * hidden * 4, x, r * hidden * 4, hidden * 4);
-    });
-    const groups = this.#router.prepare(jobs);
-    const table = { buffer: this.#inputs.gates, stride: this.#gateStride };
-    for (let layer = 0; layer < layers; layer++) {
-      for (const group of groups) this.#router.route(step, group, layer, x, table);
-      for (const op of this.plan.layer) this.#dispatch(op, rows.length, layer, active[layer]!);
-    }
-    const out = outRows.length;
-    if (out > 0) {
-      const headInput = this.#act(this.plan.headInput);
-      for (const [from, to, count] of runs(outRows)) step.copy(x, from * hidden * 4, headInput, to * hidden * 4, count * hidden * 4);
-      queue.writeBuffer(this.#inputs.settings, 0, packSamplingSettings(settings));
-      for (const op of this.plan.head) {
-        // Penalties, bias and min_p write processed logits elsewhere: the raw ones stay for logprobs.
-        if (op.op === "sample" && processing) this.#sampleInput = this.#adjustLogits(processing, out);
-        this.#dispatch(op, out, 0, []);
-        this.#sampleInput = undefined;
-      }
-      step.copy(this.#inputs.tokens, 0, this.#tokensReadback, 0, out * 4);
-      if (chosenLogprobs) {
-        const p = this.#logitProcessing();
-        step.dispatch(p.chosenKernel, { logits: this.#act("logits"), tokens: this.#inputs.tokens, out: p.chosen }, { rows: out });
-        step.copy(p.chosen, 0, p.chosenReadback, 0, out * 4);
-      }
-      if (wantLogits) step.copy(this.#act("logits"), 0, this.#logitsStaging(), 0, out * vocab * 4);
-      if (candidates > 0) {
-        // Beam search needs log-probabilities, and sampling already runs on the device, so the log-softmax
-        // and the top candidates do too: k (token, logprob) pairs per row come back instead of vocab logits.
-        const c = this.#beamCandidates();
-        step.dispatch(c.kernel, { logits: this.#act("logits"), candidates: c.buffer }, { rows: out, k: candidates });
-        step.copy(c.buffer, 0, c.readback, 0, out * candidates * BEAM_CANDIDATE_WORDS * 4);
-      }
-    }
-    const gatesBytes = rows.length * this.#gateStride * 4;
-    if (jobs.length > 0) step.copy(this.#inputs.gates, 0, this.#gatesStaging(), 0, gatesBytes);
-    step.submit();
-
-    let gates: Float32Array | undefined;
-    if (jobs.length > 0) {
-      const staging = this.#gatesStaging();
-      await staging.mapAsync(GPUMapMode.READ, 0, gatesBytes);
-      gates = new Float32Array(staging.getMappedRange(0, gatesBytes).slice(0));
-      staging.unmap();
-    }
-    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined, gates, candidates: undefined, chosen: undefined };
-
-    await this.#tokensReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
-    const tokens = new Uint32Array(this.#tokensReadback.getMappedRange(0, out * 4).slice(0));
-    this.#tokensReadback.unmap();
-    let logits: ((i: number) => Float32Array) | undefined;
-    if (wantLogits) {
-      const staging = this.#logitsStaging();
-      await staging.mapAsync(GPUMapMode.READ, 0, out * vocab * 4);
-      const all = new Float32Array(staging.getMappedRange(0, out * vocab * 4).slice(0));
-      staging.unmap();
-      logits = (i) => all.subarray(i * vocab, (i + 1) * vocab);
-    }
-    let picks: ((i: number, count: number) => BeamCandidates) | undefined;
-    if (candidates > 0) {
-      const { readback } = this.#beamCandidates();
-      const bytes = out * candidates * BEAM_CANDIDATE_WORDS * 4;
-      await readback.mapAsync(GPUMapMode.READ, 0, bytes);
-      const words = readback.getMappedRange(0, bytes).slice(0);
-      readback.unmap();
-      const ids = new Uint32Array(words);
-      const values = new Float32Array(words);
-      picks = (i, count) => {
-        const at = i * candidates * BEAM_CANDIDATE_WORDS;
-        return {
-          tokens: Uint32Array.from({ length: count }, (_, j) => ids[at + j * BEAM_CANDIDATE_WORDS]!),
-          logprobs: Float32Array.from({ length: count }, (_, j) => values[at + j * BEAM_CANDIDATE_WORDS + 1]!),
-        };
-      };
-    }
-    let chosen: Float32Array | undefined;
-    if (chosenLogprobs) {
-      const { chosenReadback } = this.#logitProcessing();
-      await chosenReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
-      chosen = new Float32Array(chosenReadback.getMappedRange(0, out * 4).slice(0));
-      chosenReadback.unmap();
-    }
-    return { tokens, logits, gates, candidates: picks, chosen };
-  }
-
-  /**
-   * Per layer and module, whether any row may need its LoRA: a row with a known non-zero gate, or a
-   * row routed on the GPU in this step by an adapter that has the module. Others are not dispatched.
-   */
-  #loraActivity(rows: readonly Row[], jobs: readonly RouteJob[]): boolean[][] {
-    return Array.from({ length: this.plan.dims.layers }, (_, layer) =>
-      EXPERT_MODULES.map((m) => {
-        const column = gateColumn(layer, m);
-        return rows.some((r) => r.gates !== undefined && r.gates[column] !== 0) || jobs.some((j) => j.adapter.routers.has(layer) && j.adapter.has(layer, m));
-      }),
-    );
-  }
-
   get #gateStride(): number {
     return this.plan.dims.layers * MODULES_PER_LAYER;
   }
@@ -621,157 +427,6 @@ export class Engine implements SequenceRunner {
       throw new EngineError(`no adapter named "${name}" is loaded (loaded: ${loaded.length > 0 ? loaded.join(", ") : "none"})`);
     }
     return adapter;
-  }
-
-  /** Records one op; `active` says which of the layer's expert modules run their LoRA (EXPERT_MODULES order). */
-  #dispatch(op: PlanOp, rows: number, layer: number, active: readonly boolean[]): void {
-    const step = this.#step;
-    const act = (name: ActivationName) => this.#act(name);
-    const kernel = <F extends KernelFamily>(family: F, key: string) => this.#kernels.get(family, key);
-    const cache = { kCache: this.#cache.keys[layer]!, vCache: this.#cache.values[layer]! };
-    const { positions, rowSlot } = this.#inputs;
-    switch (op.op) {
-      case "rmsnorm":
-        return step.dispatch(kernel("rmsnorm", op.kernel), { x: act(op.input), weight: this.#weights.buffer(layerTensor(op.weight, layer)), out: act(op.output) }, { rows });
-      case "linear":
-        this.#linear(op, rows, layer);
-        if (op.lora && active[op.lora.gateColumn]) this.#lora(op, op.lora, rows, layer);
-        return;
-      case "rope":
-        return step.dispatch(kernel("rope", op.kernel), { q: act(op.q), k: act(op.k), positions }, { rows });
-      case "kv_write":
-        return step.dispatch(kernel("kv_write", op.kernel), { k: act(op.k), v: act(op.v), ...cache, rowSlot, positions }, { rows });
-      case "attention":
-        return step.dispatch(kernel("attention", op.kernel), { q: act(op.q), ...cache, rowSlot, positions, out: act(op.output) }, { rows });
-      case "swiglu":
-        return step.dispatch(kernel("swiglu", op.kernel), { gate: act(op.gate), up: act(op.up), out: act(op.output) }, { n: rows * this.plan.dims.intermediate });
-      case "sample":
-        return step.dispatch(kernel("sampling", op.kernel), { logits: this.#sampleInput ?? act(op.logits), settings: this.#inputs.settings, tokens: this.#inputs.tokens }, { rows });
-    }
-  }
-
-  #linear(op: Extract<PlanOp, { op: "linear" }>, rows: number, layer: number): void {
-    const key = rows <= this.plan.matvecMaxRows ? op.matvec : op.matmul;
-    const weight = this.#weights.get(layerTensor(op.weight, layer));
-    const io = { x: this.#act(op.input), y: this.#act(op.output), ...(op.residual === undefined ? {} : { residual: this.#act(op.residual) }) };
-    const family = rows <= this.plan.matvecMaxRows ? "matvec" : "matmul";
-    if (weight.blocks.length === 1) {
-      this.#step.dispatch(this.#kernels.get(family, key), { ...io, w: weight.blocks[0]!.buffer }, { rows });
-      return;
-    }
-    // A split weight: each row block computes its own columns of y in place (residual included).
-    for (const block of weight.blocks) this.#step.dispatch(this.#kernels.block(op, family, block.rows), { ...io, w: block.buffer }, { rows, column: block.firstRow });
-  }
-
-  /** y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module. */
-  #lora(op: Extract<PlanOp, { op: "linear" }>, lora: PlanLora, rows: number, layer: number): void {
-    const stack = this.#adapters.stack(layer, op.module as ExpertModule);
-    const select = { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
-    const params = { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + lora.gateColumn };
-    const t = this.#inputs.loraT;
-    this.#step.dispatch(this.#kernels.get("lora_shrink", lora.shrink), { x: this.#act(op.input), a: stack.a, ...select, t }, params);
-    this.#step.dispatch(this.#kernels.get("lora_expand", lora.expand), { t, b: stack.b, ...select, y: this.#act(op.output) }, params);
-  }
-
-  #act(name: ActivationName): GPUBuffer {
-    return this.#activations.get(name)!;
-  }
-
-  #gatesStaging(): GPUBuffer {
-    this.#gatesReadback ??= this.#gpu.device.createBuffer({
-      label: "gates readback",
-      size: this.maxRows * this.#gateStride * 4,
-      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-    });
-    return this.#gatesReadback;
-  }
-
-  /**
-   * The beam candidates kernel (the plan's `beamTopK`) and its buffers, made on first use.
-   */
-  #beamCandidates() {
-    if (!this.#candidates) {
-      const kernel = this.#kernels.get("beam_topk", this.plan.beamTopK);
-      this.#pipelines.get(kernel);
-      const size = this.maxRows * MAX_BEAM_CANDIDATES * BEAM_CANDIDATE_WORDS * 4;
-      this.#candidates = {
-        kernel,
-        buffer: createStorage(this.#gpu.device, size, "beam candidates"),
-        readback: this.#gpu.device.createBuffer({ label: "beam candidates readback", size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
-      };
-    }
-    return this.#candidates;
-  }
-
-  /** Per out row the sequence it samples for (undefined: a logits-only row): its processing, if any row has some. */
-  #processingOf(sampled: readonly (Sequence | undefined)[]): { info: Uint32Array; entries: Uint32Array } | undefined {
-    if (!sampled.some((s) => s && ((s.adjust?.size ?? 0) > 0 || s.sampling.minP > 0))) return undefined;
-    const info = new Uint32Array(sampled.length * ADJUST_ROW_WORDS);
-    const floats = new Float32Array(info.buffer);
-    let total = 0;
-    for (const s of sampled) total += s?.adjust?.size ?? 0;
-    const entries = new Uint32Array(Math.max(1, total) * ADJUST_ENTRY_WORDS);
-    let at = 0;
-    sampled.forEach((s, r) => {
-      const words = s?.adjust?.words;
-      info[r * ADJUST_ROW_WORDS] = at;
-      info[r * ADJUST_ROW_WORDS + 1] = words ? words.length / ADJUST_ENTRY_WORDS : 0;
-      floats[r * ADJUST_ROW_WORDS + 2] = s?.sampling.minP ?? 0;
-      floats[r * ADJUST_ROW_WORDS + 3] = s?.sampling.temperature ?? 0;
-      if (words) {
-        entries.set(words, at * ADJUST_ENTRY_WORDS);
-        at += words.length / ADJUST_ENTRY_WORDS;
-      }
-    });
-    return { info, entries };
-  }
-
-  /** Records the logit processing kernel for `out` rows; returns the buffer of processed logits. */
-  #adjustLogits(processing: { readonly info: Uint32Array; readonly entries: Uint32Array }, out: number): GPUBuffer {
-    const p = this.#logitProcessing();
-    const device = this.#gpu.device;
-    if (processing.entries.byteLength > p.entries.size) {
-      p.entries.destroy();
-      p.entries = createStorage(device, Math.max(processing.entries.byteLength, 2 * p.entries.size), "logit adjust entries");
-    }
-    device.queue.writeBuffer(p.info, 0, processing.info);
-    device.queue.writeBuffer(p.entries, 0, processing.entries);
-    this.#step.dispatch(p.adjustKernel, { logits: this.#act("logits"), info: p.info, entries: p.entries, work: p.work }, { rows: out });
-    return p.work;
-  }
-
-  #logitProcessing(): LogitProcessingBuffers {
-    if (!this.#processing) {
-      const device = this.#gpu.device;
-      const { vocab } = this.plan.dims;
-      const { logitAdjust, chosenLogprob } = this.plan;
-      if (logitAdjust === undefined || chosenLogprob === undefined) {
-        throw new EngineError("this plan has no logit processing kernels (penalties, logit bias, min-p, logprobs): it was compiled before they existed; recompile the package");
-      }
-      const adjustKernel = this.#kernels.get("logit_adjust", logitAdjust);
-      const chosenKernel = this.#kernels.get("chosen_logprob", chosenLogprob);
-      this.#pipelines.get(adjustKernel);
-      this.#pipelines.get(chosenKernel);
-      this.#processing = {
-        adjustKernel,
-        chosenKernel,
-        info: createStorage(device, this.maxRows * ADJUST_ROW_WORDS * 4, "logit adjust rows"),
-        entries: createStorage(device, 1024 * ADJUST_ENTRY_WORDS * 4, "logit adjust entries"),
-        work: createStorage(device, this.maxRows * vocab * 4, "processed logits"),
-        chosen: createStorage(device, this.maxRows * 4, "chosen logprobs"),
-        chosenReadback: device.createBuffer({ label: "chosen logprobs readback", size: this.maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
-      };
-    }
-    return this.#processing;
-  }
-
-  #logitsStaging(): GPUBuffer {
-    this.#logitsReadback ??= this.#gpu.device.createBuffer({
-      label: "logits readback",
-      size: this.maxRows * this.plan.dims.vocab * 4,
-      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-    });
-    return this.#logitsReadback;
   }
 }
 
@@ -791,32 +446,4 @@ interface EngineParts {
 /** Whether the sequence still has to route on its prompt (its first step decides for good). */
 function routesPrompt(seq: Sequence): boolean {
   return seq.adapter?.adapter.spec.router?.when === "prompt" && seq.gates === undefined;
-}
-
-interface LogitProcessingBuffers {
-  readonly adjustKernel: KernelSource<FamilyBinding<"logit_adjust">>;
-  readonly chosenKernel: KernelSource<FamilyBinding<"chosen_logprob">>;
-  readonly info: GPUBuffer;
-  entries: GPUBuffer;
-  readonly work: GPUBuffer;
-  readonly chosen: GPUBuffer;
-  readonly chosenReadback: GPUBuffer;
-}
-
-/** Settings for out rows whose sample nobody reads (logits-only rows). */
-const GREEDY: SamplingSettings = { temperature: 0, topK: 0, topP: 1, seed: 0, step: 0 };
-
-function blockOf(t: GpuTensor, row: number) {
-  return t.blocks.find((b) => row >= b.firstRow && row < b.firstRow + b.rows)!;
-}
-
-/** Consecutive runs in a sorted index list, as [first source index, first target index, length]. */
-function runs(indices: readonly number[]): [number, number, number][] {
-  const out: [number, number, number][] = [];
-  indices.forEach((from, to) => {
-    const last = out.at(-1);
-    if (last && last[0] + last[2] === from) last[2]++;
-    else out.push([from, to, 1]);
-  });
-  return out;
 }

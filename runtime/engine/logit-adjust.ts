@@ -1,7 +1,7 @@
 // One sequence's logit processing entries (penalties and logit bias), packed as the logit_adjust
 // kernel reads them (compiler/kernels/logit-adjust.ts, runtime/gpu/layouts.ts) and kept up to date as
 // the sequence's tokens are generated.
-import { ADJUST_ENTRY_WORDS } from "../gpu/layouts.ts";
+import { ADJUST_ENTRY_WORDS, ADJUST_ROW_WORDS } from "../gpu/layouts.ts";
 
 /** Penalties and bias of one sequence (the server's fields; neutral values turn each off). */
 export interface PenaltySettings {
@@ -89,3 +89,37 @@ export class LogitAdjust {
   }
 }
 
+/** One step's logit processing as the logit_adjust kernel reads it: per out row (first entry, entries, min_p, temperature), then the entries. */
+export interface LogitProcessing {
+  readonly info: Uint32Array;
+  readonly entries: Uint32Array;
+}
+
+/** What an out row's sequence asks of logit processing (a Sequence has these fields). */
+export interface AdjustedRow {
+  readonly adjust: LogitAdjust | undefined;
+  readonly sampling: { readonly minP: number; readonly temperature: number };
+}
+
+/** Per out row the sequence it samples for (undefined: a logits-only row): the step's processing, if any row has some. */
+export function logitProcessingOf(sampled: readonly (AdjustedRow | undefined)[]): LogitProcessing | undefined {
+  if (!sampled.some((s) => s && ((s.adjust?.size ?? 0) > 0 || s.sampling.minP > 0))) return undefined;
+  const info = new Uint32Array(sampled.length * ADJUST_ROW_WORDS);
+  const floats = new Float32Array(info.buffer);
+  let total = 0;
+  for (const s of sampled) total += s?.adjust?.size ?? 0;
+  const entries = new Uint32Array(Math.max(1, total) * ADJUST_ENTRY_WORDS);
+  let at = 0;
+  sampled.forEach((s, r) => {
+    const words = s?.adjust?.words;
+    info[r * ADJUST_ROW_WORDS] = at;
+    info[r * ADJUST_ROW_WORDS + 1] = words ? words.length / ADJUST_ENTRY_WORDS : 0;
+    floats[r * ADJUST_ROW_WORDS + 2] = s?.sampling.minP ?? 0;
+    floats[r * ADJUST_ROW_WORDS + 3] = s?.sampling.temperature ?? 0;
+    if (words) {
+      entries.set(words, at * ADJUST_ENTRY_WORDS);
+      at += words.length / ADJUST_ENTRY_WORDS;
+    }
+  });
+  return { info, entries };
+}

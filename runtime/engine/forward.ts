@@ -1,0 +1,442 @@
+// The forward encoder: one engine step on the device. It writes the step's rows (positions, cache
+// slots, tenant slots and known gates), records every layer's ops (routers first where they route,
+// the base kernels, each module's LoRA where some row needs it), then the head on the out rows (logit
+// processing, sampling, beam candidates, chosen logprobs), in one command encoder and one submit, and
+// reads back only what was asked for. It owns the buffers a step runs on.
+import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
+import { ADJUST_ENTRY_WORDS, ADJUST_ROW_WORDS, BEAM_CANDIDATE_WORDS, MAX_BEAM_CANDIDATES, NO_ADAPTER, SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../gpu/layouts.ts";
+import type { KernelSource } from "../gpu/kernel.ts";
+import { createStorage, StepEncoder, type PipelineCache } from "../gpu/kernel-runner.ts";
+import { layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanLora, type PlanOp } from "../package/format.ts";
+import { EngineError } from "./engine-error.ts";
+import type { EngineKernels } from "./kernels.ts";
+import type { KvCache } from "./kv-cache.ts";
+import type { LogitProcessing } from "./logit-adjust.ts";
+import type { BeamCandidates } from "./requests.ts";
+import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
+import { MODULES_PER_LAYER, gateColumn } from "./routing.ts";
+import type { AdapterStore } from "./tenants.ts";
+import type { GpuTensor, GpuWeights } from "./weights.ts";
+
+/** One token of a step: its id, its position and the cache slot of its sequence. */
+export interface Row {
+  readonly slot: number;
+  readonly token: number;
+  readonly position: number;
+  /** Adapter slot (NO_ADAPTER for the base alone) and the gates known before the step. */
+  readonly adapter: number;
+  readonly gates?: Float32Array;
+}
+
+/** What one step runs. */
+export interface ForwardStep {
+  readonly rows: readonly Row[];
+  /** Rows (indices into rows) the head runs on, ascending. */
+  readonly outRows: readonly number[];
+  /** Sampler settings, one per out row. */
+  readonly settings: readonly SamplingSettings[];
+  /** Whether the out rows' logits come back. */
+  readonly wantLogits: boolean;
+  /** Sequences routed on the device in this step. */
+  readonly jobs: readonly RouteJob[];
+  /** Beam candidates per out row to read back (0: none). */
+  readonly candidates?: number;
+  /** Penalties, bias and min_p of the out rows, when any has some. */
+  readonly processing?: LogitProcessing;
+  /** Whether the sampled tokens' log-probabilities come back. */
+  readonly chosenLogprobs?: boolean;
+}
+
+/** What one step read back, per out row unless said otherwise. */
+export interface ForwardResult {
+  readonly tokens: Uint32Array;
+  readonly logits: ((out: number) => Float32Array) | undefined;
+  /** The gates table [rows, layers * 7] after the step, when a router ran. */
+  readonly gates: Float32Array | undefined;
+  readonly candidates: ((out: number, count: number) => BeamCandidates) | undefined;
+  readonly chosen: Float32Array | undefined;
+}
+
+export interface ForwardEncoderOptions {
+  readonly device: GPUDevice;
+  readonly plan: Plan<ExpertModule>;
+  /** Rows one step may run. */
+  readonly maxRows: number;
+  /** Tenants routed in one step at most (the router dispatch's index segments). */
+  readonly maxTenants: number;
+  readonly weights: GpuWeights;
+  readonly cache: KvCache;
+  readonly kernels: EngineKernels;
+  readonly pipelines: PipelineCache;
+  readonly tenants: AdapterStore;
+}
+
+/** Settings for out rows whose sample nobody reads (logits-only rows). */
+export const GREEDY: SamplingSettings = { temperature: 0, topK: 0, topP: 1, seed: 0, step: 0 };
+
+export class ForwardEncoder {
+  readonly #device: GPUDevice;
+  readonly #plan: Plan<ExpertModule>;
+  readonly #maxRows: number;
+  readonly #weights: GpuWeights;
+  readonly #cache: KvCache;
+  readonly #kernels: EngineKernels;
+  readonly #pipelines: PipelineCache;
+  readonly #tenants: AdapterStore;
+  readonly #router: RouterDispatch;
+  readonly #step: StepEncoder;
+  readonly #activations: ReadonlyMap<ActivationName, GPUBuffer>;
+  readonly #inputs: {
+    readonly positions: GPUBuffer;
+    readonly rowSlot: GPUBuffer;
+    readonly settings: GPUBuffer;
+    readonly tokens: GPUBuffer;
+    /** Per row: adapter slot, gates [rows, layers * 7], and shrink's output [rows, maxRank]. */
+    readonly rowAdapter: GPUBuffer;
+    readonly gates: GPUBuffer;
+    readonly loraT: GPUBuffer;
+  };
+  readonly #tokensReadback: GPUBuffer;
+  #logitsReadback: GPUBuffer | undefined;
+  #gatesReadback: GPUBuffer | undefined;
+  /** Beam candidates [maxRows, MAX_BEAM_CANDIDATES] on the device and their readback, made on first use. */
+  #candidates: { readonly kernel: KernelSource<FamilyBinding<"beam_topk">>; readonly buffer: GPUBuffer; readonly readback: GPUBuffer } | undefined;
+  /** Logit processing (penalties, bias, min_p) and chosen logprobs: kernels and buffers made on first use. */
+  #processing: LogitProcessingBuffers | undefined;
+  /** The logits the sampling op reads in this step, when processing wrote them elsewhere. */
+  #sampleInput: GPUBuffer | undefined;
+
+  constructor(options: ForwardEncoderOptions) {
+    const { device, plan, maxRows } = options;
+    this.#device = device;
+    this.#plan = plan;
+    this.#maxRows = maxRows;
+    this.#weights = options.weights;
+    this.#cache = options.cache;
+    this.#kernels = options.kernels;
+    this.#pipelines = options.pipelines;
+    this.#tenants = options.tenants;
+    this.#step = new StepEncoder(device, this.#pipelines);
+    this.#activations = new Map(plan.activations.map((a) => [a.name, createStorage(device, maxRows * a.width * 4, `activation ${a.name}`)]));
+    this.#inputs = {
+      positions: createStorage(device, maxRows * 4, "positions"),
+      rowSlot: createStorage(device, maxRows * 4, "row slots"),
+      settings: createStorage(device, maxRows * SAMPLING_WORDS * 4, "sampling settings"),
+      tokens: createStorage(device, maxRows * 4, "sampled tokens"),
+      rowAdapter: createStorage(device, maxRows * 4, "row adapters"),
+      gates: createStorage(device, maxRows * this.#gateStride * 4, "gates"),
+      loraT: createStorage(device, maxRows * Math.max(1, plan.maxLoraRank) * 4, "lora shrink output"),
+    };
+    this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: options.maxTenants }, (config, layer, router) => this.#kernels.router(config, layer, router.experts));
+    this.#tokensReadback = device.createBuffer({ label: "tokens readback", size: maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  }
+
+  /**
+   * Runs one matmul-sized and one matvec-sized step, since GL drivers (llvmpipe among them) compile a
+   * shader on its first dispatch: that belongs to loading, not to the first prefill's timing. The rows
+   * scribble on slot 0's cache, which a sequence overwrites before it reads any position.
+   */
+  async warmUp(): Promise<void> {
+    for (const n of [Math.min(this.#maxRows, this.#plan.matvecMaxRows + 1), 1]) {
+      const rows = Array.from({ length: n }, (_, position) => ({ slot: 0, token: 0, position, adapter: NO_ADAPTER }));
+      await this.run({ rows, outRows: [n - 1], settings: [GREEDY], wantLogits: false, jobs: [] });
+    }
+  }
+
+  /**
+   * One forward step: the rows through every layer (routers of `jobs` first in each layer they route),
+   * then the head on the out rows, sampled with `settings`. One submit; the waits are for the readbacks
+   * (tokens, and logits and gates when asked for). Throws EngineError, before anything is recorded,
+   * when the step needs logit processing kernels the plan lacks.
+   */
+  async run(input: ForwardStep): Promise<ForwardResult> {
+    const { rows, outRows, settings, wantLogits, jobs, processing } = input;
+    const candidates = input.candidates ?? 0;
+    const chosenLogprobs = input.chosenLogprobs ?? false;
+    if (processing || chosenLogprobs) this.#logitProcessing();
+    const device = this.#device;
+    const { hidden, vocab, layers } = this.#plan.dims;
+    const queue = device.queue;
+    queue.writeBuffer(this.#inputs.positions, 0, Uint32Array.from(rows, (r) => r.position));
+    queue.writeBuffer(this.#inputs.rowSlot, 0, Uint32Array.from(rows, (r) => r.slot));
+    const active = this.#loraActivity(rows, jobs);
+    if (active.some((layer) => layer.some(Boolean))) {
+      const G = this.#gateStride;
+      const gates = new Float32Array(rows.length * G);
+      rows.forEach((r, i) => r.gates && gates.set(r.gates, i * G));
+      queue.writeBuffer(this.#inputs.rowAdapter, 0, Uint32Array.from(rows, (r) => r.adapter));
+      queue.writeBuffer(this.#inputs.gates, 0, gates);
+    }
+    const step = this.#step;
+
+    const x = this.#act(this.#plan.input);
+    const embedding = this.#weights.get(this.#plan.embedding);
+    rows.forEach((row, r) => {
+      const block = blockOf(embedding, row.token);
+      step.copy(block.buffer, (row.token - block.firstRow) * hidden * 4, x, r * hidden * 4, hidden * 4);
+    });
+    const groups = this.#router.prepare(jobs);
+    const table = { buffer: this.#inputs.gates, stride: this.#gateStride };
+    for (let layer = 0; layer < layers; layer++) {
+      for (const group of groups) this.#router.route(step, group, layer, x, table);
+      for (const op of this.#plan.layer) this.#dispatch(op, rows.length, layer, active[layer]!);
+    }
+    const out = outRows.length;
+    if (out > 0) {
+      const headInput = this.#act(this.#plan.headInput);
+      for (const [from, to, count] of runs(outRows)) step.copy(x, from * hidden * 4, headInput, to * hidden * 4, count * hidden * 4);
+      queue.writeBuffer(this.#inputs.settings, 0, packSamplingSettings(settings));
+      for (const op of this.#plan.head) {
+        // Penalties, bias and min_p write processed logits elsewhere: the raw ones stay for logprobs.
+        if (op.op === "sample" && processing) this.#sampleInput = this.#adjustLogits(processing, out);
+        this.#dispatch(op, out, 0, []);
+        this.#sampleInput = undefined;
+      }
+      step.copy(this.#inputs.tokens, 0, this.#tokensReadback, 0, out * 4);
+      if (chosenLogprobs) {
+        const p = this.#logitProcessing();
+        step.dispatch(p.chosenKernel, { logits: this.#act("logits"), tokens: this.#inputs.tokens, out: p.chosen }, { rows: out });
+        step.copy(p.chosen, 0, p.chosenReadback, 0, out * 4);
+      }
+      if (wantLogits) step.copy(this.#act("logits"), 0, this.#logitsStaging(), 0, out * vocab * 4);
+      if (candidates > 0) {
+        // Beam search needs log-probabilities, and sampling already runs on the device, so the log-softmax
+        // and the top candidates do too: k (token, logprob) pairs per row come back instead of vocab logits.
+        const c = this.#beamCandidates();
+        step.dispatch(c.kernel, { logits: this.#act("logits"), candidates: c.buffer }, { rows: out, k: candidates });
+        step.copy(c.buffer, 0, c.readback, 0, out * candidates * BEAM_CANDIDATE_WORDS * 4);
+      }
+    }
+    const gatesBytes = rows.length * this.#gateStride * 4;
+    if (jobs.length > 0) step.copy(this.#inputs.gates, 0, this.#gatesStaging(), 0, gatesBytes);
+    step.submit();
+
+    let gates: Float32Array | undefined;
+    if (jobs.length > 0) {
+      const staging = this.#gatesStaging();
+      await staging.mapAsync(GPUMapMode.READ, 0, gatesBytes);
+      gates = new Float32Array(staging.getMappedRange(0, gatesBytes).slice(0));
+      staging.unmap();
+    }
+    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined, gates, candidates: undefined, chosen: undefined };
+
+    await this.#tokensReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
+    const tokens = new Uint32Array(this.#tokensReadback.getMappedRange(0, out * 4).slice(0));
+    this.#tokensReadback.unmap();
+    let logits: ((i: number) => Float32Array) | undefined;
+    if (wantLogits) {
+      const staging = this.#logitsStaging();
+      await staging.mapAsync(GPUMapMode.READ, 0, out * vocab * 4);
+      const all = new Float32Array(staging.getMappedRange(0, out * vocab * 4).slice(0));
+      staging.unmap();
+      logits = (i) => all.subarray(i * vocab, (i + 1) * vocab);
+    }
+    let picks: ((i: number, count: number) => BeamCandidates) | undefined;
+    if (candidates > 0) {
+      const { readback } = this.#beamCandidates();
+      const bytes = out * candidates * BEAM_CANDIDATE_WORDS * 4;
+      await readback.mapAsync(GPUMapMode.READ, 0, bytes);
+      const words = readback.getMappedRange(0, bytes).slice(0);
+      readback.unmap();
+      const ids = new Uint32Array(words);
+      const values = new Float32Array(words);
+      picks = (i, count) => {
+        const at = i * candidates * BEAM_CANDIDATE_WORDS;
+        return {
+          tokens: Uint32Array.from({ length: count }, (_, j) => ids[at + j * BEAM_CANDIDATE_WORDS]!),
+          logprobs: Float32Array.from({ length: count }, (_, j) => values[at + j * BEAM_CANDIDATE_WORDS + 1]!),
+        };
+      };
+    }
+    let chosen: Float32Array | undefined;
+    if (chosenLogprobs) {
+      const { chosenReadback } = this.#logitProcessing();
+      await chosenReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
+      chosen = new Float32Array(chosenReadback.getMappedRange(0, out * 4).slice(0));
+      chosenReadback.unmap();
+    }
+    return { tokens, logits, gates, candidates: picks, chosen };
+  }
+
+  /** Frees every buffer the encoder made. */
+  destroy(): void {
+    this.#router.destroy();
+    this.#step.destroy();
+    for (const b of [...this.#activations.values(), ...Object.values(this.#inputs), this.#tokensReadback]) b.destroy();
+    this.#logitsReadback?.destroy();
+    this.#gatesReadback?.destroy();
+    this.#candidates?.buffer.destroy();
+    this.#candidates?.readback.destroy();
+    if (this.#processing) for (const b of [this.#processing.info, this.#processing.entries, this.#processing.work, this.#processing.chosen, this.#processing.chosenReadback]) b.destroy();
+  }
+
+  /**
+   * Per layer and module, whether any row may need its LoRA: a row with a known non-zero gate, or a
+   * row routed on the GPU in this step by an adapter that has the module. Others are not dispatched.
+   */
+  #loraActivity(rows: readonly Row[], jobs: readonly RouteJob[]): boolean[][] {
+    return Array.from({ length: this.#plan.dims.layers }, (_, layer) =>
+      EXPERT_MODULES.map((m) => {
+        const column = gateColumn(layer, m);
+        return rows.some((r) => r.gates !== undefined && r.gates[column] !== 0) || jobs.some((j) => j.adapter.routers.has(layer) && j.adapter.has(layer, m));
+      }),
+    );
+  }
+
+  get #gateStride(): number {
+    return this.#plan.dims.layers * MODULES_PER_LAYER;
+  }
+
+  /** Records one op; `active` says which of the layer's expert modules run their LoRA (EXPERT_MODULES order). */
+  #dispatch(op: PlanOp, rows: number, layer: number, active: readonly boolean[]): void {
+    const step = this.#step;
+    const act = (name: ActivationName) => this.#act(name);
+    const kernel = <F extends KernelFamily>(family: F, key: string) => this.#kernels.get(family, key);
+    const cache = { kCache: this.#cache.keys[layer]!, vCache: this.#cache.values[layer]! };
+    const { positions, rowSlot } = this.#inputs;
+    switch (op.op) {
+      case "rmsnorm":
+        return step.dispatch(kernel("rmsnorm", op.kernel), { x: act(op.input), weight: this.#weights.buffer(layerTensor(op.weight, layer)), out: act(op.output) }, { rows });
+      case "linear":
+        this.#linear(op, rows, layer);
+        if (op.lora && active[op.lora.gateColumn]) this.#lora(op, op.lora, rows, layer);
+        return;
+      case "rope":
+        return step.dispatch(kernel("rope", op.kernel), { q: act(op.q), k: act(op.k), positions }, { rows });
+      case "kv_write":
+        return step.dispatch(kernel("kv_write", op.kernel), { k: act(op.k), v: act(op.v), ...cache, rowSlot, positions }, { rows });
+      case "attention":
+        return step.dispatch(kernel("attention", op.kernel), { q: act(op.q), ...cache, rowSlot, positions, out: act(op.output) }, { rows });
+      case "swiglu":
+        return step.dispatch(kernel("swiglu", op.kernel), { gate: act(op.gate), up: act(op.up), out: act(op.output) }, { n: rows * this.#plan.dims.intermediate });
+      case "sample":
+        return step.dispatch(kernel("sampling", op.kernel), { logits: this.#sampleInput ?? act(op.logits), settings: this.#inputs.settings, tokens: this.#inputs.tokens }, { rows });
+    }
+  }
+
+  #linear(op: Extract<PlanOp, { op: "linear" }>, rows: number, layer: number): void {
+    const key = rows <= this.#plan.matvecMaxRows ? op.matvec : op.matmul;
+    const weight = this.#weights.get(layerTensor(op.weight, layer));
+    const io = { x: this.#act(op.input), y: this.#act(op.output), ...(op.residual === undefined ? {} : { residual: this.#act(op.residual) }) };
+    const family = rows <= this.#plan.matvecMaxRows ? "matvec" : "matmul";
+    if (weight.blocks.length === 1) {
+      this.#step.dispatch(this.#kernels.get(family, key), { ...io, w: weight.blocks[0]!.buffer }, { rows });
+      return;
+    }
+    // A split weight: each row block computes its own columns of y in place (residual included).
+    for (const block of weight.blocks) this.#step.dispatch(this.#kernels.block(op, family, block.rows), { ...io, w: block.buffer }, { rows, column: block.firstRow });
+  }
+
+  /** y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module. */
+  #lora(op: Extract<PlanOp, { op: "linear" }>, lora: PlanLora, rows: number, layer: number): void {
+    const stack = this.#tenants.stack(layer, op.module as ExpertModule);
+    const select = { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
+    const params = { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + lora.gateColumn };
+    const t = this.#inputs.loraT;
+    this.#step.dispatch(this.#kernels.get("lora_shrink", lora.shrink), { x: this.#act(op.input), a: stack.a, ...select, t }, params);
+    this.#step.dispatch(this.#kernels.get("lora_expand", lora.expand), { t, b: stack.b, ...select, y: this.#act(op.output) }, params);
+  }
+
+  #act(name: ActivationName): GPUBuffer {
+    return this.#activations.get(name)!;
+  }
+
+  #gatesStaging(): GPUBuffer {
+    this.#gatesReadback ??= this.#device.createBuffer({
+      label: "gates readback",
+      size: this.#maxRows * this.#gateStride * 4,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    return this.#gatesReadback;
+  }
+
+  /**
+   * The beam candidates kernel (the plan's `beamTopK`) and its buffers, made on first use.
+   */
+  #beamCandidates() {
+    if (!this.#candidates) {
+      const kernel = this.#kernels.get("beam_topk", this.#plan.beamTopK);
+      this.#pipelines.get(kernel);
+      const size = this.#maxRows * MAX_BEAM_CANDIDATES * BEAM_CANDIDATE_WORDS * 4;
+      this.#candidates = {
+        kernel,
+        buffer: createStorage(this.#device, size, "beam candidates"),
+        readback: this.#device.createBuffer({ label: "beam candidates readback", size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      };
+    }
+    return this.#candidates;
+  }
+
+  /** Records the logit processing kernel for `out` rows; returns the buffer of processed logits. */
+  #adjustLogits(processing: LogitProcessing, out: number): GPUBuffer {
+    const p = this.#logitProcessing();
+    const device = this.#device;
+    if (processing.entries.byteLength > p.entries.size) {
+      p.entries.destroy();
+      p.entries = createStorage(device, Math.max(processing.entries.byteLength, 2 * p.entries.size), "logit adjust entries");
+    }
+    device.queue.writeBuffer(p.info, 0, processing.info);
+    device.queue.writeBuffer(p.entries, 0, processing.entries);
+    this.#step.dispatch(p.adjustKernel, { logits: this.#act("logits"), info: p.info, entries: p.entries, work: p.work }, { rows: out });
+    return p.work;
+  }
+
+  #logitProcessing(): LogitProcessingBuffers {
+    if (!this.#processing) {
+      const device = this.#device;
+      const { vocab } = this.#plan.dims;
+      const { logitAdjust, chosenLogprob } = this.#plan;
+      if (logitAdjust === undefined || chosenLogprob === undefined) {
+        throw new EngineError("this plan has no logit processing kernels (penalties, logit bias, min-p, logprobs): it was compiled before they existed; recompile the package");
+      }
+      const adjustKernel = this.#kernels.get("logit_adjust", logitAdjust);
+      const chosenKernel = this.#kernels.get("chosen_logprob", chosenLogprob);
+      this.#pipelines.get(adjustKernel);
+      this.#pipelines.get(chosenKernel);
+      this.#processing = {
+        adjustKernel,
+        chosenKernel,
+        info: createStorage(device, this.#maxRows * ADJUST_ROW_WORDS * 4, "logit adjust rows"),
+        entries: createStorage(device, 1024 * ADJUST_ENTRY_WORDS * 4, "logit adjust entries"),
+        work: createStorage(device, this.#maxRows * vocab * 4, "processed logits"),
+        chosen: createStorage(device, this.#maxRows * 4, "chosen logprobs"),
+        chosenReadback: device.createBuffer({ label: "chosen logprobs readback", size: this.#maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      };
+    }
+    return this.#processing;
+  }
+
+  #logitsStaging(): GPUBuffer {
+    this.#logitsReadback ??= this.#device.createBuffer({
+      label: "logits readback",
+      size: this.#maxRows * this.#plan.dims.vocab * 4,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    return this.#logitsReadback;
+  }
+}
+
+interface LogitProcessingBuffers {
+  readonly adjustKernel: KernelSource<FamilyBinding<"logit_adjust">>;
+  readonly chosenKernel: KernelSource<FamilyBinding<"chosen_logprob">>;
+  readonly info: GPUBuffer;
+  entries: GPUBuffer;
+  readonly work: GPUBuffer;
+  readonly chosen: GPUBuffer;
+  readonly chosenReadback: GPUBuffer;
+}
+
+function blockOf(t: GpuTensor, row: number) {
+  return t.blocks.find((b) => row >= b.firstRow && row < b.firstRow + b.rows)!;
+}
+
+/** Consecutive runs in a sorted index list, as [first source index, first target index, length]. */
+function runs(indices: readonly number[]): [number, number, number][] {
+  const out: [number, number, number][] = [];
+  indices.forEach((from, to) => {
+    const last = out.at(-1);
+    if (last && last[0] + last[2] === from) last[2]++;
+    else out.push([from, to, 1]);
+  });
+  return out;
+}
