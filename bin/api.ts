@@ -4,3 +4,4 @@ export { checkFiles } from "../compiler/check.ts";
 export { compilePackage, CompileError, type CompileOptions, type CompileResult } from "../compiler/emit/compile-package.ts";
 export { writePackage, OutputError, type PackageFile, type WriteOptions } from "../compiler/emit/write-package.ts";
 export { loadCompiledModel } from "../runtime/package/loader.ts";
+export { ERROR_KINDS, MiloraError, reportError, type ErrorKind } from "../runtime/errors.ts";

@@ -1,8 +1,10 @@
 // Command-line entry: parses arguments with commander and hands each command to its module.
-// Each command module exports one function that returns the process exit code
-// (0 success, 1 the input has errors, 2 usage error).
+// Each command module exports one function that returns the process exit code, or throws: a user
+// error (a MiloraError) is printed here as one line with its kind's exit status, anything else as an
+// internal error with its stack (runtime/errors.ts reportError, the printer of every CLI).
 import { Command, CommanderError, Option } from "commander";
 import { readFileSync } from "node:fs";
+import { ERROR_KINDS, exitStatusHelp, reportError } from "../runtime/errors.ts";
 
 // From the sources bin/cli.ts, built dist/bin/cli.js: milora's package.json is one or two folders up.
 const version = (JSON.parse(readFileSync(new URL(import.meta.url.endsWith(".js") ? "../../package.json" : "../package.json", import.meta.url), "utf8")) as { version: string })
@@ -10,12 +12,18 @@ const version = (JSON.parse(readFileSync(new URL(import.meta.url.endsWith(".js")
 
 export async function main(argv: readonly string[]): Promise<number> {
   let exitCode = 0;
+  // The command running, for the prefix of its errors ("milora run: ...").
+  let running = "milora";
   const program = new Command("milora")
     .description("A toolchain for Mixture-of-LoRA (MiLoRA) language models")
     .version(version)
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(text) })
-    .showHelpAfterError("(run `milora help` for usage)");
+    .showHelpAfterError("(run `milora help` for usage)")
+    .addHelpText("after", `\n${exitStatusHelp()}`)
+    .hook("preAction", (_program, command) => {
+      running = `milora ${command.name()}`;
+    });
 
   program
     .command("check")
@@ -174,16 +182,10 @@ export async function main(argv: readonly string[]): Promise<number> {
     await program.parseAsync(argv as string[]);
   } catch (err) {
     if (err instanceof CommanderError) {
-      // help and --version exit 0 through here; anything else is a usage error
-      return err.exitCode === 0 ? 0 : 2;
+      // help and --version exit 0 through here; anything else is a usage error (commander printed it)
+      return err.exitCode === 0 ? 0 : ERROR_KINDS.usage.exit;
     }
-    // a file a command could not read or write is the user's to fix: one line, not a stack trace
-    const fsError = err as NodeJS.ErrnoException;
-    if (typeof fsError.code === "string" && typeof fsError.syscall === "string" && typeof fsError.path === "string") {
-      process.stderr.write(`milora: cannot ${fsError.syscall} ${fsError.path} (${fsError.code}); check the path and its permissions\n`);
-      return 1;
-    }
-    throw err;
+    return reportError(err, { program: running });
   }
   return exitCode;
 }

@@ -10,6 +10,7 @@ import type { CheckCode } from "./codes.ts";
 import { derivedHeadDimProblem, limitBroken } from "./limits.ts";
 import { jsonSyntaxReason } from "./json-syntax.ts";
 import type { BaseModel } from "./model.ts";
+import { userError } from "../runtime/errors.ts";
 
 const LIMIT_HINT = "no released model comes near it: check the file (milora's limits are listed in docs/reliability.md)";
 
@@ -143,7 +144,7 @@ export function baseFromHfConfig(
 
 /**
  * The base model described by a config.json (or a model directory holding one), named after its directory.
- * Throws an Error listing every problem; meant for callers without a spec, such as `milora run --base DIR`.
+ * Throws a MiloraError (kind checkpoint) listing every problem; meant for callers without a spec, such as `milora run --base DIR`.
  */
 export function readHfConfig(path: string): BaseModel {
   const configPath = path.endsWith(".json") ? path : resolve(path, "config.json");
@@ -155,7 +156,7 @@ export function readHfConfig(path: string): BaseModel {
       ? { base: undefined, problems: loaded.problems }
       : baseFromHfConfig(loaded.json, basename(dirname(resolve(configPath))), configPath, span);
   if (base === undefined) {
-    throw new Error(problems.map((p) => p.message + (p.hint ? ` (${p.hint})` : "")).join("\n"));
+    throw userError("checkpoint", problems.map((p) => p.message + (p.hint ? ` (${p.hint})` : "")).join("\n"));
   }
   return base;
 }

@@ -38,10 +38,12 @@ import type {
 } from "../runtime/package/format.ts";
 import { checkpointTensors, familyNamed, layerTemplate, widthsOf } from "./families.ts";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "./model.ts";
+import { MiloraError } from "../runtime/errors.ts";
 
 /** A base model the planner cannot lower, with the reason in words. */
-export class PlanError extends Error {
+export class PlanError extends MiloraError {
   override name = "PlanError";
+  readonly kind = "unsupported";
 }
 
 export { layerTensor, rowsPerBlock } from "../runtime/package/format.ts";

@@ -26,8 +26,8 @@ export function importsOf(file: string, text: string): string[] {
 
 /** The compiler modules the inference runtime may use: the checked model's vocabulary and its limits, no generator or planner. */
 const RUNTIME_MAY_USE = new Set(["compiler/model.ts", "compiler/modules.ts", "compiler/limits.ts", "compiler/base-keys.ts", "compiler/rational.ts", "compiler/json-syntax.ts", "compiler/families.ts"]);
-/** The runtime modules the compiler writes to: the kernel contract, buffer layouts, the package format, the training kernels resolver. */
-const CONTRACTS = new Set(["runtime/gpu/kernel.ts", "runtime/gpu/layouts.ts", "runtime/package/format.ts", "runtime/training/kernels.ts"]);
+/** The runtime modules the compiler writes to: the kernel contract, buffer layouts, the package format, the training kernels resolver; and the user errors it throws. */
+const CONTRACTS = new Set(["runtime/gpu/kernel.ts", "runtime/gpu/layouts.ts", "runtime/package/format.ts", "runtime/training/kernels.ts", "runtime/errors.ts"]);
 
 /** Why `from` may not import `to`, or undefined. */
 export function violation(from: string, to: string): string | undefined {
@@ -35,7 +35,7 @@ export function violation(from: string, to: string): string | undefined {
   const f = top(from);
   const t = top(to);
   if (f === "grammar" && t !== "grammar") return "grammar/ imports nothing outside itself";
-  if (f === "compiler" && t === "runtime" && !CONTRACTS.has(to)) return "compiler/ imports from runtime/ only the contracts it writes (kernel.ts, layouts.ts, format.ts, training/kernels.ts)";
+  if (f === "compiler" && t === "runtime" && !CONTRACTS.has(to)) return "compiler/ imports from runtime/ only the contracts it writes (kernel.ts, layouts.ts, format.ts, training/kernels.ts) and errors.ts";
   if (f === "compiler" && (t === "bin" || t === "test" || t === "bench" || t === "examples")) return `compiler/ does not import ${t}/`;
   if (f === "runtime") {
     if (from === "runtime/package/format.ts" || from === "runtime/gpu/kernel.ts" || from === "runtime/gpu/layouts.ts") {
@@ -73,6 +73,8 @@ test("the check refuses imports against the flow", () => {
   assert.ok(violation("runtime/package/format.ts", "compiler/model.ts"));
   assert.ok(violation("compiler/plan.ts", "runtime/engine/engine.ts"));
   assert.is(violation("compiler/plan.ts", "runtime/package/format.ts"), undefined);
+  assert.is(violation("compiler/plan.ts", "runtime/errors.ts"), undefined);
+  assert.ok(violation("compiler/plan.ts", "runtime/formats/safetensors.ts"));
   assert.is(violation("bin/engine-plan.ts", "compiler/plan.ts"), undefined);
   assert.is(violation("runtime/engine/engine.ts", "compiler/model.ts"), undefined);
   assert.equal(importsOf("runtime/x/a.ts", 'import type { A } from "../../compiler/plan.ts";\nexport { b } from "./b.ts";\nawait import("../c.ts");'), [

@@ -6,6 +6,7 @@ import type { Diagnostic } from "../../grammar/diagnostic.ts";
 import { computeBudget } from "../../compiler/budget.ts";
 import { renderBudgetTable } from "../../compiler/budget-table.ts";
 import { checkFiles } from "../../compiler/check.ts";
+import { ERROR_KINDS, userError } from "../../runtime/errors.ts";
 
 function isFile(path: string): boolean {
   try {
@@ -34,12 +35,10 @@ function diagnosticJson(d: Diagnostic) {
   };
 }
 
+/** Checks; exit 1 when a spec has errors (ERROR_KINDS.spec), an unreadable file thrown as a usage MiloraError. */
 export async function checkCommand(files: string[], opts: { json?: boolean; color: boolean }): Promise<number> {
   const unreadable = files.filter((f) => !isFile(f));
-  if (unreadable.length > 0) {
-    for (const f of unreadable) process.stderr.write(`milora check: cannot read ${f}: no such file\n`);
-    return 2;
-  }
+  if (unreadable.length > 0) throw userError("usage", `cannot read ${unreadable.join(", ")}: no such file`);
   const { program, diagnostics, sources } = checkFiles(files);
   const errors = diagnostics.filter((d) => d.severity === "error").length;
   const warnings = diagnostics.length - errors;
@@ -52,7 +51,7 @@ export async function checkCommand(files: string[], opts: { json?: boolean; colo
       adapters: adapters.map(({ adapter, budget }) => ({ name: adapter.name, base: adapter.base.name, budget })),
     };
     process.stdout.write(JSON.stringify(report, null, 2) + "\n");
-    return errors > 0 ? 1 : 0;
+    return errors > 0 ? ERROR_KINDS.spec.exit : 0;
   }
 
   const color = opts.color && process.stdout.isTTY === true;
@@ -63,5 +62,5 @@ export async function checkCommand(files: string[], opts: { json?: boolean; colo
   out.push(`${problems} in ${plural(sources.size, "file")}`);
   for (const { adapter, budget } of adapters) out.push("", renderBudgetTable(adapter, budget, { color }));
   process.stdout.write(out.join("\n") + "\n");
-  return errors > 0 ? 1 : 0;
+  return errors > 0 ? ERROR_KINDS.spec.exit : 0;
 }

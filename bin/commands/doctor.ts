@@ -2,6 +2,7 @@
 // the right numbers on it (bin/commands/self-test.ts).
 import pc from "picocolors";
 import { acquireDevice, adapterSummary, NoAdapterError, type GpuContext } from "../../runtime/gpu/device.ts";
+import { ERROR_KINDS } from "../../runtime/errors.ts";
 import { runSelfTest } from "./self-test.ts";
 
 export async function doctorCommand(opts: { backend?: string; json?: boolean }): Promise<number> {
@@ -9,10 +10,10 @@ export async function doctorCommand(opts: { backend?: string; json?: boolean }):
   try {
     ctx = await acquireDevice({ backend: opts.backend });
   } catch (err) {
-    if (!(err instanceof NoAdapterError)) throw err;
-    if (opts.json) console.log(JSON.stringify({ ok: false, error: err.message }, null, 2));
-    else console.error(`milora doctor: ${err.message}`);
-    return 1;
+    // --json answers in JSON even without a device; otherwise bin/cli.ts prints the error.
+    if (!(err instanceof NoAdapterError && opts.json)) throw err;
+    console.log(JSON.stringify({ ok: false, error: err.message }, null, 2));
+    return ERROR_KINDS.device.exit;
   }
   try {
     const test = await runSelfTest(ctx);
@@ -29,7 +30,7 @@ export async function doctorCommand(opts: { backend?: string; json?: boolean }):
       console.log(`self-test     ${test.ok ? pc.green("ok") : pc.red("FAILED")} (${test.ms.toFixed(0)} ms)`);
       for (const c of test.checks) console.log(`  ${c.kernel.padEnd(12)} ${c.ok ? pc.green("ok") : pc.red("FAILED")}  ${c.detail}`);
     }
-    return test.ok ? 0 : 1;
+    return test.ok ? 0 : ERROR_KINDS.device.exit;
   } finally {
     ctx.destroy();
   }

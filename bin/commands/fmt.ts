@@ -4,9 +4,10 @@ import { chmodSync, readFileSync, realpathSync, renameSync, statSync, unlinkSync
 import { renderDiagnostic } from "../../grammar/code-frame.ts";
 import { formatSpec } from "../../grammar/format.ts";
 import { parseSpec } from "../../grammar/parse.ts";
+import { ERROR_KINDS, reportError, userError, type ErrorKind } from "../../runtime/errors.ts";
 
 /** What happened to one file: its formatted text, or the exit code of why there is none. */
-type Outcome = { readonly text: string; readonly formatted: string } | { readonly exitCode: 1 | 2 };
+type Outcome = { readonly text: string; readonly formatted: string } | { readonly exitCode: number };
 
 export async function fmtCommand(files: string[], opts: { write?: boolean; check?: boolean }): Promise<number> {
   if (opts.write && opts.check) return usage("--write and --check do not go together");
@@ -28,7 +29,8 @@ export async function fmtCommand(files: string[], opts: { write?: boolean; check
   if (unformatted.length > 0) {
     process.stderr.write(`${unformatted.length} file(s) not formatted (run \`milora fmt --write\`):\n`);
     for (const file of unformatted) process.stdout.write(`${file}\n`);
-    exitCode = Math.max(exitCode, 1);
+    // exit 1, as `milora check` for a spec with errors: the check failed
+    exitCode = Math.max(exitCode, ERROR_KINDS.spec.exit);
   }
   return exitCode;
 }
@@ -38,16 +40,14 @@ function formatFile(file: string): Outcome {
   try {
     text = readFileSync(file, "utf8");
   } catch (err) {
-    process.stderr.write(`milora fmt: cannot read ${file}: ${reason(err)}\n`);
-    return { exitCode: 2 };
+    return { exitCode: fail("usage", `cannot read ${file}: ${reason(err)}`) };
   }
   const { ast, diagnostics } = parseSpec(text, file);
   const errors = diagnostics.filter((d) => d.severity === "error");
   if (errors.length > 0) {
     const color = process.stderr.isTTY === true && !process.env["NO_COLOR"];
     for (const d of errors) process.stderr.write(`${renderDiagnostic(d, text, { color })}\n`);
-    process.stderr.write(`milora fmt: ${file} has syntax errors; not formatted\n`);
-    return { exitCode: 1 };
+    return { exitCode: fail("spec", `${file} has syntax errors; not formatted`) };
   }
   return { text, formatted: formatSpec(ast) };
 }
@@ -56,13 +56,12 @@ function formatFile(file: string): Outcome {
  * Readers of `file` see the old text or the new, never half of it: write a temp file, then rename.
  * A symbolic link stays a link: the temp file goes beside its target, which the rename replaces.
  */
-function writeFormatted(file: string, text: string): 0 | 2 {
+function writeFormatted(file: string, text: string): number {
   let target: string;
   try {
     target = realpathSync(file);
   } catch (err) {
-    process.stderr.write(`milora fmt: cannot write ${file}: ${reason(err)}\n`);
-    return 2;
+    return fail("file", `cannot write ${file}: ${reason(err)}`);
   }
   const temp = `${target}.${process.pid}.tmp`;
   try {
@@ -70,13 +69,13 @@ function writeFormatted(file: string, text: string): 0 | 2 {
     chmodSync(temp, statSync(target).mode);
     renameSync(temp, target);
   } catch (err) {
-    process.stderr.write(`milora fmt: cannot write ${file}: ${reason(err)}\n`);
+    const code = fail("file", `cannot write ${file}: ${reason(err)}`);
     try {
       unlinkSync(temp);
     } catch {
       // the temp file was never created
     }
-    return 2;
+    return code;
   }
   process.stdout.write(`formatted ${file}\n`);
   return 0;
@@ -93,6 +92,10 @@ function reason(err: unknown): string {
 }
 
 function usage(message: string): number {
-  process.stderr.write(`milora fmt: ${message}\n`);
-  return 2;
+  return fail("usage", message);
+}
+
+/** One file's problem, printed as every CLI prints a user error; fmt goes on with the next file. */
+function fail(kind: ErrorKind, message: string): number {
+  return reportError(userError(kind, message), { program: "milora fmt" });
 }

@@ -9,20 +9,11 @@ import { checkFiles } from "../../compiler/check.ts";
 import { readHfConfig } from "../../compiler/hf-config.ts";
 import type { Adapter, BaseModel } from "../../compiler/model.ts";
 import { CONFIG_FILE } from "../../runtime/formats/checkpoint.ts";
-import { PackageError, readCompiledPackage, type CompiledPackage } from "../../runtime/package/loader.ts";
+import { readCompiledPackage, type CompiledPackage } from "../../runtime/package/loader.ts";
 import { CheckpointError } from "../../runtime/formats/safetensors.ts";
 import type { ServingSetup } from "../../runtime/serving/http/start.ts";
+import { userError } from "../../runtime/errors.ts";
 import { enginePlan, type EnginePlan } from "../engine-plan.ts";
-
-/** A source that cannot be used; `code` is the exit status (1 bad input, 2 bad usage). */
-export class SourceError extends Error {
-  constructor(
-    message: string,
-    readonly code: 1 | 2,
-  ) {
-    super(message);
-  }
-}
 
 export interface ModelSource {
   readonly base: BaseModel;
@@ -36,11 +27,11 @@ export interface ModelSource {
 
 /**
  * Resolves `source` (a spec file, a package directory, or nothing) against the checkpoint `checkpointDir`.
- * A spec's errors are printed to stderr as code frames. Throws SourceError.
+ * A spec's errors are printed to stderr as code frames, then refused as a MiloraError.
  */
 export function modelSource(source: string | undefined, checkpointDir: string): ModelSource {
-  if (source === undefined) return { base: baseOfDirectory(checkpointDir), adapters: [] };
-  if (!existsSync(source)) throw new SourceError(`cannot read ${source}: no such file or directory`, 2);
+  if (source === undefined) return { base: readHfConfig(checkpointDir), adapters: [] };
+  if (!existsSync(source)) throw userError("usage", `cannot read ${source}: no such file or directory`);
   const { base, adapters, pkg } = statSync(source).isDirectory() ? packageOf(source) : specOf(source);
   checkAgainstCheckpoint(source, pkg ? "package" : "spec", base, checkpointDir);
   return { base, path: source, adapters, ...(pkg ? { package: pkg } : {}) };
@@ -58,11 +49,11 @@ export function adapterSpecOf(source: ModelSource, name: string | undefined, dir
   const named = name === undefined ? undefined : adapters.find((a) => a.name === name || a.name === name.split(":")[0]);
   if (named) return named;
   if (adapters.length === 1) return adapters[0];
-  if (name === undefined) throw new SourceError(`${path} declares ${adapters.length} adapters (${names}): say which with --adapter NAME=${dir}`, 2);
-  throw new SourceError(
+  if (name === undefined) throw userError("usage", `${path} declares ${adapters.length} adapters (${names}): say which with --adapter NAME=${dir}`);
+  throw userError(
+    "spec",
     `${path} has no adapter ${name} (adapters: ${names}): --adapter NAME=DIR names the tenant, and with a spec of several adapters NAME must be one of them; ` +
       `write SPEC_ADAPTER:NAME=DIR to run one of the spec's adapters under another name (e.g. ${adapters[0]?.name ?? "adapter"}:${name}=DIR)`,
-    1,
   );
 }
 
@@ -98,32 +89,17 @@ export function planOptions(source: ModelSource, sizing: PlanSizing): EnginePlan
 
 /**
  * What a spec or package fixes for `milora serve`: the spec each adapter registered under a name is
- * checked against (a CheckpointError, answered 400, when none fits), the LoRA rank to reserve (the
+ * checked against (a MiloraError, answered 400, when none fits), the LoRA rank to reserve (the
  * largest the spec allows, since any adapter registered later matches one of its adapters), and a
  * package's plan and kernel files. Nothing without one: the adapters given at start size the engine.
  */
 export function servingOptions(source: ModelSource): Pick<ServingSetup, "adapterSpec"> & { readonly maxLoraRank?: number; readonly compiled?: EnginePlan } {
   if (source.path === undefined) return {};
-  const adapterSpec = (name: string) => {
-    try {
-      return adapterSpecOf(source, name, "DIR");
-    } catch (e) {
-      if (e instanceof SourceError) throw new CheckpointError(e.message);
-      throw e;
-    }
-  };
+  const adapterSpec = (name: string) => adapterSpecOf(source, name, "DIR");
   const pkg = source.package;
   if (pkg) return { adapterSpec, compiled: { plan: pkg.manifest.plan, kernels: pkg.kernels } };
   const ranks = source.adapters.flatMap((a) => a.experts.map((e) => e.rank));
   return { adapterSpec, ...(ranks.length > 0 ? { maxLoraRank: Math.max(...ranks) } : {}) };
-}
-
-function baseOfDirectory(dir: string): BaseModel {
-  try {
-    return readHfConfig(dir);
-  } catch (e) {
-    throw new SourceError((e as Error).message, 1);
-  }
 }
 
 /** The spec's single base and its adapters; its errors are printed as code frames and refused. */
@@ -132,29 +108,24 @@ function specOf(spec: string): { base: BaseModel; adapters: readonly Adapter[]; 
   const errors = diagnostics.filter((d) => d.severity === "error");
   if (errors.length > 0) {
     for (const d of errors) process.stderr.write(renderDiagnostic(d, sources.get(d.span.file) ?? "") + "\n");
-    throw new SourceError(`${spec} has ${errors.length} error${errors.length === 1 ? "" : "s"}`, 1);
+    throw userError("spec", `${spec} has ${errors.length} error${errors.length === 1 ? "" : "s"}`);
   }
   const [base, ...more] = program.bases;
-  if (!base || more.length > 0) throw new SourceError(`${spec} defines ${program.bases.length} bases; it needs exactly one`, 1);
+  if (!base || more.length > 0) throw userError("spec", `${spec} defines ${program.bases.length} bases; it needs exactly one`);
   return { base, adapters: program.adapters };
 }
 
 function packageOf(dir: string): { base: BaseModel; adapters: readonly Adapter[]; pkg: CompiledPackage } {
-  try {
-    const pkg = readCompiledPackage(dir);
-    return { base: pkg.base, adapters: [pkg.adapter], pkg };
-  } catch (e) {
-    if (e instanceof PackageError) throw new SourceError(e.message, 1);
-    throw e;
-  }
+  const pkg = readCompiledPackage(dir);
+  return { base: pkg.base, adapters: [pkg.adapter], pkg };
 }
 
 /** Refuses a base that disagrees with DIR/config.json (when there is one) on any hyper-parameter. */
 function checkAgainstCheckpoint(source: string, what: "spec" | "package", base: BaseModel, dir: string): void {
   if (!existsSync(join(dir, CONFIG_FILE))) return;
-  const config = baseOfDirectory(dir);
+  const config = readHfConfig(dir);
   const differences = BASE_KEY_NAMES.filter((k) => base[BASE_KEYS[k].field] !== config[BASE_KEYS[k].field]).map(
     (k) => `${k} ${String(base[BASE_KEYS[k].field])} in the ${what}, ${String(config[BASE_KEYS[k].field])} in ${join(dir, CONFIG_FILE)}`,
   );
-  if (differences.length > 0) throw new SourceError(`base ${base.name} of ${source} does not match ${dir}: ${differences.join("; ")}`, 1);
+  if (differences.length > 0) throw new CheckpointError(`base ${base.name} of ${source} does not match ${dir}: ${differences.join("; ")}`);
 }

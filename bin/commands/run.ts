@@ -8,19 +8,18 @@ import { detokenize } from "../../runtime/text/detokenizer.ts";
 import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
 import { basename, resolve } from "node:path";
-import { PlanError } from "../../compiler/plan.ts";
 import { loadAdapter, type LoadedAdapter } from "../../runtime/formats/adapter.ts";
-import { AdapterStoreError } from "../../runtime/engine/tenants.ts";
-import { NoAdapterError, adapterSummary } from "../../runtime/gpu/device.ts";
-import { Engine, EngineError } from "../../runtime/engine/engine.ts";
+import { adapterSummary } from "../../runtime/gpu/device.ts";
+import { Engine } from "../../runtime/engine/engine.ts";
+import { userError } from "../../runtime/errors.ts";
 import { checkBeamOptions } from "../../runtime/engine/beam-search.ts";
 import type { BeamSearchOptions, GenerateRequest, Generation } from "../../runtime/engine/requests.ts";
 import type { LayerRouting } from "../../runtime/engine/routing.ts";
-import { CheckpointError } from "../../runtime/formats/safetensors.ts";
 import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/engine/sequence.ts";
 import { Tokenizer } from "../../runtime/text/tokenizer.ts";
-import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
-import { SourceError, adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
+import { requireHealthyDevice } from "./self-test.ts";
+import { positionLimit } from "../../compiler/rope-scaling.ts";
+import { adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
 import { writeRoutingSvg } from "./routing-picture.ts";
 
 export interface RunOptions {
@@ -46,56 +45,33 @@ export interface RunOptions {
   readonly routingSvg?: string;
 }
 
-/** A problem with what the user asked for; `code` is the exit status (1 bad input, 2 bad usage). */
-class RunError extends Error {
-  constructor(
-    message: string,
-    readonly code: 1 | 2,
-  ) {
-    super(message);
-  }
-}
-
 // Loads smaller than this finish before a bar would be worth drawing.
 const PROGRESS_MIN_BYTES = 50 * 1024 * 1024;
 
+/** Runs the prompt; a user error is thrown as a MiloraError (bin/cli.ts prints it). */
 export async function runCommand(spec: string | undefined, opts: RunOptions): Promise<number> {
-  try {
-    return await run(spec, opts);
-  } catch (e) {
-    if (e instanceof RunError || e instanceof SourceError) {
-      process.stderr.write(`milora run: ${e.message}\n`);
-      return e.code;
-    }
-    const userError = [CheckpointError, PlanError, EngineError, SequenceError, NoAdapterError, AdapterStoreError, DeviceSelfTestError].some((c) => e instanceof c);
-    if (!userError) throw e;
-    process.stderr.write(`milora run: ${(e as Error).message}\n`);
-    return 1;
-  }
-}
-
-async function run(spec: string | undefined, opts: RunOptions): Promise<number> {
   const dir = opts.base;
-  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new RunError(`no model directory ${dir}`, 1);
+  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw userError("usage", `no model directory ${dir}`);
   const maxTokens = integer("--max-tokens", opts.maxTokens);
   const sampling = samplingOptions(opts);
   const beam = beamOptions(opts, sampling);
-  if ((opts.prompt === undefined) === (opts.tokens === undefined)) throw new RunError("give exactly one of --prompt TEXT and --tokens IDS", 2);
+  if ((opts.prompt === undefined) === (opts.tokens === undefined)) throw userError("usage", "give exactly one of --prompt TEXT and --tokens IDS");
 
   const source = modelSource(spec, dir);
   const { base } = source;
   const adapters = tenantNames((opts.adapter ?? []).map((arg) => readAdapter(arg, source)));
-  if (opts.merged && adapters.length !== 1) throw new RunError("--merged folds exactly one adapter into the base: give one --adapter", 2);
+  if (opts.merged && adapters.length !== 1) throw userError("usage", "--merged folds exactly one adapter into the base: give one --adapter");
   const tokenizer = await Tokenizer.load(dir);
   let prompt: number[];
   if (opts.prompt !== undefined) {
-    if (!tokenizer) throw new RunError(`${dir} has no tokenizer.json, so --prompt cannot be encoded: give token ids with --tokens`, 1);
+    if (!tokenizer) throw userError("checkpoint", `${dir} has no tokenizer.json, so --prompt cannot be encoded: give token ids with --tokens`);
     prompt = tokenizer.encode(opts.prompt, { addBos: true });
   } else {
     prompt = tokenIds(opts.tokens!);
   }
-  if (prompt.length === 0) throw new RunError("the prompt has no tokens", 2);
-  if (prompt.length > base.maxPositions) throw new RunError(`the prompt has ${prompt.length} tokens, more than max_positions ${base.maxPositions}`, 1);
+  if (prompt.length === 0) throw userError("usage", "the prompt has no tokens");
+  const limit = positionLimit(base);
+  if (prompt.length > limit) throw userError("capacity", `the prompt has ${prompt.length} tokens, more than the base's ${limit} positions`);
 
   const bar = progressBar(opts.json === true);
   let engine: Engine;
@@ -106,7 +82,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
       checkDevice: requireHealthyDevice,
       ...planOptions(source, {
         // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
-        ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),
+        ctx: Math.min(limit, prompt.length + Math.max(1, maxTokens)),
         maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
         tenants: adapters.map((a) => a.spec),
         maxAdapters: adapters.length,
@@ -132,7 +108,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
       ...(beam ? { beam } : {}),
     };
     let results: Generation[];
-    if (opts.merged && beam) throw new RunError("--merged and --beams do not combine yet: drop one", 2);
+    if (opts.merged && beam) throw userError("usage", "--merged and --beams do not combine yet: drop one");
     if (opts.merged) results = [await runMerged(engine, adapters[0]!, request)];
     else if (adapters.length === 0) results = [await engine.generate(request)];
     else results = await engine.generateBatch(adapters.map((a) => ({ ...request, adapter: a.name })));
@@ -163,7 +139,7 @@ async function run(spec: string | undefined, opts: RunOptions): Promise<number> 
 async function runMerged(engine: Engine, adapter: LoadedAdapter, request: GenerateRequest): Promise<Generation> {
   let routing: readonly LayerRouting[] | undefined;
   if (adapter.spec.router) {
-    if (adapter.spec.router.when === "token") throw new RunError(`adapter ${adapter.name} routes every token, which merged weights cannot express: drop --merged`, 1);
+    if (adapter.spec.router.when === "token") throw userError("usage", `adapter ${adapter.name} routes every token, which merged weights cannot express: drop --merged`);
     routing = (await engine.generate({ prompt: request.prompt, maxTokens: 0, adapter: adapter.name })).routing;
   }
   await engine.mergeAdapter(adapter.name, routing);
@@ -176,7 +152,7 @@ function readAdapter(arg: string, source: ModelSource): LoadedAdapter & { readon
   const eq = arg.indexOf("=");
   const named = eq > 0 ? arg.slice(0, eq) : undefined;
   const dir = eq > 0 ? arg.slice(eq + 1) : arg;
-  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new RunError(`no adapter directory ${dir}`, 1);
+  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw userError("usage", `no adapter directory ${dir}`);
   const checked = adapterSpecOf(source, named, dir);
   const name = named ?? checked?.name ?? basename(resolve(dir));
   return { ...loadAdapter(dir, { name, base: source.base, ...(checked ? { spec: checked } : {}) }), dir };
@@ -187,13 +163,13 @@ function tenantNames(adapters: readonly (LoadedAdapter & { readonly dir: string 
   const count = (name: string) => adapters.filter((a) => a.name === name).length;
   const named = adapters.map(({ dir, ...a }) => (count(a.name) === 1 ? a : { ...a, name: `${a.name}:${basename(resolve(dir))}` }));
   const clash = named.find((a, i) => named.findIndex((b) => b.name === a.name) !== i);
-  if (clash) throw new RunError(`two --adapter options name tenant ${clash.name}: give their directories different names`, 2);
+  if (clash) throw userError("usage", `two --adapter options name tenant ${clash.name}: give their directories different names`);
   return named;
 }
 
 function integer(flag: string, text: string): number {
   const n = Number(text);
-  if (!Number.isInteger(n) || n < 0) throw new RunError(`${flag} must be an integer >= 0, got "${text}"`, 2);
+  if (!Number.isInteger(n) || n < 0) throw userError("usage", `${flag} must be an integer >= 0, got "${text}"`);
   return n;
 }
 
@@ -201,7 +177,7 @@ function samplingOptions(opts: RunOptions): Required<SamplingOptions> {
   const number = (flag: string, text: string | undefined) => {
     if (text === undefined) return undefined;
     const n = Number(text);
-    if (text.trim() === "" || !Number.isFinite(n)) throw new RunError(`${flag} must be a number, got "${text}"`, 2);
+    if (text.trim() === "" || !Number.isFinite(n)) throw userError("usage", `${flag} must be a number, got "${text}"`);
     return n;
   };
   const values = {
@@ -213,7 +189,8 @@ function samplingOptions(opts: RunOptions): Required<SamplingOptions> {
   try {
     return checkSampling(Object.fromEntries(Object.entries(values).filter(([, v]) => v !== undefined)));
   } catch (e) {
-    throw new RunError((e as Error).message, 2);
+    if (!(e instanceof SequenceError)) throw e;
+    throw userError("usage", e.message);
   }
 }
 
@@ -221,26 +198,27 @@ function samplingOptions(opts: RunOptions): Required<SamplingOptions> {
 function beamOptions(opts: RunOptions, sampling: Required<SamplingOptions>): Required<BeamSearchOptions> | undefined {
   const companions = opts.lengthPenalty !== "1" || opts.earlyStopping !== "false" || opts.numReturnSequences !== "1";
   if (opts.beams === undefined) {
-    if (companions) throw new RunError("--length-penalty, --early-stopping and --num-return-sequences need --beams N", 2);
+    if (companions) throw userError("usage", "--length-penalty, --early-stopping and --num-return-sequences need --beams N");
     return undefined;
   }
   const beams = integer("--beams", opts.beams);
   if (beams === 1 && !companions) return undefined;
-  if (sampling.temperature > 0) throw new RunError("--beams is deterministic search: leave --temperature out (beam sampling is not supported)", 2);
+  if (sampling.temperature > 0) throw userError("usage", "--beams is deterministic search: leave --temperature out (beam sampling is not supported)");
   const lengthPenalty = Number(opts.lengthPenalty ?? "1");
-  if ((opts.lengthPenalty ?? "1").trim() === "" || !Number.isFinite(lengthPenalty)) throw new RunError(`--length-penalty must be a number, got "${opts.lengthPenalty}"`, 2);
+  if ((opts.lengthPenalty ?? "1").trim() === "" || !Number.isFinite(lengthPenalty)) throw userError("usage", `--length-penalty must be a number, got "${opts.lengthPenalty}"`);
   const earlyStopping = opts.earlyStopping === "true" ? true : opts.earlyStopping === "never" ? "never" : false;
   try {
     return checkBeamOptions({ beams, lengthPenalty, earlyStopping, numReturnSequences: integer("--num-return-sequences", opts.numReturnSequences ?? "1") });
   } catch (e) {
-    throw new RunError((e as Error).message.replace(/^beams/, "--beams").replace(/^num_return_sequences/, "--num-return-sequences"), 2);
+    if (!(e instanceof SequenceError)) throw e;
+    throw userError("usage", e.message.replace(/^beams/, "--beams").replace(/^num_return_sequences/, "--num-return-sequences"));
   }
 }
 
 function tokenIds(text: string): number[] {
   return text.split(",").map((part) => {
     const n = Number(part.trim());
-    if (part.trim() === "" || !Number.isInteger(n) || n < 0) throw new RunError(`--tokens must be comma-separated token ids, got "${part}"`, 2);
+    if (part.trim() === "" || !Number.isInteger(n) || n < 0) throw userError("usage", `--tokens must be comma-separated token ids, got "${part}"`);
     return n;
   });
 }

@@ -12,6 +12,7 @@ import { packSamplingSettings, samplingKernel, type SamplingSettings } from "../
 import { mulberry32 } from "../../runtime/random.ts";
 import type { GpuContext } from "../../runtime/gpu/device.ts";
 import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../runtime/gpu/kernel-runner.ts";
+import { MiloraError } from "../../runtime/errors.ts";
 
 export interface KernelCheck {
   readonly kernel: string;
@@ -231,7 +232,10 @@ export async function runSelfTest(ctx: GpuContext): Promise<SelfTestReport> {
 }
 
 /** A device whose self-test failed, refused by `run` and `serve`. */
-export class DeviceSelfTestError extends Error {}
+export class DeviceSelfTestError extends MiloraError {
+  override name = "DeviceSelfTestError";
+  readonly kind = "device";
+}
 
 const verdicts = new WeakMap<GPUDevice, Promise<SelfTestReport>>();
 

@@ -5,14 +5,12 @@
 // start or added later, is checked against the spec's adapter NAME (or its only one); without one,
 // from DIR/config.json, with plain PEFT adapters.
 import { existsSync, statSync } from "node:fs";
-import { PlanError } from "../../compiler/plan.ts";
-import { NoAdapterError, adapterSummary } from "../../runtime/gpu/device.ts";
-import { EngineError } from "../../runtime/engine/engine.ts";
-import { CheckpointError } from "../../runtime/formats/safetensors.ts";
+import { userError } from "../../runtime/errors.ts";
+import { adapterSummary } from "../../runtime/gpu/device.ts";
 import { startServing, type ServingSetup } from "../../runtime/serving/http/start.ts";
 import { servingPlan, type EnginePlan } from "../engine-plan.ts";
-import { SourceError, modelSource, servingOptions, type ModelSource } from "./model-source.ts";
-import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
+import { modelSource, servingOptions, type ModelSource } from "./model-source.ts";
+import { requireHealthyDevice } from "./self-test.ts";
 
 export interface ServeOptions {
   readonly base: string;
@@ -44,28 +42,12 @@ export interface ServeOptions {
 /** How long the first signal waits for requests in flight before exiting anyway. */
 const SHUTDOWN_GRACE_MS = 30_000;
 
-class UsageError extends Error {}
-
+/** Serves until a signal; a user error is thrown as a MiloraError (bin/cli.ts prints it). */
 export async function serveCommand(source: string | undefined, opts: ServeOptions): Promise<number> {
-  let setup;
-  try {
-    setup = settings(source, opts);
-  } catch (e) {
-    if (!(e instanceof UsageError || e instanceof SourceError)) throw e;
-    process.stderr.write(`milora serve: ${e.message}\n`);
-    return e instanceof SourceError ? e.code : 2;
-  }
-  let serving;
-  try {
-    const { compiled, ...rest } = setup;
-    // Planning happens here, in the CLI: a package's plan and kernel files, else a plan for the spec's sizes.
-    serving = await startServing({ ...rest, engine: compiled ?? servingPlan(setup), checkDevice: requireHealthyDevice });
-  } catch (e) {
-    const userError = [CheckpointError, PlanError, EngineError, NoAdapterError, DeviceSelfTestError].some((c) => e instanceof c) || (e as NodeJS.ErrnoException).code === "EADDRINUSE";
-    if (!userError) throw e;
-    process.stderr.write(`milora serve: ${(e as Error).message}\n`);
-    return 1;
-  }
+  const setup = settings(source, opts);
+  const { compiled, ...rest } = setup;
+  // Planning happens here, in the CLI: a package's plan and kernel files, else a plan for the spec's sizes.
+  const serving = await startServing({ ...rest, engine: compiled ?? servingPlan(setup), checkDevice: requireHealthyDevice });
   const { server, engine } = serving;
   process.stderr.write(
     `milora serve: ${server.url}/v1 (model ${setup.servedModelName ?? setup.base.name}${setup.adapters.length > 0 ? `, adapters ${setup.adapters.map(([n]) => n).join(", ")}` : ""})\n` +
@@ -100,24 +82,24 @@ export async function serveCommand(source: string | undefined, opts: ServeOption
 
 function settings(sourcePath: string | undefined, opts: ServeOptions) {
   const dir = opts.base;
-  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new UsageError(`no model directory ${dir}`);
+  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw userError("usage", `no model directory ${dir}`);
   const source = modelSource(sourcePath, dir);
   const adapters = opts.adapter.map((a) => {
     const at = a.indexOf("=");
-    if (at < 1 || at === a.length - 1) throw new UsageError(`--adapter wants NAME=DIR, got "${a}"`);
+    if (at < 1 || at === a.length - 1) throw userError("usage", `--adapter wants NAME=DIR, got "${a}"`);
     return [a.slice(0, at), a.slice(at + 1)] as const;
   });
   const apiKey = opts.apiKey ?? process.env.MILORA_API_KEY;
   // An empty key would mean no authentication at all, which nobody asking for a key wants.
   if (apiKey !== undefined && apiKey.trim() === "") {
-    throw new UsageError(`${opts.apiKey === undefined ? "MILORA_API_KEY" : "--api-key"} is empty: give a non-empty key, or leave it out to serve without authentication`);
+    throw userError("usage", `${opts.apiKey === undefined ? "MILORA_API_KEY" : "--api-key"} is empty: give a non-empty key, or leave it out to serve without authentication`);
   }
   if (opts.allowAdapterLoading && opts.adapterRoot === undefined) {
-    throw new UsageError("--allow-adapter-loading needs --adapter-root DIR: the directory run-time adapters must lie in");
+    throw userError("usage", "--allow-adapter-loading needs --adapter-root DIR: the directory run-time adapters must lie in");
   }
-  if (!opts.allowAdapterLoading && opts.adapterRoot !== undefined) throw new UsageError("--adapter-root is used only with --allow-adapter-loading");
+  if (!opts.allowAdapterLoading && opts.adapterRoot !== undefined) throw userError("usage", "--adapter-root is used only with --allow-adapter-loading");
   if (opts.adapterRoot !== undefined && (!existsSync(opts.adapterRoot) || !statSync(opts.adapterRoot).isDirectory())) {
-    throw new UsageError(`--adapter-root ${opts.adapterRoot} is not a directory`);
+    throw userError("usage", `--adapter-root ${opts.adapterRoot} is not a directory`);
   }
   const seconds = (flag: string, text: string | undefined, fallback: number) => 1000 * (text === undefined ? fallback : count(flag, text, 1));
   return {
@@ -153,13 +135,13 @@ type PlannedSetup = Omit<ServingSetup, "engine"> & { readonly ctx?: number; read
 function sourceSettings(source: ModelSource, ctx: number | undefined): Partial<PlannedSetup> {
   const compiledCtx = source.package?.manifest.plan.dims.ctx;
   if (compiledCtx !== undefined && ctx !== undefined && ctx !== compiledCtx) {
-    throw new UsageError(`${source.path} was compiled for ${compiledCtx} positions: leave out --ctx, or recompile it with --ctx ${ctx}`);
+    throw userError("usage", `${source.path} was compiled for ${compiledCtx} positions: leave out --ctx, or recompile it with --ctx ${ctx}`);
   }
   return { ...servingOptions(source), ...(ctx === undefined || compiledCtx !== undefined ? {} : { ctx }) };
 }
 
 function count(flag: string, text: string, min: number): number {
   const n = Number(text);
-  if (text.trim() === "" || !Number.isInteger(n) || n < min) throw new UsageError(`${flag} must be an integer >= ${min}, got "${text}"`);
+  if (text.trim() === "" || !Number.isInteger(n) || n < min) throw userError("usage", `${flag} must be an integer >= ${min}, got "${text}"`);
   return n;
 }

@@ -5,23 +5,23 @@
 import { SingleBar } from "cli-progress";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { planBase, PlanError } from "../../compiler/plan.ts";
+import { planBase } from "../../compiler/plan.ts";
 import { rationalInit } from "../../compiler/rational.ts";
 import { trainKernelResolver } from "../../compiler/train-kernels.ts";
 import type { Adapter } from "../../compiler/model.ts";
 import { loadAdapter } from "../../runtime/formats/adapter.ts";
 import { openCheckpoint } from "../../runtime/formats/checkpoint.ts";
-import { acquireDevice, adapterSummary, NoAdapterError, type GpuContext } from "../../runtime/gpu/device.ts";
-import { CheckpointError } from "../../runtime/formats/safetensors.ts";
+import { acquireDevice, adapterSummary, type GpuContext } from "../../runtime/gpu/device.ts";
+import { userError } from "../../runtime/errors.ts";
 import { ChatTemplate } from "../../runtime/serving/http/chat-template.ts";
 import { Tokenizer } from "../../runtime/text/tokenizer.ts";
-import { DataError, loadTrainData, type LoadDataOptions } from "../../runtime/training/data.ts";
+import { loadTrainData, type LoadDataOptions } from "../../runtime/training/data.ts";
 import { OPTIMIZER_DEFAULTS } from "../../runtime/training/optimizer.ts";
 import { initialAdapter } from "../../runtime/training/params.ts";
 import { Trainer, checkpointAdapter, type TrainSettings } from "../../runtime/training/trainer.ts";
 import { uploadWeights } from "../../runtime/engine/weights.ts";
-import { DeviceSelfTestError, requireHealthyDevice } from "./self-test.ts";
-import { SourceError, adapterSpecOf, modelSource } from "./model-source.ts";
+import { requireHealthyDevice } from "./self-test.ts";
+import { adapterSpecOf, modelSource } from "./model-source.ts";
 
 export interface TrainCommandOptions {
   readonly adapter?: string;
@@ -53,11 +53,9 @@ export interface TrainCommandOptions {
   readonly json?: boolean;
 }
 
-class UsageError extends Error {}
-
 function number(name: string, text: string, check: (x: number) => boolean, what: string): number {
   const x = Number(text);
-  if (text.trim() === "" || !Number.isFinite(x) || !check(x)) throw new UsageError(`--${name} must be ${what}, got "${text}"`);
+  if (text.trim() === "" || !Number.isFinite(x) || !check(x)) throw userError("usage", `--${name} must be ${what}, got "${text}"`);
   return x;
 }
 const positiveInt = (x: number) => Number.isInteger(x) && x >= 1;
@@ -101,16 +99,17 @@ function trainingNotices(spec: Adapter, hasEval: boolean): string[] {
   return notices;
 }
 
+/** Trains; a user error is thrown as a MiloraError (bin/cli.ts prints it). */
 export async function trainCommand(specPath: string, opts: TrainCommandOptions): Promise<number> {
   let gpu: GpuContext | undefined;
   try {
     const settings = trainSettings(opts);
     const dir = opts.base;
-    if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new UsageError(`no model directory ${dir}`);
+    if (!existsSync(dir) || !statSync(dir).isDirectory()) throw userError("usage", `no model directory ${dir}`);
     const source = modelSource(specPath, dir);
-    if (source.package) throw new UsageError(`${specPath} is a compiled package: train from its .milora spec`);
+    if (source.package) throw userError("usage", `${specPath} is a compiled package: train from its .milora spec`);
     const spec = adapterSpecOf(source, opts.adapter, opts.out);
-    if (!spec) throw new UsageError(`${specPath} declares no adapter to train`);
+    if (!spec) throw userError("spec", `${specPath} declares no adapter to train`);
     for (const n of trainingNotices(spec, opts.eval !== undefined)) process.stderr.write(`milora train: note: ${n}\n`);
 
     const tokenizer = await Tokenizer.load(dir);
@@ -196,19 +195,9 @@ export async function trainCommand(specPath: string, opts: TrainCommandOptions):
         `${summary.stoppedEarly ? " (stopped early)" : ""}; ${where}\n`,
     );
     return summary.interrupted ? 130 : 0;
-  } catch (e) {
-    if (e instanceof UsageError) return fail(e.message, 2);
-    if (e instanceof SourceError) return fail(e.message, e.code);
-    if ([DataError, CheckpointError, PlanError, NoAdapterError, DeviceSelfTestError].some((c) => e instanceof c)) return fail((e as Error).message, 1);
-    throw e;
   } finally {
     gpu?.destroy();
   }
-}
-
-function fail(message: string, code: number): number {
-  process.stderr.write(`milora train: ${message}\n`);
-  return code;
 }
 
 /** A Jinja chat template file given with --chat-template. */
@@ -217,7 +206,7 @@ function chatTemplateFile(path: string, dir: string): ChatTemplate {
   try {
     text = readFileSync(path, "utf8");
   } catch (e) {
-    throw new UsageError(`--chat-template ${path}: cannot be read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+    throw userError("usage", `--chat-template ${path}: cannot be read (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
   }
   return ChatTemplate.fromText(text, path, dir);
 }

@@ -6,17 +6,19 @@ import { renderBudgetTable } from "../budget-table.ts";
 import { computeBudget } from "../budget.ts";
 import { checkFiles } from "../check.ts";
 import type { Adapter } from "../model.ts";
-import { planBase, type Plan } from "../plan.ts";
+import { planBase, PlanError, type Plan } from "../plan.ts";
+import { positionLimit } from "../rope-scaling.ts";
 import { didYouMean } from "../suggest.ts";
 import { apiClassName, generateApi } from "./api.ts";
 import { canonicalJson, COMPILER_VERSION, MANIFEST_FILE, MANIFEST_FORMAT, type Manifest } from "./manifest.ts";
 import { defaultPackageName, packageJson, packageNameProblem, versionProblem } from "./package-json.ts";
 import { renderReadme } from "./readme.ts";
-import { runtimeFiles, RuntimeBuildError } from "./runtime-files.ts";
+import { runtimeFiles } from "./runtime-files.ts";
 import { declarationSpans, numberedLines, SpecLines } from "./spec-lines.ts";
 import { kernelFiles } from "./wgsl-files.ts";
 import type { PackageFile } from "./write-package.ts";
 import { validateManifest } from "../../runtime/package/format.ts";
+import { MiloraError } from "../../runtime/errors.ts";
 
 export interface CompileOptions {
   readonly spec: string;
@@ -30,8 +32,9 @@ export interface CompileOptions {
 }
 
 /** A request the spec cannot satisfy: no such adapter, a bad package name, a base the planner cannot lower. */
-export class CompileError extends Error {
+export class CompileError extends MiloraError {
   override name = "CompileError";
+  readonly kind = "spec";
 }
 
 export interface CompileResult {
@@ -51,14 +54,16 @@ export function compilePackage(options: CompileOptions): CompileResult {
   const adapter = chooseAdapter(program.adapters, options.adapter, options.spec);
   const lines = new SpecLines(sources, options.spec);
   const base = adapter.base;
-  const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
+  const ctx = options.ctx ?? Math.min(positionLimit(base), DEFAULT_CTX_CAP);
   let plan: Plan;
   try {
     // The package serves its adapter: LoRA kernels up to the spec's largest rank, its routers' kernels,
     // and block kernels for weights beyond WebGPU's default storage binding (DEFAULT_BINDING_BYTES).
     plan = planBase(base, { ctx, adapter });
   } catch (e) {
-    throw new CompileError((e as Error).message);
+    // What the planner refuses (a context beyond max_positions) is what this compile cannot satisfy.
+    if (!(e instanceof PlanError)) throw e;
+    throw new CompileError(e.message);
   }
   const name = options.name ?? defaultPackageName(adapter.name);
   const version = options.version ?? DEFAULT_VERSION;
@@ -94,13 +99,7 @@ export function compilePackage(options: CompileOptions): CompileResult {
   // Every manifest written is one the runtime runs: the format's own check, on the bytes written.
   validateManifest(JSON.parse(manifestJson), MANIFEST_FILE);
   const className = apiClassName(adapter.name);
-  let runtime;
-  try {
-    runtime = runtimeFiles();
-  } catch (e) {
-    if (e instanceof RuntimeBuildError) throw new CompileError(e.message);
-    throw e;
-  }
+  const runtime = runtimeFiles();
   const files: PackageFile[] = [
     { path: "package.json", contents: packageJson({ name, version }, `MiLoRA adapter ${adapter.name} on ${base.name}, compiled by milora`, runtime) },
     { path: MANIFEST_FILE, contents: manifestJson },

@@ -8,6 +8,7 @@ import { existsSync, readFileSync, statSync } from "node:fs";
 import { dirname, join, posix, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { PackageFile } from "./write-package.ts";
+import { MiloraError } from "../../runtime/errors.ts";
 
 /** The package folder the runtime is copied into, and the subpath imports (package.json "imports") naming its entries. */
 export const RUNTIME_DIR = "milora-runtime";
@@ -24,8 +25,9 @@ export interface RuntimeFiles {
 }
 
 /** The runtime build is missing or cannot be made (running from source without the build's compiler). */
-export class RuntimeBuildError extends Error {
+export class RuntimeBuildError extends MiloraError {
   override name = "RuntimeBuildError";
+  readonly kind = "package";
 }
 
 const here = dirname(fileURLToPath(import.meta.url));

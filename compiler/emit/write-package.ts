@@ -5,6 +5,7 @@
 // of its ancestors, or a directory holding a file the caller must keep (the spec).
 import { accessSync, constants, lstatSync, mkdirSync, readdirSync, realpathSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { basename, dirname, join, relative, resolve, sep } from "node:path";
+import { MiloraError } from "../../runtime/errors.ts";
 
 export interface PackageFile {
   /** Relative to the package root, with `/` separators. */
@@ -19,8 +20,9 @@ export const PACKAGE_MARKER = ".milora-package";
 const MARKER_TEXT = "This directory was written by `milora compile`; `milora compile --force` replaces it whole.\n";
 
 /** An output directory that cannot be written as asked (not empty without --force, not a directory, unwritable). */
-export class OutputError extends Error {
+export class OutputError extends MiloraError {
   override name = "OutputError";
+  readonly kind = "file";
 }
 
 export interface WriteOptions {

@@ -4,6 +4,7 @@ import type { SamplingSettings } from "../gpu/layouts.ts";
 import type { LogitAdjust } from "./logit-adjust.ts";
 import type { ResidentAdapter } from "./tenants.ts";
 import type { LayerRouting } from "./routing.ts";
+import { MiloraError } from "../errors.ts";
 
 /** How the next token is picked; temperature 0 (the default) is greedy. */
 export interface SamplingOptions {
@@ -21,8 +22,9 @@ export interface SamplingOptions {
 export type LogitsMode = "none" | "last" | "all";
 
 /** A user-supplied value that cannot be used: bad token ids, sampling options, or a full context. */
-export class SequenceError extends Error {
+export class SequenceError extends MiloraError {
   override name = "SequenceError";
+  readonly kind = "request";
 }
 
 export function checkSampling(s: SamplingOptions): Required<SamplingOptions> {

@@ -8,10 +8,12 @@ import type { Plan } from "../package/format.ts";
 import { rationalInit } from "../../compiler/rational.ts";
 import { loraKey, type LoadedAdapter, type RouterWeights } from "../formats/adapter.ts";
 import { createStorage } from "../gpu/kernel-runner.ts";
+import { MiloraError } from "../errors.ts";
 
 /** An adapter the store cannot take (wrong base, rank too high, no free slot, name in use). */
-export class AdapterStoreError extends Error {
+export class AdapterStoreError extends MiloraError {
   override name = "AdapterStoreError";
+  readonly kind = "adapter";
 }
 
 /** One module's stacked LoRA weights of every slot. */

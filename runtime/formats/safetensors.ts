@@ -4,10 +4,12 @@
 // the checkpoint or adapter directory too) and, where one is at fault, the tensor and its shape.
 import { closeSync, fstatSync, openSync, readSync, renameSync, rmSync, writeSync } from "node:fs";
 import { jsonSyntaxReason } from "../../compiler/json-syntax.ts";
+import { MiloraError } from "../errors.ts";
 
 /** A problem with a checkpoint file a user supplied; the message is meant for them. */
-export class CheckpointError extends Error {
+export class CheckpointError extends MiloraError {
   override name = "CheckpointError";
+  readonly kind = "checkpoint";
 }
 
 /** Bytes per element of every dtype the format defines. */

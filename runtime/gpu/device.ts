@@ -5,6 +5,7 @@
 // ones have crashed under load.
 import { existsSync, readdirSync } from "node:fs";
 import { create, globals } from "webgpu";
+import { MiloraError, userError } from "../errors.ts";
 
 export type BackendName = "vulkan" | "metal" | "d3d12" | "opengles";
 export type BackendChoice = BackendName | "auto";
@@ -30,7 +31,11 @@ export interface GpuContext {
   destroy(): void;
 }
 
-export class NoAdapterError extends Error {}
+/** No WebGPU adapter (a GPU, or Mesa's llvmpipe) could be had on the backend asked for. */
+export class NoAdapterError extends MiloraError {
+  override name = "NoAdapterError";
+  readonly kind = "device";
+}
 
 // Limits the kernels depend on; we ask for the adapter's maxima because the defaults are lower
 // (e.g. 128 MiB storage bindings on llvmpipe versus a 128 MiB default, 256 invocations by default).
@@ -113,7 +118,7 @@ function describe(adapter: GPUAdapter, backend: BackendName, featureLevel: "core
 export function requestedBackend(option?: string): BackendChoice {
   const value = (option ?? process.env.MILORA_BACKEND ?? "auto").toLowerCase();
   if (value === "auto" || value === "vulkan" || value === "metal" || value === "d3d12" || value === "opengles") return value;
-  throw new NoAdapterError(`unknown backend "${value}" (MILORA_BACKEND or --backend): use auto, vulkan, metal, d3d12 or opengles`);
+  throw userError("usage", `unknown backend "${value}" (MILORA_BACKEND or --backend): use auto, vulkan, metal, d3d12 or opengles`);
 }
 
 /**

@@ -1,13 +1,9 @@
 // The command line of a compiled package (its `bin`, cli.js): load the package with a base checkpoint
-// and adapters, then generate after a prompt or print its routing. Exit 0 on success, 1 when the
-// inputs are wrong (files, shapes, unsupported requests), 2 on bad usage.
+// and adapters, then generate after a prompt or print its routing. Exit 0 on success; a failure is
+// printed by reportError, as milora's own commands print theirs, with its kind's exit status (USAGE).
 import { parseArgs } from "node:util";
-import { AdapterStoreError } from "../engine/tenants.ts";
-import { NoAdapterError } from "../gpu/device.ts";
-import { EngineError } from "../engine/engine.ts";
-import { loadCompiledModel, PackageError, UnsupportedError, type CompiledModel, type Prompt } from "./loader.ts";
-import { CheckpointError } from "../formats/safetensors.ts";
-import { SequenceError } from "../engine/sequence.ts";
+import { exitStatusHelp, reportError, userError } from "../errors.ts";
+import { loadCompiledModel, type CompiledModel, type Prompt } from "./loader.ts";
 
 const USAGE = `usage: <package> --base DIR (--prompt TEXT | --tokens IDS) [options]
 
@@ -24,9 +20,8 @@ const USAGE = `usage: <package> --base DIR (--prompt TEXT | --tokens IDS) [optio
   --route               print the tenant's routing decision instead of generating
   --json                print one JSON object
   --backend NAME        force a WebGPU backend (vulkan, metal, d3d12, opengles)
-`;
 
-class UsageError extends Error {}
+${exitStatusHelp()}`;
 
 export async function runPackageCli(packageDir: string | URL, argv: readonly string[]): Promise<number> {
   let model: CompiledModel<string> | undefined;
@@ -43,7 +38,7 @@ export async function runPackageCli(packageDir: string | URL, argv: readonly str
       maxSequences: 1,
     });
     if (args.route) {
-      if (args.tenant === undefined) throw new UsageError("--route needs --tenant");
+      if (args.tenant === undefined) throw userError("usage", "--route needs --tenant");
       const routing = await model.route(args.prompt, { tenant: args.tenant });
       process.stdout.write(JSON.stringify(routing) + "\n");
       return 0;
@@ -60,14 +55,7 @@ export async function runPackageCli(packageDir: string | URL, argv: readonly str
     process.stdout.write(args.json ? JSON.stringify({ promptTokens, tokens, ...(text === undefined ? {} : { text }) }) + "\n" : "\n");
     return 0;
   } catch (e) {
-    if (e instanceof UsageError) {
-      process.stderr.write(`${e.message}\n(run with --help for usage)\n`);
-      return 2;
-    }
-    const userError = [PackageError, UnsupportedError, CheckpointError, AdapterStoreError, EngineError, SequenceError, NoAdapterError].some((c) => e instanceof c);
-    if (!userError) throw e;
-    process.stderr.write(`${(e as Error).message}\n`);
-    return 1;
+    return reportError(e, { usageHint: "run with --help for usage" });
   } finally {
     model?.destroy();
   }
@@ -108,22 +96,22 @@ function parseCli(argv: readonly string[]): CliArgs | "help" {
       },
     }));
   } catch (e) {
-    throw new UsageError((e as Error).message);
+    throw userError("usage", (e as Error).message);
   }
   if (values.help) return "help";
-  if (values.base === undefined) throw new UsageError("--base DIR is required");
-  if ((values.prompt === undefined) === (values.tokens === undefined)) throw new UsageError("give exactly one of --prompt TEXT and --tokens IDS");
+  if (values.base === undefined) throw userError("usage", "--base DIR is required");
+  if ((values.prompt === undefined) === (values.tokens === undefined)) throw userError("usage", "give exactly one of --prompt TEXT and --tokens IDS");
   const adapters: Record<string, string> = {};
   for (const a of values.adapter ?? []) {
     const eq = a.indexOf("=");
-    if (eq <= 0 || eq === a.length - 1) throw new UsageError(`--adapter must be NAME=DIR, got "${a}"`);
+    if (eq <= 0 || eq === a.length - 1) throw userError("usage", `--adapter must be NAME=DIR, got "${a}"`);
     adapters[a.slice(0, eq)] = a.slice(eq + 1);
   }
   const number = (flag: string, text: string | undefined, integer: boolean) => {
     if (text === undefined) return undefined;
     const n = Number(text);
     if (text.trim() === "" || !Number.isFinite(n) || (integer && (!Number.isInteger(n) || n < 0))) {
-      throw new UsageError(`--${flag} must be ${integer ? "an integer >= 0" : "a number"}, got "${text}"`);
+      throw userError("usage", `--${flag} must be ${integer ? "an integer >= 0" : "a number"}, got "${text}"`);
     }
     return n;
   };

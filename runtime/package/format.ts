@@ -3,6 +3,7 @@
 // types live here because the plan is part of the format: the compiler's planner and emitters write
 // these types, the runtime reads them. This file imports nothing from compiler/ or grammar/.
 import type { DispatchRule, GroupCount, KernelBinding, KernelInterface, KernelParam } from "../gpu/kernel.ts";
+import { MiloraError } from "../errors.ts";
 
 /** The milora version this code writes into (and runs) manifests (kept equal to package.json's by a test). */
 export const COMPILER_VERSION = "0.1.0";
@@ -330,9 +331,9 @@ export interface Manifest<M extends string = string> {
 }
 
 /** A package that cannot be used: missing or unreadable files, or a manifest that is not one this runtime runs. */
-export class PackageError extends Error {
+export class PackageError extends MiloraError {
   override name = "PackageError";
-  readonly kind = "input";
+  readonly kind = "package";
 }
 
 // ---- Validation -----------------------------------------------------------------------------------

@@ -9,19 +9,24 @@ import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type E
 import type { KernelSource } from "../gpu/kernel.ts";
 import { COMPILER_VERSION, MANIFEST_FILE, PackageError, splitKernelFile, validateManifest, type Manifest } from "./format.ts";
 import { loadAdapter } from "../formats/adapter.ts";
+import { CheckpointError } from "../formats/safetensors.ts";
+import { AdapterStoreError } from "../engine/tenants.ts";
 import type { GpuContext } from "../gpu/device.ts";
 import { Engine } from "../engine/engine.ts";
 import { generateBatch, generateSteps } from "../engine/generate.ts";
 import type { SamplingOptions } from "../engine/sequence.ts";
 import { Tokenizer } from "../text/tokenizer.ts";
+import { MiloraError } from "../errors.ts";
 
 export { acquireDevice, type GpuContext } from "../gpu/device.ts";
 
 export { PackageError } from "./format.ts";
+export { ERROR_KINDS, MiloraError, type ErrorKind } from "../errors.ts";
 
 /** Something the package asks for that this runtime version cannot do yet. */
-export class UnsupportedError extends Error {
+export class UnsupportedError extends MiloraError {
   override name = "UnsupportedError";
+  readonly kind = "unsupported";
 }
 
 /** A compiled package as read from disk, before anything touches a device. */
@@ -176,7 +181,7 @@ export class CompiledModel<Tenant extends string> {
   /** Token ids of a prompt; text needs the base's tokenizer. */
   encode(prompt: Prompt): number[] {
     if (typeof prompt !== "string") return [...prompt];
-    if (this.#tokenizer === undefined) throw new PackageError("the base directory has no tokenizer.json, so a text prompt cannot be encoded: pass token ids");
+    if (this.#tokenizer === undefined) throw new CheckpointError("the base directory has no tokenizer.json, so a text prompt cannot be encoded: pass token ids");
     return this.#tokenizer.encode(prompt, { addBos: true });
   }
 
@@ -251,14 +256,14 @@ export class CompiledModel<Tenant extends string> {
   #checkTenant(tenant: string): void {
     if (this.#tenants.includes(tenant)) return;
     const known = this.#tenants.length > 0 ? `the loaded tenants are ${this.#tenants.join(", ")}` : "no adapters were loaded";
-    throw new PackageError(`no tenant ${tenant}: ${known}`);
+    throw new AdapterStoreError(`no tenant ${tenant}: ${known}`);
   }
 }
 
 /**
  * Reads the package at `location`, checks each adapter against its spec, and loads the base checkpoint
- * onto a device with every tenant's adapter resident. Throws PackageError, CheckpointError (a
- * checkpoint or adapter that does not match), EngineError or NoAdapterError.
+ * onto a device with every tenant's adapter resident. Throws a MiloraError (runtime/errors.ts): PackageError,
+ * CheckpointError (a checkpoint or adapter that does not match), EngineError, NoAdapterError.
  */
 export async function loadCompiledModel<Tenant extends string>(location: string | URL, options: LoadOptions<Tenant>): Promise<CompiledModel<Tenant>> {
   const pkg = readCompiledPackage(location);

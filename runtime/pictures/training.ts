@@ -4,6 +4,7 @@
 // one SVG.
 import { lineChartSvg, type LineSeries } from "./charts.ts";
 import { FONT, el, text } from "./svg.ts";
+import { userError } from "../errors.ts";
 
 /** The fields of a metrics.jsonl line that the report reads. */
 export interface MetricsLine {
@@ -29,9 +30,9 @@ export function parseMetrics(jsonl: string, file = "metrics.jsonl"): MetricsLine
       try {
         m = JSON.parse(line);
       } catch (e) {
-        throw new SyntaxError(`${file}:${n}: not JSON: ${(e as Error).message}`);
+        throw userError("data", `${file}:${n}: not JSON: ${(e as Error).message}`);
       }
-      if (typeof m !== "object" || m === null || typeof (m as MetricsLine).step !== "number") throw new SyntaxError(`${file}:${n}: a metrics line needs a numeric "step"`);
+      if (typeof m !== "object" || m === null || typeof (m as MetricsLine).step !== "number") throw userError("data", `${file}:${n}: a metrics line needs a numeric "step"`);
       return m as MetricsLine;
     });
 }

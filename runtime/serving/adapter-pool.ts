@@ -16,6 +16,7 @@ import type { LoadedAdapter } from "../formats/adapter.ts";
 import { CheckpointError } from "../formats/safetensors.ts";
 import type { AdapterResidency } from "./scheduler.ts";
 import { tsWorker } from "../ts-worker.ts";
+import { MiloraError } from "../errors.ts";
 
 /** Where resident adapters live for the engine (its GPU copies of their weights). */
 export interface AdapterHost {
@@ -66,8 +67,9 @@ export interface AdapterPoolOptions {
 }
 
 /** An adapter name the pool does not know. */
-export class UnknownAdapterError extends Error {
+export class UnknownAdapterError extends MiloraError {
   override name = "UnknownAdapterError";
+  readonly kind = "adapter";
 }
 
 /** An adapter read that ran past its time bound; its worker was terminated. */

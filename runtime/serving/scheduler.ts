@@ -6,6 +6,7 @@ import { LogitAdjust, penaltiesActive, type PenaltySettings } from "../engine/lo
 import type { LayerRouting } from "../engine/routing.ts";
 import type { GenerateRequest, Generation } from "../engine/requests.ts";
 import type { Sequence, SamplingOptions } from "../engine/sequence.ts";
+import { MiloraError } from "../errors.ts";
 
 /** What the scheduler needs of an engine; runtime/engine.ts's Engine provides it. */
 export interface StepEngine {
@@ -119,21 +120,24 @@ export interface GenerationResult {
 export type ChoiceResult = Omit<GenerationResult, "choices"> & { readonly score?: number };
 
 /** The queue is full: the caller should retry after `retryAfterSeconds`. */
-export class QueueFullError extends Error {
+export class QueueFullError extends MiloraError {
   override name = "QueueFullError";
+  readonly kind = "capacity";
   constructor(readonly retryAfterSeconds: number) {
     super(`the server is at capacity (every slot busy and the queue full); retry after ${retryAfterSeconds} s`);
   }
 }
 
 /** A request the scheduler refuses as given (too long for the context, bad token budget). */
-export class RequestError extends Error {
+export class RequestError extends MiloraError {
   override name = "RequestError";
+  readonly kind = "request";
 }
 
 /** The scheduler is draining and takes no new requests. */
-export class DrainingError extends Error {
+export class DrainingError extends MiloraError {
   override name = "DrainingError";
+  readonly kind = "capacity";
 }
 
 /** Counters for /metrics: gauges now, totals since start. */

@@ -8,6 +8,7 @@
 //   {"input_ids": [...], "labels": [...]}    pre-tokenized, as is (labels default to input_ids)
 // MiLoRA's router reads a sequence's prompt: the leading run of unsupervised positions.
 import { readFileSync } from "node:fs";
+import { MiloraError } from "../errors.ts";
 
 export const IGNORE_INDEX = -100;
 
@@ -45,8 +46,9 @@ export interface TrainData {
   readonly dropped: number;
 }
 
-export class DataError extends Error {
+export class DataError extends MiloraError {
   override name = "DataError";
+  readonly kind = "data";
 }
 
 const MAX_PROBLEMS_SHOWN = 20;

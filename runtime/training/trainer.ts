@@ -8,7 +8,7 @@ import { join } from "node:path";
 import type { Plan } from "../../compiler/plan.ts";
 import { loadAdapter, writeAdapter, type LoadedAdapter } from "../formats/adapter.ts";
 import { PipelineCache, readBuffer } from "../gpu/kernel-runner.ts";
-import { SafetensorsFile, writeSafetensors } from "../formats/safetensors.ts";
+import { CheckpointError, SafetensorsFile, writeSafetensors } from "../formats/safetensors.ts";
 import type { GpuWeights } from "../engine/weights.ts";
 import { IGNORE_INDEX, type TrainExample } from "./data.ts";
 import { TrainingGraph, packBatch } from "./graph.ts";
@@ -336,7 +336,7 @@ export class Trainer {
   restore(checkpointRoot: string): void {
     const dir = join(checkpointRoot, CHECKPOINT_DIR);
     const state = JSON.parse(readFileSync(join(dir, STATE_FILE), "utf8")) as TrainerState;
-    if (state.format !== 1) throw new Error(`${join(dir, STATE_FILE)}: unknown checkpoint format ${state.format}`);
+    if (state.format !== 1) throw new CheckpointError(`${join(dir, STATE_FILE)}: unknown checkpoint format ${state.format}`);
     this.#step = state.step;
     this.#bestEvalLoss = state.bestEvalLoss;
     this.#bestStep = state.bestStep;

@@ -3,12 +3,12 @@
 // Every response (and stream chunk) carries a `milora` field with the token ids and the adapter.
 import { randomInt, randomUUID } from "node:crypto";
 import type { ServerResponse } from "node:http";
-import { AdapterReadTimeoutError, type AdapterPool } from "../adapter-pool.ts";
+import type { AdapterPool } from "../adapter-pool.ts";
 import type { LayerRouting } from "../../engine/routing.ts";
-import { DrainingError, QueueFullError, RequestError, type FinishReason, type GenerationResult, type Scheduler, type TokenInfo } from "../scheduler.ts";
+import type { FinishReason, GenerationResult, Scheduler, TokenInfo } from "../scheduler.ts";
 import type { Tokenizer } from "../../text/tokenizer.ts";
 import type { ChatTemplate } from "./chat-template.ts";
-import { ApiError, badRequest, contextTooLong, notFound } from "./errors.ts";
+import { ApiError, apiErrorOf, badRequest, contextTooLong, notFound } from "./errors.ts";
 import { chatParams, completionParams, type ChatParams, type CompletionParams } from "./params.ts";
 import { TextStream } from "./text-stream.ts";
 
@@ -102,7 +102,7 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
       signal: abort.signal,
     });
   } catch (e) {
-    throw schedulerError(e);
+    throw apiErrorOf(e) ?? e;
   }
   const shape = { kind, id, created, model: params.model, adapter, includeUsage: params.includeUsage };
   if (!params.stream) {
@@ -110,7 +110,8 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
     try {
       done = await result;
     } catch (e) {
-      throw generationError(e);
+      // Failed after it was queued: a user error as 4xx (or its own status), a bug as it is.
+      throw apiErrorOf(e) ?? e;
     }
     log?.onResult?.(prompt.length, done);
     if (done.finish === "cancelled") return;
@@ -137,7 +138,7 @@ export async function handleGeneration(kind: Kind, body: unknown, res: ServerRes
     done = await result;
   } catch (e) {
     // Headers are gone: the error travels as an event, as OpenAI's streams send theirs.
-    send(new ApiError(500, `generation failed: ${(e as Error).message}`, "server_error").body());
+    send((apiErrorOf(e) ?? new ApiError(500, `generation failed: ${(e as Error).message}`, "server_error")).body());
     res.end();
     return;
   }
@@ -322,22 +323,6 @@ async function prepare(kind: Kind, body: unknown, model: ServedModel): Promise<P
   }
   const echo = "echo" in params && params.echo ? (typeof params.prompt === "string" ? params.prompt : (tokenizer?.decode(prompt) ?? "")) : "";
   return { params, adapter, adapterKey, prompt, maxTokens, echo };
-}
-
-/** A generation that failed after it was queued: client-caused failures as 4xx, the rest as they are. */
-function generationError(e: unknown): unknown {
-  if (e instanceof AdapterReadTimeoutError) return new ApiError(504, e.message, "server_error", "adapter_load_timeout");
-  return schedulerError(e);
-}
-
-/** The scheduler's refusals as HTTP answers. */
-export function schedulerError(e: unknown): unknown {
-  if (e instanceof QueueFullError) {
-    return new ApiError(429, e.message, "rate_limit_error", "server_overloaded", null, { "retry-after": String(e.retryAfterSeconds) });
-  }
-  if (e instanceof DrainingError) return new ApiError(503, e.message, "server_error", "shutting_down");
-  if (e instanceof RequestError) return badRequest(e.message);
-  return e;
 }
 
 interface Shape {

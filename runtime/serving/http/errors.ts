@@ -1,5 +1,8 @@
 // Errors a client's request causes, answered as OpenAI does: a status and
 // { "error": { "message", "type", "param", "code" } }, so OpenAI clients raise their usual exceptions.
+import { MiloraError } from "../../errors.ts";
+import { AdapterReadTimeoutError, UnknownAdapterError } from "../adapter-pool.ts";
+import { DrainingError, QueueFullError } from "../scheduler.ts";
 
 export class ApiError extends Error {
   constructor(
@@ -35,4 +38,24 @@ export function tooLarge(message: string, code: string, param: string | null = n
 /** 400 context_length_exceeded, as OpenAI and vLLM answer a prompt and max_tokens beyond the context. */
 export function contextTooLong(message: string, param: string): ApiError {
   return badRequest(message, param, "context_length_exceeded");
+}
+
+/**
+ * The answer to a failure: an ApiError as it is; a user error (runtime/errors.ts) by the few classes
+ * HTTP has a status for (429 with Retry-After for a full queue, 503 while draining, 504 for an adapter
+ * read that timed out, 404 for an adapter nobody registered), 503 for a device problem (nothing the
+ * client did), else 400 with its message; undefined for anything else, which is a bug (500).
+ * `param` names the field the failure is about; `message` replaces the error's own.
+ */
+export function apiErrorOf(e: unknown, options: { readonly param?: string; readonly message?: string } = {}): ApiError | undefined {
+  if (e instanceof ApiError) return e;
+  if (!(e instanceof MiloraError)) return undefined;
+  const message = options.message ?? e.message;
+  const param = options.param ?? null;
+  if (e instanceof QueueFullError) return new ApiError(429, message, "rate_limit_error", "server_overloaded", param, { "retry-after": String(e.retryAfterSeconds) });
+  if (e instanceof DrainingError) return new ApiError(503, message, "server_error", "shutting_down", param);
+  if (e instanceof AdapterReadTimeoutError) return new ApiError(504, message, "server_error", "adapter_load_timeout", param);
+  if (e instanceof UnknownAdapterError) return notFound(message, "model_not_found", param);
+  if (e.kind === "device") return new ApiError(503, message, "server_error", "device_error", param);
+  return badRequest(message, param);
 }

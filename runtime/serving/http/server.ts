@@ -8,13 +8,10 @@ import { realpathSync, statSync } from "node:fs";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { confinedAdapterDir } from "../../formats/adapter-guard.ts";
-import { AdapterReadTimeoutError, UnknownAdapterError } from "../adapter-pool.ts";
-import { AdapterStoreError } from "../../engine/tenants.ts";
-import { EngineError } from "../../engine/engine.ts";
-import { CheckpointError } from "../../formats/safetensors.ts";
+import { userError } from "../../errors.ts";
 import { handleGeneration, sendJson, type RequestLog, type ServedModel } from "./completions.ts";
 import { accessLogFor, corsHeaders, extraRoutes, type ExtraHost } from "./routes.ts";
-import { ApiError, badRequest, notFound, tooLarge } from "./errors.ts";
+import { ApiError, apiErrorOf, badRequest, notFound, tooLarge } from "./errors.ts";
 import { METRICS_CONTENT_TYPE, ServerMetrics } from "./metrics.ts";
 import { Dashboard, pageKey, pageUnauthorized } from "../ui/dashboard.ts";
 
@@ -105,12 +102,20 @@ export class MiloraServer {
     this.#http.maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
   }
 
-  /** Starts listening; resolves once the port is bound. Throws RangeError for an empty API key or a bad adapter root. */
+  /**
+   * Starts listening; resolves once the port is bound. Throws RangeError for an empty API key or a bad adapter root,
+   * a usage MiloraError for a port in use.
+   */
   static async start(model: ServedModel, options: ServerOptions): Promise<MiloraServer> {
     const server = new MiloraServer(model, options);
+    const host = options.host ?? "127.0.0.1";
     await new Promise<void>((resolve, reject) => {
-      server.#http.once("error", reject);
-      server.#http.listen(options.port, options.host ?? "127.0.0.1", () => resolve());
+      server.#http.once("error", (e: NodeJS.ErrnoException) => {
+        // A port taken or not ours to bind is the one who chose it to change.
+        if (e.code === "EADDRINUSE" || e.code === "EACCES") reject(userError("usage", `cannot listen on ${host}:${options.port} (${e.code}): choose another port or host`));
+        else reject(e);
+      });
+      server.#http.listen(options.port, host, () => resolve());
     });
     return server;
   }
@@ -160,8 +165,10 @@ export class MiloraServer {
   #fail(req: IncomingMessage, res: ServerResponse, e: unknown): void {
     // The client went away (or was cut off by a deadline) before its request was read: nobody to answer.
     if (res.destroyed || (req.destroyed && !req.complete)) return;
-    const error = e instanceof ApiError ? e : new ApiError(500, `internal error: ${(e as Error).message}`, "server_error");
-    if (!(e instanceof ApiError)) process.stderr.write(`milora serve: ${(e as Error).stack ?? String(e)}\n`);
+    const answer = apiErrorOf(e);
+    // Only a bug is a 500, logged with its stack; a user error is the client's answer.
+    const error = answer ?? new ApiError(500, `internal error: ${(e as Error).message}`, "server_error");
+    if (answer === undefined) process.stderr.write(`milora serve: ${(e as Error).stack ?? String(e)}\n`);
     if (res.headersSent) {
       res.end();
       return;
@@ -257,24 +264,16 @@ export class MiloraServer {
       await this.#model.adapters.register(name, dir, { root });
     } catch (e) {
       // Messages name the directory as the client did, not by the server's real path.
-      const message = (e as Error).message.replaceAll(dir, path).replaceAll(root, "<adapter root>");
-      if (e instanceof AdapterReadTimeoutError) throw new ApiError(504, message, "server_error", "adapter_load_timeout", "path");
-      if (e instanceof CheckpointError || e instanceof AdapterStoreError || e instanceof EngineError) throw badRequest(message, "path");
-      throw e;
+      throw apiErrorOf(e, { param: "path", message: (e as Error).message.replaceAll(dir, path).replaceAll(root, "<adapter root>") }) ?? e;
     }
     sendJson(res, status, this.#modelCard(name));
   }
 
   #deleteAdapter(res: ServerResponse, name: string): void {
     this.#managementRoot();
-    try {
-      // The name is free at once (a new adapter may be registered under it); requests still running on
-      // the old one finish with it, and it leaves memory after the last.
-      this.#model.adapters.unregister(name);
-    } catch (e) {
-      if (e instanceof UnknownAdapterError) throw notFound(e.message, "model_not_found");
-      throw e;
-    }
+    // The name is free at once (a new adapter may be registered under it); requests still running on
+    // the old one finish with it, and it leaves memory after the last. An unknown name is a 404.
+    this.#model.adapters.unregister(name);
     sendJson(res, 200, { id: name, object: "model", deleted: true });
   }
 }

@@ -37,7 +37,7 @@ test("writes the package, refuses to overwrite it, and replaces it with --force"
   const manifest = readFileSync(join(out, "manifest.json"), "utf8");
 
   const again = milora("examples/llama-tiny.milora", "--adapter", "tiny", "--out", out);
-  assert.is(again.code, 1);
+  assert.is(again.code, 3, "an --out that cannot be written as asked");
   assert.match(again.stderr, `milora compile: ${out} is not empty`);
   assert.match(again.stderr, "pass --force to replace it");
 
@@ -65,7 +65,7 @@ test("--out . --force never deletes the working directory or the spec in it", ()
   writeFileSync(join(work, "tiny.milora"), readFileSync(TINY, "utf8"));
   for (const flag of ["--force", "--force-any"]) {
     const { code, stderr } = miloraIn(work, "tiny.milora", "--adapter", "tiny", "--out", ".", flag);
-    assert.is(code, 1);
+    assert.is(code, 3);
     assert.match(oneLine(stderr), "milora compile: refusing to write .: it is the current directory, and replacing it would delete everything in it");
   }
   const up = miloraIn(work, "tiny.milora", "--adapter", "tiny", "--out", "..", "--force-any");
@@ -78,7 +78,7 @@ test("--force replaces only what milora compile wrote; --force-any is the flag f
   mkdirSync(theirs);
   writeFileSync(join(theirs, "data.csv"), "1,2,3");
   const forced = milora(TINY, "--adapter", "tiny", "--out", theirs, "--force");
-  assert.is(forced.code, 1);
+  assert.is(forced.code, 3);
   assert.match(oneLine(forced.stderr), "--force would delete its 1 entry (data.csv); choose another --out, or pass --force-any to replace it anyway");
   assert.ok(existsSync(join(theirs, "data.csv")));
 
@@ -104,7 +104,7 @@ test("an --out that cannot be a directory is a one-line error, not a stack trace
   ];
   for (const [out, message] of cases) {
     const { code, stderr } = milora(TINY, "--adapter", "tiny", "--out", out);
-    assert.is(code, 1, `${out}: ${stderr}`);
+    assert.is(code, 3, `${out}: ${stderr}`);
     assert.match(oneLine(stderr), `milora compile: ${message}`);
   }
 });

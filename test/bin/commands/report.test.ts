@@ -57,7 +57,7 @@ test("a bad line is named; a missing run says what to give", async () => {
   assert.throws(() => parseMetrics('{"step":1}\n{oops\n', "m.jsonl"), /m\.jsonl:2: not JSON/);
   assert.throws(() => parseMetrics('{"loss":1}\n', "m.jsonl"), /m\.jsonl:1: a metrics line needs a numeric "step"/);
   const missing = await promisify(execFile)(process.execPath, [milora, "report", join(root, "nowhere")], { timeout: 30_000 }).catch((e: { code: number; stderr: string }) => e);
-  assert.is((missing as { code: number }).code, 1);
+  assert.is((missing as { code: number }).code, 2, "a usage error");
   assert.match((missing as { stderr: string }).stderr, "give the --out directory of a milora train run");
 });
 

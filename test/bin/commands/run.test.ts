@@ -66,16 +66,17 @@ test("a spec whose base disagrees with the checkpoint is refused, naming both va
   const spec = join(root, "wrong.milora");
   writeFileSync(spec, "base other: llama {\n  hidden_size 128\n  layers 2\n  heads 4\n  kv_heads 2\n  intermediate_size 176\n  vocab_size 512\n  max_positions 256\n}\n");
   const { code, stderr } = await run(spec, "--base", model, "--tokens", "1,2");
-  assert.is(code, 1);
+  assert.is(code, 4, "a checkpoint error");
   const config = join(model, "config.json");
   assert.equal(problems(stderr), [
     `milora run: base other of ${spec} does not match ${model}: hidden_size 128 in the spec, 64 in ${config}; head_dim 32 in the spec, 16 in ${config}`,
   ]);
 });
 
-test("user errors are one line and a non-zero exit", async () => {
+test("user errors are one line without a stack, and their kind's exit status", async () => {
   const missing = await run("--base", join(root, "nowhere"), "--tokens", "1");
-  assert.is(missing.code, 1);
+  assert.is(missing.code, 2, "a path given that is not there is a usage error");
+  assert.not.match(missing.stderr, /\n\s+at /);
   assert.equal(problems(missing.stderr), [`milora run: no model directory ${join(root, "nowhere")}`]);
   const usage = await run("--base", model, "--tokens", "1,x");
   assert.is(usage.code, 2);
@@ -146,7 +147,7 @@ test("adapter errors: an adapter that does not match its spec names the tensor a
   const dir = join(root, "token-tenant");
   writeRandomAdapter(dir, { spec: specAdapter("tiny"), seed: 40 });
   const wrong = await run(tinySpec, "--base", model, "--adapter", `tiny_lora=${dir}`, "--tokens", "1");
-  assert.is(wrong.code, 1);
+  assert.is(wrong.code, 4, "a checkpoint error");
   assert.match(wrong.stderr, /unexpected tensor "base_model\.model\.model\.layers\.0\.milora_router\.weight" \[7, 64\]/);
   const which = await run(tinySpec, "--base", model, "--adapter", dir, "--tokens", "1");
   assert.is(which.code, 2);

@@ -117,7 +117,7 @@ test("bad data is refused before any training, naming the line; bad flags are us
   const bad = join(root, "bad.jsonl");
   writeFileSync(bad, `${JSON.stringify(examples[0])}\n{"input_ids": [1, 2, 500]}\n`);
   const r = await milorun("train", spec, "--adapter", "copycat", "--base", model, "--data", bad, "--out", join(root, "bad-out"));
-  assert.is(r.code, 1);
+  assert.is(r.code, 7, "a data error");
   assert.match(r.stderr, `${bad}:2: token 500 at position 2 is outside the vocabulary (0..63)`);
   assert.not.ok(existsSync(join(root, "bad-out", "metrics.jsonl")));
   const usage = await milorun("train", spec, "--adapter", "copycat", "--base", model, "--data", data, "--out", join(root, "x"), "--batch-size", "0");

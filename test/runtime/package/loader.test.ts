@@ -16,6 +16,7 @@ import { acquireDevice, type GpuContext } from "../../../runtime/gpu/device.ts";
 import { Engine, EngineError } from "../../../runtime/engine/engine.ts";
 import { loadCompiledModel, PackageError, readCompiledPackage } from "../../../runtime/package/loader.ts";
 import { CheckpointError } from "../../../runtime/formats/safetensors.ts";
+import { AdapterStoreError } from "../../../runtime/engine/tenants.ts";
 import { buildRuntime, packageProject, repo } from "../../compiler/emit/package-project.ts";
 import { plannedEngine } from "../../../bin/engine-plan.ts";
 
@@ -146,7 +147,7 @@ test("tenants: adapters are checked against the spec and generate as the engine 
     const routing = await model.route([1, 2, 3], { tenant: "alice" });
     assert.equal(routing.map((r) => r.layer), [0, 1]);
     assert.equal(routing[1]!.gates, { q_proj: 1, k_proj: 1, v_proj: 1, o_proj: 1, gate_proj: 1, up_proj: 1, down_proj: 1 });
-    await rejects(() => model.route([1], { tenant: "bob" as "alice" }), PackageError, "no tenant bob: the loaded tenants are alice");
+    await rejects(() => model.route([1], { tenant: "bob" as "alice" }), AdapterStoreError, "no tenant bob: the loaded tenants are alice");
 
     const sampling = { temperature: 0.7, seed: 5 };
     const tokens: number[] = [];
