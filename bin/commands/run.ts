@@ -18,7 +18,6 @@ import type { LayerRouting } from "../../runtime/engine/routing.ts";
 import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/engine/sequence.ts";
 import { Tokenizer } from "../../runtime/text/tokenizer.ts";
 import { requireHealthyDevice } from "./self-test.ts";
-import { positionLimit } from "../../compiler/rope-scaling.ts";
 import { adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
 import { writeRoutingSvg } from "./routing-picture.ts";
 
@@ -70,8 +69,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
     prompt = tokenIds(opts.tokens!);
   }
   if (prompt.length === 0) throw userError("usage", "the prompt has no tokens");
-  const limit = positionLimit(base);
-  if (prompt.length > limit) throw userError("capacity", `the prompt has ${prompt.length} tokens, more than the base's ${limit} positions`);
+  if (prompt.length > base.maxPositions) throw userError("capacity", `the prompt has ${prompt.length} tokens, more than max_positions ${base.maxPositions}`);
 
   const bar = progressBar(opts.json === true);
   let engine: Engine;
@@ -82,7 +80,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
       checkDevice: requireHealthyDevice,
       ...planOptions(source, {
         // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
-        ctx: Math.min(limit, prompt.length + Math.max(1, maxTokens)),
+        ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),
         maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
         tenants: adapters.map((a) => a.spec),
         maxAdapters: adapters.length,

@@ -7,7 +7,6 @@ import { computeBudget } from "../budget.ts";
 import { checkFiles } from "../check.ts";
 import type { Adapter } from "../model.ts";
 import { planBase, PlanError, type Plan } from "../plan.ts";
-import { positionLimit } from "../rope-scaling.ts";
 import { didYouMean } from "../suggest.ts";
 import { apiClassName, generateApi } from "./api.ts";
 import { canonicalJson, COMPILER_VERSION, MANIFEST_FILE, MANIFEST_FORMAT, type Manifest } from "./manifest.ts";
@@ -54,7 +53,7 @@ export function compilePackage(options: CompileOptions): CompileResult {
   const adapter = chooseAdapter(program.adapters, options.adapter, options.spec);
   const lines = new SpecLines(sources, options.spec);
   const base = adapter.base;
-  const ctx = options.ctx ?? Math.min(positionLimit(base), DEFAULT_CTX_CAP);
+  const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
   let plan: Plan;
   try {
     // The package serves its adapter: LoRA kernels up to the spec's largest rank, its routers' kernels,
