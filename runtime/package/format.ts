@@ -418,6 +418,19 @@ const planOp = tagged("op", {
   sample: { kernel: str, logits: act },
 });
 
+/** A router configuration: the adapter's, and the one the plan's router kernels were made for. */
+const router: Check = obj({
+  placement: oneOf(["per_layer"]),
+  input: oneOf(["layer_input"]),
+  pooling: oneOf(["last", "mean", "max", "attention"]),
+  selection: tagged("rule", { top_k: { k: int, renormalize: bool }, threshold: { threshold: num, renormalize: bool }, dense: {} }),
+  activation: oneOf(["none", "gelu", "relu", "rational"]),
+  "rational?": obj({ numerator: int, denominator: int }),
+  when: oneOf(["prompt", "token"]),
+  noise: bool,
+  balance: num,
+});
+
 const plan: Check = obj({
   base: str,
   family: str,
@@ -449,7 +462,7 @@ const plan: Check = obj({
   maxLoraRank: int,
   maxBindingBytes: int,
   routers: arr(obj({ layer: int, experts: arr(str), "score?": str, "pool?": str, gate: str })),
-  "router?": anyObject,
+  "router?": router,
   beamTopK: str,
   "logitAdjust?": str,
   "chosenLogprob?": str,
@@ -481,17 +494,7 @@ const manifest: Check = obj({
     "extends?": str,
     layers: arr(int),
     experts: arr(obj({ layer: int, module: str, inFeatures: int, outFeatures: int, rank: int, alpha: num, dropout: num, rslora: bool, scaling: num })),
-    "router?": obj({
-      placement: oneOf(["per_layer"]),
-      input: oneOf(["layer_input"]),
-      pooling: oneOf(["last", "mean", "max", "attention"]),
-      selection: tagged("rule", { top_k: { k: int, renormalize: bool }, threshold: { threshold: num, renormalize: bool }, dense: {} }),
-      activation: oneOf(["none", "gelu", "relu", "rational"]),
-      "rational?": obj({ numerator: int, denominator: int }),
-      when: oneOf(["prompt", "token"]),
-      noise: bool,
-      balance: num,
-    }),
+    "router?": router,
   }),
   plan,
   budget: anyObject,
