@@ -45,6 +45,64 @@ test("the tensor table is exactly what a LLaMA checkpoint holds, with GQA widths
   assert.is(planBase(gqa).tensors.find((t) => t.role === "attn_norm")!.splittable, false);
 });
 
+test("tied embeddings: the head reads the embedding table, and there is no lm_head tensor", () => {
+  const plan = planBase(tied);
+  const head = plan.head.find((op) => op.op === "linear");
+  assert.is(head?.op === "linear" && head.weight, "model.embed_tokens.weight");
+  assert.equal(plan.tensors.filter((t) => t.role === "embedding" || t.role === "lm_head").map((t) => t.name), ["model.embed_tokens.weight"]);
+});
+
+test("the plan survives JSON, and its kernel set is what a GQA LLaMA needs, written out by hand", () => {
+  const plan = planBase(gqa, { ctx: 100 });
+  assert.equal(JSON.parse(JSON.stringify(plan)), plan);
+  // hidden 64, 4 heads of 16 over 2 KV heads (k, v are 32 wide), ffn 176, vocab 512, 100 positions:
+  // each linear shape has a prefill (matmul) and a decode (matvec) kernel; o and down add the residual.
+  const linear = (K: number, N: number, residual: boolean) => [`matmul(K=${K},N=${N},residual=${residual})`, `matvec(K=${K},N=${N},residual=${residual})`];
+  const want = [
+    "rmsnorm(hidden=64,eps=0.000001)",
+    ...linear(64, 64, false), // q
+    ...linear(64, 32, false), // k, v
+    "rope(heads=4,kvHeads=2,headDim=16,theta=10000)",
+    "kv_write(kvHeads=2,headDim=16,maxPositions=100)",
+    "attention(heads=4,kvHeads=2,headDim=16,maxPositions=100)",
+    ...linear(64, 64, true), // o + residual
+    ...linear(64, 176, false), // gate, up
+    "swiglu()",
+    ...linear(176, 64, true), // down + residual
+    ...linear(64, 512, false), // lm_head
+    "sampling(vocab=512)",
+    "beam_topk(vocab=512)",
+    "logit_adjust(vocab=512)",
+    "chosen_logprob(vocab=512)",
+  ];
+  assert.equal(plan.kernels.map((k) => k.key).sort(), [...want].sort());
+  // The ops name exactly these, in forward order: the layer's, then the head's.
+  assert.equal(keysOf(plan.layer), [
+    "rmsnorm(hidden=64,eps=0.000001)",
+    ...linear(64, 64, false),
+    ...linear(64, 32, false),
+    ...linear(64, 32, false),
+    "rope(heads=4,kvHeads=2,headDim=16,theta=10000)",
+    "kv_write(kvHeads=2,headDim=16,maxPositions=100)",
+    "attention(heads=4,kvHeads=2,headDim=16,maxPositions=100)",
+    ...linear(64, 64, true),
+    "rmsnorm(hidden=64,eps=0.000001)",
+    ...linear(64, 176, false),
+    ...linear(64, 176, false),
+    "swiglu()",
+    ...linear(176, 64, true),
+  ]);
+  assert.equal(keysOf(plan.head), ["rmsnorm(hidden=64,eps=0.000001)", ...linear(64, 512, false), "sampling(vocab=512)"]);
+  assert.equal([...kernelSources(plan).keys()].sort(), [...want].sort(), "each kernel generates");
+});
+
+test("the residual stream leaves each layer where it entered", () => {
+  const plan = planBase(gqa);
+  const writes = plan.layer.flatMap((op) => ("output" in op ? [op.output] : []));
+  assert.is(writes.at(-1), plan.input);
+  for (const op of plan.layer) if (op.op === "linear" && op.residual) assert.is.not(op.residual, op.output);
+});
+
 test("what the kernels cannot run is refused with the reason", () => {
   assert.throws(
     () => planBase(gqa, { ctx: 0 }),
@@ -58,13 +116,25 @@ test("serving adapters adds LoRA shrink/expand to every expert linear (not lm_he
   const plan = planBase(gqa, { maxLoraRank: 8 });
   assert.is(plan.maxLoraRank, 8);
   const linears = plan.layer.filter((op): op is Extract<PlanOp, { op: "linear" }> => op.op === "linear");
-  assert.equal(linears.map((op) => op.lora!.gateColumn), [0, 1, 2, 3, 4, 5, 6]);
-  // Shrink is specialised by the input width (64, or 176 for down_proj), expand by the output width (64, 32, 176).
-  assert.is(new Set(linears.map((op) => op.lora!.shrink)).size, 2);
-  assert.is(new Set(linears.map((op) => op.lora!.expand)).size, 3);
+  // Shrink is specialised by the input width (64, or 176 for down_proj), expand by the output width
+  // (q, o, down 64; k, v 32; gate, up 176), both by the rank; the gate column is the module's place.
+  const shrink = (inFeatures: number) => `lora_shrink(inFeatures=${inFeatures},maxRank=8)`;
+  const expand = (outFeatures: number) => `lora_expand(outFeatures=${outFeatures},maxRank=8)`;
+  assert.equal(
+    linears.map((op) => [op.module, op.lora!.shrink, op.lora!.expand, op.lora!.gateColumn]),
+    [
+      ["q_proj", shrink(64), expand(64), 0],
+      ["k_proj", shrink(64), expand(32), 1],
+      ["v_proj", shrink(64), expand(32), 2],
+      ["o_proj", shrink(64), expand(64), 3],
+      ["gate_proj", shrink(64), expand(176), 4],
+      ["up_proj", shrink(64), expand(176), 5],
+      ["down_proj", shrink(176), expand(64), 6],
+    ],
+  );
   assert.ok(plan.head.every((op) => op.op !== "linear" || op.lora === undefined));
   const sources = kernelSources(plan);
-  for (const key of keysOf(plan.layer)) assert.ok(sources.has(key), key);
+  for (const key of [shrink(64), shrink(176), expand(64), expand(32), expand(176)]) assert.ok(sources.has(key), key);
   assert.throws(() => planBase(gqa, { maxLoraRank: 300 }), /from 0 to 256/);
 });
 
