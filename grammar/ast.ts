@@ -124,7 +124,7 @@ export interface Property extends Node {
   readonly kind: "Property";
   readonly key: Identifier;
   readonly values: readonly Value[];
-  /** A router property's options block, `activation rational { numerator 6 denominator 5 }`. */
+  /** A property's options block: `activation rational { numerator 6 denominator 5 }` in a router, `rope_scaling llama3 { ... }` in a base. */
   readonly options?: readonly Property[];
 }
 

@@ -23,6 +23,7 @@ import type {
 import type {
   AdapterDeclCst,
   AdapterStatementCst,
+  BaseBlockCst,
   BaseDeclCst,
   DeclarationCst,
   ExpertsStmtCst,
@@ -97,7 +98,7 @@ export class AstBuilder {
       name: this.identifier(name),
       ...(family && { family: this.identifier(family) }),
       ...(from && { from: this.string(from) }),
-      properties: this.propertyBlock(c.propertyBlock),
+      properties: c.baseBlock?.[0] === undefined ? [] : this.withOptions(c.baseBlock[0].children as BaseBlockCst),
     };
   }
 
@@ -177,6 +178,17 @@ export class AstBuilder {
       }
       select ??= parsed;
     }
+    return {
+      kind: "RouterDecl",
+      span: this.nodeSpan(node),
+      off: first(c.Kw_off) !== undefined,
+      properties: this.withOptions(c),
+      ...(select && { select }),
+    };
+  }
+
+  /** Properties of a block where a property may carry an options block (a router's, a base's). */
+  private withOptions(c: { property?: CstNode[]; propertyBlock?: CstNode[] }): Property[] {
     const properties: Property[] = [];
     const blocks = [...(c.propertyBlock ?? [])];
     for (const property of c.property ?? []) {
@@ -193,13 +205,7 @@ export class AstBuilder {
       const span = this.nodeSpan(block!);
       properties.push({ ...parsed, span: { ...parsed.span, end: span.end }, options: this.propertyBlock([block!]) });
     }
-    return {
-      kind: "RouterDecl",
-      span: this.nodeSpan(node),
-      off: first(c.Kw_off) !== undefined,
-      properties,
-      ...(select && { select }),
-    };
+    return properties;
   }
 
   private selectClause(node: CstNode): SelectClause | undefined {

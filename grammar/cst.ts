@@ -20,6 +20,12 @@ export interface BaseDeclCst {
   name?: IToken[];
   family?: IToken[];
   from?: IToken[];
+  baseBlock?: CstNode[];
+}
+
+export interface BaseBlockCst {
+  property?: CstNode[];
+  /** Options blocks, each following one of the properties. */
   propertyBlock?: CstNode[];
 }
 

@@ -113,7 +113,17 @@ export class MiloraParser extends CstParser {
         },
       },
     ]);
-    this.OPTION(() => this.SUBRULE(this.propertyBlock));
+    this.OPTION(() => this.SUBRULE(this.baseBlock));
+  });
+
+  /** A base's keys; one may carry an options block: `rope_scaling llama3 { factor 32 ... }`. */
+  public baseBlock = this.RULE("baseBlock", () => {
+    this.CONSUME(LCurly);
+    this.MANY(() => {
+      this.SUBRULE(this.property);
+      this.OPTION(() => this.SUBRULE(this.propertyBlock));
+    });
+    this.CONSUME(RCurly);
   });
 
   public adapterDecl = this.RULE("adapterDecl", () => {
