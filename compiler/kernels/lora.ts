@@ -13,6 +13,16 @@
 //   y          [rows, out]          expand adds g * scaling * t[r] . b[slot, o] to y[r, o]
 // params: rows, gateStride, gateIndex (so every module of one shape shares a pipeline).
 //
+// DoRA (Liu et al. 2024; PEFT's use_dora), an expand variant: a DoRA module computes
+// d[o] * (W x + scaling * B A x)[o] with d = m / ||W + scaling * B A||_row, precomputed per slot at load.
+// With a gate g it adds g times that module's change of the base output, so g = 0 is the base and
+// g = 1 is PEFT's DoRA (docs/formats.md, "DoRA"):
+//   y[r, o] += g * (d[o] - 1) * (W x)[r, o] + g * d[o] * scaling * t[r] . b[slot, o]
+//   dora       [slots, out]         d of every slot's output rows; 1 for a plain LoRA slot (then the
+//                                   first term is skipped and y gets exactly what plain LoRA adds)
+//   residual   [rows, out]          (o_proj, down_proj) what the base product added y to: there y holds
+//                                   residual + W x, so W x is y - residual
+//
 // A row is active when it has a slot and a non-zero gate; inactive rows are neither read nor written
 // (y stays bit-identical, t keeps whatever it held) and their workgroups stop before any weight read:
 // modules that routing switched off cost a few index reads. Each workgroup serves one row (shrink)
@@ -28,6 +38,12 @@ export interface LoraConstants {
   readonly inFeatures: number;
   readonly outFeatures: number;
   readonly maxRank: number;
+}
+
+/** The expand kernel's: with `dora` it applies each slot's DoRA factors; `residual` says y holds residual + W x. */
+export interface LoraExpandConstants extends LoraConstants {
+  readonly dora?: boolean;
+  readonly residual?: boolean;
 }
 
 const WORKGROUP = 64;
@@ -111,17 +127,33 @@ fn main(${GROUP_BUILTINS}) {
   });
 }
 
-/** y[r, :] += gate * scaling * t[r, 0..rank) B_slot^T for every active row; other rows untouched. */
-export function loraExpandKernel(c: LoraConstants): KernelSource {
+/**
+ * y[r, :] += gate * scaling * t[r, 0..rank) B_slot^T for every active row; other rows untouched. With
+ * `dora`, a slot's factors d scale the module's whole output as the header says.
+ */
+export function loraExpandKernel(c: LoraExpandConstants): KernelSource {
   checkConstants(c);
   const { outFeatures, maxRank } = c;
+  const dora = c.dora ?? false;
+  const residual = c.residual ?? false;
+  if (residual && !dora) throw new Error("LoRA expand kernel: residual is only read by the DoRA variant");
   const t = vec4Rows("t", maxRank);
   const b = vec4Rows("b", maxRank);
   const columnBlocks = Math.ceil(outFeatures / (WORKGROUP * COLUMNS_PER_INVOCATION));
+  const doraBuffers = dora
+    ? [{ name: "dora", access: "read", type: "array<f32>" } as const, ...(residual ? [{ name: "residual", access: "read", type: "array<f32>" } as const] : [])]
+    : [];
+  const update = dora
+    ? /* wgsl */ `let d = dora[s * ${outFeatures}u + col];
+    var delta = d * coef * acc;
+    // A plain LoRA slot (d = 1) adds coef * acc alone, bit for bit as without DoRA.
+    if (d != 1.0) { delta += gate * (d - 1.0) * ${residual ? "(y[at] - residual[at])" : "y[at]"}; }
+    y[at] += delta;`
+    : "y[at] += coef * acc;";
   return kernelSource({
     name: "lora_expand",
-    constants: { outFeatures, maxRank },
-    storage: [t.decl, b.decl, ...SELECTION_BUFFERS, { name: "y", access: "read_write", type: "array<f32>" }],
+    constants: { outFeatures, maxRank, ...(dora ? { dora } : {}), ...(residual ? { residual } : {}) },
+    storage: [t.decl, b.decl, ...SELECTION_BUFFERS, ...doraBuffers, { name: "y", access: "read_write", type: "array<f32>" }],
     params: PARAMS,
     body: /* wgsl */ `
 ${ROW_SELECTION}
@@ -135,7 +167,8 @@ fn main(${GROUP_BUILTINS}) {
   let s = active_slot(row);
   if (s == NO_ADAPTER) { return; }
   let rank = min(slots[s].rank, ${maxRank}u);
-  let coef = gates[row * params.gateStride + params.gateIndex] * slots[s].scaling;
+  let gate = gates[row * params.gateStride + params.gateIndex];
+  let coef = gate * slots[s].scaling;
   let block = (g % ${columnBlocks}u) * ${WORKGROUP * COLUMNS_PER_INVOCATION}u;
   for (var k = 0u; k < ${COLUMNS_PER_INVOCATION}u; k++) {
     let col = block + k * ${WORKGROUP}u + lid;
@@ -146,7 +179,8 @@ fn main(${GROUP_BUILTINS}) {
       let inRank = vec4<u32>(q * 4u) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(rank);
       acc += dot(select(vec4<f32>(0.0), load_t(row, q), inRank), load_b(s * ${outFeatures}u + col, q));
     }
-    y[row * ${outFeatures}u + col] += coef * acc;
+    let at = row * ${outFeatures}u + col;
+    ${update}
   }
 }`,
     dispatch: { grid: { param: "rows", times: columnBlocks } },

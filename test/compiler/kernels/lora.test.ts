@@ -1,7 +1,8 @@
-// Batched, gated multi-adapter LoRA (shrink then expand) against a float64 reference.
+// Batched, gated multi-adapter LoRA (shrink then expand) against a float64 reference, and the DoRA
+// expand variant (per slot and output row factors d, with and without a fused residual).
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { NO_ADAPTER, loraExpandKernel, loraShrinkKernel, packLoraSlots, type LoraConstants, type LoraSlotInfo } from "../../../compiler/kernels/lora.ts";
+import { NO_ADAPTER, loraExpandKernel, loraShrinkKernel, packLoraSlots, type LoraExpandConstants, type LoraSlotInfo } from "../../../compiler/kernels/lora.ts";
 import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
 
@@ -10,13 +11,15 @@ const random = seeded(11);
 
 /** One module's LoRA batch: weights of every slot, and per row a slot (or none) and gates. */
 interface LoraCase {
-  readonly dims: LoraConstants;
+  readonly dims: LoraExpandConstants;
   readonly slots: readonly LoraSlotInfo[];
   readonly rowAdapter: readonly number[];
   /** [rows, gateStride]; the module reads column gateIndex. */
   readonly gates: Float32Array;
   readonly gateStride: number;
   readonly gateIndex: number;
+  /** DoRA factors d [slots, out] (the `dora` variant only). */
+  readonly dora?: Float32Array;
 }
 
 function inputs(c: LoraCase) {
@@ -31,11 +34,18 @@ function inputs(c: LoraCase) {
       for (let o = 0; o < outFeatures; o++) b[(slot * outFeatures + o) * maxRank + j] = 0;
     }
   });
-  return { x: randomFloats(random, rows * inFeatures), a, b, y: randomFloats(random, rows * outFeatures) };
+  // With a fused residual y holds residual + W x: the residual is drawn larger than W x, as in a model.
+  const residual = randomFloats(random, rows * outFeatures, 4);
+  const base = randomFloats(random, rows * outFeatures);
+  const y = c.dims.residual ? Float32Array.from(base, (v, i) => v + residual[i]!) : base;
+  return { x: randomFloats(random, rows * inFeatures), a, b, y, residual };
 }
 
-/** float64 t (NaN where not defined: inactive rows, indices past the rank) and y after expand. */
-function reference(c: LoraCase, x: Float32Array, a: Float32Array, b: Float32Array, y: Float32Array) {
+/**
+ * float64 t (NaN where not defined: inactive rows, indices past the rank) and y after expand: for DoRA
+ * y + g (d - 1) (W x) + g d scaling B t, W x being y less the residual when y holds it.
+ */
+function reference(c: LoraCase, { x, a, b, y, residual }: ReturnType<typeof inputs>) {
   const { inFeatures, outFeatures, maxRank } = c.dims;
   const t = new Float64Array(c.rowAdapter.length * maxRank).fill(NaN);
   const out = Float64Array.from(y);
@@ -51,7 +61,10 @@ function reference(c: LoraCase, x: Float32Array, a: Float32Array, b: Float32Arra
     for (let o = 0; o < outFeatures; o++) {
       let sum = 0;
       for (let j = 0; j < info.rank; j++) sum += t[r * maxRank + j]! * b[(slot * outFeatures + o) * maxRank + j]!;
-      out[r * outFeatures + o] = out[r * outFeatures + o]! + gate * info.scaling * sum;
+      const at = r * outFeatures + o;
+      const d = c.dora ? c.dora[slot * outFeatures + o]! : 1;
+      const product = c.dims.residual ? y[at]! - residual[at]! : y[at]!;
+      out[at] = y[at]! + gate * (d - 1) * product + gate * d * info.scaling * sum;
     }
   });
   return { t, y: out };
@@ -71,11 +84,13 @@ async function runLora(c: LoraCase, data: ReturnType<typeof inputs>) {
     gates: createStorage(device, c.gates, "gates"),
     t: createStorage(device, nanFilled(rows * c.dims.maxRank), "t"),
     y: createStorage(device, data.y, "y"),
+    ...(c.dims.dora ? { dora: createStorage(device, c.dora!, "dora") } : {}),
+    ...(c.dims.residual ? { residual: createStorage(device, data.residual, "residual") } : {}),
   };
   const params = { rows, gateStride: c.gateStride, gateIndex: c.gateIndex };
-  const { x, a, b, slots, rowAdapter, gates, t, y } = buffers;
+  const { x, a, b, slots, rowAdapter, gates, t, y, ...dora } = buffers;
   gpu.step.dispatch(loraShrinkKernel(c.dims), { x, a, slots, rowAdapter, gates, t }, params);
-  gpu.step.dispatch(loraExpandKernel(c.dims), { t, b, slots, rowAdapter, gates, y }, params);
+  gpu.step.dispatch(loraExpandKernel(c.dims), { t, b, slots, rowAdapter, gates, ...dora, y }, params);
   gpu.step.submit();
   const result = { t: await readBuffer(device, t), y: await readBuffer(device, y) };
   const error = await device.popErrorScope();
@@ -94,7 +109,7 @@ function gatesFor(rows: number, experts: number, gateIndex: number, offRows: rea
 /** Checks a case: active rows within `bound` of float64, every other row of y bit-identical to its input. */
 async function check(name: string, c: LoraCase, bound: number) {
   const data = inputs(c);
-  const want = reference(c, data.x, data.a, data.b, data.y);
+  const want = reference(c, data);
   const got = await runLora(c, data);
   const defined = [...want.t.keys()].filter((i) => !Number.isNaN(want.t[i]));
   if (defined.length > 0) {
@@ -156,12 +171,52 @@ test("a batch whose rows are all switched off leaves y exactly as it was", async
   await check("all off", c, 1e-5);
 });
 
+/** DoRA factors of every slot: near 1 like a trained adapter's (m starts as the row norm), exactly 1 for the plain LoRA slots listed. */
+function doraFactors(slots: number, outFeatures: number, plain: readonly number[]): Float32Array {
+  const d = Float32Array.from({ length: slots * outFeatures }, () => 1 + 0.2 * (random() * 2 - 1));
+  for (const s of plain) d.fill(1, s * outFeatures, (s + 1) * outFeatures);
+  return d;
+}
+
+for (const residual of [false, true]) {
+  test(`DoRA expand${residual ? " over a fused residual (o_proj, down_proj)" : ""}: DoRA and plain LoRA slots, gates below 1, gated-off and adapter-less rows, odd sizes: within 1e-5 relative`, async () => {
+    const rowAdapter = [0, 0, 0, 1, 1, NO_ADAPTER, 2, 0, 2, 1, 1, 0, 2];
+    const dims: LoraExpandConstants = { inFeatures: 37, outFeatures: 301, maxRank: 6, dora: true, ...(residual ? { residual } : {}) };
+    const c: LoraCase = {
+      dims,
+      slots: [{ rank: 6, scaling: 2 }, { rank: 3, scaling: 0.5 }, { rank: 5, scaling: 1.25 }],
+      rowAdapter,
+      gates: gatesFor(rowAdapter.length, 3, 1, [2, 9]),
+      gateStride: 3,
+      gateIndex: 1,
+      dora: doraFactors(3, 301, [1]),
+    };
+    await check(residual ? "DoRA, residual" : "DoRA", c, 1e-5);
+  });
+}
+
+test("the DoRA variant adds exactly what the plain kernel adds on a plain LoRA slot (factors 1), fused residual or not", async () => {
+  const rowAdapter = [0, 1, 0, NO_ADAPTER, 1];
+  const slots = [{ rank: 4, scaling: 2 }, { rank: 3, scaling: 0.75 }];
+  for (const residual of [false, true]) {
+    const plainCase: LoraCase = { dims: { inFeatures: 24, outFeatures: 40, maxRank: 4 }, slots, rowAdapter, gates: gatesFor(5, 2, 0, []), gateStride: 2, gateIndex: 0 };
+    const doraCase: LoraCase = { ...plainCase, dims: { ...plainCase.dims, dora: true, ...(residual ? { residual } : {}) }, dora: new Float32Array(2 * 40).fill(1) };
+    const data = inputs(doraCase);
+    const plain = await runLora(plainCase, data);
+    const dora = await runLora(doraCase, data);
+    assert.equal(Array.from(dora.y), Array.from(plain.y), `residual ${residual}`);
+  }
+});
+
 test("kernels refuse a zero rank bound and share a pipeline across modules of one shape", () => {
   assert.throws(() => loraShrinkKernel({ inFeatures: 8, outFeatures: 8, maxRank: 0 }), /maxRank must be a positive integer/);
   const q = loraExpandKernel({ inFeatures: 64, outFeatures: 64, maxRank: 8 });
   const o = loraExpandKernel({ inFeatures: 32, outFeatures: 64, maxRank: 8 });
   assert.is(q.key, o.key); // expand does not depend on the input width
   assert.is.not(loraShrinkKernel({ inFeatures: 64, outFeatures: 64, maxRank: 8 }).key, loraShrinkKernel({ inFeatures: 32, outFeatures: 64, maxRank: 8 }).key);
+  const names = (k: { bindings: readonly { name: string }[] }) => k.bindings.map((b) => b.name);
+  assert.equal(names(loraExpandKernel({ inFeatures: 8, outFeatures: 8, maxRank: 4, dora: true, residual: true })), ["t", "b", "slots", "rowAdapter", "gates", "dora", "residual", "y", "params"]);
+  assert.throws(() => loraExpandKernel({ inFeatures: 8, outFeatures: 8, maxRank: 4, residual: true }), /only read by the DoRA variant/);
 });
 
 test.after(() => gpu.context.destroy());
