@@ -7,7 +7,7 @@ import type { KernelSource } from "../../compiler/kernels/kernel.ts";
 import { matvecKernel } from "../../compiler/kernels/matvec.ts";
 import { rmsNormKernel } from "../../compiler/kernels/rmsnorm.ts";
 import { routerGateKernel, routerPoolKernel, routerScoreKernel } from "../../compiler/kernels/router.ts";
-import { sampleCpu } from "../../compiler/kernels/sampling-cpu.ts";
+import { sampleCpu } from "./sampling-reference.ts";
 import { packSamplingSettings, samplingKernel, type SamplingSettings } from "../../compiler/kernels/sampling.ts";
 import { mulberry32 } from "../../runtime/random.ts";
 import type { GpuContext } from "../../runtime/gpu/device.ts";

@@ -8,7 +8,8 @@
 // keeps the fewest highest-probability tokens whose mass reaches p (again keeping ties). Both cuts are found
 // as thresholds on an order-preserving u32 key of the logit by a 32-step bitwise search, so no sort is needed.
 // The draw walks the kept tokens in index order until the cumulative weight passes u * (kept mass).
-// sampling-cpu.ts holds the same procedure in float64 for tests and reference checks.
+// test/reference/sampling.ts defines the same selection in float64 from these rules; the device self-test
+// carries its own copy (bin/commands/sampling-reference.ts).
 import type { KernelSource } from "./kernel.ts";
 
 export { SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../../runtime/gpu/layouts.ts";

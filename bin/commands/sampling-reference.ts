@@ -1,6 +1,8 @@
-// The sampling kernel's procedure on the CPU in float64, written with sorts rather than bitwise searches:
-// the reference the kernel is tested against and that engine checks compare with.
-import { uniformDraw, type SamplingSettings } from "./sampling.ts";
+// The device self-test's reference for the sampling kernel (`milora doctor`; `run` and `serve` refuse a
+// device that disagrees with it): the kernel's procedure on the CPU in float64, written with sorts
+// rather than bitwise searches. It ships with milora, so it lives beside the self-test; the kernel's
+// own tests grade it, and this, against test/reference/sampling.ts, written from the definitions.
+import { uniformDraw, type SamplingSettings } from "../../compiler/kernels/sampling.ts";
 
 /** The token the sampling kernel picks from one row of logits (f32 values) with these settings. */
 export function sampleRowCpu(logits: ArrayLike<number>, s: SamplingSettings): number {
