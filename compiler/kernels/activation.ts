@@ -35,11 +35,6 @@ export function activationStorage(activation: Activation): StorageDecl[] {
   return activation === "rational" ? [{ name: "rational", access: "read", type: "array<f32>" }] : [];
 }
 
-/** How many coefficients the `rational` buffer holds: m + 1 + n. */
-export function rationalCoefficientCount(rational: RationalOrders): number {
-  return rational.numerator + 1 + rational.denominator;
-}
-
 /**
  * WGSL defining `activate` (and its helpers) for one activation. Every activate(0) is finite (rational
  * gives a_0), which is all the kernels need of the zero lanes past an unaligned row's end: they meet

@@ -9,7 +9,7 @@
 // keep(i) is pcg(stream ^ pcg(i)) >= threshold with threshold = round(p * 2^32), stream a 32-bit value the
 // trainer derives from (seed, step, micro-batch, layer, module). Grid of ceil(n / 256) workgroups.
 import type { KernelSource } from "./kernel.ts";
-import { PCG_WGSL, pcg } from "./sampling.ts";
+import { PCG_WGSL } from "./sampling.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, type StorageDecl } from "./wgsl.ts";
 
 const WORKGROUP = 256;
@@ -18,11 +18,6 @@ const WORKGROUP = 256;
 export function dropoutParams(p: number, n: number, stream: number): Record<string, number> {
   if (!(p >= 0 && p < 1)) throw new Error(`dropout: p must be in [0, 1), got ${p}`);
   return { n, stream: stream >>> 0, threshold: Math.min(0xffffffff, Math.round(p * 2 ** 32)), scale: 1 / (1 - p) };
-}
-
-/** Whether element `i` of `stream` is kept: the kernels' mask, for references. */
-export function dropoutKeeps(p: number, stream: number, i: number): boolean {
-  return (pcg(((stream >>> 0) ^ pcg(i >>> 0)) >>> 0) >>> 0) >= Math.min(0xffffffff, Math.round(p * 2 ** 32));
 }
 
 const PARAMS = [

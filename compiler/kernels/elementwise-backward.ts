@@ -5,9 +5,6 @@
 //     With `inPlace`: gate (read_write), up (read_write), dAct (read), and gate, up are overwritten with
 //     dGate, dUp (each invocation reads its element of both before writing), so training holds no
 //     second pair of [rows, intermediate] buffers.
-//   add_into: acc += g; bindings g (read), acc (read_write); params n. The backward of `add` (a residual
-//     join sends its gradient to both inputs) is this accumulation into the residual stream's gradient,
-//     and it sums gradients over micro-batches.
 import type { KernelSource } from "./kernel.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, type StorageDecl } from "./wgsl.ts";
 
@@ -65,17 +62,5 @@ export function swigluBackwardKernel({ inPlace }: SwigluBackwardConstants): Kern
   ${inPlace ? "gate" : "dGate"}[i] = d * u * s.x * (1.0 + g * s.y);
   ${inPlace ? "up" : "dUp"}[i] = d * g * s.x;`,
     SIGMOIDS,
-  );
-}
-
-export function addIntoKernel(): KernelSource {
-  return elementwise(
-    "add_into",
-    {},
-    [
-      { name: "g", access: "read", type: "array<f32>" },
-      { name: "acc", access: "read_write", type: "array<f32>" },
-    ],
-    "acc[i] += g[i];",
   );
 }

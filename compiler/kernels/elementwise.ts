@@ -1,6 +1,5 @@
 // Elementwise kernels over `n` f32 values.
 //   swiglu: bindings gate (read), up (read), out (read_write); params n.  out = silu(gate) * up
-//   add:    bindings a (read), b (read), out (read_write);     params n.  out = a + b
 // (out may not alias an input: WebGPU forbids one buffer bound as read and read_write in a dispatch.)
 import type { KernelSource } from "./kernel.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
@@ -37,8 +36,4 @@ fn silu(x: f32) -> f32 {
 
 export function swigluKernel(): KernelSource {
   return elementwise("swiglu", ["gate", "up"], "silu(gate[i]) * up[i]", SILU);
-}
-
-export function addKernel(): KernelSource {
-  return elementwise("add", ["a", "b"], "a[i] + b[i]");
 }

@@ -14,8 +14,6 @@
 //
 // The chosen-logprob kernel: per row, log softmax(logits)[tokens[row]] of the raw logits (f32).
 // Both keep row-wide reduced values in workgroup memory and re-read them (docs/drivers.md: Mesa 22.3).
-// The CPU mirrors below are what the tests compare with.
-import { ADJUST_ENTRY_WORDS } from "../../runtime/gpu/layouts.ts";
 import type { KernelSource } from "./kernel.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
@@ -123,26 +121,4 @@ fn main(${GROUP_BUILTINS}) {
 }`,
     dispatch: { grid: { param: "rows" } },
   });
-}
-
-/**
- * The kernel's procedure on the CPU (in f32 steps, as the kernel computes): the row `work` the sampler
- * then reads. `entries` as LogitAdjust packs them.
- */
-export function adjustRowCpu(logits: ArrayLike<number>, entries: Uint32Array, minP: number, temperature: number): Float32Array {
-  const work = Float32Array.from(logits);
-  const floats = new Float32Array(entries.buffer, entries.byteOffset, entries.length);
-  for (let e = 0; e < entries.length / ADJUST_ENTRY_WORDS; e++) {
-    const at = e * ADJUST_ENTRY_WORDS;
-    const t = entries[at]!;
-    const x = work[t]!;
-    work[t] = Math.fround(Math.fround(x * (x > 0 ? floats[at + 1]! : floats[at + 2]!)) + floats[at + 3]!);
-  }
-  if (minP > 0 && temperature > 0) {
-    let m = -3.4e38;
-    for (const x of work) m = Math.max(m, x);
-    const cut = Math.fround(m + Math.fround(Math.fround(temperature) * Math.fround(Math.log(Math.fround(minP)))));
-    for (let i = 0; i < work.length; i++) if (work[i]! < cut) work[i] = MASKED;
-  }
-  return work;
 }

@@ -27,9 +27,6 @@ export interface AdamWSettings {
   readonly weightDecay: number;
 }
 
-/** torch.optim.AdamW's defaults. */
-export const ADAMW_DEFAULTS: AdamWSettings = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 1e-2 };
-
 /** The params of adamwKernel for step `step` (1 for the first update) of a buffer of `count` elements. */
 export function adamwParams(s: AdamWSettings, step: number, count: number, gradScale = 1): Record<string, number> {
   if (!Number.isInteger(step) || step < 1) throw new Error(`adamw: step must be an integer from 1, got ${step}`);

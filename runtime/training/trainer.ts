@@ -366,11 +366,6 @@ export function checkpointAdapter(root: string, like: LoadedAdapter): LoadedAdap
   return loadBest(join(root, CHECKPOINT_DIR, "adapter"), like);
 }
 
-/** The trainer state a checkpoint recorded, e.g. to reuse its settings. */
-export function checkpointSettings(root: string): TrainSettings {
-  return (JSON.parse(readFileSync(join(root, CHECKPOINT_DIR, STATE_FILE), "utf8")) as TrainerState).settings;
-}
-
 function loadBest(dir: string, like: LoadedAdapter): LoadedAdapter {
   return loadAdapter(dir, { name: like.name, base: like.spec.base, spec: like.spec });
 }

@@ -1,12 +1,12 @@
-// SwiGLU's backward against float64 (test/reference/gradients.ts), into new buffers and in place, and
-// add_into against f32 addition. Bound for SwiGLU: 1e-5 relative (L2), as the project's f32 kernels;
+// SwiGLU's backward against float64 (test/reference/gradients.ts), into new buffers and in place.
+// Bound: 1e-5 relative (L2), as the project's f32 kernels;
 // each element is a few f32 operations on one exp, so also every element on its own within 1e-5 of
 // float64 relative to its size, |gate| up to 30 included (where a cancelling 1 - sigmoid would lose it).
 // dGate's size there is that of its terms, |dAct up| s (1 + |g| (1 - s)): silu' has a root near
 // g = -1.278, where the sum cancels (2e-6 of the value seen at g = -1.2706).
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { addIntoKernel, swigluBackwardKernel } from "../../../compiler/kernels/elementwise-backward.ts";
+import { swigluBackwardKernel } from "../../../compiler/kernels/elementwise-backward.ts";
 import { swigluBackward } from "../../reference/gradients.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, runOnce, seeded } from "./gpu-check.ts";
 
@@ -54,14 +54,6 @@ test("swiglu_backward in place overwrites gate and up with their gradients", asy
   const got = await runOnce(gpu, swigluBackwardKernel({ inPlace: true }), { gate, up, dAct }, { n }, ["gate", "up"]);
   assert.ok(relativeError(got.gate!, want.dGate) < BOUND && relativeError(got.up!, want.dUp) < BOUND);
   assert.equal(swigluBackwardKernel({ inPlace: true }).bindings.map((b) => `${b.name}:${b.access}`), ["gate:read_write", "up:read_write", "dAct:read", "params:uniform"]);
-});
-
-test("add_into: acc += g exactly as f32 addition", async () => {
-  const n = 777;
-  const g = randomFloats(random, n);
-  const acc = randomFloats(random, n, 10);
-  const got = await runOnce(gpu, addIntoKernel(), { g, acc }, { n }, ["acc"]);
-  assert.equal(Array.from(got.acc!), Array.from(acc, (v, i) => Math.fround(v + g[i]!)));
 });
 
 test.after(() => gpu.context.destroy());

@@ -2,10 +2,32 @@
 // definitions (test/reference/sampling.ts) and against their CPU mirror, on random rows.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { ADJUST_ROW_WORDS, MASKED, adjustRowCpu, chosenLogprobKernel, logitAdjustKernel } from "../../../compiler/kernels/logit-adjust.ts";
+import { ADJUST_ENTRY_WORDS, ADJUST_ROW_WORDS, MASKED, chosenLogprobKernel, logitAdjustKernel } from "../../../compiler/kernels/logit-adjust.ts";
 import { LogitAdjust } from "../../../runtime/engine/logit-adjust.ts";
 import { allowedTokens, logSoftmax64, penalisedLogits } from "../../reference/sampling.ts";
 import { openGpu, randomFloats, runOnce, seeded } from "./gpu-check.ts";
+
+/**
+ * The kernel's procedure on the CPU in f32 steps, as the kernel computes, which the kernel must match bit
+ * for bit: the row `work` the sampler then reads. `entries` as LogitAdjust packs them.
+ */
+function adjustRowCpu(logits: ArrayLike<number>, entries: Uint32Array, minP: number, temperature: number): Float32Array {
+  const work = Float32Array.from(logits);
+  const floats = new Float32Array(entries.buffer, entries.byteOffset, entries.length);
+  for (let e = 0; e < entries.length / ADJUST_ENTRY_WORDS; e++) {
+    const at = e * ADJUST_ENTRY_WORDS;
+    const t = entries[at]!;
+    const x = work[t]!;
+    work[t] = Math.fround(Math.fround(x * (x > 0 ? floats[at + 1]! : floats[at + 2]!)) + floats[at + 3]!);
+  }
+  if (minP > 0 && temperature > 0) {
+    let m = -3.4e38;
+    for (const x of work) m = Math.max(m, x);
+    const cut = Math.fround(m + Math.fround(Math.fround(temperature) * Math.fround(Math.log(Math.fround(minP)))));
+    for (let i = 0; i < work.length; i++) if (work[i]! < cut) work[i] = MASKED;
+  }
+  return work;
+}
 
 const gpu = await openGpu();
 const random = seeded(21);

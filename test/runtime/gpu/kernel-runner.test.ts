@@ -2,9 +2,31 @@
 // buffer ranges, pipeline reuse by key, and clear errors for a wrong dispatch.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { addKernel } from "../../../compiler/kernels/elementwise.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "../../../compiler/kernels/wgsl.ts";
 import { acquireDevice } from "../../../runtime/gpu/device.ts";
 import { PipelineCache, StepEncoder, createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
+
+/** out = a + b over n floats: a kernel to drive the encoder with (no plan has an elementwise add). */
+function addKernel() {
+  return kernelSource({
+    name: "add",
+    constants: {},
+    storage: [
+      { name: "a", access: "read", type: "array<f32>" },
+      { name: "b", access: "read", type: "array<f32>" },
+      { name: "out", access: "read_write", type: "array<f32>" },
+    ],
+    params: [{ name: "n", type: "u32" }],
+    body: /* wgsl */ `
+@compute @workgroup_size(64)
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * 64u + lid;
+  if (i >= params.n) { return; }
+  out[i] = a[i] + b[i];
+}`,
+    dispatch: { grid: { param: "n", per: 64 } },
+  });
+}
 
 const context = await acquireDevice();
 const device = context.device;

@@ -11,7 +11,6 @@ import { readHfConfig } from "../../../compiler/hf-config.ts";
 import { ROUTER_DEFAULTS } from "../../../compiler/defaults.ts";
 import { EXPERT_MODULES, type Adapter, type ExpertModule, type RouterConfig } from "../../../compiler/model.ts";
 import type { LoadedAdapter } from "../../../runtime/formats/adapter.ts";
-import { dropoutKeeps } from "../../../compiler/kernels/dropout.ts";
 import { pcg } from "../../../compiler/kernels/sampling.ts";
 import { planBase } from "../../../compiler/plan.ts";
 import { trainKernelResolver } from "../../../compiler/train-kernels.ts";
@@ -117,6 +116,11 @@ async function checkStep(dropout: number, what: string, router?: Partial<RouterC
   graph.destroy();
   params.destroy();
   weights.destroy();
+}
+
+/** Whether element `i` of mask stream `stream` is kept: the dropout kernels' rule, pcg(stream ^ pcg(i)) >= round(p * 2^32). */
+function dropoutKeeps(p: number, stream: number, i: number): boolean {
+  return pcg(((stream >>> 0) ^ pcg(i >>> 0)) >>> 0) >= Math.min(0xffffffff, Math.round(p * 2 ** 32));
 }
 
 test("plain LoRA on every module: loss and every lora_A and lora_B gradient match the float64 reference", async () => {
