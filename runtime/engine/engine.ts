@@ -15,16 +15,16 @@ import { loadAdapter as readAdapterDir, type LoadedAdapter } from "../formats/ad
 import { PipelineCache } from "../gpu/kernel-runner.ts";
 import { AdapterStore, type ResidentAdapter } from "./tenants.ts";
 import { EngineError } from "./engine-error.ts";
-import { ForwardEncoder, GREEDY, type Row } from "./forward.ts";
+import { ForwardEncoder, GREEDY } from "./forward.ts";
 import { generate, generateBatch } from "./generate.ts";
 import { EngineKernels, type KernelResolver } from "./kernels.ts";
 import { KvCache, kvLayerBytes } from "./kv-cache.ts";
 import { logitProcessingOf } from "./logit-adjust.ts";
 import { MergedMode } from "./merged-mode.ts";
 import type { CreateSequenceOptions, GenerateRequest, Generation, SequenceRunner, StepOutput } from "./requests.ts";
-import type { RouteJob } from "./router-dispatch.ts";
 import { MODULES_PER_LAYER, allOnGates, decisionsOf, type LayerRouting } from "./routing.ts";
 import { Sequence, SequenceError, checkSampling, type SamplingOptions } from "./sequence.ts";
+import { planSteps, type PlanSequence } from "./step-planner.ts";
 import { uploadWeights, type GpuWeights } from "./weights.ts";
 
 export { EngineError } from "./engine-error.ts";
@@ -342,36 +342,11 @@ export class Engine implements SequenceRunner {
       if (s.released) throw new SequenceError(`sequence ${s.id} was released`);
       if (s.pending === 0) throw new SequenceError(`sequence ${s.id} has no pending tokens`);
       if (s.adapter && this.#merged.tenant !== undefined) throw new EngineError(`adapter ${this.#merged.tenant} is merged into the base weights: unmerge it before running adapters`);
-      if (routesPrompt(s) && s.pending > this.maxRows) {
-        throw new EngineError(`sequence ${s.id}: a prompt-routed prompt of ${s.pending} tokens must run in one step of at most ${this.maxRows} rows`);
-      }
     }
+    const steps = planSteps(seqs.map(planned), this.maxRows);
     const outputs = new Map<Sequence, StepOutput>();
     const logitsSoFar = new Map<Sequence, Float32Array[]>();
-    let waiting = [...seqs];
-    while (waiting.length > 0) {
-      const rows: (Row & { readonly seq: Sequence })[] = [];
-      const outRows: number[] = [];
-      const jobs: (RouteJob & { readonly seq: Sequence })[] = [];
-      const finishing = new Map<Sequence, number>(); // sequence -> its sampled out-row index
-      for (const seq of waiting) {
-        const take = Math.min(seq.pending, this.maxRows - rows.length);
-        if (take === 0) break;
-        // Layer l's router pools over the whole prompt, so a routed prompt is never split over steps.
-        if (routesPrompt(seq) && take < seq.pending) break;
-        const first = rows.length;
-        const adapter = seq.adapter?.slot ?? NO_ADAPTER;
-        const router = seq.adapter?.adapter.spec.router;
-        const gates = seq.gates ?? (seq.adapter ? new Float32Array(this.#gateStride) : undefined);
-        for (let i = 0; i < take; i++) {
-          rows.push({ seq, slot: seq.slot, token: seq.tokens[seq.cached + i]!, position: seq.cached + i, adapter, ...(gates ? { gates } : {}) });
-        }
-        if (router && seq.gates === undefined) jobs.push({ seq, adapter: seq.adapter!, config: router, first, count: take, perRow: router.when === "token" });
-        const done = take === seq.pending;
-        if (seq.logits === "all") for (let r = first; r < rows.length; r++) outRows.push(r);
-        else if (done) outRows.push(rows.length - 1);
-        if (done) finishing.set(seq, outRows.length - 1);
-      }
+    for (const { rows, outRows, routes, finishing } of steps) {
       const settings = outRows.map((r, i) => {
         const seq = rows[r]!.seq;
         return finishing.get(seq) === i ? seq.samplingSettings() : GREEDY;
@@ -381,6 +356,7 @@ export class Engine implements SequenceRunner {
       if (candidates > Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)) {
         throw new EngineError(`${candidates} beam candidates per row asked for; at most ${Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)} (and the vocabulary)`);
       }
+      const jobs = routes.map((r) => ({ ...r, adapter: r.seq.adapter!, config: r.seq.adapter!.adapter.spec.router! }));
       const processing = logitProcessingOf(outRows.map((r, i) => (finishing.get(rows[r]!.seq) === i ? rows[r]!.seq : undefined)));
       const chosenLogprobs = [...finishing.keys()].some((s) => s.wantsLogprob);
       const result = await this.#forward.run({ rows, outRows, settings, wantLogits, jobs, candidates, ...(processing ? { processing } : {}), chosenLogprobs });
@@ -411,7 +387,6 @@ export class Engine implements SequenceRunner {
         const logprob = seq.wantsLogprob ? result.chosen?.[out] : undefined;
         outputs.set(seq, { token: result.tokens[out]!, ...(logits ? { logits } : {}), ...(mine ? { candidates: mine } : {}), ...(logprob === undefined ? {} : { logprob }) });
       }
-      waiting = waiting.filter((s) => !outputs.has(s));
     }
     return outputs;
   }
@@ -443,7 +418,17 @@ interface EngineParts {
   readonly cache: KvCache;
 }
 
-/** Whether the sequence still has to route on its prompt (its first step decides for good). */
-function routesPrompt(seq: Sequence): boolean {
-  return seq.adapter?.adapter.spec.router?.when === "prompt" && seq.gates === undefined;
+/** A sequence as the step planner sees it: a router runs on its rows until its gates are known (for token routing, never). */
+function planned(seq: Sequence): PlanSequence<Sequence> {
+  const router = seq.adapter?.adapter.spec.router;
+  return {
+    seq,
+    slot: seq.slot,
+    tenantSlot: seq.adapter?.slot ?? NO_ADAPTER,
+    tokens: seq.tokens,
+    cached: seq.cached,
+    ...(seq.gates ? { gates: seq.gates } : {}),
+    ...(router && seq.gates === undefined ? { routes: router.when } : {}),
+    logits: seq.logits,
+  };
 }

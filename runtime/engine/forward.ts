@@ -15,18 +15,9 @@ import type { LogitProcessing } from "./logit-adjust.ts";
 import type { BeamCandidates } from "./requests.ts";
 import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
 import { MODULES_PER_LAYER, gateColumn } from "./routing.ts";
+import type { Row } from "./step-planner.ts";
 import type { AdapterStore } from "./tenants.ts";
 import type { GpuTensor, GpuWeights } from "./weights.ts";
-
-/** One token of a step: its id, its position and the cache slot of its sequence. */
-export interface Row {
-  readonly slot: number;
-  readonly token: number;
-  readonly position: number;
-  /** Adapter slot (NO_ADAPTER for the base alone) and the gates known before the step. */
-  readonly adapter: number;
-  readonly gates?: Float32Array;
-}
 
 /** What one step runs. */
 export interface ForwardStep {
@@ -91,7 +82,7 @@ export class ForwardEncoder {
     readonly rowSlot: GPUBuffer;
     readonly settings: GPUBuffer;
     readonly tokens: GPUBuffer;
-    /** Per row: adapter slot, gates [rows, layers * 7], and shrink's output [rows, maxRank]. */
+    /** Per row: tenant slot, gates [rows, layers * 7], and shrink's output [rows, maxRank]. */
     readonly rowAdapter: GPUBuffer;
     readonly gates: GPUBuffer;
     readonly loraT: GPUBuffer;
@@ -138,7 +129,7 @@ export class ForwardEncoder {
    */
   async warmUp(): Promise<void> {
     for (const n of [Math.min(this.#maxRows, this.#plan.matvecMaxRows + 1), 1]) {
-      const rows = Array.from({ length: n }, (_, position) => ({ slot: 0, token: 0, position, adapter: NO_ADAPTER }));
+      const rows = Array.from({ length: n }, (_, position) => ({ slot: 0, token: 0, position, tenantSlot: NO_ADAPTER }));
       await this.run({ rows, outRows: [n - 1], settings: [GREEDY], wantLogits: false, jobs: [] });
     }
   }
@@ -164,7 +155,7 @@ export class ForwardEncoder {
       const G = this.#gateStride;
       const gates = new Float32Array(rows.length * G);
       rows.forEach((r, i) => r.gates && gates.set(r.gates, i * G));
-      queue.writeBuffer(this.#inputs.rowAdapter, 0, Uint32Array.from(rows, (r) => r.adapter));
+      queue.writeBuffer(this.#inputs.rowAdapter, 0, Uint32Array.from(rows, (r) => r.tenantSlot));
       queue.writeBuffer(this.#inputs.gates, 0, gates);
     }
     const step = this.#step;
