@@ -198,7 +198,7 @@ export async function beamSearchBatch(engine: SequenceRunner, requests: readonly
       const maxNew = Math.min(request.maxTokens, room);
       const state = new BeamState(request.beam ?? { beams: 1 }, request.stop ?? [], maxNew, room < request.maxTokens ? "context" : "length");
       seq.candidates = state.perBeam;
-      searches.push({ request, state, seqs: [seq], steps: 0, routed: seq.adapter?.adapter.spec.router !== undefined });
+      searches.push({ request, state, seqs: [seq], steps: 0, routed: seq.tenant?.adapter.spec.router !== undefined });
     }
     const forks = searches.reduce((n, s) => n + s.state.options.beams - 1, 0);
     if (forks > engine.freeSlots) {

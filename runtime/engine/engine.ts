@@ -10,10 +10,10 @@ import { MAX_BEAM_CANDIDATES, NO_ADAPTER } from "../gpu/layouts.ts";
 import type { KernelSource } from "../gpu/kernel.ts";
 import type { Plan } from "../package/format.ts";
 import { openCheckpoint, type ProgressFn } from "../formats/checkpoint.ts";
-import { acquireDevice, type AdapterReport, type GpuContext } from "../gpu/device.ts";
+import { acquireDevice, type GpuAdapterReport, type GpuContext } from "../gpu/device.ts";
 import { loadAdapter as readAdapterDir, type LoadedAdapter } from "../formats/adapter.ts";
 import { PipelineCache } from "../gpu/kernel-runner.ts";
-import { AdapterStore, type ResidentAdapter } from "./tenants.ts";
+import { AdapterStore, type Tenant } from "./tenants.ts";
 import { EngineError } from "./engine-error.ts";
 import { ForwardEncoder, GREEDY } from "./forward.ts";
 import { generate, generateBatch } from "./generate.ts";
@@ -76,7 +76,7 @@ export class Engine implements SequenceRunner {
   readonly #kernels: EngineKernels;
   readonly #pipelines: PipelineCache;
   readonly #forward: ForwardEncoder;
-  readonly #adapters: AdapterStore;
+  readonly #tenants: AdapterStore;
   readonly #merged: MergedMode;
   /** Live sequences per adapter name: an adapter in use cannot be unloaded. */
   readonly #users = new Map<string, Set<Sequence>>();
@@ -99,8 +99,8 @@ export class Engine implements SequenceRunner {
     const device = gpu.device;
     this.#kernels = parts.kernels;
     this.#pipelines = new PipelineCache(device);
-    this.#adapters = new AdapterStore(device, plan, maxAdapters);
-    this.#forward = new ForwardEncoder({ device, plan, maxRows, maxTenants: maxAdapters, weights: this.#weights, cache: this.#cache, kernels: this.#kernels, pipelines: this.#pipelines, tenants: this.#adapters });
+    this.#tenants = new AdapterStore(device, plan, maxAdapters);
+    this.#forward = new ForwardEncoder({ device, plan, maxRows, maxTenants: maxAdapters, weights: this.#weights, cache: this.#cache, kernels: this.#kernels, pipelines: this.#pipelines, tenants: this.#tenants });
     this.#merged = new MergedMode({ device, plan, weights: parts.weights });
     // Compiling every pipeline now keeps shader compilation out of the first step's timing.
     for (const k of this.#kernels.all(this.#weights)) this.#pipelines.get(k);
@@ -153,8 +153,8 @@ export class Engine implements SequenceRunner {
     }
   }
 
-  /** The adapter the engine runs on. */
-  get device(): AdapterReport {
+  /** The WebGPU adapter the engine runs on. */
+  get device(): GpuAdapterReport {
     return this.#gpu.report;
   }
 
@@ -170,17 +170,17 @@ export class Engine implements SequenceRunner {
   createSequence(prompt: readonly number[], options: CreateSequenceOptions = {}): Sequence {
     if (prompt.length === 0) throw new SequenceError("a prompt needs at least one token");
     const sampling = checkSampling(options.sampling ?? {});
-    const adapter = options.adapter === undefined ? undefined : this.#resident(options.adapter);
-    if (adapter && this.#merged.tenant !== undefined) throw new EngineError(`adapter ${this.#merged.tenant} is merged into the base weights: unmerge it before running adapters`);
-    if (adapter?.adapter.spec.router?.when === "prompt" && prompt.length > this.maxRows) {
+    const tenant = options.adapter === undefined ? undefined : this.#resident(options.adapter);
+    if (tenant && this.#merged.tenant !== undefined) throw new EngineError(`adapter ${this.#merged.tenant} is merged into the base weights: unmerge it before running adapters`);
+    if (tenant?.adapter.spec.router?.when === "prompt" && prompt.length > this.maxRows) {
       throw new EngineError(
-        `the prompt has ${prompt.length} tokens but adapter ${adapter.name} routes on the prompt, which must be prefilled in one step ` +
+        `the prompt has ${prompt.length} tokens but adapter ${tenant.name} routes on the prompt, which must be prefilled in one step ` +
           `of at most ${this.maxRows} rows: shorten the prompt or raise maxBatchRows`,
       );
     }
     const slot = this.#cache.acquire();
     if (slot === undefined) throw new EngineError(`all ${this.#cache.shape.slots} sequence slots are in use`);
-    const seq = new Sequence(this.#nextId++, slot, this.plan.dims.ctx, this.plan.dims.vocab, sampling, adapter);
+    const seq = new Sequence({ id: this.#nextId++, slot, ctx: this.plan.dims.ctx, vocab: this.plan.dims.vocab, sampling, ...(tenant ? { tenant } : {}) });
     try {
       seq.append(prompt);
     } catch (e) {
@@ -188,10 +188,10 @@ export class Engine implements SequenceRunner {
       throw e;
     }
     seq.logits = options.logits ?? "none";
-    if (adapter) {
-      if (!adapter.adapter.spec.router) seq.gates = allOnGates(adapter, this.plan.dims.layers);
-      let users = this.#users.get(adapter.name);
-      if (!users) this.#users.set(adapter.name, (users = new Set()));
+    if (tenant) {
+      if (!tenant.adapter.spec.router) seq.gates = allOnGates(tenant, this.plan.dims.layers);
+      let users = this.#users.get(tenant.name);
+      if (!users) this.#users.set(tenant.name, (users = new Set()));
       users.add(seq);
     }
     return seq;
@@ -208,10 +208,10 @@ export class Engine implements SequenceRunner {
     const own = sampling === undefined ? parent.sampling : checkSampling(sampling);
     const slot = this.#cache.acquire();
     if (slot === undefined) throw new EngineError(`all ${this.#cache.shape.slots} sequence slots are in use: beam search needs one per beam`);
-    const child = new Sequence(this.#nextId++, slot, parent.ctx, parent.vocab, own, parent.adapter);
+    const child = new Sequence({ id: this.#nextId++, slot, ctx: parent.ctx, vocab: parent.vocab, sampling: own, ...(parent.tenant ? { tenant: parent.tenant } : {}) });
     child.copyStateFrom(parent);
     this.#cache.copyPositions([{ from: parent.slot, to: slot, start: 0, end: parent.cached }]);
-    if (parent.adapter) this.#users.get(parent.adapter.name)!.add(child);
+    if (parent.tenant) this.#users.get(parent.tenant.name)!.add(child);
     return child;
   }
 
@@ -244,20 +244,20 @@ export class Engine implements SequenceRunner {
     if (seq.released) return;
     seq.markReleased();
     this.#cache.release(seq.slot);
-    if (seq.adapter) this.#users.get(seq.adapter.name)?.delete(seq);
+    if (seq.tenant) this.#users.get(seq.tenant.name)?.delete(seq);
   }
 
   /**
    * Makes an adapter resident under `name`: a directory (PEFT layout, checked against `spec` when given,
    * else against its own config) or one already in memory. Throws CheckpointError or AdapterStoreError.
    */
-  loadAdapter(name: string, source: string | LoadedAdapter, options: { readonly spec?: Adapter } = {}): ResidentAdapter {
+  loadAdapter(name: string, source: string | LoadedAdapter, options: { readonly spec?: Adapter } = {}): Tenant {
     if (this.plan.maxLoraRank === 0) throw new EngineError("this engine serves no adapters (maxAdapters 0)");
     const adapter =
       typeof source === "string"
         ? readAdapterDir(source, { name, base: this.base, ...(options.spec ? { spec: options.spec } : {}) })
         : { ...source, name };
-    const resident = this.#adapters.add(adapter);
+    const resident = this.#tenants.add(adapter);
     for (const k of this.#kernels.ofTenant(resident)) this.#pipelines.get(k);
     return resident;
   }
@@ -267,12 +267,12 @@ export class Engine implements SequenceRunner {
     const users = this.#users.get(name)?.size ?? 0;
     if (users > 0) throw new EngineError(`adapter ${name} is used by ${users} live sequence${users === 1 ? "" : "s"}: release them first`);
     if (this.#merged.tenant === name) throw new EngineError(`adapter ${name} is merged into the base weights: unmerge it first`);
-    this.#adapters.remove(name);
+    this.#tenants.remove(name);
   }
 
   /** Names of the resident adapters. */
   adapters(): string[] {
-    return this.#adapters.names();
+    return this.#tenants.names();
   }
 
   /**
@@ -323,7 +323,7 @@ export class Engine implements SequenceRunner {
   /** Frees every GPU buffer (and the device, when the engine acquired it). */
   destroy(): void {
     this.#weights.destroy();
-    this.#adapters.destroy();
+    this.#tenants.destroy();
     this.#forward.destroy();
     this.#cache.destroy();
     if (this.#ownsDevice) this.#gpu.destroy();
@@ -341,7 +341,7 @@ export class Engine implements SequenceRunner {
     for (const s of seqs) {
       if (s.released) throw new SequenceError(`sequence ${s.id} was released`);
       if (s.pending === 0) throw new SequenceError(`sequence ${s.id} has no pending tokens`);
-      if (s.adapter && this.#merged.tenant !== undefined) throw new EngineError(`adapter ${this.#merged.tenant} is merged into the base weights: unmerge it before running adapters`);
+      if (s.tenant && this.#merged.tenant !== undefined) throw new EngineError(`adapter ${this.#merged.tenant} is merged into the base weights: unmerge it before running adapters`);
     }
     const steps = planSteps(seqs.map(planned), this.maxRows);
     const outputs = new Map<Sequence, StepOutput>();
@@ -356,7 +356,7 @@ export class Engine implements SequenceRunner {
       if (candidates > Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)) {
         throw new EngineError(`${candidates} beam candidates per row asked for; at most ${Math.min(MAX_BEAM_CANDIDATES, this.plan.dims.vocab)} (and the vocabulary)`);
       }
-      const jobs = routes.map((r) => ({ ...r, adapter: r.seq.adapter!, config: r.seq.adapter!.adapter.spec.router! }));
+      const jobs = routes.map((r) => ({ ...r, tenant: r.seq.tenant!, config: r.seq.tenant!.adapter.spec.router! }));
       const processing = logitProcessingOf(outRows.map((r, i) => (finishing.get(rows[r]!.seq) === i ? rows[r]!.seq : undefined)));
       const chosenLogprobs = [...finishing.keys()].some((s) => s.wantsLogprob);
       const result = await this.#forward.run({ rows, outRows, settings, wantLogits, jobs, candidates, ...(processing ? { processing } : {}), chosenLogprobs });
@@ -365,11 +365,11 @@ export class Engine implements SequenceRunner {
         const { seq } = job;
         const row = (r: number) => result.gates!.subarray(r * this.#gateStride, (r + 1) * this.#gateStride);
         if (job.perRow) {
-          for (let r = job.first; r < job.first + job.count; r++) seq.routing.push(...decisionsOf(row(r), job.adapter.routers.keys(), rows[r]!.position));
+          for (let r = job.first; r < job.first + job.count; r++) seq.routing.push(...decisionsOf(row(r), job.tenant.routers.keys(), rows[r]!.position));
         } else {
           // Every row of the prompt carries the same decision; it is the sequence's for good.
           seq.gates = row(job.first).slice();
-          seq.routing.push(...decisionsOf(seq.gates, job.adapter.routers.keys()));
+          seq.routing.push(...decisionsOf(seq.gates, job.tenant.routers.keys()));
         }
       }
       for (const seq of new Set(rows.map((r) => r.seq))) {
@@ -395,13 +395,13 @@ export class Engine implements SequenceRunner {
     return this.plan.dims.layers * MODULES_PER_LAYER;
   }
 
-  #resident(name: string): ResidentAdapter {
-    const adapter = this.#adapters.get(name);
-    if (!adapter) {
-      const loaded = this.#adapters.names();
+  #resident(name: string): Tenant {
+    const tenant = this.#tenants.get(name);
+    if (!tenant) {
+      const loaded = this.#tenants.names();
       throw new EngineError(`no adapter named "${name}" is loaded (loaded: ${loaded.length > 0 ? loaded.join(", ") : "none"})`);
     }
-    return adapter;
+    return tenant;
   }
 }
 
@@ -420,11 +420,11 @@ interface EngineParts {
 
 /** A sequence as the step planner sees it: a router runs on its rows until its gates are known (for token routing, never). */
 function planned(seq: Sequence): PlanSequence<Sequence> {
-  const router = seq.adapter?.adapter.spec.router;
+  const router = seq.tenant?.adapter.spec.router;
   return {
     seq,
     slot: seq.slot,
-    tenantSlot: seq.adapter?.slot ?? NO_ADAPTER,
+    tenantSlot: seq.tenant?.slot ?? NO_ADAPTER,
     tokens: seq.tokens,
     cached: seq.cached,
     ...(seq.gates ? { gates: seq.gates } : {}),

@@ -269,7 +269,7 @@ export class ForwardEncoder {
     return Array.from({ length: this.#plan.dims.layers }, (_, layer) =>
       EXPERT_MODULES.map((m) => {
         const column = gateColumn(layer, m);
-        return rows.some((r) => r.gates !== undefined && r.gates[column] !== 0) || jobs.some((j) => j.adapter.routers.has(layer) && j.adapter.has(layer, m));
+        return rows.some((r) => r.gates !== undefined && r.gates[column] !== 0) || jobs.some((j) => j.tenant.routers.has(layer) && j.tenant.has(layer, m));
       }),
     );
   }

@@ -94,7 +94,7 @@ export async function* generateSteps(
       tokens: l.tokens,
       finish: l.finish!,
       ...(l.logits ? { logits: l.logits } : {}),
-      ...(l.seq.adapter?.adapter.spec.router ? { routing: [...l.seq.routing] } : {}),
+      ...(l.seq.tenant?.adapter.spec.router ? { routing: [...l.seq.routing] } : {}),
       timings,
     }));
   } finally {

@@ -7,7 +7,7 @@ import type { ExpertModule, RouterConfig } from "../../compiler/model.ts";
 import type { KernelSource } from "../gpu/kernel.ts";
 import { interfaceProblem, layerTensor, type FamilyBinding, type KernelFamily, type Plan, type PlanKernel, type PlanOp } from "../package/format.ts";
 import { EngineError } from "./engine-error.ts";
-import type { ResidentAdapter } from "./tenants.ts";
+import type { Tenant } from "./tenants.ts";
 import type { GpuWeights } from "./weights.ts";
 
 /** The router kernels of one layer, as the engine dispatches them. */
@@ -99,7 +99,7 @@ export class EngineKernels {
   }
 
   /** Every kernel a tenant's sequences dispatch besides the plan's (its routers'), to compile them when it is loaded. */
-  ofTenant(tenant: ResidentAdapter): KernelSource[] {
+  ofTenant(tenant: Tenant): KernelSource[] {
     const config = tenant.adapter.spec.router;
     if (!config) return [];
     return [...tenant.routers].flatMap(([layer, router]) => Object.values(this.router(config, layer, router.experts)));

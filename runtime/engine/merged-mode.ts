@@ -6,7 +6,7 @@ import type { Plan } from "../package/format.ts";
 import { loraKey } from "../formats/adapter.ts";
 import { EngineError } from "./engine-error.ts";
 import { allOnGates, gateColumn, gatesOf, type LayerRouting } from "./routing.ts";
-import type { ResidentAdapter } from "./tenants.ts";
+import type { Tenant } from "./tenants.ts";
 import type { GpuWeights } from "./weights.ts";
 
 export interface MergedModeOptions {
@@ -42,7 +42,7 @@ export class MergedMode {
    * Folds `tenant` into the base weights for one routing decision (a prompt-routed adapter's `routing`,
    * e.g. a sequence's; gate 1 everywhere for plain LoRA). Token routing cannot be folded.
    */
-  async merge(tenant: ResidentAdapter, routing?: readonly LayerRouting[]): Promise<void> {
+  async merge(tenant: Tenant, routing?: readonly LayerRouting[]): Promise<void> {
     if (this.#merged) throw new EngineError(`adapter ${this.#merged.tenant} is already merged: unmerge it first`);
     const { name } = tenant;
     const router = tenant.adapter.spec.router;

@@ -7,13 +7,13 @@
 // WGSL comes from the engine (the plan's kernels, or its resolver's): nothing is generated here.
 import type { RouterConfig } from "../../compiler/model.ts";
 import type { RouterKernels } from "./kernels.ts";
-import type { GpuRouter, ResidentAdapter } from "./tenants.ts";
+import type { GpuRouter, Tenant } from "./tenants.ts";
 import { createStorage, type BufferArg, type StepEncoder } from "../gpu/kernel-runner.ts";
 import { MODULES_PER_LAYER } from "./routing.ts";
 
 /** A sequence whose gates are computed on the GPU in this step: rows first .. first + count - 1. */
 export interface RouteJob {
-  readonly adapter: ResidentAdapter;
+  readonly tenant: Tenant;
   readonly config: RouterConfig;
   readonly first: number;
   readonly count: number;
@@ -21,9 +21,9 @@ export interface RouteJob {
   readonly perRow: boolean;
 }
 
-/** One adapter's jobs in a step, with the index tables its dispatches read. */
+/** One tenant's jobs in a step, with the index tables its dispatches read. */
 export interface RouteGroup {
-  readonly adapter: ResidentAdapter;
+  readonly tenant: Tenant;
   readonly config: RouterConfig;
   readonly perRow: boolean;
   /** Items the gate kernel routes: one per prompt, or one per row for token routing. */
@@ -63,12 +63,12 @@ export class RouterDispatch {
     this.#pooled = createStorage(device, dims.maxRows * dims.hidden * 4, "router pooled inputs");
   }
 
-  /** Groups a step's jobs by adapter and uploads their index tables (before the step is submitted). */
+  /** Groups a step's jobs by tenant and uploads their index tables (before the step is submitted). */
   prepare(jobs: readonly RouteJob[]): RouteGroup[] {
-    const byAdapter = new Map<ResidentAdapter, RouteJob[]>();
-    for (const job of jobs) byAdapter.set(job.adapter, [...(byAdapter.get(job.adapter) ?? []), job]);
-    return [...byAdapter.values()].map((mine, g) => {
-      const { adapter, config, perRow } = mine[0]!;
+    const byTenant = new Map<Tenant, RouteJob[]>();
+    for (const job of jobs) byTenant.set(job.tenant, [...(byTenant.get(job.tenant) ?? []), job]);
+    return [...byTenant.values()].map((mine, g) => {
+      const { tenant, config, perRow } = mine[0]!;
       const ranges = new Uint32Array(this.#maxRows * 2);
       const itemRows = new Uint32Array(this.#maxRows * 3);
       let items = 0;
@@ -88,7 +88,7 @@ export class RouterDispatch {
       queue.writeBuffer(this.#indices, at + pairs, itemRows);
       const end = Math.max(...mine.map((j) => j.first + j.count));
       return {
-        adapter,
+        tenant,
         config,
         perRow,
         items,
@@ -101,7 +101,7 @@ export class RouterDispatch {
 
   /** Records `group`'s router of `layer` (if the adapter routes it): gates of its rows into `table`. */
   route(step: StepEncoder, group: RouteGroup, layer: number, x: GPUBuffer, table: { readonly buffer: GPUBuffer; readonly stride: number }): void {
-    const router = group.adapter.routers.get(layer);
+    const router = group.tenant.routers.get(layer);
     if (!router) return;
     const kernels = this.#kernelsOf(group.config, layer, router);
     let input: GPUBuffer = x;

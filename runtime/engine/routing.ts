@@ -1,7 +1,7 @@
 // A sequence's routing as data: the gates of every (layer, module) in one flat row, the layout the
 // LoRA kernels read (column layer * 7 + module index), and the decisions users see, per layer.
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
-import type { ResidentAdapter } from "./tenants.ts";
+import type { Tenant } from "./tenants.ts";
 
 /** Gates of one layer's selected modules; a module left out has gate 0 and does no LoRA work. */
 export type ModuleGates = Partial<Record<ExpertModule, number>>;
@@ -22,9 +22,9 @@ export function gateColumn(layer: number, module: ExpertModule): number {
 }
 
 /** Plain LoRA's gates: 1 on every module the adapter has. */
-export function allOnGates(adapter: ResidentAdapter, layers: number): Float32Array {
+export function allOnGates(tenant: Tenant, layers: number): Float32Array {
   const row = new Float32Array(layers * MODULES_PER_LAYER);
-  for (let layer = 0; layer < layers; layer++) for (const m of EXPERT_MODULES) if (adapter.has(layer, m)) row[gateColumn(layer, m)] = 1;
+  for (let layer = 0; layer < layers; layer++) for (const m of EXPERT_MODULES) if (tenant.has(layer, m)) row[gateColumn(layer, m)] = 1;
   return row;
 }
 

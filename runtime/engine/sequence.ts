@@ -2,7 +2,7 @@
 // advances it by running its pending tokens (those not yet in the cache); the caller appends tokens.
 import type { SamplingSettings } from "../gpu/layouts.ts";
 import type { LogitAdjust } from "./logit-adjust.ts";
-import type { ResidentAdapter } from "./tenants.ts";
+import type { Tenant } from "./tenants.ts";
 import type { LayerRouting } from "./routing.ts";
 import { MiloraError } from "../errors.ts";
 
@@ -37,6 +37,15 @@ export function checkSampling(s: SamplingOptions): Required<SamplingOptions> {
   return { temperature, topK, topP, seed, minP };
 }
 
+export interface SequenceOptions {
+  readonly id: number;
+  readonly slot: number;
+  readonly ctx: number;
+  readonly vocab: number;
+  readonly sampling: Required<SamplingOptions>;
+  readonly tenant?: Tenant;
+}
+
 export class Sequence {
   readonly #tokens: number[] = [];
   /** Tokens whose keys and values are in the cache (the next token's position). */
@@ -66,16 +75,24 @@ export class Sequence {
   /** The routing decisions so far: one per routed layer (prompt), or per layer and position (token). */
   readonly routing: LayerRouting[] = [];
 
+  readonly id: number;
+  /** Its KV cache slot. */
+  readonly slot: number;
+  readonly ctx: number;
+  readonly vocab: number;
+  readonly sampling: Required<SamplingOptions>;
+  /** The tenant (resident adapter) the sequence runs with; undefined runs the base alone. */
+  readonly tenant: Tenant | undefined;
+
   /** Use Engine.createSequence. */
-  constructor(
-    readonly id: number,
-    readonly slot: number,
-    readonly ctx: number,
-    readonly vocab: number,
-    readonly sampling: Required<SamplingOptions>,
-    /** The adapter (tenant) the sequence runs with; undefined runs the base alone. */
-    readonly adapter?: ResidentAdapter,
-  ) {}
+  constructor(options: SequenceOptions) {
+    this.id = options.id;
+    this.slot = options.slot;
+    this.ctx = options.ctx;
+    this.vocab = options.vocab;
+    this.sampling = options.sampling;
+    this.tenant = options.tenant;
+  }
 
   get tokens(): readonly number[] {
     return this.#tokens;
@@ -119,7 +136,7 @@ export class Sequence {
    */
   copyStateFrom(other: Sequence): void {
     if (this.#released) throw new SequenceError(`sequence ${this.id} was released`);
-    if (other.adapter !== this.adapter || other.ctx !== this.ctx || other.vocab !== this.vocab) {
+    if (other.tenant !== this.tenant || other.ctx !== this.ctx || other.vocab !== this.vocab) {
       throw new SequenceError(`sequence ${this.id} cannot take over sequence ${other.id}: they run with different adapters or contexts`);
     }
     this.#tokens.length = 0;

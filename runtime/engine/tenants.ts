@@ -34,7 +34,7 @@ export interface GpuRouter {
   readonly rational?: GPUBuffer;
 }
 
-export interface ResidentAdapter {
+export interface Tenant {
   readonly name: string;
   /** Its index in every stacked buffer (the LoRA kernels' rowAdapter value). */
   readonly slot: number;
@@ -49,7 +49,7 @@ export class AdapterStore {
   readonly #device: GPUDevice;
   readonly #plan: Plan;
   readonly #stacks: StackedLora[][];
-  readonly #resident = new Map<string, ResidentAdapter>();
+  readonly #resident = new Map<string, Tenant>();
   readonly #free: number[];
 
   constructor(
@@ -75,7 +75,7 @@ export class AdapterStore {
   }
 
   /** Uploads an adapter into a free slot. Throws AdapterStoreError naming what does not fit. */
-  add(adapter: LoadedAdapter): ResidentAdapter {
+  add(adapter: LoadedAdapter): Tenant {
     const { name, spec } = adapter;
     if (this.#resident.has(name)) throw new AdapterStoreError(`an adapter named "${name}" is already loaded`);
     const problems = this.#problems(adapter);
@@ -117,7 +117,7 @@ export class AdapterStore {
         ...(rational ? { rational: createStorage(this.#device, rational(r), `${label} rational`) } : {}),
       });
     }
-    const resident: ResidentAdapter = { name, slot, adapter, routers, has: (layer, m) => adapter.lora.has(loraKey(layer, m)) };
+    const resident: Tenant = { name, slot, adapter, routers, has: (layer, m) => adapter.lora.has(loraKey(layer, m)) };
     this.#resident.set(name, resident);
     return resident;
   }
@@ -131,7 +131,7 @@ export class AdapterStore {
     this.#free.push(r.slot);
   }
 
-  get(name: string): ResidentAdapter | undefined {
+  get(name: string): Tenant | undefined {
     return this.#resident.get(name);
   }
 

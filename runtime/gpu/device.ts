@@ -11,7 +11,7 @@ export type BackendName = "vulkan" | "metal" | "d3d12" | "opengles";
 export type BackendChoice = BackendName | "auto";
 
 /** What the runtime got, as `milora doctor` and `milora run` report it. */
-export interface AdapterReport {
+export interface GpuAdapterReport {
   readonly backend: BackendName;
   readonly featureLevel: "core" | "compatibility";
   readonly vendor: string;
@@ -25,7 +25,7 @@ export interface AdapterReport {
 
 export interface GpuContext {
   readonly device: GPUDevice;
-  readonly report: AdapterReport;
+  readonly report: GpuAdapterReport;
   /** Whether WGSL `f16` may be used (shader-f16 feature granted). */
   readonly hasF16: boolean;
   destroy(): void;
@@ -97,7 +97,7 @@ async function tryBackend(backend: BackendName, featureLevel: "core" | "compatib
   return adapter ? { adapter, backend, featureLevel } : undefined;
 }
 
-function describe(adapter: GPUAdapter, backend: BackendName, featureLevel: "core" | "compatibility"): AdapterReport {
+function describe(adapter: GPUAdapter, backend: BackendName, featureLevel: "core" | "compatibility"): GpuAdapterReport {
   const info = adapter.info;
   const limits: Record<string, number> = {};
   for (const name of WANTED_LIMITS) limits[name] = adapter.limits[name];
@@ -180,7 +180,7 @@ export async function acquireDevice(options: { backend?: string } = {}): Promise
 }
 
 /** One line naming the device, e.g. for `milora run`'s summary. */
-export function adapterSummary(r: AdapterReport): string {
+export function adapterSummary(r: GpuAdapterReport): string {
   const kind = r.software ? "software" : "hardware";
   return `${r.description} (${r.backend}, ${r.featureLevel}, ${kind})`;
 }

@@ -28,7 +28,7 @@ class ScriptedEngine implements StepEngine {
   createSequence(prompt: readonly number[], options: { sampling?: SamplingOptions; adapter?: string }): Sequence {
     const slot = this.free.shift();
     if (slot === undefined) throw new Error("no free slot: the scheduler admitted beyond its slots");
-    const seq = new Sequence(this.#id++, slot, CTX, VOCAB, { temperature: 0, topK: 0, topP: 1, seed: 0, minP: 0 });
+    const seq = new Sequence({ id: this.#id++, slot, ctx: CTX, vocab: VOCAB, sampling: { temperature: 0, topK: 0, topP: 1, seed: 0, minP: 0 } });
     seq.append(prompt);
     this.admitted.push({ prompt, ...(options.adapter === undefined ? {} : { adapter: options.adapter }) });
     return seq;
@@ -54,7 +54,7 @@ class ScriptedEngine implements StepEngine {
   fork(parent: Sequence, sampling?: SamplingOptions): Sequence {
     const slot = this.free.shift();
     if (slot === undefined) throw new Error("no free slot: the scheduler forked beyond its slots");
-    const child = new Sequence(this.#id++, slot, CTX, VOCAB, { temperature: 0, topK: 0, topP: 1, minP: 0, seed: sampling?.seed ?? 0 });
+    const child = new Sequence({ id: this.#id++, slot, ctx: CTX, vocab: VOCAB, sampling: { temperature: 0, topK: 0, topP: 1, minP: 0, seed: sampling?.seed ?? 0 } });
     child.copyStateFrom(parent);
     this.forks.push(child.sampling.seed);
     return child;
