@@ -66,6 +66,15 @@ interface Finished {
   readonly routing: readonly LayerRouting[];
 }
 
+export interface BeamStateOptions {
+  readonly beam: BeamSearchOptions;
+  /** Token ids that end a hypothesis. */
+  readonly stop: readonly number[];
+  readonly maxNew: number;
+  /** Default "length". */
+  readonly limit?: "length" | "context";
+}
+
 /**
  * The search's bookkeeping for one request, free of the engine (so it is tested against the float64
  * reference on synthetic models too): live beams as (generated tokens, sum), the finished hypotheses,
@@ -79,15 +88,17 @@ export class BeamState {
   #worst = 1e9;
   done = false;
 
-  constructor(
-    options: BeamSearchOptions,
-    readonly stop: readonly number[],
-    /** Most tokens a hypothesis may have (max_new_tokens, or less when the context is shorter). */
-    readonly maxNew: number,
-    /** What an unfinished hypothesis that reached maxNew ended by: its token budget or the context. */
-    readonly limit: "length" | "context" = "length",
-  ) {
-    this.options = checkBeamOptions(options, stop.length);
+  readonly stop: readonly number[];
+  /** Most tokens a hypothesis may have (max_new_tokens, or less when the context is shorter). */
+  readonly maxNew: number;
+  /** What an unfinished hypothesis that reached maxNew ended by: its token budget or the context. */
+  readonly limit: "length" | "context";
+
+  constructor(options: BeamStateOptions) {
+    this.stop = options.stop;
+    this.maxNew = options.maxNew;
+    this.limit = options.limit ?? "length";
+    this.options = checkBeamOptions(options.beam, this.stop.length);
   }
 
   /** Candidates to ask of each beam's row. */
@@ -196,7 +207,7 @@ export async function beamSearchBatch(engine: SequenceRunner, requests: readonly
       live.add(seq);
       const room = seq.ctx - request.prompt.length + 1;
       const maxNew = Math.min(request.maxTokens, room);
-      const state = new BeamState(request.beam ?? { beams: 1 }, request.stop ?? [], maxNew, room < request.maxTokens ? "context" : "length");
+      const state = new BeamState({ beam: request.beam ?? { beams: 1 }, stop: request.stop ?? [], maxNew, limit: room < request.maxTokens ? "context" : "length" });
       seq.candidates = state.perBeam;
       searches.push({ request, state, seqs: [seq], steps: 0, routed: seq.tenant?.adapter.spec.router !== undefined });
     }

@@ -22,7 +22,7 @@ function syntheticModel(vocab: number, seed: number, peaked: number) {
 
 /** BeamState driven by the same model: each beam's row is its top perBeam tokens, ties to the lower id. */
 function runState(model: (t: readonly number[]) => Float64Array, prompt: readonly number[], options: BeamSearchOptions, stop: number[], maxNew: number) {
-  const state = new BeamState(options, stop, maxNew);
+  const state = new BeamState({ beam: options, stop, maxNew });
   while (!state.done) {
     const rows = state.beams.map((b) => {
       const lp = model([...prompt, ...b.tokens]);
@@ -65,7 +65,7 @@ test("same hypotheses and scores as the reference over beams, length penalties, 
 
 test("an EOS candidate ranked at or past the beam width is ignored; a finished hypothesis keeps its EOS", () => {
   // Two beams; step 1: token 0 (EOS) ranks third of four and is skipped, tokens 1 and 2 continue.
-  const state = new BeamState({ beams: 2, numReturnSequences: 2 }, [0], 3);
+  const state = new BeamState({ beam: { beams: 2, numReturnSequences: 2 }, stop: [0], maxNew: 3 });
   assert.is(state.perBeam, 4);
   const next = state.step([{ tokens: [1, 2, 0, 3], logprobs: [-0.1, -0.5, -2, -3] }]);
   assert.equal(next.map((c) => c.token), [1, 2]);
