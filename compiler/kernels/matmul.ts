@@ -1,10 +1,12 @@
 // Matrix product for prefill: y[M, N] = x[M, K] w[N, K]^T (+ residual[M, N] when `residual`).
-//   bindings: x (read, f32[M, K]), w (read, f32[N, K]), [residual (read, f32[M, S])], y (read_write, f32[M, S])
+//   bindings: x (read, f32[M, K]), w (read, [N, K] in the `weights` format), [residual (read, f32[M, S])], y (read_write, f32[M, S])
 //   params:   rows (M), and with `stride`, column (where the N columns start in y)
 // S is `stride` for a row block of a split weight, whose columns land straight in their place in y, else N.
 // Register-tiled: a workgroup of 16x16 invocations computes a 64x64 block of y, each invocation a 4x4
 // sub-block (rows ty + 16i, columns tx + 16j) from x and w tiles staged in workgroup memory as vec4 along K.
+// An f16 or q8 weight is dequantised as it is staged (weight-rows.ts), so the tile loop is f32 throughout.
 import type { KernelParam, KernelSource } from "./kernel.ts";
+import { weightQuads, type PackedWeightFormat } from "./weight-rows.ts";
 import { kernelSource, vec4Rows } from "./wgsl.ts";
 
 export interface MatmulConstants {
@@ -19,6 +21,13 @@ export interface MatmulConstants {
    * columns params.column .. column + N - 1. Absent when w is the whole weight (y is [M, N]).
    */
   readonly stride?: number;
+  /** w's storage format when packed (runtime/package/format.ts WEIGHT_FORMATS); absent for f32. */
+  readonly weights?: PackedWeightFormat;
+}
+
+/** The constants as they enter a kernel's key: the optional ones only when given. */
+export function linearKeyConstants({ K, N, residual, stride, weights }: MatmulConstants): Record<string, number | boolean | string> {
+  return { K, N, residual, ...(stride === undefined ? {} : { stride }), ...(weights === undefined ? {} : { weights }) };
 }
 
 /**
@@ -37,14 +46,15 @@ const PER_THREAD = 4; // outputs per side of each invocation
 const TILE = THREADS * PER_THREAD; // 64 rows and 64 columns per workgroup
 const TILE_K_QUADS = 4; // K tile of 16 values as 4 vec4
 
-export function matmulKernel({ K, N, residual, stride }: MatmulConstants): KernelSource {
+export function matmulKernel(constants: MatmulConstants): KernelSource {
+  const { K, N, residual, stride } = constants;
   const x = vec4Rows("x", K);
-  const w = vec4Rows("w", K);
+  const w = weightQuads(constants.weights ?? "f32", K);
   const columnBlocks = Math.ceil(N / TILE);
   const out = outputLayout(N, stride);
   return kernelSource({
     name: "matmul",
-    constants: { K, N, residual, ...(stride === undefined ? {} : { stride }) },
+    constants: linearKeyConstants(constants),
     storage: [
       x.decl,
       w.decl,

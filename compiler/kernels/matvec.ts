@@ -1,36 +1,94 @@
 // Skinny matrix product for decode and small batches: y[M, N] = x[M, K] w[N, K]^T (+ residual).
-//   bindings: x (read, f32[M, K]), w (read, f32[N, K]), [residual (read, f32[M, S])], y (read_write, f32[M, S])
+//   bindings: x (read, f32[M, K]), w (read, [N, K] in the `weights` format), [residual (read, f32[M, S])], y (read_write, f32[M, S])
 //   params:   rows (M), and with `stride`, column (where the N columns start in y)
 // S is `stride` for a row block of a split weight (see MatmulConstants.stride), else N.
-// Bound by weight reads on a GPU, so each weight row is streamed once for all M rows: a workgroup owns
-// 32 output columns, 8 invocations per column stride along K in vec4 steps, and the partial sums meet
-// in workgroup memory.
-// (8 lanes rather than 32: three reduction steps instead of five, 0.5-0.7x the time of a step on
-// llvmpipe at 1 to 32 rows, docs/performance.md "Decode batches".)
-// Rows go in groups of MATVEC_GROUP_ROWS, each indexed from its group's first row; a group after the
-// first re-reads the workgroup's 32 weight rows from cache, so M rows cost one pass over the weights
-// plus M dot products, where the 64-row matmul tile would compute (and waste) 64 rows.
+// Each invocation computes 4 output columns, so one read of x serves 4 weight rows, reading the
+// weights a unit at a time (weight-rows.ts: 4 f32, 8 f16 or 16 q8 elements, one 16-byte load,
+// dequantised in registers). `lanes` invocations share a column group, striding along K, and meet in
+// workgroup memory; lanes are few (at least 64 units each, at most 8 lanes), because on llvmpipe each
+// invocation's fixed cost outweighs the parallelism (docs/performance.md, "Weight formats").
+// Rows go in groups of MATVEC_GROUP_ROWS, every row's accumulator a named register (a loop over rows
+// indexing an array of them put them in memory on llvmpipe, 3-4x slower); a group after the first
+// re-reads the weight rows from cache, so M rows cost one pass over the weights plus M dot products,
+// where the 64-row matmul tile would compute (and waste) 64 rows. One row, the decode step, has its
+// own path: a group of one, without the other rows' guards.
 import type { KernelSource } from "./kernel.ts";
-import { outputLayout, type MatmulConstants } from "./matmul.ts";
+import { linearKeyConstants, outputLayout, type MatmulConstants } from "./matmul.ts";
+import { weightUnits } from "./weight-rows.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, vec4Rows } from "./wgsl.ts";
 
-/** As MatmulConstants: K inputs, N outputs, the residual epilogue, and y's row width for a row block. */
+/** As MatmulConstants: K inputs, N outputs, the residual epilogue, y's row width for a row block, w's format. */
 export type MatvecConstants = MatmulConstants;
 
-/** Rows one pass over a workgroup's weight rows accumulates (registers and workgroup memory per row). */
+/** Rows one pass over the weight rows accumulates (a register per row and column). */
 export const MATVEC_GROUP_ROWS = 8;
-const COLUMNS = 32; // output columns per workgroup
-const LANES = 8; // invocations per column, at least MATVEC_GROUP_ROWS (lane r writes row r)
-const WORKGROUP = COLUMNS * LANES;
+const PER_INVOCATION = 4; // output columns per invocation
+const WORKGROUP = 64;
+const MIN_UNITS_PER_LANE = 64;
+const MAX_LANES = 8;
 
-export function matvecKernel({ K, N, residual, stride }: MatvecConstants): KernelSource {
+/** Invocations per column group: a power of two up to 8 giving each at least 64 units of K. */
+function lanesFor(units: number): number {
+  let lanes = 1;
+  while (lanes < MAX_LANES && units >= 2 * lanes * MIN_UNITS_PER_LANE) lanes *= 2;
+  return lanes;
+}
+
+export function matvecKernel(constants: MatvecConstants): KernelSource {
+  const { K, N, residual, stride } = constants;
   const x = vec4Rows("x", K);
-  const w = vec4Rows("w", K);
+  const w = weightUnits(constants.weights ?? "f32", K);
   const out = outputLayout(N, stride);
-  const G = MATVEC_GROUP_ROWS;
+  const lanes = lanesFor(w.count);
+  const columnsPerGroup = (WORKGROUP / lanes) * PER_INVOCATION;
+  const Q = w.quadsPerLoad;
+  const cols = Array.from({ length: PER_INVOCATION }, (_, c) => c);
+  // The last unit may reach past x's row when K is not a multiple of the unit: read zeros there.
+  const padded = w.count * Q > x.quads;
+  const xQuad = (row: string, i: number) => `${padded ? "load_x_padded" : "load_x"}(${row}, u * ${Q}u + ${i}u)`;
+  const wQuad = (c: number, i: number) => (Q === 1 ? `w${c}` : `w${c}[${i}]`);
+  const write = (row: string, sums: string) => `for (var c = 0u; c < ${PER_INVOCATION}u; c++) {
+          if (col + c < ${N}u) {
+            let at = ${out.index(row, "(col + c)")};
+            y[at] = ${sums}[c]${residual ? " + residual[at]" : ""};
+          }
+        }`;
+  /** Rows first .. first + G - 1 (`rows` of them present) against every weight row once. */
+  const pass = (G: number) => {
+    const rs = Array.from({ length: G }, (_, r) => r);
+    const accumulate = rs.map((r) => {
+      const xs = Array.from({ length: Q }, (_, i) => `let x${r}_${i} = ${xQuad(`first + ${r}u`, i)};`).join(" ");
+      const dots = cols.map((c) => {
+        const sum = Array.from({ length: Q }, (_, i) => `dot(x${r}_${i}, ${wQuad(c, i)})`).join(" + ");
+        return w.scaled ? `d${c} * (${sum})` : sum;
+      });
+      const add = `${xs}\n        acc${r} += vec4<f32>(${dots.join(", ")});`;
+      return G === 1 ? `      ${add}` : `      if (${r}u < rows) {\n        ${add}\n      }`;
+    });
+    const loop = `${rs.map((r) => `var acc${r} = vec4<f32>(0.0);`).join(" ")}
+    for (var u = lane; u < ${w.count}u; u += ${lanes}u) {
+      ${cols.map((c) => `let w${c} = load_w(wRow${c}, u);${w.scaled ? ` let d${c} = scale_w(wRow${c}, u);` : ""}`).join(" ")}
+${accumulate.join("\n")}
+    }`;
+    if (lanes === 1) {
+      return `${loop}
+    ${rs.map((r) => (G === 1 ? write(`first`, `acc${r}`) : `if (${r}u < rows) {\n      ${write(`(first + ${r}u)`, `acc${r}`)}\n    }`)).join("\n    ")}`;
+    }
+    // One barrier, then lane l sums rows l, l + lanes, ... over the group's lanes.
+    return `${loop}
+    ${rs.map((r) => `partial[${r * WORKGROUP}u + lid] = acc${r};`).join(" ")}
+    workgroupBarrier();
+    for (var r = lane; r < rows; r += ${lanes}u) {
+      let at0 = r * ${WORKGROUP}u + lid - lane;
+      let sums = ${Array.from({ length: lanes }, (_, l) => `partial[at0 + ${l}u]`).join(" + ")};
+      ${write("(first + r)", "sums")}
+    }
+    // The next group overwrites partial.
+    workgroupBarrier();`;
+  };
   return kernelSource({
     name: "matvec",
-    constants: { K, N, residual, ...(stride === undefined ? {} : { stride }) },
+    constants: linearKeyConstants(constants),
     storage: [
       x.decl,
       w.decl,
@@ -40,42 +98,26 @@ export function matvecKernel({ K, N, residual, stride }: MatvecConstants): Kerne
     params: [{ name: "rows", type: "u32" }, ...out.params],
     body: /* wgsl */ `
 ${x.wgsl}
+${padded ? `fn load_x_padded(row: u32, quad: u32) -> vec4<f32> {\n  return select(vec4<f32>(0.0), load_x(row, min(quad, ${x.quads - 1}u)), quad < ${x.quads}u);\n}` : ""}
 ${w.wgsl}
-
-var<workgroup> partial: array<f32, ${G * WORKGROUP}>;
-
+${lanes > 1 ? `\nvar<workgroup> partial: array<vec4<f32>, ${MATVEC_GROUP_ROWS * WORKGROUP}>;\n` : ""}
 @compute @workgroup_size(${WORKGROUP})
 fn main(${GROUP_BUILTINS}) {
-  let col = ${LINEAR_GROUP} * ${COLUMNS}u + lid / ${LANES}u;
-  let lane = lid % ${LANES}u;
-  for (var first = 0u; first < params.rows; first += ${G}u) {
-    let rows = min(params.rows - first, ${G}u);
-    var acc: array<f32, ${G}>;
-    if (col < ${N}u) {
-      for (var q = lane; q < ${x.quads}u; q += ${LANES}u) {
-        let wv = load_w(col, q);
-        for (var r = 0u; r < rows; r++) { acc[r] += dot(load_x(first + r, q), wv); }
-      }
+  let col = ${LINEAR_GROUP} * ${columnsPerGroup}u + (lid / ${lanes}u) * ${PER_INVOCATION}u;
+  let lane = lid % ${lanes}u;
+  // Columns past N read the last weight row (their sums are not written), so loads stay in the tensor.
+  ${cols.map((c) => `let wRow${c} = min(col + ${c}u, ${N - 1}u);`).join(" ")}
+  if (params.rows == 1u) {
+    let first = 0u;
+    let rows = 1u;
+    ${pass(1)}
+  } else {
+    for (var first = 0u; first < params.rows; first += ${MATVEC_GROUP_ROWS}u) {
+      let rows = min(params.rows - first, ${MATVEC_GROUP_ROWS}u);
+    ${pass(MATVEC_GROUP_ROWS)}
     }
-    for (var r = 0u; r < rows; r++) { partial[r * ${WORKGROUP}u + lid] = acc[r]; }
-    for (var stride = ${LANES / 2}u; stride > 0u; stride /= 2u) {
-      workgroupBarrier();
-      if (lane < stride) {
-        for (var r = 0u; r < rows; r++) {
-          partial[r * ${WORKGROUP}u + lid] += partial[r * ${WORKGROUP}u + lid + stride];
-        }
-      }
-    }
-    workgroupBarrier();
-    // Lane r of each column writes row first + r.
-    if (col < ${N}u && lane < rows) {
-      let at = ${out.index("(first + lane)", "col")};
-      y[at] = partial[lane * ${WORKGROUP}u + lid - lane]${residual ? " + residual[at]" : ""};
-    }
-    // The next group overwrites partial.
-    workgroupBarrier();
   }
 }`,
-    dispatch: { grid: Math.ceil(N / COLUMNS), emptyWhenZero: "rows" },
+    dispatch: { grid: Math.ceil(N / columnsPerGroup), emptyWhenZero: "rows" },
   });
 }
