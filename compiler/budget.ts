@@ -17,7 +17,7 @@ export interface ModuleBudget {
   /** Smallest and largest rank over those layers (they differ under `at layers` overrides). */
   readonly minRank: number;
   readonly maxRank: number;
-  /** Sum over layers of r * (in + out): the A and B matrices. */
+  /** Sum over layers of r * (in + out): the A and B matrices, plus DoRA's magnitude vector [out]. */
   readonly params: number;
 }
 
@@ -51,7 +51,8 @@ export interface AdapterBudget {
 
 export function computeBudget(adapter: Adapter): AdapterBudget {
   const { base, router } = adapter;
-  const slotParams = (s: ExpertSlot) => s.rank * (s.inFeatures + s.outFeatures);
+  // DoRA's magnitude m [out] is trained and stored beside A and B (PEFT counts it too).
+  const slotParams = (s: ExpertSlot) => s.rank * (s.inFeatures + s.outFeatures) + (s.dora ? s.outFeatures : 0);
 
   const layers = adapter.layers.map((layer): LayerBudget => {
     const slots = adapter.experts.filter((s) => s.layer === layer);

@@ -27,6 +27,7 @@ interface Cell {
   alpha: number;
   dropout: number;
   rslora: boolean;
+  dora: boolean;
 }
 
 /** An adapter part-way through (or at the end of) its statements. */
@@ -39,7 +40,7 @@ interface AdapterState {
 }
 
 type LoraOptionSet = Partial<Omit<Cell, "enabled">>;
-const EXPERT_KEYS = ["rank", "alpha", "dropout", "rslora"] as const;
+const EXPERT_KEYS = ["rank", "alpha", "dropout", "rslora", "dora"] as const;
 
 /** Resolves adapters once each, in any order: a variant pulls in its parent first. */
 export class AdapterChecker {
@@ -218,9 +219,9 @@ export class AdapterChecker {
   private loraOptions(props: readonly Property[]): LoraOptionSet {
     const options: LoraOptionSet = {};
     for (const prop of knownProperties(props, EXPERT_KEYS, "experts", this.r)) {
-      if (prop.key.name === "rslora") {
+      if (prop.key.name === "rslora" || prop.key.name === "dora") {
         const value = booleanValue(prop, this.r);
-        if (value !== undefined) options.rslora = value;
+        if (value !== undefined) options[prop.key.name] = value;
         continue;
       }
       const n = numberValue(prop, this.r);
@@ -277,7 +278,10 @@ export class AdapterChecker {
     }
   }
 
-  /** No experts at all is an error; so is a top_k larger than the experts some layer enables. */
+  /**
+   * No experts at all is an error; so is a top_k larger than the experts some layer enables, and DoRA
+   * on some experts only (PEFT's use_dora is one flag per adapter).
+   */
   private checkExpertCounts(decl: AdapterDecl, state: AdapterState, routerBlock: RouterDecl | undefined): void {
     const enabled = (layer: number) => EXPERT_MODULES.filter((_, i) => state.grid[layer]![i]!.enabled);
     if (state.layers.every((l) => enabled(l).length === 0)) {
@@ -288,6 +292,19 @@ export class AdapterChecker {
         "add a line such as `experts all { rank 8 }`",
       );
       return;
+    }
+    const cells = state.layers.flatMap((layer) => EXPERT_MODULES.flatMap((module, i) => (state.grid[layer]![i]!.enabled ? [{ layer, module, dora: state.grid[layer]![i]!.dora }] : [])));
+    const withDora = cells.filter((c) => c.dora);
+    const without = cells.find((c) => !c.dora);
+    if (withDora.length > 0 && without !== undefined) {
+      const first = withDora[0]!;
+      this.r.report(
+        "MIL216",
+        decl.name.span,
+        `adapter \`${decl.name.name}\` uses DoRA on some experts (layer ${first.layer} ${first.module}) and not on others (layer ${without.layer} ${without.module}); ` +
+          "PEFT stores one use_dora per adapter",
+        "write `dora true` on an `experts all` line, or make a separate adapter",
+      );
     }
     const selection = state.router?.selection;
     if (selection?.rule !== "top_k") return;
@@ -332,10 +349,10 @@ function toAdapter(decl: AdapterDecl, state: AdapterState): Adapter {
   const experts: ExpertSlot[] = [];
   for (const layer of state.layers) {
     EXPERT_MODULES.forEach((module, i) => {
-      const { enabled, ...options } = state.grid[layer]![i]!;
+      const { enabled, dora, ...options } = state.grid[layer]![i]!;
       if (!enabled) return;
       const scaling = options.rslora ? options.alpha / Math.sqrt(options.rank) : options.alpha / options.rank;
-      experts.push({ layer, module, ...options, scaling, ...moduleShape(state.base, module) });
+      experts.push({ layer, module, ...options, ...(dora ? { dora } : {}), scaling, ...moduleShape(state.base, module) });
     });
   }
   return {

@@ -24,6 +24,7 @@ export const CHECK_CODES = {
   MIL210: "adapter enables no experts",
   MIL211: "size above milora's limits",
   MIL212: "layer list longer than any base",
+  MIL216: "DoRA on some of an adapter's experts and not on others",
   MIL301: "spec file missing or unreadable",
   MIL302: "import cycle",
   MIL303: "`from` config missing or unreadable",

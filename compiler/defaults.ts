@@ -9,6 +9,7 @@ export const LORA_DEFAULTS = {
   alpha: 32,
   dropout: 0.3,
   rslora: false,
+  dora: false,
 } as const;
 
 /** The router an adapter gets when it has no `router` block (and the start of any `router { }` block). */

@@ -44,6 +44,11 @@ export interface ExpertSlot extends LoraOptions {
   readonly module: ExpertModule;
   readonly inFeatures: number;
   readonly outFeatures: number;
+  /**
+   * DoRA (Liu et al. 2024, PEFT's use_dora): a learned magnitude m per output row rescales the module,
+   * m * (W + scaling * B A) / ||W + scaling * B A||_row. Absent for plain LoRA.
+   */
+  readonly dora?: true;
 }
 
 /** `attention` is the paper's self-attention pooler (appendix C, eq. 8): one learned vector w_sa. */

@@ -97,7 +97,7 @@ function writeIndex(file: SourceFile, input: ApiInput): void {
   const experts = Object.fromEntries(
     adapter.layers.map((layer) => [
       layer,
-      Object.fromEntries(adapter.experts.filter((e) => e.layer === layer).map((e) => [e.module, { rank: e.rank, alpha: e.alpha, scaling: e.scaling, dropout: e.dropout, rslora: e.rslora }])),
+      Object.fromEntries(adapter.experts.filter((e) => e.layer === layer).map((e) => [e.module, { rank: e.rank, alpha: e.alpha, scaling: e.scaling, dropout: e.dropout, rslora: e.rslora, ...(e.dora ? { dora: true } : {}) }])),
     ]),
   );
   constant(file, "EXPERTS", `${literal(experts)} as const`, "Each layer's experts and their LoRA options.");

@@ -72,6 +72,8 @@ export interface PeftLoraConfig {
   readonly rankPattern: Readonly<Record<string, number>>;
   readonly alphaPattern: Readonly<Record<string, number>>;
   readonly useRslora: boolean;
+  /** DoRA on every targeted module (PEFT keeps one flag per adapter). */
+  readonly useDora: boolean;
   readonly milora?: MiloraSection;
 }
 
@@ -101,12 +103,7 @@ function parseAdapterConfig(json: unknown, path: string): PeftLoraConfig {
   };
   const peftType = field("peft_type", isString, "a string", "LORA");
   if (peftType !== "LORA") fail(`peft_type ${peftType} is not supported (only LORA)`);
-  for (const [key, unsupported] of [
-    ["use_dora", true],
-    ["fan_in_fan_out", true],
-  ] as const) {
-    if (json[key] === unsupported) fail(`"${key}": ${unsupported} is not supported`);
-  }
+  if (json.fan_in_fan_out === true) fail(`"fan_in_fan_out": true is not supported`);
   const bias = json.bias ?? "none";
   if (bias !== "none") fail(`"bias": ${JSON.stringify(bias)} is not supported (only "none")`);
   const layersRaw = json.layers_to_transform ?? null;
@@ -127,6 +124,7 @@ function parseAdapterConfig(json: unknown, path: string): PeftLoraConfig {
     rankPattern: patterns("rank_pattern"),
     alphaPattern: patterns("alpha_pattern"),
     useRslora: field("use_rslora", isBoolean, "true or false", false),
+    useDora: field("use_dora", isBoolean, "true or false", false),
   };
   // every pattern is compiled now, so a bad one is reported whether or not a module would reach it
   if (isString(targetModules) && targetModules !== "all-linear") compilePattern(targetModules, targetModules, "target_modules", path);
@@ -291,6 +289,7 @@ export function configLoraOptions(config: PeftLoraConfig, base: BaseModel, layer
     alpha: patternValue(config.alphaPattern, path, config.loraAlpha, "alpha_pattern", config.path),
     dropout: config.loraDropout,
     rslora: config.useRslora,
+    ...(config.useDora ? { dora: true as const } : {}),
   };
 }
 
@@ -336,6 +335,9 @@ export function configJson(spec: Adapter): Record<string, unknown> {
   if (experts.some((e) => e.rslora !== rslora)) {
     throw new Error(`adapter ${spec.name}: PEFT stores one use_rslora per adapter, but the spec mixes rsLoRA and plain scaling`);
   }
+  // the checker refuses a spec that mixes DoRA and plain modules (MIL216)
+  const dora = experts[0]?.dora === true;
+  if (experts.some((e) => (e.dora === true) !== dora)) throw new Error(`adapter ${spec.name}: PEFT stores one use_dora per adapter, but the spec mixes DoRA and plain LoRA`);
   const modules = EXPERT_MODULES.filter((m) => experts.some((e) => e.module === m));
   // A list of modules covers every chosen layer; a spec that is not such a grid names each module path.
   const isGrid = experts.length === modules.length * spec.layers.length;
@@ -352,6 +354,7 @@ export function configJson(spec: Adapter): Record<string, unknown> {
     rank_pattern: exceptions(spec, (e) => e.rank, r),
     alpha_pattern: exceptions(spec, (e) => e.alpha, alpha),
     use_rslora: rslora,
+    use_dora: dora,
     bias: "none",
     fan_in_fan_out: false,
     inference_mode: true,
@@ -393,7 +396,8 @@ export function specHash(spec: Adapter): string {
   const { base, router } = spec;
   const canonical = {
     base: [base.family, base.hiddenSize, base.layers, base.heads, base.kvHeads, base.headDim, base.intermediateSize, base.vocabSize],
-    experts: spec.experts.map((e) => [e.layer, e.module, e.rank, e.alpha, e.rslora]),
+    // DoRA is appended only when on, so plain adapters keep the hashes they had before DoRA existed
+    experts: spec.experts.map((e) => [e.layer, e.module, e.rank, e.alpha, e.rslora, ...(e.dora ? ["dora"] : [])]),
     router: router ? [router.placement, router.input, router.pooling, router.selection, router.activation, router.rational ?? null, router.when] : null,
   };
   return `sha256:${createHash("sha256").update(JSON.stringify(canonical)).digest("hex").slice(0, 16)}`;

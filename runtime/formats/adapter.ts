@@ -1,5 +1,6 @@
-// An adapter directory: adapter_config.json + adapter_model.safetensors in PEFT's layout, plus
-// MiLoRA's router, pooler and rational-activation tensors under names of our own (docs/formats.md). Loading checks the
+// An adapter directory: adapter_config.json + adapter_model.safetensors in PEFT's layout (DoRA's
+// magnitude vectors included), plus MiLoRA's router, pooler and rational-activation tensors under
+// names of our own (docs/formats.md). Loading checks the
 // files against a spec (given, or rebuilt from the config) and reports every mismatch at once.
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -35,6 +36,8 @@ export interface LoraWeights {
   readonly rank: number;
   /** alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
   readonly scaling: number;
+  /** DoRA's magnitude m [outFeatures] (PEFT's lora_magnitude_vector); absent for plain LoRA. */
+  readonly magnitude?: Float32Array;
 }
 
 /** The rational activation's coefficients (paper eq. 6): Ra(x) = P(x) / (1 + |Q(x)|). */
@@ -78,6 +81,8 @@ const layerPath = (base: Base, layer: number) => `${PEFT_PREFIX}.${familyOf(base
 export const adapterTensorName = {
   loraA: (base: Base, layer: number, module: ExpertModule) => `${PEFT_PREFIX}.${modulePath(base, layer, module)}.lora_A.weight`,
   loraB: (base: Base, layer: number, module: ExpertModule) => `${PEFT_PREFIX}.${modulePath(base, layer, module)}.lora_B.weight`,
+  // PEFT saves DoRA's magnitude without the `.weight` its module holds it under (LoraModel._get_adapter_state_dict)
+  loraMagnitude: (base: Base, layer: number, module: ExpertModule) => `${PEFT_PREFIX}.${modulePath(base, layer, module)}.lora_magnitude_vector`,
   router: (base: Base, layer: number) => `${layerPath(base, layer)}.milora_router.weight`,
   routerNoise: (base: Base, layer: number) => `${layerPath(base, layer)}.milora_router_noise.weight`,
   pooler: (base: Base, layer: number) => `${layerPath(base, layer)}.milora_pooler.weight`,
@@ -86,7 +91,7 @@ export const adapterTensorName = {
 };
 
 type TensorRole =
-  | { readonly kind: "lora_A" | "lora_B"; readonly layer: number; readonly module: ExpertModule }
+  | { readonly kind: "lora_A" | "lora_B" | "lora_magnitude"; readonly layer: number; readonly module: ExpertModule }
   | { readonly kind: "router" | "router_noise" | "pooler" | "rational_numerator" | "rational_denominator"; readonly layer: number };
 
 /** A tensor a spec calls for, with the shape it must have. */
@@ -109,9 +114,10 @@ export function layerExperts(spec: Adapter, layer: number): ExpertModule[] {
 function specTensors(spec: Adapter): SpecTensor[] {
   const out: SpecTensor[] = [];
   const add = (name: string, shape: number[], role: TensorRole, optional = false) => out.push({ name, shape, optional, role });
-  for (const { layer, module, rank, inFeatures, outFeatures } of spec.experts) {
+  for (const { layer, module, rank, inFeatures, outFeatures, dora } of spec.experts) {
     add(adapterTensorName.loraA(spec.base, layer, module), [rank, inFeatures], { kind: "lora_A", layer, module });
     add(adapterTensorName.loraB(spec.base, layer, module), [outFeatures, rank], { kind: "lora_B", layer, module });
+    if (dora) add(adapterTensorName.loraMagnitude(spec.base, layer, module), [outFeatures], { kind: "lora_magnitude", layer, module });
   }
   if (!spec.router) return out;
   const hidden = spec.base.hiddenSize;
@@ -143,7 +149,7 @@ export interface LoadAdapterOptions {
 export function loadAdapter(dir: string, opts: LoadAdapterOptions): LoadedAdapter {
   const config = readAdapterConfig(dir);
   const spec = opts.spec ?? specFromConfig(config, opts.base, opts.name);
-  const problems = opts.spec ? [...baseMismatches(spec.base, opts.base), ...scalingMismatches(config, spec)] : [];
+  const problems = opts.spec ? [...baseMismatches(spec.base, opts.base), ...scalingMismatches(config, spec), ...doraMismatches(config, spec)] : [];
   const file = SafetensorsFile.open(join(dir, ADAPTER_WEIGHTS_FILE));
   try {
     const expected = specTensors(spec);
@@ -192,6 +198,12 @@ function scalingMismatches(config: PeftLoraConfig, spec: Adapter): string[] {
   return problems;
 }
 
+function doraMismatches(config: PeftLoraConfig, spec: Adapter): string[] {
+  const dora = spec.experts.some((e) => e.dora);
+  if (dora === config.useDora) return [];
+  return [`${ADAPTER_CONFIG_FILE} has "use_dora": ${config.useDora}, but the spec's experts ${dora ? "use" : "do not use"} DoRA`];
+}
+
 function tensorMismatches(file: SafetensorsFile, expected: readonly SpecTensor[], spec: Adapter): string[] {
   const problems: string[] = [];
   const shape = (s: readonly number[]) => `[${s.join(", ")}]`;
@@ -220,7 +232,12 @@ function tensorMismatches(file: SafetensorsFile, expected: readonly SpecTensor[]
   const known = new Set(expected.map((t) => t.name));
   for (const info of file.tensors.values()) {
     if (known.has(info.name)) continue;
-    const why = !spec.router && info.name.includes(".milora_") ? "the spec has no router" : `not part of adapter spec ${spec.name}`;
+    const why =
+      !spec.router && info.name.includes(".milora_")
+        ? "the spec has no router"
+        : info.name.endsWith(".lora_magnitude_vector") && !spec.experts.some((e) => e.dora)
+          ? "a DoRA magnitude, but the adapter is not DoRA (use_dora false)"
+          : `not part of adapter spec ${spec.name}`;
     problems.push(`unexpected tensor "${info.name}" ${shape(info.shape)} (${why})`);
   }
   return problems;
@@ -229,8 +246,10 @@ function tensorMismatches(file: SafetensorsFile, expected: readonly SpecTensor[]
 function assemble(name: string, spec: Adapter, data: ReadonlyMap<string, Float32Array>): LoadedAdapter {
   const get = (n: string) => data.get(n)!;
   const lora = new Map<LoraKey, LoraWeights>();
-  for (const { layer, module, rank, scaling } of spec.experts) {
-    lora.set(loraKey(layer, module), { a: get(adapterTensorName.loraA(spec.base, layer, module)), b: get(adapterTensorName.loraB(spec.base, layer, module)), rank, scaling });
+  for (const { layer, module, rank, scaling, dora } of spec.experts) {
+    const a = get(adapterTensorName.loraA(spec.base, layer, module));
+    const b = get(adapterTensorName.loraB(spec.base, layer, module));
+    lora.set(loraKey(layer, module), { a, b, rank, scaling, ...(dora ? { magnitude: get(adapterTensorName.loraMagnitude(spec.base, layer, module)) } : {}) });
   }
   if (!spec.router) return { name, spec, lora };
   const pooled = spec.router.pooling === "attention";
@@ -256,9 +275,9 @@ function assemble(name: string, spec: Adapter, data: ReadonlyMap<string, Float32
 }
 
 function tensorData(adapter: LoadedAdapter, role: TensorRole): Float32Array | undefined {
-  if (role.kind === "lora_A" || role.kind === "lora_B") {
+  if (role.kind === "lora_A" || role.kind === "lora_B" || role.kind === "lora_magnitude") {
     const w = adapter.lora.get(loraKey(role.layer, role.module));
-    return role.kind === "lora_A" ? w?.a : w?.b;
+    return role.kind === "lora_A" ? w?.a : role.kind === "lora_B" ? w?.b : w?.magnitude;
   }
   const r = adapter.router?.get(role.layer);
   switch (role.kind) {

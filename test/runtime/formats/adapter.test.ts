@@ -234,6 +234,73 @@ test("LoRA scaling that differs between the spec and adapter_config.json is refu
   assert.match(refusal(dir, spec), "layer 2 v_proj: adapter_config.json gives LoRA scaling 2 (r 4, alpha 8), the spec 4 (r 4, alpha 8, rsLoRA)");
 });
 
+/**
+ * A DoRA adapter exactly as PEFT saves one (LoraConfig(use_dora=True), save_pretrained): its config and
+ * tensors written here from PEFT's layout, not by milora: per module lora_A, lora_B and the magnitude
+ * `lora_magnitude_vector` [out] (saved without the `.weight` its module holds it under).
+ */
+function writePeftDoraAdapter(dir: string, modules: readonly ("q_proj" | "k_proj" | "v_proj" | "o_proj")[]): Map<string, Float32Array> {
+  mkdirSync(dir, { recursive: true });
+  const config = { peft_type: "LORA", task_type: "CAUSAL_LM", r: 2, lora_alpha: 4, lora_dropout: 0.05, target_modules: modules, use_dora: true, use_rslora: false, bias: "none", fan_in_fan_out: false };
+  writeFileSync(join(dir, ADAPTER_CONFIG_FILE), JSON.stringify(config));
+  const data = new Map<string, Float32Array>();
+  const tensors: TensorToWrite[] = [];
+  for (let layer = 0; layer < base.layers; layer++) {
+    for (const m of modules) {
+      // attention modules only: hidden 32, k and v 16 wide (2 kv heads of 8)
+      const path = `base_model.model.model.layers.${layer}.self_attn.${m}`;
+      const [out, inF] = m === "k_proj" || m === "v_proj" ? [16, 32] : [32, 32];
+      for (const [name, shape] of [[`${path}.lora_A.weight`, [2, inF]], [`${path}.lora_B.weight`, [out, 2]], [`${path}.lora_magnitude_vector`, [out]]] as const) {
+        const values = Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => Math.sin(i + layer + name.length));
+        data.set(name, values);
+        tensors.push({ name, dtype: "F32", shape: [...shape], data: values });
+      }
+    }
+  }
+  writeSafetensors(join(dir, ADAPTER_WEIGHTS_FILE), tensors, { format: "pt" });
+  return data;
+}
+
+test("a PEFT DoRA adapter (use_dora true, lora_magnitude_vector [out]) loads with its magnitudes, and milora writes it back the same way", () => {
+  const dir = freshDir();
+  const data = writePeftDoraAdapter(dir, ["q_proj", "v_proj"]);
+  const loaded = loadAdapter(dir, { name: "dora", base });
+  assert.ok(loaded.spec.experts.every((e) => e.dora === true));
+  assert.is(loaded.spec.experts.length, 6);
+  const v1 = loaded.lora.get("1.v_proj")!;
+  assert.equal(v1.magnitude, data.get("base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"));
+  assert.equal(v1.b, data.get("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"));
+  assert.is(adapterTensorName.loraMagnitude(base, 1, "v_proj"), "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector");
+  const again = freshDir();
+  writeAdapter(again, loaded);
+  assert.is(JSON.parse(readFileSync(join(again, ADAPTER_CONFIG_FILE), "utf8")).use_dora, true);
+  assertSameWeights(loadAdapter(again, { name: "dora", base, spec: loaded.spec }), loaded);
+  // a plain adapter says use_dora false, as PEFT writes it
+  const plain = freshDir();
+  writeRandomPeftAdapter(plain, { base, modules: ["q_proj"], rank: 2, alpha: 4, seed: 1 });
+  assert.is(JSON.parse(readFileSync(join(plain, ADAPTER_CONFIG_FILE), "utf8")).use_dora, false);
+});
+
+test("DoRA tensors are checked like the others: a missing or misshapen magnitude, a magnitude in a plain adapter, use_dora against the spec", () => {
+  const dir = freshDir();
+  writePeftDoraAdapter(dir, ["q_proj"]);
+  const q0 = adapterTensorName.loraMagnitude(base, 0, "q_proj");
+  const q2 = adapterTensorName.loraMagnitude(base, 2, "q_proj");
+  editTensors(dir, (ts) => ts.filter((t) => t.name !== q2).map((t) => (t.name === q0 ? { ...t, shape: [1, 32] } : t)));
+  const message = refusal(dir);
+  assert.match(message, `tensor "${q0}" has shape [1, 32], spec expects [32]`);
+  assert.match(message, `missing tensor "${q2}" (spec expects [32])`);
+  assert.match(message, "(2 problems)");
+  const plainSpec = peftSpec({ base, modules: ["q_proj"], rank: 2, alpha: 4, seed: 1 });
+  const fresh = freshDir();
+  writePeftDoraAdapter(fresh, ["q_proj"]);
+  const mismatch = refusal(fresh, plainSpec);
+  assert.match(mismatch, `adapter_config.json has "use_dora": true, but the spec's experts do not use DoRA`);
+  assert.match(mismatch, `unexpected tensor "${q0}" [32] (a DoRA magnitude, but the adapter is not DoRA (use_dora false))`);
+  writeFileSync(join(fresh, ADAPTER_CONFIG_FILE), JSON.stringify({ ...JSON.parse(readFileSync(join(fresh, ADAPTER_CONFIG_FILE), "utf8")), use_dora: "yes" }));
+  assert.match(refusal(fresh), `"use_dora" must be true or false, got "yes"`);
+});
+
 test("rational coefficients load from the file when present, else the GELU-fit initialisation; half a set is refused", () => {
   const dir = freshDir();
   const written = writeRandomAdapter(dir, { spec: routedSpec(), seed: 4 });
