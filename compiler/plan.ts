@@ -10,7 +10,7 @@ import { attentionKernel, type AttentionConstants } from "./kernels/attention.ts
 import { swigluKernel } from "./kernels/elementwise.ts";
 import type { KernelSource } from "./kernels/kernel.ts";
 import { kvWriteKernel, type KvWriteConstants } from "./kernels/kv-write.ts";
-import { loraExpandKernel, loraShrinkKernel, type LoraConstants } from "./kernels/lora.ts";
+import { loraExpandKernel, loraShrinkKernel, type LoraConstants, type LoraExpandConstants } from "./kernels/lora.ts";
 import { matmulKernel, type MatmulConstants } from "./kernels/matmul.ts";
 import { matvecKernel, type MatvecConstants } from "./kernels/matvec.ts";
 import { rmsNormKernel, type RmsNormConstants } from "./kernels/rmsnorm.ts";
@@ -71,7 +71,8 @@ export type PlannedKernel =
   | { readonly key: string; readonly family: "attention"; readonly constants: AttentionConstants }
   | { readonly key: string; readonly family: "swiglu"; readonly constants: Record<string, never> }
   | { readonly key: string; readonly family: "sampling"; readonly constants: { readonly vocab: number } }
-  | { readonly key: string; readonly family: "lora_shrink" | "lora_expand"; readonly constants: LoraConstants }
+  | { readonly key: string; readonly family: "lora_shrink"; readonly constants: LoraConstants }
+  | { readonly key: string; readonly family: "lora_expand"; readonly constants: LoraExpandConstants }
   | { readonly key: string; readonly family: "router_score"; readonly constants: RouterScoreConstants }
   | { readonly key: string; readonly family: "router_pool"; readonly constants: RouterPoolConstants }
   | { readonly key: string; readonly family: "router_gate"; readonly constants: RouterGateConstants }
@@ -180,7 +181,8 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank };
       return {
         shrink: use({ family: "lora_shrink", constants }),
-        expand: use({ family: "lora_expand", constants }),
+        // DoRA-capable, since any tenant may be DoRA; over a fused residual it reads the residual back
+        expand: use({ family: "lora_expand", constants: { ...constants, dora: true, ...(residual ? { residual } : {}) } }),
         gateColumn: EXPERT_MODULES.indexOf(m),
       };
     };

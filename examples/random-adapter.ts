@@ -8,6 +8,7 @@ import type { Adapter, BaseModel, ExpertModule } from "../compiler/model.ts";
 import { rationalInit } from "../compiler/rational.ts";
 import { loraSlot } from "../runtime/formats/adapter-config.ts";
 import { layerExperts, loraKey, writeAdapter, type LoadedAdapter, type LoraKey, type LoraWeights, type RouterWeights } from "../runtime/formats/adapter.ts";
+import { loraRowNorms } from "../runtime/engine/dora.ts";
 import { seededNormal } from "./random-checkpoint.ts";
 
 export interface RandomAdapterOptions {
@@ -17,6 +18,8 @@ export interface RandomAdapterOptions {
   readonly scale?: number;
   /** The name the adapter is addressed by; the spec's name unless given. */
   readonly name?: string;
+  /** A base weight [out, in] as f32: needed for DoRA experts, whose magnitudes are drawn near its row norms. */
+  readonly baseWeight?: (layer: number, module: ExpertModule) => Float32Array;
 }
 
 /**
@@ -34,7 +37,15 @@ export function randomAdapter(o: RandomAdapterOptions): LoadedAdapter {
     // A x has entries of the size of x; B is scaled so that scaling * B A x is `scale` times W x.
     const a = gaussian(e.rank * e.inFeatures, 1 / Math.sqrt(e.inFeatures));
     const b = gaussian(e.outFeatures * e.rank, scale / (e.scaling * Math.sqrt(e.rank)));
-    lora.set(loraKey(e.layer, e.module), { a, b, rank: e.rank, scaling: e.scaling });
+    const weights: LoraWeights = { a, b, rank: e.rank, scaling: e.scaling };
+    if (!e.dora) {
+      lora.set(loraKey(e.layer, e.module), weights);
+      continue;
+    }
+    if (!o.baseWeight) throw new Error(`random adapter ${spec.name}: layer ${e.layer} ${e.module} is DoRA, whose magnitudes need the base weights (option baseWeight)`);
+    // PEFT starts m at ||W + s B A||_row (factor 1); training moves it: here by about 10% per row.
+    const norms = loraRowNorms(o.baseWeight(e.layer, e.module), weights);
+    lora.set(loraKey(e.layer, e.module), { ...weights, magnitude: Float32Array.from(norms, (n) => n * (1 + 0.1 * normal())) });
   }
   const name = o.name ?? spec.name;
   if (!spec.router) return { name, spec, lora };
@@ -72,6 +83,8 @@ export interface RandomPeftOptions {
   /** Every layer unless given. */
   readonly layers?: readonly number[];
   readonly rslora?: boolean;
+  /** DoRA on every module (writing one needs RandomAdapterOptions.baseWeight). */
+  readonly dora?: boolean;
   readonly seed: number;
   readonly name?: string;
 }
@@ -79,7 +92,7 @@ export interface RandomPeftOptions {
 /** The spec of a plain LoRA adapter: `modules` in every one of `layers`, one rank and alpha, no router. */
 export function peftSpec(o: RandomPeftOptions): Adapter {
   const layers = [...(o.layers ?? Array.from({ length: o.base.layers }, (_, i) => i))].sort((a, b) => a - b);
-  const options = { rank: o.rank, alpha: o.alpha, dropout: 0, rslora: o.rslora ?? false };
+  const options = { rank: o.rank, alpha: o.alpha, dropout: 0, rslora: o.rslora ?? false, ...(o.dora ? { dora: true as const } : {}) };
   const at = { offset: 0, line: 1, column: 1 };
   return {
     name: o.name ?? "peft",

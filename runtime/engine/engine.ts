@@ -99,7 +99,7 @@ export class Engine implements SequenceRunner {
     const device = gpu.device;
     this.#kernels = parts.kernels;
     this.#pipelines = new PipelineCache(device);
-    this.#tenants = new AdapterStore(device, plan, maxAdapters);
+    this.#tenants = new AdapterStore(device, plan, maxAdapters, parts.checkpointDir);
     this.#forward = new ForwardEncoder({ device, plan, maxRows, maxTenants: maxAdapters, weights: this.#weights, cache: this.#cache, kernels: this.#kernels, pipelines: this.#pipelines, tenants: this.#tenants });
     this.#merged = new MergedMode({ device, plan, weights: parts.weights });
     // Compiling every pipeline now keeps shader compilation out of the first step's timing.
@@ -137,7 +137,7 @@ export class Engine implements SequenceRunner {
       const maxRows = Math.max(1, Math.min(options.maxBatchRows ?? 256, Math.floor(maxBinding / (4 * widest))));
       const weights = await uploadWeights(gpu.device, checkpoint, plan, maxBinding);
       const cache = new KvCache(gpu.device, cacheShape);
-      const engine = new Engine({ plan, maxRows, base, maxAdapters, kernels: engineKernels, gpu, ownsDevice: options.gpu === undefined, weights, cache });
+      const engine = new Engine({ plan, maxRows, base, maxAdapters, kernels: engineKernels, gpu, ownsDevice: options.gpu === undefined, weights, cache, checkpointDir: options.checkpointDir });
       try {
         await engine.#forward.warmUp();
       } catch (e) {
@@ -416,6 +416,8 @@ interface EngineParts {
   readonly ownsDevice: boolean;
   readonly weights: GpuWeights;
   readonly cache: KvCache;
+  /** Where the base weights were read from: DoRA adapters' factors are computed from them (dora.ts). */
+  readonly checkpointDir: string;
 }
 
 /** A sequence as the step planner sees it: a router runs on its rows until its gates are known (for token routing, never). */

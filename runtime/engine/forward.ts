@@ -318,14 +318,19 @@ export class ForwardEncoder {
     for (const block of weight.blocks) this.#step.dispatch(this.#kernels.block(op, family, block.rows), { ...io, w: block.buffer }, { rows, column: block.firstRow });
   }
 
-  /** y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module. */
+  /**
+   * y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module; for a
+   * DoRA slot, the expand kernel also scales the module's base product by its factors (lora.ts).
+   */
   #lora(op: Extract<PlanOp, { op: "linear" }>, lora: PlanLora, rows: number, layer: number): void {
     const stack = this.#tenants.stack(layer, op.module as ExpertModule);
     const select = { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
     const params = { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + lora.gateColumn };
     const t = this.#inputs.loraT;
     this.#step.dispatch(this.#kernels.get("lora_shrink", lora.shrink), { x: this.#act(op.input), a: stack.a, ...select, t }, params);
-    this.#step.dispatch(this.#kernels.get("lora_expand", lora.expand), { t, b: stack.b, ...select, y: this.#act(op.output) }, params);
+    // Where the base product added a residual, the DoRA term reads it back to recover W x.
+    const residual = op.residual === undefined ? {} : { residual: this.#act(op.residual) };
+    this.#step.dispatch(this.#kernels.get("lora_expand", lora.expand), { t, b: stack.b, ...select, dora: stack.dora, ...residual, y: this.#act(op.output) }, params);
   }
 
   #act(name: ActivationName): GPUBuffer {

@@ -1,6 +1,7 @@
 // Merged mode, for one tenant: its LoRA folded into the base weights (W + g * scaling * B A) for one
 // routing decision, so sequences without an adapter then run the base kernels only; unmerging puts
-// back what the changed weights held before.
+// back what the changed weights held before. A DoRA module folds to W + g (d * (W + scaling * B A) - W),
+// with the factors d the tenant was loaded with (dora.ts): exactly what the unmerged kernels compute.
 import type { ExpertModule } from "../../compiler/model.ts";
 import type { Plan } from "../package/format.ts";
 import { loraKey } from "../formats/adapter.ts";
@@ -54,11 +55,12 @@ export class MergedMode {
     for (const { layer, module } of tenant.adapter.spec.experts) {
       const g = gates[gateColumn(layer, module)]!;
       if (g === 0) continue;
-      const w = tenant.adapter.lora.get(loraKey(layer, module))!;
+      const key = loraKey(layer, module);
+      const w = tenant.adapter.lora.get(key)!;
       const tensor = this.#plan.tensors.find((t) => t.layer === layer && t.module === module)!.name;
       const original = await this.#weights.read(this.#device, tensor);
       originals.set(tensor, original);
-      this.#weights.write(this.#device.queue, tensor, foldLora(original, w.a, w.b, w.rank, g * w.scaling));
+      this.#weights.write(this.#device.queue, tensor, foldLora(original, w.a, w.b, w.rank, g, w.scaling, tenant.dora.get(key)));
     }
     this.#merged = { tenant: name, originals };
   }
@@ -71,13 +73,18 @@ export class MergedMode {
   }
 }
 
-/** W + c * B A for W [out, in] row-major, A [rank, in], B [out, rank]. */
-function foldLora(w: Float32Array, a: Float32Array, b: Float32Array, rank: number, c: number): Float32Array {
+/**
+ * W + g * scaling * B A for W [out, in] row-major, A [rank, in], B [out, rank]; with DoRA factors d [out],
+ * W + g (d * (W + scaling * B A) - W), row o being (1 + g (d_o - 1)) W_o + g d_o scaling (B A)_o.
+ */
+function foldLora(w: Float32Array, a: Float32Array, b: Float32Array, rank: number, gate: number, scaling: number, dora?: Float32Array): Float32Array {
   const inF = a.length / rank;
   const out = Float32Array.from(w);
   for (let o = 0; o < out.length / inF; o++) {
+    const d = dora?.[o] ?? 1;
+    if (d !== 1) for (let i = 0; i < inF; i++) out[o * inF + i]! *= 1 + gate * (d - 1);
     for (let j = 0; j < rank; j++) {
-      const coef = c * b[o * rank + j]!;
+      const coef = gate * d * scaling * b[o * rank + j]!;
       for (let i = 0; i < inF; i++) out[o * inF + i]! += coef * a[j * inF + i]!;
     }
   }

@@ -1,14 +1,16 @@
 // The GPU adapter store: several adapters (tenants) resident at once over one base, addressed by
 // name. Each (layer, module) holds every slot's LoRA stacked as the LoRA kernels read it
-// (compiler/kernels/lora.ts): A [slots, R, in], B [slots, out, R] zero past a slot's rank, and per slot
-// { rank, scaling }, with rank 0 for a module the adapter lacks. Router weights stay per adapter.
+// (compiler/kernels/lora.ts): A [slots, R, in], B [slots, out, R] zero past a slot's rank, per slot
+// { rank, scaling }, with rank 0 for a module the adapter lacks, and DoRA's factors [slots, out] (1 for a
+// plain LoRA slot). Router weights stay per adapter.
 import { packLoraSlots, type LoraSlotInfo } from "../gpu/layouts.ts";
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
 import type { Plan } from "../package/format.ts";
 import { rationalInit } from "../../compiler/rational.ts";
-import { loraKey, type LoadedAdapter, type RouterWeights } from "../formats/adapter.ts";
+import { loraKey, type LoadedAdapter, type LoraKey, type RouterWeights } from "../formats/adapter.ts";
 import { createStorage } from "../gpu/kernel-runner.ts";
 import { MiloraError } from "../errors.ts";
+import { adapterDoraFactors } from "./dora.ts";
 
 /** An adapter the store cannot take (wrong base, rank too high, no free slot, name in use). */
 export class AdapterStoreError extends MiloraError {
@@ -21,6 +23,8 @@ export interface StackedLora {
   readonly a: GPUBuffer;
   readonly b: GPUBuffer;
   readonly slots: GPUBuffer;
+  /** DoRA's factors d = m / ||W + s B A||_row per slot and output row; 1 for plain LoRA. */
+  readonly dora: GPUBuffer;
 }
 
 /**
@@ -41,24 +45,30 @@ export interface Tenant {
   readonly adapter: LoadedAdapter;
   /** By layer; empty for plain LoRA. */
   readonly routers: ReadonlyMap<number, GpuRouter>;
+  /** DoRA's factors of each of its DoRA modules (dora.ts); empty for plain LoRA. */
+  readonly dora: ReadonlyMap<LoraKey, Float32Array>;
   /** Whether the adapter has a LoRA on (layer, module): other modules are never dispatched for it. */
   has(layer: number, module: ExpertModule): boolean;
 }
 
 export class AdapterStore {
   readonly #device: GPUDevice;
-  readonly #plan: Plan;
+  readonly #plan: Plan<ExpertModule>;
+  readonly #checkpointDir: string;
   readonly #stacks: StackedLora[][];
   readonly #resident = new Map<string, Tenant>();
   readonly #free: number[];
 
+  /** `checkpointDir`: the base checkpoint, whose weights DoRA's factors are computed from. */
   constructor(
     device: GPUDevice,
-    plan: Plan,
+    plan: Plan<ExpertModule>,
     readonly slots: number,
+    checkpointDir: string,
   ) {
     this.#device = device;
     this.#plan = plan;
+    this.#checkpointDir = checkpointDir;
     const R = plan.maxLoraRank;
     this.#stacks = Array.from({ length: plan.dims.layers }, (_, layer) =>
       EXPERT_MODULES.map((m) => {
@@ -68,6 +78,7 @@ export class AdapterStore {
           a: createStorage(device, slots * R * inF * 4, `${label} A`),
           b: createStorage(device, slots * out * R * 4, `${label} B`),
           slots: createStorage(device, slots * 8, `${label} slots`),
+          dora: createStorage(device, new Float32Array(slots * out).fill(1), `${label} DoRA factors`),
         };
       }),
     );
@@ -80,8 +91,9 @@ export class AdapterStore {
     if (this.#resident.has(name)) throw new AdapterStoreError(`an adapter named "${name}" is already loaded`);
     const problems = this.#problems(adapter);
     if (problems.length > 0) throw new AdapterStoreError(`adapter ${name} (spec ${spec.name}) cannot be served:\n${problems.map((p) => `  ${p}`).join("\n")}`);
-    const slot = this.#free.pop();
-    if (slot === undefined) throw new AdapterStoreError(`all ${this.slots} adapter slots are in use: unload one first`);
+    if (this.#free.length === 0) throw new AdapterStoreError(`all ${this.slots} adapter slots are in use: unload one first`);
+    const dora = adapterDoraFactors(adapter, this.#plan, this.#checkpointDir);
+    const slot = this.#free.pop()!;
     const R = this.#plan.maxLoraRank;
     const queue = this.#device.queue;
     for (let layer = 0; layer < this.#plan.dims.layers; layer++) {
@@ -99,6 +111,8 @@ export class AdapterStore {
           info = { rank: w.rank, scaling: w.scaling };
         }
         queue.writeBuffer(stack.slots, slot * 8, packLoraSlots([info]));
+        // every module, so no factor of a DoRA adapter that held the slot before is left behind
+        queue.writeBuffer(stack.dora, slot * out * 4, dora.get(loraKey(layer, m)) ?? new Float32Array(out).fill(1));
       });
     }
     const routers = new Map<number, GpuRouter>();
@@ -117,7 +131,7 @@ export class AdapterStore {
         ...(rational ? { rational: createStorage(this.#device, rational(r), `${label} rational`) } : {}),
       });
     }
-    const resident: Tenant = { name, slot, adapter, routers, has: (layer, m) => adapter.lora.has(loraKey(layer, m)) };
+    const resident: Tenant = { name, slot, adapter, routers, dora, has: (layer, m) => adapter.lora.has(loraKey(layer, m)) };
     this.#resident.set(name, resident);
     return resident;
   }
@@ -146,7 +160,7 @@ export class AdapterStore {
 
   destroy(): void {
     for (const name of this.names()) this.remove(name);
-    for (const s of this.#stacks.flat()) for (const b of [s.a, s.b, s.slots]) b.destroy();
+    for (const s of this.#stacks.flat()) for (const b of [s.a, s.b, s.slots, s.dora]) b.destroy();
   }
 
   #problems(adapter: LoadedAdapter): string[] {
@@ -162,6 +176,9 @@ export class AdapterStore {
     ];
     for (const [key, theirs, ours] of pairs) if (theirs !== ours) problems.push(`its base ${base.name} has ${key} ${theirs}, the engine's ${this.#plan.base} ${ours}`);
     for (const e of adapter.spec.experts) {
+      if (e.dora && adapter.lora.get(loraKey(e.layer, e.module))?.magnitude?.length !== e.outFeatures) {
+        problems.push(`layer ${e.layer} ${e.module} is DoRA but has no magnitude vector of ${e.outFeatures} values`);
+      }
       if (e.rank > this.#plan.maxLoraRank) {
         problems.push(`layer ${e.layer} ${e.module} has rank ${e.rank}, above the engine's largest LoRA rank ${this.#plan.maxLoraRank} (option maxLoraRank)`);
       }

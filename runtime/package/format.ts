@@ -14,8 +14,10 @@ export const COMPILER_VERSION = "0.1.0";
  * in the plan.
  * 5: the base names no `attentionBias` (its family's architecture table says which modules have biases);
  * bias tensors in the tensor table.
+ * 7: DoRA: the LoRA expand kernels bind each slot's DoRA factors (`dora`, and `residual` where the
+ * base product fused one); an expert may say `dora: true`.
  */
-export const MANIFEST_FORMAT = 5;
+export const MANIFEST_FORMAT = 7;
 export const MANIFEST_FILE = "manifest.json";
 
 /**
@@ -196,7 +198,7 @@ export const FAMILY_BINDINGS = {
   swiglu: ["gate", "up", "out", "params"],
   sampling: ["logits", "settings", "tokens", "params"],
   lora_shrink: ["x", "a", "slots", "rowAdapter", "gates", "t", "params"],
-  lora_expand: ["t", "b", "slots", "rowAdapter", "gates", "y", "params"],
+  lora_expand: ["t", "b", "slots", "rowAdapter", "gates", "dora", "residual?", "y", "params"],
   router_score: ["h", "pooler", "scores", "params"],
   router_pool: ["h", "ranges", "scores?", "pooled", "params"],
   router_gate: ["x", "items", "weight", "rational?", "table", "params"],
@@ -281,6 +283,8 @@ export interface ManifestExpert {
   readonly alpha: number;
   readonly dropout: number;
   readonly rslora: boolean;
+  /** DoRA (present only when true). */
+  readonly dora?: true;
   readonly scaling: number;
 }
 
@@ -493,7 +497,7 @@ const manifest: Check = obj({
     name: str,
     "extends?": str,
     layers: arr(int),
-    experts: arr(obj({ layer: int, module: str, inFeatures: int, outFeatures: int, rank: int, alpha: num, dropout: num, rslora: bool, scaling: num })),
+    experts: arr(obj({ layer: int, module: str, inFeatures: int, outFeatures: int, rank: int, alpha: num, dropout: num, rslora: bool, "dora?": oneOf([true]), scaling: num })),
     "router?": router,
   }),
   plan,

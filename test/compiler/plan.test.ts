@@ -118,23 +118,24 @@ test("serving adapters adds LoRA shrink/expand to every expert linear (not lm_he
   const linears = plan.layer.filter((op): op is Extract<PlanOp, { op: "linear" }> => op.op === "linear");
   // Shrink is specialised by the input width (64, or 176 for down_proj), expand by the output width
   // (q, o, down 64; k, v 32; gate, up 176), both by the rank; the gate column is the module's place.
+  // Every expand applies DoRA factors; o_proj's and down_proj's read the residual their product fused.
   const shrink = (inFeatures: number) => `lora_shrink(inFeatures=${inFeatures},maxRank=8)`;
-  const expand = (outFeatures: number) => `lora_expand(outFeatures=${outFeatures},maxRank=8)`;
+  const expand = (outFeatures: number, residual = false) => `lora_expand(outFeatures=${outFeatures},maxRank=8,dora=true${residual ? ",residual=true" : ""})`;
   assert.equal(
     linears.map((op) => [op.module, op.lora!.shrink, op.lora!.expand, op.lora!.gateColumn]),
     [
       ["q_proj", shrink(64), expand(64), 0],
       ["k_proj", shrink(64), expand(32), 1],
       ["v_proj", shrink(64), expand(32), 2],
-      ["o_proj", shrink(64), expand(64), 3],
+      ["o_proj", shrink(64), expand(64, true), 3],
       ["gate_proj", shrink(64), expand(176), 4],
       ["up_proj", shrink(64), expand(176), 5],
-      ["down_proj", shrink(176), expand(64), 6],
+      ["down_proj", shrink(176), expand(64, true), 6],
     ],
   );
   assert.ok(plan.head.every((op) => op.op !== "linear" || op.lora === undefined));
   const sources = kernelSources(plan);
-  for (const key of [shrink(64), shrink(176), expand(64), expand(32), expand(176)]) assert.ok(sources.has(key), key);
+  for (const key of [shrink(64), shrink(176), expand(64), expand(64, true), expand(32), expand(176)]) assert.ok(sources.has(key), key);
   assert.throws(() => planBase(gqa, { maxLoraRank: 300 }), /from 0 to 256/);
 });
 

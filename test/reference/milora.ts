@@ -2,11 +2,13 @@
 // on the LLaMA reference: LoRA on every enabled module, gated per layer by a router that reads the
 // layer's input hidden states. Written from the paper's equations, not from the kernels: pooling
 // (eq. 2, the self-attention pooler of eq. 8), activation of the pooled vector and
-// TopK(softmax(g(h) W_r)) (eq. 3), the rational activation (eq. 6). Full recompute, no KV cache.
+// TopK(softmax(g(h) W_r)) (eq. 3), the rational activation (eq. 6). Full recompute, no KV cache. A DoRA
+// module's gate scales its change of the base weight (dora.ts).
 import { type Activation, type BaseModel, type ExpertModule, type Pooling, type RouterConfig, type Selection } from "../../compiler/model.ts";
 import { rationalInit } from "../../compiler/rational.ts";
 import { loraKey, type LoadedAdapter, type RationalWeights, type RouterWeights } from "../../runtime/formats/adapter.ts";
 import { argmax, baseLinear, decoderLayer, hfModuleName, matmulTransposed, rmsNorm, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
+import { doraWeightChange } from "./dora.ts";
 
 /** Gates of one layer's modules; a module left out has gate 0 (its LoRA is skipped). */
 export type Gates = Partial<Record<ExpertModule, number>>;
@@ -156,7 +158,10 @@ function allOn(adapter: LoadedAdapter, layer: number): Gates {
   return gates;
 }
 
-/** W x + g[m] * scaling * B (A x), with one set of gates per token position. */
+/**
+ * W x + g[m] * scaling * B (A x), with one set of gates per token position; for a DoRA module
+ * W x + g[m] (W' - W) x, W' its DoRA weight.
+ */
 function loraLinear(base: BaseModel, weights: ReferenceWeights, adapter: LoadedAdapter, gates: readonly Gates[]): LinearFn {
   const plain = baseLinear(base, weights);
   return (layer, module, x) => {
@@ -165,11 +170,13 @@ function loraLinear(base: BaseModel, weights: ReferenceWeights, adapter: LoadedA
     if (!w) return y;
     const a = Float64Array.from(w.a);
     const b = Float64Array.from(w.b);
+    const out = b.length / w.rank;
+    const change = w.magnitude && doraWeightChange(weights, layer, module, w);
     x.forEach((row, t) => {
       const g = gates[t]![module] ?? 0;
       if (g === 0) return;
-      const update = matmulTransposed(matmulTransposed([row], a, w.rank), b, b.length / w.rank)[0]!;
-      update.forEach((u, o) => (y[t]![o] = y[t]![o]! + g * w.scaling * u));
+      const update = change ? matmulTransposed([row], change, out)[0]! : matmulTransposed(matmulTransposed([row], a, w.rank), b, out)[0]!.map((u) => w.scaling * u);
+      update.forEach((u, o) => (y[t]![o] = y[t]![o]! + g * u));
     });
     return y;
   };
@@ -243,8 +250,9 @@ export function referenceMiloraGreedy(
 }
 
 /**
- * Base weights with the adapter folded in: W + g * scaling * B A per module, with g = 1 for plain LoRA
- * and a prompt's decision (`routing`) for a routed adapter. Token routing cannot be folded.
+ * Base weights with the adapter folded in: W + g * scaling * B A per module (W + g (W' - W) for DoRA),
+ * with g = 1 for plain LoRA and a prompt's decision (`routing`) for a routed adapter. Token routing
+ * cannot be folded.
  */
 export function foldLora(weights: ReferenceWeights, adapter: LoadedAdapter, routing?: readonly RoutingDecision[]): ReferenceWeights {
   if (adapter.spec.router && (!routing || routing.some((d) => d.position !== undefined))) {
@@ -256,7 +264,13 @@ export function foldLora(weights: ReferenceWeights, adapter: LoadedAdapter, rout
     if (g === 0) continue;
     const name = `${hfModuleName(layer, module)}.weight`;
     const w = weights.get(name).slice();
-    const { a, b } = adapter.lora.get(loraKey(layer, module))!;
+    const lora = adapter.lora.get(loraKey(layer, module))!;
+    const { a, b } = lora;
+    if (lora.magnitude) {
+      const change = doraWeightChange(weights, layer, module, lora);
+      folded.set(name, w.map((v, i) => v + g * change[i]!));
+      continue;
+    }
     for (let o = 0; o < outFeatures; o++) {
       for (let i = 0; i < inFeatures; i++) {
         let ba = 0;
