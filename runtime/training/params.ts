@@ -7,6 +7,22 @@ import type { Adapter, ExpertModule } from "../../compiler/model.ts";
 import { loraKey, type LoadedAdapter, type LoraWeights, type RouterWeights } from "../formats/adapter.ts";
 import { mulberry32 } from "../random.ts";
 import { createStorage, readBuffer } from "../gpu/kernel-runner.ts";
+import { userError } from "../errors.ts";
+
+/**
+ * Refuses an adapter whose experts use DoRA: the training graph has no gradient for DoRA's magnitude
+ * (nor its scaling of the base product), so it would silently train plain LoRA instead.
+ */
+export function refuseDoraTraining(spec: Adapter): void {
+  const dora = spec.experts.find((e) => e.dora);
+  if (dora) {
+    throw userError(
+      "unsupported",
+      `adapter ${spec.name} uses DoRA (layer ${dora.layer} ${dora.module} and the rest): milora train does not train DoRA yet; ` +
+        "train it with PEFT (use_dora=True) and run it here, or train the adapter without `dora true`",
+    );
+  }
+}
 
 /** One trainable f32 tensor: values, gradient, and the optimizer's two moments, all [count]. */
 export interface TrainTensor {
@@ -104,6 +120,7 @@ export class TrainableParams {
     readonly adapter: LoadedAdapter,
   ) {
     const spec = adapter.spec;
+    refuseDoraTraining(spec);
     this.lora = spec.experts.map((e) => {
       const w = adapter.lora.get(loraKey(e.layer, e.module));
       if (!w) throw new Error(`adapter ${adapter.name}: no LoRA weights for layer ${e.layer} ${e.module}`);

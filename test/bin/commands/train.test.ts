@@ -125,4 +125,13 @@ test("bad data is refused before any training, naming the line; bad flags are us
   assert.match(usage.stderr, "--batch-size must be a positive integer");
 });
 
+test("a DoRA adapter is refused before anything is read: milora train does not train DoRA", async () => {
+  const doraSpec = join(root, "dora.milora");
+  writeFileSync(doraSpec, `base tiny from "${model}"\n\nadapter d on tiny {\n  experts all { rank 4 alpha 8 dora true }\n  router off\n}\n`);
+  const r = await milorun("train", doraSpec, "--adapter", "d", "--base", model, "--data", data, "--out", join(root, "dora-out"));
+  assert.is(r.code, 11, "an unsupported error");
+  assert.match(r.stderr, "adapter d uses DoRA (layer 0 q_proj and the rest): milora train does not train DoRA yet");
+  assert.not.ok(existsSync(join(root, "dora-out")));
+});
+
 test.run();
