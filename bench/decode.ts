@@ -3,14 +3,12 @@
 //   node --import tsx bench/decode.ts            (models are written once under .cache/bench/)
 import { join } from "node:path";
 import { readHfConfig } from "../compiler/hf-config.ts";
-import { kernelSources, layerTensor, type Plan } from "../compiler/plan.ts";
+import type { Plan } from "../compiler/plan.ts";
 import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../examples/random-checkpoint.ts";
-import { openCheckpoint } from "../runtime/formats/checkpoint.ts";
 import { acquireDevice, adapterSummary, type GpuContext } from "../runtime/gpu/device.ts";
 import { Engine } from "../runtime/engine/engine.ts";
-import { PipelineCache, StepEncoder, createStorage } from "../runtime/gpu/kernel-runner.ts";
-import { uploadWeights } from "../runtime/engine/weights.ts";
 import { plannedEngine } from "../bin/engine-plan.ts";
+import { streamOnceMs } from "./stream-once.ts";
 
 const MODELS: Record<string, RandomCheckpointOptions> = {
   tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1 },
@@ -19,7 +17,6 @@ const MODELS: Record<string, RandomCheckpointOptions> = {
 const PREFILL_TOKENS = 128;
 const DECODE_PROMPT = 16;
 const DECODE_TOKENS = 32;
-const STREAM_REPEATS = 10;
 
 interface Row {
   model: string;
@@ -27,44 +24,6 @@ interface Row {
   prefillTokensPerS: number;
   decodeMsPerToken: number;
   streamOnceMs: number;
-}
-
-/** Milliseconds per step of the decode-shaped (1 row) matvec over every linear weight, nothing else. */
-async function streamOnceMs(gpu: GpuContext, plan: Plan, dir: string): Promise<number> {
-  const { device } = gpu;
-  const checkpoint = openCheckpoint(dir);
-  const weights = await uploadWeights(device, checkpoint, plan, gpu.report.limits.maxStorageBufferBindingSize ?? 2 ** 27);
-  checkpoint.close();
-  const sources = kernelSources(plan);
-  const pipelines = new PipelineCache(device);
-  const step = new StepEncoder(device, pipelines);
-  const widest = Math.max(...plan.activations.map((a) => a.width));
-  const [x, y, residual] = [0, 1, 2].map((i) => createStorage(device, widest * 4, `stream ${i}`));
-  // Every layer's linear ops, then the head's (the lm_head): what one decode step reads.
-  const linears = [
-    ...Array.from({ length: plan.dims.layers }, (_, layer) => plan.layer.map((op) => ({ op, layer }))).flat(),
-    ...plan.head.map((op) => ({ op, layer: 0 })),
-  ].flatMap(({ op, layer }) => (op.op === "linear" ? [{ op, weight: weights.get(layerTensor(op.weight, layer)) }] : []));
-  const encodeOnce = () => {
-    for (const { op, weight } of linears) {
-      for (const block of weight.blocks) {
-        step.dispatch(sources.get(op.matvec)!, { x: x!, w: block.buffer, y: y!, ...(op.residual ? { residual: residual! } : {}) }, { rows: 1 });
-      }
-    }
-    step.submit();
-  };
-  encodeOnce(); // compiles every pipeline
-  await device.queue.onSubmittedWorkDone();
-  const started = performance.now();
-  for (let i = 0; i < STREAM_REPEATS; i++) {
-    encodeOnce();
-    await device.queue.onSubmittedWorkDone();
-  }
-  const ms = (performance.now() - started) / STREAM_REPEATS;
-  step.destroy();
-  weights.destroy();
-  for (const b of [x, y, residual]) b!.destroy();
-  return ms;
 }
 
 async function measure(gpu: GpuContext, name: string, options: RandomCheckpointOptions): Promise<Row> {

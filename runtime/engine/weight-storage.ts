@@ -2,10 +2,12 @@
 // WEIGHT_FORMATS, docs/weights.md), on the CPU: at upload, and when merged mode folds an adapter in.
 import { Q8_BLOCK, storageRowWords, type WeightFormat } from "../package/format.ts";
 import { f16BitsToF32, f32ToF16Bits } from "../formats/safetensors.ts";
+import { MiloraError } from "../errors.ts";
 
 /** Values that cannot be stored in a format, or a shape its layout does not hold. */
-export class WeightFormatError extends Error {
+export class WeightFormatError extends MiloraError {
   override name = "WeightFormatError";
+  readonly kind = "unsupported";
 }
 
 /** binary16's largest finite value: beyond it a value would become infinity. */
