@@ -6,6 +6,7 @@ import { compilePackage } from "../../compiler/emit/compile-package.ts";
 import { writePackage } from "../../compiler/emit/write-package.ts";
 import { userError } from "../../runtime/errors.ts";
 import { withSignalsDeferred } from "../signals.ts";
+import { weightsFlag } from "../engine-plan.ts";
 
 export interface CompileCommandOptions {
   readonly out: string;
@@ -13,6 +14,8 @@ export interface CompileCommandOptions {
   readonly name?: string;
   readonly pkgVersion?: string;
   readonly ctx?: string;
+  /** `--weights f32|f16|q8` (default: the spec's `weights`, else f32). */
+  readonly weights?: string;
   readonly force?: boolean;
   readonly forceAny?: boolean;
   readonly color?: boolean;
@@ -23,12 +26,14 @@ export async function compileCommand(spec: string, opts: CompileCommandOptions):
   if (!existsSync(spec)) throw userError("usage", `cannot read ${spec}: no such file`);
   const ctx = opts.ctx === undefined ? undefined : Number(opts.ctx);
   if (ctx !== undefined && (!Number.isInteger(ctx) || ctx < 1)) throw userError("usage", `--ctx must be a positive integer, got "${opts.ctx}"`);
+  const weights = weightsFlag(opts.weights);
   const result = compilePackage({
     spec,
     ...(opts.adapter === undefined ? {} : { adapter: opts.adapter }),
     ...(opts.name === undefined ? {} : { name: opts.name }),
     ...(opts.pkgVersion === undefined ? {} : { version: opts.pkgVersion }),
     ...(ctx === undefined ? {} : { ctx }),
+    ...(weights === undefined ? {} : { weights }),
   });
   for (const d of result.diagnostics) {
     process.stderr.write(renderDiagnostic(d, result.sources.get(d.span.file), { color: opts.color !== false && process.stderr.isTTY === true }) + "\n");

@@ -14,6 +14,7 @@ import { CheckpointError } from "../../runtime/formats/safetensors.ts";
 import type { ServingSetup } from "../../runtime/serving/http/start.ts";
 import { userError } from "../../runtime/errors.ts";
 import { enginePlan, type EnginePlan } from "../engine-plan.ts";
+import type { WeightFormat } from "../../runtime/package/format.ts";
 
 export interface ModelSource {
   readonly base: BaseModel;
@@ -65,6 +66,9 @@ export interface PlanSizing {
   readonly tenants?: readonly Adapter[];
   /** Adapters resident at once (0: the base alone, planned without LoRA kernels). */
   readonly maxAdapters?: number;
+  /** `--weights`; and the checkpoint, whose dtypes set the default storage (bin/engine-plan.ts weightsFor). */
+  readonly weights?: WeightFormat;
+  readonly checkpointDir?: string;
 }
 
 /**
@@ -74,6 +78,7 @@ export interface PlanSizing {
  */
 export function planOptions(source: ModelSource, sizing: PlanSizing): EnginePlan {
   const pkg = source.package;
+  checkPackageWeights(source, sizing.weights);
   if (pkg) return { plan: pkg.manifest.plan, kernels: pkg.kernels };
   const specs = new Set(sizing.tenants ?? []);
   const [only] = specs;
@@ -84,7 +89,18 @@ export function planOptions(source: ModelSource, sizing: PlanSizing): EnginePlan
     ...(sizing.ctx === undefined ? {} : { ctx: sizing.ctx }),
     ...(sizing.maxLoraRank === undefined ? {} : { maxLoraRank: sizing.maxLoraRank }),
     ...(adapter === undefined ? {} : { adapter }),
+    ...(sizing.weights === undefined ? {} : { weights: sizing.weights }),
+    ...(sizing.checkpointDir === undefined ? {} : { checkpointDir: sizing.checkpointDir }),
   });
+}
+
+/** Refuses `--weights` other than the storage a compiled package's plan fixed. */
+export function checkPackageWeights(source: ModelSource, weights: WeightFormat | undefined): void {
+  const plan = source.package?.manifest.plan;
+  const stored = plan?.tensors.find((t) => t.role === "linear")?.gpuDtype;
+  if (weights !== undefined && stored !== undefined && weights !== stored) {
+    throw userError("usage", `${source.path} was compiled with its weights stored as ${stored}: leave out --weights, or recompile it with --weights ${weights}`);
+  }
 }
 
 /**

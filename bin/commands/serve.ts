@@ -8,8 +8,9 @@ import { existsSync, statSync } from "node:fs";
 import { userError } from "../../runtime/errors.ts";
 import { adapterSummary } from "../../runtime/gpu/device.ts";
 import { startServing, type ServingSetup } from "../../runtime/serving/http/start.ts";
-import { servingPlan, type EnginePlan } from "../engine-plan.ts";
-import { modelSource, servingOptions, type ModelSource } from "./model-source.ts";
+import { servingPlan, weightsFlag, type EnginePlan } from "../engine-plan.ts";
+import { checkPackageWeights, modelSource, servingOptions, type ModelSource } from "./model-source.ts";
+import type { WeightFormat } from "../../runtime/package/format.ts";
 import { requireHealthyDevice } from "./self-test.ts";
 
 export interface ServeOptions {
@@ -37,6 +38,8 @@ export interface ServeOptions {
   /** False with --no-access-log. */
   readonly accessLog?: boolean;
   readonly maxBatchRows?: string;
+  /** `--weights f32|f16|q8`: how the linear weights are stored on the device. */
+  readonly weights?: string;
 }
 
 /** How long the first signal waits for requests in flight before exiting anyway. */
@@ -111,7 +114,7 @@ function settings(sourcePath: string | undefined, opts: ServeOptions) {
     slots: count("--max-sequences", opts.maxSequences, 1),
     maxQueue: count("--max-queue", opts.maxQueue, 0),
     maxResidentAdapters: count("--max-adapters", opts.maxAdapters, 1),
-    ...sourceSettings(source, opts.ctx === undefined ? undefined : count("--ctx", opts.ctx, 2)),
+    ...sourceSettings(source, opts.ctx === undefined ? undefined : count("--ctx", opts.ctx, 2), weightsFlag(opts.weights)),
     ...(apiKey === undefined ? {} : { apiKey }),
     ...(opts.adapterRoot === undefined ? {} : { adapterRoot: opts.adapterRoot }),
     adapterReadTimeoutMs: seconds("--adapter-load-timeout", opts.adapterLoadTimeout, 60),
@@ -129,15 +132,16 @@ function settings(sourcePath: string | undefined, opts: ServeOptions) {
 }
 
 /** Serving settings before planning: what the plan is sized by, or a package's plan. */
-type PlannedSetup = Omit<ServingSetup, "engine"> & { readonly ctx?: number; readonly maxLoraRank?: number; readonly compiled?: EnginePlan };
+type PlannedSetup = Omit<ServingSetup, "engine"> & { readonly ctx?: number; readonly maxLoraRank?: number; readonly weights?: WeightFormat; readonly compiled?: EnginePlan };
 
 /** The spec's or package's settings, and the context: a package's is fixed when it was compiled. */
-function sourceSettings(source: ModelSource, ctx: number | undefined): Partial<PlannedSetup> {
+function sourceSettings(source: ModelSource, ctx: number | undefined, weights: WeightFormat | undefined): Partial<PlannedSetup> {
+  checkPackageWeights(source, weights);
   const compiledCtx = source.package?.manifest.plan.dims.ctx;
   if (compiledCtx !== undefined && ctx !== undefined && ctx !== compiledCtx) {
     throw userError("usage", `${source.path} was compiled for ${compiledCtx} positions: leave out --ctx, or recompile it with --ctx ${ctx}`);
   }
-  return { ...servingOptions(source), ...(ctx === undefined || compiledCtx !== undefined ? {} : { ctx }) };
+  return { ...servingOptions(source), ...(ctx === undefined || compiledCtx !== undefined ? {} : { ctx }), ...(weights === undefined ? {} : { weights }) };
 }
 
 function count(flag: string, text: string, min: number): number {

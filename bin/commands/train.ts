@@ -89,9 +89,11 @@ export function trainSettings(o: TrainCommandOptions): TrainSettings {
 
 /** Notices about spec settings training does not follow exactly, printed before it starts. */
 function trainingNotices(spec: Adapter, hasEval: boolean): string[] {
-  const router = spec.router;
-  if (!router) return [];
   const notices: string[] = [];
+  const storage = spec.base.weights;
+  if (storage !== undefined && storage !== "f32") notices.push(`the base is stored as f32 to train (the backward kernels read f32); \`weights ${storage}\` applies to run, serve and compile`);
+  const router = spec.router;
+  if (!router) return notices;
   if (router.noise) notices.push("`noise true`: noisy gating (the authors' code, not the paper) is not implemented in training; routers train without noise");
   if (router.activation === "rational" && !hasEval) {
     notices.push("`activation rational` is trained bi-level on eval batches (--activation-lr); without --eval its coefficients stay at their GELU fit");
@@ -130,7 +132,7 @@ export async function trainCommand(specPath: string, opts: TrainCommandOptions):
 
     gpu = await acquireDevice(opts.backend === undefined ? {} : { backend: opts.backend });
     await requireHealthyDevice(gpu);
-    const plan = planBase(source.base, { maxLoraRank: Math.max(...spec.experts.map((e) => e.rank)) });
+    const plan = planBase(source.base, { maxLoraRank: Math.max(...spec.experts.map((e) => e.rank)), weights: "f32" });
     const checkpoint = openCheckpoint(dir);
     const weights = await uploadWeights(gpu.device, checkpoint, plan, Math.min(plan.maxBindingBytes, gpu.report.limits.maxStorageBufferBindingSize ?? plan.maxBindingBytes));
     checkpoint.close();
