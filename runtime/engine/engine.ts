@@ -73,6 +73,7 @@ export class Engine implements SequenceRunner {
   readonly #ownsDevice: boolean;
   readonly #weights: GpuWeights;
   readonly #cache: KvCache;
+  readonly #maxBindingBytes: number;
   readonly #kernels: EngineKernels;
   readonly #pipelines: PipelineCache;
   readonly #forward: ForwardEncoder;
@@ -95,6 +96,7 @@ export class Engine implements SequenceRunner {
     this.#ownsDevice = parts.ownsDevice;
     this.#weights = parts.weights;
     this.#cache = parts.cache;
+    this.#maxBindingBytes = parts.maxBindingBytes;
     const maxAdapters = parts.maxAdapters;
     const device = gpu.device;
     this.#kernels = parts.kernels;
@@ -137,7 +139,7 @@ export class Engine implements SequenceRunner {
       const maxRows = Math.max(1, Math.min(options.maxBatchRows ?? 256, Math.floor(maxBinding / (4 * widest))));
       const weights = await uploadWeights(gpu.device, checkpoint, plan, maxBinding);
       const cache = new KvCache(gpu.device, cacheShape);
-      const engine = new Engine({ plan, maxRows, base, maxAdapters, kernels: engineKernels, gpu, ownsDevice: options.gpu === undefined, weights, cache, checkpointDir: options.checkpointDir });
+      const engine = new Engine({ plan, maxRows, base, maxAdapters, kernels: engineKernels, gpu, ownsDevice: options.gpu === undefined, weights, cache, checkpointDir: options.checkpointDir, maxBindingBytes: maxBinding });
       try {
         await engine.#forward.warmUp();
       } catch (e) {
@@ -165,17 +167,19 @@ export class Engine implements SequenceRunner {
 
   /**
    * A new sequence holding `prompt` (pending), bound to a free KV cache slot and, with `adapter`, to a
-   * loaded adapter. A prompt-routed adapter's prompt must run in one step, so it may not exceed maxRows.
+   * loaded adapter. A prompt-routed adapter's prompt longer than maxRows is routed over chunks, its
+   * hidden states held whole in one storage binding, which bounds its length.
    */
   createSequence(prompt: readonly number[], options: CreateSequenceOptions = {}): Sequence {
     if (prompt.length === 0) throw new SequenceError("a prompt needs at least one token");
     const sampling = checkSampling(options.sampling ?? {});
     const tenant = options.adapter === undefined ? undefined : this.#resident(options.adapter);
     if (tenant && this.#merged.tenant !== undefined) throw new EngineError(`adapter ${this.#merged.tenant} is merged into the base weights: unmerge it before running adapters`);
-    if (tenant?.adapter.spec.router?.when === "prompt" && prompt.length > this.maxRows) {
+    const statesBytes = prompt.length * this.plan.dims.hidden * 4;
+    if (tenant?.adapter.spec.router?.when === "prompt" && prompt.length > this.maxRows && statesBytes > this.#maxBindingBytes) {
       throw new EngineError(
-        `the prompt has ${prompt.length} tokens but adapter ${tenant.name} routes on the prompt, which must be prefilled in one step ` +
-          `of at most ${this.maxRows} rows: shorten the prompt or raise maxBatchRows`,
+        `the prompt has ${prompt.length} tokens and adapter ${tenant.name} routes on the whole prompt: its hidden states (${statesBytes} bytes) ` +
+          `must fit one storage binding of the device (${this.#maxBindingBytes} bytes) when the prompt is longer than one step of ${this.maxRows} rows: shorten the prompt`,
       );
     }
     const slot = this.#cache.acquire();
@@ -346,7 +350,7 @@ export class Engine implements SequenceRunner {
     const steps = planSteps(seqs.map(planned), this.maxRows);
     const outputs = new Map<Sequence, StepOutput>();
     const logitsSoFar = new Map<Sequence, Float32Array[]>();
-    for (const { rows, outRows, routes, finishing } of steps) {
+    for (const { rows, outRows, routes, finishing, chunks } of steps) {
       const settings = outRows.map((r, i) => {
         const seq = rows[r]!.seq;
         return finishing.get(seq) === i ? seq.samplingSettings() : GREEDY;
@@ -359,7 +363,7 @@ export class Engine implements SequenceRunner {
       const jobs = routes.map((r) => ({ ...r, tenant: r.seq.tenant!, config: r.seq.tenant!.adapter.spec.router! }));
       const processing = logitProcessingOf(outRows.map((r, i) => (finishing.get(rows[r]!.seq) === i ? rows[r]!.seq : undefined)));
       const chosenLogprobs = [...finishing.keys()].some((s) => s.wantsLogprob);
-      const result = await this.#forward.run({ rows, outRows, settings, wantLogits, jobs, candidates, ...(processing ? { processing } : {}), chosenLogprobs });
+      const result = await this.#forward.run({ rows, outRows, settings, wantLogits, jobs, candidates, ...(processing ? { processing } : {}), chosenLogprobs, ...(chunks ? { chunks } : {}) });
 
       for (const job of jobs) {
         const { seq } = job;
@@ -418,6 +422,8 @@ interface EngineParts {
   readonly cache: KvCache;
   /** Where the base weights were read from: DoRA adapters' factors are computed from them (dora.ts). */
   readonly checkpointDir: string;
+  /** The largest storage binding the engine assumes. */
+  readonly maxBindingBytes: number;
 }
 
 /** A sequence as the step planner sees it: a router runs on its rows until its gates are known (for token routing, never). */

@@ -36,13 +36,15 @@ export interface ForwardStep {
   readonly processing?: LogitProcessing;
   /** Whether the sampled tokens' log-probabilities come back. */
   readonly chosenLogprobs?: boolean;
+  /** A prompt routed over chunks: the chunk sizes (step-planner.ts PlannedStep.chunks). */
+  readonly chunks?: readonly number[];
 }
 
 /** What one step read back, per out row unless said otherwise. */
 export interface ForwardResult {
   readonly tokens: Uint32Array;
   readonly logits: ((out: number) => Float32Array) | undefined;
-  /** The gates table [rows, layers * 7] after the step, when a router ran. */
+  /** The gates table [rows, layers * 7] after the step, when a router ran (a chunked step: its one row). */
   readonly gates: Float32Array | undefined;
   readonly candidates: ((out: number, count: number) => BeamCandidates) | undefined;
   readonly chosen: Float32Array | undefined;
@@ -96,6 +98,8 @@ export class ForwardEncoder {
   #processing: LogitProcessingBuffers | undefined;
   /** The logits the sampling op reads in this step, when processing wrote them elsewhere. */
   #sampleInput: GPUBuffer | undefined;
+  /** A chunked prompt's hidden states [rows, hidden] and its rows' positions and slots, made on first use. */
+  readonly #prompt: { states?: GPUBuffer; inputs?: GPUBuffer } = {};
 
   constructor(options: ForwardEncoderOptions) {
     const { device, plan, maxRows } = options;
@@ -118,7 +122,14 @@ export class ForwardEncoder {
       gates: createStorage(device, maxRows * this.#gateStride * 4, "gates"),
       loraT: createStorage(device, maxRows * Math.max(1, plan.maxLoraRank) * 4, "lora shrink output"),
     };
-    this.#router = new RouterDispatch(device, { hidden: plan.dims.hidden, maxRows, maxGroups: options.maxTenants }, (config, layer, router) => this.#kernels.router(config, layer, router.experts));
+    this.#router = new RouterDispatch({
+      device,
+      hidden: plan.dims.hidden,
+      maxRows,
+      maxGroups: options.maxTenants,
+      maxPromptRows: plan.dims.ctx,
+      kernelsOf: (config, layer, router) => this.#kernels.router(config, layer, router.experts),
+    });
     this.#tokensReadback = device.createBuffer({ label: "tokens readback", size: maxRows * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   }
 
@@ -136,18 +147,41 @@ export class ForwardEncoder {
 
   /**
    * One forward step: the rows through every layer (routers of `jobs` first in each layer they route),
-   * then the head on the out rows, sampled with `settings`. One submit; the waits are for the readbacks
-   * (tokens, and logits and gates when asked for). Throws EngineError, before anything is recorded,
-   * when the step needs logit processing kernels the plan lacks.
+   * then the head on the out rows, sampled with `settings`. One submit (and one more per further
+   * `maxRows` out rows of a chunked step); the waits are for the readbacks (tokens, and logits and
+   * gates when asked for). Throws EngineError, before anything is recorded, when the step needs logit
+   * processing kernels the plan lacks.
    */
   async run(input: ForwardStep): Promise<ForwardResult> {
-    const { rows, outRows, settings, wantLogits, jobs, processing } = input;
-    const candidates = input.candidates ?? 0;
-    const chosenLogprobs = input.chosenLogprobs ?? false;
-    if (processing || chosenLogprobs) this.#logitProcessing();
-    const device = this.#device;
-    const { hidden, vocab, layers } = this.#plan.dims;
-    const queue = device.queue;
+    const { rows, outRows, settings, jobs, processing } = input;
+    if (processing || input.chosenLogprobs) this.#logitProcessing();
+    const stride = this.#gateStride;
+    // The states the head reads: the step's activation, or a chunked prompt's hidden states.
+    const source = input.chunks ? this.#recordByLayer(rows, input.chunks, jobs) : this.#recordRows(rows, jobs);
+    // A chunked prompt's decision is the same on every table row; row 0 holds it.
+    const gatesBytes = (input.chunks ? 1 : rows.length) * stride * 4;
+    const max = this.#maxRows;
+    const pieces: HeadPiece[] = [];
+    for (let start = 0; start === 0 || start < outRows.length; start += max) {
+      const end = Math.min(outRows.length, start + max);
+      const head = { ...input, settings: settings.slice(start, end), ...(processing ? { processing: processingRows(processing, start, end) } : {}) };
+      if (end > start) this.#recordHead(source, outRows.slice(start, end), head);
+      if (start === 0 && jobs.length > 0) this.#step.copy(this.#inputs.gates, 0, this.#gatesStaging(), 0, gatesBytes);
+      this.#step.submit();
+      if (start === 0 && jobs.length > 0) {
+        const staging = this.#gatesStaging();
+        await staging.mapAsync(GPUMapMode.READ, 0, gatesBytes);
+        pieces.push({ gates: new Float32Array(staging.getMappedRange(0, gatesBytes).slice(0)) });
+        staging.unmap();
+      }
+      if (end > start) pieces.push(await this.#readHead(end - start, head));
+    }
+    return joinPieces(pieces, max, this.#plan.dims.vocab, input.candidates ?? 0);
+  }
+
+  /** Writes the rows' inputs and records every layer over them; returns the activation they end in. */
+  #recordRows(rows: readonly Row[], jobs: readonly RouteJob[]): GPUBuffer {
+    const queue = this.#device.queue;
     queue.writeBuffer(this.#inputs.positions, 0, Uint32Array.from(rows, (r) => r.position));
     queue.writeBuffer(this.#inputs.rowSlot, 0, Uint32Array.from(rows, (r) => r.slot));
     const active = this.#loraActivity(rows, jobs);
@@ -158,95 +192,140 @@ export class ForwardEncoder {
       queue.writeBuffer(this.#inputs.rowAdapter, 0, Uint32Array.from(rows, (r) => r.tenantSlot));
       queue.writeBuffer(this.#inputs.gates, 0, gates);
     }
-    const step = this.#step;
-
     const x = this.#act(this.#plan.input);
+    this.#embed(rows, x);
+    const groups = this.#router.prepare(jobs);
+    const table = { buffer: this.#inputs.gates, stride: this.#gateStride };
+    for (let layer = 0; layer < this.#plan.dims.layers; layer++) {
+      for (const group of groups) this.#router.route(this.#step, group, layer, x, table);
+      for (const op of this.#plan.layer) this.#dispatch(op, rows.length, layer, active[layer]!);
+    }
+    return x;
+  }
+
+  /**
+   * A prompt routed over chunks (one sequence, `jobs` its one prompt route over all rows): its hidden
+   * states [rows, hidden] stay whole on the device, so each layer's router pools over the whole prompt
+   * before any chunk runs that layer; then each chunk in turn is copied into the step's activation, runs
+   * the layer (its keys and values written before the next chunk attends to them) and is copied back.
+   * Every chunk's table rows take the layer's decision. Returns the final hidden states.
+   */
+  #recordByLayer(rows: readonly Row[], chunks: readonly number[], jobs: readonly RouteJob[]): GPUBuffer {
+    const [job] = jobs;
+    if (jobs.length !== 1 || job!.perRow || job!.first !== 0 || job!.count !== rows.length) throw new Error("a chunked step routes exactly one prompt over all its rows");
+    const { hidden, layers } = this.#plan.dims;
+    const n = rows.length;
+    const widest = Math.max(...chunks);
+    const states = this.#promptBuffer("states", n * hidden * 4);
+    // Positions then cache slots of every row, copied chunk by chunk into the step's inputs.
+    const inputs = this.#promptBuffer("inputs", 2 * n * 4);
+    const queue = this.#device.queue;
+    queue.writeBuffer(inputs, 0, Uint32Array.from([...rows.map((r) => r.position), ...rows.map((r) => r.slot)]));
+    queue.writeBuffer(this.#inputs.rowAdapter, 0, new Uint32Array(widest).fill(rows[0]!.tenantSlot));
+    queue.writeBuffer(this.#inputs.gates, 0, new Float32Array(widest * this.#gateStride));
+    const active = this.#loraActivity(rows, jobs);
+    this.#embed(rows, states);
+    const [group] = this.#router.prepare([{ ...job!, tableRows: widest }]);
+    const table = { buffer: this.#inputs.gates, stride: this.#gateStride };
+    const x = this.#act(this.#plan.input);
+    const step = this.#step;
+    for (let layer = 0; layer < layers; layer++) {
+      this.#router.route(step, group!, layer, states, table);
+      let first = 0;
+      for (const count of chunks) {
+        step.copy(inputs, first * 4, this.#inputs.positions, 0, count * 4);
+        step.copy(inputs, (n + first) * 4, this.#inputs.rowSlot, 0, count * 4);
+        step.copy(states, first * hidden * 4, x, 0, count * hidden * 4);
+        for (const op of this.#plan.layer) this.#dispatch(op, count, layer, active[layer]!);
+        step.copy(x, 0, states, first * hidden * 4, count * hidden * 4);
+        first += count;
+      }
+    }
+    return states;
+  }
+
+  /** Copies each row's token embedding into row r of `x`. */
+  #embed(rows: readonly Row[], x: GPUBuffer): void {
+    const hidden = this.#plan.dims.hidden;
     const embedding = this.#weights.get(this.#plan.embedding);
     rows.forEach((row, r) => {
       const block = blockOf(embedding, row.token);
-      step.copy(block.buffer, (row.token - block.firstRow) * hidden * 4, x, r * hidden * 4, hidden * 4);
+      this.#step.copy(block.buffer, (row.token - block.firstRow) * hidden * 4, x, r * hidden * 4, hidden * 4);
     });
-    const groups = this.#router.prepare(jobs);
-    const table = { buffer: this.#inputs.gates, stride: this.#gateStride };
-    for (let layer = 0; layer < layers; layer++) {
-      for (const group of groups) this.#router.route(step, group, layer, x, table);
-      for (const op of this.#plan.layer) this.#dispatch(op, rows.length, layer, active[layer]!);
-    }
+  }
+
+  /** Records the head on `outRows` (at most maxRows rows of `source`) and the copies its readbacks need. */
+  #recordHead(source: GPUBuffer, outRows: readonly number[], input: ForwardStep): void {
+    const { hidden, vocab } = this.#plan.dims;
+    const { processing } = input;
+    const candidates = input.candidates ?? 0;
     const out = outRows.length;
-    if (out > 0) {
-      const headInput = this.#act(this.#plan.headInput);
-      for (const [from, to, count] of runs(outRows)) step.copy(x, from * hidden * 4, headInput, to * hidden * 4, count * hidden * 4);
-      queue.writeBuffer(this.#inputs.settings, 0, packSamplingSettings(settings));
-      for (const op of this.#plan.head) {
-        // Penalties, bias and min_p write processed logits elsewhere: the raw ones stay for logprobs.
-        if (op.op === "sample" && processing) this.#sampleInput = this.#adjustLogits(processing, out);
-        this.#dispatch(op, out, 0, []);
-        this.#sampleInput = undefined;
-      }
-      step.copy(this.#inputs.tokens, 0, this.#tokensReadback, 0, out * 4);
-      if (chosenLogprobs) {
-        const p = this.#logitProcessing();
-        step.dispatch(p.chosenKernel, { logits: this.#act("logits"), tokens: this.#inputs.tokens, out: p.chosen }, { rows: out });
-        step.copy(p.chosen, 0, p.chosenReadback, 0, out * 4);
-      }
-      if (wantLogits) step.copy(this.#act("logits"), 0, this.#logitsStaging(), 0, out * vocab * 4);
-      if (candidates > 0) {
-        // Beam search needs log-probabilities, and sampling already runs on the device, so the log-softmax
-        // and the top candidates do too: k (token, logprob) pairs per row come back instead of vocab logits.
-        const c = this.#beamCandidates();
-        step.dispatch(c.kernel, { logits: this.#act("logits"), candidates: c.buffer }, { rows: out, k: candidates });
-        step.copy(c.buffer, 0, c.readback, 0, out * candidates * BEAM_CANDIDATE_WORDS * 4);
-      }
+    const step = this.#step;
+    const headInput = this.#act(this.#plan.headInput);
+    for (const [from, to, count] of runs(outRows)) step.copy(source, from * hidden * 4, headInput, to * hidden * 4, count * hidden * 4);
+    this.#device.queue.writeBuffer(this.#inputs.settings, 0, packSamplingSettings(input.settings));
+    for (const op of this.#plan.head) {
+      // Penalties, bias and min_p write processed logits elsewhere: the raw ones stay for logprobs.
+      if (op.op === "sample" && processing) this.#sampleInput = this.#adjustLogits(processing, out);
+      this.#dispatch(op, out, 0, []);
+      this.#sampleInput = undefined;
     }
-    const gatesBytes = rows.length * this.#gateStride * 4;
-    if (jobs.length > 0) step.copy(this.#inputs.gates, 0, this.#gatesStaging(), 0, gatesBytes);
-    step.submit();
-
-    let gates: Float32Array | undefined;
-    if (jobs.length > 0) {
-      const staging = this.#gatesStaging();
-      await staging.mapAsync(GPUMapMode.READ, 0, gatesBytes);
-      gates = new Float32Array(staging.getMappedRange(0, gatesBytes).slice(0));
-      staging.unmap();
+    step.copy(this.#inputs.tokens, 0, this.#tokensReadback, 0, out * 4);
+    if (input.chosenLogprobs) {
+      const p = this.#logitProcessing();
+      step.dispatch(p.chosenKernel, { logits: this.#act("logits"), tokens: this.#inputs.tokens, out: p.chosen }, { rows: out });
+      step.copy(p.chosen, 0, p.chosenReadback, 0, out * 4);
     }
-    if (out === 0) return { tokens: new Uint32Array(0), logits: undefined, gates, candidates: undefined, chosen: undefined };
+    if (input.wantLogits) step.copy(this.#act("logits"), 0, this.#logitsStaging(), 0, out * vocab * 4);
+    if (candidates > 0) {
+      // Beam search needs log-probabilities, and sampling already runs on the device, so the log-softmax
+      // and the top candidates do too: k (token, logprob) pairs per row come back instead of vocab logits.
+      const c = this.#beamCandidates();
+      step.dispatch(c.kernel, { logits: this.#act("logits"), candidates: c.buffer }, { rows: out, k: candidates });
+      step.copy(c.buffer, 0, c.readback, 0, out * candidates * BEAM_CANDIDATE_WORDS * 4);
+    }
+  }
 
+  /** Reads back what #recordHead copied for `out` rows (after the submit). */
+  async #readHead(out: number, input: ForwardStep): Promise<HeadPiece> {
+    const { vocab } = this.#plan.dims;
+    const candidates = input.candidates ?? 0;
     await this.#tokensReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
     const tokens = new Uint32Array(this.#tokensReadback.getMappedRange(0, out * 4).slice(0));
     this.#tokensReadback.unmap();
-    let logits: ((i: number) => Float32Array) | undefined;
-    if (wantLogits) {
+    let logits: Float32Array | undefined;
+    if (input.wantLogits) {
       const staging = this.#logitsStaging();
       await staging.mapAsync(GPUMapMode.READ, 0, out * vocab * 4);
-      const all = new Float32Array(staging.getMappedRange(0, out * vocab * 4).slice(0));
+      logits = new Float32Array(staging.getMappedRange(0, out * vocab * 4).slice(0));
       staging.unmap();
-      logits = (i) => all.subarray(i * vocab, (i + 1) * vocab);
     }
-    let picks: ((i: number, count: number) => BeamCandidates) | undefined;
+    let words: ArrayBuffer | undefined;
     if (candidates > 0) {
       const { readback } = this.#beamCandidates();
       const bytes = out * candidates * BEAM_CANDIDATE_WORDS * 4;
       await readback.mapAsync(GPUMapMode.READ, 0, bytes);
-      const words = readback.getMappedRange(0, bytes).slice(0);
+      words = readback.getMappedRange(0, bytes).slice(0);
       readback.unmap();
-      const ids = new Uint32Array(words);
-      const values = new Float32Array(words);
-      picks = (i, count) => {
-        const at = i * candidates * BEAM_CANDIDATE_WORDS;
-        return {
-          tokens: Uint32Array.from({ length: count }, (_, j) => ids[at + j * BEAM_CANDIDATE_WORDS]!),
-          logprobs: Float32Array.from({ length: count }, (_, j) => values[at + j * BEAM_CANDIDATE_WORDS + 1]!),
-        };
-      };
     }
     let chosen: Float32Array | undefined;
-    if (chosenLogprobs) {
+    if (input.chosenLogprobs) {
       const { chosenReadback } = this.#logitProcessing();
       await chosenReadback.mapAsync(GPUMapMode.READ, 0, out * 4);
       chosen = new Float32Array(chosenReadback.getMappedRange(0, out * 4).slice(0));
       chosenReadback.unmap();
     }
-    return { tokens, logits, gates, candidates: picks, chosen };
+    return { tokens, ...(logits ? { logits } : {}), ...(words ? { candidates: words } : {}), ...(chosen ? { chosen } : {}) };
+  }
+
+  /** A buffer kept for chunked prompts, grown to at least `bytes` (the longest prompt so far). */
+  #promptBuffer(which: "states" | "inputs", bytes: number): GPUBuffer {
+    const held = this.#prompt[which];
+    if (held && held.size >= bytes) return held;
+    held?.destroy();
+    const made = createStorage(this.#device, bytes, which === "states" ? "chunked prompt hidden states" : "chunked prompt rows");
+    this.#prompt[which] = made;
+    return made;
   }
 
   /** Frees every buffer the encoder made. */
@@ -258,6 +337,8 @@ export class ForwardEncoder {
     this.#gatesReadback?.destroy();
     this.#candidates?.buffer.destroy();
     this.#candidates?.readback.destroy();
+    this.#prompt.states?.destroy();
+    this.#prompt.inputs?.destroy();
     if (this.#processing) for (const b of [this.#processing.info, this.#processing.entries, this.#processing.work, this.#processing.chosen, this.#processing.chosenReadback]) b.destroy();
   }
 
@@ -435,4 +516,48 @@ function runs(indices: readonly number[]): [number, number, number][] {
     else out.push([from, to, 1]);
   });
   return out;
+}
+
+/** What one head submit read back, and the gates table read with the first. */
+interface HeadPiece {
+  readonly gates?: Float32Array;
+  readonly tokens?: Uint32Array;
+  readonly logits?: Float32Array;
+  /** (token, logprob) words, BEAM_CANDIDATE_WORDS per candidate. */
+  readonly candidates?: ArrayBuffer;
+  readonly chosen?: Float32Array;
+}
+
+/** The head pieces (each `max` out rows but the last) as one result over all out rows. */
+function joinPieces(pieces: readonly HeadPiece[], max: number, vocab: number, candidates: number): ForwardResult {
+  const gates = pieces.find((p) => p.gates)?.gates;
+  const heads = pieces.filter((p) => p.tokens);
+  const at = (i: number) => [heads[Math.floor(i / max)]!, i % max] as const;
+  const tokens = new Uint32Array(heads.reduce((n, p) => n + p.tokens!.length, 0));
+  heads.forEach((p, k) => tokens.set(p.tokens!, k * max));
+  const logits = heads[0]?.logits && ((i: number) => {
+    const [p, r] = at(i);
+    return p.logits!.subarray(r * vocab, (r + 1) * vocab);
+  });
+  const picks = heads[0]?.candidates && ((i: number, count: number): BeamCandidates => {
+    const [p, r] = at(i);
+    const ids = new Uint32Array(p.candidates!);
+    const values = new Float32Array(p.candidates!);
+    const first = r * candidates * BEAM_CANDIDATE_WORDS;
+    return {
+      tokens: Uint32Array.from({ length: count }, (_, j) => ids[first + j * BEAM_CANDIDATE_WORDS]!),
+      logprobs: Float32Array.from({ length: count }, (_, j) => values[first + j * BEAM_CANDIDATE_WORDS + 1]!),
+    };
+  });
+  let chosen: Float32Array | undefined;
+  if (heads[0]?.chosen) {
+    chosen = new Float32Array(tokens.length);
+    heads.forEach((p, k) => chosen!.set(p.chosen!, k * max));
+  }
+  return { tokens, logits: logits || undefined, gates, candidates: picks || undefined, chosen };
+}
+
+/** Out rows [start, end) of a step's logit processing (the entries stay whole: each row's offset points into them). */
+function processingRows(p: LogitProcessing, start: number, end: number): LogitProcessing {
+  return { info: p.info.subarray(start * ADJUST_ROW_WORDS, end * ADJUST_ROW_WORDS), entries: p.entries };
 }

@@ -3,8 +3,10 @@
 // group runs the router kernels (compiler/kernels/router.ts) on the layer input, the gate kernel
 // writing straight into the step's gate table: prompt routing pools each sequence's prompt (score,
 // pool, then activation and gate) and writes the one decision to all its rows; token routing
-// activates and gates every row alone. The
-// WGSL comes from the engine (the plan's kernels, or its resolver's): nothing is generated here.
+// activates and gates every row alone. A prompt longer than one step is routed over the prompt's
+// hidden states held whole (forward.ts, a step run layer by layer over chunks), its decision written
+// to the table rows every chunk runs on. The WGSL comes from the engine (the plan's kernels, or its
+// resolver's): nothing is generated here.
 import type { RouterConfig } from "../../compiler/model.ts";
 import type { RouterKernels } from "./kernels.ts";
 import type { GpuRouter, Tenant } from "./tenants.ts";
@@ -19,6 +21,11 @@ export interface RouteJob {
   readonly count: number;
   /** Token routing: every row routes on its own hidden state. */
   readonly perRow: boolean;
+  /**
+   * Prompt routing over chunks: the decision goes to table rows [0, tableRows), the rows each chunk
+   * runs on, rather than to the job's own rows (which are rows of the prompt's hidden states).
+   */
+  readonly tableRows?: number;
 }
 
 /** One tenant's jobs in a step, with the index tables its dispatches read. */
@@ -38,6 +45,19 @@ export interface RouteGroup {
 const ALIGN = 256;
 const align = (bytes: number) => Math.ceil(bytes / ALIGN) * ALIGN;
 
+export interface RouterDispatchOptions {
+  readonly device: GPUDevice;
+  readonly hidden: number;
+  /** Rows of a step. */
+  readonly maxRows: number;
+  /** Tenants routed in one step. */
+  readonly maxGroups: number;
+  /** Rows of the longest prompt routed over chunks (attention pooling scores each). */
+  readonly maxPromptRows: number;
+  /** A router's kernels in its layer, as the engine resolves them (the plan's, or its resolver's). */
+  readonly kernelsOf: (config: RouterConfig, layer: number, router: GpuRouter) => RouterKernels;
+}
+
 export class RouterDispatch {
   readonly #device: GPUDevice;
   readonly #maxRows: number;
@@ -48,19 +68,15 @@ export class RouterDispatch {
   readonly #scores: GPUBuffer;
   readonly #pooled: GPUBuffer;
 
-  /** `kernelsOf`: a router's kernels in its layer, as the engine resolves them (the plan's, or its resolver's). */
-  constructor(
-    device: GPUDevice,
-    dims: { readonly hidden: number; readonly maxRows: number; readonly maxGroups: number },
-    kernelsOf: (config: RouterConfig, layer: number, router: GpuRouter) => RouterKernels,
-  ) {
+  constructor(options: RouterDispatchOptions) {
+    const { device, hidden, maxRows } = options;
     this.#device = device;
-    this.#kernelsOf = kernelsOf;
-    this.#maxRows = dims.maxRows;
-    this.#segment = align(dims.maxRows * 8) + align(dims.maxRows * 12);
-    this.#indices = createStorage(device, Math.max(1, dims.maxGroups) * this.#segment, "router indices");
-    this.#scores = createStorage(device, dims.maxRows * 4, "router scores");
-    this.#pooled = createStorage(device, dims.maxRows * dims.hidden * 4, "router pooled inputs");
+    this.#kernelsOf = options.kernelsOf;
+    this.#maxRows = maxRows;
+    this.#segment = align(maxRows * 8) + align(maxRows * 12);
+    this.#indices = createStorage(device, Math.max(1, options.maxGroups) * this.#segment, "router indices");
+    this.#scores = createStorage(device, Math.max(maxRows, options.maxPromptRows) * 4, "router scores");
+    this.#pooled = createStorage(device, maxRows * hidden * 4, "router pooled inputs");
   }
 
   /** Groups a step's jobs by tenant and uploads their index tables (before the step is submitted). */
@@ -78,7 +94,7 @@ export class RouterDispatch {
         } else {
           // The gate reads the item's pooled row and writes the decision to every row of the prompt.
           ranges.set([job.first, job.first + job.count], 2 * items);
-          itemRows.set([items, job.first, job.first + job.count], 3 * items++);
+          itemRows.set([items, job.tableRows === undefined ? job.first : 0, job.tableRows ?? job.first + job.count], 3 * items++);
         }
       }
       const at = g * this.#segment;

@@ -1,9 +1,11 @@
 // The step planner: how a batch of sequences' pending tokens is packed into engine steps of at most
 // `maxRows` rows. Sequences are taken in batch order, each contributing as many of its pending tokens
 // as the step has room for (a prefill chunk, or one decode token), so a long prompt runs over several
-// steps and the rest of the batch rides along. Pure: no device, so it is tested on its own
+// steps and the rest of the batch rides along. A prompt routed on the prompt needs each layer's
+// decision, pooled over the whole prompt, before any of its rows runs that layer: one that fits a step
+// runs in one; a longer one gets a step of its own that runs layer by layer over chunks of at most
+// `maxRows` rows (forward.ts). Pure: no device, so it is tested on its own
 // (test/runtime/engine/step-planner.test.ts); the forward encoder runs what it returns.
-import { EngineError } from "./engine-error.ts";
 import type { LogitsMode } from "./sequence.ts";
 
 /** One token of a step: its id, its position and the KV cache slot of its sequence. */
@@ -27,8 +29,8 @@ export interface PlanSequence<S> {
   readonly cached: number;
   readonly gates?: Float32Array;
   /**
-   * How its rows are routed on the device in these steps: "prompt" once over all its pending rows
-   * (so they must run in one step), "token" every row on its own; absent when nothing routes.
+   * How its rows are routed on the device in these steps: "prompt" once over all its pending rows,
+   * "token" every row on its own; absent when nothing routes.
    */
   readonly routes?: "prompt" | "token";
   readonly logits: LogitsMode;
@@ -49,6 +51,11 @@ export interface PlannedRoute<S> {
 
 export interface PlannedStep<S> {
   readonly rows: readonly PlannedRow<S>[];
+  /**
+   * Present for a prompt routed over chunks (the step's only sequence): the sizes of the consecutive
+   * chunks of rows that run together, each layer over every chunk before the next layer.
+   */
+  readonly chunks?: readonly number[];
   /** Rows (indices into rows) the head runs on, ascending: each finishing row, and every row of a logits "all" sequence. */
   readonly outRows: readonly number[];
   readonly routes: readonly PlannedRoute<S>[];
@@ -56,21 +63,13 @@ export interface PlannedStep<S> {
   readonly finishing: ReadonlyMap<S, number>;
 }
 
-/**
- * The steps that run every pending token of `batch`, in order. Throws EngineError when a
- * prompt-routed prompt cannot fit one step.
- */
+/** The steps that run every pending token of `batch`, in order: prompts routed over chunks first. */
 export function planSteps<S>(batch: readonly PlanSequence<S>[], maxRows: number): PlannedStep<S>[] {
-  for (const s of batch) {
-    const pending = s.tokens.length - s.cached;
-    // Layer l's router pools over the whole prompt, so a routed prompt is never split over steps.
-    if (s.routes === "prompt" && pending > maxRows) {
-      throw new EngineError(`a prompt-routed prompt of ${pending} tokens must run in one step of at most ${maxRows} rows`);
-    }
-  }
+  const pendingOf = (s: PlanSequence<S>) => s.tokens.length - s.cached;
+  const chunked = batch.filter((s) => s.routes === "prompt" && pendingOf(s) > maxRows);
+  const steps = chunked.map((s) => chunkedStep(s, maxRows));
   const cached = new Map(batch.map((s) => [s, s.cached]));
-  const steps: PlannedStep<S>[] = [];
-  let waiting = batch.filter((s) => s.tokens.length > s.cached);
+  let waiting = batch.filter((s) => pendingOf(s) > 0 && !chunked.includes(s));
   while (waiting.length > 0) {
     const rows: PlannedRow<S>[] = [];
     const outRows: number[] = [];
@@ -82,11 +81,10 @@ export function planSteps<S>(batch: readonly PlanSequence<S>[], maxRows: number)
       const pending = s.tokens.length - at;
       const take = Math.min(pending, maxRows - rows.length);
       if (take === 0) break;
+      // A routed prompt that fits one step runs in one: its decision is pooled over all its rows.
       if (s.routes === "prompt" && take < pending) break;
       const first = rows.length;
-      for (let i = 0; i < take; i++) {
-        rows.push({ seq: s.seq, slot: s.slot, token: s.tokens[at + i]!, position: at + i, tenantSlot: s.tenantSlot, ...(s.gates ? { gates: s.gates } : {}) });
-      }
+      rows.push(...rowsOf(s, at, take));
       if (s.routes) routes.push({ seq: s.seq, first, count: take, perRow: s.routes === "token" });
       const last = take === pending;
       if (s.logits === "all") for (let r = first; r < rows.length; r++) outRows.push(r);
@@ -101,4 +99,17 @@ export function planSteps<S>(batch: readonly PlanSequence<S>[], maxRows: number)
     waiting = waiting.filter((s) => !done.has(s));
   }
   return steps;
+}
+
+/** A prompt routed over chunks: every pending row in one step, run layer by layer over chunks of maxRows. */
+function chunkedStep<S>(s: PlanSequence<S>, maxRows: number): PlannedStep<S> {
+  const pending = s.tokens.length - s.cached;
+  const rows = rowsOf(s, s.cached, pending);
+  const chunks = Array.from({ length: Math.ceil(pending / maxRows) }, (_, c) => Math.min(maxRows, pending - c * maxRows));
+  const outRows = s.logits === "all" ? rows.map((_, r) => r) : [pending - 1];
+  return { rows, chunks, outRows, routes: [{ seq: s.seq, first: 0, count: pending, perRow: false }], finishing: new Map([[s.seq, outRows.length - 1]]) };
+}
+
+function rowsOf<S>(s: PlanSequence<S>, at: number, count: number): PlannedRow<S>[] {
+  return Array.from({ length: count }, (_, i) => ({ seq: s.seq, slot: s.slot, token: s.tokens[at + i]!, position: at + i, tenantSlot: s.tenantSlot, ...(s.gates ? { gates: s.gates } : {}) }));
 }

@@ -26,11 +26,6 @@ export interface ServedModel {
   readonly chatTemplate?: ChatTemplate;
   /** An adapter's own chat template (its directory has one), used for requests naming it instead of the base's. */
   readonly adapterChatTemplate?: (adapter: string) => ChatTemplate | undefined;
-  /**
-   * The longest prompt a prompt-routed (MiLoRA) adapter takes: its routers pool over the whole prompt,
-   * so the engine prefills it in one step, of at most this many rows (the engine's maxBatchRows).
-   */
-  readonly maxRoutedPromptTokens?: number;
   /** False when the engine's plan has no logit processing kernels (a package compiled before them): penalties, logit_bias, min_p and logprobs are refused. */
   readonly logitProcessing?: boolean;
 }
@@ -291,15 +286,6 @@ async function prepare(kind: Kind, body: unknown, model: ServedModel): Promise<P
       `this model's maximum context length is ${model.ctx} tokens, but the request needs ${prompt.length + Math.max(1, maxTokens)} ` +
         `(${prompt.length} in the prompt + ${params.maxTokens === undefined ? "at least 1" : `max_tokens ${params.maxTokens}`} for the completion): shorten the prompt or lower max_tokens`,
       param,
-    );
-  }
-  const routedLimit = model.maxRoutedPromptTokens;
-  if (adapterKey !== undefined && routedLimit !== undefined && prompt.length > routedLimit && model.adapters.routesOnPrompt(adapterKey)) {
-    throw badRequest(
-      `adapter ${adapter} routes on the whole prompt, which this server prefills in one step of at most ${routedLimit} tokens ` +
-        `(the engine's maxBatchRows, --max-batch-rows, within the device's storage binding limit); the prompt has ${prompt.length}: shorten it`,
-      param,
-      "prompt_too_long_for_routing",
     );
   }
   for (const [field, ids] of [["logit_bias", [...params.logitBias.keys()]], ["stop_token_ids", params.stopTokenIds]] as const) {

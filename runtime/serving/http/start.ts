@@ -62,7 +62,7 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
     maxSequences: setup.slots,
     maxAdapters: setup.maxResidentAdapters,
     // One step may run a whole context (the engine keeps it within the device's binding limit): a
-    // prompt-routed adapter's prompt is prefilled in one step, so this bounds its prompt length.
+    // prompt up to the context prefills in one step.
     maxBatchRows: setup.maxBatchRows ?? setup.engine.plan.dims.ctx,
     ...setup.engine,
     ...(setup.gpu ? { gpu: setup.gpu } : {}),
@@ -99,7 +99,6 @@ export async function startServing(setup: ServingSetup): Promise<Serving> {
         baseName: setup.servedModelName ?? setup.base.name,
         vocabSize: setup.base.vocabSize,
         ctx,
-        maxRoutedPromptTokens: engine.maxRows,
         logitProcessing: engine.plan.logitAdjust !== undefined && engine.plan.chosenLogprob !== undefined,
         ...(tokenizer ? { tokenizer } : {}),
         ...(chatTemplate ? { chatTemplate } : {}),

@@ -177,6 +177,58 @@ for (const pooling of ["last", "mean", "max", "attention"] as const) {
   });
 }
 
+// A prompt three times a step: its rows run layer by layer over three chunks of 8, each layer's router
+// pooling over all 24 rows first; the prefill's logits of all 24 rows come back in three head submits.
+const LONG = Array.from({ length: 24 }, (_, i) => (i * 37 + 5) % TINY.vocabSize);
+
+for (const pooling of ["last", "mean", "max", "attention"] as const) {
+  test(`a prompt routed with ${pooling} pooling over 3 steps' rows: logits of every position and decisions match the reference`, async () => {
+    const chunked = await Engine.load(plannedEngine({ base, checkpointDir, gpu, ctx: 64, maxSequences: 2, maxAdapters: 1, maxLoraRank: 8, maxBatchRows: 8 }));
+    try {
+      assert.is(chunked.maxRows, 8);
+      await matchesReference(milora({ pooling }, 70 + pooling.length, `chunked-${pooling}`), chunked, LONG);
+    } finally {
+      chunked.destroy();
+    }
+  });
+}
+
+test("a prompt routed over chunks in a batch: each sequence gets what it gets alone, beam candidates and logprobs included", async () => {
+  const chunked = await Engine.load(plannedEngine({ base, checkpointDir, gpu, ctx: 64, maxSequences: 3, maxAdapters: 1, maxLoraRank: 8, maxBatchRows: 8 }));
+  chunked.loadAdapter("a", milora({ pooling: "attention" }, 77, "a"));
+  try {
+    const requests = [
+      { prompt: LONG, adapter: "a", maxTokens: 3, logits: "all" as const },
+      { prompt: [40, 2, 7], maxTokens: 3, logits: "all" as const },
+      { prompt: LONG.slice(0, 20), adapter: "a", maxTokens: 3 },
+    ];
+    const alone: Generation[] = [];
+    for (const r of requests) alone.push(await chunked.generate(r));
+    const together = await chunked.generateBatch(requests);
+    together.forEach((got, i) => {
+      assert.equal(got.tokens, alone[i]!.tokens, `request ${i}: tokens`);
+      if (got.logits) assert.ok(relativeError(got.logits, alone[i]!.logits!.map((row) => Float64Array.from(row))) < 1e-6, `request ${i}: logits`);
+      assertSameRouting(got.routing ?? [], alone[i]!.routing ?? []);
+    });
+    // The sampled row's candidates and log-probability come from the last head submit.
+    const seq = chunked.createSequence(LONG, { adapter: "a" });
+    seq.candidates = 4;
+    seq.wantsLogprob = true;
+    seq.logits = "all";
+    const out = (await chunked.prefill([seq])).get(seq)!;
+    chunked.release(seq);
+    const last = out.logits!.at(-1)!;
+    const top = Math.max(...last);
+    const logSum = top + Math.log(last.reduce((s, v) => s + Math.exp(v - top), 0));
+    assert.is(out.candidates!.tokens[0], out.token);
+    assert.is(out.candidates!.tokens[0], argmax(Float64Array.from(last)));
+    assert.ok(Math.abs(out.logprob! - (last[out.token]! - logSum)) < 1e-4, `logprob ${out.logprob}`);
+    assert.ok(Math.abs(out.candidates!.logprobs[0]! - out.logprob!) < 1e-4);
+  } finally {
+    chunked.destroy();
+  }
+});
+
 const RATIONAL = { activation: "rational", rational: { numerator: 6, denominator: 5 } } as const;
 
 test("prompt routing with top_k 3 renormalize after a gelu activation of the mean", async () => {
@@ -307,13 +359,12 @@ test("weights larger than a storage binding run as row blocks: MiLoRA prefill an
   }
 });
 
-test("refusals: a routed prompt longer than one step, unloading an adapter in use, a rank above the engine's, merging token routing", async () => {
+test("refusals: a chunked routed prompt whose hidden states exceed a binding, unloading an adapter in use, a rank above the engine's, merging token routing", async () => {
   const small = await Engine.load(plannedEngine({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxBatchRows: 8, maxLoraRank: 4 }));
   try {
     assert.throws(() => small.loadAdapter("big", milora({}, 51)), /rank 8, above the engine's largest LoRA rank 4/);
     small.loadAdapter("a", milora({}, 52, "a", 4));
-    assert.throws(() => small.createSequence(PROMPT, { adapter: "a" }), (e: unknown) => e instanceof EngineError && /prefilled in one step of at most 8 rows/.test((e as Error).message));
-    const seq = small.createSequence(PROMPT.slice(0, 4), { adapter: "a" });
+    const seq = small.createSequence(PROMPT, { adapter: "a" });
     assert.throws(() => small.unloadAdapter("a"), /used by 1 live sequence/);
     small.release(seq);
     small.unloadAdapter("a");
@@ -324,6 +375,16 @@ test("refusals: a routed prompt longer than one step, unloading an adapter in us
     );
   } finally {
     small.destroy();
+  }
+  // A 9000-byte binding: steps of 12 rows (the 176-wide MLP activation), and a routed prompt's hidden
+  // states [tokens, 64] fit it up to 35 tokens.
+  const narrow = await Engine.load(plannedEngine({ base, checkpointDir, gpu, ctx: 64, maxSequences: 1, maxAdapters: 1, maxLoraRank: 4, maxBindingBytes: 9000 }));
+  try {
+    narrow.loadAdapter("a", milora({}, 54, "a", 4));
+    assert.throws(() => narrow.createSequence(LONG.concat(LONG).slice(0, 36), { adapter: "a" }), (e: unknown) => e instanceof EngineError && /must fit one storage binding/.test((e as Error).message));
+    narrow.release(narrow.createSequence(LONG.concat(LONG).slice(0, 35), { adapter: "a" }));
+  } finally {
+    narrow.destroy();
   }
 });
 

@@ -1,7 +1,6 @@
 // The step planner without a GPU: batches of sequences (named by strings) against hand-written steps.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { EngineError } from "../../../runtime/engine/engine-error.ts";
 import { planSteps, type PlanSequence } from "../../../runtime/engine/step-planner.ts";
 
 const BASE = 0xffffffff; // NO_ADAPTER, the base alone
@@ -74,8 +73,33 @@ test("a prompt-routed prompt runs in one step with one route over all its rows; 
   ]);
 });
 
-test("a prompt-routed prompt longer than a step is refused before any step", () => {
-  assert.throws(() => planSteps([seq("a", [1, 2, 3, 4], 0, { tenantSlot: 0, routes: "prompt" })], 3), (e: unknown) => e instanceof EngineError && /4 tokens .* at most 3 rows/.test(e.message));
+test("a prompt-routed prompt longer than a step gets a step of its own, run layer by layer over chunks; the rest is packed after it", () => {
+  const steps = planSteps([seq("b", [9, 8], 1), seq("a", [1, 2, 3, 4, 5, 6, 7], 0, { tenantSlot: 2, routes: "prompt", logits: "all" }), seq("c", [6], 0)], 3);
+  assert.equal(steps, [
+    {
+      rows: [1, 2, 3, 4, 5, 6, 7].map((token, position) => ({ seq: "a", slot: 0, token, position, tenantSlot: 2 })),
+      chunks: [3, 3, 1],
+      outRows: [0, 1, 2, 3, 4, 5, 6],
+      routes: [{ seq: "a", first: 0, count: 7, perRow: false }],
+      finishing: new Map([["a", 6]]),
+    },
+    {
+      rows: [
+        { seq: "b", slot: 1, token: 8, position: 1, tenantSlot: BASE },
+        { seq: "c", slot: 2, token: 6, position: 0, tenantSlot: BASE },
+      ],
+      outRows: [0, 1],
+      routes: [],
+      finishing: new Map([
+        ["b", 0],
+        ["c", 1],
+      ]),
+    },
+  ]);
+  const [last] = planSteps([seq("a", [1, 2, 3, 4], 0, { tenantSlot: 0, routes: "prompt" })], 3);
+  assert.equal(last!.chunks, [3, 1]);
+  assert.equal(last!.outRows, [3]);
+  assert.equal(last!.finishing, new Map([["a", 0]]));
 });
 
 test("token routing routes each chunk's rows on their own; known gates ride on every row", () => {

@@ -68,20 +68,25 @@ test("a MiLoRA tenant of a spec: its routing in the `milora` field equals milora
   }
 });
 
-test("a prompt-routed adapter and a prompt over the one-step limit: 400 naming the limit, while the base takes it", async () => {
-  // The routers pool over the whole prompt, which the engine prefills in one step of maxBatchRows rows.
-  const f = await startFixture({ fromCheckpoint: (dir) => servingOptions(modelSource(SPEC, dir)), maxBatchRows: 16, adapterLoading: true });
+test("a prompt-routed tenant takes a prompt of three steps' rows (--max-batch-rows 16): routed over chunks, tokens and gates as the float64 MiLoRA reference", async () => {
+  const f = await startFixture({ fromCheckpoint: (dir) => servingOptions(modelSource(SPEC, dir)), ctx: 64, maxBatchRows: 16, adapterLoading: true });
   try {
+    assert.is(f.serving.engine.maxRows, 16);
     const alice = join(f.root, "adapters", "alice");
     writeRandomAdapter(alice, { spec: specAdapter("tiny"), seed: 21 });
     assert.is((await post(`${f.serving.server.url}/v1/adapters`, { name: "tiny:alice", path: alice })).status, 201);
-    const long = Array.from({ length: 20 }, (_, i) => 40 + i);
-    const refused = await post(`${f.serving.server.url}/v1/completions`, { model: "tiny:alice", prompt: long, max_tokens: 2 });
-    assert.is(refused.status, 400);
-    assert.match(refused.json.error!.message, "at most 16 tokens");
-    assert.match(refused.json.error!.message, "the prompt has 20");
-    assert.is((await post(`${f.serving.server.url}/v1/completions`, { model: MODEL, prompt: long, max_tokens: 2 })).status, 200);
-    assert.is((await post(`${f.serving.server.url}/v1/completions`, { model: "tiny:alice", prompt: long.slice(0, 16), max_tokens: 2 })).status, 200);
+    const prompt = Array.from({ length: 48 }, (_, i) => (i * 37 + 5) % 500);
+    const r = await f.client.completions.create({ model: "tiny:alice", prompt, max_tokens: 3, temperature: 0 });
+    const served = miloraField(r) as ReturnType<typeof miloraField> & { routing: Decision[] };
+    const { base, weights } = loadReferenceWeights(join(f.root, MODEL));
+    const adapter = loadAdapter(alice, { name: "alice", base, spec: specAdapter("tiny") });
+    const want = referenceMiloraGreedy(base, weights, adapter, prompt, 3);
+    assert.equal(served.token_ids, want.tokens);
+    assert.is(served.routing.length, want.routing.length);
+    served.routing.forEach((d, i) => {
+      assert.equal(Object.keys(d.experts).sort(), Object.keys(want.routing[i]!.experts).sort(), `layer ${d.layer}`);
+      for (const [m, g] of Object.entries(d.experts)) assert.ok(Math.abs(g - (want.routing[i]!.experts as Record<string, number>)[m]!) < 1e-4, `layer ${d.layer} ${m}`);
+    });
   } finally {
     await f.close();
   }
