@@ -1,6 +1,8 @@
 // What one LoRA module costs at decode next to its base matrix-vector product: shrink and expand apart,
 // the pair with the module on for every row, and with it switched off (gate 0), for 1 row, 8 rows of
-// one tenant and 8 rows of 8 distinct tenants.
+// one tenant and 8 rows of 8 distinct tenants. Expand is the engine's DoRA-capable kernel over a fused
+// residual (o_proj's and down_proj's): "expand" on plain LoRA slots (factors 1), "DoRA expand" on DoRA
+// slots (factors not 1: it also reads each output's factor and residual), against the plain kernel.
 //   node --import tsx bench/lora.ts [--hidden 1024] [--rank 8] [--repeats 5]
 // Each figure is the best of `repeats` runs of 50 dispatches recorded as one step.
 import { parseArgs } from "node:util";
@@ -24,7 +26,8 @@ const floats = (n: number) => Float32Array.from({ length: n }, random);
 
 const dims = { inFeatures: hidden, outFeatures: hidden, maxRank: rank };
 const shrink = loraShrinkKernel(dims);
-const expand = loraExpandKernel(dims);
+const plainExpand = loraExpandKernel(dims);
+const expand = loraExpandKernel({ ...dims, dora: true, residual: true });
 const matvec = matvecKernel({ K: hidden, N: hidden, residual: false });
 const b = {
   x: createStorage(device, floats(TENANTS * hidden), "x"),
@@ -36,6 +39,9 @@ const b = {
   slots: createStorage(device, packLoraSlots(Array.from({ length: TENANTS }, () => ({ rank, scaling: 2 }))), "slots"),
   distinct: createStorage(device, Uint32Array.from({ length: TENANTS }, (_, i) => i), "one tenant per row"),
   same: createStorage(device, new Uint32Array(TENANTS), "one tenant for all rows"),
+  residual: createStorage(device, floats(TENANTS * hidden), "residual"),
+  ones: createStorage(device, new Float32Array(TENANTS * hidden).fill(1), "DoRA factors of plain slots"),
+  factors: createStorage(device, Float32Array.from({ length: TENANTS * hidden }, () => 1 + 0.1 * random()), "DoRA factors"),
   on: createStorage(device, new Float32Array(TENANTS).fill(1), "gates on"),
   off: createStorage(device, new Float32Array(TENANTS), "gates off"),
 };
@@ -58,13 +64,15 @@ function lora(rows: number, rowAdapter: GPUBuffer, gates: GPUBuffer) {
   const params = { rows, gateStride: 1, gateIndex: 0 };
   const common = { slots: b.slots, rowAdapter, gates };
   const shrinkOnly = () => step.dispatch(shrink, { x: b.x, a: b.a, t: b.t, ...common }, params);
-  const expandOnly = () => step.dispatch(expand, { t: b.t, b: b.b, y: b.y, ...common }, params);
-  return { shrinkOnly, expandOnly, pair: () => (shrinkOnly(), expandOnly()) };
+  const expandOnly = () => step.dispatch(expand, { t: b.t, b: b.b, y: b.y, dora: b.ones, residual: b.residual, ...common }, params);
+  const doraExpand = () => step.dispatch(expand, { t: b.t, b: b.b, y: b.y, dora: b.factors, residual: b.residual, ...common }, params);
+  const plainOnly = () => step.dispatch(plainExpand, { t: b.t, b: b.b, y: b.y, ...common }, params);
+  return { shrinkOnly, expandOnly, doraExpand, plainOnly, pair: () => (shrinkOnly(), expandOnly()) };
 }
 
 console.log(`${adapterSummary(gpu.report)}; module ${hidden}x${hidden}, rank ${rank}\n`);
-console.log("| rows | base matvec (us) | shrink (us) | expand (us) | LoRA on (us) | on / base | LoRA off (us) | off / base |");
-console.log("| --- | --- | --- | --- | --- | --- | --- | --- |");
+console.log("| rows | base matvec (us) | shrink (us) | expand (us) | LoRA on (us) | on / base | LoRA off (us) | off / base | plain-kernel expand (us) | DoRA expand (us) |");
+console.log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
 const cases = [
   { label: "1", rows: 1, rowAdapter: b.distinct },
   { label: `${TENANTS}, 1 tenant`, rows: TENANTS, rowAdapter: b.same },
@@ -76,7 +84,8 @@ for (const { label, rows, rowAdapter } of cases) {
   const base = await time(() => step.dispatch(matvec, { x: b.x, w: b.w, y: b.y }, { rows }));
   const [shrinkUs, expandUs, onUs] = [await time(on.shrinkOnly), await time(on.expandOnly), await time(on.pair)];
   const off = await time(lora(rows, rowAdapter, b.off).pair);
+  const [plainUs, doraUs] = [await time(on.plainOnly), await time(on.doraExpand)];
   const f = (x: number) => x.toFixed(0);
-  console.log(`| ${label} | ${f(base)} | ${f(shrinkUs)} | ${f(expandUs)} | ${f(onUs)} | ${(onUs / base).toFixed(2)}x | ${f(off)} | ${(off / base).toFixed(2)}x |`);
+  console.log(`| ${label} | ${f(base)} | ${f(shrinkUs)} | ${f(expandUs)} | ${f(onUs)} | ${(onUs / base).toFixed(2)}x | ${f(off)} | ${(off / base).toFixed(2)}x | ${f(plainUs)} | ${f(doraUs)} |`);
 }
 gpu.destroy();

@@ -1,7 +1,8 @@
 // What routing costs: decode ms/step and prefill tokens/s of one base model alone, with a merged LoRA,
-// with unmerged LoRA on all 7 modules, with MiLoRA (prompt routing, top_k 2 and 3 of 7) and with the
-// per-token baseline (the same router run on every token), for 1 and for 8 concurrent sequences of
-// different tenants. Every adapter has rank 8 on all 7 modules of every layer (the same tunable budget).
+// with unmerged LoRA and unmerged DoRA on all 7 modules, with MiLoRA (prompt routing, top_k 2 and 3 of
+// 7) and with the per-token baseline (the same router run on every token), for 1 and for 8 concurrent
+// sequences of different tenants. Every adapter has rank 8 on all 7 modules of every layer (the same
+// tunable budget; DoRA adds its magnitude vectors).
 //   node --import tsx bench/milora.ts [--hidden 512] [--decode 16] [--prompt 16] [--repeats 3]
 // The checkpoint is written once under .cache/bench/; ratios are against the base in the same run.
 import { join } from "node:path";
@@ -12,6 +13,7 @@ import { EXPERT_MODULES, type Adapter, type BaseModel, type RouterConfig } from 
 import { peftSpec, randomAdapter } from "../examples/random-adapter.ts";
 import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
+import { openCheckpoint } from "../runtime/formats/checkpoint.ts";
 import { Engine } from "../runtime/engine/engine.ts";
 import type { GenerateRequest } from "../runtime/engine/requests.ts";
 import { plannedEngine } from "../bin/engine-plan.ts";
@@ -29,18 +31,19 @@ const dir = join(".cache", "bench", `milora-${hidden}`);
 writeRandomCheckpoint(dir, { hiddenSize: hidden, layers: 8, heads: 8, kvHeads: 4, intermediateSize: Math.round((hidden * 8) / 3 / 64) * 64, vocabSize: 4096, maxPositions: 256, seed: 3 });
 const base = readHfConfig(dir);
 
-type Mode = { readonly name: string; readonly router?: Partial<RouterConfig>; readonly merged?: boolean; readonly baseOnly?: boolean };
+type Mode = { readonly name: string; readonly router?: Partial<RouterConfig>; readonly merged?: boolean; readonly baseOnly?: boolean; readonly dora?: boolean };
 const MODES: Mode[] = [
   { name: "base alone", baseOnly: true },
   { name: "merged LoRA (1 tenant)", merged: true },
   { name: "unmerged LoRA, 7 modules" },
+  { name: "unmerged DoRA, 7 modules", dora: true },
   { name: "MiLoRA top_k 2 of 7", router: { selection: { rule: "top_k", k: 2, renormalize: false } } },
   { name: "MiLoRA top_k 3 of 7", router: { selection: { rule: "top_k", k: 3, renormalize: false } } },
   { name: "per-token top_k 2 of 7", router: { selection: { rule: "top_k", k: 2, renormalize: false }, when: "token" } },
 ];
 
 function spec(mode: Mode, b: BaseModel): Adapter {
-  const lora = peftSpec({ base: b, modules: EXPERT_MODULES, rank: RANK, alpha: 2 * RANK, seed: 0, name: "bench" });
+  const lora = peftSpec({ base: b, modules: EXPERT_MODULES, rank: RANK, alpha: 2 * RANK, ...(mode.dora ? { dora: true } : {}), seed: 0, name: "bench" });
   if (!mode.router) return lora;
   const router: RouterConfig = {
     ...ROUTER_DEFAULTS,
@@ -64,7 +67,14 @@ interface Result {
   decodeMsPerStep: number;
 }
 
-const adapters = new Map(MODES.map((mode) => [mode.name, Array.from({ length: TENANTS }, (_, i) => randomAdapter({ spec: spec(mode, base), seed: 100 + i, name: `t${i}` }))]));
+// DoRA's magnitudes are drawn near the base weights' row norms, as a trained adapter's are.
+const checkpoint = openCheckpoint(dir);
+const baseWeight = (layer: number, module: string) => {
+  const t = engine.plan.tensors.find((x) => x.role === "linear" && x.layer === layer && x.module === module)!;
+  return checkpoint.readF32(t.name, t.shape);
+};
+const adapters = new Map(MODES.map((mode) => [mode.name, Array.from({ length: TENANTS }, (_, i) => randomAdapter({ spec: spec(mode, base), seed: 100 + i, name: `t${i}`, baseWeight }))]));
+checkpoint.close();
 
 /** One timed run of `sequences` sequences in `mode` (after a warm-up run on the first round). */
 async function measure(mode: Mode, sequences: number, warm: boolean): Promise<Result> {
@@ -84,6 +94,15 @@ async function measure(mode: Mode, sequences: number, warm: boolean): Promise<Re
     if (mode.merged) await engine.unmergeAdapter();
     for (const a of tenants) engine.unloadAdapter(a.name);
   }
+}
+
+// Loading a DoRA adapter computes its factors on the CPU (runtime/engine/dora.ts): that time, against a LoRA's load.
+for (const name of ["unmerged LoRA, 7 modules", "unmerged DoRA, 7 modules"]) {
+  const a = adapters.get(name)![0]!;
+  const started = performance.now();
+  engine.loadAdapter(a.name, a);
+  console.log(`load ${name.replace("unmerged ", "").replace(", 7 modules", "")} adapter: ${(performance.now() - started).toFixed(0)} ms`);
+  engine.unloadAdapter(a.name);
 }
 
 // Rounds interleave the modes, so that load from other jobs falls on all of them alike; best of rounds.
@@ -115,6 +134,9 @@ for (const sequences of [1, TENANTS]) {
   const perToken = get("per-token top_k 2 of 7").decodeMsPerStep;
   const milora = get("MiLoRA top_k 2 of 7").decodeMsPerStep;
   console.log(`goals: MiLoRA decode ${(milora / baseline.decodeMsPerStep).toFixed(2)}x base (<= 1.10); per-token ${(perToken / milora).toFixed(2)}x MiLoRA (>= 1.3)`);
+  const dora = get("unmerged DoRA, 7 modules").decodeMsPerStep;
+  const lora = get("unmerged LoRA, 7 modules").decodeMsPerStep;
+  console.log(`DoRA decode ${(dora / lora).toFixed(2)}x unmerged LoRA; MiLoRA top_k 2 ${(dora / milora).toFixed(2)}x faster than DoRA (the paper, Table 4: 1.20x)`);
 }
 engine.destroy();
 gpu.destroy();
