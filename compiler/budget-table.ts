@@ -23,7 +23,7 @@ function routerSummary(router: RouterConfig | undefined): string {
 }
 
 /** Rows of cells padded to their column's width: the first column left-aligned, the others right-aligned. */
-function aligned(rows: readonly (readonly string[])[], indent: string): string[] {
+export function aligned(rows: readonly (readonly string[])[], indent: string): string[] {
   const widths: number[] = [];
   for (const row of rows) row.forEach((cell, i) => (widths[i] = Math.max(widths[i] ?? 0, cell.length)));
   return rows.map(

@@ -1,0 +1,197 @@
+// The comparison `milora bench` runs: one base model decoding alone, with a merged LoRA, with unmerged
+// LoRA, MiLoRA (routed once per prompt), the per-token router baseline and DoRA, at each weight
+// storage format, number of concurrent tenants and beam width asked for, all in one run, so that the
+// ratios between them hold whatever the machine's load. Adapters have the spec's shape (rank, modules,
+// router) and random weights: speed does not depend on the values.
+import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
+import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "../../compiler/model.ts";
+import { peftSpec, randomAdapter } from "../../examples/random-adapter.ts";
+import { Engine } from "../../runtime/engine/engine.ts";
+import type { GenerateRequest } from "../../runtime/engine/requests.ts";
+import type { LoadedAdapter } from "../../runtime/formats/adapter.ts";
+import { openCheckpoint } from "../../runtime/formats/checkpoint.ts";
+import type { GpuContext } from "../../runtime/gpu/device.ts";
+import type { MemoryMeter } from "../../runtime/gpu/memory-meter.ts";
+import type { WeightFormat } from "../../runtime/package/format.ts";
+import { plannedEngine } from "../engine-plan.ts";
+import type { Calibration } from "./calibration.ts";
+import { benchPrompt, bestOf, measureBatch, type GenerationFigures } from "./generation.ts";
+
+/** One way of running the model: without an adapter (`spec` absent), with tenants of `spec`, or `spec` merged. */
+export interface BenchMode {
+  readonly name: string;
+  readonly label: string;
+  readonly spec?: Adapter;
+  /** Fold the first tenant's LoRA into the weights, then decode the base kernels (every sequence shares it). */
+  readonly merged?: boolean;
+}
+
+export const MODE_NAMES = ["base", "merged", "lora", "milora", "token", "dora"] as const;
+export type ModeName = (typeof MODE_NAMES)[number];
+
+/** The adapter shape used without a spec: rank 8 on all seven modules of every layer, the default router. */
+export function defaultBenchAdapter(base: BaseModel): Adapter {
+  return { ...peftSpec({ base, modules: EXPERT_MODULES, rank: 8, alpha: 16, seed: 0, name: "bench" }), router: { ...ROUTER_DEFAULTS, noise: false } };
+}
+
+/**
+ * The modes of MODE_NAMES for an adapter's shape: its experts as plain LoRA (merged and not), with its
+ * router (ROUTER_DEFAULTS when it has none) once per prompt and per token, and as DoRA.
+ */
+export function standardModes(adapter: Adapter, names: readonly ModeName[] = MODE_NAMES): BenchMode[] {
+  const { router, ...shape } = adapter;
+  // the LoRA modes are plain LoRA even when the spec's adapter is DoRA
+  const lora = { ...shape, experts: shape.experts.map(({ dora: _dora, ...e }) => e) };
+  const routed = (when: RouterConfig["when"]): Adapter => ({ ...lora, router: { ...(router ?? { ...ROUTER_DEFAULTS, noise: false }), when } });
+  const all: Record<ModeName, BenchMode> = {
+    base: { name: "base", label: "base alone" },
+    merged: { name: "merged", label: "merged LoRA", spec: lora, merged: true },
+    lora: { name: "lora", label: "LoRA (unmerged)", spec: lora },
+    milora: { name: "milora", label: "MiLoRA (prompt routing)", spec: routed("prompt") },
+    token: { name: "token", label: "per-token router", spec: routed("token") },
+    dora: { name: "dora", label: "DoRA (unmerged)", spec: { ...lora, experts: lora.experts.map((e) => ({ ...e, dora: true as const })) } },
+  };
+  return names.map((n) => all[n]);
+}
+
+export interface ComparisonSetup {
+  readonly base: BaseModel;
+  readonly checkpointDir: string;
+  readonly gpu: GpuContext;
+  readonly modes: readonly BenchMode[];
+  readonly formats: readonly WeightFormat[];
+  readonly tenants: readonly number[];
+  readonly beams: readonly number[];
+  /** Prompt tokens per request, and decode steps after the first token. */
+  readonly prompt: number;
+  readonly decode: number;
+  /** Rounds over every mode; each figure is its best round. */
+  readonly repeats: number;
+  /** The device's calibration: the plans use its matvec row limits, as `milora run` would. */
+  readonly calibration?: Pick<Calibration, "formats">;
+  /** Counts the engine's buffers; its peak during each row's run is reported. */
+  readonly meter?: MemoryMeter;
+  /** Progress, one line per engine loaded. */
+  readonly log?: (line: string) => void;
+}
+
+export interface ComparisonRow extends GenerationFigures {
+  readonly weights: WeightFormat;
+  readonly tenants: number;
+  readonly beams: number;
+  readonly mode: string;
+  readonly label: string;
+  /** The plan's matvec row limit for this format (calibrated or MATVEC_MAX_ROWS). */
+  readonly matvecMaxRows: number;
+  /** The most bytes of GPU buffers the engine held while the row ran (adapter loads and merges included); NaN without a meter. */
+  readonly peakBytes: number;
+}
+
+/** Runs every mode at every format, tenant count and beam width; rows in that order (format outermost). */
+export async function runComparison(s: ComparisonSetup): Promise<ComparisonRow[]> {
+  const adapters = new Map<string, LoadedAdapter>();
+  const tenantsOf = (mode: BenchMode, count: number, plan: Engine["plan"]): LoadedAdapter[] =>
+    Array.from({ length: mode.merged ? 1 : count }, (_, i) => {
+      const key = `${mode.name} ${i}`;
+      if (!adapters.has(key)) adapters.set(key, randomAdapter({ spec: mode.spec!, seed: 100 + i, name: `${mode.name}-${i}`, baseWeight: baseWeights(s.checkpointDir, plan) }));
+      return adapters.get(key)!;
+    });
+  const maxRank = Math.max(1, ...s.modes.flatMap((m) => m.spec?.experts.map((e) => e.rank) ?? []));
+  const rows: ComparisonRow[] = [];
+  for (const weights of s.formats) {
+    for (const tenants of s.tenants) {
+      s.meter?.resetPeak();
+      const engine = await Engine.load(
+        plannedEngine({
+          base: s.base,
+          checkpointDir: s.checkpointDir,
+          gpu: s.gpu,
+          weights,
+          ...(s.calibration ? { calibration: s.calibration } : {}),
+          ctx: s.prompt + s.decode + 2,
+          maxSequences: tenants * Math.max(...s.beams),
+          maxAdapters: tenants,
+          maxLoraRank: maxRank,
+        }),
+      );
+      s.log?.(`${weights} weights, ${tenants} tenant${tenants === 1 ? "" : "s"}: engine loaded (${((s.meter?.peakBytes ?? NaN) / 2 ** 20).toFixed(1)} MiB)`);
+      const best = new Map<string, { figures?: GenerationFigures; peak: number }>();
+      try {
+        // Rounds interleave the modes, so that load from other jobs falls on all of them alike.
+        for (let round = 0; round < s.repeats; round++) {
+          for (const mode of s.modes) {
+            s.meter?.resetPeak();
+            const loaded = mode.spec ? tenantsOf(mode, tenants, engine.plan) : [];
+            for (const a of loaded) engine.loadAdapter(a.name, a);
+            try {
+              if (mode.merged) await engine.mergeAdapter(loaded[0]!.name);
+              for (const beams of s.beams) {
+                const requests: GenerateRequest[] = Array.from({ length: tenants }, (_, i) => ({
+                  prompt: benchPrompt(s.prompt, i, s.base.vocabSize),
+                  maxTokens: s.decode + 1,
+                  stop: [],
+                  ...(mode.spec && !mode.merged ? { adapter: loaded[i]!.name } : {}),
+                  ...(beams > 1 ? { beam: { beams } } : {}),
+                }));
+                // the first dispatch of a kernel compiles it on GL drivers
+                if (round === 0) await engine.generateBatch(requests.map((r) => ({ ...r, maxTokens: 2 })));
+                const figures = await measureBatch(engine, requests);
+                const key = `${mode.name} ${beams}`;
+                const b = best.get(key);
+                best.set(key, { figures: bestOf(b?.figures, figures), peak: Math.max(b?.peak ?? 0, s.meter?.peakBytes ?? NaN) });
+              }
+            } finally {
+              if (mode.merged) await engine.unmergeAdapter();
+              for (const a of loaded) engine.unloadAdapter(a.name);
+            }
+          }
+        }
+      } finally {
+        engine.destroy();
+      }
+      for (const beams of s.beams) {
+        for (const mode of s.modes) {
+          const { figures, peak } = best.get(`${mode.name} ${beams}`)!;
+          rows.push({ weights, tenants, beams, mode: mode.name, label: mode.label, matvecMaxRows: engine.plan.matvecMaxRows, peakBytes: peak, ...figures! });
+        }
+      }
+    }
+  }
+  return rows;
+}
+
+/** Ratios against the matching row: the base alone, one tenant, f32 weights (undefined where that was not run). */
+export interface RowRatios {
+  /** Decode time per token against the base alone (same format, tenants, beams). */
+  readonly decodeVsBase?: number;
+  /** Tokens/s against one tenant (same format, mode, beams). */
+  readonly tokensPerSVsOneTenant?: number;
+  /** Decode time per token against f32 weights (same mode, tenants, beams). */
+  readonly decodeVsF32?: number;
+}
+
+export function ratiosOf(rows: readonly ComparisonRow[], row: ComparisonRow): RowRatios {
+  const find = (p: (r: ComparisonRow) => boolean) => rows.find(p);
+  const base = find((r) => r.mode === "base" && r.weights === row.weights && r.tenants === row.tenants && r.beams === row.beams);
+  const one = find((r) => r.tenants === 1 && r.mode === row.mode && r.weights === row.weights && r.beams === row.beams);
+  const f32 = find((r) => r.weights === "f32" && r.mode === row.mode && r.tenants === row.tenants && r.beams === row.beams);
+  return {
+    ...(base ? { decodeVsBase: row.decodeMsPerToken / base.decodeMsPerToken } : {}),
+    ...(one ? { tokensPerSVsOneTenant: row.tokensPerS / one.tokensPerS } : {}),
+    ...(f32 ? { decodeVsF32: row.decodeMsPerToken / f32.decodeMsPerToken } : {}),
+  };
+}
+
+/** The base weights [out, in] of the checkpoint, for DoRA's magnitudes, which random adapters draw near W's row norms. */
+function baseWeights(checkpointDir: string, plan: Engine["plan"]): (layer: number, module: ExpertModule) => Float32Array {
+  return (layer, module) => {
+    const t = plan.tensors.find((x) => x.role === "linear" && x.layer === layer && x.module === module);
+    if (!t) throw new Error(`the plan has no linear weight for layer ${layer} ${module}`);
+    const checkpoint = openCheckpoint(checkpointDir);
+    try {
+      return checkpoint.readF32(t.name, t.shape);
+    } finally {
+      checkpoint.close();
+    }
+  };
+}
