@@ -7,6 +7,7 @@ import { writePackage } from "../../compiler/emit/write-package.ts";
 import { userError } from "../../runtime/errors.ts";
 import { withSignalsDeferred } from "../signals.ts";
 import { weightsFlag } from "../engine-plan.ts";
+import { readCalibration } from "../measure/calibration.ts";
 
 export interface CompileCommandOptions {
   readonly out: string;
@@ -16,6 +17,8 @@ export interface CompileCommandOptions {
   readonly ctx?: string;
   /** `--weights f32|f16|q8` (default: the spec's `weights`, else f32). */
   readonly weights?: string;
+  /** A calibration file (`milora bench --calibrate` on the device the package is for): its matvec row limits. */
+  readonly calibration?: string;
   readonly force?: boolean;
   readonly forceAny?: boolean;
   readonly color?: boolean;
@@ -27,6 +30,7 @@ export async function compileCommand(spec: string, opts: CompileCommandOptions):
   const ctx = opts.ctx === undefined ? undefined : Number(opts.ctx);
   if (ctx !== undefined && (!Number.isInteger(ctx) || ctx < 1)) throw userError("usage", `--ctx must be a positive integer, got "${opts.ctx}"`);
   const weights = weightsFlag(opts.weights);
+  const calibration = opts.calibration === undefined ? undefined : readCalibration(opts.calibration);
   const result = compilePackage({
     spec,
     ...(opts.adapter === undefined ? {} : { adapter: opts.adapter }),
@@ -34,6 +38,7 @@ export async function compileCommand(spec: string, opts: CompileCommandOptions):
     ...(opts.pkgVersion === undefined ? {} : { version: opts.pkgVersion }),
     ...(ctx === undefined ? {} : { ctx }),
     ...(weights === undefined ? {} : { weights }),
+    ...(calibration === undefined ? {} : { matvecMaxRows: Object.fromEntries(calibration.formats.map((f) => [f.weights, f.matvecMaxRows])) }),
   });
   for (const d of result.diagnostics) {
     process.stderr.write(renderDiagnostic(d, result.sources.get(d.span.file), { color: opts.color !== false && process.stderr.isTTY === true }) + "\n");

@@ -14,6 +14,7 @@ import { CheckpointError } from "../../runtime/formats/safetensors.ts";
 import type { ServingSetup } from "../../runtime/serving/http/start.ts";
 import { userError } from "../../runtime/errors.ts";
 import { enginePlan, type EnginePlan } from "../engine-plan.ts";
+import type { Calibration } from "../measure/calibration.ts";
 import type { WeightFormat } from "../../runtime/package/format.ts";
 
 export interface ModelSource {
@@ -69,6 +70,8 @@ export interface PlanSizing {
   /** `--weights`; and the checkpoint, whose dtypes set the default storage (bin/engine-plan.ts weightsFor). */
   readonly weights?: WeightFormat;
   readonly checkpointDir?: string;
+  /** The device's calibration (bin/measure/calibration.ts): the matvec row limit of the storage format. */
+  readonly calibration?: Pick<Calibration, "formats">;
 }
 
 /**
@@ -91,6 +94,7 @@ export function planOptions(source: ModelSource, sizing: PlanSizing): EnginePlan
     ...(adapter === undefined ? {} : { adapter }),
     ...(sizing.weights === undefined ? {} : { weights: sizing.weights }),
     ...(sizing.checkpointDir === undefined ? {} : { checkpointDir: sizing.checkpointDir }),
+    ...(sizing.calibration === undefined ? {} : { calibration: sizing.calibration }),
   });
 }
 

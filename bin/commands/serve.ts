@@ -6,12 +6,13 @@
 // from DIR/config.json, with plain PEFT adapters.
 import { existsSync, statSync } from "node:fs";
 import { userError } from "../../runtime/errors.ts";
-import { adapterSummary } from "../../runtime/gpu/device.ts";
+import { acquireDevice, adapterSummary } from "../../runtime/gpu/device.ts";
 import { startServing, type ServingSetup } from "../../runtime/serving/http/start.ts";
 import { servingPlan, weightsFlag, type EnginePlan } from "../engine-plan.ts";
 import { checkPackageWeights, modelSource, servingOptions, type ModelSource } from "./model-source.ts";
 import type { WeightFormat } from "../../runtime/package/format.ts";
 import { requireHealthyDevice } from "./self-test.ts";
+import { deviceCalibration } from "../measure/calibration.ts";
 
 export interface ServeOptions {
   readonly base: string;
@@ -49,8 +50,12 @@ const SHUTDOWN_GRACE_MS = 30_000;
 export async function serveCommand(source: string | undefined, opts: ServeOptions): Promise<number> {
   const setup = settings(source, opts);
   const { compiled, ...rest } = setup;
-  // Planning happens here, in the CLI: a package's plan and kernel files, else a plan for the spec's sizes.
-  const serving = await startServing({ ...rest, engine: compiled ?? servingPlan(setup), checkDevice: requireHealthyDevice });
+  // Planning happens here, in the CLI: a package's plan and kernel files, else a plan for the spec's sizes
+  // and the device's calibration (milora bench --calibrate). The device lives as long as the process.
+  const gpu = await acquireDevice(setup.backend === undefined ? {} : { backend: setup.backend });
+  const calibration = compiled ? undefined : deviceCalibration(gpu.report);
+  const planned = compiled ?? servingPlan({ ...setup, ...(calibration === undefined ? {} : { calibration }) });
+  const serving = await startServing({ ...rest, gpu, engine: planned, checkDevice: requireHealthyDevice });
   const { server, engine } = serving;
   process.stderr.write(
     `milora serve: ${server.url}/v1 (model ${setup.servedModelName ?? setup.base.name}${setup.adapters.length > 0 ? `, adapters ${setup.adapters.map(([n]) => n).join(", ")}` : ""})\n` +
