@@ -17,41 +17,135 @@ struct Params {
 fn load_x(row: u32, quad: u32) -> vec4<f32> {
   return x[row * 44u + quad];
 }
+
 fn load_w(row: u32, quad: u32) -> vec4<f32> {
   return w[row * 44u + quad];
 }
 
-var<workgroup> partial: array<f32, 2048>;
-
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-  let col = (wg.x + wg.y * groups.x) * 32u + lid / 8u;
-  let lane = lid % 8u;
-  for (var first = 0u; first < params.rows; first += 8u) {
-    let rows = min(params.rows - first, 8u);
-    var acc: array<f32, 8>;
-    if (col < 64u) {
-      for (var q = lane; q < 44u; q += 8u) {
-        let wv = load_w(col, q);
-        for (var r = 0u; r < rows; r++) { acc[r] += dot(load_x(first + r, q), wv); }
-      }
+  let col = (wg.x + wg.y * groups.x) * 256u + (lid / 1u) * 4u;
+  let lane = lid % 1u;
+  // Columns past N read the last weight row (their sums are not written), so loads stay in the tensor.
+  let wRow0 = min(col + 0u, 63u); let wRow1 = min(col + 1u, 63u); let wRow2 = min(col + 2u, 63u); let wRow3 = min(col + 3u, 63u);
+  if (params.rows == 1u) {
+    let first = 0u;
+    let rows = 1u;
+    var acc0 = vec4<f32>(0.0);
+    for (var u = lane; u < 44u; u += 1u) {
+      let w0 = load_w(wRow0, u); let w1 = load_w(wRow1, u); let w2 = load_w(wRow2, u); let w3 = load_w(wRow3, u);
+      let x0_0 = load_x(first + 0u, u * 1u + 0u);
+        acc0 += vec4<f32>(dot(x0_0, w0), dot(x0_0, w1), dot(x0_0, w2), dot(x0_0, w3));
     }
-    for (var r = 0u; r < rows; r++) { partial[r * 256u + lid] = acc[r]; }
-    for (var stride = 4u; stride > 0u; stride /= 2u) {
-      workgroupBarrier();
-      if (lane < stride) {
-        for (var r = 0u; r < rows; r++) {
-          partial[r * 256u + lid] += partial[r * 256u + lid + stride];
+    for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = first * 64u + (col + c);
+            y[at] = acc0[c] + residual[at];
+          }
         }
+  } else {
+    for (var first = 0u; first < params.rows; first += 8u) {
+      let rows = min(params.rows - first, 8u);
+    var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0); var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0); var acc4 = vec4<f32>(0.0); var acc5 = vec4<f32>(0.0); var acc6 = vec4<f32>(0.0); var acc7 = vec4<f32>(0.0);
+    for (var u = lane; u < 44u; u += 1u) {
+      let w0 = load_w(wRow0, u); let w1 = load_w(wRow1, u); let w2 = load_w(wRow2, u); let w3 = load_w(wRow3, u);
+      if (0u < rows) {
+        let x0_0 = load_x(first + 0u, u * 1u + 0u);
+        acc0 += vec4<f32>(dot(x0_0, w0), dot(x0_0, w1), dot(x0_0, w2), dot(x0_0, w3));
+      }
+      if (1u < rows) {
+        let x1_0 = load_x(first + 1u, u * 1u + 0u);
+        acc1 += vec4<f32>(dot(x1_0, w0), dot(x1_0, w1), dot(x1_0, w2), dot(x1_0, w3));
+      }
+      if (2u < rows) {
+        let x2_0 = load_x(first + 2u, u * 1u + 0u);
+        acc2 += vec4<f32>(dot(x2_0, w0), dot(x2_0, w1), dot(x2_0, w2), dot(x2_0, w3));
+      }
+      if (3u < rows) {
+        let x3_0 = load_x(first + 3u, u * 1u + 0u);
+        acc3 += vec4<f32>(dot(x3_0, w0), dot(x3_0, w1), dot(x3_0, w2), dot(x3_0, w3));
+      }
+      if (4u < rows) {
+        let x4_0 = load_x(first + 4u, u * 1u + 0u);
+        acc4 += vec4<f32>(dot(x4_0, w0), dot(x4_0, w1), dot(x4_0, w2), dot(x4_0, w3));
+      }
+      if (5u < rows) {
+        let x5_0 = load_x(first + 5u, u * 1u + 0u);
+        acc5 += vec4<f32>(dot(x5_0, w0), dot(x5_0, w1), dot(x5_0, w2), dot(x5_0, w3));
+      }
+      if (6u < rows) {
+        let x6_0 = load_x(first + 6u, u * 1u + 0u);
+        acc6 += vec4<f32>(dot(x6_0, w0), dot(x6_0, w1), dot(x6_0, w2), dot(x6_0, w3));
+      }
+      if (7u < rows) {
+        let x7_0 = load_x(first + 7u, u * 1u + 0u);
+        acc7 += vec4<f32>(dot(x7_0, w0), dot(x7_0, w1), dot(x7_0, w2), dot(x7_0, w3));
       }
     }
-    workgroupBarrier();
-    // Lane r of each column writes row first + r.
-    if (col < 64u && lane < rows) {
-      let at = (first + lane) * 64u + col;
-      y[at] = partial[lane * 256u + lid - lane] + residual[at];
+    if (0u < rows) {
+      for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = (first + 0u) * 64u + (col + c);
+            y[at] = acc0[c] + residual[at];
+          }
+        }
     }
-    // The next group overwrites partial.
-    workgroupBarrier();
+    if (1u < rows) {
+      for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = (first + 1u) * 64u + (col + c);
+            y[at] = acc1[c] + residual[at];
+          }
+        }
+    }
+    if (2u < rows) {
+      for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = (first + 2u) * 64u + (col + c);
+            y[at] = acc2[c] + residual[at];
+          }
+        }
+    }
+    if (3u < rows) {
+      for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = (first + 3u) * 64u + (col + c);
+            y[at] = acc3[c] + residual[at];
+          }
+        }
+    }
+    if (4u < rows) {
+      for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = (first + 4u) * 64u + (col + c);
+            y[at] = acc4[c] + residual[at];
+          }
+        }
+    }
+    if (5u < rows) {
+      for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = (first + 5u) * 64u + (col + c);
+            y[at] = acc5[c] + residual[at];
+          }
+        }
+    }
+    if (6u < rows) {
+      for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = (first + 6u) * 64u + (col + c);
+            y[at] = acc6[c] + residual[at];
+          }
+        }
+    }
+    if (7u < rows) {
+      for (var c = 0u; c < 4u; c++) {
+          if (col + c < 64u) {
+            let at = (first + 7u) * 64u + (col + c);
+            y[at] = acc7[c] + residual[at];
+          }
+        }
+    }
+    }
   }
 }
