@@ -8,10 +8,12 @@ import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../examples
 import { acquireDevice, adapterSummary, type GpuContext } from "../runtime/gpu/device.ts";
 import { Engine } from "../runtime/engine/engine.ts";
 import { plannedEngine } from "../bin/engine-plan.ts";
+import { benchPrompt, figuresOf } from "../bin/measure/generation.ts";
+import { RANDOM_SIZES } from "../bin/measure/random-model.ts";
 import { streamOnceMs } from "./stream-once.ts";
 
 const MODELS: Record<string, RandomCheckpointOptions> = {
-  tiny: { hiddenSize: 64, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 176, vocabSize: 512, maxPositions: 256, seed: 1 },
+  tiny: RANDOM_SIZES.tiny,
   mid: { hiddenSize: 768, layers: 8, heads: 12, kvHeads: 4, intermediateSize: 2048, vocabSize: 8192, maxPositions: 512, seed: 2 },
 };
 const PREFILL_TOKENS = 128;
@@ -31,18 +33,17 @@ async function measure(gpu: GpuContext, name: string, options: RandomCheckpointO
   writeRandomCheckpoint(dir, options);
   const base = readHfConfig(dir);
   const engine = await Engine.load(plannedEngine({ base, checkpointDir: dir, gpu, ctx: Math.min(base.maxPositions, 256), maxSequences: 1 }));
-  const prompt = (n: number) => Array.from({ length: n }, (_, i) => (i * 7919 + 13) % base.vocabSize);
+  const prompt = (n: number) => benchPrompt(n, 0, base.vocabSize);
   try {
     await engine.generate({ prompt: prompt(PREFILL_TOKENS), maxTokens: 2 }); // first use of every path
     const prefill = await engine.generate({ prompt: prompt(PREFILL_TOKENS), maxTokens: 0 });
     const decode = await engine.generate({ prompt: prompt(DECODE_PROMPT), maxTokens: DECODE_TOKENS + 1 });
     const stream = await streamOnceMs(gpu, engine.plan as Plan, dir);
-    const t = decode.timings;
     return {
       model: `${name} (hidden ${base.hiddenSize}, ${base.layers} layers, vocab ${base.vocabSize})`,
       weightsMiB: engine.plan.tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 4), 0) / 2 ** 20,
-      prefillTokensPerS: (prefill.timings.prefillTokens / prefill.timings.prefillMs) * 1000,
-      decodeMsPerToken: t.decodeMs / t.decodeSteps,
+      prefillTokensPerS: figuresOf(prefill.timings, 1).prefillTokensPerS,
+      decodeMsPerToken: figuresOf(decode.timings, 1).decodeMsPerToken,
       streamOnceMs: stream,
     };
   } finally {

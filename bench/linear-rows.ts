@@ -4,13 +4,13 @@
 // register-tiled matmul. Shapes are those of bench/milora.ts and of bench/serve.ts --model small.
 //   node --import tsx bench/linear-rows.ts [--repeats 3]
 // Each figure is the best of `repeats` submits of 3 rounds of the layer; the plan's MATVEC_MAX_ROWS
-// (compiler/plan.ts) comes from where the matvec column stops beating the matmul column.
+// (compiler/plan.ts) comes from where the matvec column stops beating the matmul column; `milora bench
+// --calibrate` measures the same crossover per device and weight format with the shared LinearTimer.
 import { parseArgs } from "node:util";
-import type { KernelSource } from "../compiler/kernels/kernel.ts";
 import { matmulKernel } from "../compiler/kernels/matmul.ts";
-import { MATVEC_GROUP_ROWS, matvecKernel } from "../compiler/kernels/matvec.ts";
+import { matvecKernel } from "../compiler/kernels/matvec.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
-import { PipelineCache, StepEncoder, createStorage } from "../runtime/gpu/kernel-runner.ts";
+import { LinearTimer, type TimedLinear } from "../bin/measure/crossover.ts";
 
 const { values } = parseArgs({ options: { repeats: { type: "string", default: "3" } } });
 const REPEATS = Number(values.repeats);
@@ -28,51 +28,26 @@ const MODELS = [
 ];
 
 const gpu = await acquireDevice();
-const device = gpu.device;
-const step = new StepEncoder(device, new PipelineCache(device));
-const floats = (n: number) => Float32Array.from({ length: n }, () => Math.random() * 2 - 1);
-
-type Way = "matvec" | "8-row dispatches" | "matmul";
-
-/** Best microseconds of one pass of `shapes` at `rows` rows, run `way`. */
-async function time(shapes: readonly { K: number; N: number; w: GPUBuffer; x: GPUBuffer; y: GPUBuffer; matvec: KernelSource; matmul: KernelSource }[], rows: number, way: Way): Promise<number> {
-  let best = Infinity;
-  for (let r = 0; r < REPEATS; r++) {
-    for (let round = 0; round < ROUNDS; round++) {
-      for (const s of shapes) {
-        const buffers = { x: s.x, w: s.w, y: s.y };
-        if (way === "matmul") step.dispatch(s.matmul, buffers, { rows });
-        else if (way === "matvec") step.dispatch(s.matvec, buffers, { rows });
-        else for (let first = 0; first < rows; first += MATVEC_GROUP_ROWS) step.dispatch(s.matvec, buffers, { rows: Math.min(MATVEC_GROUP_ROWS, rows - first) });
-      }
-    }
-    const start = performance.now();
-    step.submit();
-    await device.queue.onSubmittedWorkDone();
-    best = Math.min(best, ((performance.now() - start) * 1000) / ROUNDS);
-  }
-  return best;
-}
-
 console.log(`device: ${adapterSummary(gpu.report)}; best of ${REPEATS}, ${ROUNDS} rounds per submit; us per layer (7 linears) + lm_head`);
 for (const model of MODELS) {
-  const shapes = model.shapes.map(([K, N]) => ({
+  // f32 weights, no residual: the shapes alone (milora bench --calibrate times a plan's own kernels)
+  const timed: TimedLinear[] = model.shapes.map(([K, N]) => ({
     K,
     N,
-    w: createStorage(device, floats(N * K), `w ${N}x${K}`),
-    x: createStorage(device, floats(MAX_ROWS * K), "x"),
-    y: createStorage(device, MAX_ROWS * N * 4, "y"),
-    matvec: matvecKernel({ K, N, residual: false }),
-    matmul: matmulKernel({ K, N, residual: false }),
+    format: "f32",
+    residual: false,
+    blocks: [{ firstRow: 0, rows: N, matvec: matvecKernel({ K, N, residual: false }), matmul: matmulKernel({ K, N, residual: false }) }],
   }));
-  for (const way of ["matvec", "matmul"] as const) await time(shapes, MAX_ROWS, way); // compile and warm up
+  const timer = new LinearTimer(gpu, timed, MAX_ROWS);
+  const o = { repeats: REPEATS, rounds: ROUNDS };
+  for (const way of ["matvec", "matmul"] as const) await timer.time(MAX_ROWS, way, o); // compile and warm up
   console.log(`\n${model.name}\n`);
   console.log("| rows | matvec us | 8-row dispatches us | matmul us | matvec / matmul |");
   console.log("| ---: | ---: | ---: | ---: | ---: |");
   for (const rows of ROWS) {
-    const [matvec, dispatches, matmul] = [await time(shapes, rows, "matvec"), await time(shapes, rows, "8-row dispatches"), await time(shapes, rows, "matmul")];
+    const [matvec, dispatches, matmul] = [await timer.time(rows, "matvec", o), await timer.time(rows, "8-row dispatches", o), await timer.time(rows, "matmul", o)];
     console.log(`| ${rows} | ${matvec.toFixed(0)} | ${dispatches.toFixed(0)} | ${matmul.toFixed(0)} | ${(matvec / matmul).toFixed(2)}x |`);
   }
-  for (const s of shapes) for (const b of [s.w, s.x, s.y]) b.destroy();
+  timer.destroy();
 }
 gpu.destroy();

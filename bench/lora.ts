@@ -10,6 +10,7 @@ import { loraExpandKernel, loraShrinkKernel, packLoraSlots } from "../compiler/k
 import { matvecKernel } from "../compiler/kernels/matvec.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
 import { PipelineCache, StepEncoder, createStorage } from "../runtime/gpu/kernel-runner.ts";
+import { bestMicros } from "../bin/measure/kernel-timing.ts";
 
 const { values } = parseArgs({ options: { hidden: { type: "string", default: "1024" }, rank: { type: "string", default: "8" }, repeats: { type: "string", default: "5" } } });
 const hidden = Number(values.hidden);
@@ -47,17 +48,7 @@ const b = {
 };
 
 /** Best time of one dispatch group, in microseconds. */
-async function time(record: () => void): Promise<number> {
-  let best = Infinity;
-  for (let r = 0; r < repeats; r++) {
-    for (let i = 0; i < DISPATCHES; i++) record();
-    const start = performance.now();
-    step.submit();
-    await device.queue.onSubmittedWorkDone();
-    best = Math.min(best, ((performance.now() - start) * 1000) / DISPATCHES);
-  }
-  return best;
-}
+const time = (record: () => void) => bestMicros(step, device, record, { repeats, rounds: DISPATCHES });
 
 /** Recorders of shrink alone, expand alone and the pair, for `rows` rows of `rowAdapter` under `gates`. */
 function lora(rows: number, rowAdapter: GPUBuffer, gates: GPUBuffer) {

@@ -15,6 +15,7 @@ import { Engine } from "../runtime/engine/engine.ts";
 import type { Plan as PlannedPlan } from "../compiler/plan.ts";
 import { storageRowWords, type Plan, type WeightFormat } from "../runtime/package/format.ts";
 import { plannedEngine } from "../bin/engine-plan.ts";
+import { benchPrompt, figuresOf } from "../bin/measure/generation.ts";
 import { loadReferenceWeights, referenceLogits } from "../test/reference/llama.ts";
 import { streamOnceMs } from "./stream-once.ts";
 
@@ -31,7 +32,7 @@ const FORMATS: readonly WeightFormat[] = ["f32", "f16", "q8"];
 const dir = join(".cache", "bench", `weights-${hidden}`);
 writeRandomCheckpoint(dir, { hiddenSize: hidden, layers: 8, heads: 8, kvHeads: 8, intermediateSize: Math.round((hidden * 11) / 4 / 64) * 64, vocabSize: 4096, maxPositions: 256, seed: 4 });
 const base = readHfConfig(dir);
-const prompt = (n: number) => Array.from({ length: n }, (_, i) => (i * 7919 + 13) % base.vocabSize);
+const prompt = (n: number) => benchPrompt(n, 0, base.vocabSize);
 
 /** Bytes of the plan's tensors as stored on the device. */
 function deviceBytes(plan: Plan): number {
@@ -66,9 +67,9 @@ try {
   for (let r = 0; r < REPEATS; r++) {
     for (const [format, engine] of engines) {
       const decode = (await engine.generate({ prompt: prompt(DECODE_PROMPT), maxTokens: DECODE + 1 })).timings;
-      decodeMs.set(format, Math.min(decodeMs.get(format) ?? Infinity, decode.decodeMs / decode.decodeSteps));
+      decodeMs.set(format, Math.min(decodeMs.get(format) ?? Infinity, figuresOf(decode, 1).decodeMsPerToken));
       const prefill = (await engine.generate({ prompt: prompt(PREFILL), maxTokens: 0 })).timings;
-      prefillTokensPerS.set(format, Math.max(prefillTokensPerS.get(format) ?? 0, (prefill.prefillTokens / prefill.prefillMs) * 1000));
+      prefillTokensPerS.set(format, Math.max(prefillTokensPerS.get(format) ?? 0, figuresOf(prefill, 1).prefillTokensPerS));
       streamMs.set(format, Math.min(streamMs.get(format) ?? Infinity, await streamOnceMs(gpu, engine.plan as PlannedPlan, dir, 3)));
     }
   }

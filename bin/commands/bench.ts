@@ -151,9 +151,10 @@ function comparisonTable(about: Record<string, string>, rows: readonly Compariso
     out.push("", `${weights} weights, ${tenants} tenant${tenants === 1 ? "" : "s"}, beam ${beams} (matvec up to ${matvecMaxRows} rows)`);
     const table = members.map((r) => {
       const q = ratiosOf(rows, r);
-      return [r.label, r.decodeMsPerToken.toFixed(2), x(q.decodeVsBase), r.tokensPerS.toFixed(1), x(q.tokensPerSVsOneTenant), r.prefillTokensPerS.toFixed(1), (r.peakBytes / 2 ** 20).toFixed(1), x(q.decodeVsF32)];
+      const load = Number.isNaN(r.adapterLoadMs) ? "-" : r.adapterLoadMs.toFixed(0);
+      return [r.label, r.decodeMsPerToken.toFixed(2), x(q.decodeVsBase), r.tokensPerS.toFixed(1), x(q.tokensPerSVsOneTenant), r.prefillTokensPerS.toFixed(1), (r.peakBytes / 2 ** 20).toFixed(1), load, x(q.decodeVsF32)];
     });
-    out.push(...aligned([["mode", "decode ms/token", "vs base", "tokens/s", "vs 1 tenant", "prefill tok/s", "peak MiB", "decode vs f32"], ...table], "  "));
+    out.push(...aligned([["mode", "decode ms/token", "vs base", "tokens/s", "vs 1 tenant", "prefill tok/s", "peak MiB", "load ms", "decode vs f32"], ...table], "  "));
   }
   return out.join("\n") + "\n";
 }

@@ -85,6 +85,8 @@ export interface ComparisonRow extends GenerationFigures {
   readonly matvecMaxRows: number;
   /** The most bytes of GPU buffers the engine held while the row ran (adapter loads and merges included); NaN without a meter. */
   readonly peakBytes: number;
+  /** Milliseconds to make one tenant's adapter resident (DoRA computes its factors then); NaN for the base alone. */
+  readonly adapterLoadMs: number;
 }
 
 /** Runs every mode at every format, tenant count and beam width; rows in that order (format outermost). */
@@ -115,14 +117,16 @@ export async function runComparison(s: ComparisonSetup): Promise<ComparisonRow[]
         }),
       );
       s.log?.(`${weights} weights, ${tenants} tenant${tenants === 1 ? "" : "s"}: engine loaded (${((s.meter?.peakBytes ?? NaN) / 2 ** 20).toFixed(1)} MiB)`);
-      const best = new Map<string, { figures?: GenerationFigures; peak: number }>();
+      const best = new Map<string, { figures?: GenerationFigures; peak: number; loadMs: number }>();
       try {
         // Rounds interleave the modes, so that load from other jobs falls on all of them alike.
         for (let round = 0; round < s.repeats; round++) {
           for (const mode of s.modes) {
             s.meter?.resetPeak();
             const loaded = mode.spec ? tenantsOf(mode, tenants, engine.plan) : [];
+            const loading = performance.now();
             for (const a of loaded) engine.loadAdapter(a.name, a);
+            const loadMs = loaded.length === 0 ? NaN : (performance.now() - loading) / loaded.length;
             try {
               if (mode.merged) await engine.mergeAdapter(loaded[0]!.name);
               for (const beams of s.beams) {
@@ -138,7 +142,7 @@ export async function runComparison(s: ComparisonSetup): Promise<ComparisonRow[]
                 const figures = await measureBatch(engine, requests);
                 const key = `${mode.name} ${beams}`;
                 const b = best.get(key);
-                best.set(key, { figures: bestOf(b?.figures, figures), peak: Math.max(b?.peak ?? 0, s.meter?.peakBytes ?? NaN) });
+                best.set(key, { figures: bestOf(b?.figures, figures), peak: Math.max(b?.peak ?? 0, s.meter?.peakBytes ?? NaN), loadMs: Math.min(b?.loadMs ?? Infinity, loadMs) });
               }
             } finally {
               if (mode.merged) await engine.unmergeAdapter();
@@ -151,8 +155,8 @@ export async function runComparison(s: ComparisonSetup): Promise<ComparisonRow[]
       }
       for (const beams of s.beams) {
         for (const mode of s.modes) {
-          const { figures, peak } = best.get(`${mode.name} ${beams}`)!;
-          rows.push({ weights, tenants, beams, mode: mode.name, label: mode.label, matvecMaxRows: engine.plan.matvecMaxRows, peakBytes: peak, ...figures! });
+          const { figures, peak, loadMs } = best.get(`${mode.name} ${beams}`)!;
+          rows.push({ weights, tenants, beams, mode: mode.name, label: mode.label, matvecMaxRows: engine.plan.matvecMaxRows, peakBytes: peak, adapterLoadMs: loadMs, ...figures! });
         }
       }
     }
