@@ -85,6 +85,23 @@ test("each format's logits match float64 on the same rounded weights; its cost a
   console.log(`  logit error against float64 on the f32 weights: ${costs.join(", ")}`);
 });
 
+test("f16 and q8 weights over a storage binding run as row blocks of their own row size", async () => {
+  // A 20 KB binding: gate/up_proj [200, 80] take 112 bytes a row as q8 (blocks of 178 rows) and 160 as
+  // f16 (125), down_proj [80, 200] 256 as q8 (78) and 400 as f16 (50).
+  for (const format of ["f16", "q8"] as const) {
+    const engine = await Engine.load(plannedEngine({ base, checkpointDir: dir, gpu, ctx: 64, maxSequences: 1, weights: format, maxAdapters: 0, maxBindingBytes: 20_000 }));
+    try {
+      const gate = engine.plan.layer.find((op) => op.op === "linear" && op.module === "gate_proj");
+      assert.equal(gate?.op === "linear" ? gate.blocks?.map((b) => b.rows) : undefined, format === "q8" ? [178, 22] : [125, 75]);
+      const logits = (await engine.generate({ prompt: PROMPT, maxTokens: 0, logits: "all" })).logits!;
+      const error = relativeError(logits, referenceLogits(base, asStored(engine.plan, weights), PROMPT));
+      assert.ok(error < BOUND, `${format} in row blocks: ${error.toExponential(2)}`);
+    } finally {
+      engine.destroy();
+    }
+  }
+});
+
 test("merged mode repacks W + s B A into f16 and q8 (float64 on the rounded folded weights agrees); unmerging restores the bytes", async () => {
   const spec = peftSpec({ base, modules: EXPERT_MODULES, rank: 4, alpha: 8, seed: 0, name: "lora" });
   const adapter = randomAdapter({ spec, seed: 5 });
