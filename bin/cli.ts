@@ -157,7 +157,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--chat-template <file>", "a Jinja chat template (or chat_template.json) for every request, over the model's and adapters' own")
     .option("--cors-origin <origin>", "let browser pages from this origin call the API (repeatable; * for any; off by default)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option("--no-access-log", "no access log line per request on stderr")
-    .option("--max-batch-rows <n>", "rows one engine step runs (default: the context, within the device's binding limit): also the longest prompt a prompt-routed adapter takes")
+    .option("--max-batch-rows <n>", "rows one engine step runs (default: the context, within the device's binding limit); a longer prompt is prefilled in chunks")
     .option("--host <host>", "interface to bind", "127.0.0.1")
     .option("--port <n>", "port to listen on (0: any free one)", "8000")
     .option("--api-key <key>", "require this bearer key on every route but /health (default: $MILORA_API_KEY)")

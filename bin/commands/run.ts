@@ -86,7 +86,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
         maxAdapters: adapters.length,
       }),
       maxSequences: Math.max(1, adapters.length) * (beam?.beams ?? 1),
-      // A prompt-routed prompt runs in one step, so a step holds the whole prompt.
+      // One step holds every prompt (a longer one would be prefilled in chunks, which is slower).
       maxBatchRows: Math.max(256, prompt.length * Math.max(1, adapters.length)),
       maxAdapters: adapters.length,
       onProgress: bar.update,

@@ -278,8 +278,8 @@ export async function loadCompiledModel<Tenant extends string>(location: string 
     kernels: pkg.kernels,
     maxAdapters: Math.max(1, adapters.length),
     ...(options.maxSequences === undefined ? {} : { maxSequences: options.maxSequences }),
-    // A step may hold a whole context (within the device's binding limit): a MiLoRA tenant's prompt is
-    // prefilled in one step, so this is the longest prompt it takes.
+    // A step may hold a whole context (within the device's binding limit): a prompt up to the context
+    // is prefilled in one step (a longer step budget than the engine's default, for speed).
     maxBatchRows: pkg.manifest.plan.dims.ctx,
     ...(options.device === undefined ? {} : { gpu: options.device }),
     ...(options.backend === undefined ? {} : { backend: options.backend }),
