@@ -101,7 +101,7 @@ export class Engine implements SequenceRunner {
     const device = gpu.device;
     this.#kernels = parts.kernels;
     this.#pipelines = new PipelineCache(device);
-    this.#tenants = new AdapterStore(device, plan, maxAdapters, parts.checkpointDir);
+    this.#tenants = new AdapterStore({ device, plan, slots: maxAdapters, checkpointDir: parts.checkpointDir });
     this.#forward = new ForwardEncoder({ device, plan, maxRows, maxTenants: maxAdapters, weights: this.#weights, cache: this.#cache, kernels: this.#kernels, pipelines: this.#pipelines, tenants: this.#tenants });
     this.#merged = new MergedMode({ device, plan, weights: parts.weights });
     // Compiling every pipeline now keeps shader compilation out of the first step's timing.

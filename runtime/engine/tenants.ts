@@ -51,6 +51,15 @@ export interface Tenant {
   has(layer: number, module: ExpertModule): boolean;
 }
 
+export interface AdapterStoreOptions {
+  readonly device: GPUDevice;
+  readonly plan: Plan<ExpertModule>;
+  /** Tenants resident at once. */
+  readonly slots: number;
+  /** The base checkpoint, whose weights DoRA's factors are computed from. */
+  readonly checkpointDir: string;
+}
+
 export class AdapterStore {
   readonly #device: GPUDevice;
   readonly #plan: Plan<ExpertModule>;
@@ -59,16 +68,15 @@ export class AdapterStore {
   readonly #resident = new Map<string, Tenant>();
   readonly #free: number[];
 
-  /** `checkpointDir`: the base checkpoint, whose weights DoRA's factors are computed from. */
-  constructor(
-    device: GPUDevice,
-    plan: Plan<ExpertModule>,
-    readonly slots: number,
-    checkpointDir: string,
-  ) {
+  /** Tenants resident at once. */
+  readonly slots: number;
+
+  constructor(options: AdapterStoreOptions) {
+    const { device, plan, slots } = options;
+    this.slots = slots;
     this.#device = device;
     this.#plan = plan;
-    this.#checkpointDir = checkpointDir;
+    this.#checkpointDir = options.checkpointDir;
     const R = plan.maxLoraRank;
     this.#stacks = Array.from({ length: plan.dims.layers }, (_, layer) =>
       EXPERT_MODULES.map((m) => {
