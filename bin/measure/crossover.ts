@@ -13,8 +13,8 @@ import { storageRowWords, type WeightFormat } from "../../runtime/package/format
 import type { FormatCrossover } from "./calibration.ts";
 import { bestMicros, type TimingOptions } from "./kernel-timing.ts";
 
-/** Row counts `milora bench --calibrate` measures: decode batches up to a few prefill tiles. */
-export const CALIBRATION_ROWS = [1, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128] as const;
+/** Row counts `milora bench --calibrate` measures: decode batches up to the engine's default step (256 rows). */
+export const CALIBRATION_ROWS = [1, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, 256] as const;
 
 /** One weight's row block (the whole weight when it fits one binding) and its two kernels. */
 interface LinearBlock {

@@ -49,6 +49,10 @@ test("matvec over several row groups (decode batches past 8 rows), the last one 
   for (const M of [12, 20, 4 * MATVEC_GROUP_ROWS]) for (const [N, K] of [[33, 17], [100, 130]] as const) await check("matvec", M, N, K, true);
 });
 
+test("matvec over a whole prefill step's rows, as a device calibrated past the matmul runs it (milora bench --calibrate)", async () => {
+  for (const M of [129, 256]) await check("matvec", M, 100, 130, true);
+});
+
 test("matvec with the residual epilogue, and a wide output (logits-like)", async () => {
   await check("matvec", 2, 100, 130, true);
   await check("matvec", 1, 1001, 1024, false);
