@@ -5,22 +5,24 @@
 //   bindings: dq (read_write, f32[rows, heads*headDim]), dk (read_write, f32[rows, kvHeads*headDim]),
 //             positions (read, u32[rows])
 //   params:   rows
-// The angle is formed exactly as the forward forms it (the same f32 inverse frequencies from
-// ropeInverseFrequencies, times f32(position)), so forward and backward rotate by bit-identical angles.
+// The angle is formed exactly as the forward forms it (the same baked f32 inverse frequencies of
+// rope.ts, scaled or not, times f32(position)), so forward and backward rotate by bit-identical angles.
+// Dynamic scaling is refused: training does not support it (docs/training.md).
 import type { KernelSource } from "./kernel.ts";
-import { ropeInverseFrequencies, type RopeConstants } from "./rope.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, f32Literal, kernelSource } from "./wgsl.ts";
+import { ropeShared, type RopeConstants } from "./rope.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
 const WORKGROUP = 256;
 
-export function ropeBackwardKernel({ heads, kvHeads, headDim, theta }: RopeConstants): KernelSource {
-  if (headDim % 2 !== 0) throw new Error(`rope needs an even head_dim, got ${headDim}`);
+export function ropeBackwardKernel(c: RopeConstants): KernelSource {
+  if (c.scaling?.type === "dynamic") throw new Error("rope backward: dynamic rope scaling is not supported in training");
+  const { heads, kvHeads, headDim } = c;
   const half = headDim / 2;
   const pairsPerRow = (heads + kvHeads) * half;
-  const frequencies = ropeInverseFrequencies(headDim, theta).map(f32Literal).join(", ");
+  const shared = ropeShared(c);
   return kernelSource({
     name: "rope_backward",
-    constants: { heads, kvHeads, headDim, theta },
+    constants: shared.constants,
     storage: [
       { name: "dq", access: "read_write", type: "array<f32>" },
       { name: "dk", access: "read_write", type: "array<f32>" },
@@ -28,7 +30,7 @@ export function ropeBackwardKernel({ heads, kvHeads, headDim, theta }: RopeConst
     ],
     params: [{ name: "rows", type: "u32" }],
     body: /* wgsl */ `
-const INV_FREQ = array<f32, ${half}>(${frequencies});
+${shared.declarations}
 
 fn unrotate(x: f32, y: f32, angle: f32) -> vec2<f32> {
   let c = cos(angle);
@@ -44,7 +46,7 @@ fn main(${GROUP_BUILTINS}) {
   let within = i % ${pairsPerRow}u;
   let head = within / ${half}u;
   let pair = within % ${half}u;
-  let angle = f32(positions[row]) * INV_FREQ[pair];
+  let angle = f32(positions[row]) * ${shared.frequency};
   if (head < ${heads}u) {
     let at = row * ${heads * headDim}u + head * ${headDim}u + pair;
     let r = unrotate(dq[at], dq[at + ${half}u], angle);

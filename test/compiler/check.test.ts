@@ -365,7 +365,7 @@ test("MIL303-MIL307 problems of a `from` config point at its path", () => {
     "bad-json/config.json": "{ hidden_size: 64",
     "gpt2/config.json": JSON.stringify({ ...tinyConfig, model_type: "gpt2" }),
     "partial/config.json": JSON.stringify({ model_type: "llama", hidden_size: 64 }),
-    "scaled/config.json": JSON.stringify({ ...tinyConfig, rope_scaling: { type: "linear", factor: 2 } }),
+    "scaled/config.json": JSON.stringify({ ...tinyConfig, rope_scaling: { type: "yarn", factor: 2 } }),
   });
   const spec = join(dir, "spec.milora");
   const cases: [string, string, RegExp][] = [
@@ -373,7 +373,7 @@ test("MIL303-MIL307 problems of a `from` config point at its path", () => {
     ["bad-json/config.json", "MIL304", /is not valid JSON/],
     ["gpt2/config.json", "MIL305", /model_type "gpt2", which milora does not support/],
     ["partial/config.json", "MIL306", /lacks num_hidden_layers, num_attention_heads, intermediate_size, vocab_size/],
-    ["scaled/config.json", "MIL307", /unsupported option: rope_scaling/],
+    ["scaled/config.json", "MIL307", /unsupported option: rope_scaling type "yarn"/],
   ];
   for (const [path, code, message] of cases) {
     expectOne(`base b from "${path}"`, code, { line: 1, column: 13, message }, spec);

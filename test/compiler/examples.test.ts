@@ -69,6 +69,7 @@ test("llama3.2-1b: grouped-query attention shapes and per-layer ranks", () => {
     [8, 4],
   );
   assert.is(computeBudget(a).baseParams, 1_235_814_400);
+  assert.equal(a.base.ropeScaling, { type: "llama3", factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192 });
 });
 
 test("from-config: a base from config.json, imported", () => {

@@ -6,7 +6,6 @@ import * as assert from "uvu/assert";
 import type { BaseModel } from "../../compiler/model.ts";
 import { randomCheckpointBase, randomWeights, seededNormal, writeRandomCheckpoint, type RandomCheckpointOptions } from "../../examples/random-checkpoint.ts";
 import {
-  applyRope,
   argmax,
   causalAttention,
   loadReferenceWeights,
@@ -15,6 +14,7 @@ import {
   weightsFromMap,
   type ReferenceWeights,
 } from "./llama.ts";
+import { applyRope, inverseFrequencies } from "./rope.ts";
 
 const root = mkdtempSync(join(tmpdir(), "milora-reference-"));
 test.after(() => rmSync(root, { recursive: true, force: true }));
@@ -95,7 +95,7 @@ test("rotary embedding: identity at position 0, a rotation of each (i, i + d/2) 
   const k = Float64Array.from({ length: 8 }, normal);
   const at = (v: Float64Array, pos: number) => {
     const out = v.slice();
-    applyRope(out, pos, 10000);
+    applyRope(out, pos, inverseFrequencies({ headDim: v.length, ropeTheta: 10000 }, 1));
     return out;
   };
   assert.equal(at(q, 0), q);

@@ -2,20 +2,24 @@
 // The forward y = R(angle) x per pair (x[i], x[i + d/2]); the gradient of sum(g * y) with respect to x
 // is R(angle)^T g. The angle is what the kernels (and Hugging Face, in f32) compute: the f32 product of
 // the position and the f32-rounded inverse frequency (that product is exact in float64 before
-// Math.fround). Only the angle is f32; the rest is float64. Checked by finite differences in
-// rope-gradients.test.ts.
-import { ropeInverseFrequencies } from "../../compiler/kernels/rope.ts";
+// Math.fround). Only the angle is f32; the rest is float64. The inverse frequencies are Hugging Face's
+// (rope.ts), scaled by a linear or llama3 rope_scaling; training takes no dynamic scaling. Checked by
+// finite differences in rope-gradients.test.ts.
+import type { RopeScaling } from "../../runtime/package/format.ts";
+import { inverseFrequencies } from "./rope.ts";
 
 export interface RopeShape {
   readonly heads: number;
   readonly headDim: number;
   readonly theta: number;
+  readonly scaling?: RopeScaling;
 }
 
 function rotatePairs(x: ArrayLike<number>, shape: RopeShape, positions: ArrayLike<number>, sign: 1 | -1): Float64Array {
-  const { heads, headDim, theta } = shape;
+  const { heads, headDim, theta, scaling } = shape;
+  if (scaling?.type === "dynamic") throw new Error("reference: training takes no dynamic rope scaling");
   const half = headDim / 2;
-  const frequencies = ropeInverseFrequencies(headDim, theta).map(Math.fround);
+  const frequencies = inverseFrequencies({ headDim, ropeTheta: theta, ...(scaling ? { ropeScaling: scaling } : {}) }, 0).map(Math.fround);
   const out = Float64Array.from(x);
   for (let r = 0; r < positions.length; r++)
     for (let h = 0; h < heads; h++)

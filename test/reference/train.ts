@@ -9,6 +9,7 @@
 import { type BaseModel, type ExpertModule } from "../../compiler/model.ts";
 import { Tape, type Node } from "./autodiff.ts";
 import { hfModuleName, moduleShape, type ReferenceWeights } from "./llama.ts";
+import { inverseFrequencies } from "./rope.ts";
 import { erf } from "./milora.ts";
 
 export const IGNORE = -100;
@@ -162,9 +163,11 @@ class Model {
     const d = this.base.headDim;
     const half = d / 2;
     const out = v.slice();
+    if (this.base.ropeScaling?.type === "dynamic") throw new Error("reference: training takes no dynamic rope scaling");
+    const inv = inverseFrequencies(this.base, 0);
     for (let h = 0; h < heads; h++)
       for (let i = 0; i < half; i++) {
-        const angle = pos * this.base.ropeTheta ** ((-2 * i) / d);
+        const angle = pos * inv[i]!;
         const [a, b] = [v[h * d + i]!, v[h * d + i + half]!];
         out[h * d + i] = t.combine([a, b], [Math.cos(angle), -Math.sin(angle)]);
         out[h * d + i + half] = t.combine([b, a], [Math.cos(angle), Math.sin(angle)]);

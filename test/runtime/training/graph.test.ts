@@ -1,7 +1,7 @@
 // One training step on the device (forward, fused cross-entropy, backward) against the float64
 // reference of test/reference/train.ts: the loss and the gradient of every LoRA tensor, for plain LoRA
 // on every module of a GQA model, with sequences of different lengths packed in one batch, without and
-// with LoRA dropout.
+// with LoRA dropout, and on a base with llama3 rope scaling (positions past its original context).
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -15,12 +15,12 @@ import { pcg } from "../../../compiler/kernels/sampling.ts";
 import { planBase } from "../../../compiler/plan.ts";
 import { trainKernelResolver } from "../../../compiler/train-kernels.ts";
 import { peftSpec, randomAdapter } from "../../../examples/random-adapter.ts";
-import { writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
+import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../../../examples/random-checkpoint.ts";
 import { openCheckpoint } from "../../../runtime/formats/checkpoint.ts";
 import { acquireDevice } from "../../../runtime/gpu/device.ts";
 import { PipelineCache, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { IGNORE_INDEX as I } from "../../../runtime/training/data.ts";
-import { TrainingGraph, packBatch } from "../../../runtime/training/graph.ts";
+import { TrainingGraph, packBatch, untrainable } from "../../../runtime/training/graph.ts";
 import { TrainableParams } from "../../../runtime/training/params.ts";
 import { uploadWeights } from "../../../runtime/engine/weights.ts";
 import { loadReferenceWeights, moduleShape } from "../../reference/llama.ts";
@@ -32,10 +32,15 @@ const GRAD_BOUND = 1e-5;
 const LOSS_BOUND = 1e-5;
 
 const root = mkdtempSync(join(tmpdir(), "milora-train-graph-"));
-const dir = join(root, "tiny");
-writeRandomCheckpoint(dir, { hiddenSize: 32, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 48, vocabSize: 61, maxPositions: 64, seed: 21 });
-const base = readHfConfig(dir);
-const reference = loadReferenceWeights(dir);
+const TINY = { hiddenSize: 32, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 48, vocabSize: 61, maxPositions: 64, seed: 21 } as const;
+
+/** A random checkpoint, its base and its float64 weights. */
+function model(name: string, options: Partial<RandomCheckpointOptions> = {}) {
+  const dir = join(root, name);
+  writeRandomCheckpoint(dir, { ...TINY, ...options });
+  return { dir, base: readHfConfig(dir), reference: loadReferenceWeights(dir) };
+}
+const tiny = model("tiny");
 const gpu = await acquireDevice();
 test.after(() => {
   gpu.destroy();
@@ -59,7 +64,8 @@ function relative(got: Float32Array, want: Float64Array): number {
   return n === 0 ? Math.sqrt(d) : Math.sqrt(d / n);
 }
 
-async function checkStep(dropout: number, what: string, router?: Partial<RouterConfig>): Promise<void> {
+async function checkStep(dropout: number, what: string, router?: Partial<RouterConfig>, on = tiny): Promise<void> {
+  const { dir, base, reference } = on;
   const plain = peftSpec({ base, modules: EXPERT_MODULES, rank: 4, alpha: 8, seed: 1 });
   const config: RouterConfig | undefined = router && { ...ROUTER_DEFAULTS, noise: false, balance: 0.01, ...router };
   const spec: Adapter = { ...plain, experts: plain.experts.map((e) => ({ ...e, dropout })), ...(config ? { router: config } : {}) };
@@ -163,6 +169,18 @@ test("MiLoRA with renormalised top-3 and mean pooling with GELU; threshold with 
 
 test("with LoRA dropout 0.3 (PEFT's, on the LoRA input, a mask per module) the same holds", async () => {
   await checkStep(0.3, "dropout 0.3");
+});
+
+test("llama3 rope scaling (original context 4, so the 11-token example passes it): forward and backward rotate by its frequencies", async () => {
+  // Head size 8, rope_theta 100: wavelengths 2 pi 100^(i/4) = 6.3, 19.9, 62.8, 199 against 4 / 0.5 and
+  // 4 / 0.1: one pair kept, one blended, two divided by factor.
+  const scaled = model("llama3", { ropeTheta: 100, ropeScaling: { type: "llama3", factor: 8, lowFreqFactor: 0.1, highFreqFactor: 0.5, originalMaxPositions: 4 } });
+  await checkStep(0, "llama3", { pooling: "mean", selection: { rule: "top_k", k: 2, renormalize: false } }, scaled);
+});
+
+test("dynamic rope scaling is named as what training does not implement", () => {
+  const dynamic = model("dynamic", { maxPositions: 16, ropeScaling: { type: "dynamic", factor: 2, originalMaxPositions: 16 } });
+  assert.equal(untrainable(planBase(dynamic.base), 10), ["dynamic rope scaling (linear and llama3 train)"]);
 });
 
 test.run();
