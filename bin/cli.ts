@@ -71,6 +71,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--seed <s>", "sampling seed")
     .option("--adapter <[name=]dir>", "a PEFT/MiLoRA adapter directory run as tenant NAME (repeat for several tenants, one prompt each); with a spec, DIR is checked against the spec's adapter NAME (SPEC_ADAPTER:NAME picks another; a spec of one adapter checks every DIR against it)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option("--merged", "fold the (single) adapter's LoRA into the base weights for the prompt's routing, then decode the base")
+    .option("--weights <format>", "how the linear weights are stored on the device: f32, f16 or q8 (default: the spec's weights, else f16 for an F16/BF16 checkpoint, f32 otherwise; docs/weights.md)")
     .option("--beams <n>", "beam search of width n (Hugging Face's num_beams; 1: greedy); the prompt and its routing are shared by every beam")
     .option("--length-penalty <x>", "with --beams: score = sum of log-probabilities / length ** x", "1")
     .addOption(new Option("--early-stopping <when>", "with --beams: stop at n finished hypotheses (true), by HF's heuristic (false), or never early").choices(["false", "true", "never"]).default("false"))
@@ -138,7 +139,9 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--adapter <name>", "which adapter (needed when the spec declares several)")
     .option("--name <name>", "npm package name (default: the adapter's name in kebab case)")
     .option("--pkg-version <version>", "npm package version (default 0.1.0)")
-    .option("--ctx <n>", "context positions the kernels serve (default: max_positions, at most 2048)")
+    .option("--ctx <n>", "context positions the kernels serve (default: max_positions, factor x max_positions with dynamic rope scaling, at most 2048)")
+    .option("--weights <format>", "how the package stores the linear weights: f32, f16 or q8 (default: the spec's weights, else f32; docs/weights.md)")
+    .option("--calibration <file>", "the matvec row limits of the device the package is for, as `milora bench --calibrate` wrote them there (default: the plan's 28)")
     .option("-f, --force", "replace a non-empty --out directory that milora compile wrote")
     .option("--force-any", "replace a non-empty --out directory even if milora compile did not write it (never the current directory, an ancestor of it, or one holding the spec)")
     .option("--no-color", "plain output")
@@ -165,6 +168,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--max-queue <n>", "requests that may wait for a slot before 429", "64")
     .option("--max-adapters <n>", "adapters resident at once (least recently used evicted)", "8")
     .option("--ctx <n>", "positions per sequence (default: the model's, capped at 2048)")
+    .option("--weights <format>", "how the linear weights are stored on the device: f32, f16 or q8 (default: the spec's weights, else f16 for an F16/BF16 checkpoint, f32 otherwise; docs/weights.md)")
     .option("--allow-adapter-loading", "let clients add and remove adapters at run time (POST/DELETE /v1/adapters; off by default), only from --adapter-root")
     .option("--adapter-root <dir>", "with --allow-adapter-loading: the directory adapters loaded at run time must lie in (symlinks resolved)")
     .option("--adapter-load-timeout <s>", "seconds an adapter's files may take to read before the read is stopped", "60")
@@ -176,6 +180,30 @@ export async function main(argv: readonly string[]): Promise<number> {
     .action(async (spec: string | undefined, opts: import("./commands/serve.ts").ServeOptions) => {
       const { serveCommand } = await import("./commands/serve.ts");
       exitCode = await serveCommand(spec, opts);
+    });
+
+  program
+    .command("bench")
+    .description("measure decode and prefill speed on this device: base, merged and unmerged LoRA, MiLoRA, per-token routing, DoRA, at each weight format, tenant count and beam width; or calibrate the kernels' row crossover")
+    .argument("[spec]", ".milora spec whose adapter shape (rank, modules, router) the tenants take (default: rank 8 on all seven modules, the default router)")
+    .option("--base <dir>", "model directory: config.json and safetensors weights")
+    .option("--random <size>", "a random LLaMA instead: tiny or small, sizes changed by KEY=N (small,hidden=2048,layers=16; keys hidden, layers, heads, kv-heads, intermediate, vocab, positions, seed)")
+    .option("--adapter <name>", "the spec's adapter to take the shape of (needed when it declares several)")
+    .option("--modes <list>", "what to run, comma-separated", "base,merged,lora,milora,token,dora")
+    .option("--weights <list>", "weight storage formats, comma-separated", "f32,f16,q8")
+    .option("--tenants <list>", "concurrent tenants (sequences of distinct adapters), comma-separated", "1,8,16")
+    .option("--beams <list>", "beam widths, comma-separated (1: greedy)", "1,3")
+    .option("--prompt <n>", "prompt tokens per request", "32")
+    .option("--decode <n>", "decode steps per request", "16")
+    .option("--repeats <n>", "rounds over every mode (or, with --calibrate, submits per row count); the best counts", "2")
+    .option("--json", "print the rows (and ratios) as one JSON object")
+    .option("--calibrate", "measure each weight format's matvec/matmul row crossover on this device and write the calibration that run, serve and compile use")
+    .option("--calibration <file>", "the calibration file to write (--calibrate) or read (default: the device's own under ~/.cache/milora/calibration/, $XDG_CACHE_HOME respected)")
+    .option("--rows <list>", "with --calibrate: the row counts to time, ascending (default 1,4,8,...,256)")
+    .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
+    .action(async (spec: string | undefined, opts: import("./commands/bench.ts").BenchOptions) => {
+      const { benchCommand } = await import("./commands/bench.ts");
+      exitCode = await benchCommand(spec, opts);
     });
 
   try {

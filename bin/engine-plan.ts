@@ -3,12 +3,18 @@
 // resolver makes the kernels a plan cannot hold in advance (routers of adapters registered at run time
 // under another router, row blocks of a device's smaller binding), with the compiler's generators.
 import type { Adapter, BaseModel } from "../compiler/model.ts";
+import { positionLimit } from "../compiler/rope-scaling.ts";
 import { kernelSources, planBase, plannedKernelSource, routerKernelRequests, type KernelRequest, type Plan } from "../compiler/plan.ts";
 import type { EngineOptions } from "../runtime/engine/engine.ts";
 import type { KernelResolver } from "../runtime/engine/kernels.ts";
+import { defaultWeightFormat } from "../runtime/engine/weights.ts";
 import { adapterSpecFromPeft } from "../runtime/formats/adapter.ts";
+import { openCheckpoint } from "../runtime/formats/checkpoint.ts";
+import { WEIGHT_FORMATS, type WeightFormat } from "../runtime/package/format.ts";
+import { userError } from "../runtime/errors.ts";
+import { calibratedMatvecRows, type Calibration } from "./measure/calibration.ts";
 
-/** Positions per sequence when none is asked for: the base's, capped here. */
+/** Positions per sequence when none is asked for: the base's (compiler/rope-scaling.ts positionLimit), capped here. */
 export const DEFAULT_CTX_CAP = 2048;
 /** Largest LoRA rank an engine reserves when nothing says otherwise. */
 export const DEFAULT_MAX_LORA_RANK = 16;
@@ -16,7 +22,7 @@ export const DEFAULT_MAX_LORA_RANK = 16;
 /** What the plan is made for: the cache length, the largest rank, the binding size and the adapter served. */
 export interface PlanRequest {
   readonly base: BaseModel;
-  /** KV cache positions per sequence (default: the base's max_positions, capped at 2048). */
+  /** KV cache positions per sequence (default: the base's position limit, max_positions unless rope scaling is dynamic, capped at 2048). */
   readonly ctx?: number;
   /** Largest LoRA rank an adapter may have (default 16; 0 when maxAdapters is 0). */
   readonly maxLoraRank?: number;
@@ -26,6 +32,12 @@ export interface PlanRequest {
   readonly maxBindingBytes?: number;
   /** The adapter spec served: its routers' kernels join the plan. */
   readonly adapter?: Adapter;
+  /** How the linear weights are stored (`--weights`; default: weightsFor's choice). */
+  readonly weights?: WeightFormat;
+  /** The checkpoint the engine will load, whose dtypes set the default storage format. */
+  readonly checkpointDir?: string;
+  /** The device's calibration (`milora bench --calibrate`): its matvec row limit for the storage format, when measured. */
+  readonly calibration?: Pick<Calibration, "formats">;
 }
 
 /** The plan, its kernels as generated, and a resolver for the rest: what the engine takes from the CLI. */
@@ -33,15 +45,41 @@ export type EnginePlan = Pick<EngineOptions, "plan" | "kernels" | "resolver">;
 
 export function enginePlan(request: PlanRequest): EnginePlan {
   const { base } = request;
-  const ctx = request.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
+  const ctx = request.ctx ?? Math.min(positionLimit(base), DEFAULT_CTX_CAP);
   const maxLoraRank = (request.maxAdapters ?? 4) === 0 ? 0 : (request.maxLoraRank ?? DEFAULT_MAX_LORA_RANK);
+  const weights = request.weights ?? weightsFor(base, request.checkpointDir);
+  const matvecMaxRows = calibratedMatvecRows(request.calibration, weights);
   const plan = planBase(base, {
     ctx,
     maxLoraRank,
+    weights,
+    ...(matvecMaxRows === undefined ? {} : { matvecMaxRows }),
     ...(request.maxBindingBytes === undefined ? {} : { maxBindingBytes: request.maxBindingBytes }),
     ...(request.adapter === undefined ? {} : { adapter: request.adapter }),
   });
   return { plan, kernels: kernelSources(plan), resolver: generatingResolver };
+}
+
+/** The value of `--weights` (f32, f16 or q8), or undefined when not given. */
+export function weightsFlag(text: string | undefined): WeightFormat | undefined {
+  if (text === undefined) return undefined;
+  if (!(WEIGHT_FORMATS as readonly string[]).includes(text)) throw userError("usage", `--weights must be one of ${WEIGHT_FORMATS.join(", ")}, got "${text}"`);
+  return text as WeightFormat;
+}
+
+/**
+ * The storage format when no `--weights` is given: the spec's `weights`, else f16 for an F16/BF16
+ * checkpoint and f32 otherwise (runtime/engine/weights.ts defaultWeightFormat); f32 without a checkpoint.
+ */
+export function weightsFor(base: BaseModel, checkpointDir: string | undefined): WeightFormat {
+  if (base.weights !== undefined) return base.weights;
+  if (checkpointDir === undefined) return "f32";
+  const checkpoint = openCheckpoint(checkpointDir);
+  try {
+    return defaultWeightFormat(checkpoint);
+  } finally {
+    checkpoint.close();
+  }
 }
 
 /**
@@ -50,8 +88,8 @@ export function enginePlan(request: PlanRequest): EnginePlan {
  */
 export function plannedEngine<O extends PlanRequest & Omit<EngineOptions, "plan" | "kernels" | "resolver" | "base">>(
   options: O,
-): EngineOptions & Omit<O, "ctx" | "maxLoraRank" | "adapter"> {
-  const { ctx: _ctx, maxLoraRank: _rank, adapter: _adapter, ...rest } = options;
+): EngineOptions & Omit<O, "ctx" | "maxLoraRank" | "adapter" | "weights" | "calibration"> {
+  const { ctx: _ctx, maxLoraRank: _rank, adapter: _adapter, weights: _weights, calibration: _calibration, ...rest } = options;
   return { ...rest, ...enginePlan(options) };
 }
 
@@ -83,6 +121,10 @@ export function servingPlan(setup: {
   readonly maxResidentAdapters: number;
   readonly adapters?: readonly (readonly [string, string])[];
   readonly adapterSpec?: (name: string) => Adapter | undefined;
+  /** `--weights`; and the checkpoint served, whose dtypes set the default (weightsFor). */
+  readonly weights?: WeightFormat;
+  readonly checkpointDir?: string;
+  readonly calibration?: Pick<Calibration, "formats">;
 }): EnginePlan {
   const specs = (setup.adapters ?? []).map(([name, dir]) => setup.adapterSpec?.(name) ?? adapterSpecFromPeft(dir, setup.base, name));
   const ranks = specs.flatMap((a) => a.experts.map((e) => e.rank));
@@ -92,5 +134,8 @@ export function servingPlan(setup: {
     maxAdapters: setup.maxResidentAdapters,
     maxLoraRank: setup.maxLoraRank ?? largest,
     ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }),
+    ...(setup.weights === undefined ? {} : { weights: setup.weights }),
+    ...(setup.checkpointDir === undefined ? {} : { checkpointDir: setup.checkpointDir }),
+    ...(setup.calibration === undefined ? {} : { calibration: setup.calibration }),
   });
 }

@@ -14,10 +14,14 @@ export type BaseField =
   | "ropeTheta"
   | "rmsNormEps"
   | "maxPositions"
-  | "tieEmbeddings";
+  | "tieEmbeddings"
+  | "slidingWindow";
 
 /** Values of base keys collected from a family, a config.json and a spec, layered in that order. */
 export type BaseSettings = { -readonly [F in BaseField]?: BaseModel[F] };
+
+/** What a family fills in: everything but the derived kv_heads and head_dim, and the optional sliding window. */
+export type FamilyDefaults = Required<Omit<BaseSettings, "kvHeads" | "headDim" | "slidingWindow">>;
 
 /** `count`: a positive integer; `positive`: any number > 0; `boolean`: true or false. */
 export type BaseKeyKind = "count" | "positive" | "boolean";
@@ -40,6 +44,7 @@ export const BASE_KEYS = {
   rms_norm_eps: { field: "rmsNormEps", hf: "rms_norm_eps", kind: "positive" },
   max_positions: { field: "maxPositions", hf: "max_position_embeddings", kind: "count" },
   tie_embeddings: { field: "tieEmbeddings", hf: "tie_word_embeddings", kind: "boolean" },
+  sliding_window: { field: "slidingWindow", hf: "sliding_window", kind: "count" },
 } as const satisfies Record<string, BaseKey>;
 
 export type BaseKeyName = keyof typeof BASE_KEYS;
@@ -51,10 +56,7 @@ export function miloraNameOfHf(hfName: string): BaseKeyName | undefined {
 }
 
 /** A base's settings with every field filled: kv_heads defaults to heads, head_dim to hidden_size / heads. */
-export function completeSettings(
-  settings: BaseSettings,
-  defaults: Required<Omit<BaseSettings, "kvHeads" | "headDim">>,
-) {
+export function completeSettings(settings: BaseSettings, defaults: FamilyDefaults) {
   const s = { ...defaults, ...settings };
   return { ...s, kvHeads: s.kvHeads ?? s.heads, headDim: s.headDim ?? s.hiddenSize / s.heads };
 }
@@ -67,7 +69,7 @@ export interface ShapeProblem {
 }
 
 /** Attention shapes that cannot work: a fractional head size, or query heads not shared evenly by kv heads. */
-export function shapeProblems(settings: BaseSettings, complete: Required<BaseSettings>): ShapeProblem[] {
+export function shapeProblems(settings: BaseSettings, complete: ReturnType<typeof completeSettings>): ShapeProblem[] {
   const problems: ShapeProblem[] = [];
   const { hiddenSize, heads, kvHeads } = complete;
   if (settings.headDim === undefined && hiddenSize % heads !== 0) {

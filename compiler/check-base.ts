@@ -13,19 +13,30 @@ import { hfConfigSettings, loadHfConfigJson } from "./hf-config.ts";
 import { derivedHeadDimProblem, limitBroken } from "./limits.ts";
 import type { BaseModel } from "./model.ts";
 import type { Reporter } from "./reporter.ts";
+import { completeRopeScaling, specRopeScaling, type RopeScalingSetting } from "./rope-scaling.ts";
 import { fromConfigPath } from "./spec-paths.ts";
 import { didYouMean } from "./suggest.ts";
-import { booleanValue, knownProperties, numberValue } from "./values.ts";
+import { booleanValue, choiceValue, knownProperties, numberValue } from "./values.ts";
+import { WEIGHT_FORMATS } from "../runtime/package/format.ts";
 
 /** The base a declaration describes, or undefined when it has errors (all reported). */
 export function checkBase(decl: BaseDecl, specPath: string, r: Reporter): BaseModel | undefined {
   const errorsBefore = r.errorCount;
   const name = decl.name.name;
-  const props = knownProperties(decl.properties, BASE_KEY_NAMES, "base", r, hfNameHint);
-  const own = settingsOf(props, r);
+  const props = knownProperties(decl.properties, [...BASE_KEY_NAMES, "rope_scaling", "weights"], "base", r, hfNameHint);
+  for (const prop of props) {
+    if (prop.options !== undefined && prop.key.name !== "rope_scaling")
+      r.report("MIL215", prop.key.span, `\`${prop.key.name}\` takes no options block`, "only `rope_scaling TYPE { ... }` has options");
+  }
+  const scalingProp = props.find((prop) => prop.key.name === "rope_scaling");
+  // `weights`: how the runtime stores the linear weights (runtime/package/format.ts WEIGHT_FORMATS), no hyper-parameter.
+  const weightsProp = props.find((prop) => prop.key.name === "weights");
+  const weights = weightsProp === undefined ? undefined : choiceValue(weightsProp, WEIGHT_FORMATS, r);
+  const own = settingsOf(props.filter((prop) => prop !== scalingProp && prop !== weightsProp), r);
+  const ownScaling = scalingProp === undefined ? undefined : specRopeScaling(scalingProp, r);
 
   let family: Family | undefined;
-  let from: { settings: BaseSettings; configPath: string } | undefined;
+  let from: { settings: BaseSettings; configPath: string; ropeScaling?: RopeScalingSetting } | undefined;
   // the parser has made sure exactly one of the two is there
   if (decl.family !== undefined) {
     family = familyNamed(decl.family.name);
@@ -47,11 +58,15 @@ export function checkBase(decl: BaseDecl, specPath: string, r: Reporter): BaseMo
     r.diagnostics.push(...read.problems);
     if ("settings" in read && read.settings !== undefined && read.family !== undefined) {
       family = read.family;
-      from = { settings: read.settings, configPath };
+      from = { settings: read.settings, configPath, ...(read.ropeScaling ? { ropeScaling: read.ropeScaling } : {}) };
     }
   }
   if (family === undefined || r.errorCount > errorsBefore) return undefined;
 
+  if (own.slidingWindow !== undefined && family.slidingWindow !== "sliding_window") {
+    const at = props.find((prop) => prop.key.name === "sliding_window")!;
+    r.report("MIL213", at.key.span, `family ${family.name} has no sliding-window attention`, "only mistral bases take sliding_window");
+  }
   const settings = { ...from?.settings, ...own };
   const complete = completeSettings(settings, family.defaults);
   for (const p of shapeProblems(settings, complete)) {
@@ -64,10 +79,14 @@ export function checkBase(decl: BaseDecl, specPath: string, r: Reporter): BaseMo
     r.report("MIL211", at?.key.span ?? decl.name.span, headDim, "give head_dim, or more heads");
   }
   if (r.errorCount > errorsBefore) return undefined;
+  // A spec's rope_scaling replaces the config's whole.
+  const scaling = ownScaling ?? from?.ropeScaling;
   return {
     name,
     family: family.name,
     ...complete,
+    ...(scaling === undefined ? {} : { ropeScaling: completeRopeScaling(scaling, complete.maxPositions) }),
+    ...(weights === undefined ? {} : { weights }),
     ...(from === undefined ? {} : { configPath: from.configPath }),
     span: decl.span,
   };

@@ -3,7 +3,7 @@
 // planner, the checker, the budget, the adapter formats, the emitters and the random checkpoints all read
 // the table; adding a family is an entry here plus the kernels that change.
 import type { TensorRole } from "../runtime/package/format.ts";
-import type { BaseSettings } from "./base-keys.ts";
+import type { FamilyDefaults } from "./base-keys.ts";
 import { EXPERT_MODULES, type BaseModel, type ExpertModule } from "./model.ts";
 
 /** A width a tensor dimension can have, named by what it is in a layer. */
@@ -34,15 +34,30 @@ export interface Architecture {
   readonly embedding: string;
   /** The output head; absent from a checkpoint whose embeddings are tied. */
   readonly lmHead: string;
+  /** The MLP's gated activation: SwiGLU's silu, or GeGLU's tanh-approximated GELU (gemma). */
+  readonly activation: "silu" | "gelu_tanh";
+  /** RMSNorm scales by `w` (0) or by `1 + w` (1: gemma stores its norm weights offset by one). */
+  readonly normOffset: 0 | 1;
+  /** Whether the embedding rows are multiplied by sqrt(hidden_size) before the first layer (gemma). */
+  readonly scaleEmbeddings: boolean;
 }
+
+/**
+ * How a family's config.json sets sliding-window attention: `sliding_window` (null for none: mistral),
+ * only with `use_sliding_window` true (qwen2, whose per-layer windows milora refuses), or not at all.
+ */
+export type SlidingWindowKeys = "sliding_window" | "use_sliding_window" | "none";
 
 export interface Family {
   readonly name: string;
   /** `model_type` values of Hugging Face config.json files that load as this family. */
   readonly modelTypes: readonly string[];
   readonly architecture: Architecture;
+  readonly slidingWindow: SlidingWindowKeys;
+  /** The values config.json's activation keys may have (the first key given is read), with the family's default. */
+  readonly activationKeys: { readonly keys: readonly string[]; readonly accepts: readonly string[] };
   /** Values for keys a base leaves out; kv_heads and head_dim are derived from heads and hidden_size instead. */
-  readonly defaults: Required<Omit<BaseSettings, "kvHeads" | "headDim">>;
+  readonly defaults: FamilyDefaults;
 }
 
 /** The LLaMA block: q/k/v/o in `self_attn`, gate/up/down in `mlp`, no biases. */
@@ -62,7 +77,26 @@ const LLAMA_ARCHITECTURE: Architecture = {
   finalNorm: "model.norm.weight",
   embedding: "model.embed_tokens.weight",
   lmHead: "lm_head.weight",
+  activation: "silu",
+  normOffset: 0,
+  scaleEmbeddings: false,
 };
+
+/** Qwen2: LLaMA's block with biases on q, k and v (transformers' Qwen2Attention). */
+const QWEN2_ARCHITECTURE: Architecture = {
+  ...LLAMA_ARCHITECTURE,
+  modules: {
+    ...LLAMA_ARCHITECTURE.modules,
+    q_proj: { ...LLAMA_ARCHITECTURE.modules.q_proj, bias: true },
+    k_proj: { ...LLAMA_ARCHITECTURE.modules.k_proj, bias: true },
+    v_proj: { ...LLAMA_ARCHITECTURE.modules.v_proj, bias: true },
+  },
+};
+
+/** Gemma: GeGLU, RMSNorm by (1 + w), embeddings scaled by sqrt(hidden_size) (transformers' GemmaModel). */
+const GEMMA_ARCHITECTURE: Architecture = { ...LLAMA_ARCHITECTURE, activation: "gelu_tanh", normOffset: 1, scaleEmbeddings: true };
+
+const SILU = { keys: ["hidden_act"], accepts: ["silu"] };
 
 export const FAMILIES: Readonly<Record<string, Family>> = {
   // LLaMA-2-7B sizes
@@ -70,6 +104,8 @@ export const FAMILIES: Readonly<Record<string, Family>> = {
     name: "llama",
     modelTypes: ["llama"],
     architecture: LLAMA_ARCHITECTURE,
+    slidingWindow: "none",
+    activationKeys: SILU,
     defaults: {
       hiddenSize: 4096,
       layers: 32,
@@ -80,6 +116,64 @@ export const FAMILIES: Readonly<Record<string, Family>> = {
       rmsNormEps: 1e-6,
       maxPositions: 4096,
       tieEmbeddings: false,
+    },
+  },
+  // Mistral-7B-v0.1 sizes (its 8 kv heads and 4096-token window come from its config)
+  mistral: {
+    name: "mistral",
+    modelTypes: ["mistral"],
+    architecture: LLAMA_ARCHITECTURE,
+    slidingWindow: "sliding_window",
+    activationKeys: SILU,
+    defaults: {
+      hiddenSize: 4096,
+      layers: 32,
+      heads: 32,
+      intermediateSize: 14336,
+      vocabSize: 32000,
+      ropeTheta: 10000,
+      rmsNormEps: 1e-5,
+      maxPositions: 32768,
+      tieEmbeddings: false,
+    },
+  },
+  // Qwen2.5-0.5B sizes (its 2 kv heads come from its config)
+  qwen2: {
+    name: "qwen2",
+    modelTypes: ["qwen2"],
+    architecture: QWEN2_ARCHITECTURE,
+    slidingWindow: "use_sliding_window",
+    activationKeys: SILU,
+    defaults: {
+      hiddenSize: 896,
+      layers: 24,
+      heads: 14,
+      intermediateSize: 4864,
+      vocabSize: 151936,
+      ropeTheta: 1000000,
+      rmsNormEps: 1e-6,
+      maxPositions: 32768,
+      tieEmbeddings: true,
+    },
+  },
+  // Gemma-2B sizes (its 1 kv head and head_dim 256 come from its config)
+  gemma: {
+    name: "gemma",
+    modelTypes: ["gemma"],
+    architecture: GEMMA_ARCHITECTURE,
+    slidingWindow: "none",
+    // GemmaConfig reads hidden_activation; transformers runs the tanh GELU whatever an older hidden_act says.
+    activationKeys: { keys: ["hidden_activation"], accepts: ["gelu_pytorch_tanh"] },
+    defaults: {
+      hiddenSize: 2048,
+      layers: 18,
+      heads: 8,
+      intermediateSize: 16384,
+      vocabSize: 256000,
+      ropeTheta: 10000,
+      rmsNormEps: 1e-6,
+      maxPositions: 8192,
+      tieEmbeddings: true,
     },
   },
 };

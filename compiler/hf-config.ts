@@ -10,6 +10,7 @@ import type { CheckCode } from "./codes.ts";
 import { derivedHeadDimProblem, limitBroken } from "./limits.ts";
 import { jsonSyntaxReason } from "./json-syntax.ts";
 import type { BaseModel } from "./model.ts";
+import { completeRopeScaling, hfRopeScaling, type RopeScalingSetting } from "./rope-scaling.ts";
 import { userError } from "../runtime/errors.ts";
 
 const LIMIT_HINT = "no released model comes near it: check the file (milora's limits are listed in docs/reliability.md)";
@@ -20,6 +21,8 @@ const REQUIRED_HF_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_hea
 export interface HfSettings {
   readonly family?: Family;
   readonly settings?: BaseSettings;
+  /** rope_scaling, when the config has one (dynamic's original context is completed with the base). */
+  readonly ropeScaling?: RopeScalingSetting;
   readonly problems: Diagnostic[];
 }
 
@@ -71,7 +74,7 @@ export function hfConfigSettings(json: unknown, configPath: string, span: Span):
     };
   }
 
-  const problems = unsupportedOptions(config, configPath, span);
+  const problems = unsupportedOptions(config, family, configPath, span);
   const missing = REQUIRED_HF_KEYS.filter((k) => config[k] === undefined || config[k] === null);
   if (missing.length > 0) {
     problems.push(problem("MIL306", span, `config ${configPath} lacks ${missing.join(", ")}`));
@@ -99,16 +102,22 @@ export function hfConfigSettings(json: unknown, configPath: string, span: Span):
     }
     (settings as Record<string, unknown>)[field] = value;
   }
-  return problems.length > 0 ? { family, problems } : { family, settings, problems };
+  // Only a family that reads sliding_window takes it: qwen2's applies only with use_sliding_window.
+  if (family.slidingWindow !== "sliding_window") delete settings.slidingWindow;
+  const rope = hfRopeScaling(config, configPath);
+  problems.push(...rope.problems.map((p) => problem(p.code, span, p.message)));
+  if (problems.length > 0) return { family, problems };
+  return { family, settings, ...(rope.scaling ? { ropeScaling: rope.scaling } : {}), problems };
 }
 
-function unsupportedOptions(config: Record<string, unknown>, configPath: string, span: Span): Diagnostic[] {
+function unsupportedOptions(config: Record<string, unknown>, family: Family, configPath: string, span: Span): Diagnostic[] {
   const found: string[] = [];
-  const act = config["hidden_act"];
-  if (act !== undefined && act !== "silu") found.push(`hidden_act ${JSON.stringify(act)} (milora implements silu)`);
-  const scaling = config["rope_scaling"];
-  if (scaling !== undefined && scaling !== null)
-    found.push(`rope_scaling ${JSON.stringify(scaling)} (milora implements plain RoPE)`);
+  const { keys, accepts } = family.activationKeys;
+  const actKey = keys.find((k) => config[k] !== undefined && config[k] !== null);
+  if (actKey !== undefined && !accepts.includes(config[actKey] as string))
+    found.push(`${actKey} ${JSON.stringify(config[actKey])} (milora implements ${accepts.join(", ")} for ${family.name})`);
+  if (family.slidingWindow === "use_sliding_window" && config["use_sliding_window"] === true)
+    found.push(`use_sliding_window true (milora runs ${family.name} with full attention in every layer)`);
   if (config["attention_bias"] === true) found.push("attention_bias true");
   if (config["mlp_bias"] === true) found.push("mlp_bias true");
   return found.map((what) => problem("MIL307", span, `config ${configPath} uses an unsupported option: ${what}`));
@@ -121,7 +130,7 @@ export function baseFromHfConfig(
   configPath: string,
   span: Span,
 ): { base?: BaseModel; problems: Diagnostic[] } {
-  const { family, settings, problems } = hfConfigSettings(json, configPath, span);
+  const { family, settings, ropeScaling, problems } = hfConfigSettings(json, configPath, span);
   if (family === undefined || settings === undefined) return { problems };
   const complete = completeSettings(settings, family.defaults);
   const shape = shapeProblems(settings, complete).map((p) =>
@@ -135,6 +144,7 @@ export function baseFromHfConfig(
       name,
       family: family.name,
       ...complete,
+      ...(ropeScaling === undefined ? {} : { ropeScaling: completeRopeScaling(ropeScaling, complete.maxPositions) }),
       configPath: resolve(configPath),
       span,
     },

@@ -2,6 +2,7 @@
 // and every rule checked. The plan (compiler/plan.ts) and the budget are computed from this alone.
 import type { Span } from "../grammar/ast.ts";
 import type { RationalOrders } from "./rational.ts";
+import type { RopeScaling, WeightFormat } from "../runtime/package/format.ts";
 
 /** The seven LoRA-capable linear modules of a LLaMA-family block: MiLoRA's experts. */
 export const EXPERT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] as const;
@@ -20,9 +21,18 @@ export interface BaseModel {
   readonly intermediateSize: number; // intermediate_size
   readonly vocabSize: number; // vocab_size
   readonly ropeTheta: number; // rope_theta
+  /** rope_scaling; absent for plain RoPE. */
+  readonly ropeScaling?: RopeScaling;
   readonly rmsNormEps: number; // rms_norm_eps
   readonly maxPositions: number; // max_position_embeddings
   readonly tieEmbeddings: boolean; // tie_word_embeddings
+  /** sliding_window (mistral): a position attends to itself and the window - 1 before it; absent: all before it. */
+  readonly slidingWindow?: number;
+  /**
+   * The spec's `weights` key: how the linear weights are stored on the GPU (a command's `--weights`
+   * overrides it). Absent: f16 for an F16/BF16 checkpoint, f32 otherwise (docs/weights.md).
+   */
+  readonly weights?: WeightFormat;
   /** Absolute path of the HF config.json this base was read from, if any. */
   readonly configPath?: string;
   readonly span: Span;
@@ -34,6 +44,11 @@ export interface LoraOptions {
   readonly alpha: number;
   readonly dropout: number;
   readonly rslora: boolean;
+  /**
+   * DoRA (Liu et al. 2024, PEFT's use_dora): a learned magnitude m per output row rescales the module,
+   * m * (W + scaling * B A) / ||W + scaling * B A||_row. Absent for plain LoRA.
+   */
+  readonly dora?: true;
   /** alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
   readonly scaling: number;
 }
@@ -44,11 +59,6 @@ export interface ExpertSlot extends LoraOptions {
   readonly module: ExpertModule;
   readonly inFeatures: number;
   readonly outFeatures: number;
-  /**
-   * DoRA (Liu et al. 2024, PEFT's use_dora): a learned magnitude m per output row rescales the module,
-   * m * (W + scaling * B A) / ||W + scaling * B A||_row. Absent for plain LoRA.
-   */
-  readonly dora?: true;
 }
 
 /** `attention` is the paper's self-attention pooler (appendix C, eq. 8): one learned vector w_sa. */

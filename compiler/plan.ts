@@ -7,14 +7,15 @@
 // so it serialises as JSON (manifest.json); kernelSources() turns its kernel set into WGSL.
 import { isDeepStrictEqual } from "node:util";
 import { attentionKernel, type AttentionConstants } from "./kernels/attention.ts";
-import { swigluKernel } from "./kernels/elementwise.ts";
+import { biasKernel, gegluKernel, scaleKernel, swigluKernel } from "./kernels/elementwise.ts";
 import type { KernelSource } from "./kernels/kernel.ts";
 import { kvWriteKernel, type KvWriteConstants } from "./kernels/kv-write.ts";
 import { loraExpandKernel, loraShrinkKernel, type LoraConstants, type LoraExpandConstants } from "./kernels/lora.ts";
 import { matmulKernel, type MatmulConstants } from "./kernels/matmul.ts";
 import { matvecKernel, type MatvecConstants } from "./kernels/matvec.ts";
 import { rmsNormKernel, type RmsNormConstants } from "./kernels/rmsnorm.ts";
-import { ropeKernel, type RopeConstants } from "./kernels/rope.ts";
+import { ropeConstants, ropeKernel, type RopeConstants } from "./kernels/rope.ts";
+import { positionLimit } from "./rope-scaling.ts";
 import {
   routerGateKernel,
   routerPoolKernel,
@@ -35,6 +36,7 @@ import type {
   PlanOp as FormatPlanOp,
   PlanRouterLayer as FormatPlanRouterLayer,
   PlanTensor as FormatPlanTensor,
+  WeightFormat,
 } from "../runtime/package/format.ts";
 import { checkpointTensors, familyNamed, layerTemplate, widthsOf } from "./families.ts";
 import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "./model.ts";
@@ -69,7 +71,9 @@ export type PlannedKernel =
   | { readonly key: string; readonly family: "rope"; readonly constants: RopeConstants }
   | { readonly key: string; readonly family: "kv_write"; readonly constants: KvWriteConstants }
   | { readonly key: string; readonly family: "attention"; readonly constants: AttentionConstants }
-  | { readonly key: string; readonly family: "swiglu"; readonly constants: Record<string, never> }
+  | { readonly key: string; readonly family: "swiglu" | "geglu"; readonly constants: Record<string, never> }
+  | { readonly key: string; readonly family: "scale"; readonly constants: { readonly factor: number } }
+  | { readonly key: string; readonly family: "bias"; readonly constants: { readonly width: number } }
   | { readonly key: string; readonly family: "sampling"; readonly constants: { readonly vocab: number } }
   | { readonly key: string; readonly family: "lora_shrink"; readonly constants: LoraConstants }
   | { readonly key: string; readonly family: "lora_expand"; readonly constants: LoraExpandConstants }
@@ -96,6 +100,16 @@ export interface PlanOptions {
   readonly adapter?: Adapter;
   /** Storage binding size to assume (default DEFAULT_BINDING_BYTES); bigger splittable tensors are split. */
   readonly maxBindingBytes?: number;
+  /**
+   * How the linear weights and an untied lm_head are stored on the GPU (default: the base's `weights`,
+   * else f32); the embedding and the norms stay f32 (runtime/package/format.ts WEIGHT_FORMATS).
+   */
+  readonly weights?: WeightFormat;
+  /**
+   * Steps of up to this many rows run the matvec kernels, larger ones the matmul (default
+   * MATVEC_MAX_ROWS): the device's crossover, as `milora bench --calibrate` measures it.
+   */
+  readonly matvecMaxRows?: number;
 }
 
 /**
@@ -105,9 +119,10 @@ export interface PlanOptions {
 export const DEFAULT_BINDING_BYTES = 128 * 1024 * 1024;
 
 /**
- * Steps of up to this many rows run the matvec kernels, larger ones the 64-row matmul tile. Measured
- * with bench/linear-rows.ts on llvmpipe at hidden 512 (docs/performance.md, "Decode batches"): matvec
- * costs 0.77x the matmul at 24 rows and 1.00-1.03x at 32, so the crossover is near 28.
+ * Steps of up to this many rows run the matvec kernels, larger ones the 64-row matmul tile, unless the
+ * plan is given a device's own crossover (PlanOptions.matvecMaxRows, from `milora bench --calibrate`).
+ * Measured with bench/linear-rows.ts on llvmpipe at hidden 512 (docs/performance.md, "Decode batches"):
+ * matvec costs 0.77x the matmul at 24 rows and 1.00-1.03x at 32, so the crossover is near 28.
  */
 export const MATVEC_MAX_ROWS = 28;
 
@@ -116,9 +131,9 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   const family = familyNamed(base.family);
   if (family === undefined) throw new PlanError(`base ${base.name}: family "${base.family}" has no planner`);
   const arch = family.architecture;
-  const biased = EXPERT_MODULES.filter((m) => arch.modules[m].bias);
-  if (biased.length > 0) throw new PlanError(`base ${base.name}: biases on ${biased.join(", ")} are not supported yet`);
-  const ctx = options.ctx ?? base.maxPositions;
+  // max_positions, or factor * max_positions with dynamic rope scaling
+  const limit = positionLimit(base);
+  const ctx = options.ctx ?? limit;
   const { adapter } = options;
   if (adapter !== undefined && adapter.base.name !== base.name)
     throw new PlanError(`adapter ${adapter.name} is on base ${adapter.base.name}, not ${base.name}`);
@@ -126,12 +141,14 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   const maxBindingBytes = options.maxBindingBytes ?? DEFAULT_BINDING_BYTES;
   if (!Number.isInteger(maxBindingBytes) || maxBindingBytes < 4)
     throw new PlanError(`base ${base.name}: the storage binding size must be a whole number of bytes, at least 4, got ${maxBindingBytes}`);
+  const matvecMaxRows = options.matvecMaxRows ?? MATVEC_MAX_ROWS;
+  if (!Number.isInteger(matvecMaxRows) || matvecMaxRows < 1)
+    throw new PlanError(`base ${base.name}: the matvec row limit must be a whole number of rows, at least 1, got ${matvecMaxRows}`);
   if (!Number.isInteger(maxLoraRank) || maxLoraRank < 0 || maxLoraRank > 256)
     throw new PlanError(`base ${base.name}: the largest LoRA rank must be an integer from 0 to 256, got ${maxLoraRank}`);
-  if (!Number.isInteger(ctx) || ctx < 1 || ctx > base.maxPositions) {
-    throw new PlanError(
-      `base ${base.name}: context ${ctx} must be an integer from 1 to max_positions ${base.maxPositions}`,
-    );
+  if (!Number.isInteger(ctx) || ctx < 1 || ctx > limit) {
+    const what = limit === base.maxPositions ? `max_positions ${limit}` : `${limit} (dynamic rope scaling: factor x max_positions)`;
+    throw new PlanError(`base ${base.name}: context ${ctx} must be an integer from 1 to ${what}`);
   }
   if (base.headDim % 2 !== 0)
     throw new PlanError(`base ${base.name}: rotary embedding needs an even head_dim, got ${base.headDim}`);
@@ -146,6 +163,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     intermediate: base.intermediateSize,
     vocab: base.vocabSize,
     ropeTheta: base.ropeTheta,
+    ...(base.ropeScaling === undefined ? {} : { ropeScaling: base.ropeScaling }),
     rmsNormEps: base.rmsNormEps,
     ctx,
     tiedEmbeddings: base.tieEmbeddings,
@@ -157,11 +175,14 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     if (!kernels.has(key)) kernels.set(key, { ...request, key } as PlannedKernel);
     return key;
   };
-  const tensors = tensorTable(base);
+  const tensors = tensorTable(base, options.weights ?? base.weights ?? "f32");
   const linearWeight = (module: ExpertModule) => layerTemplate(arch, `${arch.modules[module].path}.weight`);
   const linearOf = (module: ExpertModule, io: { input: ActivationName; output: ActivationName; residual?: ActivationName }) => {
     const m = arch.modules[module];
-    return linear(module, widths[m.input], widths[m.output], io, linearWeight(module));
+    const product = linear(module, widths[m.input], widths[m.output], io, linearWeight(module));
+    if (!m.bias) return [product];
+    const bias = use({ family: "bias", constants: { width: widths[m.output] } });
+    return [product, { op: "bias" as const, kernel: bias, weight: layerTemplate(arch, `${m.path}.bias`), output: io.output }];
   };
   const linear = (
     module: LinearModule,
@@ -171,11 +192,14 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     weight: string,
   ): PlanOp => {
     const residual = io.residual !== undefined;
-    const heights = blockHeights(tensors.find((t) => t.name === layerTensor(weight, 0))!, maxBindingBytes);
+    const tensor = tensors.find((t) => t.name === layerTensor(weight, 0))!;
+    // The storage format is a kernel constant (absent for f32), so each format has its own kernels.
+    const format = tensor.gpuDtype === "f32" ? {} : { weights: tensor.gpuDtype };
+    const heights = blockHeights(tensor, maxBindingBytes);
     const blocks = heights.map((rows) => ({
       rows,
-      matmul: use({ family: "matmul", constants: { K, N: rows, residual, stride: N } }),
-      matvec: use({ family: "matvec", constants: { K, N: rows, residual, stride: N } }),
+      matmul: use({ family: "matmul", constants: { K, N: rows, residual, stride: N, ...format } }),
+      matvec: use({ family: "matvec", constants: { K, N: rows, residual, stride: N, ...format } }),
     }));
     const lora = (m: ExpertModule): PlanLora => {
       const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank };
@@ -189,8 +213,8 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     return {
       op: "linear",
       module,
-      matmul: use({ family: "matmul", constants: { K, N, residual } }),
-      matvec: use({ family: "matvec", constants: { K, N, residual } }),
+      matmul: use({ family: "matmul", constants: { K, N, residual, ...format } }),
+      matvec: use({ family: "matvec", constants: { K, N, residual, ...format } }),
       ...io,
       weight,
       ...(module !== "lm_head" && maxLoraRank > 0 ? { lora: lora(module) } : {}),
@@ -199,17 +223,19 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   };
   const { hidden, qWidth, kvWidth, intermediate, vocab } = dims;
   const widths = widthsOf(base);
-  const norm = use({ family: "rmsnorm", constants: { hidden, eps: dims.rmsNormEps } });
+  const norm = use({ family: "rmsnorm", constants: { hidden, eps: dims.rmsNormEps, ...(arch.normOffset ? { offset: 1 as const } : {}) } });
+  const glu = arch.activation === "silu" ? "swiglu" : "geglu";
+  const window = base.slidingWindow === undefined ? {} : { window: base.slidingWindow };
   const attentionShape = { heads: dims.heads, kvHeads: dims.kvHeads, headDim: dims.headDim };
 
   const layer: PlanOp[] = [
     { op: "rmsnorm", kernel: norm, input: "x", weight: layerTemplate(arch, `${arch.attentionNorm}.weight`), output: "xn" },
-    linearOf("q_proj", { input: "xn", output: "q" }),
-    linearOf("k_proj", { input: "xn", output: "k" }),
-    linearOf("v_proj", { input: "xn", output: "v" }),
+    ...linearOf("q_proj", { input: "xn", output: "q" }),
+    ...linearOf("k_proj", { input: "xn", output: "k" }),
+    ...linearOf("v_proj", { input: "xn", output: "v" }),
     {
       op: "rope",
-      kernel: use({ family: "rope", constants: { ...attentionShape, theta: dims.ropeTheta } }),
+      kernel: use({ family: "rope", constants: ropeConstants(dims) }),
       q: "q",
       k: "k",
     },
@@ -224,11 +250,11 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     },
     {
       op: "attention",
-      kernel: use({ family: "attention", constants: { ...attentionShape, maxPositions: ctx } }),
+      kernel: use({ family: "attention", constants: { ...attentionShape, maxPositions: ctx, ...window } }),
       q: "q",
       output: "attn",
     },
-    linearOf("o_proj", { input: "attn", output: "h", residual: "x" }),
+    ...linearOf("o_proj", { input: "attn", output: "h", residual: "x" }),
     {
       op: "rmsnorm",
       kernel: norm,
@@ -236,10 +262,10 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       weight: layerTemplate(arch, `${arch.mlpNorm}.weight`),
       output: "xn",
     },
-    linearOf("gate_proj", { input: "xn", output: "gate" }),
-    linearOf("up_proj", { input: "xn", output: "up" }),
-    { op: "swiglu", kernel: use({ family: "swiglu", constants: {} }), gate: "gate", up: "up", output: "act" },
-    linearOf("down_proj", { input: "act", output: "x", residual: "h" }),
+    ...linearOf("gate_proj", { input: "xn", output: "gate" }),
+    ...linearOf("up_proj", { input: "xn", output: "up" }),
+    { op: glu, kernel: use({ family: glu, constants: {} }), gate: "gate", up: "up", output: "act" },
+    ...linearOf("down_proj", { input: "act", output: "x", residual: "h" }),
   ];
   const routers = (adapter?.router === undefined ? [] : adapter.layers).map((layer): PlanRouterLayer => {
     const experts = EXPERT_MODULES.filter((m) => adapter!.experts.some((e) => e.layer === layer && e.module === m));
@@ -280,10 +306,12 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     ],
     input: "x",
     embedding: arch.embedding,
+    // gemma scales the embedding rows by sqrt(hidden_size), in the activations' precision (f32 here)
+    ...(arch.scaleEmbeddings ? { embeddingScale: use({ family: "scale", constants: { factor: Math.fround(Math.sqrt(hidden)) } }) } : {}),
     layer,
     headInput: "out",
     head,
-    matvecMaxRows: MATVEC_MAX_ROWS,
+    matvecMaxRows,
     maxLoraRank,
     maxBindingBytes,
     routers,
@@ -320,17 +348,17 @@ export function routerKernelRequests(
 /** The distinct row-block heights of a splittable tensor beyond the binding size; none when it fits. */
 function blockHeights(t: PlanTensor, maxBindingBytes: number): number[] {
   const rows = t.shape[0] ?? 1;
-  const perBlock = rowsPerBlock(t.shape, maxBindingBytes);
+  const perBlock = rowsPerBlock(t.shape, maxBindingBytes, t.gpuDtype);
   if (!t.splittable || perBlock === rows) return [];
   return rows % perBlock === 0 ? [perBlock] : [perBlock, rows % perBlock];
 }
 
-/** The checkpoint tensors of a base as the plan places them on the GPU, in checkpoint order. */
-function tensorTable(base: BaseModel): PlanTensor[] {
+/** The checkpoint tensors of a base as the plan places them on the GPU, in checkpoint order; `weights` stores the linear ones. */
+function tensorTable(base: BaseModel, weights: WeightFormat): PlanTensor[] {
   return checkpointTensors(base).map((t) => ({
     ...t,
     shape: [...t.shape],
-    gpuDtype: "f32",
+    gpuDtype: t.role === "linear" || t.role === "lm_head" ? weights : "f32",
     splittable: t.role === "embedding" || t.role === "lm_head" || t.role === "linear",
   }));
 }
@@ -353,6 +381,12 @@ export function plannedKernelSource(k: KernelRequest): KernelSource {
       return attentionKernel(k.constants);
     case "swiglu":
       return swigluKernel();
+    case "geglu":
+      return gegluKernel();
+    case "scale":
+      return scaleKernel(k.constants);
+    case "bias":
+      return biasKernel(k.constants);
     case "sampling":
       return samplingKernel(k.constants);
     case "lora_shrink":

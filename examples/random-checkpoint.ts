@@ -1,4 +1,5 @@
-// Writes tiny LLaMA checkpoints with seeded random weights in the Hugging Face layout, for tests,
+// Writes tiny LLaMA-family checkpoints (llama, mistral, qwen2, gemma) with seeded random weights in the
+// Hugging Face layout, each with its family's config.json keys, for tests,
 // the README demo and benchmarks. Run it to make the `tiny` model of examples/llama-tiny.milora:
 //   node --import tsx examples/random-checkpoint.ts models/tiny --preset tiny
 import { mulberry32 } from "../runtime/random.ts";
@@ -9,9 +10,23 @@ import { pathToFileURL } from "node:url";
 import type { BaseModel } from "../compiler/model.ts";
 import { INDEX_FILE, SINGLE_FILE } from "../runtime/formats/checkpoint.ts";
 import { checkpointTensors } from "../compiler/families.ts";
+import type { RopeScaling } from "../runtime/package/format.ts";
 import { DTYPE_BYTES, SafetensorsFile, elementCount, writeSafetensors, type FloatDtype, type TensorToWrite } from "../runtime/formats/safetensors.ts";
 
+/** The families a random checkpoint can have, with their transformers class and model_type. */
+const FAMILY_CONFIG = {
+  llama: { architectures: ["LlamaForCausalLM"], model_type: "llama" },
+  mistral: { architectures: ["MistralForCausalLM"], model_type: "mistral" },
+  qwen2: { architectures: ["Qwen2ForCausalLM"], model_type: "qwen2" },
+  gemma: { architectures: ["GemmaForCausalLM"], model_type: "gemma" },
+} as const;
+export type RandomFamily = keyof typeof FAMILY_CONFIG;
+
 export interface RandomCheckpointOptions {
+  /** llama unless given. */
+  readonly family?: RandomFamily;
+  /** Mistral's sliding_window (mistral only). */
+  readonly slidingWindow?: number;
   readonly hiddenSize: number;
   readonly layers: number;
   readonly heads: number;
@@ -22,6 +37,8 @@ export interface RandomCheckpointOptions {
   readonly headDim?: number;
   readonly maxPositions?: number;
   readonly ropeTheta?: number;
+  /** Written as config.json's rope_scaling (with rope_type); a dynamic one's original context must be maxPositions. */
+  readonly ropeScaling?: RopeScaling;
   readonly rmsNormEps?: number;
   readonly tieEmbeddings?: boolean;
   /** How the weights are stored; F32 unless given. */
@@ -65,12 +82,17 @@ export function randomCheckpointBase(o: RandomCheckpointOptions, configPath?: st
   }
   if (o.heads % o.kvHeads !== 0) throw new Error(`random checkpoint: heads ${o.heads} is not a multiple of kvHeads ${o.kvHeads}`);
   if (headDim % 2 !== 0) throw new Error(`random checkpoint: head size ${headDim} must be even for rotary embeddings`);
+  const s = o.ropeScaling;
+  if (s?.type === "dynamic" && s.originalMaxPositions !== (o.maxPositions ?? 256))
+    throw new Error(`random checkpoint: dynamic rope scaling scales from max_position_embeddings, so its original context must be maxPositions`);
   const at = { offset: 0, line: 1, column: 1 };
   return {
     name: configPath ? basename(dirname(resolve(configPath))) : "random",
-    family: "llama",
+    family: o.family ?? "llama",
     ...counts,
+    ...(o.slidingWindow === undefined ? {} : { slidingWindow: o.slidingWindow }),
     ropeTheta: o.ropeTheta ?? 10000,
+    ...(s === undefined ? {} : { ropeScaling: s }),
     rmsNormEps: o.rmsNormEps ?? 1e-6,
     maxPositions: o.maxPositions ?? 256,
     tieEmbeddings: o.tieEmbeddings ?? false,
@@ -85,8 +107,12 @@ export function randomWeights(base: BaseModel, seed: number): { name: string; sh
   return checkpointTensors(base).map(({ name, shape }) => {
     const data = new Float32Array(elementCount(shape));
     if (name.endsWith("norm.weight")) {
-      // Norm gains near 1 but not equal to it, so a kernel that ignores them fails the reference test.
-      for (let i = 0; i < data.length; i++) data[i] = 1 + 0.1 * normal();
+      // Norm gains near 1 but not equal to it, so a kernel that ignores them fails the reference test;
+      // gemma stores gain - 1.
+      const offset = base.family === "gemma" ? 0 : 1;
+      for (let i = 0; i < data.length; i++) data[i] = offset + 0.1 * normal();
+    } else if (name.endsWith(".bias")) {
+      for (let i = 0; i < data.length; i++) data[i] = 0.5 * normal();
     } else {
       // Embeddings ~ N(0, 1); linear weights [out, in] ~ N(0, 1/in) keep activations O(1) layer to layer.
       const std = name === "model.embed_tokens.weight" ? 1 : 1 / Math.sqrt(shape[1]!);
@@ -101,30 +127,43 @@ const GENERATOR = "milora examples/random-checkpoint.ts";
 const BOS_ID = 1;
 const EOS_ID = 2;
 
-function llamaConfigJson(base: BaseModel, dtype: FloatDtype): Record<string, unknown> {
+/** A rope_scaling as config.json holds it (Llama 3.2's key order). */
+function hfRopeScaling(s: RopeScaling): Record<string, unknown> {
+  if (s.type !== "llama3") return { factor: s.factor, rope_type: s.type };
+  return { factor: s.factor, high_freq_factor: s.highFreqFactor, low_freq_factor: s.lowFreqFactor, original_max_position_embeddings: s.originalMaxPositions, rope_type: "llama3" };
+}
+
+/** config.json as transformers writes it for the base's family (LlamaConfig and its relatives). */
+function configJson(base: BaseModel, dtype: FloatDtype): Record<string, unknown> {
+  const family = base.family as RandomFamily;
+  const own: Record<RandomFamily, Record<string, unknown>> = {
+    llama: { rope_scaling: null, attention_bias: false, mlp_bias: false, pretraining_tp: 1 },
+    mistral: { sliding_window: base.slidingWindow ?? null },
+    // Qwen2's window applies only with use_sliding_window, which its released checkpoints leave false.
+    qwen2: { use_sliding_window: false, sliding_window: 4096, max_window_layers: base.layers },
+    // GemmaConfig reads hidden_activation; its released configs also keep the older hidden_act "gelu".
+    gemma: { hidden_act: "gelu", hidden_activation: "gelu_pytorch_tanh" },
+  };
   return {
-    architectures: ["LlamaForCausalLM"],
-    model_type: "llama",
+    ...FAMILY_CONFIG[family],
+    ...own[family],
     hidden_size: base.hiddenSize,
     intermediate_size: base.intermediateSize,
     num_hidden_layers: base.layers,
     num_attention_heads: base.heads,
     num_key_value_heads: base.kvHeads,
     head_dim: base.headDim,
-    hidden_act: "silu",
+    ...(family === "gemma" ? {} : { hidden_act: "silu" }),
     max_position_embeddings: base.maxPositions,
     rms_norm_eps: base.rmsNormEps,
     rope_theta: base.ropeTheta,
-    rope_scaling: null,
-    attention_bias: false,
+    ...(base.ropeScaling === undefined ? {} : { rope_scaling: hfRopeScaling(base.ropeScaling) }),
     attention_dropout: 0.0,
-    mlp_bias: false,
     tie_word_embeddings: base.tieEmbeddings,
     vocab_size: base.vocabSize,
     bos_token_id: BOS_ID,
     eos_token_id: EOS_ID,
     initializer_range: 0.02,
-    pretraining_tp: 1,
     use_cache: true,
     torch_dtype: DTYPE_TORCH_NAME[dtype],
   };
@@ -137,7 +176,8 @@ function llamaConfigJson(base: BaseModel, dtype: FloatDtype): Record<string, unk
  * directory appears whole or not at all (written beside it, then renamed).
  */
 export function writeRandomCheckpoint(dir: string, o: RandomCheckpointOptions): void {
-  const key = JSON.stringify(o, Object.keys(o).sort());
+  // Top-level keys sorted (an array replacer would also drop the fields of a nested ropeScaling).
+  const key = JSON.stringify(Object.fromEntries(Object.entries(o).sort(([a], [b]) => (a < b ? -1 : 1))));
   if (existsSync(dir)) {
     const made = generatorOptions(dir);
     if (made === key) return;
@@ -159,7 +199,7 @@ export function writeRandomCheckpoint(dir: string, o: RandomCheckpointOptions): 
 function fillCheckpointDir(dir: string, o: RandomCheckpointOptions, key: string): void {
   const base = randomCheckpointBase(o, join(dir, "config.json"));
   const dtype = o.dtype ?? "F32";
-  writeFileSync(join(dir, "config.json"), JSON.stringify(llamaConfigJson(base, dtype), null, 2) + "\n");
+  writeFileSync(join(dir, "config.json"), JSON.stringify(configJson(base, dtype), null, 2) + "\n");
   const tensors: TensorToWrite[] = randomWeights(base, o.seed).map((t) => ({ ...t, dtype }));
   const metadata = { format: "pt", generator: GENERATOR, options: key };
   const shards = o.shards ?? 1;
@@ -342,10 +382,13 @@ export function tinyTokenizerFiles(vocabSize: number, maxPositions: number): { t
   return { tokenizer, config };
 }
 
+/** tokenizer.json, tokenizer_config.json and generation_config.json, as a hub repository ships them. */
 function writeTokenizerFiles(dir: string, base: BaseModel): void {
   const { tokenizer, config } = tinyTokenizerFiles(base.vocabSize, base.maxPositions);
   writeFileSync(join(dir, "tokenizer.json"), JSON.stringify(tokenizer) + "\n");
   writeFileSync(join(dir, "tokenizer_config.json"), JSON.stringify(config, null, 2) + "\n");
+  const generation = { _from_model_config: true, bos_token_id: BOS_ID, eos_token_id: EOS_ID, transformers_version: "4.46.0" };
+  writeFileSync(join(dir, "generation_config.json"), JSON.stringify(generation, null, 2) + "\n");
 }
 
 function main(argv: string[]): number {

@@ -9,7 +9,7 @@ import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
 import { basename, resolve } from "node:path";
 import { loadAdapter, type LoadedAdapter } from "../../runtime/formats/adapter.ts";
-import { adapterSummary } from "../../runtime/gpu/device.ts";
+import { acquireDevice, adapterSummary } from "../../runtime/gpu/device.ts";
 import { Engine } from "../../runtime/engine/engine.ts";
 import { userError } from "../../runtime/errors.ts";
 import { checkBeamOptions } from "../../runtime/engine/beam-search.ts";
@@ -18,8 +18,11 @@ import type { LayerRouting } from "../../runtime/engine/routing.ts";
 import { SequenceError, checkSampling, type SamplingOptions } from "../../runtime/engine/sequence.ts";
 import { Tokenizer } from "../../runtime/text/tokenizer.ts";
 import { requireHealthyDevice } from "./self-test.ts";
+import { positionLimit } from "../../compiler/rope-scaling.ts";
 import { adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
+import { weightsFlag } from "../engine-plan.ts";
 import { writeRoutingSvg } from "./routing-picture.ts";
+import { deviceCalibration } from "../measure/calibration.ts";
 
 export interface RunOptions {
   readonly base: string;
@@ -36,6 +39,8 @@ export interface RunOptions {
   /** `[NAME=]DIR`, repeatable. */
   readonly adapter?: readonly string[];
   readonly merged?: boolean;
+  /** `--weights f32|f16|q8`: how the linear weights are stored on the device. */
+  readonly weights?: string;
   readonly beams?: string;
   readonly lengthPenalty?: string;
   readonly earlyStopping?: string;
@@ -56,6 +61,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
   const beam = beamOptions(opts, sampling);
   if ((opts.prompt === undefined) === (opts.tokens === undefined)) throw userError("usage", "give exactly one of --prompt TEXT and --tokens IDS");
 
+  const weights = weightsFlag(opts.weights);
   const source = modelSource(spec, dir);
   const { base } = source;
   const adapters = tenantNames((opts.adapter ?? []).map((arg) => readAdapter(arg, source)));
@@ -69,29 +75,39 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
     prompt = tokenIds(opts.tokens!);
   }
   if (prompt.length === 0) throw userError("usage", "the prompt has no tokens");
-  if (prompt.length > base.maxPositions) throw userError("capacity", `the prompt has ${prompt.length} tokens, more than max_positions ${base.maxPositions}`);
+  const limit = positionLimit(base);
+  if (prompt.length > limit) throw userError("capacity", `the prompt has ${prompt.length} tokens, more than the base's ${limit} positions`);
 
+  // The device before the plan: its calibration (milora bench --calibrate) sets the matvec row limit.
+  const gpu = await acquireDevice(opts.backend === undefined ? {} : { backend: opts.backend });
   const bar = progressBar(opts.json === true);
   let engine: Engine;
   try {
+    const calibration = deviceCalibration(gpu.report);
     engine = await Engine.load({
       base,
       checkpointDir: dir,
+      gpu,
       checkDevice: requireHealthyDevice,
       ...planOptions(source, {
         // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
-        ctx: Math.min(base.maxPositions, prompt.length + Math.max(1, maxTokens)),
+        ctx: Math.min(limit, prompt.length + Math.max(1, maxTokens)),
         maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
         tenants: adapters.map((a) => a.spec),
         maxAdapters: adapters.length,
+        checkpointDir: dir,
+        ...(weights === undefined ? {} : { weights }),
+        ...(calibration === undefined ? {} : { calibration }),
       }),
       maxSequences: Math.max(1, adapters.length) * (beam?.beams ?? 1),
       // One step holds every prompt (a longer one would be prefilled in chunks, which is slower).
       maxBatchRows: Math.max(256, prompt.length * Math.max(1, adapters.length)),
       maxAdapters: adapters.length,
       onProgress: bar.update,
-      ...(opts.backend === undefined ? {} : { backend: opts.backend }),
     });
+  } catch (e) {
+    gpu.destroy();
+    throw e;
   } finally {
     bar.stop();
   }
@@ -127,6 +143,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
     return 0;
   } finally {
     engine.destroy();
+    gpu.destroy();
   }
 }
 

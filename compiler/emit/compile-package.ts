@@ -7,6 +7,7 @@ import { computeBudget } from "../budget.ts";
 import { checkFiles } from "../check.ts";
 import type { Adapter } from "../model.ts";
 import { planBase, PlanError, type Plan } from "../plan.ts";
+import { positionLimit } from "../rope-scaling.ts";
 import { didYouMean } from "../suggest.ts";
 import { apiClassName, generateApi } from "./api.ts";
 import { canonicalJson, COMPILER_VERSION, MANIFEST_FILE, MANIFEST_FORMAT, type Manifest } from "./manifest.ts";
@@ -16,7 +17,7 @@ import { runtimeFiles } from "./runtime-files.ts";
 import { declarationSpans, numberedLines, SpecLines } from "./spec-lines.ts";
 import { kernelFiles } from "./wgsl-files.ts";
 import type { PackageFile } from "./write-package.ts";
-import { validateManifest } from "../../runtime/package/format.ts";
+import { validateManifest, type WeightFormat } from "../../runtime/package/format.ts";
 import { MiloraError } from "../../runtime/errors.ts";
 
 export interface CompileOptions {
@@ -26,8 +27,12 @@ export interface CompileOptions {
   /** npm package name (default: the adapter's name in kebab case) and version (default 0.1.0). */
   readonly name?: string;
   readonly version?: string;
-  /** KV cache positions per sequence the kernels are specialised for (default: max_positions, at most 2048). */
+  /** KV cache positions per sequence the kernels are specialised for (default: the base's position limit, max_positions unless rope scaling is dynamic, at most 2048). */
   readonly ctx?: number;
+  /** How the package stores the linear weights (`--weights`; default: the spec's `weights`, else f32: no checkpoint is read). */
+  readonly weights?: WeightFormat;
+  /** The matvec row limit by storage format, of the device the package is for (`--calibration FILE`; default MATVEC_MAX_ROWS). */
+  readonly matvecMaxRows?: Readonly<Partial<Record<WeightFormat, number>>>;
 }
 
 /** A request the spec cannot satisfy: no such adapter, a bad package name, a base the planner cannot lower. */
@@ -53,12 +58,18 @@ export function compilePackage(options: CompileOptions): CompileResult {
   const adapter = chooseAdapter(program.adapters, options.adapter, options.spec);
   const lines = new SpecLines(sources, options.spec);
   const base = adapter.base;
-  const ctx = options.ctx ?? Math.min(base.maxPositions, DEFAULT_CTX_CAP);
+  const ctx = options.ctx ?? Math.min(positionLimit(base), DEFAULT_CTX_CAP);
   let plan: Plan;
   try {
     // The package serves its adapter: LoRA kernels up to the spec's largest rank, its routers' kernels,
     // and block kernels for weights beyond WebGPU's default storage binding (DEFAULT_BINDING_BYTES).
-    plan = planBase(base, { ctx, adapter });
+    const matvecMaxRows = options.matvecMaxRows?.[options.weights ?? base.weights ?? "f32"];
+    plan = planBase(base, {
+      ctx,
+      adapter,
+      ...(options.weights === undefined ? {} : { weights: options.weights }),
+      ...(matvecMaxRows === undefined ? {} : { matvecMaxRows }),
+    });
   } catch (e) {
     // What the planner refuses (a context beyond max_positions) is what this compile cannot satisfy.
     if (!(e instanceof PlanError)) throw e;

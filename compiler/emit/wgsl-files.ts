@@ -6,6 +6,7 @@ import { BASE_KEYS, type BaseKeyName } from "../base-keys.ts";
 import { familyOf, type Width } from "../families.ts";
 import type { BaseModel } from "../model.ts";
 import { kernelSources, type LinearModule, type Plan, type PlannedKernel } from "../plan.ts";
+import { positionLimit, ropeScalingText } from "../rope-scaling.ts";
 import { COMPILER_VERSION, type ManifestKernel } from "./manifest.ts";
 
 export { splitKernelFile } from "../../runtime/package/format.ts";
@@ -23,8 +24,11 @@ const FAMILY_KEYS: Readonly<Record<Exclude<PlannedKernel["family"], LinearFamily
   rmsnorm: ["hidden_size", "rms_norm_eps"],
   rope: ["heads", "kv_heads", "head_dim", "rope_theta"],
   kv_write: ["kv_heads", "head_dim", "max_positions"],
-  attention: ["heads", "kv_heads", "head_dim", "max_positions"],
+  attention: ["heads", "kv_heads", "head_dim", "max_positions", "sliding_window"],
   swiglu: [],
+  geglu: [],
+  scale: ["hidden_size"],
+  bias: [],
   sampling: ["vocab_size"],
   router_score: ["hidden_size"],
   router_pool: ["hidden_size"],
@@ -103,9 +107,12 @@ export function kernelFiles(plan: Plan, base: BaseModel, lines: SpecLines, cited
       const mib = plan.maxBindingBytes / MIB;
       header.push(`//   (a row block of a weight split to fit a storage binding of ${Number.isInteger(mib) ? mib : mib.toFixed(3)} MiB, the size the plan assumes)`);
     }
-    if (plan.dims.ctx !== base.maxPositions && (k.family === "kv_write" || k.family === "attention")) {
-      header.push(`//   context ${plan.dims.ctx} positions (milora compile --ctx), within max_positions ${base.maxPositions}`);
+    const limit = positionLimit(base);
+    if (plan.dims.ctx !== limit && (k.family === "kv_write" || k.family === "attention")) {
+      const within = limit === base.maxPositions ? `max_positions ${limit}` : `factor x max_positions = ${limit} (dynamic rope scaling)`;
+      header.push(`//   context ${plan.dims.ctx} positions (milora compile --ctx), within ${within}`);
     }
+    if (k.family === "rope" && plan.dims.ropeScaling !== undefined) header.push(`//   ${ropeScalingText(plan.dims.ropeScaling)}`);
     const { wgsl, name, entryPoint, bindings, params, dispatch } = sources.get(k.key)!;
     return { key: k.key, file, name, entryPoint, bindings, params, dispatch, text: `${header.join("\n")}\n\n${wgsl}` };
   });

@@ -1,7 +1,9 @@
 // Causal attention against the KV cache, for prefill and decode rows alike.
 // Row r is a query token of the sequence in slot rowSlot[r] at position positions[r]; for each head h it
 // attends over that slot's cached positions 0..positions[r] (itself included, so the KV write runs first)
-// with KV head h / (heads / kvHeads) (grouped-query attention) and scale 1/sqrt(headDim).
+// with KV head h / (heads / kvHeads) (grouped-query attention) and scale 1/sqrt(headDim). With a sliding
+// `window` (mistral) only positions p - window < j <= p are attended, as transformers' sliding-window mask;
+// the cache keeps every position (a full cache, masked), so beam forks and chunked prefill need nothing new.
 //   bindings: q (read, f32[rows, heads*headDim]), kCache (read), vCache (read) (f32[slots, maxPositions,
 //             kvHeads, headDim]), rowSlot (read, u32[rows]), positions (read, u32[rows]),
 //             out (read_write, f32[rows, heads*headDim])
@@ -16,20 +18,22 @@ export interface AttentionConstants {
   readonly kvHeads: number;
   readonly headDim: number;
   readonly maxPositions: number;
+  /** Mistral's sliding_window: keys attended per query, itself included; absent for all before it. */
+  readonly window?: number;
 }
 
 const BLOCK = 64; // keys per block = invocations per workgroup
 // Stands in for -infinity, which WGSL cannot spell; exp(NEG_INF - m) is exactly 0.
 const NEG_INF = "-3.0e38";
 
-export function attentionKernel({ heads, kvHeads, headDim, maxPositions }: AttentionConstants): KernelSource {
+export function attentionKernel({ heads, kvHeads, headDim, maxPositions, window }: AttentionConstants): KernelSource {
   if (heads % kvHeads !== 0) throw new Error(`attention: heads ${heads} not divisible by kv_heads ${kvHeads}`);
   const group = heads / kvHeads;
   const kvWidth = kvHeads * headDim;
   const dimsPerLane = Math.ceil(headDim / BLOCK);
   return kernelSource({
     name: "attention",
-    constants: { heads, kvHeads, headDim, maxPositions },
+    constants: { heads, kvHeads, headDim, maxPositions, ...(window === undefined ? {} : { window }) },
     storage: [
       { name: "q", access: "read", type: "array<f32>" },
       { name: "kCache", access: "read", type: "array<f32>" },
@@ -59,7 +63,8 @@ fn main(${GROUP_BUILTINS}) {
   var runningMax = ${NEG_INF};
   var laneSum = 0.0; // this lane's share of the softmax denominator, kept at the running max's scale
   var acc: array<f32, ${dimsPerLane}>;
-  for (var start = 0u; start <= last; start += ${BLOCK}u) {
+  let first = ${window === undefined ? "0u" : `select(0u, last + 1u - ${window}u, last + 1u > ${window}u)`};
+  for (var start = first; start <= last; start += ${BLOCK}u) {
     let key = start + lid;
     var score = ${NEG_INF};
     if (key <= last) {

@@ -64,6 +64,16 @@ export interface ForwardEncoderOptions {
   readonly tenants: AdapterStore;
 }
 
+/**
+ * Per row, one past the last position its sequence (its cache slot) reaches in the step: the length a
+ * dynamic rope_scaling scales by, as Hugging Face scales each forward by max(position_ids) + 1.
+ */
+export function stepLengths(rows: readonly { readonly slot: number; readonly position: number }[]): Uint32Array {
+  const last = new Map<number, number>();
+  for (const r of rows) last.set(r.slot, Math.max(last.get(r.slot) ?? 0, r.position + 1));
+  return Uint32Array.from(rows, (r) => last.get(r.slot)!);
+}
+
 /** Settings for out rows whose sample nobody reads (logits-only rows). */
 export const GREEDY: SamplingSettings = { temperature: 0, topK: 0, topP: 1, seed: 0, step: 0 };
 
@@ -82,6 +92,8 @@ export class ForwardEncoder {
   readonly #inputs: {
     readonly positions: GPUBuffer;
     readonly rowSlot: GPUBuffer;
+    /** Per row, for dynamic rope scaling: stepLengths(). */
+    readonly lengths: GPUBuffer;
     readonly settings: GPUBuffer;
     readonly tokens: GPUBuffer;
     /** Per row: tenant slot, gates [rows, layers * 7], and shrink's output [rows, maxRank]. */
@@ -116,6 +128,7 @@ export class ForwardEncoder {
     this.#inputs = {
       positions: createStorage(device, maxRows * 4, "positions"),
       rowSlot: createStorage(device, maxRows * 4, "row slots"),
+      lengths: createStorage(device, maxRows * 4, "row sequence lengths"),
       settings: createStorage(device, maxRows * SAMPLING_WORDS * 4, "sampling settings"),
       tokens: createStorage(device, maxRows * 4, "sampled tokens"),
       rowAdapter: createStorage(device, maxRows * 4, "row adapters"),
@@ -184,6 +197,7 @@ export class ForwardEncoder {
     const queue = this.#device.queue;
     queue.writeBuffer(this.#inputs.positions, 0, Uint32Array.from(rows, (r) => r.position));
     queue.writeBuffer(this.#inputs.rowSlot, 0, Uint32Array.from(rows, (r) => r.slot));
+    if (this.#plan.dims.ropeScaling?.type === "dynamic") queue.writeBuffer(this.#inputs.lengths, 0, stepLengths(rows));
     const active = this.#loraActivity(rows, jobs);
     if (active.some((layer) => layer.some(Boolean))) {
       const G = this.#gateStride;
@@ -217,10 +231,16 @@ export class ForwardEncoder {
     const n = rows.length;
     const widest = Math.max(...chunks);
     const states = this.#promptBuffer("states", n * hidden * 4);
-    // Positions then cache slots of every row, copied chunk by chunk into the step's inputs.
-    const inputs = this.#promptBuffer("inputs", 2 * n * 4);
+    // Positions, cache slots and (dynamic rope scaling) each chunk's lengths of every row, copied chunk
+    // by chunk into the step's inputs.
+    const inputs = this.#promptBuffer("inputs", 3 * n * 4);
     const queue = this.#device.queue;
-    queue.writeBuffer(inputs, 0, Uint32Array.from([...rows.map((r) => r.position), ...rows.map((r) => r.slot)]));
+    const dynamic = this.#plan.dims.ropeScaling?.type === "dynamic";
+    const lengths = chunks.flatMap((count, c) => {
+      const first = chunks.slice(0, c).reduce((a, b) => a + b, 0);
+      return dynamic ? [...stepLengths(rows.slice(first, first + count))] : [];
+    });
+    queue.writeBuffer(inputs, 0, Uint32Array.from([...rows.map((r) => r.position), ...rows.map((r) => r.slot), ...lengths]));
     queue.writeBuffer(this.#inputs.rowAdapter, 0, new Uint32Array(widest).fill(rows[0]!.tenantSlot));
     queue.writeBuffer(this.#inputs.gates, 0, new Float32Array(widest * this.#gateStride));
     const active = this.#loraActivity(rows, jobs);
@@ -235,6 +255,7 @@ export class ForwardEncoder {
       for (const count of chunks) {
         step.copy(inputs, first * 4, this.#inputs.positions, 0, count * 4);
         step.copy(inputs, (n + first) * 4, this.#inputs.rowSlot, 0, count * 4);
+        if (dynamic) step.copy(inputs, (2 * n + first) * 4, this.#inputs.lengths, 0, count * 4);
         step.copy(states, first * hidden * 4, x, 0, count * hidden * 4);
         for (const op of this.#plan.layer) this.#dispatch(op, count, layer, active[layer]!);
         step.copy(x, 0, states, first * hidden * 4, count * hidden * 4);
@@ -244,7 +265,7 @@ export class ForwardEncoder {
     return states;
   }
 
-  /** Copies each row's token embedding into row r of `x`. */
+  /** Copies each row's token embedding into row r of `x` (scaled, where the family scales it). */
   #embed(rows: readonly Row[], x: GPUBuffer): void {
     const hidden = this.#plan.dims.hidden;
     const embedding = this.#weights.get(this.#plan.embedding);
@@ -252,6 +273,8 @@ export class ForwardEncoder {
       const block = blockOf(embedding, row.token);
       this.#step.copy(block.buffer, (row.token - block.firstRow) * hidden * 4, x, r * hidden * 4, hidden * 4);
     });
+    const scale = this.#plan.embeddingScale;
+    if (scale !== undefined) this.#step.dispatch(this.#kernels.get("scale", scale), { x }, { n: rows.length * hidden });
   }
 
   /** Records the head on `outRows` (at most maxRows rows of `source`) and the copies its readbacks need. */
@@ -365,7 +388,7 @@ export class ForwardEncoder {
     const act = (name: ActivationName) => this.#act(name);
     const kernel = <F extends KernelFamily>(family: F, key: string) => this.#kernels.get(family, key);
     const cache = { kCache: this.#cache.keys[layer]!, vCache: this.#cache.values[layer]! };
-    const { positions, rowSlot } = this.#inputs;
+    const { positions, rowSlot, lengths } = this.#inputs;
     switch (op.op) {
       case "rmsnorm":
         return step.dispatch(kernel("rmsnorm", op.kernel), { x: act(op.input), weight: this.#weights.buffer(layerTensor(op.weight, layer)), out: act(op.output) }, { rows });
@@ -373,14 +396,20 @@ export class ForwardEncoder {
         this.#linear(op, rows, layer);
         if (op.lora && active[op.lora.gateColumn]) this.#lora(op, op.lora, rows, layer);
         return;
-      case "rope":
-        return step.dispatch(kernel("rope", op.kernel), { q: act(op.q), k: act(op.k), positions }, { rows });
+      case "rope": {
+        const rope = kernel("rope", op.kernel);
+        const dynamic = rope.bindings.some((b) => b.name === "lengths");
+        return step.dispatch(rope, { q: act(op.q), k: act(op.k), positions, ...(dynamic ? { lengths } : {}) }, { rows });
+      }
       case "kv_write":
         return step.dispatch(kernel("kv_write", op.kernel), { k: act(op.k), v: act(op.v), ...cache, rowSlot, positions }, { rows });
       case "attention":
         return step.dispatch(kernel("attention", op.kernel), { q: act(op.q), ...cache, rowSlot, positions, out: act(op.output) }, { rows });
+      case "bias":
+        return step.dispatch(kernel("bias", op.kernel), { bias: this.#weights.buffer(layerTensor(op.weight, layer)), y: act(op.output) }, { n: rows * this.#widthOf(op.output) });
       case "swiglu":
-        return step.dispatch(kernel("swiglu", op.kernel), { gate: act(op.gate), up: act(op.up), out: act(op.output) }, { n: rows * this.#plan.dims.intermediate });
+      case "geglu":
+        return step.dispatch(kernel(op.op, op.kernel), { gate: act(op.gate), up: act(op.up), out: act(op.output) }, { n: rows * this.#plan.dims.intermediate });
       case "sample":
         return step.dispatch(kernel("sampling", op.kernel), { logits: this.#sampleInput ?? act(op.logits), settings: this.#inputs.settings, tokens: this.#inputs.tokens }, { rows });
     }
@@ -416,6 +445,10 @@ export class ForwardEncoder {
 
   #act(name: ActivationName): GPUBuffer {
     return this.#activations.get(name)!;
+  }
+
+  #widthOf(name: ActivationName): number {
+    return this.#plan.activations.find((a) => a.name === name)!.width;
   }
 
   #gatesStaging(): GPUBuffer {

@@ -16,8 +16,10 @@ export const COMPILER_VERSION = "0.1.0";
  * bias tensors in the tensor table.
  * 7: DoRA: the LoRA expand kernels bind each slot's DoRA factors (`dora`, and `residual` where the
  * base product fused one); an expert may say `dora: true`.
+ * 8: rotary scaling (`ropeScaling` of the base and of the plan's dims; a dynamic rope kernel binds
+ * `lengths`), so a runtime without it refuses a scaled package instead of running plain RoPE.
  */
-export const MANIFEST_FORMAT = 7;
+export const MANIFEST_FORMAT = 8;
 export const MANIFEST_FILE = "manifest.json";
 
 /**
@@ -46,21 +48,77 @@ export interface PlanDims {
   readonly intermediate: number;
   readonly vocab: number;
   readonly ropeTheta: number;
+  /** Absent for plain RoPE. */
+  readonly ropeScaling?: RopeScaling;
   readonly rmsNormEps: number;
-  /** Positions a sequence may reach: the KV cache's length, at most the base's max_positions. */
+  /** Positions a sequence may reach: the KV cache's length, at most the base's position limit. */
   readonly ctx: number;
   readonly tiedEmbeddings: boolean;
 }
 
+/**
+ * Rotary scaling, Hugging Face's `rope_scaling` (transformers' modeling_rope_utils.py). `linear` and
+ * `llama3` scale the inverse frequencies once; `dynamic` (NTK) raises the base for sequences longer
+ * than `originalMaxPositions`, which is the base's max_positions (Hugging Face scales from
+ * max_position_embeddings). docs/language.md, "RoPE scaling", has the formulas.
+ */
+export type RopeScaling =
+  | { readonly type: "linear"; readonly factor: number }
+  | { readonly type: "dynamic"; readonly factor: number; readonly originalMaxPositions: number }
+  | {
+      readonly type: "llama3";
+      readonly factor: number;
+      readonly lowFreqFactor: number;
+      readonly highFreqFactor: number;
+      readonly originalMaxPositions: number;
+    };
+export const ROPE_SCALING_TYPES = ["linear", "dynamic", "llama3"] as const satisfies readonly RopeScaling["type"][];
+
 export const TENSOR_ROLES = ["embedding", "lm_head", "attn_norm", "mlp_norm", "final_norm", "linear", "bias"] as const;
 export type TensorRole = (typeof TENSOR_ROLES)[number];
+
+/**
+ * How a tensor is stored on the GPU (docs/weights.md has the layouts with a worked example). Every row
+ * of a [rows, K] weight is a whole number of 16-byte units, so a row block of a split weight is a plain
+ * slice of the rows and a kernel reads a row 4 words at a time:
+ * - `f32`: K f32 values (a row of K not a multiple of 4 is the exception: no padding).
+ * - `f16`: 4 * ceil(K / 8) words; word j holds elements 2j (bits 0-15) and 2j + 1 (bits 16-31) as IEEE
+ *   binary16, widened to f32 in the kernels by bit moves (core WGSL, no shader-f16: weight-rows.ts); +0 past K.
+ * - `q8`: in the spirit of ggml's Q8_0, blocks of Q8_BLOCK (32) elements along K, each an f32 scale d
+ *   and 32 int8 q in [-127, 127] with value d * q, d = max |x| / 127 over the block (0 for an all-zero
+ *   block) and q = round(x / d), ties away from zero; q = 0 past K. A row of nb = ceil(K / 32) blocks
+ *   holds first the quants, 8 words a block, element k in byte k % 4 (bits 8(k % 4).., two's
+ *   complement) of word k / 4, then the nb scales as f32 bits, padded with zero words to a multiple of
+ *   4: 8 nb + 4 ceil(nb / 4) words, 1.125 bytes a weight (ggml's f16 scales: 1.0625). Quants apart from
+ *   scales let a kernel read 16 of them as one vec4<u32>.
+ * Only linear weights and an untied lm_head take `f16` or `q8`; the embedding (read by row copies),
+ * the norms and so a tied lm_head stay `f32`.
+ */
+export const WEIGHT_FORMATS = ["f32", "f16", "q8"] as const;
+export type WeightFormat = (typeof WEIGHT_FORMATS)[number];
+/** Elements per q8 block: one scale each. */
+export const Q8_BLOCK = 32;
+
+/** The u32 words one row of K elements takes in `format` (f32 elements count as words). */
+export function storageRowWords(format: WeightFormat, K: number): number {
+  switch (format) {
+    case "f32":
+      return K;
+    case "f16":
+      return 4 * Math.ceil(K / 8);
+    case "q8": {
+      const blocks = Math.ceil(K / Q8_BLOCK);
+      return 8 * blocks + 4 * Math.ceil(blocks / 4);
+    }
+  }
+}
 
 /** One tensor of the checkpoint as the runtime holds it. Linear weights are [out, in], as in HF. */
 export interface PlanTensor<M extends string = string> {
   readonly name: string;
   readonly shape: readonly number[];
-  /** Element type on the GPU; the checkpoint's F16/BF16 are widened on upload. */
-  readonly gpuDtype: "f32";
+  /** Storage on the GPU (WEIGHT_FORMATS); the checkpoint's F32/F16/BF16 are converted on upload. */
+  readonly gpuDtype: WeightFormat;
   readonly role: TensorRole;
   readonly layer?: number;
   readonly module?: M;
@@ -117,12 +175,15 @@ export type PlanOp<M extends string = string> =
   | { readonly op: "kv_write"; readonly kernel: string; readonly k: ActivationName; readonly v: ActivationName }
   | { readonly op: "attention"; readonly kernel: string; readonly q: ActivationName; readonly output: ActivationName }
   | {
-      readonly op: "swiglu";
+      /** The gated MLP activation: silu(gate) * up, or with gemma's tanh GELU. */
+      readonly op: "swiglu" | "geglu";
       readonly kernel: string;
       readonly gate: ActivationName;
       readonly up: ActivationName;
       readonly output: ActivationName;
     }
+  /** A linear module's bias (`weight`: its tensor template) added to `output` in place. */
+  | { readonly op: "bias"; readonly kernel: string; readonly weight: string; readonly output: ActivationName }
   | { readonly op: "sample"; readonly kernel: string; readonly logits: ActivationName };
 
 /**
@@ -164,6 +225,9 @@ export const KERNEL_FAMILIES = [
   "kv_write",
   "attention",
   "swiglu",
+  "geglu",
+  "scale",
+  "bias",
   "sampling",
   "lora_shrink",
   "lora_expand",
@@ -192,10 +256,13 @@ export const FAMILY_BINDINGS = {
   rmsnorm: ["x", "weight", "out", "params"],
   matmul: ["x", "w", "residual?", "y", "params"],
   matvec: ["x", "w", "residual?", "y", "params"],
-  rope: ["q", "k", "positions", "params"],
+  rope: ["q", "k", "positions", "lengths?", "params"],
   kv_write: ["k", "v", "kCache", "vCache", "rowSlot", "positions", "params"],
   attention: ["q", "kCache", "vCache", "rowSlot", "positions", "out", "params"],
   swiglu: ["gate", "up", "out", "params"],
+  geglu: ["gate", "up", "out", "params"],
+  scale: ["x", "params"],
+  bias: ["bias", "y", "params"],
   sampling: ["logits", "settings", "tokens", "params"],
   lora_shrink: ["x", "a", "slots", "rowAdapter", "gates", "t", "params"],
   lora_expand: ["t", "b", "slots", "rowAdapter", "gates", "dora", "residual?", "y", "params"],
@@ -228,6 +295,8 @@ export interface Plan<M extends string = string> {
    */
   readonly input: ActivationName;
   readonly embedding: string;
+  /** A `scale` kernel the engine runs on `input` after writing the embedding rows (gemma's sqrt(hidden)). */
+  readonly embeddingScale?: string;
   readonly layer: readonly PlanOp<M>[];
   readonly headInput: ActivationName;
   readonly head: readonly PlanOp<M>[];
@@ -269,9 +338,12 @@ export interface ManifestBase {
   readonly intermediateSize: number;
   readonly vocabSize: number;
   readonly ropeTheta: number;
+  readonly ropeScaling?: RopeScaling;
   readonly rmsNormEps: number;
   readonly maxPositions: number;
   readonly tieEmbeddings: boolean;
+  /** The spec's `weights` key, when it has one (the plan's tensors say how each is stored). */
+  readonly weights?: WeightFormat;
 }
 
 export interface ManifestExpert {
@@ -392,6 +464,18 @@ const tagged =
   };
 
 const act = oneOf(ACTIVATION_NAMES);
+/** A scaling factor: a finite number >= 1 (Hugging Face's rule for every rope_scaling factor). */
+const factor: Check = (v, at) => void ((typeof v === "number" && Number.isFinite(v) && v >= 1) || fail(at, "a number >= 1", v));
+const positiveInt: Check = (v, at) => void ((typeof v === "number" && Number.isInteger(v) && v >= 1) || fail(at, "a whole number >= 1", v));
+const ropeScaling: Check = (v, at) => {
+  tagged("type", {
+    linear: { factor },
+    dynamic: { factor, originalMaxPositions: positiveInt },
+    llama3: { factor, lowFreqFactor: num, highFreqFactor: num, originalMaxPositions: positiveInt },
+  })(v, at);
+  const s = v as { type: string; lowFreqFactor: number; highFreqFactor: number };
+  if (s.type === "llama3" && !(s.highFreqFactor > s.lowFreqFactor)) fail(`${at}.highFreqFactor`, `above lowFreqFactor ${s.lowFreqFactor}`, s.highFreqFactor);
+};
 const groupCount: Check = (v, at) => (typeof v === "number" ? int(v, at) : obj({ param: str, "times?": int, "per?": int })(v, at));
 const dispatchRule: Check = (v, at) => {
   if (isObject(v) && "groups" in v) {
@@ -419,6 +503,8 @@ const planOp = tagged("op", {
   kv_write: { kernel: str, k: act, v: act },
   attention: { kernel: str, q: act, output: act },
   swiglu: { kernel: str, gate: act, up: act, output: act },
+  geglu: { kernel: str, gate: act, up: act, output: act },
+  bias: { kernel: str, weight: str, output: act },
   sample: { kernel: str, logits: act },
 });
 
@@ -449,16 +535,18 @@ const plan: Check = obj({
     intermediate: int,
     vocab: int,
     ropeTheta: num,
+    "ropeScaling?": ropeScaling,
     rmsNormEps: num,
     ctx: int,
     tiedEmbeddings: bool,
   }),
   tensors: arr(
-    obj({ name: str, shape: arr(int), gpuDtype: oneOf(["f32"]), role: oneOf(TENSOR_ROLES), "layer?": int, "module?": str, splittable: bool }),
+    obj({ name: str, shape: arr(int), gpuDtype: oneOf(WEIGHT_FORMATS), role: oneOf(TENSOR_ROLES), "layer?": int, "module?": str, splittable: bool }),
   ),
   activations: arr(obj({ name: act, width: int })),
   input: act,
   embedding: str,
+  "embeddingScale?": str,
   layer: arr(planOp),
   headInput: act,
   head: arr(planOp),
@@ -489,9 +577,11 @@ const manifest: Check = obj({
     intermediateSize: int,
     vocabSize: int,
     ropeTheta: num,
+    "ropeScaling?": ropeScaling,
     rmsNormEps: num,
     maxPositions: int,
     tieEmbeddings: bool,
+    "weights?": oneOf(WEIGHT_FORMATS),
   }),
   adapter: obj({
     name: str,
@@ -562,13 +652,13 @@ export function planKernelKeys(plan: Plan): string[] {
     op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])] : [op.kernel],
   );
   const routers = plan.routers.flatMap((r) => [r.score, r.pool, r.gate].filter((k): k is string => k !== undefined));
-  return [...ops, ...routers, plan.beamTopK, ...[plan.logitAdjust, plan.chosenLogprob].filter((k): k is string => k !== undefined)];
+  return [...ops, ...routers, plan.beamTopK, ...[plan.logitAdjust, plan.chosenLogprob, plan.embeddingScale].filter((k): k is string => k !== undefined)];
 }
 
-/** Rows per block so that one block fits `maxBindingBytes` (the whole tensor when it fits). */
-export function rowsPerBlock(shape: readonly number[], maxBindingBytes: number): number {
+/** Rows per block so that one block of a tensor stored as `format` fits `maxBindingBytes` (the whole tensor when it fits). */
+export function rowsPerBlock(shape: readonly number[], maxBindingBytes: number, format: WeightFormat): number {
   const rows = shape[0] ?? 1;
-  const rowBytes = shape.slice(1).reduce((a, b) => a * b, 1) * 4;
+  const rowBytes = storageRowWords(format, shape.slice(1).reduce((a, b) => a * b, 1)) * 4;
   return Math.min(rows, Math.max(1, Math.floor(maxBindingBytes / rowBytes)));
 }
 

@@ -12,10 +12,12 @@ import { sequenceBounds, sequencePositions } from "../../compiler/kernels/attent
 import { dropoutParams } from "../../compiler/kernels/dropout.ts";
 import { routerScratchLength } from "../../compiler/kernels/router-train-backward.ts";
 import { routeRecordLength, routerSpans, type RouterTrainConstants } from "../../compiler/kernels/router-train.ts";
+import { ropeConstants } from "../../compiler/kernels/rope.ts";
 import { pcg } from "../../compiler/kernels/sampling.ts";
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
 import type { Plan, PlanTensor } from "../../compiler/plan.ts";
 import { StepEncoder, createStorage, type PipelineCache } from "../gpu/kernel-runner.ts";
+import { userError } from "../errors.ts";
 import type { GpuTensor, GpuWeights } from "../engine/weights.ts";
 import { IGNORE_INDEX } from "./data.ts";
 import type { TrainKernelRequest, TrainKernelResolver } from "./kernels.ts";
@@ -142,6 +144,15 @@ export class TrainingGraph {
   #balanceCoef = 0;
 
   constructor(o: TrainingGraphOptions) {
+    // The backward kernels (matmul-backward, the LoRA gradients) read the frozen base as f32 only.
+    const packed = o.plan.tensors.find((t) => t.gpuDtype !== "f32");
+    if (packed !== undefined) {
+      throw userError(
+        "unsupported",
+        `training reads the frozen base as f32 only, but the plan stores "${packed.name}" as ${packed.gpuDtype}: ` +
+          `plan it with weights f32 (a spec's \`weights ${packed.gpuDtype}\` is for inference: milora run, serve and compile)`,
+      );
+    }
     this.#device = o.device;
     this.#plan = o.plan;
     this.#weights = o.weights;
@@ -362,7 +373,7 @@ export class TrainingGraph {
   }
 
   #forward(batch: PackedBatch): void {
-    const { hidden, layers, heads, kvHeads, headDim, ropeTheta, rmsNormEps } = this.#plan.dims;
+    const { hidden, layers, heads, kvHeads, headDim, rmsNormEps } = this.#plan.dims;
     const rows = batch.rows;
     const step = this.#step;
     const embedding = this.#weights.get(this.#plan.embedding);
@@ -372,7 +383,7 @@ export class TrainingGraph {
       step.copy(block.buffer, (token - block.firstRow) * hidden * 4, x0, r * hidden * 4, hidden * 4);
     });
     const norm = this.#k({ family: "rmsnorm", constants: { hidden, eps: rmsNormEps } });
-    const rope = this.#k({ family: "rope", constants: { heads, kvHeads, headDim, theta: ropeTheta } });
+    const rope = this.#k({ family: "rope", constants: ropeConstants(this.#plan.dims) });
     const attention = this.#k({ family: "attention_train", constants: { heads, kvHeads, headDim } });
     const swiglu = this.#k({ family: "swiglu", constants: {} });
     for (let l = 0; l < layers; l++) {
@@ -422,7 +433,7 @@ export class TrainingGraph {
   }
 
   #backward(batch: PackedBatch): void {
-    const { hidden, layers, heads, kvHeads, headDim, ropeTheta, rmsNormEps, intermediate } = this.#plan.dims;
+    const { hidden, layers, heads, kvHeads, headDim, rmsNormEps, intermediate } = this.#plan.dims;
     const rows = batch.rows;
     const step = this.#step;
     const sc = this.#scratch;
@@ -449,7 +460,7 @@ export class TrainingGraph {
       const common = { q: act("q"), k: act("k"), v: act("v"), dOut: sc.dAttn, stats: sc.stats, sequences: this.#inputs.sequences };
       step.dispatch(this.#k({ family: "attention_backward_query", constants: attentionConstants }), { ...common, dQ: sc.dQ }, { rows });
       step.dispatch(this.#k({ family: "attention_backward_kv", constants: attentionConstants }), { ...common, dK: sc.dK, dV: sc.dV }, { rows });
-      step.dispatch(this.#k({ family: "rope_backward", constants: { heads, kvHeads, headDim, theta: ropeTheta } }), { dq: sc.dQ, dk: sc.dK, positions: this.#inputs.positions }, { rows });
+      step.dispatch(this.#k({ family: "rope_backward", constants: ropeConstants(this.#plan.dims) }), { dq: sc.dQ, dk: sc.dK, positions: this.#inputs.positions }, { rows });
       linearBack("q_proj", "xn", sc.dQ, sc.dXn, false);
       linearBack("k_proj", "xn", sc.dK, sc.dXn, true);
       linearBack("v_proj", "xn", sc.dV, sc.dXn, true);
@@ -534,3 +545,22 @@ function runs(rows: Uint32Array): [number, number, number][] {
   return out;
 }
 
+/**
+ * What of a plan this graph's forward and backward do not implement (it writes LLaMA's layer out): the
+ * biases, GeGLU, (1 + w) norms and embedding scale of qwen2 and gemma, and a sliding window shorter than
+ * the longest example (a window at least that long masks nothing, so mistral bases train).
+ */
+export function untrainable(plan: Plan, longest: number): string[] {
+  const ops = [...plan.layer, ...plan.head];
+  const kernel = (key: string) => plan.kernels.find((k) => k.key === key)?.constants as Record<string, unknown> | undefined;
+  const problems: string[] = [];
+  if (ops.some((op) => op.op === "bias")) problems.push("linear biases");
+  if (ops.some((op) => op.op === "geglu")) problems.push("the GeGLU MLP");
+  if (ops.some((op) => op.op === "rmsnorm" && kernel(op.kernel)?.offset !== undefined)) problems.push("RMSNorm by (1 + w)");
+  if (plan.embeddingScale !== undefined) problems.push("scaled embeddings");
+  // In transformers a dynamic rope_scaling's frequencies in training follow each batch's longest sequence.
+  if (plan.dims.ropeScaling?.type === "dynamic") problems.push("dynamic rope scaling (linear and llama3 train)");
+  const window = ops.flatMap((op) => (op.op === "attention" ? [kernel(op.kernel)?.window] : []))[0];
+  if (typeof window === "number" && window < longest) problems.push(`a sliding window of ${window} positions, shorter than the longest example's ${longest} tokens (train on examples within the window)`);
+  return problems;
+}

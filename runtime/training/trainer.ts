@@ -11,7 +11,8 @@ import { PipelineCache, readBuffer } from "../gpu/kernel-runner.ts";
 import { CheckpointError, SafetensorsFile, writeSafetensors } from "../formats/safetensors.ts";
 import type { GpuWeights } from "../engine/weights.ts";
 import { IGNORE_INDEX, type TrainExample } from "./data.ts";
-import { TrainingGraph, packBatch } from "./graph.ts";
+import { TrainingGraph, packBatch, untrainable } from "./graph.ts";
+import { userError } from "../errors.ts";
 import type { TrainKernelResolver } from "./kernels.ts";
 import { Optimizer, type OptimizerSettings } from "./optimizer.ts";
 import { mulberry32 } from "../random.ts";
@@ -128,9 +129,11 @@ export class Trainer {
     if (o.train.length === 0) throw new Error("training needs at least one example");
     this.stepsPerEpoch = Math.max(1, Math.ceil(o.train.length / (s.batchSize * s.gradAccum)));
     this.totalSteps = s.steps ?? s.epochs * this.stepsPerEpoch;
+    const longest = Math.max(...[...o.train, ...(o.eval ?? [])].map((e) => e.tokens.length));
+    const unsupported = untrainable(o.plan, longest);
+    if (unsupported.length > 0) throw userError("unsupported", `training on base ${o.plan.base} (family ${o.plan.family}) is not implemented: ${unsupported.join("; ")}`);
     const pipelines = new PipelineCache(o.device);
     this.#params = new TrainableParams(o.device, o.adapter);
-    const longest = Math.max(...[...o.train, ...(o.eval ?? [])].map((e) => e.tokens.length));
     this.#graph = new TrainingGraph({ device: o.device, plan: o.plan, weights: o.weights, params: this.#params, kernel: o.kernel, pipelines, maxRows: s.batchSize * longest });
     this.#optimizer = new Optimizer(o.device, pipelines, o.kernel, this.#params.tensors, s.optimizer);
   }

@@ -1,8 +1,10 @@
 // The float64 CPU reference of a LLaMA forward pass, Hugging Face semantics, written for clarity:
-// the oracle every GPU kernel and the engine are measured against. Full recompute, no KV cache.
+// the oracle every GPU kernel and the engine are measured against. Full recompute, no KV cache; a
+// dynamic rope_scaling's dependence on the forward pass a position ran in is given as `lengths` (rope.ts).
 import { readHfConfig } from "../../compiler/hf-config.ts";
 import { type BaseModel, type ExpertModule } from "../../compiler/model.ts";
 import { openCheckpoint } from "../../runtime/formats/checkpoint.ts";
+import { applyRope, generationLengths, inverseFrequencies } from "./rope.ts";
 
 /** Rows of a matrix, one Float64Array per token. */
 export type Rows = Float64Array[];
@@ -88,32 +90,47 @@ export function baseLinear(base: BaseModel, weights: ReferenceWeights): LinearFn
   };
 }
 
-export function rmsNorm(x: Rows, weight: Float64Array, eps: number): Rows {
+export function rmsNorm(x: Rows, weight: Float64Array, eps: number, offset = 0): Rows {
   return x.map((row) => {
     const meanSquare = row.reduce((s, v) => s + v * v, 0) / row.length;
     const scale = 1 / Math.sqrt(meanSquare + eps);
-    return row.map((v, i) => v * scale * weight[i]!);
+    return row.map((v, i) => v * scale * (offset + weight[i]!));
   });
 }
 
-/** HF rotary embedding (rotate_half) of one head vector at position `pos`, in place. */
-export function applyRope(v: Float64Array, pos: number, theta: number): void {
-  const half = v.length / 2;
-  for (let i = 0; i < half; i++) {
-    const angle = pos * theta ** ((-2 * i) / v.length);
-    const cos = Math.cos(angle);
-    const sin = Math.sin(angle);
-    const a = v[i]!;
-    const b = v[i + half]!;
-    // [a, b] * cos + [-b, a] * sin
-    v[i] = a * cos - b * sin;
-    v[i + half] = b * cos + a * sin;
-  }
+/** A base's RMSNorm: GemmaRMSNorm scales by (1 + weight), LlamaRMSNorm (and Mistral's, Qwen2's) by weight. */
+export function baseNorm(base: BaseModel, x: Rows, weight: Float64Array): Rows {
+  return rmsNorm(x, weight, base.rmsNormEps, base.family === "gemma" ? 1 : 0);
+}
+
+/** The embedding rows of `tokens`; GemmaModel multiplies them by sqrt(hidden_size). */
+export function embedTokens(base: BaseModel, weights: ReferenceWeights, tokens: readonly number[]): Rows {
+  const embed = weights.get("model.embed_tokens.weight");
+  const h = base.hiddenSize;
+  const scale = base.family === "gemma" ? Math.sqrt(h) : 1;
+  return tokens.map((t) => {
+    if (!Number.isInteger(t) || t < 0 || t >= base.vocabSize) throw new Error(`reference: token ${t} outside the vocabulary`);
+    return embed.slice(t * h, (t + 1) * h).map((v) => v * scale);
+  });
+}
+
+/** The final norm and the output head (the embedding itself when tied) on every row. */
+export function outputLogits(base: BaseModel, weights: ReferenceWeights, x: Rows): Float64Array[] {
+  const final = baseNorm(base, x, weights.get("model.norm.weight"));
+  const head = base.tieEmbeddings ? weights.get("model.embed_tokens.weight") : weights.get("lm_head.weight");
+  return matmulTransposed(final, head, base.vocabSize);
+}
+
+/** transformers' gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). */
+export function geluTanh(x: number): number {
+  return 0.5 * x * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (x + 0.044715 * x ** 3)));
 }
 
 /** Causal self-attention with grouped-query heads over the whole sequence. */
 export function causalAttention(base: BaseModel, q: Rows, k: Rows, v: Rows): Rows {
   const { heads, kvHeads, headDim: d } = base;
+  // transformers' sliding_window_overlay: query t sees keys s with s > t - window
+  const from = (t: number) => (base.slidingWindow === undefined ? 0 : Math.max(0, t - base.slidingWindow + 1));
   const group = heads / kvHeads;
   const head = (row: Float64Array, h: number) => row.subarray(h * d, (h + 1) * d);
   return q.map((qRow, t) => {
@@ -121,10 +138,10 @@ export function causalAttention(base: BaseModel, q: Rows, k: Rows, v: Rows): Row
     for (let h = 0; h < heads; h++) {
       const kvh = Math.floor(h / group);
       const qh = head(qRow, h);
-      const scores = k.slice(0, t + 1).map((kRow) => dot(qh, head(kRow, kvh)) / Math.sqrt(d));
+      const scores = k.slice(from(t), t + 1).map((kRow) => dot(qh, head(kRow, kvh)) / Math.sqrt(d));
       const probs = softmax(scores);
       const oh = head(out, h);
-      probs.forEach((p, s) => head(v[s]!, kvh).forEach((x, i) => (oh[i] = oh[i]! + p * x)));
+      probs.forEach((p, s) => head(v[from(t) + s]!, kvh).forEach((x, i) => (oh[i] = oh[i]! + p * x)));
     }
     return out;
   });
@@ -151,49 +168,50 @@ function add(a: Rows, b: Rows): Rows {
   return a.map((row, t) => row.map((x, i) => x + b[t]![i]!));
 }
 
-/** One decoder block: pre-norm attention and pre-norm SwiGLU MLP, each with its residual. */
-export function decoderLayer(base: BaseModel, weights: ReferenceWeights, linear: LinearFn, layer: number, x: Rows): Rows {
+/**
+ * One decoder block: pre-norm attention and pre-norm SwiGLU MLP, each with its residual. `lengths[t]`: the
+ * sequence length of the forward pass that rotated position t (only dynamic rope scaling reads it;
+ * default: one forward over all of x).
+ */
+export function decoderLayer(base: BaseModel, weights: ReferenceWeights, linear: LinearFn, layer: number, x: Rows, lengths?: readonly number[]): Rows {
   const p = `model.layers.${layer}`;
   const { headDim: d } = base;
-  const normed = rmsNorm(x, weights.get(`${p}.input_layernorm.weight`), base.rmsNormEps);
+  const normed = baseNorm(base, x, weights.get(`${p}.input_layernorm.weight`));
   const q = linear(layer, "q_proj", normed);
   const k = linear(layer, "k_proj", normed);
   const v = linear(layer, "v_proj", normed);
+  const inv = (pos: number) => inverseFrequencies(base, lengths?.[pos] ?? x.length);
   q.forEach((row, pos) => {
-    for (let h = 0; h < base.heads; h++) applyRope(row.subarray(h * d, (h + 1) * d), pos, base.ropeTheta);
+    for (let h = 0; h < base.heads; h++) applyRope(row.subarray(h * d, (h + 1) * d), pos, inv(pos));
   });
   k.forEach((row, pos) => {
-    for (let h = 0; h < base.kvHeads; h++) applyRope(row.subarray(h * d, (h + 1) * d), pos, base.ropeTheta);
+    for (let h = 0; h < base.kvHeads; h++) applyRope(row.subarray(h * d, (h + 1) * d), pos, inv(pos));
   });
   const attended = add(x, linear(layer, "o_proj", causalAttention(base, q, k, v)));
 
-  const normed2 = rmsNorm(attended, weights.get(`${p}.post_attention_layernorm.weight`), base.rmsNormEps);
+  const normed2 = baseNorm(base, attended, weights.get(`${p}.post_attention_layernorm.weight`));
   const gate = linear(layer, "gate_proj", normed2);
   const up = linear(layer, "up_proj", normed2);
-  const hidden = gate.map((g, t) => g.map((x, i) => silu(x) * up[t]![i]!));
+  // SwiGLU, or GemmaMLP's GeGLU
+  const act = base.family === "gemma" ? geluTanh : silu;
+  const hidden = gate.map((g, t) => g.map((x, i) => act(x) * up[t]![i]!));
   return add(attended, linear(layer, "down_proj", hidden));
 }
 
-/** Logits for every position of `tokens` (one row of vocabSize per token). */
+/** Logits for every position of `tokens` (one row of vocabSize per token); `lengths` as decoderLayer's. */
 export function referenceLogits(
   base: BaseModel,
   weights: ReferenceWeights,
   tokens: readonly number[],
   linear: LinearFn = baseLinear(base, weights),
+  lengths?: readonly number[],
 ): Float64Array[] {
-  const embed = weights.get("model.embed_tokens.weight");
-  const h = base.hiddenSize;
-  let x: Rows = tokens.map((t) => {
-    if (!Number.isInteger(t) || t < 0 || t >= base.vocabSize) throw new Error(`reference: token ${t} outside the vocabulary`);
-    return embed.slice(t * h, (t + 1) * h);
-  });
-  for (let layer = 0; layer < base.layers; layer++) x = decoderLayer(base, weights, linear, layer, x);
-  const final = rmsNorm(x, weights.get("model.norm.weight"), base.rmsNormEps);
-  const head = base.tieEmbeddings ? embed : weights.get("lm_head.weight");
-  return matmulTransposed(final, head, base.vocabSize);
+  let x = embedTokens(base, weights, tokens);
+  for (let layer = 0; layer < base.layers; layer++) x = decoderLayer(base, weights, linear, layer, x, lengths);
+  return outputLogits(base, weights, x);
 }
 
-/** Greedy decoding by full recompute: the `maxNew` argmax tokens that follow the prompt. */
+/** Greedy decoding by full recompute: the `maxNew` argmax tokens that follow the prompt (as generate runs it: the prompt in one forward, then one per token). */
 export function referenceGreedy(
   base: BaseModel,
   weights: ReferenceWeights,
@@ -203,7 +221,7 @@ export function referenceGreedy(
 ): number[] {
   const tokens = [...prompt];
   for (let i = 0; i < maxNew; i++) {
-    const logits = referenceLogits(base, weights, tokens, linear).at(-1)!;
+    const logits = referenceLogits(base, weights, tokens, linear, generationLengths(prompt.length, tokens.length)).at(-1)!;
     tokens.push(argmax(logits));
   }
   return tokens.slice(prompt.length);

@@ -7,8 +7,9 @@
 import { type Activation, type BaseModel, type ExpertModule, type Pooling, type RouterConfig, type Selection } from "../../compiler/model.ts";
 import { rationalInit } from "../../compiler/rational.ts";
 import { loraKey, type LoadedAdapter, type RationalWeights, type RouterWeights } from "../../runtime/formats/adapter.ts";
-import { argmax, baseLinear, decoderLayer, hfModuleName, matmulTransposed, rmsNorm, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
 import { doraWeightChange } from "./dora.ts";
+import { generationLengths } from "./rope.ts";
+import { argmax, baseLinear, decoderLayer, embedTokens, hfModuleName, outputLogits, matmulTransposed, softmax, type LinearFn, type ReferenceWeights, type Rows } from "./llama.ts";
 
 /** Gates of one layer's modules; a module left out has gate 0 (its LoRA is skipped). */
 export type Gates = Partial<Record<ExpertModule, number>>;
@@ -185,7 +186,8 @@ function loraLinear(base: BaseModel, weights: ReferenceWeights, adapter: LoadedA
 /**
  * Logits at every position of prompt + generated with the adapter applied, and the routing decisions.
  * With `when prompt` each layer's gates come from the prompt span only, so they are exactly the
- * prefill decision however many tokens were generated after it.
+ * prefill decision however many tokens were generated after it. A dynamic rope_scaling rotates the
+ * prompt in one forward and each generated token in its own (rope.ts generationLengths).
  */
 export function referenceMiloraLogits(
   base: BaseModel,
@@ -198,12 +200,7 @@ export function referenceMiloraLogits(
   const tokens = [...prompt, ...generated];
   const config = adapter.spec.router;
   const routing: RoutingDecision[] = [];
-  const embed = weights.get("model.embed_tokens.weight");
-  const h = base.hiddenSize;
-  let x: Rows = tokens.map((t) => {
-    if (!Number.isInteger(t) || t < 0 || t >= base.vocabSize) throw new Error(`reference: token ${t} outside the vocabulary`);
-    return embed.slice(t * h, (t + 1) * h);
-  });
+  let x = embedTokens(base, weights, tokens);
   for (let layer = 0; layer < base.layers; layer++) {
     const router = adapter.router?.get(layer);
     let gates: Gates[];
@@ -224,11 +221,9 @@ export function referenceMiloraLogits(
         return decision;
       });
     }
-    x = decoderLayer(base, weights, loraLinear(base, weights, adapter, gates), layer, x);
+    x = decoderLayer(base, weights, loraLinear(base, weights, adapter, gates), layer, x, generationLengths(prompt.length, tokens.length));
   }
-  const final = rmsNorm(x, weights.get("model.norm.weight"), base.rmsNormEps);
-  const head = base.tieEmbeddings ? embed : weights.get("lm_head.weight");
-  return { logits: matmulTransposed(final, head, base.vocabSize), routing };
+  return { logits: outputLogits(base, weights, x), routing };
 }
 
 /** Greedy decoding by full recompute: the `maxNew` argmax tokens after the prompt, and the routing of the last step. */

@@ -49,7 +49,7 @@ interface Sequence {
   readonly fresh: number;
 }
 
-async function checkAttention(heads: number, kvHeads: number, headDim: number, sequences: readonly Sequence[]) {
+async function checkAttention(heads: number, kvHeads: number, headDim: number, sequences: readonly Sequence[], window?: number) {
   const maxPositions = 80;
   const slots = 3;
   const width = kvHeads * headDim;
@@ -70,7 +70,8 @@ async function checkAttention(heads: number, kvHeads: number, headDim: number, s
   const k = randomFloats(random, rows * width);
   const v = randomFloats(random, rows * width);
 
-  // Reference: the full cache after the write, then softmax(q k^T / sqrt(d)) v over positions 0..p.
+  // Reference: the full cache after the write, then softmax(q k^T / sqrt(d)) v over positions 0..p (or,
+  // with a sliding window, over p - window < j <= p).
   const fullK = Float64Array.from(history.k);
   const fullV = Float64Array.from(history.v);
   for (let r = 0; r < rows; r++) {
@@ -83,7 +84,9 @@ async function checkAttention(heads: number, kvHeads: number, headDim: number, s
     for (let h = 0; h < heads; h++) {
       const kvHead = Math.floor(h / (heads / kvHeads));
       const keyAt = (p: number) => (rowSlot[r]! * maxPositions + p) * width + kvHead * headDim;
-      const scores = Array.from({ length: positions[r]! + 1 }, (_, p) => {
+      const first = window === undefined ? 0 : Math.max(0, positions[r]! - window + 1);
+      const scores = Array.from({ length: positions[r]! + 1 - first }, (_, i) => {
+        const p = first + i;
         let s = 0;
         for (let d = 0; d < headDim; d++) s += q[(r * heads + h) * headDim + d]! * fullK[keyAt(p) + d]!;
         return s / Math.sqrt(headDim);
@@ -92,7 +95,7 @@ async function checkAttention(heads: number, kvHeads: number, headDim: number, s
       const weights = scores.map((s) => Math.exp(s - top));
       const total = weights.reduce((a, b) => a + b, 0);
       for (let d = 0; d < headDim; d++)
-        want[(r * heads + h) * headDim + d] = weights.reduce((sum, w, p) => sum + w * fullV[keyAt(p) + d]!, 0) / total;
+        want[(r * heads + h) * headDim + d] = weights.reduce((sum, w, i) => sum + w * fullV[keyAt(first + i) + d]!, 0) / total;
     }
 
   const device = gpu.device;
@@ -101,7 +104,7 @@ async function checkAttention(heads: number, kvHeads: number, headDim: number, s
   );
   const b = buffers as Record<string, GPUBuffer>;
   gpu.step.dispatch(kvWriteKernel({ kvHeads, headDim, maxPositions }), { k: b.k!, v: b.v!, kCache: b.kCache!, vCache: b.vCache!, rowSlot: b.rowSlot!, positions: b.positions! }, { rows });
-  gpu.step.dispatch(attentionKernel({ heads, kvHeads, headDim, maxPositions }), { q: b.q!, kCache: b.kCache!, vCache: b.vCache!, rowSlot: b.rowSlot!, positions: b.positions!, out: b.out! }, { rows });
+  gpu.step.dispatch(attentionKernel({ heads, kvHeads, headDim, maxPositions, ...(window === undefined ? {} : { window }) }), { q: b.q!, kCache: b.kCache!, vCache: b.vCache!, rowSlot: b.rowSlot!, positions: b.positions!, out: b.out! }, { rows });
   gpu.step.submit();
   const out = await readBuffer(device, b.out!);
   const writtenK = await readBuffer(device, b.kCache!);
@@ -129,6 +132,15 @@ test("attention: head_dim above the workgroup size, multi-query (one KV head)", 
     { slot: 1, cached: 66, fresh: 2 },
     { slot: 0, cached: 0, fresh: 1 },
   ]);
+});
+
+test("attention: a sliding window (mistral) shorter than, equal to and longer than the rows' pasts", async () => {
+  const sequences = [
+    { slot: 0, cached: 0, fresh: 12 }, // a prompt: its early rows see everything, its late rows a window
+    { slot: 2, cached: 75, fresh: 1 }, // decode: a window of 7 starts inside the second block of keys
+    { slot: 1, cached: 5, fresh: 3 },
+  ];
+  for (const window of [1, 7, 70, 200]) await checkAttention(4, 2, 16, sequences, window);
 });
 
 test.after(() => gpu.context.destroy());

@@ -22,7 +22,6 @@ export declare const BASE: {
     readonly tieEmbeddings: false;
     readonly kvHeads: 2;
     readonly headDim: 16;
-    readonly attentionBias: false;
 };
 /** Each layer's experts and their LoRA options. */
 export declare const EXPERTS: {

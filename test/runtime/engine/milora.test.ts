@@ -25,6 +25,7 @@ import { loadReferenceWeights, type ReferenceWeights } from "../../reference/lla
 import { argmax } from "../../reference/llama.ts";
 import { foldLora, referenceMiloraLogits, type RoutingDecision } from "../../reference/milora.ts";
 import { plannedEngine } from "../../../bin/engine-plan.ts";
+import { relativeError, runSequence } from "./run-sequence.ts";
 
 // f32 on the GPU against float64, as for the base model (engine.test.ts), plus two rank-8 LoRA
 // products per module and the router's pooling and softmax: relative error (Frobenius norm over all
@@ -62,30 +63,6 @@ function milora(router: Partial<RouterConfig>, seed: number, name = "mix", rank 
   };
   const spec: Adapter = { ...peftSpec({ base, modules, rank, alpha: 2 * rank, seed: 0, name }), router: config };
   return randomAdapter({ spec, seed });
-}
-
-function relativeError(got: readonly Float32Array[], want: readonly Float64Array[]): number {
-  assert.is(got.length, want.length);
-  let diff = 0;
-  let norm = 0;
-  want.forEach((row, r) => row.forEach((w, i) => ((diff += (got[r]![i]! - w) ** 2), (norm += w * w))));
-  return Math.sqrt(diff / norm);
-}
-
-/** Prefills the prompt (logits of every position), then decodes greedily; logits of every position. */
-async function runSequence(engine: Engine, seq: Sequence, steps: number): Promise<{ logits: Float32Array[]; generated: number[] }> {
-  seq.logits = "all";
-  const first = (await engine.prefill([seq])).get(seq)!;
-  const logits = [...first.logits!];
-  const generated = [first.token];
-  seq.logits = "last";
-  for (let i = 0; i < steps; i++) {
-    seq.append([generated.at(-1)!]);
-    const out = (await engine.decode([seq])).get(seq)!;
-    logits.push(out.logits![0]!);
-    generated.push(out.token);
-  }
-  return { logits, generated: generated.slice(0, steps) };
 }
 
 /** Same decisions (by layer, then position), same chosen experts, gates within GATE_TOLERANCE. */

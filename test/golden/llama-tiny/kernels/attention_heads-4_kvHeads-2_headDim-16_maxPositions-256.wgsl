@@ -6,6 +6,7 @@
 //   llama-tiny.milora:6  kv_heads 2              // grouped-query attention: two query heads share each kv head
 //   head_dim 16 (not written: the llama family's default)
 //   llama-tiny.milora:9  max_positions 256
+//   sliding_window undefined (not written: the llama family's default)
 
 // milora kernel attention(heads=4,kvHeads=2,headDim=16,maxPositions=256)
 struct Params {
@@ -37,7 +38,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
   var runningMax = -3.0e38;
   var laneSum = 0.0; // this lane's share of the softmax denominator, kept at the running max's scale
   var acc: array<f32, 1>;
-  for (var start = 0u; start <= last; start += 64u) {
+  let first = 0u;
+  for (var start = first; start <= last; start += 64u) {
     let key = start + lid;
     var score = -3.0e38;
     if (key <= last) {

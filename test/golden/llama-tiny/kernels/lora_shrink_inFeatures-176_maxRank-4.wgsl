@@ -2,8 +2,8 @@
 // Used by: down_proj (LoRA shrink)
 // Specialised by these lines of the spec:
 //   llama-tiny.milora:2  base llama_tiny: llama {
-//   llama-tiny.milora:3  hidden_size 64
 //   llama-tiny.milora:7  intermediate_size 176
+//   llama-tiny.milora:3  hidden_size 64
 //   llama-tiny.milora:14  experts all { rank 4 alpha 8 dropout 0.05 }
 //   (largest rank 4)
 

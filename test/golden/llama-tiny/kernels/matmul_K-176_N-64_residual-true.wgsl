@@ -2,8 +2,8 @@
 // Used by: down_proj (steps over 28 rows)
 // Specialised by these lines of the spec:
 //   llama-tiny.milora:2  base llama_tiny: llama {
-//   llama-tiny.milora:3  hidden_size 64
 //   llama-tiny.milora:7  intermediate_size 176
+//   llama-tiny.milora:3  hidden_size 64
 
 // milora kernel matmul(K=176,N=64,residual=true)
 struct Params {

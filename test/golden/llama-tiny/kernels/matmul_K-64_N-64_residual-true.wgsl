@@ -2,9 +2,9 @@
 // Used by: o_proj (steps over 28 rows)
 // Specialised by these lines of the spec:
 //   llama-tiny.milora:2  base llama_tiny: llama {
-//   llama-tiny.milora:3  hidden_size 64
 //   llama-tiny.milora:5  heads 4
 //   head_dim 16 (not written: the llama family's default)
+//   llama-tiny.milora:3  hidden_size 64
 
 // milora kernel matmul(K=64,N=64,residual=true)
 struct Params {

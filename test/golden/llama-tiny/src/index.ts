@@ -16,7 +16,7 @@ export type Layer = (typeof LAYERS)[number];
 export const LAYER_COUNT = 2;
 
 /** The base model this package runs on: the checkpoint given to `load` must match it. */
-export const BASE = { name: "llama_tiny", family: "llama", hiddenSize: 64, layers: 2, heads: 4, intermediateSize: 176, vocabSize: 512, ropeTheta: 10000, rmsNormEps: 0.000001, maxPositions: 256, tieEmbeddings: false, kvHeads: 2, headDim: 16, attentionBias: false } as const;
+export const BASE = { name: "llama_tiny", family: "llama", hiddenSize: 64, layers: 2, heads: 4, intermediateSize: 176, vocabSize: 512, ropeTheta: 10000, rmsNormEps: 0.000001, maxPositions: 256, tieEmbeddings: false, kvHeads: 2, headDim: 16 } as const;
 
 /** Each layer's experts and their LoRA options. */
 export const EXPERTS = {
