@@ -4,6 +4,7 @@
 // beam width, printed as a table with ratios or as JSON. `--calibrate` instead measures each storage
 // format's matvec/matmul crossover on this device (bin/measure/crossover.ts) and writes it where
 // `milora run` and `serve` find it (bin/measure/calibration.ts).
+import { SingleBar } from "cli-progress";
 import { existsSync, statSync } from "node:fs";
 import { aligned } from "../../compiler/budget-table.ts";
 import { planBase } from "../../compiler/plan.ts";
@@ -66,8 +67,20 @@ export async function benchCommand(spec: string | undefined, opts: BenchOptions)
     const calibration = deviceCalibration(gpu.report, opts.calibration);
     const meter = meterBuffers(gpu.device);
     log(`${device}; ${modelSummary(base)}`);
-    const rows = await runComparison({ base, checkpointDir, gpu, formats, ...settings, ...(calibration ? { calibration } : {}), meter, log });
-    meter.stop();
+    // On a terminal a bar counts the runs; elsewhere (a log) one line per engine loaded says where it is.
+    const bar = process.stderr.isTTY ? new SingleBar({ format: "milora bench [{bar}] {value}/{total} runs, {eta_formatted} left", stream: process.stderr, hideCursor: true }) : undefined;
+    bar?.start(1, 0);
+    let rows;
+    try {
+      const progress = (done: number, total: number) => {
+        bar!.setTotal(total);
+        bar!.update(done);
+      };
+      rows = await runComparison({ base, checkpointDir, gpu, formats, ...settings, ...(calibration ? { calibration } : {}), meter, ...(bar ? { progress } : { log }) });
+    } finally {
+      bar?.stop();
+      meter.stop();
+    }
     const about = {
       device,
       model: modelSummary(base),

@@ -73,6 +73,8 @@ export interface ComparisonSetup {
   readonly meter?: MemoryMeter;
   /** Progress, one line per engine loaded. */
   readonly log?: (line: string) => void;
+  /** Runs measured so far of all (warm-ups not counted), after each. */
+  readonly progress?: (done: number, total: number) => void;
 }
 
 export interface ComparisonRow extends GenerationFigures {
@@ -100,6 +102,8 @@ export async function runComparison(s: ComparisonSetup): Promise<ComparisonRow[]
     });
   const maxRank = Math.max(1, ...s.modes.flatMap((m) => m.spec?.experts.map((e) => e.rank) ?? []));
   const rows: ComparisonRow[] = [];
+  const total = s.formats.length * s.tenants.length * s.repeats * s.modes.length * s.beams.length;
+  let done = 0;
   for (const weights of s.formats) {
     for (const tenants of s.tenants) {
       s.meter?.resetPeak();
@@ -140,6 +144,7 @@ export async function runComparison(s: ComparisonSetup): Promise<ComparisonRow[]
                 // the first dispatch of a kernel compiles it on GL drivers
                 if (round === 0) await engine.generateBatch(requests.map((r) => ({ ...r, maxTokens: 2 })));
                 const figures = await measureBatch(engine, requests);
+                s.progress?.(++done, total);
                 const key = `${mode.name} ${beams}`;
                 const b = best.get(key);
                 best.set(key, { figures: bestOf(b?.figures, figures), peak: Math.max(b?.peak ?? 0, s.meter?.peakBytes ?? NaN), loadMs: Math.min(b?.loadMs ?? Infinity, loadMs) });
