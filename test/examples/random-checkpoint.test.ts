@@ -31,7 +31,7 @@ test("the same options write the same bytes; another seed writes other weights",
   writeRandomCheckpoint(join(root, "b"), small);
   writeRandomCheckpoint(join(root, "c"), { ...small, seed: 6 });
   const a = filesOf(join(root, "a"));
-  assert.equal(Object.keys(a), ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]);
+  assert.equal(Object.keys(a), ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]);
   assert.equal(filesOf(join(root, "b")), a);
   const c = filesOf(join(root, "c"));
   assert.ok(c["config.json"]!.equals(a["config.json"]!));

@@ -16,12 +16,12 @@ import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../../../ex
 import { plannedEngine } from "../../../bin/engine-plan.ts";
 import { Engine } from "../../../runtime/engine/engine.ts";
 import type { Generation } from "../../../runtime/engine/requests.ts";
-import type { Sequence } from "../../../runtime/engine/sequence.ts";
 import { acquireDevice, type GpuContext } from "../../../runtime/gpu/device.ts";
 import type { RopeScaling } from "../../../runtime/package/format.ts";
 import { loadReferenceWeights, referenceGreedy, referenceLogits } from "../../reference/llama.ts";
 import { referenceMiloraLogits } from "../../reference/milora.ts";
 import { generationLengths } from "../../reference/rope.ts";
+import { relativeError, runSequence } from "./run-sequence.ts";
 
 // As engine.test.ts: f32 kernels against float64 over two layers stay below 1e-4 relative to the logits' norm.
 const BOUND = 1e-4;
@@ -57,30 +57,6 @@ function checkpoint(name: string): string {
   const dir = join(root, name);
   writeRandomCheckpoint(dir, { ...TINY, ...CASES[name]! });
   return dir;
-}
-
-function relativeError(got: readonly Float32Array[], want: readonly Float64Array[]): number {
-  assert.is(got.length, want.length);
-  let diff = 0;
-  let norm = 0;
-  want.forEach((row, r) => row.forEach((w, i) => ((diff += (got[r]![i]! - w) ** 2), (norm += w * w))));
-  return Math.sqrt(diff / norm);
-}
-
-/** Prefills the prompt (logits of every position), then decodes greedily; the logits of every position. */
-async function runSequence(engine: Engine, seq: Sequence, steps: number): Promise<{ logits: Float32Array[]; generated: number[] }> {
-  seq.logits = "all";
-  const first = (await engine.prefill([seq])).get(seq)!;
-  const logits = [...first.logits!];
-  const generated = [first.token];
-  seq.logits = "last";
-  for (let i = 0; i < steps; i++) {
-    seq.append([generated.at(-1)!]);
-    const out = (await engine.decode([seq])).get(seq)!;
-    logits.push(out.logits![0]!);
-    generated.push(out.token);
-  }
-  return { logits, generated: generated.slice(0, steps) };
 }
 
 for (const name of Object.keys(CASES)) {
