@@ -16,8 +16,12 @@ const root = mkdtempSync(join(tmpdir(), "milora-bench-"));
 const cache = join(root, "cache");
 const milora = new URL("../../../bin/milora.js", import.meta.url).pathname;
 // random models and calibrations go under the cache: this test's own, here and in the commands it runs
-const savedCache = process.env.XDG_CACHE_HOME;
-process.env.XDG_CACHE_HOME = cache;
+// uvu imports every suite before running any, so the variable is set per suite, not at import
+let savedCache: string | undefined;
+test.before(() => {
+  savedCache = process.env.XDG_CACHE_HOME;
+  process.env.XDG_CACHE_HOME = cache;
+});
 test.after(() => {
   if (savedCache === undefined) delete process.env.XDG_CACHE_HOME;
   else process.env.XDG_CACHE_HOME = savedCache;

@@ -21,8 +21,12 @@ import { MiloraError } from "../../../runtime/errors.ts";
 import type { GpuAdapterReport } from "../../../runtime/gpu/device.ts";
 
 const root = mkdtempSync(join(tmpdir(), "milora-calibration-"));
-const savedCache = process.env.XDG_CACHE_HOME;
-process.env.XDG_CACHE_HOME = join(root, "cache");
+// uvu imports every suite before running any, so the variable is set per suite, not at import
+let savedCache: string | undefined;
+test.before(() => {
+  savedCache = process.env.XDG_CACHE_HOME;
+  process.env.XDG_CACHE_HOME = join(root, "cache");
+});
 test.after(() => {
   if (savedCache === undefined) delete process.env.XDG_CACHE_HOME;
   else process.env.XDG_CACHE_HOME = savedCache;
