@@ -68,9 +68,11 @@ test("run's plan takes the calibration's limit for the format it stores the weig
 
 test("run and serve read this device's default calibration: a damaged one is an error naming it, exit 3", async () => {
   const gpu = await acquireDevice();
+  const saved = process.env.XDG_CACHE_HOME;
   process.env.XDG_CACHE_HOME = cache;
   const file = defaultCalibrationFile(gpu.report);
-  delete process.env.XDG_CACHE_HOME;
+  if (saved === undefined) delete process.env.XDG_CACHE_HOME;
+  else process.env.XDG_CACHE_HOME = saved;
   gpu.destroy();
   writeCalibration(file, calibration("another GPU", 12, 5));
   const message = (command: string) => new RegExp(`^milora ${command}: ${file.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")} was measured on another GPU, not on this device \\(.+\\): run \`milora bench --calibrate\` here$`);
