@@ -6,6 +6,10 @@ import { Command, CommanderError, Option } from "commander";
 import { readFileSync } from "node:fs";
 import { ERROR_KINDS, exitStatusHelp, reportError } from "../runtime/errors.ts";
 
+/** run and serve store the weights the same way (compile, reading no checkpoint, defaults to f32). */
+const WEIGHTS_HELP =
+  "how the linear weights are stored on the device: f32, f16 or q8 (default: the spec's weights, else f16 for an F16/BF16 checkpoint, f32 otherwise; docs/weights.md)";
+
 // From the sources bin/cli.ts, built dist/bin/cli.js: milora's package.json is one or two folders up.
 const version = (JSON.parse(readFileSync(new URL(import.meta.url.endsWith(".js") ? "../../package.json" : "../package.json", import.meta.url), "utf8")) as { version: string })
   .version;
@@ -71,7 +75,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--seed <s>", "sampling seed")
     .option("--adapter <[name=]dir>", "a PEFT/MiLoRA adapter directory run as tenant NAME (repeat for several tenants, one prompt each); with a spec, DIR is checked against the spec's adapter NAME (SPEC_ADAPTER:NAME picks another; a spec of one adapter checks every DIR against it)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option("--merged", "fold the (single) adapter's LoRA into the base weights for the prompt's routing, then decode the base")
-    .option("--weights <format>", "how the linear weights are stored on the device: f32, f16 or q8 (default: the spec's weights, else f16 for an F16/BF16 checkpoint, f32 otherwise; docs/weights.md)")
+    .option("--weights <format>", WEIGHTS_HELP)
     .option("--beams <n>", "beam search of width n (Hugging Face's num_beams; 1: greedy); the prompt and its routing are shared by every beam")
     .option("--length-penalty <x>", "with --beams: score = sum of log-probabilities / length ** x", "1")
     .addOption(new Option("--early-stopping <when>", "with --beams: stop at n finished hypotheses (true), by HF's heuristic (false), or never early").choices(["false", "true", "never"]).default("false"))
@@ -168,7 +172,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--max-queue <n>", "requests that may wait for a slot before 429", "64")
     .option("--max-adapters <n>", "adapters resident at once (least recently used evicted)", "8")
     .option("--ctx <n>", "positions per sequence (default: the model's, capped at 2048)")
-    .option("--weights <format>", "how the linear weights are stored on the device: f32, f16 or q8 (default: the spec's weights, else f16 for an F16/BF16 checkpoint, f32 otherwise; docs/weights.md)")
+    .option("--weights <format>", WEIGHTS_HELP)
     .option("--allow-adapter-loading", "let clients add and remove adapters at run time (POST/DELETE /v1/adapters; off by default), only from --adapter-root")
     .option("--adapter-root <dir>", "with --allow-adapter-loading: the directory adapters loaded at run time must lie in (symlinks resolved)")
     .option("--adapter-load-timeout <s>", "seconds an adapter's files may take to read before the read is stopped", "60")

@@ -89,6 +89,7 @@ export class ForwardEncoder {
   readonly #router: RouterDispatch;
   readonly #step: StepEncoder;
   readonly #activations: ReadonlyMap<ActivationName, GPUBuffer>;
+  readonly #widths: ReadonlyMap<ActivationName, number>;
   readonly #inputs: {
     readonly positions: GPUBuffer;
     readonly rowSlot: GPUBuffer;
@@ -125,6 +126,7 @@ export class ForwardEncoder {
     this.#tenants = options.tenants;
     this.#step = new StepEncoder(device, this.#pipelines);
     this.#activations = new Map(plan.activations.map((a) => [a.name, createStorage(device, maxRows * a.width * 4, `activation ${a.name}`)]));
+    this.#widths = new Map(plan.activations.map((a) => [a.name, a.width]));
     this.#inputs = {
       positions: createStorage(device, maxRows * 4, "positions"),
       rowSlot: createStorage(device, maxRows * 4, "row slots"),
@@ -406,7 +408,7 @@ export class ForwardEncoder {
       case "attention":
         return step.dispatch(kernel("attention", op.kernel), { q: act(op.q), ...cache, rowSlot, positions, out: act(op.output) }, { rows });
       case "bias":
-        return step.dispatch(kernel("bias", op.kernel), { bias: this.#weights.buffer(layerTensor(op.weight, layer)), y: act(op.output) }, { n: rows * this.#widthOf(op.output) });
+        return step.dispatch(kernel("bias", op.kernel), { bias: this.#weights.buffer(layerTensor(op.weight, layer)), y: act(op.output) }, { n: rows * this.#widths.get(op.output)! });
       case "swiglu":
       case "geglu":
         return step.dispatch(kernel(op.op, op.kernel), { gate: act(op.gate), up: act(op.up), out: act(op.output) }, { n: rows * this.#plan.dims.intermediate });
@@ -447,9 +449,6 @@ export class ForwardEncoder {
     return this.#activations.get(name)!;
   }
 
-  #widthOf(name: ActivationName): number {
-    return this.#plan.activations.find((a) => a.name === name)!.width;
-  }
 
   #gatesStaging(): GPUBuffer {
     this.#gatesReadback ??= this.#device.createBuffer({
