@@ -1,17 +1,18 @@
 // `adapter` declarations -> Adapter. Statements apply in order onto a grid of LoRA options per
 // (layer, module); a variant starts from its parent's resolved grid, layers and router.
 import type { AdapterDecl, BaseDecl, ExpertsStmt, LayerOverride, Property, RouterDecl, Span } from "../grammar/ast.ts";
-import { applyRouter } from "./check-router.ts";
+import { applyRouter, type Routing } from "./check-router.ts";
 import { LORA_DEFAULTS, ROUTER_DEFAULTS } from "./defaults.ts";
 import { allLayers, layerList } from "./layers.ts";
 import { MAX_RANK } from "./limits.ts";
 import {
   EXPERT_MODULES,
+  FFN_MODULES,
+  storedRank,
   type Adapter,
   type BaseModel,
   type ExpertModule,
   type ExpertSlot,
-  type RouterConfig,
 } from "./model.ts";
 import { moduleShape } from "./families.ts";
 import { modulesOfPattern, PATTERN_SPELLINGS } from "./modules.ts";
@@ -36,7 +37,7 @@ interface AdapterState {
   /** [layer][index in EXPERT_MODULES]. */
   readonly grid: Cell[][];
   layers: number[];
-  router: RouterConfig | undefined;
+  routing: Routing;
 }
 
 type LoraOptionSet = Partial<Omit<Cell, "enabled">>;
@@ -123,7 +124,7 @@ export class AdapterChecker {
     const model = this.bases.get(base.decl);
     if (model === undefined) return undefined;
     const grid = allLayers(model).map(() => EXPERT_MODULES.map(() => ({ enabled: false, ...LORA_DEFAULTS })));
-    return { base: model, grid, layers: allLayers(model), router: ROUTER_DEFAULTS };
+    return { base: model, grid, layers: allLayers(model), routing: { router: ROUTER_DEFAULTS } };
   }
 
   private applyBody(decl: AdapterDecl, state: AdapterState): AdapterState {
@@ -155,7 +156,7 @@ export class AdapterChecker {
           continue;
         }
         routerBlock = stmt;
-        state.router = applyRouter(stmt, state.router, this.r);
+        state.routing = applyRouter(stmt, state.routing, this.r);
       }
     }
     this.warnOverridden(wideLines);
@@ -306,7 +307,11 @@ export class AdapterChecker {
         "write `dora true` on an `experts all` line, or make a separate adapter",
       );
     }
-    const selection = state.router?.selection;
+    if (state.routing.moe !== undefined) {
+      this.checkMoe(decl, state, cells, routerBlock);
+      return;
+    }
+    const selection = state.routing.router?.selection;
     if (selection?.rule !== "top_k") return;
     const short = state.layers.filter((l) => enabled(l).length < selection.k);
     const [layer] = short;
@@ -322,14 +327,50 @@ export class AdapterChecker {
       `enable more modules there or lower top_k to ${Math.max(1, on.length)}`,
     );
   }
+
+  /**
+   * A per-token baseline's rules: top_k within its experts, a per_module rank that splits evenly into
+   * them, a per_ffn adapter with an MLP module to put them in, no DoRA (its magnitude is per module, not
+   * per expert), and a stacked rank the kernels take.
+   */
+  private checkMoe(decl: AdapterDecl, state: AdapterState, cells: readonly { layer: number; module: ExpertModule; dora: boolean }[], routerBlock: RouterDecl | undefined): void {
+    const moe = state.routing.moe!;
+    const at = routerBlock?.span ?? decl.name.span;
+    const name = decl.name.name;
+    if (moe.selection.rule === "top_k" && moe.selection.k > moe.experts) {
+      this.r.report("MIL401", routerBlock?.select?.argument?.span ?? at, `top_k ${moe.selection.k} is larger than the router's ${moe.experts} experts (num_experts)`, `lower top_k to at most ${moe.experts}, or raise num_experts`);
+    }
+    const dora = cells.find((c) => c.dora);
+    if (dora !== undefined) {
+      this.r.report("MIL217", at, `adapter \`${name}\` routes tokens ${moe.placement} but uses DoRA (layer ${dora.layer} ${dora.module}): a DoRA magnitude belongs to a whole module, not to one of its experts`, "drop `dora true`, or use `placement per_layer` (MiDoRA)");
+    }
+    const rankOf = (c: { layer: number; module: ExpertModule }) => state.grid[c.layer]![EXPERT_MODULES.indexOf(c.module)]!.rank;
+    if (moe.placement === "per_module") {
+      const odd = cells.find((c) => rankOf(c) % moe.experts !== 0);
+      if (odd !== undefined) {
+        this.r.report("MIL218", at, `layer ${odd.layer} ${odd.module} has rank ${rankOf(odd)}, which does not split into ${moe.experts} experts of equal rank`, `use a rank that is a multiple of ${moe.experts} (MOELoRA: rank 32, 8 experts of rank 4)`);
+      }
+    } else {
+      if (!cells.some((c) => FFN_MODULES.includes(c.module))) {
+        this.r.report("MIL219", at, `adapter \`${name}\` routes per_ffn but enables none of ${FFN_MODULES.join(", ")}: its experts live in the MLP`, "add a line such as `experts mlp { rank 8 }`");
+      }
+      const wide = cells.find((c) => storedRank({ moe }, { module: c.module, rank: rankOf(c) }) > MAX_STACKED_RANK);
+      if (wide !== undefined) {
+        this.r.report("MIL211", at, `layer ${wide.layer} ${wide.module}: ${moe.experts} experts of rank ${rankOf(wide)} stack to rank ${moe.experts * rankOf(wide)}, above the ${MAX_STACKED_RANK} the LoRA kernels take`, "lower the rank or num_experts");
+      }
+    }
+  }
 }
+
+/** The largest rank a module's stacked LoRA may have on the GPU (the plan's maxLoraRank bound). */
+const MAX_STACKED_RANK = 256;
 
 function cloneState(s: AdapterState): AdapterState {
   return {
     base: s.base,
     grid: s.grid.map((row) => row.map((c) => ({ ...c }))),
     layers: [...s.layers],
-    router: s.router,
+    routing: s.routing,
   };
 }
 
@@ -361,7 +402,8 @@ function toAdapter(decl: AdapterDecl, state: AdapterState): Adapter {
     ...(decl.extends === undefined ? {} : { extends: decl.extends.name }),
     layers: state.layers,
     experts,
-    ...(state.router === undefined ? {} : { router: state.router }),
+    ...(state.routing.router === undefined ? {} : { router: state.routing.router }),
+    ...(state.routing.moe === undefined ? {} : { moe: state.routing.moe }),
     span: decl.span,
   };
 }

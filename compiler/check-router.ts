@@ -1,7 +1,8 @@
-// `router { ... }` blocks -> RouterConfig, starting from the router the adapter has so far (or the defaults).
+// `router { ... }` blocks -> the adapter's routing (MiLoRA's per-layer router, or a per-token
+// Mixture-of-LoRA baseline's), starting from the routing the adapter has so far (or the defaults).
 import type { Property, RouterDecl, SelectClause } from "../grammar/ast.ts";
-import { ROUTER_DEFAULTS } from "./defaults.ts";
-import type { Activation, Pooling, RouterConfig, RoutingTime, Selection } from "./model.ts";
+import { MOE_DEFAULTS, ROUTER_DEFAULTS } from "./defaults.ts";
+import type { Activation, MoePlacement, MoeRouting, Pooling, RouterConfig, RoutingTime, Selection } from "./model.ts";
 import { RATIONAL_DEFAULT_ORDERS, RATIONAL_ORDER_LIMITS, type RationalOrders } from "./rational.ts";
 import type { Reporter } from "./reporter.ts";
 import { didYouMean } from "./suggest.ts";
@@ -11,23 +12,93 @@ const POOLINGS: readonly Pooling[] = ["last", "mean", "max", "attention"];
 const ACTIVATIONS: readonly Activation[] = ["none", "gelu", "relu", "rational"];
 const WHENS: readonly RoutingTime[] = ["prompt", "token"];
 const RULES: readonly Selection["rule"][] = ["top_k", "threshold", "dense"];
-const ROUTER_KEYS = ["placement", "input", "pooling", "activation", "when", "noise", "balance"];
+const PLACEMENTS = ["per_layer", "per_module", "per_ffn"] as const;
+/** Keys of MiLoRA's per-layer router only: a per-token baseline's router reads each token's own input, plainly. */
+const LAYER_ROUTER_KEYS = ["input", "pooling", "activation", "when", "noise"];
+const ROUTER_KEYS = ["placement", ...LAYER_ROUTER_KEYS, "balance", "num_experts"];
+/** How many experts a per_module or per_ffn router may choose among. */
+export const MAX_MOE_EXPERTS = 64;
 
-/** The router after applying a block; `router off` gives undefined (plain LoRA). */
-export function applyRouter(
-  decl: RouterDecl,
-  current: RouterConfig | undefined,
-  r: Reporter,
-): RouterConfig | undefined {
-  if (decl.off) return undefined;
-  const router: { -readonly [K in keyof RouterConfig]: RouterConfig[K] } = { ...(current ?? ROUTER_DEFAULTS) };
-  for (const prop of knownProperties(decl.properties, ROUTER_KEYS, "router", r)) {
+/** An adapter's routing: MiLoRA's router, a per-token baseline's (`moe`), or neither (plain LoRA). */
+export interface Routing {
+  readonly router?: RouterConfig;
+  readonly moe?: MoeRouting;
+}
+
+/** The routing after applying a block; `router off` gives neither router (plain LoRA). */
+export function applyRouter(decl: RouterDecl, current: Routing | undefined, r: Reporter): Routing {
+  if (decl.off) return {};
+  const props = knownProperties(decl.properties, ROUTER_KEYS, "router", r);
+  for (const prop of props) {
     if (prop.options !== undefined && prop.key.name !== "activation") {
       r.report("MIL406", prop.key.span, `\`${prop.key.name}\` takes no options block`, "only `activation rational { numerator M denominator N }` has options");
     }
+  }
+  // The placement decides which keys apply, wherever in the block it is written.
+  const placementProp = props.find((p) => p.key.name === "placement");
+  const written = placementProp && choiceValue(placementProp, PLACEMENTS, r);
+  const placement = written ?? current?.moe?.placement ?? "per_layer";
+  if (placement === "per_layer") return { router: applyLayerRouter(decl, props, current?.router ?? ROUTER_DEFAULTS, r) };
+  const start = current?.moe?.placement === placement ? current.moe : MOE_DEFAULTS[placement];
+  return { moe: applyMoeRouter(decl, props, placement, start, r) };
+}
+
+/** A per_module or per_ffn router block over `start`. */
+function applyMoeRouter(decl: RouterDecl, props: readonly Property[], placement: MoePlacement, start: MoeRouting, r: Reporter): MoeRouting {
+  const moe: { -readonly [K in keyof MoeRouting]: MoeRouting[K] } = { ...start };
+  for (const prop of props) {
+    switch (prop.key.name) {
+      case "num_experts": {
+        const n = numberValue(prop, r);
+        if (n === undefined) break;
+        if (!n.integer || n.value < 2 || n.value > MAX_MOE_EXPERTS) r.report("MIL407", n.span, `num_experts must be an integer from 2 to ${MAX_MOE_EXPERTS}, got ${n.text}`);
+        else moe.experts = n.value;
+        break;
+      }
+      case "balance":
+        moe.balance = balanceValue(prop, r) ?? moe.balance;
+        break;
+      case "placement":
+        break;
+      default:
+        r.report(
+          "MIL407",
+          prop.key.span,
+          `\`${prop.key.name}\` applies to MiLoRA's per_layer router only: a ${placement} router routes every token on the module's own input`,
+          "drop the key, or write `placement per_layer`",
+        );
+    }
+  }
+  if (decl.select !== undefined) {
+    const chosen = selection(decl.select, r);
+    if (chosen?.rule === "threshold") {
+      r.report("MIL407", decl.select.rule.span, `a ${placement} router keeps top_k experts or all of them (dense); threshold selection is MiLoRA's per_layer router's`, "write `select top_k 2 renormalize` or `select dense`");
+    } else if (chosen !== undefined) moe.selection = chosen;
+  }
+  return moe;
+}
+
+/** `balance`: a coefficient of 0 or more (a warning above 1). */
+function balanceValue(prop: Property, r: Reporter): number | undefined {
+  const n = numberValue(prop, r);
+  if (n === undefined) return undefined;
+  if (n.value < 0) {
+    r.report("MIL405", n.span, `balance must be 0 or more, got ${n.text}`);
+    return undefined;
+  }
+  if (n.value > 1) r.report("MIL502", n.span, `balance ${n.text} is above 1 and will likely swamp the language-model loss`, "typical values are 0.01 to 0.1");
+  return n.value;
+}
+
+/** MiLoRA's per-layer router block over `start`. */
+function applyLayerRouter(decl: RouterDecl, props: readonly Property[], start: RouterConfig, r: Reporter): RouterConfig {
+  const router: { -readonly [K in keyof RouterConfig]: RouterConfig[K] } = { ...start };
+  for (const prop of props) {
     switch (prop.key.name) {
       case "placement":
-        router.placement = choiceValue(prop, ["per_layer"], r) ?? router.placement;
+        break;
+      case "num_experts":
+        r.report("MIL407", prop.key.span, "num_experts applies to per_module and per_ffn routers: MiLoRA's experts are the layer's enabled modules", "drop the key, or write `placement per_module` or `placement per_ffn`");
         break;
       case "input":
         router.input = choiceValue(prop, ["layer_input"], r) ?? router.input;
@@ -56,23 +127,9 @@ export function applyRouter(
       case "noise":
         router.noise = booleanValue(prop, r) ?? router.noise;
         break;
-      case "balance": {
-        const n = numberValue(prop, r);
-        if (n === undefined) break;
-        if (n.value < 0) r.report("MIL405", n.span, `balance must be 0 or more, got ${n.text}`);
-        else {
-          if (n.value > 1) {
-            r.report(
-              "MIL502",
-              n.span,
-              `balance ${n.text} is above 1 and will likely swamp the language-model loss`,
-              "typical values are 0.01 to 0.1",
-            );
-          }
-          router.balance = n.value;
-        }
+      case "balance":
+        router.balance = balanceValue(prop, r) ?? router.balance;
         break;
-      }
     }
   }
   if (decl.select !== undefined) router.selection = selection(decl.select, r) ?? router.selection;

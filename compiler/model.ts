@@ -93,6 +93,37 @@ export interface RouterConfig {
   readonly balance: number;
 }
 
+/**
+ * Where a Mixture-of-LoRA baseline routes every token inside the layer (the methods MiLoRA is compared
+ * against): `per_module` (MoLoRA, MOELoRA) gives each adapted module its own router over E experts that
+ * split the module's rank-r LoRA into rank r/E slices; `per_ffn` (MixLoRA) gives each layer one router
+ * over E experts, each a full rank-r LoRA on every adapted MLP module, run as E separate feed-forward
+ * passes of which the top k are mixed; its attention modules are plain LoRA.
+ */
+export type MoePlacement = "per_module" | "per_ffn";
+
+/** A per-token Mixture-of-LoRA router (`router { placement per_module | per_ffn ... }`). */
+export interface MoeRouting {
+  readonly placement: MoePlacement;
+  /** E: experts per module (per_module) or per feed-forward block (per_ffn). */
+  readonly experts: number;
+  /** Top-k of E (renormalised or the plain softmax probabilities), or dense (every expert, the softmax). */
+  readonly selection: Extract<Selection, { rule: "top_k" | "dense" }>;
+  /** The load-balancing loss's coefficient (Switch/Mixtral form, docs/language.md). */
+  readonly balance: number;
+}
+
+/** The MLP modules a per_ffn router's experts live in. */
+export const FFN_MODULES: readonly ExpertModule[] = ["gate_proj", "up_proj", "down_proj"];
+
+/**
+ * The rank a module's LoRA has in its weights: per_ffn stacks its E experts of rank r into one rank-E*r
+ * LoRA on each MLP module (expert e owns ranks e*r .. (e+1)*r - 1); otherwise the spec's rank.
+ */
+export function storedRank(adapter: Pick<Adapter, "moe">, slot: Pick<ExpertSlot, "module" | "rank">): number {
+  return adapter.moe?.placement === "per_ffn" && FFN_MODULES.includes(slot.module) ? adapter.moe.experts * slot.rank : slot.rank;
+}
+
 /** A fully resolved adapter. */
 export interface Adapter {
   readonly name: string;
@@ -103,8 +134,13 @@ export interface Adapter {
   readonly layers: readonly number[];
   /** Enabled expert modules, by layer then module order of EXPERT_MODULES. */
   readonly experts: readonly ExpertSlot[];
-  /** `undefined` for plain LoRA (`router off`): every enabled module with gate 1. */
+  /** MiLoRA's per-layer router; `undefined` for plain LoRA (`router off`) and for a per-token `moe` adapter. */
   readonly router?: RouterConfig;
+  /**
+   * A per-token Mixture-of-LoRA baseline's routing (then `router` is absent and every enabled module
+   * has gate 1: the routing happens inside the modules).
+   */
+  readonly moe?: MoeRouting;
   readonly span: Span;
 }
 

@@ -62,6 +62,16 @@ export interface RouterWeights {
   readonly rational?: RationalWeights;
 }
 
+/**
+ * Key of a per-token Mixture-of-LoRA router in LoadedAdapter.moeRouters: a module's (per_module) or a
+ * layer's feed-forward block's (per_ffn).
+ */
+export type MoeRouterKey = LoraKey | `${number}.ffn`;
+
+export function moeRouterKey(layer: number, at: ExpertModule | "ffn"): MoeRouterKey {
+  return `${layer}.${at}`;
+}
+
 /** An adapter in memory: its spec and its weights as f32. */
 export interface LoadedAdapter {
   /** The name it is addressed by (the tenant's name). */
@@ -70,6 +80,12 @@ export interface LoadedAdapter {
   readonly lora: ReadonlyMap<LoraKey, LoraWeights>;
   /** By layer; absent for plain LoRA. */
   readonly router?: ReadonlyMap<number, RouterWeights>;
+  /**
+   * A per_module or per_ffn adapter's routers (spec.moe), each [experts, inFeatures] row-major: one per
+   * enabled module (per_module), or one per layer reading the MLP's input (per_ffn, in the layers that
+   * enable an MLP module). Its LoRA weights hold rank storedRank() (compiler/model.ts).
+   */
+  readonly moeRouters?: ReadonlyMap<MoeRouterKey, Float32Array>;
 }
 
 /** PEFT wraps the base model twice: `base_model.model.` precedes every module path of the base. */
