@@ -10,7 +10,7 @@ import { attentionKernel, type AttentionConstants } from "./kernels/attention.ts
 import { biasKernel, gegluKernel, scaleKernel, swigluKernel } from "./kernels/elementwise.ts";
 import type { KernelSource } from "./kernels/kernel.ts";
 import { kvWriteKernel, type KvWriteConstants } from "./kernels/kv-write.ts";
-import { loraExpandKernel, loraShrinkKernel, type LoraConstants, type LoraExpandConstants } from "./kernels/lora.ts";
+import { loraExpandKernel, loraShrinkKernel, type LoraExpandConstants, type LoraShrinkConstants } from "./kernels/lora.ts";
 import { matmulKernel, type MatmulConstants } from "./kernels/matmul.ts";
 import { matvecKernel, type MatvecConstants } from "./kernels/matvec.ts";
 import { rmsNormKernel, type RmsNormConstants } from "./kernels/rmsnorm.ts";
@@ -25,6 +25,7 @@ import {
   type RouterScoreConstants,
 } from "./kernels/router.ts";
 import { samplingKernel } from "./kernels/sampling.ts";
+import { moeMixKernel, moeRouteKernel, type MoeSelection } from "./kernels/moe.ts";
 import { beamTopKKernel } from "./kernels/beam-topk.ts";
 import { chosenLogprobKernel, logitAdjustKernel } from "./kernels/logit-adjust.ts";
 import { layerTensor, rowsPerBlock } from "../runtime/package/format.ts";
@@ -39,7 +40,7 @@ import type {
   WeightFormat,
 } from "../runtime/package/format.ts";
 import { checkpointTensors, familyNamed, layerTemplate, widthsOf } from "./families.ts";
-import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "./model.ts";
+import { EXPERT_MODULES, storedRank, type Adapter, type BaseModel, type ExpertModule, type MoeRouting, type RouterConfig } from "./model.ts";
 import { MiloraError } from "../runtime/errors.ts";
 
 /** A base model the planner cannot lower, with the reason in words. */
@@ -75,13 +76,15 @@ export type PlannedKernel =
   | { readonly key: string; readonly family: "scale"; readonly constants: { readonly factor: number } }
   | { readonly key: string; readonly family: "bias"; readonly constants: { readonly width: number } }
   | { readonly key: string; readonly family: "sampling"; readonly constants: { readonly vocab: number } }
-  | { readonly key: string; readonly family: "lora_shrink"; readonly constants: LoraConstants }
+  | { readonly key: string; readonly family: "lora_shrink"; readonly constants: LoraShrinkConstants }
   | { readonly key: string; readonly family: "lora_expand"; readonly constants: LoraExpandConstants }
   | { readonly key: string; readonly family: "router_score"; readonly constants: RouterScoreConstants }
   | { readonly key: string; readonly family: "router_pool"; readonly constants: RouterPoolConstants }
   | { readonly key: string; readonly family: "router_gate"; readonly constants: RouterGateConstants }
   | { readonly key: string; readonly family: "beam_topk"; readonly constants: { readonly vocab: number } }
-  | { readonly key: string; readonly family: "logit_adjust" | "chosen_logprob"; readonly constants: { readonly vocab: number } };
+  | { readonly key: string; readonly family: "logit_adjust" | "chosen_logprob"; readonly constants: { readonly vocab: number } }
+  | { readonly key: string; readonly family: "moe_route"; readonly constants: MoeSelection & { readonly inFeatures: number } }
+  | { readonly key: string; readonly family: "moe_mix"; readonly constants: { readonly width: number; readonly topK: number } };
 
 /** A kernel of the set before its key is known. */
 export type KernelRequest = PlannedKernel extends infer K ? (K extends PlannedKernel ? Omit<K, "key"> : never) : never;
@@ -137,7 +140,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   const { adapter } = options;
   if (adapter !== undefined && adapter.base.name !== base.name)
     throw new PlanError(`adapter ${adapter.name} is on base ${adapter.base.name}, not ${base.name}`);
-  const maxLoraRank = options.maxLoraRank ?? Math.max(0, ...(adapter?.experts ?? []).map((e) => e.rank));
+  const maxLoraRank = options.maxLoraRank ?? Math.max(0, ...(adapter?.experts ?? []).map((e) => storedRank(adapter!, e)));
   const maxBindingBytes = options.maxBindingBytes ?? DEFAULT_BINDING_BYTES;
   if (!Number.isInteger(maxBindingBytes) || maxBindingBytes < 4)
     throw new PlanError(`base ${base.name}: the storage binding size must be a whole number of bytes, at least 4, got ${maxBindingBytes}`);
@@ -177,9 +180,13 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   };
   const tensors = tensorTable(base, options.weights ?? base.weights ?? "f32");
   const linearWeight = (module: ExpertModule) => layerTemplate(arch, `${arch.modules[module].path}.weight`);
-  const linearOf = (module: ExpertModule, io: { input: ActivationName; output: ActivationName; residual?: ActivationName }) => {
+  const moe = adapter?.moe;
+  const selection: MoeSelection | undefined = moe && moeSelection(moe);
+  /** A linear's LoRA: on (the default), off (a per_ffn base product computed once), or one feed-forward pass's expert. */
+  type LoraUse = "on" | "off" | { readonly pass: number };
+  const linearOf = (module: ExpertModule, io: { input: ActivationName; output: ActivationName; residual?: ActivationName }, loraUse: LoraUse = "on") => {
     const m = arch.modules[module];
-    const product = linear(module, widths[m.input], widths[m.output], io, linearWeight(module));
+    const product = linear(module, widths[m.input], widths[m.output], io, linearWeight(module), loraUse);
     if (!m.bias) return [product];
     const bias = use({ family: "bias", constants: { width: widths[m.output] } });
     return [product, { op: "bias" as const, kernel: bias, weight: layerTemplate(arch, `${m.path}.bias`), output: io.output }];
@@ -190,6 +197,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     N: number,
     io: { input: ActivationName; output: ActivationName; residual?: ActivationName },
     weight: string,
+    loraUse: LoraUse = "on",
   ): PlanOp => {
     const residual = io.residual !== undefined;
     const tensor = tensors.find((t) => t.name === layerTensor(weight, 0))!;
@@ -201,15 +209,6 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       matmul: use({ family: "matmul", constants: { K, N: rows, residual, stride: N, ...format } }),
       matvec: use({ family: "matvec", constants: { K, N: rows, residual, stride: N, ...format } }),
     }));
-    const lora = (m: ExpertModule): PlanLora => {
-      const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank };
-      return {
-        shrink: use({ family: "lora_shrink", constants }),
-        // DoRA-capable, since any tenant may be DoRA; over a fused residual it reads the residual back
-        expand: use({ family: "lora_expand", constants: { ...constants, dora: true, ...(residual ? { residual } : {}) } }),
-        gateColumn: EXPERT_MODULES.indexOf(m),
-      };
-    };
     return {
       op: "linear",
       module,
@@ -217,8 +216,25 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       matvec: use({ family: "matvec", constants: { K, N, residual, ...format } }),
       ...io,
       weight,
-      ...(module !== "lm_head" && maxLoraRank > 0 ? { lora: lora(module) } : {}),
+      ...(module !== "lm_head" && maxLoraRank > 0 && loraUse !== "off" ? { lora: loraOf(module, K, N, residual, loraUse === "on" ? undefined : loraUse.pass) } : {}),
       ...(blocks.length > 0 ? { blocks } : {}),
+    };
+  };
+  /** A module's LoRA kernels; `pass`: the per_ffn feed-forward pass whose expert it runs. */
+  const loraOf = (m: ExpertModule, K: number, N: number, residual: boolean, pass?: number): PlanLora => {
+    const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank };
+    const routed =
+      moe?.placement === "per_module"
+        ? { moe: "route" as const, ...selection! }
+        : pass !== undefined
+          ? { moe: "pass" as const, experts: selection!.experts, topK: selection!.topK }
+          : {};
+    return {
+      shrink: use({ family: "lora_shrink", constants: { ...constants, ...routed } }),
+      // DoRA-capable, since any tenant may be DoRA; over a fused residual it reads the residual back
+      expand: use({ family: "lora_expand", constants: { ...constants, dora: true, ...(residual ? { residual } : {}) } }),
+      gateColumn: EXPERT_MODULES.indexOf(m),
+      ...(pass === undefined ? {} : { pass }),
     };
   };
   const { hidden, qWidth, kvWidth, intermediate, vocab } = dims;
@@ -228,6 +244,36 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   const window = base.slidingWindow === undefined ? {} : { window: base.slidingWindow };
   const attentionShape = { heads: dims.heads, kvHeads: dims.kvHeads, headDim: dims.headDim };
 
+  const gluOp = (): PlanOp => ({ op: glu, kernel: use({ family: glu, constants: {} }), gate: "gate", up: "up", output: "act" });
+  const feedForward = (): PlanOp[] => [
+    ...linearOf("gate_proj", { input: "xn", output: "gate" }),
+    ...linearOf("up_proj", { input: "xn", output: "up" }),
+    gluOp(),
+    ...linearOf("down_proj", { input: "act", output: "x", residual: "h" }),
+  ];
+  /**
+   * MixLoRA's feed-forward block: the router picks each row's k experts; the gate and up base products
+   * run once, then each pass p adds the p-th chosen expert's LoRA to copies of them, runs the GLU and
+   * the down product with that expert's LoRA, and mixes the result into the residual stream by the
+   * expert's weight (pass 0 starts from h). A LoRA module of the MLP the adapter lacks adds nothing.
+   */
+  const feedForwardPasses = (): PlanOp[] => {
+    const route: PlanOp = { op: "moe_route", kernel: use({ family: "moe_route", constants: { ...selection!, inFeatures: hidden } }), input: "xn" };
+    const mix = use({ family: "moe_mix", constants: { width: hidden, topK: selection!.topK } });
+    const lora = (module: ExpertModule, input: ActivationName, output: ActivationName, pass: number): PlanOp => {
+      const m = arch.modules[module];
+      return { op: "lora", module, input, output, lora: loraOf(module, widths[m.input], widths[m.output], false, pass) };
+    };
+    const passes = Array.from({ length: selection!.topK }, (_, pass): PlanOp[] => [
+      { op: "copy", from: "gateBase", to: "gate" },
+      { op: "copy", from: "upBase", to: "up" },
+      ...(maxLoraRank > 0 ? [lora("gate_proj", "xn", "gate", pass), lora("up_proj", "xn", "up", pass)] : []),
+      gluOp(),
+      ...linearOf("down_proj", { input: "act", output: "ffn" }, { pass }),
+      { op: "moe_mix", kernel: mix, pass, input: "ffn", residual: "h", output: "x" },
+    ]);
+    return [route, ...linearOf("gate_proj", { input: "xn", output: "gateBase" }, "off"), ...linearOf("up_proj", { input: "xn", output: "upBase" }, "off"), ...passes.flat()];
+  };
   const layer: PlanOp[] = [
     { op: "rmsnorm", kernel: norm, input: "x", weight: layerTemplate(arch, `${arch.attentionNorm}.weight`), output: "xn" },
     ...linearOf("q_proj", { input: "xn", output: "q" }),
@@ -262,10 +308,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       weight: layerTemplate(arch, `${arch.mlpNorm}.weight`),
       output: "xn",
     },
-    ...linearOf("gate_proj", { input: "xn", output: "gate" }),
-    ...linearOf("up_proj", { input: "xn", output: "up" }),
-    { op: glu, kernel: use({ family: glu, constants: {} }), gate: "gate", up: "up", output: "act" },
-    ...linearOf("down_proj", { input: "act", output: "x", residual: "h" }),
+    ...(moe?.placement === "per_ffn" ? feedForwardPasses() : feedForward()),
   ];
   const routers = (adapter?.router === undefined ? [] : adapter.layers).map((layer): PlanRouterLayer => {
     const experts = EXPERT_MODULES.filter((m) => adapter!.experts.some((e) => e.layer === layer && e.module === m));
@@ -302,6 +345,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       { name: "k", width: kvWidth },
       { name: "v", width: kvWidth },
       ...(["gate", "up", "act"] as const).map((name) => ({ name, width: intermediate })),
+      ...(moe?.placement === "per_ffn" ? [...(["gateBase", "upBase"] as const).map((name) => ({ name, width: intermediate })), { name: "ffn" as const, width: hidden }] : []),
       { name: "logits", width: vocab },
     ],
     input: "x",
@@ -316,11 +360,18 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     maxBindingBytes,
     routers,
     ...(routers.length > 0 ? { router: adapter!.router! } : {}),
+    ...(moe ? { moe } : {}),
     beamTopK,
     logitAdjust,
     chosenLogprob,
     kernels: [...kernels.values()],
   };
+}
+
+/** The MoE kernels' selection constants: dense keeps all E (renormalising nothing: the softmax sums to 1). */
+function moeSelection(moe: MoeRouting): MoeSelection {
+  const s = moe.selection;
+  return s.rule === "top_k" ? { experts: moe.experts, topK: s.k, renormalize: s.renormalize } : { experts: moe.experts, topK: moe.experts, renormalize: false };
 }
 
 /** The kernels a router runs in a layer whose enabled modules are `experts` (hidden size `hidden`). */
@@ -405,6 +456,10 @@ export function plannedKernelSource(k: KernelRequest): KernelSource {
       return logitAdjustKernel(k.constants);
     case "chosen_logprob":
       return chosenLogprobKernel(k.constants);
+    case "moe_route":
+      return moeRouteKernel(k.constants);
+    case "moe_mix":
+      return moeMixKernel(k.constants);
   }
 }
 

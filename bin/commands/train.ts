@@ -17,7 +17,7 @@ import { ChatTemplate } from "../../runtime/serving/http/chat-template.ts";
 import { Tokenizer } from "../../runtime/text/tokenizer.ts";
 import { loadTrainData, type LoadDataOptions } from "../../runtime/training/data.ts";
 import { OPTIMIZER_DEFAULTS } from "../../runtime/training/optimizer.ts";
-import { initialAdapter, refuseDoraTraining } from "../../runtime/training/params.ts";
+import { initialAdapter, refuseUntrainable } from "../../runtime/training/params.ts";
 import { Trainer, checkpointAdapter, type TrainSettings } from "../../runtime/training/trainer.ts";
 import { uploadWeights } from "../../runtime/engine/weights.ts";
 import { requireHealthyDevice } from "./self-test.ts";
@@ -113,7 +113,7 @@ export async function trainCommand(specPath: string, opts: TrainCommandOptions):
     const spec = adapterSpecOf(source, opts.adapter, opts.out);
     if (!spec) throw userError("spec", `${specPath} declares no adapter to train`);
     // before the data and the base are read: TrainableParams refuses it too, whoever calls the trainer
-    refuseDoraTraining(spec);
+    refuseUntrainable(spec);
     for (const n of trainingNotices(spec, opts.eval !== undefined)) process.stderr.write(`milora train: note: ${n}\n`);
 
     const tokenizer = await Tokenizer.load(dir);

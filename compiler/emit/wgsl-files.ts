@@ -36,6 +36,8 @@ const FAMILY_KEYS: Readonly<Record<Exclude<PlannedKernel["family"], LinearFamily
   beam_topk: ["vocab_size"],
   logit_adjust: ["vocab_size"],
   chosen_logprob: ["vocab_size"],
+  moe_route: ["hidden_size"],
+  moe_mix: ["hidden_size"],
 };
 
 /** Kernels of linear modules: their constants come from the modules' shapes (and LoRA ranks). */
@@ -126,6 +128,8 @@ function defaultSource(base: BaseModel, lines: SpecLines): string {
 function usersOf(plan: Plan, key: string): string[] {
   const rows = plan.matvecMaxRows;
   const users = [...plan.layer, ...plan.head].flatMap((op) => {
+    if (op.op === "copy") return [];
+    if (op.op === "lora") return [op.lora.shrink, op.lora.expand].includes(key) ? [`${op.module} (LoRA, feed-forward pass ${op.lora.pass ?? 0})`] : [];
     if (op.op !== "linear") return op.kernel === key ? [op.op] : [];
     const roles: [string | undefined, string][] = [
       [op.matmul, `steps over ${rows} rows`],

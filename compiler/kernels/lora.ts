@@ -30,6 +30,7 @@
 // run side by side on separate workgroups instead of one after another in a shared row tile (which
 // on llvmpipe, one workgroup per core, made a mixed-tenant batch cost 2-3x a one-tenant one).
 import type { KernelSource } from "./kernel.ts";
+import { CHOICE_STRUCT, NO_EXPERT, routeRowWgsl, type MoeSelection } from "./moe.ts";
 
 export { NO_ADAPTER, packLoraSlots, type LoraSlotInfo } from "../../runtime/gpu/layouts.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, vec4Rows } from "./wgsl.ts";
@@ -38,6 +39,22 @@ export interface LoraConstants {
   readonly inFeatures: number;
   readonly outFeatures: number;
   readonly maxRank: number;
+}
+
+/**
+ * The shrink kernel's. Mixture-of-LoRA variants (moe.ts) gate each rank j of a slot's LoRA by its
+ * expert e(j) = j / (rank / E), writing t[r, j] = gate_e(j) * (x[r] . a[slot, j]):
+ * - `moe: "route"` (per_module, MOELoRA): the kernel routes the row itself with its slot's router
+ *   `router` [slots, E, in] (slots whose `routed` flag is 0 get every gate 1: plain LoRA);
+ * - `moe: "pass"` (per_ffn, MixLoRA): the row's choice number `pass` (moe_route's output) picks one
+ *   expert, gate 1; a choice of weight 0 zeroes the row's t; NO_EXPERT (a row of no routed slot) keeps
+ *   every rank.
+ */
+export interface LoraShrinkConstants extends LoraConstants {
+  readonly moe?: "route" | "pass";
+  readonly experts?: number;
+  readonly topK?: number;
+  readonly renormalize?: boolean;
 }
 
 /** The expand kernel's: with `dora` it applies each slot's DoRA factors; `residual` says y holds residual + W x. */
@@ -81,21 +98,56 @@ function checkConstants({ inFeatures, outFeatures, maxRank }: LoraConstants): vo
     if (!Number.isInteger(v) || v < 1) throw new Error(`LoRA kernel: ${name} must be a positive integer, got ${v}`);
 }
 
-/** t[r, 0..rank) = x[r] A_slot^T for every active row: one workgroup per row. */
-export function loraShrinkKernel(c: LoraConstants): KernelSource {
+/** t[r, 0..rank) = x[r] A_slot^T for every active row (times its expert's gate in the MoE variants): one workgroup per row. */
+export function loraShrinkKernel(c: LoraShrinkConstants): KernelSource {
   checkConstants(c);
-  const { inFeatures, maxRank } = c;
+  const { inFeatures, maxRank, moe } = c;
   const x = vec4Rows("x", inFeatures);
   const a = vec4Rows("a", inFeatures);
+  const selection: MoeSelection | undefined = moe && { experts: c.experts ?? 0, topK: c.topK ?? 0, renormalize: c.renormalize ?? false };
+  const router = moe === "route" ? vec4Rows("router", inFeatures) : undefined;
+  const route = moe === "route" ? routeRowWgsl(selection!, inFeatures, "router") : undefined;
+  const E = selection?.experts ?? 1;
+  const moeBuffers =
+    moe === "route"
+      ? [router!.decl, { name: "routed", access: "read", type: "array<u32>" } as const]
+      : moe === "pass"
+        ? [{ name: "choice", access: "read", type: "array<Choice>" } as const]
+        : [];
+  // Per rank j: the gate of its expert (1 without MoE), and whether the dot product is needed at all.
+  const prologue =
+    moe === "route"
+      ? /* wgsl */ `
+  if (routed[s] != 0u) {
+${route!.body}
+  } else {
+    if (lid < ${E}u) { expert_gate[lid] = 1.0; }
+    workgroupBarrier();
+  }
+  let expert_rank = max(1u, rank / ${E}u);`
+      : moe === "pass"
+        ? /* wgsl */ `
+  let picked = choice[row * ${selection!.topK}u + params.ffnPass];
+  let expert_rank = max(1u, rank / ${E}u);`
+        : "";
+  const gateOf =
+    moe === "route"
+      ? "expert_gate[min(j / expert_rank, " + (E - 1) + "u)]"
+      : moe === "pass"
+        ? `select(select(0.0, 1.0, j / expert_rank == picked.expert), 1.0, picked.expert == ${NO_EXPERT}u) * select(1.0, 0.0, picked.weight == 0.0)`
+        : "1.0";
   return kernelSource({
     name: "lora_shrink",
-    constants: { inFeatures, maxRank },
-    storage: [x.decl, a.decl, ...SELECTION_BUFFERS, { name: "t", access: "read_write", type: "array<f32>" }],
-    params: PARAMS,
+    constants: { inFeatures, maxRank, ...(moe ? { moe, experts: selection!.experts, topK: selection!.topK, ...(moe === "route" ? { renormalize: selection!.renormalize } : {}) } : {}) },
+    storage: [x.decl, a.decl, ...SELECTION_BUFFERS, ...moeBuffers, { name: "t", access: "read_write", type: "array<f32>" }],
+    params: moe === "pass" ? [...PARAMS, { name: "ffnPass", type: "u32" }] : PARAMS,
     body: /* wgsl */ `
 ${ROW_SELECTION}
+${moe ? CHOICE_STRUCT : ""}
 ${x.wgsl}
 ${a.wgsl}
+${router ? router.wgsl : ""}
+${route ? route.decls : moe === "pass" ? "" : ""}
 
 var<workgroup> partial: array<f32, ${WORKGROUP}>;
 
@@ -106,11 +158,12 @@ fn main(${GROUP_BUILTINS}) {
   if (s == NO_ADAPTER) { return; }
   let rank = min(slots[s].rank, ${maxRank}u);
   let lane = lid % ${LANES}u;
-  let step = lid / ${LANES}u;
+  let step = lid / ${LANES}u;${prologue}
   for (var j0 = 0u; j0 < rank; j0 += ${RANKS_PER_STEP}u) {
     let j = j0 + step;
     var acc = 0.0;
-    if (j < rank) {
+    let gate = ${moe ? `select(0.0, ${gateOf}, j < rank)` : "1.0"};
+    if (j < rank${moe ? " && gate != 0.0" : ""}) {
       for (var q = lane; q < ${x.quads}u; q += ${LANES}u) { acc += dot(load_x(row, q), load_a(s * ${maxRank}u + j, q)); }
     }
     partial[lid] = acc;
@@ -118,7 +171,7 @@ fn main(${GROUP_BUILTINS}) {
     if (lane == 0u && j < rank) {
       var sum = 0.0;
       for (var l = 0u; l < ${LANES}u; l++) { sum += partial[lid + l]; }
-      t[row * ${maxRank}u + j] = sum;
+      t[row * ${maxRank}u + j] = ${moe ? "gate * sum" : "sum"};
     }
     workgroupBarrier();
   }

@@ -9,11 +9,13 @@ import type { KernelSource } from "../gpu/kernel.ts";
 import { createStorage, StepEncoder, type PipelineCache } from "../gpu/kernel-runner.ts";
 import { layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanLora, type PlanOp } from "../package/format.ts";
 import { EngineError } from "./engine-error.ts";
+import { CHOICE_BYTES } from "../gpu/layouts.ts";
 import type { EngineKernels } from "./kernels.ts";
 import type { KvCache } from "./kv-cache.ts";
 import type { LogitProcessing } from "./logit-adjust.ts";
 import type { BeamCandidates } from "./requests.ts";
 import { RouterDispatch, type RouteJob } from "./router-dispatch.ts";
+import { moeRouterKey } from "../formats/adapter.ts";
 import { MODULES_PER_LAYER, gateColumn } from "./routing.ts";
 import type { Row } from "./step-planner.ts";
 import type { AdapterStore } from "./tenants.ts";
@@ -101,6 +103,8 @@ export class ForwardEncoder {
     readonly rowAdapter: GPUBuffer;
     readonly gates: GPUBuffer;
     readonly loraT: GPUBuffer;
+    /** per_ffn: each row's expert choices of the current layer [rows, k] (compiler/kernels/moe.ts). */
+    readonly choice: GPUBuffer;
   };
   readonly #tokensReadback: GPUBuffer;
   #logitsReadback: GPUBuffer | undefined;
@@ -136,6 +140,7 @@ export class ForwardEncoder {
       rowAdapter: createStorage(device, maxRows * 4, "row adapters"),
       gates: createStorage(device, maxRows * this.#gateStride * 4, "gates"),
       loraT: createStorage(device, maxRows * Math.max(1, plan.maxLoraRank) * 4, "lora shrink output"),
+      choice: createStorage(device, maxRows * moeChoices(plan) * CHOICE_BYTES, "moe expert choices"),
     };
     this.#router = new RouterDispatch({
       device,
@@ -212,9 +217,10 @@ export class ForwardEncoder {
     this.#embed(rows, x);
     const groups = this.#router.prepare(jobs);
     const table = { buffer: this.#inputs.gates, stride: this.#gateStride };
+    const routedFfn = this.#routedFeedForward(rows);
     for (let layer = 0; layer < this.#plan.dims.layers; layer++) {
       for (const group of groups) this.#router.route(this.#step, group, layer, x, table);
-      for (const op of this.#plan.layer) this.#dispatch(op, rows.length, layer, active[layer]!);
+      this.#layerOps(rows.length, layer, active[layer]!, routedFfn[layer]!);
     }
     return x;
   }
@@ -259,7 +265,7 @@ export class ForwardEncoder {
         step.copy(inputs, (n + first) * 4, this.#inputs.rowSlot, 0, count * 4);
         if (dynamic) step.copy(inputs, (2 * n + first) * 4, this.#inputs.lengths, 0, count * 4);
         step.copy(states, first * hidden * 4, x, 0, count * hidden * 4);
-        for (const op of this.#plan.layer) this.#dispatch(op, count, layer, active[layer]!);
+        this.#layerOps(count, layer, active[layer]!, false);
         step.copy(x, 0, states, first * hidden * 4, count * hidden * 4);
         first += count;
       }
@@ -380,6 +386,27 @@ export class ForwardEncoder {
     );
   }
 
+  /**
+   * One layer's ops. A per_ffn layer's feed-forward passes after the first come last in the layer (plan.ts
+   * feedForwardPasses): when no row's adapter routes this layer's feed-forward, every row's first pass is
+   * its whole MLP (weight 1) and the rest are skipped.
+   */
+  #layerOps(rows: number, layer: number, active: readonly boolean[], routedFfn: boolean): void {
+    for (const op of this.#plan.layer) {
+      this.#dispatch(op, rows, layer, active);
+      if (!routedFfn && op.op === "moe_mix" && op.pass === 0) return;
+    }
+  }
+
+  /** Per layer, whether some row's adapter has a per_ffn router there. */
+  #routedFeedForward(rows: readonly Row[]): boolean[] {
+    const { layers } = this.#plan.dims;
+    if (this.#plan.moe?.placement !== "per_ffn") return new Array<boolean>(layers).fill(false);
+    const slots = new Set(rows.map((r) => r.tenantSlot));
+    const tenants = this.#tenants.names().map((n) => this.#tenants.get(n)!).filter((t) => slots.has(t.slot));
+    return Array.from({ length: layers }, (_, layer) => tenants.some((t) => t.adapter.moeRouters?.has(moeRouterKey(layer, "ffn"))));
+  }
+
   get #gateStride(): number {
     return this.#plan.dims.layers * MODULES_PER_LAYER;
   }
@@ -414,6 +441,17 @@ export class ForwardEncoder {
         return step.dispatch(kernel(op.op, op.kernel), { gate: act(op.gate), up: act(op.up), out: act(op.output) }, { n: rows * this.#plan.dims.intermediate });
       case "sample":
         return step.dispatch(kernel("sampling", op.kernel), { logits: this.#sampleInput ?? act(op.logits), settings: this.#inputs.settings, tokens: this.#inputs.tokens }, { rows });
+      case "copy":
+        return step.copy(act(op.from), 0, act(op.to), 0, rows * this.#widths.get(op.to)! * 4);
+      case "lora":
+        if (active[op.lora.gateColumn]) this.#lora(op, op.lora, rows, layer);
+        return;
+      case "moe_route": {
+        const router = this.#tenants.moeRouter(moeRouterKey(layer, "ffn"))!;
+        return step.dispatch(kernel("moe_route", op.kernel), { x: act(op.input), weight: router.weight, routed: router.routed, rowAdapter: this.#inputs.rowAdapter, choice: this.#inputs.choice }, { rows });
+      }
+      case "moe_mix":
+        return step.dispatch(kernel("moe_mix", op.kernel), { x: act(op.input), residual: act(op.residual), choice: this.#inputs.choice, y: act(op.output) }, { n: rows * this.#widths.get(op.output)!, ffnPass: op.pass });
     }
   }
 
@@ -434,14 +472,20 @@ export class ForwardEncoder {
    * y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module; for a
    * DoRA slot, the expand kernel also scales the module's base product by its factors (lora.ts).
    */
-  #lora(op: Extract<PlanOp, { op: "linear" }>, lora: PlanLora, rows: number, layer: number): void {
-    const stack = this.#tenants.stack(layer, op.module as ExpertModule);
+  #lora(op: Extract<PlanOp, { op: "linear" | "lora" }>, lora: PlanLora, rows: number, layer: number): void {
+    const module = op.module as ExpertModule;
+    const stack = this.#tenants.stack(layer, module);
     const select = { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
     const params = { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + lora.gateColumn };
     const t = this.#inputs.loraT;
-    this.#step.dispatch(this.#kernels.get("lora_shrink", lora.shrink), { x: this.#act(op.input), a: stack.a, ...select, t }, params);
+    const shrink = this.#kernels.get("lora_shrink", lora.shrink);
+    // The MoE variants: per_module routes inside the shrink with the module's routers; per_ffn reads the pass's choices.
+    const bound = new Set(shrink.bindings.map((b) => b.name));
+    const router = bound.has("router") ? this.#tenants.moeRouter(moeRouterKey(layer, module))! : undefined;
+    const moe = { ...(router ? { router: router.weight, routed: router.routed } : {}), ...(bound.has("choice") ? { choice: this.#inputs.choice } : {}) };
+    this.#step.dispatch(shrink, { x: this.#act(op.input), a: stack.a, ...select, ...moe, t }, { ...params, ...(lora.pass === undefined ? {} : { ffnPass: lora.pass }) });
     // Where the base product added a residual, the DoRA term reads it back to recover W x.
-    const residual = op.residual === undefined ? {} : { residual: this.#act(op.residual) };
+    const residual = op.op === "linear" && op.residual !== undefined ? { residual: this.#act(op.residual) } : {};
     this.#step.dispatch(this.#kernels.get("lora_expand", lora.expand), { t, b: stack.b, ...select, dora: stack.dora, ...residual, y: this.#act(op.output) }, params);
   }
 
@@ -592,4 +636,11 @@ function joinPieces(pieces: readonly HeadPiece[], max: number, vocab: number, ca
 /** Out rows [start, end) of a step's logit processing (the entries stay whole: each row's offset points into them). */
 function processingRows(p: LogitProcessing, start: number, end: number): LogitProcessing {
   return { info: p.info.subarray(start * ADJUST_ROW_WORDS, end * ADJUST_ROW_WORDS), entries: p.entries };
+}
+
+/** Choices per row a per_ffn plan's router writes (k, or E when dense); 1 otherwise (an unused buffer). */
+function moeChoices(plan: Plan): number {
+  const moe = plan.moe;
+  if (moe?.placement !== "per_ffn") return 1;
+  return moe.selection.rule === "top_k" ? moe.selection.k : moe.experts;
 }

@@ -47,7 +47,8 @@ export class MergedMode {
     if (this.#merged) throw new EngineError(`adapter ${this.#merged.tenant} is already merged: unmerge it first`);
     const { name } = tenant;
     const router = tenant.adapter.spec.router;
-    if (router?.when === "token") throw new EngineError(`adapter ${name} routes every token, which no single set of merged weights can express`);
+    const moe = tenant.adapter.spec.moe;
+    if (router?.when === "token" || moe) throw new EngineError(`adapter ${name} routes every token${moe ? ` (${moe.placement})` : ""}, which no single set of merged weights can express`);
     if (router && !routing) throw new EngineError(`adapter ${name} is routed: merging needs a routing decision (a prompt's)`);
     const { layers } = this.#plan.dims;
     const gates = routing ? gatesOf(routing, layers) : allOnGates(tenant, layers);

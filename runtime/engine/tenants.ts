@@ -4,10 +4,10 @@
 // { rank, scaling }, with rank 0 for a module the adapter lacks, and DoRA's factors [slots, out] (1 for a
 // plain LoRA slot). Router weights stay per adapter.
 import { packLoraSlots, type LoraSlotInfo } from "../gpu/layouts.ts";
-import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
+import { EXPERT_MODULES, storedRank, type ExpertModule, type MoeRouting } from "../../compiler/model.ts";
 import type { Plan } from "../package/format.ts";
 import { rationalInit } from "../../compiler/rational.ts";
-import { loraKey, type LoadedAdapter, type LoraKey, type RouterWeights } from "../formats/adapter.ts";
+import { loraKey, moeRouterKey, type LoadedAdapter, type LoraKey, type MoeRouterKey, type RouterWeights } from "../formats/adapter.ts";
 import { createStorage } from "../gpu/kernel-runner.ts";
 import { MiloraError } from "../errors.ts";
 import { adapterDoraFactors } from "./dora.ts";
@@ -38,6 +38,15 @@ export interface GpuRouter {
   readonly rational?: GPUBuffer;
 }
 
+/**
+ * A per-token Mixture-of-LoRA router of every slot (plan.moe): weight [slots, E, in], and per slot
+ * whether it routes here (1) or is a plain LoRA adapter's (0, so its rows run plain LoRA).
+ */
+export interface StackedMoeRouter {
+  readonly weight: GPUBuffer;
+  readonly routed: GPUBuffer;
+}
+
 export interface Tenant {
   readonly name: string;
   /** Its index in every stacked buffer (the LoRA kernels' rowAdapter value). */
@@ -65,6 +74,8 @@ export class AdapterStore {
   readonly #plan: Plan<ExpertModule>;
   readonly #checkpointDir: string;
   readonly #stacks: StackedLora[][];
+  /** plan.moe's routers: per (layer, module) for per_module, per (layer, "ffn") for per_ffn. */
+  readonly #moeRouters = new Map<MoeRouterKey, StackedMoeRouter>();
   readonly #resident = new Map<string, Tenant>();
   readonly #free: number[];
 
@@ -91,6 +102,17 @@ export class AdapterStore {
       }),
     );
     this.#free = Array.from({ length: slots }, (_, i) => slots - 1 - i);
+    const moe = plan.moe;
+    for (let layer = 0; moe && layer < plan.dims.layers; layer++) {
+      const places: [MoeRouterKey, number][] =
+        moe.placement === "per_ffn" ? [[moeRouterKey(layer, "ffn"), plan.dims.hidden]] : EXPERT_MODULES.map((m) => [moeRouterKey(layer, m), moduleShape(plan, m)[1]]);
+      for (const [key, inF] of places) {
+        this.#moeRouters.set(key, {
+          weight: createStorage(device, slots * moe.experts * inF * 4, `moe router ${key} weight`),
+          routed: createStorage(device, slots * 4, `moe router ${key} routed slots`),
+        });
+      }
+    }
   }
 
   /** Uploads an adapter into a free slot. Throws AdapterStoreError naming what does not fit. */
@@ -122,6 +144,12 @@ export class AdapterStore {
         // every module, so no factor of a DoRA adapter that held the slot before is left behind
         queue.writeBuffer(stack.dora, slot * out * 4, dora.get(loraKey(layer, m)) ?? new Float32Array(out).fill(1));
       });
+    }
+    // Every MoE router's flag of this slot, so none of a routed adapter that held the slot before is left on.
+    for (const [key, stack] of this.#moeRouters) {
+      const w = adapter.moeRouters?.get(key);
+      if (w) queue.writeBuffer(stack.weight, slot * w.length * 4, w);
+      queue.writeBuffer(stack.routed, slot * 4, Uint32Array.of(w ? 1 : 0));
     }
     const routers = new Map<number, GpuRouter>();
     // The rational activation's coefficients, a then b: the adapter's, else the GELU-fit initialisation.
@@ -161,6 +189,11 @@ export class AdapterStore {
     return [...this.#resident.keys()];
   }
 
+  /** plan.moe's router of every slot at `key`; undefined when the plan routes nothing there. */
+  moeRouter(key: MoeRouterKey): StackedMoeRouter | undefined {
+    return this.#moeRouters.get(key);
+  }
+
   /** The stacked buffers of one (layer, module). */
   stack(layer: number, module: ExpertModule): StackedLora {
     return this.#stacks[layer]![EXPERT_MODULES.indexOf(module)]!;
@@ -169,6 +202,7 @@ export class AdapterStore {
   destroy(): void {
     for (const name of this.names()) this.remove(name);
     for (const s of this.#stacks.flat()) for (const b of [s.a, s.b, s.slots, s.dora]) b.destroy();
+    for (const r of this.#moeRouters.values()) for (const b of [r.weight, r.routed]) b.destroy();
   }
 
   #problems(adapter: LoadedAdapter): string[] {
@@ -183,12 +217,19 @@ export class AdapterStore {
       ["kv_heads", base.kvHeads, d.kvHeads],
     ];
     for (const [key, theirs, ours] of pairs) if (theirs !== ours) problems.push(`its base ${base.name} has ${key} ${theirs}, the engine's ${this.#plan.base} ${ours}`);
+    const moe = adapter.spec.moe;
+    const planMoe = this.#plan.moe;
+    if (moe !== undefined && (planMoe === undefined || planMoe.placement !== moe.placement || planMoe.experts !== moe.experts || !sameSelection(planMoe.selection, moe.selection))) {
+      const describe = (m: typeof moe) => `${m.placement} routing over ${m.experts} experts (${m.selection.rule === "top_k" ? `top_k ${m.selection.k}${m.selection.renormalize ? " renormalize" : ""}` : "dense"})`;
+      problems.push(`it has ${describe(moe)}, but the engine's kernels were made for ${planMoe ? describe(planMoe) : "no per-token routing"}: serve it with an engine planned for its spec`);
+    }
     for (const e of adapter.spec.experts) {
       if (e.dora && adapter.lora.get(loraKey(e.layer, e.module))?.magnitude?.length !== e.outFeatures) {
         problems.push(`layer ${e.layer} ${e.module} is DoRA but has no magnitude vector of ${e.outFeatures} values`);
       }
-      if (e.rank > this.#plan.maxLoraRank) {
-        problems.push(`layer ${e.layer} ${e.module} has rank ${e.rank}, above the engine's largest LoRA rank ${this.#plan.maxLoraRank} (option maxLoraRank)`);
+      const rank = storedRank(adapter.spec, e);
+      if (rank > this.#plan.maxLoraRank) {
+        problems.push(`layer ${e.layer} ${e.module} has rank ${rank}${rank === e.rank ? "" : ` (${adapter.spec.moe!.experts} experts of rank ${e.rank})`}, above the engine's largest LoRA rank ${this.#plan.maxLoraRank} (option maxLoraRank)`);
       }
     }
     return problems;
@@ -200,4 +241,8 @@ function moduleShape(plan: Plan, module: ExpertModule): [number, number] {
   const t = plan.tensors.find((t) => t.role === "linear" && t.module === module);
   if (t === undefined || t.shape.length !== 2) throw new AdapterStoreError(`the plan has no linear weight for ${module}`);
   return [t.shape[0]!, t.shape[1]!];
+}
+
+function sameSelection(a: MoeRouting["selection"], b: MoeRouting["selection"]): boolean {
+  return a.rule === b.rule && (a.rule === "dense" || (b.rule === "top_k" && a.k === b.k && a.renormalize === b.renormalize));
 }

@@ -64,3 +64,6 @@ export const BEAM_CANDIDATE_WORDS = 2;
 export const ADJUST_ROW_WORDS = 4;
 /** u32 words per entry: token, mulPos (f32), mulNeg (f32), add (f32); the transform is x' = (x > 0 ? x * mulPos : x * mulNeg) + add. */
 export const ADJUST_ENTRY_WORDS = 4;
+
+/** Bytes of one per_ffn expert choice { expert: u32, weight: f32 } (compiler/kernels/moe.ts). */
+export const CHOICE_BYTES = 8;

@@ -18,8 +18,10 @@ export const COMPILER_VERSION = "0.1.0";
  * base product fused one); an expert may say `dora: true`.
  * 8: rotary scaling (`ropeScaling` of the base and of the plan's dims; a dynamic rope kernel binds
  * `lengths`), so a runtime without it refuses a scaled package instead of running plain RoPE.
+ * 9: per-token Mixture-of-LoRA baselines (`moe` of the adapter and the plan; per_ffn's feed-forward
+ * passes as `copy`, `lora`, `moe_route` and `moe_mix` ops; MoE variants of the LoRA shrink kernel).
  */
-export const MANIFEST_FORMAT = 8;
+export const MANIFEST_FORMAT = 9;
 export const MANIFEST_FILE = "manifest.json";
 
 /**
@@ -129,7 +131,7 @@ export interface PlanTensor<M extends string = string> {
   readonly splittable: boolean;
 }
 
-export const ACTIVATION_NAMES = ["x", "h", "xn", "q", "k", "v", "attn", "gate", "up", "act", "out", "outNorm", "logits"] as const;
+export const ACTIVATION_NAMES = ["x", "h", "xn", "q", "k", "v", "attn", "gate", "up", "act", "gateBase", "upBase", "ffn", "out", "outNorm", "logits"] as const;
 /** The activation buffers of one forward step, each [rows, width] f32. */
 export type ActivationName = (typeof ACTIVATION_NAMES)[number];
 
@@ -184,6 +186,14 @@ export type PlanOp<M extends string = string> =
     }
   /** A linear module's bias (`weight`: its tensor template) added to `output` in place. */
   | { readonly op: "bias"; readonly kernel: string; readonly weight: string; readonly output: ActivationName }
+  /** `to` = `from` (same width): a per_ffn pass starts from the base products computed once. */
+  | { readonly op: "copy"; readonly from: ActivationName; readonly to: ActivationName }
+  /** A module's LoRA update alone, added to `output` (its base product is already there). */
+  | { readonly op: "lora"; readonly module: M; readonly input: ActivationName; readonly output: ActivationName; readonly lora: PlanLora }
+  /** per_ffn: each row's expert choices for the layer's feed-forward passes, routed on `input`. */
+  | { readonly op: "moe_route"; readonly kernel: string; readonly input: ActivationName }
+  /** per_ffn: `output` = (pass 0 ? `residual` : `output`) + the row's pass weight * `input`. */
+  | { readonly op: "moe_mix"; readonly kernel: string; readonly pass: number; readonly input: ActivationName; readonly residual: ActivationName; readonly output: ActivationName }
   | { readonly op: "sample"; readonly kernel: string; readonly logits: ActivationName };
 
 /**
@@ -194,6 +204,8 @@ export interface PlanLora {
   readonly shrink: string;
   readonly expand: string;
   readonly gateColumn: number;
+  /** per_ffn: the feed-forward pass (the row's choice) whose expert this LoRA runs. */
+  readonly pass?: number;
 }
 
 /** A linear kernel pair specialised for a row block of `rows` output features of a split weight. */
@@ -237,6 +249,8 @@ export const KERNEL_FAMILIES = [
   "beam_topk",
   "logit_adjust",
   "chosen_logprob",
+  "moe_route",
+  "moe_mix",
 ] as const;
 export type KernelFamily = (typeof KERNEL_FAMILIES)[number];
 
@@ -264,7 +278,7 @@ export const FAMILY_BINDINGS = {
   scale: ["x", "params"],
   bias: ["bias", "y", "params"],
   sampling: ["logits", "settings", "tokens", "params"],
-  lora_shrink: ["x", "a", "slots", "rowAdapter", "gates", "t", "params"],
+  lora_shrink: ["x", "a", "slots", "rowAdapter", "gates", "router?", "routed?", "choice?", "t", "params"],
   lora_expand: ["t", "b", "slots", "rowAdapter", "gates", "dora", "residual?", "y", "params"],
   router_score: ["h", "pooler", "scores", "params"],
   router_pool: ["h", "ranges", "scores?", "pooled", "params"],
@@ -272,6 +286,8 @@ export const FAMILY_BINDINGS = {
   beam_topk: ["logits", "candidates", "params"],
   logit_adjust: ["logits", "info", "entries", "work", "params"],
   chosen_logprob: ["logits", "tokens", "out", "params"],
+  moe_route: ["x", "weight", "routed", "rowAdapter", "choice", "params"],
+  moe_mix: ["x", "residual", "choice", "y", "params"],
 } as const satisfies Record<KernelFamily, readonly string[]>;
 
 /** A family's binding names, `?` (optional bindings) stripped. */
@@ -313,6 +329,8 @@ export interface Plan<M extends string = string> {
   readonly routers: readonly PlanRouterLayer<M>[];
   /** The router configuration `routers` was made for (absent when there are none). */
   readonly router?: ManifestRouter;
+  /** The per-token Mixture-of-LoRA routing the plan's MoE kernels were made for (absent for others). */
+  readonly moe?: ManifestMoe;
   /** Beam search's log-softmax top-k over the logits (key into kernels). */
   readonly beamTopK: string;
   /**
@@ -377,13 +395,22 @@ export interface ManifestRouter {
   readonly balance: number;
 }
 
+/** A per-token Mixture-of-LoRA baseline's routing (compiler/model.ts MoeRouting). */
+export interface ManifestMoe {
+  readonly placement: "per_module" | "per_ffn";
+  readonly experts: number;
+  readonly selection: Extract<ManifestSelection, { rule: "top_k" | "dense" }>;
+  readonly balance: number;
+}
+
 export interface ManifestAdapter {
   readonly name: string;
   readonly extends?: string;
   readonly layers: readonly number[];
   readonly experts: readonly ManifestExpert[];
-  /** Absent for plain LoRA (`router off`). */
+  /** Absent for plain LoRA (`router off`) and for a per-token baseline. */
   readonly router?: ManifestRouter;
+  readonly moe?: ManifestMoe;
 }
 
 /** A kernel of the package: its key in the plan, its WGSL file, and the interface it is run with. */
@@ -496,7 +523,7 @@ const planOp = tagged("op", {
     weight: str,
     output: act,
     "residual?": act,
-    "lora?": obj({ shrink: str, expand: str, gateColumn: int }),
+    "lora?": obj({ shrink: str, expand: str, gateColumn: int, "pass?": int }),
     "blocks?": arr(obj({ rows: int, matmul: str, matvec: str })),
   },
   rope: { kernel: str, q: act, k: act },
@@ -506,6 +533,10 @@ const planOp = tagged("op", {
   geglu: { kernel: str, gate: act, up: act, output: act },
   bias: { kernel: str, weight: str, output: act },
   sample: { kernel: str, logits: act },
+  copy: { from: act, to: act },
+  lora: { module: str, input: act, output: act, lora: obj({ shrink: str, expand: str, gateColumn: int, "pass?": int }) },
+  moe_route: { kernel: str, input: act },
+  moe_mix: { kernel: str, pass: int, input: act, residual: act, output: act },
 });
 
 /** A router configuration: the adapter's, and the one the plan's router kernels were made for. */
@@ -518,6 +549,13 @@ const router: Check = obj({
   "rational?": obj({ numerator: int, denominator: int }),
   when: oneOf(["prompt", "token"]),
   noise: bool,
+  balance: num,
+});
+
+const moe: Check = obj({
+  placement: oneOf(["per_module", "per_ffn"]),
+  experts: int,
+  selection: tagged("rule", { top_k: { k: int, renormalize: bool }, dense: {} }),
   balance: num,
 });
 
@@ -555,6 +593,7 @@ const plan: Check = obj({
   maxBindingBytes: int,
   routers: arr(obj({ layer: int, experts: arr(str), "score?": str, "pool?": str, gate: str })),
   "router?": router,
+  "moe?": moe,
   beamTopK: str,
   "logitAdjust?": str,
   "chosenLogprob?": str,
@@ -589,6 +628,7 @@ const manifest: Check = obj({
     layers: arr(int),
     experts: arr(obj({ layer: int, module: str, inFeatures: int, outFeatures: int, rank: int, alpha: num, dropout: num, rslora: bool, "dora?": oneOf([true]), scaling: num })),
     "router?": router,
+    "moe?": moe,
   }),
   plan,
   budget: anyObject,
@@ -649,7 +689,13 @@ export function interfaceProblem(family: KernelFamily, k: Pick<KernelInterface, 
 /** Every kernel key the plan's ops, routers and beam search name. */
 export function planKernelKeys(plan: Plan): string[] {
   const ops = [...plan.layer, ...plan.head].flatMap((op) =>
-    op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])] : [op.kernel],
+    op.op === "linear"
+      ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])]
+      : op.op === "lora"
+        ? [op.lora.shrink, op.lora.expand]
+        : op.op === "copy"
+          ? []
+          : [op.kernel],
   );
   const routers = plan.routers.flatMap((r) => [r.score, r.pool, r.gate].filter((k): k is string => k !== undefined));
   return [...ops, ...routers, plan.beamTopK, ...[plan.logitAdjust, plan.chosenLogprob, plan.embeddingScale].filter((k): k is string => k !== undefined)];

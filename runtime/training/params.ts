@@ -10,10 +10,18 @@ import { createStorage, readBuffer } from "../gpu/kernel-runner.ts";
 import { userError } from "../errors.ts";
 
 /**
- * Refuses an adapter whose experts use DoRA: the training graph has no gradient for DoRA's magnitude
- * (nor its scaling of the base product), so it would silently train plain LoRA instead.
+ * Refuses what the training graph has no gradient for, rather than silently training something else:
+ * DoRA's magnitude (and its scaling of the base product), and the per-token routers of the
+ * Mixture-of-LoRA baselines (per_module, per_ffn), which inference runs but training does not yet.
  */
-export function refuseDoraTraining(spec: Adapter): void {
+export function refuseUntrainable(spec: Adapter): void {
+  if (spec.moe) {
+    throw userError(
+      "unsupported",
+      `adapter ${spec.name} routes every token ${spec.moe.placement}: milora train does not train the Mixture-of-LoRA baselines yet (milora run, serve and bench run them); ` +
+        "train a per_ffn adapter with MoE-PEFT and load it here, or train a MiLoRA (per_layer) or plain LoRA adapter",
+    );
+  }
   const dora = spec.experts.find((e) => e.dora);
   if (dora) {
     throw userError(
@@ -120,7 +128,7 @@ export class TrainableParams {
     readonly adapter: LoadedAdapter,
   ) {
     const spec = adapter.spec;
-    refuseDoraTraining(spec);
+    refuseUntrainable(spec);
     this.lora = spec.experts.map((e) => {
       const w = adapter.lora.get(loraKey(e.layer, e.module));
       if (!w) throw new Error(`adapter ${adapter.name}: no LoRA weights for layer ${e.layer} ${e.module}`);

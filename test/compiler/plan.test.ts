@@ -18,7 +18,9 @@ const tied = { ...gqa, tieEmbeddings: true };
 
 /** Every kernel key an op names. */
 function keysOf(ops: readonly PlanOp[]): string[] {
-  return ops.flatMap((op) => (op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : [])] : [op.kernel]));
+  return ops.flatMap((op) =>
+    op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : [])] : op.op === "lora" ? [op.lora.shrink, op.lora.expand] : op.op === "copy" ? [] : [op.kernel],
+  );
 }
 
 test("the tensor table is exactly what a LLaMA checkpoint holds, with GQA widths", () => {
