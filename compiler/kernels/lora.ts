@@ -135,19 +135,14 @@ ${route!.body}
       ? "expert_gate[min(j / expert_rank, " + (E - 1) + "u)]"
       : moe === "pass"
         ? `select(select(0.0, 1.0, j / expert_rank == picked.expert), 1.0, picked.expert == ${NO_EXPERT}u) * select(1.0, 0.0, picked.weight == 0.0)`
-        : "1.0";
+        : "";
   return kernelSource({
     name: "lora_shrink",
     constants: { inFeatures, maxRank, ...(moe ? { moe, experts: selection!.experts, topK: selection!.topK, ...(moe === "route" ? { renormalize: selection!.renormalize } : {}) } : {}) },
     storage: [x.decl, a.decl, ...SELECTION_BUFFERS, ...moeBuffers, { name: "t", access: "read_write", type: "array<f32>" }],
     params: moe === "pass" ? [...PARAMS, { name: "ffnPass", type: "u32" }] : PARAMS,
     body: /* wgsl */ `
-${ROW_SELECTION}
-${moe ? CHOICE_STRUCT : ""}
-${x.wgsl}
-${a.wgsl}
-${router ? router.wgsl : ""}
-${route ? route.decls : moe === "pass" ? "" : ""}
+${[ROW_SELECTION, ...(moe ? [CHOICE_STRUCT] : []), x.wgsl, a.wgsl, ...(router ? [router.wgsl, route!.decls] : [])].join("\n")}
 
 var<workgroup> partial: array<f32, ${WORKGROUP}>;
 
@@ -161,8 +156,8 @@ fn main(${GROUP_BUILTINS}) {
   let step = lid / ${LANES}u;${prologue}
   for (var j0 = 0u; j0 < rank; j0 += ${RANKS_PER_STEP}u) {
     let j = j0 + step;
-    var acc = 0.0;
-    let gate = ${moe ? `select(0.0, ${gateOf}, j < rank)` : "1.0"};
+    var acc = 0.0;${moe ? `
+    let gate = select(0.0, ${gateOf}, j < rank);` : ""}
     if (j < rank${moe ? " && gate != 0.0" : ""}) {
       for (var q = lane; q < ${x.quads}u; q += ${LANES}u) { acc += dot(load_x(row, q), load_a(s * ${maxRank}u + j, q)); }
     }
