@@ -352,7 +352,7 @@ export class AdapterChecker {
       }
     } else {
       if (!cells.some((c) => FFN_MODULES.includes(c.module))) {
-        this.r.report("MIL219", at, `adapter \`${name}\` routes per_ffn but enables none of ${FFN_MODULES.join(", ")}: its experts live in the MLP`, "add a line such as `experts mlp { rank 8 }`");
+        this.r.report("MIL219", at, `adapter \`${name}\` routes per_ffn but enables none of ${FFN_MODULES.join(", ")}: its experts live in the MLP`, "add a line such as `experts mlp.* { rank 8 }`");
       }
       const wide = cells.find((c) => storedRank({ moe }, { module: c.module, rank: rankOf(c) }) > MAX_STACKED_RANK);
       if (wide !== undefined) {
