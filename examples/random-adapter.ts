@@ -1,13 +1,23 @@
 // Writes adapters with seeded random weights, for tests, the README demo and benchmarks: MiLoRA
-// adapters for a checked spec, and plain PEFT LoRA adapters. Run it to make an adapter of a spec:
+// adapters for a checked spec (per_module and per_ffn baselines included), and plain PEFT LoRA adapters. Run it to make an adapter of a spec:
 //   node --import tsx examples/random-adapter.ts examples/llama-tiny.milora ADAPTER adapters/a --seed 7
 import { resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { pathToFileURL } from "node:url";
-import type { Adapter, BaseModel, ExpertModule } from "../compiler/model.ts";
+import { FFN_MODULES, storedRank, type Adapter, type BaseModel, type ExpertModule } from "../compiler/model.ts";
 import { rationalInit } from "../compiler/rational.ts";
 import { loraSlot } from "../runtime/formats/adapter-config.ts";
-import { layerExperts, loraKey, writeAdapter, type LoadedAdapter, type LoraKey, type LoraWeights, type RouterWeights } from "../runtime/formats/adapter.ts";
+import {
+  layerExperts,
+  loraKey,
+  moeRouterKey,
+  writeAdapter,
+  type LoadedAdapter,
+  type LoraKey,
+  type LoraWeights,
+  type MoeRouterKey,
+  type RouterWeights,
+} from "../runtime/formats/adapter.ts";
 import { loraRowNorms } from "../runtime/engine/dora.ts";
 import { seededNormal } from "./random-checkpoint.ts";
 
@@ -16,6 +26,11 @@ export interface RandomAdapterOptions {
   readonly seed: number;
   /** Size of the LoRA update relative to the base module's output; 0.5 unless given. */
   readonly scale?: number;
+  /**
+   * Spread of the router logits for an input of unit-size entries: router weights are drawn with standard
+   * deviation routerScale / sqrt(in), so logits are about routerScale apart; 4 unless given.
+   */
+  readonly routerScale?: number;
   /** The name the adapter is addressed by; the spec's name unless given. */
   readonly name?: string;
   /** A base weight [out, in] as f32: needed for DoRA experts, whose magnitudes are drawn near its row norms. */
@@ -24,37 +39,58 @@ export interface RandomAdapterOptions {
 
 /**
  * An adapter with random weights for `spec`. B is not zero, so the LoRA changes the logits; router
- * weights are large enough that different prompts pick different experts. The same options give the
+ * weights are large enough that different prompts (or, per token, different tokens) pick different
+ * experts. A per_module or per_ffn spec (spec.moe) gets LoRA of storedRank() rows (a per_ffn MLP module
+ * its experts stacked) and a router [num_experts, in] per module or per layer. The same options give the
  * same weights.
  */
 export function randomAdapter(o: RandomAdapterOptions): LoadedAdapter {
   const { spec } = o;
   const scale = o.scale ?? 0.5;
+  const routerScale = o.routerScale ?? 4;
   const normal = seededNormal(o.seed);
   const gaussian = (length: number, std: number) => Float32Array.from({ length }, () => std * normal());
   const lora = new Map<LoraKey, LoraWeights>();
   for (const e of spec.experts) {
-    // A x has entries of the size of x; B is scaled so that scaling * B A x is `scale` times W x.
-    const a = gaussian(e.rank * e.inFeatures, 1 / Math.sqrt(e.inFeatures));
-    const b = gaussian(e.outFeatures * e.rank, scale / (e.scaling * Math.sqrt(e.rank)));
-    const weights: LoraWeights = { a, b, rank: e.rank, scaling: e.scaling };
+    // A x has entries of the size of x; B is scaled so that scaling * B A x is `scale` times W x (for a
+    // per_ffn expert: each expert's own rank-r update, of which the router mixes k with gates summing to 1).
+    const rank = storedRank(spec, e);
+    const a = gaussian(rank * e.inFeatures, 1 / Math.sqrt(e.inFeatures));
+    const b = gaussian(e.outFeatures * rank, scale / (e.scaling * Math.sqrt(e.rank)));
+    const weights: LoraWeights = { a, b, rank, scaling: e.scaling };
     if (!e.dora) {
       lora.set(loraKey(e.layer, e.module), weights);
       continue;
     }
+    if (spec.moe) throw new Error(`random adapter ${spec.name}: layer ${e.layer} ${e.module} is DoRA under a ${spec.moe.placement} router, which has no DoRA (MIL217)`);
     if (!o.baseWeight) throw new Error(`random adapter ${spec.name}: layer ${e.layer} ${e.module} is DoRA, whose magnitudes need the base weights (option baseWeight)`);
     // PEFT starts m at ||W + s B A||_row (factor 1); training moves it: here by about 10% per row.
     const norms = loraRowNorms(o.baseWeight(e.layer, e.module), weights);
     lora.set(loraKey(e.layer, e.module), { ...weights, magnitude: Float32Array.from(norms, (n) => n * (1 + 0.1 * normal())) });
   }
   const name = o.name ?? spec.name;
+  if (spec.moe) {
+    // Logits a few units apart, so each token's choice follows the token rather than being near a tie.
+    const moeRouters = new Map<MoeRouterKey, Float32Array>();
+    const experts = spec.moe.experts;
+    if (spec.moe.placement === "per_module") {
+      for (const e of spec.experts) moeRouters.set(moeRouterKey(e.layer, e.module), gaussian(experts * e.inFeatures, routerScale / Math.sqrt(e.inFeatures)));
+    } else {
+      const hidden = spec.base.hiddenSize;
+      for (const layer of spec.layers) {
+        if (!spec.experts.some((e) => e.layer === layer && FFN_MODULES.includes(e.module))) continue;
+        moeRouters.set(moeRouterKey(layer, "ffn"), gaussian(experts * hidden, routerScale / Math.sqrt(hidden)));
+      }
+    }
+    return { name, spec, lora, moeRouters };
+  }
   if (!spec.router) return { name, spec, lora };
   const hidden = spec.base.hiddenSize;
   const router = new Map<number, RouterWeights>();
   for (const layer of spec.layers) {
     const experts = layerExperts(spec, layer);
     // Gate logits a few units apart, so the choice follows the prompt rather than being near a tie.
-    const gate = gaussian(experts.length * hidden, 4 / Math.sqrt(hidden));
+    const gate = gaussian(experts.length * hidden, routerScale / Math.sqrt(hidden));
     const noise = gaussian(experts.length * hidden, 1 / Math.sqrt(hidden));
     // w_sa: attention scores a few units apart across the prompt, so the weights are far from uniform.
     const pooler = spec.router.pooling === "attention" ? gaussian(hidden, 2 / Math.sqrt(hidden)) : undefined;
