@@ -4,7 +4,7 @@ import type { AdapterDecl, BaseDecl, ExpertsStmt, LayerOverride, Property, Route
 import { applyRouter, type Routing } from "./check-router.ts";
 import { LORA_DEFAULTS, ROUTER_DEFAULTS } from "./defaults.ts";
 import { allLayers, layerList } from "./layers.ts";
-import { MAX_RANK } from "./limits.ts";
+import { MAX_RANK, MAX_STACKED_RANK } from "./limits.ts";
 import {
   EXPERT_MODULES,
   FFN_MODULES,
@@ -361,9 +361,6 @@ export class AdapterChecker {
     }
   }
 }
-
-/** The largest rank a module's stacked LoRA may have on the GPU (the plan's maxLoraRank bound). */
-const MAX_STACKED_RANK = 256;
 
 function cloneState(s: AdapterState): AdapterState {
   return {

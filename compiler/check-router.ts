@@ -6,6 +6,7 @@ import type { Activation, MoePlacement, MoeRouting, Pooling, RouterConfig, Routi
 import { RATIONAL_DEFAULT_ORDERS, RATIONAL_ORDER_LIMITS, type RationalOrders } from "./rational.ts";
 import type { Reporter } from "./reporter.ts";
 import { didYouMean } from "./suggest.ts";
+import { MAX_MOE_EXPERTS } from "./limits.ts";
 import { booleanValue, choiceValue, knownProperties, numberValue } from "./values.ts";
 
 const POOLINGS: readonly Pooling[] = ["last", "mean", "max", "attention"];
@@ -16,8 +17,6 @@ const PLACEMENTS = ["per_layer", "per_module", "per_ffn"] as const;
 /** Keys of MiLoRA's per-layer router only: a per-token baseline's router reads each token's own input, plainly. */
 const LAYER_ROUTER_KEYS = ["input", "pooling", "activation", "when", "noise"];
 const ROUTER_KEYS = ["placement", ...LAYER_ROUTER_KEYS, "balance", "num_experts"];
-/** How many experts a per_module or per_ffn router may choose among. */
-export const MAX_MOE_EXPERTS = 64;
 
 /** An adapter's routing: MiLoRA's router, a per-token baseline's (`moe`), or neither (plain LoRA). */
 export interface Routing {

@@ -27,6 +27,11 @@ export const MAX_HEAD_DIM = BASE_LIMITS.headDim!;
 /** The largest base. Layer grids, layer lists and per-layer tensor lists are bounded by it. */
 export const MAX_LAYERS = BASE_LIMITS.layers!;
 
+/** How many experts a per_module or per_ffn router may choose among (the MoE kernels' bound). */
+export const MAX_MOE_EXPERTS = 64;
+/** The largest rank a module's LoRA may have on the GPU once a per_ffn adapter stacks its experts (the planner's maxLoraRank bound). */
+export const MAX_STACKED_RANK = 256;
+
 /** The largest LoRA rank: published adapters use 4 to 256, and rank above the hidden size adds nothing. */
 export const MAX_RANK = 4096;
 

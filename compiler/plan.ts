@@ -42,6 +42,7 @@ import type {
 import { checkpointTensors, familyNamed, layerTemplate, widthsOf } from "./families.ts";
 import { EXPERT_MODULES, storedRank, type Adapter, type BaseModel, type ExpertModule, type MoeRouting, type RouterConfig } from "./model.ts";
 import { MiloraError } from "../runtime/errors.ts";
+import { MAX_STACKED_RANK } from "./limits.ts";
 
 /** A base model the planner cannot lower, with the reason in words. */
 export class PlanError extends MiloraError {
@@ -147,8 +148,8 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   const matvecMaxRows = options.matvecMaxRows ?? MATVEC_MAX_ROWS;
   if (!Number.isInteger(matvecMaxRows) || matvecMaxRows < 1)
     throw new PlanError(`base ${base.name}: the matvec row limit must be a whole number of rows, at least 1, got ${matvecMaxRows}`);
-  if (!Number.isInteger(maxLoraRank) || maxLoraRank < 0 || maxLoraRank > 256)
-    throw new PlanError(`base ${base.name}: the largest LoRA rank must be an integer from 0 to 256, got ${maxLoraRank}`);
+  if (!Number.isInteger(maxLoraRank) || maxLoraRank < 0 || maxLoraRank > MAX_STACKED_RANK)
+    throw new PlanError(`base ${base.name}: the largest LoRA rank must be an integer from 0 to ${MAX_STACKED_RANK}, got ${maxLoraRank}`);
   if (!Number.isInteger(ctx) || ctx < 1 || ctx > limit) {
     const what = limit === base.maxPositions ? `max_positions ${limit}` : `${limit} (dynamic rope scaling: factor x max_positions)`;
     throw new PlanError(`base ${base.name}: context ${ctx} must be an integer from 1 to ${what}`);

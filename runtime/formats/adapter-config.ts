@@ -22,7 +22,7 @@ import {
   type RoutingTime,
   type Selection,
 } from "../../compiler/model.ts";
-import { MAX_LAYERS, MAX_RANK } from "../../compiler/limits.ts";
+import { MAX_LAYERS, MAX_MOE_EXPERTS, MAX_RANK } from "../../compiler/limits.ts";
 import { familyOf, moduleShape, modulePath } from "../../compiler/families.ts";
 import { RATIONAL_ORDER_LIMITS } from "../../compiler/rational.ts";
 import { CheckpointError } from "./safetensors.ts";
@@ -49,11 +49,6 @@ export function loraSlot(base: BaseModel, layer: number, module: ExpertModule, o
   return { layer, module, ...moduleShape(base, module), ...o, scaling: loraScaling(o.rank, o.alpha, o.rslora) };
 }
 
-/**
- * The most experts a per_module or per_ffn router may have: the checker's MAX_MOE_EXPERTS
- * (compiler/check-router.ts), repeated here so that the runtime a package carries does not import the checker.
- */
-const MAX_MOE_EXPERTS = 64;
 
 /** Keys a rank_pattern or alpha_pattern may have: above one per module of the largest base milora accepts. */
 const MAX_PATTERN_KEYS = 8192;
