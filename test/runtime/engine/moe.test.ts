@@ -3,22 +3,24 @@
 // of its LoRA) and per_ffn (MixLoRA: a router per layer over feed-forward experts, k passes), each with
 // top_k renormalised, plain top_k and dense gates. Every case compares the logits of every position
 // (prompt and greedy decode, routed afresh at each token) and the generated tokens; then beam search,
-// a batch mixing a routed tenant with plain LoRA and base rows, and the refusals.
-import { mkdtempSync, rmSync } from "node:fs";
+// a batch mixing a routed tenant with plain LoRA and base rows, a MixLoRA adapter written in MoE-PEFT's
+// layout and loaded from its directory, and the refusals.
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { checkSource } from "../../../compiler/check.ts";
 import { readHfConfig } from "../../../compiler/hf-config.ts";
-import type { Adapter } from "../../../compiler/model.ts";
+import type { Adapter, ExpertModule } from "../../../compiler/model.ts";
 import { peftSpec, randomAdapter } from "../../../examples/random-adapter.ts";
-import { writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
-import type { LoadedAdapter } from "../../../runtime/formats/adapter.ts";
+import { mulberry32, writeRandomCheckpoint } from "../../../examples/random-checkpoint.ts";
+import { adapterSpecFromPeft, type LoadedAdapter } from "../../../runtime/formats/adapter.ts";
+import { writeSafetensors, type TensorToWrite } from "../../../runtime/formats/safetensors.ts";
 import { acquireDevice, type GpuContext } from "../../../runtime/gpu/device.ts";
 import { Engine } from "../../../runtime/engine/engine.ts";
 import { plannedEngine } from "../../../bin/engine-plan.ts";
-import { argmax, loadReferenceWeights, referenceLogits } from "../../reference/llama.ts";
+import { argmax, loadReferenceWeights, moduleShape, referenceLogits } from "../../reference/llama.ts";
 import { referenceMiloraLogits } from "../../reference/milora.ts";
 import { referenceMoeGreedy, referenceMoeLogits } from "../../reference/moe-lora.ts";
 import { referenceBeamSearch, logSoftmax } from "../../reference/beam.ts";
@@ -164,6 +166,64 @@ test("a batch mixing a per_ffn tenant, a plain LoRA tenant and a base sequence: 
     assert.equal(results[0]!.tokens, referenceMoeGreedy(base, weights, moe, prompts[0]!, GENERATED).tokens, "per_ffn tenant");
     assert.equal(results[1]!.tokens, greedy((t) => referenceMiloraLogits(base, weights, plain, t).logits, prompts[1]!), "plain LoRA tenant");
     assert.equal(results[2]!.tokens, greedy((t) => referenceLogits(base, weights, t), prompts[2]!), "base sequence");
+  } finally {
+    engine.destroy();
+  }
+});
+
+/**
+ * A MixLoRA adapter as MoE-PEFT exports one (docs/formats.md, "per_ffn"): adapter_config.json with
+ * peft_type MIXLORA, and per layer the attention LoRA `mixlora.layers.{l}.self_attn.{proj}.lora_A/B`,
+ * the router `mixlora.layers.{l}.mlp.moe_gate.weight` [E, hidden] and each expert's LoRA
+ * `mixlora.layers.{l}.mlp.{proj}.experts.{e}.lora_A/B`, every tensor drawn here.
+ */
+function writeMoePeftMixlora(dir: string, o: { experts: number; topK: number; r: number; alpha: number; seed: number }): void {
+  const random = mulberry32(o.seed);
+  const uniform = (n: number, scale: number) => Float32Array.from({ length: n }, () => (random() * 2 - 1) * scale);
+  const tensors: TensorToWrite[] = [];
+  const lora = (prefix: string, module: ExpertModule) => {
+    const [out, inF] = moduleShape(base, module);
+    tensors.push(
+      { name: `${prefix}.lora_A.weight`, dtype: "F32", shape: [o.r, inF], data: uniform(o.r * inF, 1 / Math.sqrt(inF)) },
+      { name: `${prefix}.lora_B.weight`, dtype: "F32", shape: [out, o.r], data: uniform(out * o.r, 0.5 / Math.sqrt(o.r)) },
+    );
+  };
+  for (let layer = 0; layer < base.layers; layer++) {
+    for (const m of ["q_proj", "k_proj", "v_proj", "o_proj"] as const) lora(`mixlora.layers.${layer}.self_attn.${m}`, m);
+    tensors.push({ name: `mixlora.layers.${layer}.mlp.moe_gate.weight`, dtype: "F32", shape: [o.experts, base.hiddenSize], data: uniform(o.experts * base.hiddenSize, 6 / Math.sqrt(base.hiddenSize)) });
+    for (const m of ["gate_proj", "up_proj", "down_proj"] as const) for (let e = 0; e < o.experts; e++) lora(`mixlora.layers.${layer}.mlp.${m}.experts.${e}`, m);
+  }
+  mkdirSync(dir, { recursive: true });
+  const config = {
+    bias: "none",
+    peft_type: "MIXLORA",
+    task_type: "CAUSAL_LM",
+    base_model_name_or_path: "tiny",
+    r: o.r,
+    lora_alpha: o.alpha,
+    lora_dropout: 0.05,
+    target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    routing_strategy: "mixlora",
+    num_experts: o.experts,
+    top_k: o.topK,
+    router_aux_loss_coef: 0.01,
+    router_init_range: 0.02,
+    jitter_noise: 0.0,
+    act_fn: "silu",
+  };
+  writeFileSync(join(dir, "adapter_config.json"), JSON.stringify(config, null, 2));
+  writeSafetensors(join(dir, "adapter_model.safetensors"), tensors, { format: "pt" });
+}
+
+test("a MixLoRA adapter in MoE-PEFT's layout loads from its directory and runs as the reference says", async () => {
+  const dir = join(root, "mixlora-moe-peft");
+  writeMoePeftMixlora(dir, { experts: 4, topK: 2, r: 4, alpha: 8, seed: 41 });
+  const spec = adapterSpecFromPeft(dir, readHfConfig(checkpointDir), "mixlora");
+  assert.equal(spec.moe, { placement: "per_ffn", experts: 4, selection: { rule: "top_k", k: 2, renormalize: true }, balance: 0.01 });
+  const engine = await engineFor(spec);
+  try {
+    const tenant = engine.loadAdapter("mixlora", dir);
+    await compareGreedy(engine, tenant.adapter, "MoE-PEFT MixLoRA");
   } finally {
     engine.destroy();
   }
