@@ -2,7 +2,7 @@
 // runtime a plan with its kernels, as a compiled package does with its manifest and kernel files. The
 // resolver makes the kernels a plan cannot hold in advance (routers of adapters registered at run time
 // under another router, row blocks of a device's smaller binding), with the compiler's generators.
-import type { Adapter, BaseModel } from "../compiler/model.ts";
+import { storedRank, type Adapter, type BaseModel, type MoeRouting } from "../compiler/model.ts";
 import { positionLimit } from "../compiler/rope-scaling.ts";
 import { kernelSources, planBase, plannedKernelSource, routerKernelRequests, type KernelRequest, type Plan } from "../compiler/plan.ts";
 import type { EngineOptions } from "../runtime/engine/engine.ts";
@@ -111,6 +111,35 @@ export const generatingResolver: KernelResolver = {
 };
 
 /**
+ * The spec whose per-token routing an engine must be planned for (its MoE kernels are the plan's, and
+ * serve one routing): the one per_module or per_ffn routing among `specs`, or none. Refuses two.
+ */
+export function moeSpecOf(specs: readonly Adapter[]): Adapter | undefined {
+  const routed = specs.filter((s) => s.moe !== undefined);
+  const [first] = routed;
+  const other = first && routed.find((s) => !sameMoe(s.moe!, first.moe!));
+  if (other) {
+    throw userError("usage", `adapters ${first!.name} (${describeMoe(first!.moe!)}) and ${other.name} (${describeMoe(other.moe!)}) route tokens differently: one engine runs one per-token routing, so run them separately`);
+  }
+  return first;
+}
+
+/** The largest rank the adapters' LoRA has on the GPU (a per_ffn MLP module's experts stacked); undefined for none. */
+export function largestStoredRank(specs: readonly Adapter[]): number | undefined {
+  const ranks = specs.flatMap((a) => a.experts.map((e) => storedRank(a, e)));
+  return ranks.length > 0 ? Math.max(...ranks) : undefined;
+}
+
+function sameMoe(a: MoeRouting, b: MoeRouting): boolean {
+  return describeMoe(a) === describeMoe(b);
+}
+
+function describeMoe(m: MoeRouting): string {
+  const s = m.selection;
+  return `${m.placement}, ${m.experts} experts, ${s.rule === "dense" ? "dense" : `top_k ${s.k}${s.renormalize ? " renormalize" : ""}`}`;
+}
+
+/**
  * The plan `milora serve` runs when no package fixes one: LoRA up to `maxLoraRank` (default the largest
  * rank of the adapters given at start, checked against `adapterSpec` or their own configs; 16 when none is).
  */
@@ -121,16 +150,19 @@ export function servingPlan(setup: {
   readonly maxResidentAdapters: number;
   readonly adapters?: readonly (readonly [string, string])[];
   readonly adapterSpec?: (name: string) => Adapter | undefined;
+  /** A per-token baseline's spec the engine serves (its MoE kernels join the plan), when the source has one. */
+  readonly moeSpec?: Adapter;
   /** `--weights`; and the checkpoint served, whose dtypes set the default (weightsFor). */
   readonly weights?: WeightFormat;
   readonly checkpointDir?: string;
   readonly calibration?: Pick<Calibration, "formats">;
 }): EnginePlan {
   const specs = (setup.adapters ?? []).map(([name, dir]) => setup.adapterSpec?.(name) ?? adapterSpecFromPeft(dir, setup.base, name));
-  const ranks = specs.flatMap((a) => a.experts.map((e) => e.rank));
-  const largest = ranks.length > 0 ? Math.max(...ranks) : DEFAULT_MAX_LORA_RANK;
+  const moe = moeSpecOf([...(setup.moeSpec ? [setup.moeSpec] : []), ...specs]);
+  const largest = largestStoredRank([...(moe ? [moe] : []), ...specs]) ?? DEFAULT_MAX_LORA_RANK;
   return enginePlan({
     base: setup.base,
+    ...(moe === undefined ? {} : { adapter: moe }),
     maxAdapters: setup.maxResidentAdapters,
     maxLoraRank: setup.maxLoraRank ?? largest,
     ...(setup.ctx === undefined ? {} : { ctx: setup.ctx }),

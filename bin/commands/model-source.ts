@@ -13,7 +13,7 @@ import { readCompiledPackage, type CompiledPackage } from "../../runtime/package
 import { CheckpointError } from "../../runtime/formats/safetensors.ts";
 import type { ServingSetup } from "../../runtime/serving/http/start.ts";
 import { userError } from "../../runtime/errors.ts";
-import { enginePlan, type EnginePlan } from "../engine-plan.ts";
+import { enginePlan, largestStoredRank, moeSpecOf, type EnginePlan } from "../engine-plan.ts";
 import type { Calibration } from "../measure/calibration.ts";
 import type { WeightFormat } from "../../runtime/package/format.ts";
 
@@ -85,7 +85,8 @@ export function planOptions(source: ModelSource, sizing: PlanSizing): EnginePlan
   if (pkg) return { plan: pkg.manifest.plan, kernels: pkg.kernels };
   const specs = new Set(sizing.tenants ?? []);
   const [only] = specs;
-  const adapter = specs.size === 1 && source.adapters.includes(only!) ? only : undefined;
+  // A per-token baseline's kernels must be in the plan; MiLoRA's routers the resolver makes at need.
+  const adapter = moeSpecOf([...specs]) ?? (specs.size === 1 && source.adapters.includes(only!) ? only : undefined);
   return enginePlan({
     base: source.base,
     ...(sizing.maxAdapters === undefined ? {} : { maxAdapters: sizing.maxAdapters }),
@@ -113,13 +114,14 @@ export function checkPackageWeights(source: ModelSource, weights: WeightFormat |
  * largest the spec allows, since any adapter registered later matches one of its adapters), and a
  * package's plan and kernel files. Nothing without one: the adapters given at start size the engine.
  */
-export function servingOptions(source: ModelSource): Pick<ServingSetup, "adapterSpec"> & { readonly maxLoraRank?: number; readonly compiled?: EnginePlan } {
+export function servingOptions(source: ModelSource): Pick<ServingSetup, "adapterSpec"> & { readonly maxLoraRank?: number; readonly moeSpec?: Adapter; readonly compiled?: EnginePlan } {
   if (source.path === undefined) return {};
   const adapterSpec = (name: string) => adapterSpecOf(source, name, "DIR");
   const pkg = source.package;
   if (pkg) return { adapterSpec, compiled: { plan: pkg.manifest.plan, kernels: pkg.kernels } };
-  const ranks = source.adapters.flatMap((a) => a.experts.map((e) => e.rank));
-  return { adapterSpec, ...(ranks.length > 0 ? { maxLoraRank: Math.max(...ranks) } : {}) };
+  const largest = largestStoredRank(source.adapters);
+  const moeSpec = moeSpecOf(source.adapters);
+  return { adapterSpec, ...(largest === undefined ? {} : { maxLoraRank: largest }), ...(moeSpec === undefined ? {} : { moeSpec }) };
 }
 
 /** The spec's single base and its adapters; its errors are printed as code frames and refused. */

@@ -20,7 +20,7 @@ import { Tokenizer } from "../../runtime/text/tokenizer.ts";
 import { requireHealthyDevice } from "./self-test.ts";
 import { positionLimit } from "../../compiler/rope-scaling.ts";
 import { adapterSpecOf, modelSource, planOptions, type ModelSource } from "./model-source.ts";
-import { weightsFlag } from "../engine-plan.ts";
+import { largestStoredRank, weightsFlag } from "../engine-plan.ts";
 import { writeRoutingSvg } from "./routing-picture.ts";
 import { deviceCalibration } from "../measure/calibration.ts";
 
@@ -92,7 +92,7 @@ export async function runCommand(spec: string | undefined, opts: RunOptions): Pr
       ...planOptions(source, {
         // The cache holds this run and no more: one sequence of prompt + generated tokens per tenant.
         ctx: Math.min(limit, prompt.length + Math.max(1, maxTokens)),
-        maxLoraRank: Math.max(1, ...adapters.flatMap((a) => a.spec.experts.map((e) => e.rank))),
+        maxLoraRank: Math.max(1, largestStoredRank(adapters.map((a) => a.spec)) ?? 1),
         tenants: adapters.map((a) => a.spec),
         maxAdapters: adapters.length,
         checkpointDir: dir,

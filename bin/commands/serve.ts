@@ -9,6 +9,7 @@ import { userError } from "../../runtime/errors.ts";
 import { acquireDevice, adapterSummary } from "../../runtime/gpu/device.ts";
 import { startServing, type ServingSetup } from "../../runtime/serving/http/start.ts";
 import { servingPlan, weightsFlag, type EnginePlan } from "../engine-plan.ts";
+import type { Adapter } from "../../compiler/model.ts";
 import { checkPackageWeights, modelSource, servingOptions, type ModelSource } from "./model-source.ts";
 import type { WeightFormat } from "../../runtime/package/format.ts";
 import { requireHealthyDevice } from "./self-test.ts";
@@ -137,7 +138,14 @@ function settings(sourcePath: string | undefined, opts: ServeOptions) {
 }
 
 /** Serving settings before planning: what the plan is sized by, or a package's plan. */
-type PlannedSetup = Omit<ServingSetup, "engine"> & { readonly ctx?: number; readonly maxLoraRank?: number; readonly weights?: WeightFormat; readonly compiled?: EnginePlan };
+type PlannedSetup = Omit<ServingSetup, "engine"> & {
+  readonly ctx?: number;
+  readonly maxLoraRank?: number;
+  readonly weights?: WeightFormat;
+  readonly compiled?: EnginePlan;
+  /** The spec's per-token baseline, whose MoE kernels the plan must hold. */
+  readonly moeSpec?: Adapter;
+};
 
 /** The spec's or package's settings, and the context: a package's is fixed when it was compiled. */
 function sourceSettings(source: ModelSource, ctx: number | undefined, weights: WeightFormat | undefined): Partial<PlannedSetup> {
