@@ -109,6 +109,14 @@ function writeIndex(file: SourceFile, input: ApiInput): void {
       ? "No router: plain LoRA, every enabled module always on with gate 1."
       : "The router in front of each layer: it reads the prompt once and its gates are reused for every generated token.",
   );
+  constant(
+    file,
+    "MOE",
+    adapter.moe === undefined ? "null" : `${literal(adapter.moe)} as const`,
+    adapter.moe === undefined
+      ? "No per-token Mixture-of-LoRA routing."
+      : `A per-token Mixture-of-LoRA baseline (${adapter.moe.placement}): its routers choose among experts inside the modules at every token, so route() has no per-layer gates for it.`,
+  );
   const { layers: _layers, modules: _modules, ...totals } = budget;
   constant(file, "BUDGET", `${literal(totals)} as const`, "What the adapter costs (`milora check` prints the same numbers).");
 

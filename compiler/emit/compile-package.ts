@@ -100,6 +100,7 @@ export function compilePackage(options: CompileOptions): CompileResult {
       layers: adapter.layers,
       experts: adapter.experts,
       ...(adapter.router === undefined ? {} : { router: adapter.router }),
+      ...(adapter.moe === undefined ? {} : { moe: adapter.moe }),
     },
     plan,
     budget,

@@ -2,7 +2,7 @@
 // runtime/package/format.ts, which the runtime reads it with; a written manifest is assignable to it.
 import type { AdapterBudget } from "../budget.ts";
 import type { Manifest as FormatManifest } from "../../runtime/package/format.ts";
-import type { BaseModel, ExpertModule, ExpertSlot, RouterConfig } from "../model.ts";
+import type { BaseModel, ExpertModule, ExpertSlot, MoeRouting, RouterConfig } from "../model.ts";
 import type { Plan } from "../plan.ts";
 
 export {
@@ -20,7 +20,7 @@ export type ManifestBase = Omit<BaseModel, "span" | "configPath">;
 /** The manifest as the compiler writes it: the format's, with the compiler's precise types. */
 export interface Manifest extends Omit<FormatManifest<ExpertModule>, "base" | "plan" | "budget" | "adapter"> {
   readonly base: ManifestBase;
-  readonly adapter: { readonly name: string; readonly extends?: string; readonly layers: readonly number[]; readonly experts: readonly ExpertSlot[]; readonly router?: RouterConfig };
+  readonly adapter: { readonly name: string; readonly extends?: string; readonly layers: readonly number[]; readonly experts: readonly ExpertSlot[]; readonly router?: RouterConfig; readonly moe?: MoeRouting };
   readonly plan: Plan;
   readonly budget: AdapterBudget;
 }

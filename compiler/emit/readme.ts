@@ -1,6 +1,6 @@
 // The compiled package's README.md: what the adapter is (modules, ranks, router, budget), the spec it
 // came from, and how to run it from the command line and from TypeScript.
-import type { Adapter, RouterConfig } from "../model.ts";
+import type { Adapter, MoeRouting, RouterConfig } from "../model.ts";
 
 export interface ReadmeInput {
   readonly adapter: Adapter;
@@ -43,7 +43,7 @@ export function renderReadme(r: ReadmeInput): string {
     "",
     "## Router",
     "",
-    ...routerLines(adapter.router),
+    ...(adapter.moe ? moeLines(adapter.moe) : routerLines(adapter.router)),
     "",
     "## Budget",
     "",
@@ -64,6 +64,24 @@ export function renderReadme(r: ReadmeInput): string {
     "- `index.js`, `index.d.ts` (from `src/index.ts`): the typed API; `cli.js`: the command line",
     "",
   ].join("\n");
+}
+
+function moeLines(moe: MoeRouting): string[] {
+  const s = moe.selection;
+  const what =
+    moe.placement === "per_module"
+      ? `a router in every adapted module, over ${moe.experts} experts that split its LoRA's rank (MOELoRA/MoLoRA)`
+      : `a router per layer over ${moe.experts} feed-forward experts, each a full LoRA of the MLP modules (MixLoRA); attention modules are plain LoRA`;
+  return [
+    `Per-token Mixture-of-LoRA baseline: ${what}, routed again at every token.`,
+    "",
+    `| setting | value |`,
+    `|---|---|`,
+    `| placement | ${moe.placement} |`,
+    `| num_experts | ${moe.experts} |`,
+    `| select | ${s.rule === "dense" ? "dense" : `top ${s.k}${s.renormalize ? ", gates renormalised to sum to 1" : ", gates = softmax probabilities over all experts"}`} |`,
+    `| balance (training) | ${moe.balance} |`,
+  ];
 }
 
 function routerLines(router: RouterConfig | undefined): string[] {

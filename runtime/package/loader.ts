@@ -55,6 +55,7 @@ export function readCompiledPackage(location: string | URL): CompiledPackage {
     ...manifest.adapter,
     experts: manifest.adapter.experts as readonly ExpertSlot[],
     ...(manifest.adapter.router === undefined ? {} : { router: manifest.adapter.router as RouterConfig }),
+    ...(manifest.adapter.moe === undefined ? {} : { moe: manifest.adapter.moe }),
     base,
     span,
   };
@@ -229,11 +230,13 @@ export class CompiledModel<Tenant extends string> {
   /**
    * The gates a tenant's routers give each enabled module for `prompt` (0 for modules switched off).
    * Per-token routers decide again at every token: this is their decision at the prompt's last token.
-   * Plain LoRA has gate 1 everywhere and needs no device for it.
+   * Plain LoRA has gate 1 everywhere and needs no device for it. A per-token baseline (per_module,
+   * per_ffn) routes inside its modules at every token and has no per-layer gates to give.
    */
   async route(prompt: Prompt, options: { readonly tenant: Tenant }): Promise<LayerRouting[]> {
     this.#checkTenant(options.tenant);
     const { adapter } = this.pkg;
+    if (adapter.moe) throw new UnsupportedError(`route(): adapter ${adapter.name} routes every token ${adapter.moe.placement} among experts inside its modules, so it has no per-layer gates to report`);
     const ids = this.encode(prompt);
     const enabled = (layer: number) => adapter.experts.filter((e) => e.layer === layer).map((e) => e.module);
     if (adapter.router === undefined) {

@@ -143,6 +143,8 @@ export declare const ROUTER: {
     readonly noise: true;
     readonly balance: 0.01;
 };
+/** No per-token Mixture-of-LoRA routing. */
+export declare const MOE: null;
 /** What the adapter costs (`milora check` prints the same numbers). */
 export declare const BUDGET: {
     readonly loraParams: 9344;

@@ -52,6 +52,9 @@ export const ROUTER = {
   balance: 0.01,
 } as const;
 
+/** No per-token Mixture-of-LoRA routing. */
+export const MOE = null;
+
 /** What the adapter costs (`milora check` prints the same numbers). */
 export const BUDGET = {
   loraParams: 9344,
