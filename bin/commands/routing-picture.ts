@@ -24,11 +24,15 @@ function allOn(spec: Adapter): LayerRouting[] {
 export function routingPanels(runs: readonly RoutingPictureRun[], prompt: readonly number[], decodeOne?: (token: number) => string): RoutingPanel[] {
   return runs.map(({ tenant, result, spec }) => {
     const ids = [...prompt, ...result.tokens];
+    // A per-token baseline chooses experts inside each module: it has no per-layer gates to draw.
+    const moe = spec?.moe;
+    const subtitle =
+      tenant === undefined ? "no adapter: nothing is routed" : moe ? `${moe.placement} routing among experts inside the modules at every token: not drawn` : "no routers (plain LoRA): every module on";
     return {
       title: tenant ?? "base model",
-      routing: result.routing ?? (spec && !spec.router ? allOn(spec) : []),
+      routing: result.routing ?? (spec && !spec.router && !moe ? allOn(spec) : []),
       ...(decodeOne ? { tokens: ids.map(decodeOne) } : {}),
-      ...(result.routing === undefined ? { subtitle: tenant === undefined ? "no adapter: nothing is routed" : "no routers (plain LoRA): every module on" } : {}),
+      ...(result.routing === undefined ? { subtitle } : {}),
     };
   });
 }
