@@ -11,6 +11,7 @@ import type { KernelSource } from "./kernels/kernel.ts";
 import { loraBackwardInputKernel, loraGradAKernel, loraGradBKernel } from "./kernels/lora-backward.ts";
 import { loraExpandKernel, loraShrinkKernel } from "./kernels/lora.ts";
 import { matmulInputGradKernel } from "./kernels/matmul-backward.ts";
+import { loraRankGateKernel, moeBalanceGradKernel, moeBalanceKernel, moeBalanceSumsKernel } from "./kernels/moe-train.ts";
 import { matmulKernel } from "./kernels/matmul.ts";
 import { adamwKernel, sgdKernel } from "./kernels/optimizer.ts";
 import { rmsNormInputGradKernel } from "./kernels/rmsnorm-backward.ts";
@@ -79,6 +80,14 @@ function generate(r: TrainKernelRequest): KernelSource {
       return routerTrainGradKernel(r.constants);
     case "router_balance":
       return routerBalanceKernel(r.constants);
+    case "lora_rank_gate":
+      return loraRankGateKernel(r.constants);
+    case "moe_balance_sums":
+      return moeBalanceSumsKernel(r.constants);
+    case "moe_balance":
+      return moeBalanceKernel(r.constants);
+    case "moe_balance_grad":
+      return moeBalanceGradKernel(r.constants);
   }
 }
 

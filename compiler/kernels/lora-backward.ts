@@ -15,9 +15,23 @@
 // Three kernels, each deterministic (a fixed reduction order, no atomics): lora_backward_input (one
 // workgroup per row: dt, dGate, dx), then lora_grad_b (reads dy, t) and lora_grad_a (reads dt, x).
 // With `accumulate`, dA and dB are added to (gradient accumulation over micro-batches).
+//
+// Rank-gated variant (per_module, MOELoRA: lora_backward_input with `experts` E): the forward's
+// t_gated[r, j] = h_{e(j)}(r) * t[r, j] (moe-train.ts's lora_rank_gate; expert e(j) = j / (rank / E),
+// h read from `expertGates` at row * expertStride + expertOffset + e) went through the expand, so with
+// u = dy[r] B and coef = g * s:
+//   dt[r, j]         = coef * h_{e(j)} * u_j      (the gradient of the ungated t: dA and dx follow from it)
+//   dExpertGates[r, e] = coef * sum over j of e of u_j t[r, j]   [rows, E] (the router's upstream gradient)
+//   dGate[r]         = s * <u, t_gated>            (the module gate's, as without experts)
+// and dB is lora_grad_b on t_gated (dB = coef dy^T t_gated), dA lora_grad_a on this dt.
 import type { KernelSource } from "./kernel.ts";
 import type { LoraConstants } from "./lora.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, vec4Rows } from "./wgsl.ts";
+
+/** lora_backward_input's: with `experts`, the rank-gated variant (above). */
+export interface LoraBackwardInputConstants extends LoraConstants {
+  readonly experts?: number;
+}
 
 export interface LoraBackwardConstants extends LoraConstants {
   /** dA, dB += instead of = (lora_grad_a and lora_grad_b only). */
@@ -66,29 +80,45 @@ const CHUNK_QUADS = 4; // ranks reduced together: 16 at a time
  *             dt (read_write, [rows, R]), dGates (read_write, [rows, gateStride]), dx (read_write, [rows, in])
  *   params:   rows, gateStride, gateIndex, slot
  */
-export function loraBackwardInputKernel(c: LoraConstants): KernelSource {
+export function loraBackwardInputKernel(c: LoraBackwardInputConstants): KernelSource {
   checkConstants(c);
   const { inFeatures, outFeatures, maxRank } = c;
+  const E = c.experts;
+  if (E !== undefined && !(Number.isInteger(E) && E >= 1 && E <= 64)) throw new Error(`LoRA backward: experts must be an integer from 1 to 64, got ${E}`);
   const a = vec4Rows("a", inFeatures);
   const b = vec4Rows("b", maxRank);
+  // The rank's factor in dt, dx and dGate: its expert's gate h_e(j) in the rank-gated variant.
+  const rankGate = (j: string) => (E === undefined ? "" : ` * expert_gate(row, ${j}, rank)`);
   return kernelSource({
     name: "lora_backward_input",
-    constants: { inFeatures, outFeatures, maxRank },
+    constants: { inFeatures, outFeatures, maxRank, ...(E === undefined ? {} : { experts: E }) },
     storage: [
       { name: "dy", access: "read", type: "array<f32>" },
       { name: "t", access: "read", type: "array<f32>" },
       a.decl,
       b.decl,
       ...SELECTION_BUFFERS,
+      ...(E === undefined ? [] : [{ name: "expertGates", access: "read", type: "array<f32>" } as const]),
       { name: "dt", access: "read_write", type: "array<f32>" },
       { name: "dGates", access: "read_write", type: "array<f32>" },
+      ...(E === undefined ? [] : [{ name: "dExpertGates", access: "read_write", type: "array<f32>" } as const]),
       { name: "dx", access: "read_write", type: "array<f32>" },
     ],
-    params: PARAMS,
+    params: E === undefined ? PARAMS : [...PARAMS, { name: "expertStride", type: "u32" }, { name: "expertOffset", type: "u32" }],
     body: /* wgsl */ `
 ${SELECTION}
 ${a.wgsl}
-${b.wgsl}
+${b.wgsl}${
+  E === undefined
+    ? ""
+    : `
+
+// h_e(j) of the row: the gate of the expert owning rank j (rank / E ranks each).
+fn expert_gate(row: u32, j: u32, rank: u32) -> f32 {
+  let e = min(j / max(1u, rank / ${E}u), ${E - 1}u);
+  return expertGates[row * params.expertStride + params.expertOffset + e];
+}`
+}
 
 var<workgroup> partial: array<vec4<f32>, ${CHUNK_QUADS * WORKGROUP}>;
 // dy[row] B, zero past the rank.
@@ -100,7 +130,10 @@ fn main(${GROUP_BUILTINS}) {
   if (row >= params.rows || rowAdapter[row] != params.slot) { return; }
   if (gate_of(row) == 0.0) {
     for (var j = lid; j < ${maxRank}u; j += ${WORKGROUP}u) { dt[row * ${maxRank}u + j] = 0.0; }
-    if (lid == 0u) { dGates[row * params.gateStride + params.gateIndex] = 0.0; }
+    if (lid == 0u) { dGates[row * params.gateStride + params.gateIndex] = 0.0; }${
+      E === undefined ? "" : `
+    for (var e = lid; e < ${E}u; e += ${WORKGROUP}u) { dExpertGates[row * ${E}u + e] = 0.0; }`
+    }
     return;
   }
   let s = params.slot;
@@ -139,17 +172,29 @@ fn main(${GROUP_BUILTINS}) {
   let coef = gate_of(row) * slots[s].scaling;
   for (var j = lid; j < ${maxRank}u; j += ${WORKGROUP}u) {
     var v = 0.0;
-    if (j < rank) { v = coef * u[j]; }
+    if (j < rank) { v = coef * u[j]${rankGate("j")}; }
     dt[row * ${maxRank}u + j] = v;
   }
   if (lid == 0u) {
     var sum = 0.0;
-    for (var j = 0u; j < rank; j++) { sum += t[row * ${maxRank}u + j] * u[j]; }
+    for (var j = 0u; j < rank; j++) { sum += t[row * ${maxRank}u + j]${rankGate("j")} * u[j]; }
     dGates[row * params.gateStride + params.gateIndex] = slots[s].scaling * sum;
+  }${
+    E === undefined
+      ? ""
+      : `
+  // Each expert's gate gradient: its ranks' u_j t_j, summed in rank order.
+  let expertRank = max(1u, rank / ${E}u);
+  for (var e = lid; e < ${E}u; e += ${WORKGROUP}u) {
+    var sum = 0.0;
+    let last = select(min((e + 1u) * expertRank, rank), rank, e == ${E - 1}u);
+    for (var j = e * expertRank; j < last; j++) { sum += t[row * ${maxRank}u + j] * u[j]; }
+    dExpertGates[row * ${E}u + e] = coef * sum;
+  }`
   }
   for (var q = lid; q < ${a.quads}u; q += ${WORKGROUP}u) {
     var acc = vec4<f32>(0.0);
-    for (var j = 0u; j < rank; j++) { acc += (coef * u[j]) * load_a(s * ${maxRank}u + j, q); }
+    for (var j = 0u; j < rank; j++) { acc += (coef * u[j]${rankGate("j")}) * load_a(s * ${maxRank}u + j, q); }
     let k = q * 4u;
     let at = row * ${inFeatures}u + k;
     dx[at] += acc.x;

@@ -56,7 +56,7 @@ export function routerScratchLength(c: RouterTrainConstants, decisions: number, 
  *   dispatch: grid(decisions)
  */
 export function routerTrainBackwardKernel(c: RouterTrainConstants): KernelSource {
-  const { H, N, orders, coefficients: C, prompt, attention, recordWidth: RW, width: SW, dc, dp, dw } = scratchShape(c);
+  const { H, N, orders, coefficients: C, prompt, attention, recordWidth: RW, width: SW, dc, dp, dw, chunk: CH } = scratchShape(c);
   const renormalize = c.renormalize && c.selection.rule !== "dense";
   const storage: StorageDecl[] = [
     { name: "x", access: "read", type: "array<f32>" },
@@ -73,7 +73,7 @@ export function routerTrainBackwardKernel(c: RouterTrainConstants): KernelSource
   ];
   const rational = c.activation === "rational";
   const { numerator: m, denominator: n } = orders;
-  const reduceRows = Math.max(N, C, 1);
+  const reduceRows = Math.max(CH, C, 1);
   // dp of column h given p and dv; for rational also this lane's coefficient partial sums.
   const activationBackward = rational
     ? `let parts = rat_parts(p);
@@ -129,6 +129,7 @@ const SW = ${SW}u;
 ${routerActivationWgsl(c.activation, orders)}
 
 var<workgroup> partial: array<f32, ${reduceRows * WG}>;
+var<workgroup> gateGrad: array<f32, N>;
 var<workgroup> dz: array<f32, N>;
 var<workgroup> attnSum: f32;
 
@@ -160,8 +161,18 @@ ${
   for (var r = first + lid; r < end; r += ${WG}u) {
     for (var e = 0u; e < N; e++) { g[e] += dGates[r * params.gateStride + params.gateIndex0 + e]; }
   }
-  for (var e = 0u; e < N; e++) { partial[e * ${WG}u + lid] = g[e]; }
-  tree(lid, N);
+  for (var e0 = 0u; e0 < N; e0 += ${CH}u) {
+    for (var k = 0u; k < ${CH}u; k++) {
+      if (e0 + k < N) { partial[k * ${WG}u + lid] = g[e0 + k]; }
+    }
+    tree(lid, ${CH}u);
+    if (lid == 0u) {
+      for (var k = 0u; k < ${CH}u; k++) {
+        if (e0 + k < N) { gateGrad[e0 + k] = partial[k * ${WG}u]; }
+      }
+    }
+    workgroupBarrier();
+  }
   if (lid == 0u) {
     var prob: array<f32, N>;
     var gate: array<f32, N>;
@@ -172,7 +183,7 @@ ${
       prob[e] = route[d * RW + e];
       gate[e] = route[d * RW + N + e];
       // Unchosen experts (gate 0) take no gradient, whatever dGates holds there.
-      dg[e] = select(0.0, partial[e * ${WG}u], gate[e] != 0.0);
+      dg[e] = select(0.0, gateGrad[e], gate[e] != 0.0);
       db[e] = route[d * RW + 2u * N + e];
       sb += prob[e] * db[e];
     }

@@ -4,7 +4,8 @@
 // packs whole prompt+answer sequences as rows, needs the full softmax of every decision, and writes
 // gates into every row of a sequence (prompt and completion alike).
 //
-// Per routed layer, with H = hidden, N = experts (the layer's enabled modules, 1..8), D = decisions:
+// Per routed layer, with H = hidden, N = experts (the layer's enabled modules, 1..8; up to 64 for a
+// per_module router, moe-train.ts, which routes each row of one module's input), D = decisions:
 //   prompt routing (`when prompt`): one decision per sequence s (D = S), pooled p_s from the prompt rows
 //     of x: last | mean | max (elementwise) | attention (u_t = x_t . w_sa, a = softmax_t(u), p = sum a_t x_t);
 //   token routing (`when token`): one decision per row (D = rows), p = that row of x (no pooling);
@@ -40,7 +41,7 @@ export type RouterTrainSelection = { readonly rule: "top_k"; readonly k: number 
 
 export interface RouterTrainConstants {
   readonly hidden: number;
-  /** N, the layer's enabled modules (1..8), in the gate table's column order. */
+  /** N, the layer's enabled modules (1..8), in the gate table's column order; a per_module router's experts (up to 64). */
   readonly experts: number;
   readonly when: "prompt" | "token";
   /** Ignored for token routing. */
@@ -54,7 +55,10 @@ export interface RouterTrainConstants {
 }
 
 export const ROUTER_TRAIN_WORKGROUP = 64;
-export const ROUTER_TRAIN_MAX_EXPERTS = 8;
+/** MiLoRA's routers have at most 8 experts (the modules); a per_module router (moe-train.ts) up to 64. */
+export const ROUTER_TRAIN_MAX_EXPERTS = 64;
+/** Experts reduced across the workgroup at once (workgroup memory: ROUTER_TRAIN_CHUNK x 64 floats). */
+export const ROUTER_TRAIN_CHUNK = 8;
 const WG = ROUTER_TRAIN_WORKGROUP;
 const NEG_INF = "-3.0e38";
 
@@ -86,7 +90,7 @@ export function routerTrainShape(c: RouterTrainConstants) {
   const coefficients = c.activation === "rational" ? orders.numerator + 1 + orders.denominator : 0;
   const prompt = c.when === "prompt";
   const attention = prompt && c.pooling === "attention";
-  return { H, N, orders, coefficients, prompt, attention, recordWidth: 3 * N };
+  return { H, N, orders, coefficients, prompt, attention, recordWidth: 3 * N, chunk: Math.min(N, ROUTER_TRAIN_CHUNK) };
 }
 
 /** Floats of the `route` record buffer for `decisions` decisions. */
@@ -252,7 +256,7 @@ function chooseWgsl(s: RouterTrainSelection): string {
  *   dispatch: grid(decisions)
  */
 export function routerTrainForwardKernel(c: RouterTrainConstants): KernelSource {
-  const { H, N, orders, prompt, attention, recordWidth: RW } = routerTrainShape(c);
+  const { H, N, orders, prompt, attention, recordWidth: RW, chunk: CH } = routerTrainShape(c);
   const pooling = c.pooling;
   const storage: StorageDecl[] = [
     { name: "x", access: "read", type: "array<f32>" },
@@ -324,8 +328,9 @@ const N = ${N}u;
 const RW = ${RW}u;
 ${routerActivationWgsl(c.activation, orders)}
 
-var<workgroup> partial: array<f32, ${N * WG}>;
+var<workgroup> partial: array<f32, ${Math.max(CH, 1) * WG}>;
 var<workgroup> stats: array<f32, 2>;
+var<workgroup> logits: array<f32, N>;
 var<workgroup> gateOut: array<f32, N>;
 
 @compute @workgroup_size(${WG})
@@ -349,17 +354,28 @@ ${prompt ? `    {\n      ${pooledValue[pooling]}\n    }\n    pooled[d * H + h] =
     let v = act(p);
     for (var e = 0u; e < N; e++) { acc[e] += v * weight[e * H + h]; }
   }
-  for (var e = 0u; e < N; e++) { partial[e * ${WG}u + lid] = acc[e]; }
-  for (var stride = ${WG / 2}u; stride > 0u; stride /= 2u) {
-    workgroupBarrier();
-    if (lid < stride) {
-      for (var e = 0u; e < N; e++) { partial[e * ${WG}u + lid] += partial[e * ${WG}u + lid + stride]; }
+  // The lanes' partial logits tree-summed, ${CH} experts at a time.
+  for (var e0 = 0u; e0 < N; e0 += ${CH}u) {
+    for (var k = 0u; k < ${CH}u; k++) {
+      if (e0 + k < N) { partial[k * ${WG}u + lid] = acc[e0 + k]; }
     }
+    for (var stride = ${WG / 2}u; stride > 0u; stride /= 2u) {
+      workgroupBarrier();
+      if (lid < stride) {
+        for (var k = 0u; k < ${CH}u; k++) { partial[k * ${WG}u + lid] += partial[k * ${WG}u + lid + stride]; }
+      }
+    }
+    workgroupBarrier();
+    if (lid == 0u) {
+      for (var k = 0u; k < ${CH}u; k++) {
+        if (e0 + k < N) { logits[e0 + k] = partial[k * ${WG}u]; }
+      }
+    }
+    workgroupBarrier();
   }
-  workgroupBarrier();
   if (lid == 0u) {
     var z: array<f32, N>;
-    for (var e = 0u; e < N; e++) { z[e] = partial[e * ${WG}u]; }
+    for (var e = 0u; e < N; e++) { z[e] = logits[e]; }
     var best = 0u;
     for (var e = 1u; e < N; e++) { if (z[e] > z[best]) { best = e; } }
     var ex: array<f32, N>;
@@ -408,7 +424,8 @@ ${
  */
 export function routerBalanceKernel(c: { readonly experts: number }): KernelSource {
   const N = c.experts;
-  if (!Number.isInteger(N) || N < 1 || N > ROUTER_TRAIN_MAX_EXPERTS) throw new Error(`router balance: ${N} experts, expected 1 to ${ROUTER_TRAIN_MAX_EXPERTS}`);
+  // MiLoRA's routers only (a layer's modules); per_module routers balance jointly (moe-train.ts).
+  if (!Number.isInteger(N) || N < 1 || N > 8) throw new Error(`router balance: ${N} experts, expected 1 to 8`);
   return kernelSource({
     name: "router_balance",
     constants: { experts: N },

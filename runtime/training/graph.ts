@@ -8,10 +8,17 @@
 // attention output and its log-sum-exp, h (after the attention residual), xn2, gate, up, act, and each
 // adapted module's shrink output t = A x. The backward recomputes nothing and stores no [rows, rows] or
 // [rows, vocab] gradient beside the logits (the cross-entropy kernel overwrites them with their gradient).
+//
+// A per_module adapter (MOELoRA, compiler/kernels/moe-train.ts) routes every row of each module's input
+// with the module's own router (router-train.ts in token routing over its E experts), keeps the route
+// record (P, the gates) per module, gates t rank by rank by the row's expert gates (t_gated, recomputed
+// in the backward from t and the record), and sums the load-balancing loss over every module's rows at
+// once after the forward; its gradient on P reaches each router's backward through the record.
 import { sequenceBounds, sequencePositions } from "../../compiler/kernels/attention-train.ts";
 import { dropoutParams } from "../../compiler/kernels/dropout.ts";
 import { routerScratchLength } from "../../compiler/kernels/router-train-backward.ts";
 import { routeRecordLength, routerSpans, type RouterTrainConstants } from "../../compiler/kernels/router-train.ts";
+import { moeBalanceLength } from "../../compiler/kernels/moe-train.ts";
 import { ropeConstants } from "../../compiler/kernels/rope.ts";
 import { pcg } from "../../compiler/kernels/sampling.ts";
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
@@ -76,8 +83,18 @@ export interface RunOptions {
   readonly backward: boolean;
   /** Seeds this micro-batch's dropout masks; no dropout without it. */
   readonly dropoutSeed?: number;
-  /** balance / (routed layers x micro-batches of the step): the weight of each layer's eq. 4-5 loss. */
+  /**
+   * MiLoRA: balance / (routed layers x micro-batches of the step), the weight of each layer's eq. 4-5
+   * loss; per_module: balance / micro-batches, the weight of the micro-batch's one joint balance loss.
+   */
   readonly balanceCoef?: number;
+}
+
+/** A per_module (MOELoRA) module: its router's constants (token routing over E experts) and its route record [maxRows, 3E]. */
+interface MoeModule {
+  readonly lora: TrainLora;
+  readonly constants: RouterTrainConstants;
+  readonly route: GPUBuffer;
 }
 
 interface RoutedLayer {
@@ -126,6 +143,7 @@ export class TrainingGraph {
   readonly #t = new Map<TrainLora, GPUBuffer>();
   readonly #scratch: Record<
     | "dX" | "dXn" | "dAttn" | "dQ" | "dK" | "dV" | "dAct" | "dGate" | "dUp" | "stats" | "dt" | "dGates" | "headIn" | "final" | "logits" | "loss"
+    | "tGated" | "dExpertGates" | "moeTable" | "moeBalance"
     | "dropped" | "dDropped" | "routerScratch" | "balance",
     GPUBuffer
   >;
@@ -142,6 +160,11 @@ export class TrainingGraph {
   readonly #columns: ReadonlyMap<string, number>;
   /** The balance coefficient of this step's decisions (balance / (routed layers x micro-batches)). */
   #balanceCoef = 0;
+  /** per_module modules in forward order (layer, then module), and by their LoRA. */
+  readonly #moeModules: readonly MoeModule[];
+  readonly #moe: ReadonlyMap<TrainLora, MoeModule>;
+  /** Whether the forward has not yet summed a per_module router's balance statistics this run. */
+  #moeFirst = true;
 
   constructor(o: TrainingGraphOptions) {
     // The backward kernels (matmul-backward, the LoRA gradients) read the frozen base as f32 only.
@@ -201,6 +224,27 @@ export class TrainingGraph {
         route: f32(routeRecordLength(constants, decisions), `layer ${router.layer} router record`),
       };
     });
+    const moeSpec = o.params.adapter.spec.moe;
+    const byLayer = (a: TrainLora, b: TrainLora) => a.layer - b.layer || EXPERT_MODULES.indexOf(a.module) - EXPERT_MODULES.indexOf(b.module);
+    this.#moeModules = [...o.params.lora]
+      .filter((l) => l.moe)
+      .sort(byLayer)
+      .map((l) => {
+        const sel = moeSpec!.selection;
+        const constants: RouterTrainConstants = {
+          hidden: l.inFeatures,
+          experts: l.moe!.experts,
+          when: "token",
+          pooling: "last",
+          activation: "none",
+          selection: sel.rule === "top_k" ? { rule: "top_k", k: sel.k } : { rule: "dense" },
+          renormalize: sel.rule === "top_k" && sel.renormalize,
+        };
+        return { lora: l, constants, route: f32(routeRecordLength(constants, R), `layer ${l.layer} ${l.module} router record`) };
+      });
+    this.#moe = new Map(this.#moeModules.map((m) => [m.lora, m]));
+    const maxExperts = Math.max(1, ...this.#moeModules.map((m) => m.constants.experts));
+    const moeRows = this.#moeModules.length > 0 ? R : 0;
     this.#scratch = {
       dX: f32(R * hidden, "dX"),
       dXn: f32(R * hidden, "dXn"),
@@ -221,8 +265,13 @@ export class TrainingGraph {
       // A module's LoRA input after dropout and its gradient, regenerated per use from the mask's hash.
       dropped: f32(R * maxIn, "dropped LoRA input"),
       dDropped: f32(R * maxIn, "dropped LoRA input gradient"),
-      routerScratch: f32(Math.max(1, ...this.#routers.map((r) => routerScratchLength(r.constants, R, R))), "router scratch"),
+      routerScratch: f32(Math.max(1, ...[...this.#routers, ...this.#moeModules].map((r) => routerScratchLength(r.constants, R, R))), "router scratch"),
       balance: f32(layers, "balance loss per layer"),
+      // per_module: a module's t gated by its experts, the gates' gradient, the router's (unread) gate table, the balance sums.
+      tGated: f32(moeRows * maxRank, "gated LoRA shrink output"),
+      dExpertGates: f32(moeRows * maxExperts, "expert gate gradients"),
+      moeTable: f32(moeRows * maxExperts, "expert gate table"),
+      moeBalance: f32(moeBalanceLength(maxExperts), "balance sums"),
     };
     this.#inputs = {
       positions: f32(R, "positions"),
@@ -238,6 +287,7 @@ export class TrainingGraph {
       ...Object.values(this.#scratch),
       ...Object.values(this.#inputs),
       ...this.#routers.flatMap((r) => [r.pooled, r.attn, r.route]),
+      ...this.#moeModules.map((m) => m.route),
     ];
     this.bytes = all.reduce((n, b) => n + b.size, 0);
     this.#lossReadback = o.device.createBuffer({ label: "loss readback", size: (R + layers) * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
@@ -273,6 +323,8 @@ export class TrainingGraph {
     this.#lossReadback.unmap();
     let lossSum = 0;
     for (const l of values.subarray(layers)) lossSum += l;
+    // per_module: the one balance loss over every module's rows (index 0).
+    if (this.#moeModules.length > 0) return { lossSum, balanceLoss: values[0]! };
     // Eq. 4-5: the balance loss of each routed layer, averaged over them (reported; its gradient is in).
     const balance = this.#routers.reduce((sum, r) => sum + values[r.router.layer]!, 0);
     return { lossSum, balanceLoss: this.#routers.length > 0 ? balance / this.#routers.length : 0 };
@@ -340,16 +392,47 @@ export class TrainingGraph {
     return dropoutParams(l.dropout, rows * l.inFeatures, stream);
   }
 
-  /** y += g * s * B (A dropout(x)) for an adapted module, keeping t = A dropout(x). */
+  /**
+   * y += g * s * B (A dropout(x)) for an adapted module, keeping t = A dropout(x). per_module: the
+   * module's router first routes each row of x (without dropout, which is the LoRA branch's), and the
+   * expand reads t gated rank by rank by the row's expert gates.
+   */
   #loraForward(l: TrainLora, input: GPUBuffer, y: GPUBuffer, rows: number): void {
     const constants = { inFeatures: l.inFeatures, outFeatures: l.outFeatures, maxRank: l.rank };
     const select = { slots: l.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
     const t = this.#t.get(l)!;
+    const moe = this.#moe.get(l);
+    if (moe) this.#moeRouteForward(moe, input, rows);
     const dropout = this.#dropout(l, rows);
     if (dropout) this.#step.dispatch(this.#k({ family: "dropout", constants: {} }), { x: input, out: this.#scratch.dropped }, dropout);
     const x = dropout ? this.#scratch.dropped : input;
     this.#step.dispatch(this.#k({ family: "lora_shrink", constants }), { x, a: l.a.value, ...select, t }, this.#loraParams(l, rows));
-    this.#step.dispatch(this.#k({ family: "lora_expand", constants }), { t, b: l.b.value, ...select, y }, this.#loraParams(l, rows));
+    const expandInput = moe ? this.#gateRanks(moe, rows) : t;
+    this.#step.dispatch(this.#k({ family: "lora_expand", constants }), { t: expandInput, b: l.b.value, ...select, y }, this.#loraParams(l, rows));
+  }
+
+  /** per_module: the module's router on its input rows (its record: P and the gates), and its rows' share of the balance sums. */
+  #moeRouteForward(moe: MoeModule, input: GPUBuffer, rows: number): void {
+    const c = moe.constants;
+    const router = moe.lora.moe!.router;
+    this.#step.dispatch(
+      this.#k({ family: "router_train_forward", constants: c }),
+      { x: input, weight: router.value, route: moe.route, table: this.#scratch.moeTable },
+      { decisions: rows, gateStride: c.experts, gateIndex0: 0 },
+    );
+    this.#step.dispatch(this.#k({ family: "moe_balance_sums", constants: { experts: c.experts } }), { route: moe.route, balance: this.#scratch.moeBalance }, { decisions: rows, first: this.#moeFirst ? 1 : 0 });
+    this.#moeFirst = false;
+  }
+
+  /** t_gated = t with each rank times its expert's gate (from the module's record), into the tGated scratch. */
+  #gateRanks(moe: MoeModule, rows: number): GPUBuffer {
+    const { lora: l, constants: c } = moe;
+    this.#step.dispatch(
+      this.#k({ family: "lora_rank_gate", constants: { rank: l.rank, experts: c.experts } }),
+      { t: this.#t.get(l)!, gates: moe.route, out: this.#scratch.tGated },
+      { n: rows * l.rank, gateStride: 3 * c.experts, gateOffset: c.experts },
+    );
+    return this.#scratch.tGated;
   }
 
   /**
@@ -365,11 +448,45 @@ export class TrainingGraph {
     const dropout = this.#dropout(l, rows);
     if (dropout) this.#step.dispatch(this.#k({ family: "dropout", constants: {} }), { x: input, out: dropped }, dropout);
     const x = dropout ? dropped : input;
+    const moe = this.#moe.get(l);
     // With dropout, dt A goes to dDropped (zero: dropout_grad leaves it so) and then through the mask.
-    this.#step.dispatch(this.#k({ family: "lora_backward_input", constants }), { dy, t, a: l.a.value, b: l.b.value, ...select, dt, dGates, dx: dropout ? dDropped : dx }, params);
-    this.#step.dispatch(this.#k({ family: "lora_grad_b", constants: { ...constants, accumulate: true } }), { dy, t, ...select, dB: l.b.grad }, params);
+    const dxLora = dropout ? dDropped : dx;
+    if (moe) {
+      // dt = s h_e(j) (dy B)_j, the experts' gate gradients, dx; dB from t_gated, dA from dt.
+      const E = moe.constants.experts;
+      const tGated = this.#gateRanks(moe, rows);
+      this.#step.dispatch(
+        this.#k({ family: "lora_backward_input", constants: { ...constants, experts: E } }),
+        { dy, t, a: l.a.value, b: l.b.value, ...select, expertGates: moe.route, dt, dGates, dExpertGates: this.#scratch.dExpertGates, dx: dxLora },
+        { ...params, expertStride: 3 * E, expertOffset: E },
+      );
+      this.#step.dispatch(this.#k({ family: "lora_grad_b", constants: { ...constants, accumulate: true } }), { dy, t: tGated, ...select, dB: l.b.grad }, params);
+    } else {
+      this.#step.dispatch(this.#k({ family: "lora_backward_input", constants }), { dy, t, a: l.a.value, b: l.b.value, ...select, dt, dGates, dx: dxLora }, params);
+      this.#step.dispatch(this.#k({ family: "lora_grad_b", constants: { ...constants, accumulate: true } }), { dy, t, ...select, dB: l.b.grad }, params);
+    }
     this.#step.dispatch(this.#k({ family: "lora_grad_a", constants: { ...constants, accumulate: true } }), { x, dt, ...select, dA: l.a.grad }, params);
     if (dropout) this.#step.dispatch(this.#k({ family: "dropout_grad", constants: {} }), { g: dDropped, acc: dx }, dropout);
+    if (moe) this.#moeRouteBackward(moe, input, dx, rows);
+  }
+
+  /**
+   * per_module: the balance loss's gradient on P into the module's record, then its router's backward
+   * (the expert gates' gradient through the selection and softmax) adding into the module's input
+   * gradient dx, and W's gradient accumulated.
+   */
+  #moeRouteBackward(moe: MoeModule, input: GPUBuffer, dx: GPUBuffer, rows: number): void {
+    const c = moe.constants;
+    const E = c.experts;
+    const router = moe.lora.moe!.router;
+    const scratch = this.#scratch.routerScratch;
+    this.#step.dispatch(this.#k({ family: "moe_balance_grad", constants: { experts: E } }), { balance: this.#scratch.moeBalance, route: moe.route }, { n: rows * E });
+    this.#step.dispatch(
+      this.#k({ family: "router_train_backward", constants: c }),
+      { x: input, weight: router.value, route: moe.route, dGates: this.#scratch.dExpertGates, scratch, dx },
+      { decisions: rows, gateStride: E, gateIndex0: 0 },
+    );
+    this.#step.dispatch(this.#k({ family: "router_train_grad", constants: { ...c, accumulate: true } }), { x: input, scratch, dWeight: router.grad }, { decisions: rows });
   }
 
   #forward(batch: PackedBatch): void {
@@ -386,6 +503,7 @@ export class TrainingGraph {
     const rope = this.#k({ family: "rope", constants: ropeConstants(this.#plan.dims) });
     const attention = this.#k({ family: "attention_train", constants: { heads, kvHeads, headDim } });
     const swiglu = this.#k({ family: "swiglu", constants: {} });
+    this.#moeFirst = true;
     for (let l = 0; l < layers; l++) {
       const s = this.#saved[l]!;
       const next = this.#saved[l + 1]!.get("x")!;
@@ -406,6 +524,15 @@ export class TrainingGraph {
         const lora = this.#params.loraOf(l, module);
         if (lora) this.#loraForward(lora, act(input), y, rows);
       }
+    }
+    if (this.#moeModules.length > 0) {
+      // The joint balance loss over every module's rows (T = rows x modules), and its gradient on P.
+      const experts = this.#moeModules[0]!.constants.experts;
+      this.#step.dispatch(
+        this.#k({ family: "moe_balance", constants: { experts } }),
+        { balance: this.#scratch.moeBalance, loss: this.#scratch.balance },
+        { decisions: rows * this.#moeModules.length, lossIndex: 0, coef: this.#balanceCoef },
+      );
     }
   }
 
@@ -527,6 +654,7 @@ export class TrainingGraph {
 
   destroy(): void {
     for (const r of this.#routers) for (const b of [r.pooled, r.attn, r.route]) b.destroy();
+    for (const m of this.#moeModules) m.route.destroy();
     for (const m of this.#saved) for (const b of m.values()) b.destroy();
     for (const b of this.#t.values()) b.destroy();
     for (const b of [...Object.values(this.#scratch), ...Object.values(this.#inputs), this.#lossReadback]) b.destroy();

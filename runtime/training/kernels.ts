@@ -3,7 +3,7 @@
 // is compiler/train-kernels.ts), the same rule the engine follows for inference.
 import type { AttentionTrainConstants } from "../../compiler/kernels/attention-train.ts";
 import type { KernelSource } from "../../compiler/kernels/kernel.ts";
-import type { LoraBackwardConstants } from "../../compiler/kernels/lora-backward.ts";
+import type { LoraBackwardConstants, LoraBackwardInputConstants } from "../../compiler/kernels/lora-backward.ts";
 import type { LoraConstants } from "../../compiler/kernels/lora.ts";
 import type { MatmulBackwardConstants } from "../../compiler/kernels/matmul-backward.ts";
 import type { MatmulConstants } from "../../compiler/kernels/matmul.ts";
@@ -26,7 +26,10 @@ export type TrainKernelRequest =
       readonly family: "swiglu" | "swiglu_backward" | "adamw" | "sgd" | "grad_squares" | "grad_clip" | "dropout" | "dropout_grad";
       readonly constants: Record<string, never>;
     }
-  | { readonly family: "lora_shrink" | "lora_expand" | "lora_backward_input"; readonly constants: LoraConstants }
+  | { readonly family: "lora_shrink" | "lora_expand"; readonly constants: LoraConstants }
+  | { readonly family: "lora_backward_input"; readonly constants: LoraBackwardInputConstants }
+  | { readonly family: "lora_rank_gate"; readonly constants: { readonly rank: number; readonly experts: number } }
+  | { readonly family: "moe_balance_sums" | "moe_balance" | "moe_balance_grad"; readonly constants: { readonly experts: number } }
   | { readonly family: "lora_grad_a" | "lora_grad_b"; readonly constants: LoraBackwardConstants }
   | { readonly family: "cross_entropy"; readonly constants: { readonly vocab: number } }
   | { readonly family: "router_train_forward" | "router_train_backward"; readonly constants: RouterTrainConstants }

@@ -4,22 +4,26 @@
 // read. The base is not here: it is frozen, so no gradient or optimizer state exists for it.
 import { packLoraSlots } from "../../compiler/kernels/lora.ts";
 import type { Adapter, ExpertModule } from "../../compiler/model.ts";
-import { loraKey, type LoadedAdapter, type LoraWeights, type RouterWeights } from "../formats/adapter.ts";
+import { loraKey, moeRouterKey, type LoadedAdapter, type LoraWeights, type MoeRouterKey, type RouterWeights } from "../formats/adapter.ts";
 import { mulberry32 } from "../random.ts";
 import { createStorage, readBuffer } from "../gpu/kernel-runner.ts";
 import { userError } from "../errors.ts";
 
+/** The standard deviation of a fresh per_module router's weights: MixLoRA's router_init_range. */
+export const MOE_ROUTER_INIT_STD = 0.02;
+
 /**
  * Refuses what the training graph has no gradient for, rather than silently training something else:
- * DoRA's magnitude (and its scaling of the base product), and the per-token routers of the
- * Mixture-of-LoRA baselines (per_module, per_ffn), which inference runs but training does not yet.
+ * DoRA's magnitude (and its scaling of the base product), and the per_ffn (MixLoRA) baseline, whose k
+ * feed-forward passes per token the graph does not run (inference does). per_module (MOELoRA/MoLoRA)
+ * trains.
  */
 export function refuseUntrainable(spec: Adapter): void {
-  if (spec.moe) {
+  if (spec.moe?.placement === "per_ffn") {
     throw userError(
       "unsupported",
-      `adapter ${spec.name} routes every token ${spec.moe.placement}: milora train does not train the Mixture-of-LoRA baselines yet (milora run, serve and bench run them); ` +
-        "train a per_ffn adapter with MoE-PEFT and load it here, or train a MiLoRA (per_layer) or plain LoRA adapter",
+      `adapter ${spec.name} routes every token per_ffn (MixLoRA): milora train does not train per_ffn adapters (their feed-forward experts have no backward here; milora run, serve and bench run them); ` +
+        "train it with MoE-PEFT and load it here, or train a per_module (MOELoRA), MiLoRA (per_layer) or plain LoRA adapter",
     );
   }
   const dora = spec.experts.find((e) => e.dora);
@@ -59,6 +63,11 @@ export interface TrainLora {
   readonly b: TrainTensor;
   /** The one-slot table the LoRA kernels read: { rank, scaling }. */
   readonly slots: GPUBuffer;
+  /**
+   * per_module (MOELoRA): the module's router W [experts, in] over `experts` slices of rank / experts
+   * ranks each; the module's gate stays 1, its ranks are gated by their expert's gate.
+   */
+  readonly moe?: { readonly experts: number; readonly router: TrainTensor };
 }
 
 export interface TrainRouter {
@@ -78,7 +87,11 @@ export interface TrainRouter {
  * A fresh adapter's weights, initialised as PEFT initialises LoRA: A by kaiming_uniform_(a = sqrt(5)),
  * which is U(-1/sqrt(in), 1/sqrt(in)), and B = 0, so training starts from the base's outputs; routers
  * start at W_r = 0 (uniform routing, milora.md), the pooler's w_sa at 0 (mean pooling), the rational
- * unit at its GELU fit (given by the caller: it lives with the router kernels' defaults).
+ * unit at its GELU fit (given by the caller: it lives with the router kernels' defaults). A per_module
+ * adapter's routers W [experts, in] are drawn from N(0, 0.02^2), as MixLoRA initialises its routers
+ * (router_init_range): zero routers would give every token the same experts 0..k-1 (ties go to the lower
+ * index) and, with B = 0, no gradient to tell the experts apart. Drawn after every A, in the experts'
+ * order, so the LoRA weights are those of the same adapter without routers.
  */
 export function initialAdapter(spec: Adapter, seed: number, rationalInit?: { readonly numerator: readonly number[]; readonly denominator: readonly number[] }): LoadedAdapter {
   const random = mulberry32(seed);
@@ -87,6 +100,19 @@ export function initialAdapter(spec: Adapter, seed: number, rationalInit?: { rea
     const bound = 1 / Math.sqrt(e.inFeatures);
     const a = Float32Array.from({ length: e.rank * e.inFeatures }, () => (random() * 2 - 1) * bound);
     lora.set(loraKey(e.layer, e.module), { a, b: new Float32Array(e.outFeatures * e.rank), rank: e.rank, scaling: e.scaling });
+  }
+  if (spec.moe) {
+    refuseUntrainable(spec);
+    const normal = () => {
+      // Box-Muller on the same stream; 1 - u keeps the logarithm's argument in (0, 1].
+      const u = 1 - random();
+      return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * random());
+    };
+    const moeRouters = new Map<MoeRouterKey, Float32Array>();
+    for (const e of spec.experts) {
+      moeRouters.set(moeRouterKey(e.layer, e.module), Float32Array.from({ length: spec.moe.experts * e.inFeatures }, () => MOE_ROUTER_INIT_STD * normal()));
+    }
+    return { name: spec.name, spec, lora, moeRouters };
   }
   if (!spec.router) return { name: spec.name, spec, lora };
   const hidden = spec.base.hiddenSize;
@@ -129,10 +155,17 @@ export class TrainableParams {
   ) {
     const spec = adapter.spec;
     refuseUntrainable(spec);
+    const moe = spec.moe;
     this.lora = spec.experts.map((e) => {
       const w = adapter.lora.get(loraKey(e.layer, e.module));
       if (!w) throw new Error(`adapter ${adapter.name}: no LoRA weights for layer ${e.layer} ${e.module}`);
       const at = `layer ${e.layer} ${e.module}`;
+      let router: Float32Array | undefined;
+      if (moe) {
+        router = adapter.moeRouters?.get(moeRouterKey(e.layer, e.module));
+        if (!router || router.length !== moe.experts * e.inFeatures) throw new Error(`adapter ${adapter.name}: no per_module router [${moe.experts}, ${e.inFeatures}] for ${at}`);
+        if (e.rank % moe.experts !== 0) throw new Error(`adapter ${adapter.name}: ${at} has rank ${e.rank}, which does not split into ${moe.experts} experts`);
+      }
       return {
         layer: e.layer,
         module: e.module,
@@ -144,6 +177,7 @@ export class TrainableParams {
         a: tensor(device, `${at} lora_A`, w.a),
         b: tensor(device, `${at} lora_B`, w.b),
         slots: createStorage(device, packLoraSlots([{ rank: e.rank, scaling: w.scaling }]), `${at} slot`),
+        ...(moe && router ? { moe: { experts: moe.experts, router: tensor(device, `${at} router`, router) } } : {}),
       };
     });
     this.routers = new Map(
@@ -172,6 +206,7 @@ export class TrainableParams {
   get tensors(): TrainTensor[] {
     const out: TrainTensor[] = this.lora.flatMap((l) => [l.a, l.b]);
     for (const r of this.routers.values()) out.push(...[r.gate, r.pooler, r.rational].filter((t): t is TrainTensor => t !== undefined));
+    for (const l of this.lora) if (l.moe) out.push(l.moe.router);
     return out;
   }
 
@@ -184,6 +219,11 @@ export class TrainableParams {
     const read = (t: TrainTensor) => readBuffer(this.device, t.value, 0, t.count * 4);
     const lora = new Map<ReturnType<typeof loraKey>, LoraWeights>();
     for (const l of this.lora) lora.set(loraKey(l.layer, l.module), { a: await read(l.a), b: await read(l.b), rank: l.rank, scaling: l.scaling });
+    if (this.adapter.spec.moe) {
+      const moeRouters = new Map<MoeRouterKey, Float32Array>();
+      for (const l of this.lora) if (l.moe) moeRouters.set(moeRouterKey(l.layer, l.module), await read(l.moe.router));
+      return { ...this.adapter, lora, moeRouters };
+    }
     if (this.routers.size === 0) return { ...this.adapter, lora };
     const router = new Map<number, RouterWeights>();
     for (const [layer, r] of this.routers) {

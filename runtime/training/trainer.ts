@@ -198,10 +198,12 @@ export class Trainer {
     const started = performance.now();
     const micro = this.#examplesOf(this.#step);
     const supervised = micro.flat().reduce((n, e) => n + supervisedCount(e), 0);
-    const router = this.#o.adapter.spec.router;
+    const { router, moe } = this.#o.adapter.spec;
     const routed = this.#params.routers.size;
-    // Eq. 4-5 per micro-batch (its decisions are the micro-batch's sequences), averaged over them and the routed layers.
-    const balanceCoef = router && routed > 0 ? router.balance / (routed * micro.length) : 0;
+    // Eq. 4-5 per micro-batch (its decisions are the micro-batch's sequences), averaged over them and the
+    // routed layers; per_module: one balance loss per micro-batch over all its modules' rows, averaged.
+    const balance = router?.balance ?? moe?.balance ?? 0;
+    const balanceCoef = moe ? balance / micro.length : router && routed > 0 ? router.balance / (routed * micro.length) : 0;
     let lossSum = 0;
     let balanceSum = 0;
     let tokens = 0;
@@ -228,7 +230,7 @@ export class Trainer {
     return {
       step: this.#step,
       epoch: +epoch.toFixed(4),
-      loss: lmLoss + (router?.balance ?? 0) * balanceLoss,
+      loss: lmLoss + balance * balanceLoss,
       lm_loss: lmLoss,
       balance_loss: balanceLoss,
       lr,

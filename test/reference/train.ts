@@ -3,6 +3,13 @@
 // modules, MiLoRA's per-layer routers (paper eq. 2-3, 8, 6) and the loss of eq. 4-5:
 //   loss = mean cross-entropy over the batch's supervised positions + balance * mean over routed layers
 //          of N * sum_i f_i P_i.
+// With `moe` (the per_module baseline, MOELoRA / MoLoRA; docs/language.md) every adapted module instead
+// has its own router W [E, in] on its input row x (before dropout) of every token: z = W x, p =
+// softmax(z), top_k keeps the k most probable (ties to the lower index) with gates p (or p over the kept
+// sum, renormalised), dense keeps all with gates p; rank j of the module's LoRA (expert j / (r / E)) is
+// weighted by its expert's gate: y = W x + s sum_j g_e(j) B[:, j] (A[j] . dropout(x)). The balance loss
+// is Hugging Face Mixtral's load_balancing_loss_func over every routed token of every module at once:
+//   E * sum_i f_i P_i, f_i = (kept (token, slot) picks of i) / T (no gradient), P_i = mean p_i, T = tokens x modules.
 // The base is frozen; gradients are read off for every trainable tensor. Labels follow Hugging Face:
 // aligned with the tokens, -100 unsupervised, logits at t predict labels[t + 1]. The router of a
 // sequence reads its prompt: the leading run of unsupervised positions (at least the first token).
@@ -46,13 +53,34 @@ export interface ReferenceRouting {
   readonly when: "prompt" | "token";
 }
 
+/** The per_module baseline's routing: E experts per module, the selection, each module's router W [E, in]. */
+export interface ReferenceMoe {
+  readonly experts: number;
+  readonly selection: { readonly rule: "top_k"; readonly k: number; readonly renormalize: boolean } | { readonly rule: "dense" };
+  /** By `${layer}.${module}`: W [experts, in] row-major. */
+  readonly routers: ReadonlyMap<string, Float64Array>;
+}
+
+/** One per_module routing decision, for comparison with a forward reference or the device's record. */
+export interface ReferenceMoeDecision {
+  readonly key: string;
+  readonly example: number;
+  readonly position: number;
+  readonly logits: number[];
+  readonly probabilities: number[];
+  /** Gates of all E experts (0 where not kept). */
+  readonly gates: number[];
+}
+
 export interface ReferenceTrainAdapter {
   /** By `${layer}.${module}`. */
   readonly lora: ReadonlyMap<string, ReferenceLora>;
   /** By layer; absent for plain LoRA (every adapted module at gate 1). */
   readonly routers?: ReadonlyMap<number, ReferenceRouter>;
   readonly routing?: ReferenceRouting;
-  /** lambda_lb of eq. 4. */
+  /** per_module routing (then no `routers` / `routing`). */
+  readonly moe?: ReferenceMoe;
+  /** lambda_lb of eq. 4 (MiLoRA) or the per_module balance coefficient. */
   readonly balance: number;
   /**
    * LoRA dropout as PEFT applies it (on the LoRA branch's input, inverted): `keeps` says whether an
@@ -77,6 +105,10 @@ export interface ReferenceTrainResult {
   readonly routers: ReadonlyMap<number, RouterGradients>;
   /** Each sequence's gates per routed layer (prompt routing), by layer then expert order. */
   readonly gates: ReadonlyMap<number, number[][]>;
+  /** per_module: each module's router gradient, by `${layer}.${module}`. */
+  readonly moeRouters: ReadonlyMap<string, Float64Array>;
+  /** per_module: every decision, in the order made (example, layer, module, position). */
+  readonly moeDecisions: readonly ReferenceMoeDecision[];
 }
 
 type Vec = Node[];
@@ -105,6 +137,7 @@ class Model {
       this.#params.set(`${key}.a`, this.tape.leaves(l.a));
       this.#params.set(`${key}.b`, this.tape.leaves(l.b));
     }
+    for (const [key, w] of adapter.moe?.routers ?? []) this.#params.set(`moe.${key}`, this.tape.leaves(w));
     for (const [layer, r] of adapter.routers ?? []) {
       this.#params.set(`router.${layer}.gate`, this.tape.leaves(r.gate));
       if (r.pooler) this.#params.set(`router.${layer}.pooler`, this.tape.leaves(r.pooler));
@@ -124,8 +157,41 @@ class Model {
     return nodes && Float64Array.from(nodes, (n) => grads[n]!);
   }
 
-  /** Which example and position the token being computed is (for the dropout mask). */
+  /** Which example and position the token being computed is (for the dropout mask and the per_module record). */
   at = { example: 0, position: 0 };
+
+  /** per_module decisions: each one's probabilities (nodes) and kept experts, for the balance loss. */
+  readonly moeDecisions: { readonly probs: Node[]; readonly kept: readonly number[]; readonly record: ReferenceMoeDecision }[] = [];
+
+  /** per_module: the gate node of each expert of one token's decision (undefined where not kept). */
+  routeModule(key: string, x: Vec): (Node | undefined)[] {
+    const t = this.tape;
+    const moe = this.adapter.moe!;
+    const w = this.param(`moe.${key}`);
+    if (!w) throw new Error(`reference: module ${key} has LoRA but no per_module router`);
+    const E = moe.experts;
+    const n = x.length;
+    const logits = Array.from({ length: E }, (_, e) => t.dot(x, w.slice(e * n, (e + 1) * n)));
+    const lse = t.logSumExp(logits);
+    const probs = logits.map((z) => t.exp(t.sub(z, lse)));
+    const p = t.values(probs);
+    const order = p.map((_, e) => e).sort((a, b) => p[b]! - p[a]! || a - b);
+    const kept = moe.selection.rule === "dense" ? order : order.slice(0, moe.selection.k);
+    const gates: (Node | undefined)[] = new Array(E).fill(undefined);
+    const renormalize = moe.selection.rule === "top_k" && moe.selection.renormalize;
+    const keptSum = renormalize ? t.sum(kept.map((e) => probs[e]!)) : undefined;
+    for (const e of kept) gates[e] = keptSum === undefined ? probs[e]! : t.div(probs[e]!, keptSum);
+    const record: ReferenceMoeDecision = {
+      key,
+      example: this.at.example,
+      position: this.at.position,
+      logits: t.values(logits),
+      probabilities: p,
+      gates: gates.map((g) => (g === undefined ? 0 : t.value(g))),
+    };
+    this.moeDecisions.push({ probs, kept, record });
+    return gates;
+  }
 
   /**
    * y = W x (+ g * scaling * B A dropout(x)) for one token; W frozen, LoRA nodes trainable. `gate` is a
@@ -143,9 +209,16 @@ class Model {
     const r = lora.rank;
     const d = this.adapter.dropout;
     const input = d ? x.map((xi, c) => t.scale(xi, d.keeps(layer, module, this.at.example, this.at.position, c) ? 1 / (1 - d.p) : 0)) : x;
-    const shrunk = Array.from({ length: r }, (_, j) => t.dot(input, a.slice(j * inFeatures, (j + 1) * inFeatures)));
+    // per_module: the router reads the module's input itself (dropout is the LoRA branch's); rank j is
+    // weighted by its expert's gate, and the ranks of experts not kept are left out.
+    const experts = this.adapter.moe ? this.routeModule(`${layer}.${module}`, x) : undefined;
+    const ranks = Array.from({ length: r }, (_, j) => j).filter((j) => !experts || experts[Math.floor(j / (r / experts.length))] !== undefined);
+    const shrunk = ranks.map((j) => {
+      const tj = t.dot(input, a.slice(j * inFeatures, (j + 1) * inFeatures));
+      return experts ? t.mul(experts[Math.floor(j / (r / experts.length))]!, tj) : tj;
+    });
     return y.map((yo, o) => {
-      const update = t.scale(t.dot(shrunk, b.slice(o * r, (o + 1) * r)), lora.scaling);
+      const update = t.scale(t.dot(shrunk, ranks.map((j) => b[o * r + j]!)), lora.scaling);
       return t.add(yo, t.mul(gate, update));
     });
   }
@@ -341,7 +414,19 @@ export function referenceTrainLoss(base: BaseModel, weights: ReferenceWeights, a
     }
     perLayer.push(terms.length > 0 ? t.sum(terms) : t.leaf(0));
   }
-  const balance = perLayer.length > 0 ? t.scale(t.sum(perLayer), 1 / perLayer.length) : t.leaf(0);
+  let balance = perLayer.length > 0 ? t.scale(t.sum(perLayer), 1 / perLayer.length) : t.leaf(0);
+  if (adapter.moe) {
+    // Mixtral's form over every module's tokens at once: E * sum_i f_i P_i, f_i the share of picks (no gradient).
+    const ds = m.moeDecisions;
+    const E = adapter.moe.experts;
+    const terms: Node[] = [];
+    for (let i = 0; i < E; i++) {
+      const f = ds.filter((d) => d.kept.includes(i)).length / ds.length;
+      if (f === 0) continue;
+      terms.push(t.scale(t.sum(ds.map((d) => d.probs[i]!)), (E * f) / ds.length));
+    }
+    balance = terms.length > 0 ? t.sum(terms) : t.leaf(0);
+  }
   const loss = t.add(lm, t.scale(balance, adapter.balance));
 
   const grads = t.backward(loss);
@@ -357,7 +442,18 @@ export function referenceTrainLoss(base: BaseModel, weights: ReferenceWeights, a
       return [layer, g];
     }),
   );
-  return { loss: t.value(loss), lmLoss: t.value(lm), balanceLoss: t.value(balance), supervised: losses.length, lora, routers, gates: gatesSeen };
+  const moeRouters = new Map([...(adapter.moe?.routers.keys() ?? [])].map((key) => [key, m.gradient(grads, `moe.${key}`)!]));
+  return {
+    loss: t.value(loss),
+    lmLoss: t.value(lm),
+    balanceLoss: t.value(balance),
+    supervised: losses.length,
+    lora,
+    routers,
+    gates: gatesSeen,
+    moeRouters,
+    moeDecisions: m.moeDecisions.map((d) => d.record),
+  };
 }
 
 function optional<K extends string>(key: K, value: Float64Array | undefined): { [P in K]?: Float64Array } {

@@ -1,0 +1,212 @@
+// Training kernels of the per_module Mixture-of-LoRA baseline (MOELoRA / MoLoRA, docs/language.md
+// `placement per_module`; docs/training.md). Each adapted module (layer l, module m) has a LoRA of
+// rank r split into E experts of r / E ranks (expert e owns ranks e r/E .. (e+1) r/E - 1) and a router
+// W [E, in] that reads the module's input row x of every token: z = W x, P = softmax(z), gates h (top_k
+// kept P, renormalised or not, or dense). The module computes y = W_m x + s B (h_e(j) * (A x)_j)_j.
+//
+// The router itself is router-train.ts's forward and router-train-backward.ts's backward in token
+// routing (hidden = the module's in-features, N = E, activation none), whose record `route` [rows, 3E]
+// holds per row P (E), the gates h (E, 0 where not kept) and the balance loss's gradient on P (E).
+// Here:
+//   lora_rank_gate        t_gated[r, j] = h_e(j)(r) * t[r, j] for the expand (and for dB in the backward)
+//   moe_balance_sums      one module's sums over its rows: picks_e (rows keeping e) and sum_r P_{r,e},
+//                         into (or added to, in module order) the adapter's `balance` accumulator
+//   moe_balance           the load-balancing loss over every routed token of every module at once, as
+//                         Hugging Face's Mixtral load_balancing_loss_func computes it (docs/language.md):
+//                         with T = rows x modules, f_e = picks_e / T (no gradient), P_e = sum P / T,
+//                         L = E * sum_e f_e P_e; writes L and coef * dL/dP_{r,e} = coef * E * f_e / T
+//   moe_balance_grad      that gradient into a module's record (the third part), for the router's backward
+// Every sum has a fixed order (lane-strided partial sums, a fixed tree; modules in forward order); no
+// atomics. `balance` [3E]: picks (E), P sums (E), the gradient on P (E).
+import type { KernelSource } from "./kernel.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
+
+export const MOE_TRAIN_MAX_EXPERTS = 64;
+const WG = 64;
+const CHUNK = 8;
+
+function checkExperts(E: number, what: string): void {
+  if (!Number.isInteger(E) || E < 1 || E > MOE_TRAIN_MAX_EXPERTS) throw new Error(`${what}: experts must be an integer from 1 to ${MOE_TRAIN_MAX_EXPERTS}, got ${E}`);
+}
+
+/** Floats of the balance accumulator of an adapter with E experts per module. */
+export function moeBalanceLength(experts: number): number {
+  return 3 * experts;
+}
+
+/**
+ * t_gated = t with rank j of each row times its expert's gate.
+ *   bindings: t (read, [rows, rank]), gates (read: row r's expert e at r * gateStride + gateOffset + e),
+ *             out (read_write, [rows, rank])
+ *   params:   n (rows * rank), gateStride, gateOffset
+ *   dispatch: grid(n / 256)
+ */
+export function loraRankGateKernel(c: { readonly rank: number; readonly experts: number }): KernelSource {
+  const { rank, experts: E } = c;
+  checkExperts(E, "LoRA rank gate");
+  if (!Number.isInteger(rank) || rank < E || rank % E !== 0) throw new Error(`LoRA rank gate: rank ${rank} does not split into ${E} experts`);
+  return kernelSource({
+    name: "lora_rank_gate",
+    constants: { rank, experts: E },
+    storage: [
+      { name: "t", access: "read", type: "array<f32>" },
+      { name: "gates", access: "read", type: "array<f32>" },
+      { name: "out", access: "read_write", type: "array<f32>" },
+    ],
+    params: [
+      { name: "n", type: "u32" },
+      { name: "gateStride", type: "u32" },
+      { name: "gateOffset", type: "u32" },
+    ],
+    body: /* wgsl */ `
+@compute @workgroup_size(256)
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * 256u + lid;
+  if (i >= params.n) { return; }
+  let row = i / ${rank}u;
+  let e = (i % ${rank}u) / ${rank / E}u;
+  out[i] = gates[row * params.gateStride + params.gateOffset + e] * t[i];
+}`,
+    dispatch: { grid: { param: "n", per: 256 } },
+  });
+}
+
+/**
+ * One module's picks and probability sums over its `decisions` rows (route record [rows, 3E]), stored
+ * into `balance` (first module of the step: `first` = 1) or added to it (the next modules, in order).
+ *   bindings: route (read), balance (read_write, [3E])
+ *   params:   decisions, first
+ *   dispatch: [1, 1, 1]
+ */
+export function moeBalanceSumsKernel(c: { readonly experts: number }): KernelSource {
+  const E = c.experts;
+  checkExperts(E, "MoE balance sums");
+  const CH = Math.min(E, CHUNK);
+  return kernelSource({
+    name: "moe_balance_sums",
+    constants: { experts: E },
+    storage: [
+      { name: "route", access: "read", type: "array<f32>" },
+      { name: "balance", access: "read_write", type: "array<f32>" },
+    ],
+    params: [
+      { name: "decisions", type: "u32" },
+      { name: "first", type: "u32" },
+    ],
+    body: /* wgsl */ `
+const E = ${E}u;
+const RW = ${3 * E}u;
+
+// Rows 0..CH-1: picks of CH experts; rows CH..2CH-1: their P sums.
+var<workgroup> partial: array<f32, ${2 * CH * WG}>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32) {
+  let D = params.decisions;
+  var picks: array<f32, E>;
+  var sums: array<f32, E>;
+  for (var d = lid; d < D; d += ${WG}u) {
+    for (var e = 0u; e < E; e++) {
+      sums[e] += route[d * RW + e];
+      picks[e] += select(0.0, 1.0, route[d * RW + E + e] != 0.0);
+    }
+  }
+  for (var e0 = 0u; e0 < E; e0 += ${CH}u) {
+    for (var k = 0u; k < ${CH}u; k++) {
+      if (e0 + k < E) {
+        partial[k * ${WG}u + lid] = picks[e0 + k];
+        partial[(${CH}u + k) * ${WG}u + lid] = sums[e0 + k];
+      }
+    }
+    for (var stride = ${WG / 2}u; stride > 0u; stride /= 2u) {
+      workgroupBarrier();
+      if (lid < stride) {
+        for (var k = 0u; k < ${2 * CH}u; k++) { partial[k * ${WG}u + lid] += partial[k * ${WG}u + lid + stride]; }
+      }
+    }
+    workgroupBarrier();
+    if (lid == 0u) {
+      for (var k = 0u; k < ${CH}u; k++) {
+        let e = e0 + k;
+        if (e < E) {
+          let p = partial[k * ${WG}u];
+          let s = partial[(${CH}u + k) * ${WG}u];
+          balance[e] = select(balance[e] + p, p, params.first != 0u);
+          balance[E + e] = select(balance[E + e] + s, s, params.first != 0u);
+        }
+      }
+    }
+    workgroupBarrier();
+  }
+}`,
+    dispatch: { groups: [1, 1, 1] },
+  });
+}
+
+/**
+ * The joint balance loss from the accumulated sums: L = E * sum_e (picks_e / T) (Psum_e / T) into
+ * loss[lossIndex], and coef * E * picks_e / T^2 (the gradient on each P_{r,e}) into balance[2E + e].
+ *   bindings: balance (read_write, [3E]), loss (read_write)
+ *   params:   decisions (T: rows x routed modules), lossIndex, coef
+ *   dispatch: [1, 1, 1]
+ */
+export function moeBalanceKernel(c: { readonly experts: number }): KernelSource {
+  const E = c.experts;
+  checkExperts(E, "MoE balance");
+  return kernelSource({
+    name: "moe_balance",
+    constants: { experts: E },
+    storage: [
+      { name: "balance", access: "read_write", type: "array<f32>" },
+      { name: "loss", access: "read_write", type: "array<f32>" },
+    ],
+    params: [
+      { name: "decisions", type: "u32" },
+      { name: "lossIndex", type: "u32" },
+      { name: "coef", type: "f32" },
+    ],
+    body: /* wgsl */ `
+const E = ${E}u;
+
+@compute @workgroup_size(1)
+fn main() {
+  let inv = 1.0 / f32(max(params.decisions, 1u));
+  var l = 0.0;
+  for (var e = 0u; e < E; e++) {
+    let f = balance[e] * inv;
+    l += f * (balance[E + e] * inv);
+    balance[2u * E + e] = params.coef * f32(E) * f * inv;
+  }
+  loss[params.lossIndex] = f32(E) * l;
+}`,
+    dispatch: { groups: [1, 1, 1] },
+  });
+}
+
+/**
+ * The balance loss's gradient on P into the third part of every row of a module's route record.
+ *   bindings: balance (read, [3E]), route (read_write, [rows, 3E])
+ *   params:   n (rows * E)
+ *   dispatch: grid(n / 256)
+ */
+export function moeBalanceGradKernel(c: { readonly experts: number }): KernelSource {
+  const E = c.experts;
+  checkExperts(E, "MoE balance gradient");
+  return kernelSource({
+    name: "moe_balance_grad",
+    constants: { experts: E },
+    storage: [
+      { name: "balance", access: "read", type: "array<f32>" },
+      { name: "route", access: "read_write", type: "array<f32>" },
+    ],
+    params: [{ name: "n", type: "u32" }],
+    body: /* wgsl */ `
+@compute @workgroup_size(256)
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * 256u + lid;
+  if (i >= params.n) { return; }
+  route[(i / ${E}u) * ${3 * E}u + ${2 * E}u + i % ${E}u] = balance[${2 * E}u + i % ${E}u];
+}`,
+    dispatch: { grid: { param: "n", per: 256 } },
+  });
+}
