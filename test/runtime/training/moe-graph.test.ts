@@ -2,7 +2,7 @@
 // reference of test/reference/train.ts: the loss, the joint balance loss and the gradient of every
 // lora_A, lora_B and per-module router W, on a GQA model with three sequences of different lengths
 // packed in one batch: top_k renormalised, plain top_k and dense, with and without the balance loss,
-// with LoRA dropout, and 16 experts (the router kernels reduce experts 8 at a time).
+// with LoRA dropout, and 16 and 12 experts (the router kernels reduce experts 8 at a time).
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -143,8 +143,9 @@ test("per_module with LoRA dropout 0.3 (the router reads the module's input, the
   await checkStep("dropout", { selection: topK(2, true), experts: 4, rank: 8, balance: 0.1, dropout: 0.3, seed: 8 });
 });
 
-test("per_module with 16 experts of rank 1, top_k 4, on three modules", async () => {
+test("per_module with 16 experts of rank 1 (top_k 4) and 12 of rank 2 (top_k 3, a partial group of 8) on three modules", async () => {
   await checkStep("16 experts", { selection: topK(4, true), experts: 16, rank: 16, balance: 0.1, modules: ["q_proj", "o_proj", "down_proj"], seed: 9 });
+  await checkStep("12 experts", { selection: topK(3, false), experts: 12, rank: 24, balance: 0.1, modules: ["k_proj", "gate_proj", "down_proj"], seed: 10 });
 });
 
 test.run();
