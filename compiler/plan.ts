@@ -217,13 +217,22 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       matvec: use({ family: "matvec", constants: { K, N, residual, ...format } }),
       ...io,
       weight,
-      ...(module !== "lm_head" && maxLoraRank > 0 && loraUse !== "off" ? { lora: loraOf(module, K, N, residual, loraUse === "on" ? undefined : loraUse.pass) } : {}),
+      ...(module !== "lm_head" && maxLoraRank > 0 && loraUse !== "off"
+        ? {
+            lora: {
+              ...loraOf(module, K, N, residual, loraUse === "on" ? undefined : loraUse.pass),
+              // decode's LoRA in the matvec's epilogue; a split weight's blocks keep the expand
+              ...(blocks.length === 0 ? { matvec: use({ family: "matvec", constants: { K, N, residual, ...format, loraRank: maxLoraRank } }) } : {}),
+            },
+          }
+        : {}),
       ...(blocks.length > 0 ? { blocks } : {}),
     };
   };
   /** A module's LoRA kernels; `pass`: the per_ffn feed-forward pass whose expert it runs. */
   const loraOf = (m: ExpertModule, K: number, N: number, residual: boolean, pass?: number): PlanLora => {
-    const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank };
+    // The engine's t carries each row's LoRA info, which the epilogue matvec reads (lora.ts rowInfo).
+    const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank, rowInfo: true };
     const routed =
       moe?.placement === "per_module"
         ? { moe: "route" as const, ...selection! }

@@ -136,6 +136,7 @@ function usersOf(plan: Plan, key: string): string[] {
       [op.matvec, `steps up to ${rows} rows`],
       [op.lora?.shrink, "LoRA shrink"],
       [op.lora?.expand, "LoRA expand"],
+      [op.lora?.matvec, `steps up to ${rows} rows that run its LoRA`],
       ...(op.blocks ?? []).flatMap((b): [string, string][] => [
         [b.matmul, `row blocks of ${b.rows} rows, steps over ${rows} rows`],
         [b.matvec, `row blocks of ${b.rows} rows, steps up to ${rows} rows`],

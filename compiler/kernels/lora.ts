@@ -33,13 +33,23 @@ import type { KernelSource } from "./kernel.ts";
 import { CHOICE_STRUCT, NO_EXPERT, routeRowWgsl, type MoeSelection } from "./moe.ts";
 
 export { NO_ADAPTER, packLoraSlots, type LoraSlotInfo } from "../../runtime/gpu/layouts.ts";
+import { loraRowColumns } from "../../runtime/gpu/layouts.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, vec4Rows } from "./wgsl.ts";
 
 export interface LoraConstants {
   readonly inFeatures: number;
   readonly outFeatures: number;
   readonly maxRank: number;
+  /**
+   * The engine's t layout (loraRowColumns): each row's values are followed by the row's LoRA info
+   * (ROW_INFO: slot, gate, scaling, rank; slot NO_ADAPTER for an inactive row), which the shrink writes
+   * and a LoRA matvec's epilogue (matvec.ts) reads in place of slots, rowAdapter and gates. Without it,
+   * t is [rows, maxRank] (the training graph's, which keeps t for the backward pass).
+   */
+  readonly rowInfo?: boolean;
 }
+
+
 
 /**
  * The shrink kernel's. Mixture-of-LoRA variants (moe.ts) gate each rank j of a slot's LoRA by its
@@ -102,6 +112,9 @@ function checkConstants({ inFeatures, outFeatures, maxRank }: LoraConstants): vo
 export function loraShrinkKernel(c: LoraShrinkConstants): KernelSource {
   checkConstants(c);
   const { inFeatures, maxRank, moe } = c;
+  const rowInfo = c.rowInfo ?? false;
+  const T = loraRowColumns(maxRank, rowInfo);
+  const infoAt = 4 * Math.ceil(maxRank / 4);
   const x = vec4Rows("x", inFeatures);
   const a = vec4Rows("a", inFeatures);
   const selection: MoeSelection | undefined = moe && { experts: c.experts ?? 0, topK: c.topK ?? 0, renormalize: c.renormalize ?? false };
@@ -138,8 +151,14 @@ ${route!.body}
         : "";
   return kernelSource({
     name: "lora_shrink",
-    constants: { inFeatures, maxRank, ...(moe ? { moe, experts: selection!.experts, topK: selection!.topK, ...(moe === "route" ? { renormalize: selection!.renormalize } : {}) } : {}) },
-    storage: [x.decl, a.decl, ...SELECTION_BUFFERS, ...moeBuffers, { name: "t", access: "read_write", type: "array<f32>" }],
+    constants: {
+      inFeatures,
+      maxRank,
+      ...(rowInfo ? { rowInfo } : {}),
+      ...(moe ? { moe, experts: selection!.experts, topK: selection!.topK, ...(moe === "route" ? { renormalize: selection!.renormalize } : {}) } : {}),
+    },
+    // With the row info, t is words: the slot and rank are integers (as f32 bits they would be subnormal, which a device may flush).
+    storage: [x.decl, a.decl, ...SELECTION_BUFFERS, ...moeBuffers, { name: "t", access: "read_write", type: rowInfo ? "array<u32>" : "array<f32>" }],
     params: moe === "pass" ? [...PARAMS, { name: "ffnPass", type: "u32" }] : PARAMS,
     body: /* wgsl */ `
 ${[ROW_SELECTION, ...(moe ? [CHOICE_STRUCT] : []), x.wgsl, a.wgsl, ...(router ? [router.wgsl, route!.decls] : [])].join("\n")}
@@ -149,9 +168,28 @@ var<workgroup> partial: array<f32, ${WORKGROUP}>;
 @compute @workgroup_size(${WORKGROUP})
 fn main(${GROUP_BUILTINS}) {
   let row = ${LINEAR_GROUP};
-  let s = active_slot(row);
-  if (s == NO_ADAPTER) { return; }
-  let rank = min(slots[s].rank, ${maxRank}u);
+  let s = active_slot(row);${
+    rowInfo
+      ? `
+  let info = row * ${T}u + ${infoAt}u;
+  if (s == NO_ADAPTER) {
+    if (lid == 0u && row < params.rows) { t[info] = NO_ADAPTER; }
+    return;
+  }`
+      : `
+  if (s == NO_ADAPTER) { return; }`
+  }
+  let rank = min(slots[s].rank, ${maxRank}u);${
+    rowInfo
+      ? `
+  if (lid == 0u) {
+    t[info] = s;
+    t[info + 1u] = bitcast<u32>(gates[row * params.gateStride + params.gateIndex]);
+    t[info + 2u] = bitcast<u32>(slots[s].scaling);
+    t[info + 3u] = rank;
+  }`
+      : ""
+  }
   let lane = lid % ${LANES}u;
   let step = lid / ${LANES}u;${prologue}
   for (var j0 = 0u; j0 < rank; j0 += ${RANKS_PER_STEP}u) {
@@ -166,7 +204,7 @@ fn main(${GROUP_BUILTINS}) {
     if (lane == 0u && j < rank) {
       var sum = 0.0;
       for (var l = 0u; l < ${LANES}u; l++) { sum += partial[lid + l]; }
-      t[row * ${maxRank}u + j] = ${moe ? "gate * sum" : "sum"};
+      t[row * ${T}u + j] = ${rowInfo ? `bitcast<u32>(${moe ? "gate * sum" : "sum"})` : moe ? "gate * sum" : "sum"};
     }
     workgroupBarrier();
   }
@@ -184,8 +222,10 @@ export function loraExpandKernel(c: LoraExpandConstants): KernelSource {
   const { outFeatures, maxRank } = c;
   const dora = c.dora ?? false;
   const residual = c.residual ?? false;
+  const rowInfo = c.rowInfo ?? false;
   if (residual && !dora) throw new Error("LoRA expand kernel: residual is only read by the DoRA variant");
-  const t = vec4Rows("t", maxRank);
+  // With the row info, a row's values are followed by its info: the masked quads past the rank never read it.
+  const t = vec4Rows("t", loraRowColumns(maxRank, rowInfo));
   const b = vec4Rows("b", maxRank);
   const columnBlocks = Math.ceil(outFeatures / (WORKGROUP * COLUMNS_PER_INVOCATION));
   const doraBuffers = dora
@@ -200,7 +240,7 @@ export function loraExpandKernel(c: LoraExpandConstants): KernelSource {
     : "y[at] += coef * acc;";
   return kernelSource({
     name: "lora_expand",
-    constants: { outFeatures, maxRank, ...(dora ? { dora } : {}), ...(residual ? { residual } : {}) },
+    constants: { outFeatures, maxRank, ...(dora ? { dora } : {}), ...(residual ? { residual } : {}), ...(rowInfo ? { rowInfo } : {}) },
     storage: [t.decl, b.decl, ...SELECTION_BUFFERS, ...doraBuffers, { name: "y", access: "read_write", type: "array<f32>" }],
     params: PARAMS,
     body: /* wgsl */ `

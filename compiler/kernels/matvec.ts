@@ -14,11 +14,17 @@
 // own path: a group of one, without the other rows' guards.
 import type { KernelSource } from "./kernel.ts";
 import { linearKeyConstants, outputLayout, type MatmulConstants } from "./matmul.ts";
+import { NO_ADAPTER, loraRowColumns } from "../../runtime/gpu/layouts.ts";
 import { weightUnits } from "./weight-rows.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, vec4Rows } from "./wgsl.ts";
 
-/** As MatmulConstants: K inputs, N outputs, the residual epilogue, y's row width for a row block, w's format. */
-export type MatvecConstants = MatmulConstants;
+/**
+ * As MatmulConstants (K inputs, N outputs, the residual epilogue, y's row width for a row block, w's
+ * format), and `loraRank`: the LoRA epilogue (loraEpilogue) with t rows of that largest rank.
+ */
+export interface MatvecConstants extends MatmulConstants {
+  readonly loraRank?: number;
+}
 
 /** Rows one pass over the weight rows accumulates (a register per row and column). */
 export const MATVEC_GROUP_ROWS = 8;
@@ -34,8 +40,37 @@ function lanesFor(units: number): number {
   return lanes;
 }
 
+/**
+ * The LoRA update of a module in the matvec's epilogue, so that decode runs a module's LoRA as its
+ * shrink and this one kernel instead of a third dispatch (lora.ts's expand, whose formula it is):
+ * y = W x + g s B t, or for a DoRA slot (d != 1) W x + g (d - 1) W x + d g s B t, from the row info the
+ * shrink wrote after the row's t (slot, gate, scaling, rank; slot NO_ADAPTER: the row adds nothing,
+ * and y is bit for bit the plain matvec's). Bindings t (words [rows, loraRowColumns]: f32 bits, the
+ * slot and rank as integers), b ([slots, N, R])
+ * and dora ([slots, N]). Only for a whole weight: a row block (a split weight) keeps the expand kernel.
+ */
+function loraEpilogue(N: number, R: number): string {
+  const T = loraRowColumns(R, true);
+  const infoAt = 4 * Math.ceil(R / 4);
+  return /* wgsl */ `
+fn with_lora(row: u32, col: u32, wx: f32) -> f32 {
+  let info = row * ${T}u + ${infoAt}u;
+  let s = t[info];
+  if (s == ${NO_ADAPTER}u) { return wx; }
+  let gate = bitcast<f32>(t[info + 1u]);
+  let rank = t[info + 3u];
+  var acc = 0.0;
+  for (var j = 0u; j < rank; j++) { acc += bitcast<f32>(t[row * ${T}u + j]) * b[(s * ${N}u + col) * ${R}u + j]; }
+  let d = dora[s * ${N}u + col];
+  var delta = d * gate * bitcast<f32>(t[info + 2u]) * acc;
+  if (d != 1.0) { delta += gate * (d - 1.0) * wx; }
+  return wx + delta;
+}`;
+}
+
 export function matvecKernel(constants: MatvecConstants): KernelSource {
-  const { K, N, residual, stride } = constants;
+  const { K, N, residual, stride, loraRank } = constants;
+  if (loraRank !== undefined && stride !== undefined) throw new Error("matvec kernel: the LoRA epilogue is for a whole weight, not a row block");
   const x = vec4Rows("x", K);
   const w = weightUnits(constants.weights ?? "f32", K);
   const out = outputLayout(N, stride);
@@ -50,7 +85,7 @@ export function matvecKernel(constants: MatvecConstants): KernelSource {
   const write = (row: string, sums: string) => `for (var c = 0u; c < ${PER_INVOCATION}u; c++) {
           if (col + c < ${N}u) {
             let at = ${out.index(row, "(col + c)")};
-            y[at] = ${sums}[c]${residual ? " + residual[at]" : ""};
+            y[at] = ${loraRank === undefined ? `${sums}[c]` : `with_lora(${row}, col + c, ${sums}[c])`}${residual ? " + residual[at]" : ""};
           }
         }`;
   /** Rows first .. first + G - 1 (`rows` of them present) against every weight row once. */
@@ -88,18 +123,25 @@ ${accumulate.join("\n")}
   };
   return kernelSource({
     name: "matvec",
-    constants: linearKeyConstants(constants),
+    constants: { ...linearKeyConstants(constants), ...(loraRank === undefined ? {} : { loraRank }) },
     storage: [
       x.decl,
       w.decl,
       ...(residual ? [{ name: "residual", access: "read" as const, type: "array<f32>" }] : []),
+      ...(loraRank === undefined
+        ? []
+        : [
+            { name: "t", access: "read" as const, type: "array<u32>" },
+            { name: "b", access: "read" as const, type: "array<f32>" },
+            { name: "dora", access: "read" as const, type: "array<f32>" },
+          ]),
       { name: "y", access: "read_write", type: "array<f32>" },
     ],
     params: [{ name: "rows", type: "u32" }, ...out.params],
     body: /* wgsl */ `
 ${x.wgsl}
 ${padded ? `fn load_x_padded(row: u32, quad: u32) -> vec4<f32> {\n  return select(vec4<f32>(0.0), load_x(row, min(quad, ${x.quads - 1}u)), quad < ${x.quads}u);\n}` : ""}
-${w.wgsl}
+${w.wgsl}${loraRank === undefined ? "" : `\n${loraEpilogue(N, loraRank)}`}
 ${lanes > 1 ? `\nvar<workgroup> partial: array<vec4<f32>, ${MATVEC_GROUP_ROWS * WORKGROUP}>;\n` : ""}
 @compute @workgroup_size(${WORKGROUP})
 fn main(${GROUP_BUILTINS}) {

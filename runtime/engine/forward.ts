@@ -9,7 +9,7 @@ import type { KernelSource } from "../gpu/kernel.ts";
 import { createStorage, StepEncoder, type PipelineCache } from "../gpu/kernel-runner.ts";
 import { layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanLora, type PlanOp } from "../package/format.ts";
 import { EngineError } from "./engine-error.ts";
-import { CHOICE_BYTES } from "../gpu/layouts.ts";
+import { CHOICE_BYTES, loraRowColumns } from "../gpu/layouts.ts";
 import type { EngineKernels } from "./kernels.ts";
 import type { KvCache } from "./kv-cache.ts";
 import type { LogitProcessing } from "./logit-adjust.ts";
@@ -139,7 +139,7 @@ export class ForwardEncoder {
       tokens: createStorage(device, maxRows * 4, "sampled tokens"),
       rowAdapter: createStorage(device, maxRows * 4, "row adapters"),
       gates: createStorage(device, maxRows * this.#gateStride * 4, "gates"),
-      loraT: createStorage(device, maxRows * Math.max(1, plan.maxLoraRank) * 4, "lora shrink output"),
+      loraT: createStorage(device, maxRows * loraRowColumns(Math.max(1, plan.maxLoraRank), true) * 4, "lora shrink output"),
       choice: createStorage(device, maxRows * moeChoices(plan) * CHOICE_BYTES, "moe expert choices"),
     };
     this.#router = new RouterDispatch({
@@ -421,10 +421,15 @@ export class ForwardEncoder {
     switch (op.op) {
       case "rmsnorm":
         return step.dispatch(kernel("rmsnorm", op.kernel), { x: act(op.input), weight: this.#weights.buffer(layerTensor(op.weight, layer)), out: act(op.output) }, { rows });
-      case "linear":
+      case "linear": {
+        const lora = op.lora && active[op.lora.gateColumn] ? op.lora : undefined;
+        if (lora) this.#loraShrink(op, lora, rows, layer);
+        // A decode step runs the LoRA's expand in the matvec's epilogue (one dispatch less per module).
+        if (lora?.matvec !== undefined && rows <= this.#plan.matvecMaxRows) return this.#linearWithLora(op, lora.matvec, rows, layer);
         this.#linear(op, rows, layer);
-        if (op.lora && active[op.lora.gateColumn]) this.#lora(op, op.lora, rows, layer);
+        if (lora) this.#loraExpand(op, lora, rows, layer);
         return;
+      }
       case "rope": {
         const rope = kernel("rope", op.kernel);
         const dynamic = rope.bindings.some((b) => b.name === "lengths");
@@ -444,8 +449,9 @@ export class ForwardEncoder {
       case "copy":
         return step.copy(act(op.from), 0, act(op.to), 0, rows * this.#widths.get(op.to)! * 4);
       case "lora":
-        if (active[op.lora.gateColumn]) this.#lora(op, op.lora, rows, layer);
-        return;
+        if (!active[op.lora.gateColumn]) return;
+        this.#loraShrink(op, op.lora, rows, layer);
+        return this.#loraExpand(op, op.lora, rows, layer);
       case "moe_route": {
         const router = this.#tenants.moeRouter(moeRouterKey(layer, "ffn"))!;
         return step.dispatch(kernel("moe_route", op.kernel), { x: act(op.input), weight: router.weight, routed: router.routed, rowAdapter: this.#inputs.rowAdapter, choice: this.#inputs.choice }, { rows });
@@ -468,25 +474,48 @@ export class ForwardEncoder {
     for (const block of weight.blocks) this.#step.dispatch(this.#kernels.block(op, family, block.rows), { ...io, w: block.buffer }, { rows, column: block.firstRow });
   }
 
+  /** The module's product and its LoRA in one matvec (the LoRA epilogue, reading the shrink's t and row info). */
+  #linearWithLora(op: Extract<PlanOp, { op: "linear" }>, key: string, rows: number, layer: number): void {
+    const stack = this.#tenants.stack(layer, op.module as ExpertModule);
+    const w = this.#weights.get(layerTensor(op.weight, layer)).blocks[0]!.buffer;
+    const residual = op.residual === undefined ? {} : { residual: this.#act(op.residual) };
+    this.#step.dispatch(this.#kernels.get("matvec", key), { x: this.#act(op.input), w, ...residual, t: this.#inputs.loraT, b: stack.b, dora: stack.dora, y: this.#act(op.output) }, { rows });
+  }
+
   /**
-   * y += g * scaling * B (A x) for the rows whose adapter has a non-zero gate on this module; for a
-   * DoRA slot, the expand kernel also scales the module's base product by its factors (lora.ts).
+   * t = A x for the rows whose adapter has a non-zero gate on this module (each row's LoRA info after
+   * it; the MoE variants gate the ranks: per_module routes the row with the module's routers, per_ffn
+   * reads the pass's expert choices).
    */
-  #lora(op: Extract<PlanOp, { op: "linear" | "lora" }>, lora: PlanLora, rows: number, layer: number): void {
+  #loraShrink(op: Extract<PlanOp, { op: "linear" | "lora" }>, lora: PlanLora, rows: number, layer: number): void {
     const module = op.module as ExpertModule;
     const stack = this.#tenants.stack(layer, module);
-    const select = { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
-    const params = { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + lora.gateColumn };
-    const t = this.#inputs.loraT;
     const shrink = this.#kernels.get("lora_shrink", lora.shrink);
-    // The MoE variants: per_module routes inside the shrink with the module's routers; per_ffn reads the pass's choices.
     const bound = new Set(shrink.bindings.map((b) => b.name));
     const router = bound.has("router") ? this.#tenants.moeRouter(moeRouterKey(layer, module))! : undefined;
     const moe = { ...(router ? { router: router.weight, routed: router.routed } : {}), ...(bound.has("choice") ? { choice: this.#inputs.choice } : {}) };
-    this.#step.dispatch(shrink, { x: this.#act(op.input), a: stack.a, ...select, ...moe, t }, { ...params, ...(lora.pass === undefined ? {} : { ffnPass: lora.pass }) });
+    const params = { ...this.#loraParams(lora, rows, layer), ...(lora.pass === undefined ? {} : { ffnPass: lora.pass }) };
+    this.#step.dispatch(shrink, { x: this.#act(op.input), a: stack.a, ...this.#loraSelect(stack), ...moe, t: this.#inputs.loraT }, params);
+  }
+
+  /**
+   * y += g * scaling * B t for the shrink's active rows; for a DoRA slot the expand kernel also scales
+   * the module's base product by its factors (lora.ts).
+   */
+  #loraExpand(op: Extract<PlanOp, { op: "linear" | "lora" }>, lora: PlanLora, rows: number, layer: number): void {
+    const stack = this.#tenants.stack(layer, op.module as ExpertModule);
     // Where the base product added a residual, the DoRA term reads it back to recover W x.
     const residual = op.op === "linear" && op.residual !== undefined ? { residual: this.#act(op.residual) } : {};
-    this.#step.dispatch(this.#kernels.get("lora_expand", lora.expand), { t, b: stack.b, ...select, dora: stack.dora, ...residual, y: this.#act(op.output) }, params);
+    const expand = this.#kernels.get("lora_expand", lora.expand);
+    this.#step.dispatch(expand, { t: this.#inputs.loraT, b: stack.b, ...this.#loraSelect(stack), dora: stack.dora, ...residual, y: this.#act(op.output) }, this.#loraParams(lora, rows, layer));
+  }
+
+  #loraSelect(stack: { readonly slots: GPUBuffer }) {
+    return { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
+  }
+
+  #loraParams(lora: PlanLora, rows: number, layer: number) {
+    return { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + lora.gateColumn };
   }
 
   #act(name: ActivationName): GPUBuffer {

@@ -65,7 +65,7 @@ export class EngineKernels {
   }
 
   /** The kernel for a row block of `rows` outputs of a split weight: the plan's, else the resolver's. */
-  block(op: LinearOp, family: "matmul" | "matvec", rows: number): KernelSource<FamilyBinding<"matmul">> {
+  block(op: LinearOp, family: "matmul" | "matvec", rows: number): KernelSource<FamilyBinding<"matmul" | "matvec">> {
     const planned = op.blocks?.find((b) => b.rows === rows)?.[family];
     if (planned !== undefined) return this.get(family, planned);
     const key = op[family];
@@ -78,7 +78,7 @@ export class EngineKernels {
       source = this.#resolver.block(this.#plan.kernels.find((k) => k.key === key)!, rows);
       this.#resolved.set(id, source);
     }
-    return source as KernelSource<FamilyBinding<"matmul">>;
+    return source as KernelSource<FamilyBinding<"matmul" | "matvec">>;
   }
 
   /** A router's kernels in `layer`: the plan's when it was made for this router, else the resolver's. */

@@ -67,3 +67,14 @@ export const ADJUST_ENTRY_WORDS = 4;
 
 /** Bytes of one per_ffn expert choice { expert: u32, weight: f32 } (compiler/kernels/moe.ts). */
 export const CHOICE_BYTES = 8;
+
+/** Words of a row's LoRA info after its values in the engine's t: slot (u32 bits), gate, scaling, rank (u32 bits). */
+export const ROW_INFO_WORDS = 4;
+
+/**
+ * Columns of one row of the LoRA shrink's output t (compiler/kernels/lora.ts): maxRank, or with the
+ * row info (the engine's) the values padded to a multiple of 4, then the info.
+ */
+export function loraRowColumns(maxRank: number, rowInfo: boolean): number {
+  return rowInfo ? 4 * Math.ceil(maxRank / 4) + ROW_INFO_WORDS : maxRank;
+}

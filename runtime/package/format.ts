@@ -19,7 +19,9 @@ export const COMPILER_VERSION = "0.1.0";
  * 8: rotary scaling (`ropeScaling` of the base and of the plan's dims; a dynamic rope kernel binds
  * `lengths`), so a runtime without it refuses a scaled package instead of running plain RoPE.
  * 9: per-token Mixture-of-LoRA baselines (`moe` of the adapter and the plan; per_ffn's feed-forward
- * passes as `copy`, `lora`, `moe_route` and `moe_mix` ops; MoE variants of the LoRA shrink kernel).
+ * passes as `copy`, `lora`, `moe_route` and `moe_mix` ops; MoE variants of the LoRA shrink kernel);
+ * the engine's LoRA kernels write and read t with each row's LoRA info (`rowInfo`), and a linear's
+ * LoRA may name a matvec with the LoRA epilogue (`lora.matvec`).
  */
 export const MANIFEST_FORMAT = 9;
 export const MANIFEST_FILE = "manifest.json";
@@ -206,6 +208,11 @@ export interface PlanLora {
   readonly gateColumn: number;
   /** per_ffn: the feed-forward pass (the row's choice) whose expert this LoRA runs. */
   readonly pass?: number;
+  /**
+   * The module's matvec with the LoRA epilogue (a whole weight only): a step of up to matvecMaxRows rows
+   * that needs this LoRA runs the shrink, then this in place of the plain matvec and the expand.
+   */
+  readonly matvec?: string;
 }
 
 /** A linear kernel pair specialised for a row block of `rows` output features of a split weight. */
@@ -269,7 +276,7 @@ export interface PlanKernel {
 export const FAMILY_BINDINGS = {
   rmsnorm: ["x", "weight", "out", "params"],
   matmul: ["x", "w", "residual?", "y", "params"],
-  matvec: ["x", "w", "residual?", "y", "params"],
+  matvec: ["x", "w", "residual?", "t?", "b?", "dora?", "y", "params"],
   rope: ["q", "k", "positions", "lengths?", "params"],
   kv_write: ["k", "v", "kCache", "vCache", "rowSlot", "positions", "params"],
   attention: ["q", "kCache", "vCache", "rowSlot", "positions", "out", "params"],
@@ -523,7 +530,7 @@ const planOp = tagged("op", {
     weight: str,
     output: act,
     "residual?": act,
-    "lora?": obj({ shrink: str, expand: str, gateColumn: int, "pass?": int }),
+    "lora?": obj({ shrink: str, expand: str, gateColumn: int, "pass?": int, "matvec?": str }),
     "blocks?": arr(obj({ rows: int, matmul: str, matvec: str })),
   },
   rope: { kernel: str, q: act, k: act },
@@ -690,7 +697,7 @@ export function interfaceProblem(family: KernelFamily, k: Pick<KernelInterface, 
 export function planKernelKeys(plan: Plan): string[] {
   const ops = [...plan.layer, ...plan.head].flatMap((op) =>
     op.op === "linear"
-      ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])]
+      ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand, ...(op.lora.matvec ? [op.lora.matvec] : [])] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])]
       : op.op === "lora"
         ? [op.lora.shrink, op.lora.expand]
         : op.op === "copy"

@@ -67,10 +67,10 @@ test("a package for a DoRA adapter: its manifest's experts say dora true and val
     assert.ok(manifest.adapter.experts.every((e: { dora?: boolean }) => e.dora === true));
     const expands = manifest.kernels.filter((k: { key: string }) => k.key.startsWith("lora_expand("));
     assert.equal(expands.map((k: { key: string }) => k.key).sort(), [
-      "lora_expand(outFeatures=176,maxRank=4,dora=true)",
-      "lora_expand(outFeatures=32,maxRank=4,dora=true)",
-      "lora_expand(outFeatures=64,maxRank=4,dora=true)",
-      "lora_expand(outFeatures=64,maxRank=4,dora=true,residual=true)",
+      "lora_expand(outFeatures=176,maxRank=4,dora=true,rowInfo=true)",
+      "lora_expand(outFeatures=32,maxRank=4,dora=true,rowInfo=true)",
+      "lora_expand(outFeatures=64,maxRank=4,dora=true,residual=true,rowInfo=true)",
+      "lora_expand(outFeatures=64,maxRank=4,dora=true,rowInfo=true)",
     ]);
     assert.ok(expands.every((k: { bindings: { name: string }[] }) => k.bindings.some((b) => b.name === "dora")));
     assert.match(files.find((f) => f.path === "src/index.ts")!.contents, /rslora: false, dora: true/);

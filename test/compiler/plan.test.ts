@@ -121,18 +121,20 @@ test("serving adapters adds LoRA shrink/expand to every expert linear (not lm_he
   // Shrink is specialised by the input width (64, or 176 for down_proj), expand by the output width
   // (q, o, down 64; k, v 32; gate, up 176), both by the rank; the gate column is the module's place.
   // Every expand applies DoRA factors; o_proj's and down_proj's read the residual their product fused.
-  const shrink = (inFeatures: number) => `lora_shrink(inFeatures=${inFeatures},maxRank=8)`;
-  const expand = (outFeatures: number, residual = false) => `lora_expand(outFeatures=${outFeatures},maxRank=8,dora=true${residual ? ",residual=true" : ""})`;
+  // Decode runs the expand in a matvec's epilogue instead: one per module shape and residual.
+  const shrink = (inFeatures: number) => `lora_shrink(inFeatures=${inFeatures},maxRank=8,rowInfo=true)`;
+  const expand = (outFeatures: number, residual = false) => `lora_expand(outFeatures=${outFeatures},maxRank=8,dora=true${residual ? ",residual=true" : ""},rowInfo=true)`;
+  const matvec = (K: number, N: number, residual = false) => `matvec(K=${K},N=${N},residual=${residual},loraRank=8)`;
   assert.equal(
-    linears.map((op) => [op.module, op.lora!.shrink, op.lora!.expand, op.lora!.gateColumn]),
+    linears.map((op) => [op.module, op.lora!.shrink, op.lora!.expand, op.lora!.matvec, op.lora!.gateColumn]),
     [
-      ["q_proj", shrink(64), expand(64), 0],
-      ["k_proj", shrink(64), expand(32), 1],
-      ["v_proj", shrink(64), expand(32), 2],
-      ["o_proj", shrink(64), expand(64, true), 3],
-      ["gate_proj", shrink(64), expand(176), 4],
-      ["up_proj", shrink(64), expand(176), 5],
-      ["down_proj", shrink(176), expand(64, true), 6],
+      ["q_proj", shrink(64), expand(64), matvec(64, 64), 0],
+      ["k_proj", shrink(64), expand(32), matvec(64, 32), 1],
+      ["v_proj", shrink(64), expand(32), matvec(64, 32), 2],
+      ["o_proj", shrink(64), expand(64, true), matvec(64, 64, true), 3],
+      ["gate_proj", shrink(64), expand(176), matvec(64, 176), 4],
+      ["up_proj", shrink(64), expand(176), matvec(64, 176), 5],
+      ["down_proj", shrink(176), expand(64, true), matvec(176, 64, true), 6],
     ],
   );
   assert.ok(plan.head.every((op) => op.op !== "linear" || op.lora === undefined));

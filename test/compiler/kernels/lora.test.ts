@@ -1,8 +1,11 @@
-// Batched, gated multi-adapter LoRA (shrink then expand) against a float64 reference, and the DoRA
-// expand variant (per slot and output row factors d, with and without a fused residual).
+// Batched, gated multi-adapter LoRA (shrink then expand) against a float64 reference, the DoRA
+// expand variant (per slot and output row factors d, with and without a fused residual), and decode's
+// fused path (the shrink's row info read by the matvec's LoRA epilogue).
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { NO_ADAPTER, loraExpandKernel, loraShrinkKernel, packLoraSlots, type LoraExpandConstants, type LoraSlotInfo } from "../../../compiler/kernels/lora.ts";
+import { matvecKernel } from "../../../compiler/kernels/matvec.ts";
+import { loraRowColumns } from "../../../runtime/gpu/layouts.ts";
 import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
 
@@ -207,6 +210,87 @@ test("the DoRA variant adds exactly what the plain kernel adds on a plain LoRA s
     assert.equal(Array.from(dora.y), Array.from(plain.y), `residual ${residual}`);
   }
 });
+
+/**
+ * Decode's fused path: the shrink writing t with each row's LoRA info (rowInfo), then the matvec with
+ * the LoRA epilogue computing W x (+ residual) and the update in one kernel. y must be float64's
+ * W x + residual + the expand's formula on active rows, and bit for bit the plain matvec on the others.
+ */
+async function checkEpilogue(name: string, c: LoraCase, residual: boolean) {
+  const { inFeatures: K, outFeatures: N, maxRank } = c.dims;
+  const rows = c.rowAdapter.length;
+  const data = inputs({ ...c, dims: { ...c.dims, residual: false } });
+  const w = randomFloats(random, N * K);
+  const res = residual ? data.residual : new Float32Array(rows * N);
+  const device = gpu.device;
+  device.pushErrorScope("validation");
+  const buffers = {
+    x: createStorage(device, data.x, "x"),
+    w: createStorage(device, w, "w"),
+    a: createStorage(device, data.a, "a"),
+    b: createStorage(device, data.b, "b"),
+    slots: createStorage(device, packLoraSlots(c.slots), "slots"),
+    rowAdapter: createStorage(device, Uint32Array.from(c.rowAdapter), "rowAdapter"),
+    gates: createStorage(device, c.gates, "gates"),
+    t: createStorage(device, nanFilled(rows * loraRowColumns(maxRank, true)), "t"),
+    dora: createStorage(device, c.dora ?? new Float32Array(c.slots.length * N).fill(1), "dora"),
+    residual: createStorage(device, res, "residual"),
+    fused: createStorage(device, rows * N * 4, "fused y"),
+    plain: createStorage(device, rows * N * 4, "plain y"),
+  };
+  const { x, a, b, slots, rowAdapter, gates, t, dora, fused, plain } = buffers;
+  const withResidual = residual ? { residual: buffers.residual } : {};
+  gpu.step.dispatch(loraShrinkKernel({ ...c.dims, rowInfo: true }), { x, a, slots, rowAdapter, gates, t }, { rows, gateStride: c.gateStride, gateIndex: c.gateIndex });
+  gpu.step.dispatch(matvecKernel({ K, N, residual, loraRank: maxRank }), { x, w: buffers.w, ...withResidual, t, b, dora, y: fused }, { rows });
+  gpu.step.dispatch(matvecKernel({ K, N, residual }), { x, w: buffers.w, ...withResidual, y: plain }, { rows });
+  gpu.step.submit();
+  const got = await readBuffer(device, fused);
+  const base = await readBuffer(device, plain);
+  const error = await device.popErrorScope();
+  if (error) throw new Error(error.message);
+  for (const buffer of Object.values(buffers)) buffer.destroy();
+  // float64 W x, then the expand's reference on y = W x (no residual: it is added after)
+  const wx = new Float32Array(rows * N);
+  const wx64 = new Float64Array(rows * N);
+  for (let r = 0; r < rows; r++) for (let o = 0; o < N; o++) {
+    let sum = 0;
+    for (let k = 0; k < K; k++) sum += data.x[r * K + k]! * w[o * K + k]!;
+    wx64[r * N + o] = sum;
+    wx[r * N + o] = sum;
+  }
+  const want = reference({ ...c, dims: { ...c.dims, residual: false } }, { ...data, y: wx });
+  c.rowAdapter.forEach((slot, r) => {
+    const rowGot = got.subarray(r * N, (r + 1) * N);
+    const gate = c.gates[r * c.gateStride + c.gateIndex]!;
+    if (slot === NO_ADAPTER || gate === 0) {
+      assert.equal(Array.from(rowGot), Array.from(base.subarray(r * N, (r + 1) * N)), `${name}: row ${r} is off: the plain matvec's bits`);
+      return;
+    }
+    // the reference added the update to f32 W x; put float64 W x back under it
+    const rowWant = Array.from({ length: N }, (_, o) => want.y[r * N + o]! - wx[r * N + o]! + wx64[r * N + o]! + res[r * N + o]!);
+    const err = relativeError(rowGot, rowWant);
+    assert.ok(err < 1e-5, `${name}: row ${r} (slot ${slot}) error ${err}`);
+  });
+}
+
+for (const residual of [false, true]) {
+  test(`the matvec's LoRA epilogue (decode)${residual ? " over a fused residual" : ""}: LoRA and DoRA slots, gated-off and adapter-less rows, odd sizes: within 1e-5 relative, off rows the plain matvec's bits`, async () => {
+    const rowAdapter = [1, 0, NO_ADAPTER, 2, 1, 0, 2];
+    await checkEpilogue(
+      residual ? "epilogue, residual" : "epilogue",
+      {
+        dims: { inFeatures: 37, outFeatures: 45, maxRank: 6 },
+        slots: [{ rank: 6, scaling: 2 }, { rank: 3, scaling: 0.5 }, { rank: 5, scaling: 1.25 }],
+        rowAdapter,
+        gates: gatesFor(rowAdapter.length, 3, 1, [5]),
+        gateStride: 3,
+        gateIndex: 1,
+        dora: doraFactors(3, 45, [1]),
+      },
+      residual,
+    );
+  });
+}
 
 test("kernels refuse a zero rank bound and share a pipeline across modules of one shape", () => {
   assert.throws(() => loraShrinkKernel({ inFeatures: 8, outFeatures: 8, maxRank: 0 }), /maxRank must be a positive integer/);
