@@ -4,14 +4,23 @@ import { attentionBackwardKeyValueKernel, attentionBackwardQueryKernel, attentio
 import { attentionTrainKernel } from "./kernels/attention-train.ts";
 import { crossEntropyKernel } from "./kernels/cross-entropy.ts";
 import { dropoutGradKernel, dropoutKernel } from "./kernels/dropout.ts";
-import { swigluBackwardKernel } from "./kernels/elementwise-backward.ts";
+import { swigluBackwardKernel, swigluBackwardSumKernel } from "./kernels/elementwise-backward.ts";
 import { swigluKernel } from "./kernels/elementwise.ts";
 import { gradClipKernel, gradSquaresKernel } from "./kernels/grad-norm.ts";
 import type { KernelSource } from "./kernels/kernel.ts";
 import { loraBackwardInputKernel, loraGradAKernel, loraGradBKernel } from "./kernels/lora-backward.ts";
 import { loraExpandKernel, loraShrinkKernel } from "./kernels/lora.ts";
 import { matmulInputGradKernel } from "./kernels/matmul-backward.ts";
-import { loraRankGateKernel, moeBalanceGradKernel, moeBalanceKernel, moeBalanceSumsKernel } from "./kernels/moe-train.ts";
+import {
+  loraRankGateKernel,
+  moeBalanceGradKernel,
+  moeBalanceKernel,
+  moeBalanceSumsKernel,
+  moeFfnGateGradKernel,
+  moeFfnMixKernel,
+  moeFfnPassKernel,
+  moeFfnScaleKernel,
+} from "./kernels/moe-train.ts";
 import { matmulKernel } from "./kernels/matmul.ts";
 import { adamwKernel, sgdKernel } from "./kernels/optimizer.ts";
 import { rmsNormInputGradKernel } from "./kernels/rmsnorm-backward.ts";
@@ -48,6 +57,8 @@ function generate(r: TrainKernelRequest): KernelSource {
       return swigluKernel();
     case "swiglu_backward":
       return swigluBackwardKernel({ inPlace: false });
+    case "swiglu_backward_sum":
+      return swigluBackwardSumKernel();
     case "lora_shrink":
       return loraShrinkKernel(r.constants);
     case "lora_expand":
@@ -88,6 +99,14 @@ function generate(r: TrainKernelRequest): KernelSource {
       return moeBalanceKernel(r.constants);
     case "moe_balance_grad":
       return moeBalanceGradKernel(r.constants);
+    case "moe_ffn_pass":
+      return moeFfnPassKernel(r.constants);
+    case "moe_ffn_mix":
+      return moeFfnMixKernel(r.constants);
+    case "moe_ffn_scale":
+      return moeFfnScaleKernel(r.constants);
+    case "moe_ffn_gate_grad":
+      return moeFfnGateGradKernel(r.constants);
   }
 }
 

@@ -5,6 +5,10 @@
 //     With `inPlace`: gate (read_write), up (read_write), dAct (read), and gate, up are overwritten with
 //     dGate, dUp (each invocation reads its element of both before writing), so training holds no
 //     second pair of [rows, intermediate] buffers.
+//   swiglu_backward_sum (per_ffn, one feed-forward pass of several): as swiglu_backward, and also
+//     sumGate = (first ? 0 : sumGate) + dGate, sumUp likewise, the passes' gradients summed for one
+//     base input-gradient product each. bindings gate, up, dAct (read), dGate, dUp, sumGate, sumUp
+//     (read_write); params n, first.
 import type { KernelSource } from "./kernel.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, type StorageDecl } from "./wgsl.ts";
 
@@ -63,4 +67,41 @@ export function swigluBackwardKernel({ inPlace }: SwigluBackwardConstants): Kern
   ${inPlace ? "up" : "dUp"}[i] = d * g * s.x;`,
     SIGMOIDS,
   );
+}
+
+export function swigluBackwardSumKernel(): KernelSource {
+  return kernelSource({
+    name: "swiglu_backward_sum",
+    constants: {},
+    storage: [
+      { name: "gate", access: "read", type: "array<f32>" },
+      { name: "up", access: "read", type: "array<f32>" },
+      { name: "dAct", access: "read", type: "array<f32>" },
+      { name: "dGate", access: "read_write", type: "array<f32>" },
+      { name: "dUp", access: "read_write", type: "array<f32>" },
+      { name: "sumGate", access: "read_write", type: "array<f32>" },
+      { name: "sumUp", access: "read_write", type: "array<f32>" },
+    ],
+    params: [
+      { name: "n", type: "u32" },
+      { name: "first", type: "u32" },
+    ],
+    body: /* wgsl */ `${SIGMOIDS}
+@compute @workgroup_size(${WORKGROUP})
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * ${WORKGROUP}u + lid;
+  if (i >= params.n) { return; }
+  let g = gate[i];
+  let u = up[i];
+  let d = dAct[i];
+  let s = sigmoids(g);
+  let dg = d * u * s.x * (1.0 + g * s.y);
+  let du = d * g * s.x;
+  dGate[i] = dg;
+  dUp[i] = du;
+  sumGate[i] = select(sumGate[i] + dg, dg, params.first != 0u);
+  sumUp[i] = select(sumUp[i] + du, du, params.first != 0u);
+}`,
+    dispatch: { grid: { param: "n", per: WORKGROUP } },
+  });
 }

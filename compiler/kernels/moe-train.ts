@@ -18,6 +18,21 @@
 //   moe_balance_grad      that gradient into a module's record (the third part), for the router's backward
 // Every sum has a fixed order (lane-strided partial sums, a fixed tree; modules in forward order); no
 // atomics. `balance` [3E]: picks (E), P sums (E), the gradient on P (E).
+//
+// per_ffn (MixLoRA, docs/language.md `placement per_ffn`): one router per layer W [E, hidden] on the
+// MLP's input u (the same router kernels, hidden = hidden), and each row's kept experts run one
+// feed-forward pass each: G_e = Wg u + s Bg_e Ag_e u, U_e likewise, H_e = silu(G_e) U_e, D_e = Wd H_e +
+// s Bd_e Ad_e H_e, the MLP output sum_e g_e D_e. Each MLP module's experts are stacked as one LoRA of
+// rank E r (expert e owns ranks e r .. (e+1) r - 1), so pass p runs the stacked LoRA with t gated by a
+// one-hot mask of the row's p-th kept expert (lora_rank_gate), and the balance sums and loss above take
+// the layers' routers as they take per_module's modules. Here:
+//   moe_ffn_pass       pass p's expert of every row: the p-th kept expert in index order (record gate
+//                      != 0): mask [rows, E] one-hot (all 0 when the row keeps fewer), gate [rows] its g
+//   moe_ffn_mix        y = (first pass ? residual : y) + g * D_p: the residual stream plus the pass
+//   moe_ffn_scale      out = g * v per row: d(H_p) of the down product's base part, v = dy Wd (computed
+//                      once per layer: every expert's D_e sees the same dy)
+//   moe_ffn_gate_grad  the pass expert's gate gradient dg_e = dy . D_e = v . H_e + s (dy Bd) . t_gated
+//                      (the second term the LoRA backward's dGate), into dGates [rows, E] at e
 import type { KernelSource } from "./kernel.ts";
 import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
 
@@ -208,5 +223,166 @@ fn main(${GROUP_BUILTINS}) {
   route[(i / ${E}u) * ${3 * E}u + ${2 * E}u + i % ${E}u] = balance[${2 * E}u + i % ${E}u];
 }`,
     dispatch: { grid: { param: "n", per: 256 } },
+  });
+}
+
+/**
+ * Pass `ffnPass`'s expert of every row: the ffnPass-th expert (in index order) whose gate in the route
+ * record [rows, 3E] is not zero. mask[row] gets 1 there and 0 elsewhere (all 0 when the row keeps fewer
+ * experts, e.g. a kept probability that underflowed to 0), gate[row] that gate (or 0).
+ *   bindings: route (read), mask (read_write, [rows, E]), gate (read_write, [rows])
+ *   params:   rows, ffnPass
+ *   dispatch: grid(rows / 64)
+ */
+export function moeFfnPassKernel(c: { readonly experts: number }): KernelSource {
+  const E = c.experts;
+  checkExperts(E, "MoE feed-forward pass");
+  return kernelSource({
+    name: "moe_ffn_pass",
+    constants: { experts: E },
+    storage: [
+      { name: "route", access: "read", type: "array<f32>" },
+      { name: "mask", access: "read_write", type: "array<f32>" },
+      { name: "gate", access: "read_write", type: "array<f32>" },
+    ],
+    params: [
+      { name: "rows", type: "u32" },
+      { name: "ffnPass", type: "u32" },
+    ],
+    body: /* wgsl */ `
+@compute @workgroup_size(${WG})
+fn main(${GROUP_BUILTINS}) {
+  let row = ${LINEAR_GROUP} * ${WG}u + lid;
+  if (row >= params.rows) { return; }
+  var seen = 0u;
+  var g = 0.0;
+  for (var e = 0u; e < ${E}u; e++) {
+    let h = route[row * ${3 * E}u + ${E}u + e];
+    var m = 0.0;
+    if (h != 0.0) {
+      if (seen == params.ffnPass) {
+        m = 1.0;
+        g = h;
+      }
+      seen++;
+    }
+    mask[row * ${E}u + e] = m;
+  }
+  gate[row] = g;
+}`,
+    dispatch: { grid: { param: "rows", per: WG } },
+  });
+}
+
+/**
+ * y[r] = (first ? residual[r] : y[r]) + gate[r] * x[r] for rows of `width` values; a row of gate 0 keeps
+ * what it had (its pass's x is never read into it).
+ *   bindings: x (read), residual (read), gate (read, [rows]), y (read_write)
+ *   params:   n (rows * width), first
+ *   dispatch: grid(n / 256)
+ */
+export function moeFfnMixKernel(c: { readonly width: number }): KernelSource {
+  const { width } = c;
+  if (!Number.isInteger(width) || width < 1) throw new Error(`MoE feed-forward mix: width ${width}`);
+  return kernelSource({
+    name: "moe_ffn_mix",
+    constants: { width },
+    storage: [
+      { name: "x", access: "read", type: "array<f32>" },
+      { name: "residual", access: "read", type: "array<f32>" },
+      { name: "gate", access: "read", type: "array<f32>" },
+      { name: "y", access: "read_write", type: "array<f32>" },
+    ],
+    params: [
+      { name: "n", type: "u32" },
+      { name: "first", type: "u32" },
+    ],
+    body: /* wgsl */ `
+@compute @workgroup_size(256)
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * 256u + lid;
+  if (i >= params.n) { return; }
+  let g = gate[i / ${width}u];
+  let before = select(y[i], residual[i], params.first != 0u);
+  y[i] = select(before + g * x[i], before, g == 0.0);
+}`,
+    dispatch: { grid: { param: "n", per: 256 } },
+  });
+}
+
+/**
+ * out[r] = gate[r] * v[r] for rows of `width` values.
+ *   bindings: v (read), gate (read, [rows]), out (read_write)
+ *   params:   n (rows * width)
+ *   dispatch: grid(n / 256)
+ */
+export function moeFfnScaleKernel(c: { readonly width: number }): KernelSource {
+  const { width } = c;
+  if (!Number.isInteger(width) || width < 1) throw new Error(`MoE feed-forward scale: width ${width}`);
+  return kernelSource({
+    name: "moe_ffn_scale",
+    constants: { width },
+    storage: [
+      { name: "v", access: "read", type: "array<f32>" },
+      { name: "gate", access: "read", type: "array<f32>" },
+      { name: "out", access: "read_write", type: "array<f32>" },
+    ],
+    params: [{ name: "n", type: "u32" }],
+    body: /* wgsl */ `
+@compute @workgroup_size(256)
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * 256u + lid;
+  if (i >= params.n) { return; }
+  out[i] = gate[i / ${width}u] * v[i];
+}`,
+    dispatch: { grid: { param: "n", per: 256 } },
+  });
+}
+
+/**
+ * The gate gradient of each row's pass expert e (mask's one): dGates[r, e] = v[r] . h[r] (+ lora[r]),
+ * v = dy Wd and h = H_e of the row ([rows, width]), lora the down LoRA's s (dy Bd) . t_gated. Rows
+ * whose mask is all 0 are not written. One workgroup per row: lane-strided sums, then a fixed tree.
+ *   bindings: v (read), h (read), mask (read, [rows, E]), [lora (read, [rows])], dGates (read_write, [rows, E])
+ *   params:   rows
+ *   dispatch: grid(rows)
+ */
+export function moeFfnGateGradKernel(c: { readonly width: number; readonly experts: number; readonly lora: boolean }): KernelSource {
+  const { width, experts: E, lora } = c;
+  checkExperts(E, "MoE feed-forward gate gradient");
+  if (!Number.isInteger(width) || width < 1) throw new Error(`MoE feed-forward gate gradient: width ${width}`);
+  return kernelSource({
+    name: "moe_ffn_gate_grad",
+    constants: { width, experts: E, lora },
+    storage: [
+      { name: "v", access: "read", type: "array<f32>" },
+      { name: "h", access: "read", type: "array<f32>" },
+      { name: "mask", access: "read", type: "array<f32>" },
+      ...(lora ? [{ name: "lora", access: "read", type: "array<f32>" } as const] : []),
+      { name: "dGates", access: "read_write", type: "array<f32>" },
+    ],
+    params: [{ name: "rows", type: "u32" }],
+    body: /* wgsl */ `
+var<workgroup> partial: array<f32, ${WG}>;
+
+@compute @workgroup_size(${WG})
+fn main(${GROUP_BUILTINS}) {
+  let row = ${LINEAR_GROUP};
+  if (row >= params.rows) { return; }
+  var acc = 0.0;
+  for (var c = lid; c < ${width}u; c += ${WG}u) { acc += v[row * ${width}u + c] * h[row * ${width}u + c]; }
+  partial[lid] = acc;
+  for (var stride = ${WG / 2}u; stride > 0u; stride /= 2u) {
+    workgroupBarrier();
+    if (lid < stride) { partial[lid] += partial[lid + stride]; }
+  }
+  workgroupBarrier();
+  if (lid == 0u) {
+    for (var e = 0u; e < ${E}u; e++) {
+      if (mask[row * ${E}u + e] != 0.0) { dGates[row * ${E}u + e] = partial[0]${lora ? " + lora[row]" : ""}; }
+    }
+  }
+}`,
+    dispatch: { grid: { param: "rows" } },
   });
 }

@@ -14,6 +14,19 @@
 // record (P, the gates) per module, gates t rank by rank by the row's expert gates (t_gated, recomputed
 // in the backward from t and the record), and sums the load-balancing loss over every module's rows at
 // once after the forward; its gradient on P reaches each router's backward through the record.
+//
+// A per_ffn adapter (MixLoRA, compiler/kernels/moe-train.ts) routes every row of each routed layer's MLP
+// input u = xn2 with the layer's router (the same kernels, hidden = hidden), then runs one feed-forward
+// pass per kept expert: pass p takes each row's p-th kept expert (in index order) as a one-hot mask that
+// gates the stacked LoRA's t rank by rank, so G_p = Wg u + s Bg (mask * Ag u) and U_p likewise (the base
+// products and the shrinks Ag u, Au u run once: every expert reads the same u), H_p = silu(G_p) U_p,
+// D_p = Wd H_p + s Bd (mask * Ad H_p), and the layer's output is h + sum_p g_p D_p. The forward keeps
+// only what every pass shares (u, Wg u, Wu u, Ag u, Au u and the route record): the backward recomputes
+// G_p, U_p and H_p per pass (copies, gated expands, SwiGLU and the down LoRA's shrink; no base product),
+// and needs no D_p: dg_p = dy . D_p = v . H_p + s (dy Bd) . (mask * Ad H_p) with v = dy Wd, which is
+// computed once (every expert's D_e sees the same dy). The passes' gate and up gradients are summed
+// before their base input-gradient products (one each per layer), their LoRA gradients are taken pass
+// by pass (each pass touches its experts' ranks only).
 import { sequenceBounds, sequencePositions } from "../../compiler/kernels/attention-train.ts";
 import { dropoutParams } from "../../compiler/kernels/dropout.ts";
 import { routerScratchLength } from "../../compiler/kernels/router-train-backward.ts";
@@ -28,7 +41,7 @@ import { userError } from "../errors.ts";
 import type { GpuTensor, GpuWeights } from "../engine/weights.ts";
 import { IGNORE_INDEX } from "./data.ts";
 import type { TrainKernelRequest, TrainKernelResolver } from "./kernels.ts";
-import type { TrainLora, TrainRouter, TrainableParams } from "./params.ts";
+import type { TrainLora, TrainRouter, TrainTensor, TrainableParams } from "./params.ts";
 
 /** Sequences packed row after row, as the step runs them. */
 export interface PackedBatch {
@@ -97,6 +110,22 @@ interface MoeModule {
   readonly route: GPUBuffer;
 }
 
+/**
+ * A per_ffn (MixLoRA) layer: its router W [E, hidden] (token routing over E experts), its route record
+ * [maxRows, 3E], and its adapted MLP modules (each E experts stacked to rank E r).
+ */
+interface FfnLayer {
+  readonly layer: number;
+  readonly router: TrainTensor;
+  readonly constants: RouterTrainConstants;
+  readonly route: GPUBuffer;
+  /** Feed-forward passes per row: top_k's k, or E for dense. */
+  readonly passes: number;
+  readonly gate?: TrainLora;
+  readonly up?: TrainLora;
+  readonly down?: TrainLora;
+}
+
 interface RoutedLayer {
   readonly router: TrainRouter;
   readonly constants: RouterTrainConstants;
@@ -144,6 +173,7 @@ export class TrainingGraph {
   readonly #scratch: Record<
     | "dX" | "dXn" | "dAttn" | "dQ" | "dK" | "dV" | "dAct" | "dGate" | "dUp" | "stats" | "dt" | "dGates" | "headIn" | "final" | "logits" | "loss"
     | "tGated" | "dExpertGates" | "moeTable" | "moeBalance"
+    | "ffnGate" | "ffnUp" | "ffnAct" | "ffnDAct" | "ffnSumGate" | "ffnSumUp" | "ffnOut" | "ffnMask" | "ffnPassGate" | "ffnLoraGate" | "ffnDGates" | "zeros"
     | "dropped" | "dDropped" | "routerScratch" | "balance",
     GPUBuffer
   >;
@@ -163,7 +193,9 @@ export class TrainingGraph {
   /** per_module modules in forward order (layer, then module), and by their LoRA. */
   readonly #moeModules: readonly MoeModule[];
   readonly #moe: ReadonlyMap<TrainLora, MoeModule>;
-  /** Whether the forward has not yet summed a per_module router's balance statistics this run. */
+  /** per_ffn layers by layer. */
+  readonly #ffn: ReadonlyMap<number, FfnLayer>;
+  /** Whether the forward has not yet summed a per_module or per_ffn router's balance statistics this run. */
   #moeFirst = true;
 
   constructor(o: TrainingGraphOptions) {
@@ -187,8 +219,10 @@ export class TrainingGraph {
     const R = o.maxRows;
     const f32 = (floats: number, label: string) => createStorage(o.device, Math.max(4, floats * 4), label);
     const widths: Record<Saved, number> = { x: hidden, xn: hidden, q: qWidth, k: kvWidth, v: kvWidth, attn: qWidth, lse: heads, h: hidden, xn2: hidden, gate: intermediate, up: intermediate, act: intermediate };
+    const ffnLayers = new Set(o.params.ffnRouters.keys());
     for (let l = 0; l <= layers; l++) {
-      const names: Saved[] = l === layers ? ["x"] : (Object.keys(widths) as Saved[]);
+      // A per_ffn layer keeps no act: its passes' H_p are recomputed in the backward ("gate" and "up" hold Wg u and Wu u).
+      const names: Saved[] = l === layers ? ["x"] : (Object.keys(widths) as Saved[]).filter((n) => n !== "act" || !ffnLayers.has(l));
       this.#saved.push(new Map(names.map((n) => [n, f32(R * widths[n], `layer ${l} ${n}`)])));
     }
     const maxRank = Math.max(1, ...o.params.lora.map((l) => l.rank));
@@ -243,8 +277,41 @@ export class TrainingGraph {
         return { lora: l, constants, route: f32(routeRecordLength(constants, R), `layer ${l.layer} ${l.module} router record`) };
       });
     this.#moe = new Map(this.#moeModules.map((m) => [m.lora, m]));
-    const maxExperts = Math.max(1, ...this.#moeModules.map((m) => m.constants.experts));
-    const moeRows = this.#moeModules.length > 0 ? R : 0;
+    this.#ffn = new Map(
+      [...o.params.ffnRouters].map(([layer, router]): [number, FfnLayer] => {
+        const sel = moeSpec!.selection;
+        const constants: RouterTrainConstants = {
+          hidden,
+          experts: moeSpec!.experts,
+          when: "token",
+          pooling: "last",
+          activation: "none",
+          selection: sel.rule === "top_k" ? { rule: "top_k", k: sel.k } : { rule: "dense" },
+          renormalize: sel.rule === "top_k" && sel.renormalize,
+        };
+        const mlp = (m: ExpertModule) => {
+          const l = o.params.loraOf(layer, m);
+          return l ? { [m === "gate_proj" ? "gate" : m === "up_proj" ? "up" : "down"]: l } : {};
+        };
+        return [
+          layer,
+          {
+            layer,
+            router,
+            constants,
+            route: f32(routeRecordLength(constants, R), `layer ${layer} ffn router record`),
+            passes: sel.rule === "top_k" ? sel.k : moeSpec!.experts,
+            ...mlp("gate_proj"),
+            ...mlp("up_proj"),
+            ...mlp("down_proj"),
+          },
+        ];
+      }),
+    );
+    const ffnAll = [...this.#ffn.values()];
+    const maxExperts = Math.max(1, ...this.#moeModules.map((m) => m.constants.experts), ...ffnAll.map((f) => f.constants.experts));
+    const moeRows = this.#moeModules.length + ffnAll.length > 0 ? R : 0;
+    const ffnRows = ffnAll.length > 0 ? R : 0;
     this.#scratch = {
       dX: f32(R * hidden, "dX"),
       dXn: f32(R * hidden, "dXn"),
@@ -265,13 +332,28 @@ export class TrainingGraph {
       // A module's LoRA input after dropout and its gradient, regenerated per use from the mask's hash.
       dropped: f32(R * maxIn, "dropped LoRA input"),
       dDropped: f32(R * maxIn, "dropped LoRA input gradient"),
-      routerScratch: f32(Math.max(1, ...[...this.#routers, ...this.#moeModules].map((r) => routerScratchLength(r.constants, R, R))), "router scratch"),
+      routerScratch: f32(Math.max(1, ...[...this.#routers, ...this.#moeModules, ...ffnAll].map((r) => routerScratchLength(r.constants, R, R))), "router scratch"),
       balance: f32(layers, "balance loss per layer"),
       // per_module: a module's t gated by its experts, the gates' gradient, the router's (unread) gate table, the balance sums.
       tGated: f32(moeRows * maxRank, "gated LoRA shrink output"),
       dExpertGates: f32(moeRows * maxExperts, "expert gate gradients"),
       moeTable: f32(moeRows * maxExperts, "expert gate table"),
       moeBalance: f32(moeBalanceLength(maxExperts), "balance sums"),
+      // per_ffn, shared by the layers: the pass's G_p, U_p, H_p, d(H_p), the passes' summed dG and dU,
+      // D_p, the one-hot mask of the pass's experts, their gates, the down LoRA's part of dg, every
+      // kept expert's dg, and zeros (for du's start).
+      ffnGate: f32(ffnRows * intermediate, "feed-forward pass gate"),
+      ffnUp: f32(ffnRows * intermediate, "feed-forward pass up"),
+      ffnAct: f32(ffnRows * intermediate, "feed-forward pass act"),
+      ffnDAct: f32(ffnRows * intermediate, "feed-forward pass act gradient"),
+      ffnSumGate: f32(ffnRows * intermediate, "feed-forward passes' gate gradient"),
+      ffnSumUp: f32(ffnRows * intermediate, "feed-forward passes' up gradient"),
+      ffnOut: f32(ffnRows * hidden, "feed-forward pass output"),
+      ffnMask: f32(ffnRows * maxExperts, "feed-forward pass experts"),
+      ffnPassGate: f32(ffnRows, "feed-forward pass gates"),
+      ffnLoraGate: f32(ffnRows, "feed-forward pass down LoRA gate gradient"),
+      ffnDGates: f32(ffnRows * maxExperts, "feed-forward expert gate gradients"),
+      zeros: f32(ffnRows * hidden, "zeros"),
     };
     this.#inputs = {
       positions: f32(R, "positions"),
@@ -288,6 +370,7 @@ export class TrainingGraph {
       ...Object.values(this.#inputs),
       ...this.#routers.flatMap((r) => [r.pooled, r.attn, r.route]),
       ...this.#moeModules.map((m) => m.route),
+      ...ffnAll.map((f) => f.route),
     ];
     this.bytes = all.reduce((n, b) => n + b.size, 0);
     this.#lossReadback = o.device.createBuffer({ label: "loss readback", size: (R + layers) * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
@@ -324,7 +407,7 @@ export class TrainingGraph {
     let lossSum = 0;
     for (const l of values.subarray(layers)) lossSum += l;
     // per_module: the one balance loss over every module's rows (index 0).
-    if (this.#moeModules.length > 0) return { lossSum, balanceLoss: values[0]! };
+    if (this.#moeModules.length + this.#ffn.size > 0) return { lossSum, balanceLoss: values[0]! };
     // Eq. 4-5: the balance loss of each routed layer, averaged over them (reported; its gradient is in).
     const balance = this.#routers.reduce((sum, r) => sum + values[r.router.layer]!, 0);
     return { lossSum, balanceLoss: this.#routers.length > 0 ? balance / this.#routers.length : 0 };
@@ -402,25 +485,33 @@ export class TrainingGraph {
     const select = { slots: l.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
     const t = this.#t.get(l)!;
     const moe = this.#moe.get(l);
-    if (moe) this.#moeRouteForward(moe, input, rows);
-    const dropout = this.#dropout(l, rows);
-    if (dropout) this.#step.dispatch(this.#k({ family: "dropout", constants: {} }), { x: input, out: this.#scratch.dropped }, dropout);
-    const x = dropout ? this.#scratch.dropped : input;
-    this.#step.dispatch(this.#k({ family: "lora_shrink", constants }), { x, a: l.a.value, ...select, t }, this.#loraParams(l, rows));
+    if (moe) this.#moeRouteForward(moe.constants, moe.lora.moe!.router, moe.route, input, rows);
+    this.#shrink(l, input, rows);
     const expandInput = moe ? this.#gateRanks(moe, rows) : t;
     this.#step.dispatch(this.#k({ family: "lora_expand", constants }), { t: expandInput, b: l.b.value, ...select, y }, this.#loraParams(l, rows));
   }
 
-  /** per_module: the module's router on its input rows (its record: P and the gates), and its rows' share of the balance sums. */
-  #moeRouteForward(moe: MoeModule, input: GPUBuffer, rows: number): void {
-    const c = moe.constants;
-    const router = moe.lora.moe!.router;
+  /** t = A dropout(x) of an adapted module into its t buffer (the dropped input left in the `dropped` scratch). */
+  #shrink(l: TrainLora, input: GPUBuffer, rows: number): void {
+    const constants = { inFeatures: l.inFeatures, outFeatures: l.outFeatures, maxRank: l.rank };
+    const select = { slots: l.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
+    const dropout = this.#dropout(l, rows);
+    if (dropout) this.#step.dispatch(this.#k({ family: "dropout", constants: {} }), { x: input, out: this.#scratch.dropped }, dropout);
+    const x = dropout ? this.#scratch.dropped : input;
+    this.#step.dispatch(this.#k({ family: "lora_shrink", constants }), { x, a: l.a.value, ...select, t: this.#t.get(l)! }, this.#loraParams(l, rows));
+  }
+
+  /**
+   * per_module (a module's router) or per_ffn (a layer's): the router on its input rows (its record: P
+   * and the gates), and its rows' share of the balance sums.
+   */
+  #moeRouteForward(c: RouterTrainConstants, router: TrainTensor, route: GPUBuffer, input: GPUBuffer, rows: number): void {
     this.#step.dispatch(
       this.#k({ family: "router_train_forward", constants: c }),
-      { x: input, weight: router.value, route: moe.route, table: this.#scratch.moeTable },
+      { x: input, weight: router.value, route, table: this.#scratch.moeTable },
       { decisions: rows, gateStride: c.experts, gateIndex0: 0 },
     );
-    this.#step.dispatch(this.#k({ family: "moe_balance_sums", constants: { experts: c.experts } }), { route: moe.route, balance: this.#scratch.moeBalance }, { decisions: rows, first: this.#moeFirst ? 1 : 0 });
+    this.#step.dispatch(this.#k({ family: "moe_balance_sums", constants: { experts: c.experts } }), { route, balance: this.#scratch.moeBalance }, { decisions: rows, first: this.#moeFirst ? 1 : 0 });
     this.#moeFirst = false;
   }
 
@@ -467,23 +558,21 @@ export class TrainingGraph {
     }
     this.#step.dispatch(this.#k({ family: "lora_grad_a", constants: { ...constants, accumulate: true } }), { x, dt, ...select, dA: l.a.grad }, params);
     if (dropout) this.#step.dispatch(this.#k({ family: "dropout_grad", constants: {} }), { g: dDropped, acc: dx }, dropout);
-    if (moe) this.#moeRouteBackward(moe, input, dx, rows);
+    if (moe) this.#moeRouteBackward(moe.constants, moe.lora.moe!.router, moe.route, input, dx, rows);
   }
 
   /**
-   * per_module: the balance loss's gradient on P into the module's record, then its router's backward
+   * per_module (and per_ffn, a layer's router): the balance loss's gradient on P into the record, then its router's backward
    * (the expert gates' gradient through the selection and softmax) adding into the module's input
    * gradient dx, and W's gradient accumulated.
    */
-  #moeRouteBackward(moe: MoeModule, input: GPUBuffer, dx: GPUBuffer, rows: number): void {
-    const c = moe.constants;
+  #moeRouteBackward(c: RouterTrainConstants, router: TrainTensor, route: GPUBuffer, input: GPUBuffer, dx: GPUBuffer, rows: number, dGates = this.#scratch.dExpertGates): void {
     const E = c.experts;
-    const router = moe.lora.moe!.router;
     const scratch = this.#scratch.routerScratch;
-    this.#step.dispatch(this.#k({ family: "moe_balance_grad", constants: { experts: E } }), { balance: this.#scratch.moeBalance, route: moe.route }, { n: rows * E });
+    this.#step.dispatch(this.#k({ family: "moe_balance_grad", constants: { experts: E } }), { balance: this.#scratch.moeBalance, route }, { n: rows * E });
     this.#step.dispatch(
       this.#k({ family: "router_train_backward", constants: c }),
-      { x: input, weight: router.value, route: moe.route, dGates: this.#scratch.dExpertGates, scratch, dx },
+      { x: input, weight: router.value, route, dGates, scratch, dx },
       { decisions: rows, gateStride: E, gateIndex0: 0 },
     );
     this.#step.dispatch(this.#k({ family: "router_train_grad", constants: { ...c, accumulate: true } }), { x: input, scratch, dWeight: router.grad }, { decisions: rows });
@@ -516,7 +605,14 @@ export class TrainingGraph {
           step.dispatch(rope, { q: act("q"), k: act("k"), positions: this.#inputs.positions }, { rows });
           step.dispatch(attention, { q: act("q"), k: act("k"), v: act("v"), sequences: this.#inputs.sequences, out: act("attn"), lse: act("lse") }, { rows });
         }
-        if (module === "gate_proj") step.dispatch(norm, { x: act("h"), weight: this.#tensor("mlp_norm", l).blocks[0]!.buffer, out: act("xn2") }, { rows });
+        if (module === "gate_proj") {
+          step.dispatch(norm, { x: act("h"), weight: this.#tensor("mlp_norm", l).blocks[0]!.buffer, out: act("xn2") }, { rows });
+          const ffn = this.#ffn.get(l);
+          if (ffn) {
+            this.#ffnForward(ffn, s, next, rows);
+            break;
+          }
+        }
         if (module === "down_proj") step.dispatch(swiglu, { gate: act("gate"), up: act("up"), out: act("act") }, { n: rows * this.#plan.dims.intermediate });
         const y = output === "x" ? next : act(output);
         const residual = module === "o_proj" ? act("x") : module === "down_proj" ? act("h") : undefined;
@@ -525,13 +621,14 @@ export class TrainingGraph {
         if (lora) this.#loraForward(lora, act(input), y, rows);
       }
     }
-    if (this.#moeModules.length > 0) {
-      // The joint balance loss over every module's rows (T = rows x modules), and its gradient on P.
-      const experts = this.#moeModules[0]!.constants.experts;
+    const routed = [...this.#moeModules, ...this.#ffn.values()];
+    if (routed.length > 0) {
+      // The joint balance loss over every module's (per_ffn: routed layer's) rows (T = rows x routers), and its gradient on P.
+      const experts = routed[0]!.constants.experts;
       this.#step.dispatch(
         this.#k({ family: "moe_balance", constants: { experts } }),
         { balance: this.#scratch.moeBalance, loss: this.#scratch.balance },
-        { decisions: rows * this.#moeModules.length, lossIndex: 0, coef: this.#balanceCoef },
+        { decisions: rows * routed.length, lossIndex: 0, coef: this.#balanceCoef },
       );
     }
   }
@@ -576,10 +673,14 @@ export class TrainingGraph {
         if (adapted) this.#loraBackward(adapted, act(input), dy, dx, rows);
       };
       // dX holds d(layer output) = d(h) too: the MLP's residual passes it through unchanged.
-      linearBack("down_proj", "act", sc.dX, sc.dAct, false);
-      step.dispatch(this.#k({ family: "swiglu_backward", constants: {} }), { gate: act("gate"), up: act("up"), dAct: sc.dAct, dGate: sc.dGate, dUp: sc.dUp }, { n: rows * intermediate });
-      linearBack("gate_proj", "xn2", sc.dGate, sc.dXn, false);
-      linearBack("up_proj", "xn2", sc.dUp, sc.dXn, true);
+      const ffn = this.#ffn.get(l);
+      if (ffn) this.#ffnBackward(ffn, s, rows);
+      else {
+        linearBack("down_proj", "act", sc.dX, sc.dAct, false);
+        step.dispatch(this.#k({ family: "swiglu_backward", constants: {} }), { gate: act("gate"), up: act("up"), dAct: sc.dAct, dGate: sc.dGate, dUp: sc.dUp }, { n: rows * intermediate });
+        linearBack("gate_proj", "xn2", sc.dGate, sc.dXn, false);
+        linearBack("up_proj", "xn2", sc.dUp, sc.dXn, true);
+      }
       step.dispatch(normBackward, { x: act("h"), weight: this.#tensor("mlp_norm", l).blocks[0]!.buffer, dy: sc.dXn, dx: sc.dX }, { rows });
       // dX = d(h); the attention's residual passes it to x as well.
       linearBack("o_proj", "attn", sc.dX, sc.dAttn, false);
@@ -652,9 +753,145 @@ export class TrainingGraph {
     );
   }
 
+  /**
+   * per_ffn: a routed layer's MLP (see the top of the file): the router on u = xn2, the base gate and up
+   * products and the stacked shrinks once, then each pass's experts' G_p, U_p, H_p and D_p, mixed into
+   * the layer's output `next` = h + sum_p g_p D_p.
+   */
+  #ffnForward(f: FfnLayer, s: Map<Saved, GPUBuffer>, next: GPUBuffer, rows: number): void {
+    const { intermediate } = this.#plan.dims;
+    const sc = this.#scratch;
+    const step = this.#step;
+    const u = s.get("xn2")!;
+    this.#moeRouteForward(f.constants, f.router, f.route, u, rows);
+    this.#linear(this.#tensor("linear", f.layer, "gate_proj"), u, s.get("gate")!, rows);
+    this.#linear(this.#tensor("linear", f.layer, "up_proj"), u, s.get("up")!, rows);
+    for (const l of [f.gate, f.up]) if (l) this.#shrink(l, u, rows);
+    const swiglu = this.#k({ family: "swiglu", constants: {} });
+    const mix = this.#k({ family: "moe_ffn_mix", constants: { width: this.#plan.dims.hidden } });
+    for (let p = 0; p < f.passes; p++) {
+      const { gate, up } = this.#ffnPassInputs(f, s, p, rows);
+      step.dispatch(swiglu, { gate, up, out: sc.ffnAct }, { n: rows * intermediate });
+      this.#linear(this.#tensor("linear", f.layer, "down_proj"), sc.ffnAct, sc.ffnOut, rows);
+      if (f.down) {
+        this.#shrink(f.down, sc.ffnAct, rows);
+        this.#expand(f.down, this.#maskRanks(f, f.down, rows), sc.ffnOut, rows);
+      }
+      step.dispatch(mix, { x: sc.ffnOut, residual: s.get("h")!, gate: sc.ffnPassGate, y: next }, { n: rows * this.#plan.dims.hidden, first: p === 0 ? 1 : 0 });
+    }
+  }
+
+  /**
+   * Pass p's experts (mask and gates) and its G_p and U_p: Wg u (saved) plus s Bg (mask * Ag u), into the
+   * pass scratch, or Wg u itself for a module the adapter lacks; likewise U_p.
+   */
+  #ffnPassInputs(f: FfnLayer, s: Map<Saved, GPUBuffer>, p: number, rows: number): { gate: GPUBuffer; up: GPUBuffer } {
+    const sc = this.#scratch;
+    const E = f.constants.experts;
+    this.#step.dispatch(this.#k({ family: "moe_ffn_pass", constants: { experts: E } }), { route: f.route, mask: sc.ffnMask, gate: sc.ffnPassGate }, { rows, ffnPass: p });
+    const bytes = rows * this.#plan.dims.intermediate * 4;
+    const expert = (l: TrainLora | undefined, base: GPUBuffer, into: GPUBuffer) => {
+      if (!l) return base;
+      this.#step.copy(base, 0, into, 0, bytes);
+      this.#expand(l, this.#maskRanks(f, l, rows), into, rows);
+      return into;
+    };
+    return { gate: expert(f.gate, s.get("gate")!, sc.ffnGate), up: expert(f.up, s.get("up")!, sc.ffnUp) };
+  }
+
+  /** y += s B t_gated (gate 1) for an adapted module. */
+  #expand(l: TrainLora, t: GPUBuffer, y: GPUBuffer, rows: number): void {
+    const constants = { inFeatures: l.inFeatures, outFeatures: l.outFeatures, maxRank: l.rank };
+    const select = { slots: l.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
+    this.#step.dispatch(this.#k({ family: "lora_expand", constants }), { t, b: l.b.value, ...select, y }, this.#loraParams(l, rows));
+  }
+
+  /** t_gated = the module's t with the ranks of experts other than the row's pass expert zeroed (the mask), into tGated. */
+  #maskRanks(f: FfnLayer, l: TrainLora, rows: number): GPUBuffer {
+    const E = f.constants.experts;
+    this.#step.dispatch(
+      this.#k({ family: "lora_rank_gate", constants: { rank: l.rank, experts: E } }),
+      { t: this.#t.get(l)!, gates: this.#scratch.ffnMask, out: this.#scratch.tGated },
+      { n: rows * l.rank, gateStride: E, gateOffset: 0 },
+    );
+    return this.#scratch.tGated;
+  }
+
+  /**
+   * per_ffn: a routed layer's MLP backward from dy = dX (the layer output's gradient) into du = dXn
+   * (the MLP input's), with every LoRA's and the router's gradients (see the top of the file).
+   */
+  #ffnBackward(f: FfnLayer, s: Map<Saved, GPUBuffer>, rows: number): void {
+    const { hidden, intermediate } = this.#plan.dims;
+    const sc = this.#scratch;
+    const step = this.#step;
+    const u = s.get("xn2")!;
+    const E = f.constants.experts;
+    // v = dy Wd: every expert's D_e sees the same dy, so the down product's input gradient runs once.
+    this.#linearBackward(this.#tensor("linear", f.layer, "down_proj"), sc.dX, sc.dAct, rows, false);
+    // du starts at zero: the passes' LoRA input gradients add into it, then the base products and the router.
+    step.copy(sc.zeros, 0, sc.dXn, 0, rows * hidden * 4);
+    const swiglu = this.#k({ family: "swiglu", constants: {} });
+    const n = rows * intermediate;
+    for (let p = 0; p < f.passes; p++) {
+      const { gate, up } = this.#ffnPassInputs(f, s, p, rows);
+      step.dispatch(swiglu, { gate, up, out: sc.ffnAct }, { n });
+      // d(H_p) = g_p v + the down LoRA's part; dg_p = v . H_p + s (dy Bd) . t_gated.
+      step.dispatch(this.#k({ family: "moe_ffn_scale", constants: { width: intermediate } }), { v: sc.dAct, gate: sc.ffnPassGate, out: sc.ffnDAct }, { n });
+      if (f.down) this.#ffnLoraBackward(f, f.down, sc.ffnAct, sc.dX, sc.ffnDAct, rows, true);
+      step.dispatch(
+        this.#k({ family: "moe_ffn_gate_grad", constants: { width: intermediate, experts: E, lora: f.down !== undefined } }),
+        { v: sc.dAct, h: sc.ffnAct, mask: sc.ffnMask, ...(f.down ? { lora: sc.ffnLoraGate } : {}), dGates: sc.ffnDGates },
+        { rows },
+      );
+      step.dispatch(
+        this.#k({ family: "swiglu_backward_sum", constants: {} }),
+        { gate, up, dAct: sc.ffnDAct, dGate: sc.dGate, dUp: sc.dUp, sumGate: sc.ffnSumGate, sumUp: sc.ffnSumUp },
+        { n, first: p === 0 ? 1 : 0 },
+      );
+      if (f.gate) this.#ffnLoraBackward(f, f.gate, u, sc.dGate, sc.dXn, rows, false);
+      if (f.up) this.#ffnLoraBackward(f, f.up, u, sc.dUp, sc.dXn, rows, false);
+    }
+    // du += (sum_p dG_p) Wg + (sum_p dU_p) Wu: the base products' input gradients, once each.
+    this.#linearBackward(this.#tensor("linear", f.layer, "gate_proj"), sc.ffnSumGate, sc.dXn, rows, true);
+    this.#linearBackward(this.#tensor("linear", f.layer, "up_proj"), sc.ffnSumUp, sc.dXn, rows, true);
+    this.#moeRouteBackward(f.constants, f.router, f.route, u, sc.dXn, rows, sc.ffnDGates);
+  }
+
+  /**
+   * One pass's backward of an MLP module's stacked LoRA, its t gated by the pass's mask: dt = coef *
+   * mask * (dy B), dx += dt A (through the dropout mask), dB += coef dy^T t_gated, dA += dt^T x. For
+   * gate_proj and up_proj (`down` false) coef = s and t = A dropout(u) is the forward's; for down_proj
+   * coef = g_p s (its output is weighted by the pass's gate), t = A dropout(H_p) is recomputed from
+   * `input`, and the LoRA's part of dg_p, s (dy B) . t_gated, goes to ffnLoraGate.
+   */
+  #ffnLoraBackward(f: FfnLayer, l: TrainLora, input: GPUBuffer, dy: GPUBuffer, dx: GPUBuffer, rows: number, down: boolean): void {
+    const sc = this.#scratch;
+    const E = f.constants.experts;
+    const constants = { inFeatures: l.inFeatures, outFeatures: l.outFeatures, maxRank: l.rank };
+    const select = { slots: l.slots, rowAdapter: this.#inputs.rowAdapter, gates: down ? sc.ffnPassGate : this.#inputs.gates };
+    const params = down ? { rows, gateStride: 1, gateIndex: 0, slot: 0 } : { ...this.#loraParams(l, rows), slot: 0 };
+    const dropout = this.#dropout(l, rows);
+    if (down) this.#shrink(l, input, rows);
+    else if (dropout) this.#step.dispatch(this.#k({ family: "dropout", constants: {} }), { x: input, out: sc.dropped }, dropout);
+    const x = dropout ? sc.dropped : input;
+    const dxLora = dropout ? sc.dDropped : dx;
+    const t = this.#t.get(l)!;
+    const tGated = this.#maskRanks(f, l, rows);
+    this.#step.dispatch(
+      this.#k({ family: "lora_backward_input", constants: { ...constants, experts: E } }),
+      { dy, t, a: l.a.value, b: l.b.value, ...select, expertGates: sc.ffnMask, dt: sc.dt, dGates: down ? sc.ffnLoraGate : sc.dGates, dExpertGates: sc.dExpertGates, dx: dxLora },
+      { ...params, expertStride: E, expertOffset: 0 },
+    );
+    this.#step.dispatch(this.#k({ family: "lora_grad_b", constants: { ...constants, accumulate: true } }), { dy, t: tGated, ...select, dB: l.b.grad }, params);
+    this.#step.dispatch(this.#k({ family: "lora_grad_a", constants: { ...constants, accumulate: true } }), { x, dt: sc.dt, ...select, dA: l.a.grad }, params);
+    if (dropout) this.#step.dispatch(this.#k({ family: "dropout_grad", constants: {} }), { g: sc.dDropped, acc: dx }, dropout);
+  }
+
   destroy(): void {
     for (const r of this.#routers) for (const b of [r.pooled, r.attn, r.route]) b.destroy();
     for (const m of this.#moeModules) m.route.destroy();
+    for (const f of this.#ffn.values()) f.route.destroy();
     for (const m of this.#saved) for (const b of m.values()) b.destroy();
     for (const b of this.#t.values()) b.destroy();
     for (const b of [...Object.values(this.#scratch), ...Object.values(this.#inputs), this.#lossReadback]) b.destroy();

@@ -23,13 +23,15 @@ export type TrainKernelRequest =
       readonly constants: AttentionTrainConstants;
     }
   | {
-      readonly family: "swiglu" | "swiglu_backward" | "adamw" | "sgd" | "grad_squares" | "grad_clip" | "dropout" | "dropout_grad";
+      readonly family: "swiglu" | "swiglu_backward" | "swiglu_backward_sum" | "adamw" | "sgd" | "grad_squares" | "grad_clip" | "dropout" | "dropout_grad";
       readonly constants: Record<string, never>;
     }
   | { readonly family: "lora_shrink" | "lora_expand"; readonly constants: LoraConstants }
   | { readonly family: "lora_backward_input"; readonly constants: LoraBackwardInputConstants }
   | { readonly family: "lora_rank_gate"; readonly constants: { readonly rank: number; readonly experts: number } }
-  | { readonly family: "moe_balance_sums" | "moe_balance" | "moe_balance_grad"; readonly constants: { readonly experts: number } }
+  | { readonly family: "moe_balance_sums" | "moe_balance" | "moe_balance_grad" | "moe_ffn_pass"; readonly constants: { readonly experts: number } }
+  | { readonly family: "moe_ffn_mix" | "moe_ffn_scale"; readonly constants: { readonly width: number } }
+  | { readonly family: "moe_ffn_gate_grad"; readonly constants: { readonly width: number; readonly experts: number; readonly lora: boolean } }
   | { readonly family: "lora_grad_a" | "lora_grad_b"; readonly constants: LoraBackwardConstants }
   | { readonly family: "cross_entropy"; readonly constants: { readonly vocab: number } }
   | { readonly family: "router_train_forward" | "router_train_backward"; readonly constants: RouterTrainConstants }

@@ -3,29 +3,21 @@
 // conversions to and from the adapter in memory (runtime/adapter.ts) that `run`, `compile` and `serve`
 // read. The base is not here: it is frozen, so no gradient or optimizer state exists for it.
 import { packLoraSlots } from "../../compiler/kernels/lora.ts";
-import type { Adapter, ExpertModule } from "../../compiler/model.ts";
+import { FFN_MODULES, storedRank, type Adapter, type ExpertModule } from "../../compiler/model.ts";
 import { loraKey, moeRouterKey, type LoadedAdapter, type LoraWeights, type MoeRouterKey, type RouterWeights } from "../formats/adapter.ts";
 import { mulberry32 } from "../random.ts";
 import { createStorage, readBuffer } from "../gpu/kernel-runner.ts";
 import { userError } from "../errors.ts";
 
-/** The standard deviation of a fresh per_module router's weights: MixLoRA's router_init_range. */
+/** The standard deviation of a fresh per_module or per_ffn router's weights: MixLoRA's router_init_range. */
 export const MOE_ROUTER_INIT_STD = 0.02;
 
 /**
  * Refuses what the training graph has no gradient for, rather than silently training something else:
- * DoRA's magnitude (and its scaling of the base product), and the per_ffn (MixLoRA) baseline, whose k
- * feed-forward passes per token the graph does not run (inference does). per_module (MOELoRA/MoLoRA)
- * trains.
+ * DoRA's magnitude (and its scaling of the base product). The per-token baselines per_module
+ * (MOELoRA/MoLoRA) and per_ffn (MixLoRA) train.
  */
 export function refuseUntrainable(spec: Adapter): void {
-  if (spec.moe?.placement === "per_ffn") {
-    throw userError(
-      "unsupported",
-      `adapter ${spec.name} routes every token per_ffn (MixLoRA): milora train does not train per_ffn adapters (their feed-forward experts have no backward here; milora run, serve and bench run them); ` +
-        "train it with MoE-PEFT and load it here, or train a per_module (MOELoRA), MiLoRA (per_layer) or plain LoRA adapter",
-    );
-  }
   const dora = spec.experts.find((e) => e.dora);
   if (dora) {
     throw userError(
@@ -34,6 +26,11 @@ export function refuseUntrainable(spec: Adapter): void {
         "train it with PEFT (use_dora=True) and run it here, or train the adapter without `dora true`",
     );
   }
+}
+
+/** The layers of a per_ffn adapter that have a router: those enabling an MLP module. */
+export function ffnRoutedLayers(spec: Adapter): number[] {
+  return [...new Set(spec.experts.filter((e) => FFN_MODULES.includes(e.module)).map((e) => e.layer))].sort((a, b) => a - b);
 }
 
 /** One trainable f32 tensor: values, gradient, and the optimizer's two moments, all [count]. */
@@ -68,6 +65,11 @@ export interface TrainLora {
    * ranks each; the module's gate stays 1, its ranks are gated by their expert's gate.
    */
   readonly moe?: { readonly experts: number; readonly router: TrainTensor };
+  /**
+   * per_ffn (MixLoRA): an MLP module's `experts` experts stacked as this one LoRA of rank experts x r
+   * (expert e owns ranks e r .. (e+1) r - 1), scaling alpha / r; the layer's router is in TrainableParams.ffnRouters.
+   */
+  readonly ffn?: { readonly experts: number };
 }
 
 export interface TrainRouter {
@@ -91,15 +93,19 @@ export interface TrainRouter {
  * adapter's routers W [experts, in] are drawn from N(0, 0.02^2), as MixLoRA initialises its routers
  * (router_init_range): zero routers would give every token the same experts 0..k-1 (ties go to the lower
  * index) and, with B = 0, no gradient to tell the experts apart. Drawn after every A, in the experts'
- * order, so the LoRA weights are those of the same adapter without routers.
+ * order, so the LoRA weights are those of the same adapter without routers. A per_ffn adapter's MLP
+ * modules hold E experts stacked (A [E r, in], each expert's rows drawn as PEFT draws an expert's A,
+ * whose bound 1/sqrt(in) is the same), and its routers W [E, hidden], one per layer enabling an MLP
+ * module, come from N(0, 0.02^2) likewise, after every A, in layer order.
  */
 export function initialAdapter(spec: Adapter, seed: number, rationalInit?: { readonly numerator: readonly number[]; readonly denominator: readonly number[] }): LoadedAdapter {
   const random = mulberry32(seed);
   const lora = new Map<ReturnType<typeof loraKey>, LoraWeights>();
   for (const e of spec.experts) {
     const bound = 1 / Math.sqrt(e.inFeatures);
-    const a = Float32Array.from({ length: e.rank * e.inFeatures }, () => (random() * 2 - 1) * bound);
-    lora.set(loraKey(e.layer, e.module), { a, b: new Float32Array(e.outFeatures * e.rank), rank: e.rank, scaling: e.scaling });
+    const rank = storedRank(spec, e);
+    const a = Float32Array.from({ length: rank * e.inFeatures }, () => (random() * 2 - 1) * bound);
+    lora.set(loraKey(e.layer, e.module), { a, b: new Float32Array(e.outFeatures * rank), rank, scaling: e.scaling });
   }
   if (spec.moe) {
     refuseUntrainable(spec);
@@ -109,8 +115,11 @@ export function initialAdapter(spec: Adapter, seed: number, rationalInit?: { rea
       return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * random());
     };
     const moeRouters = new Map<MoeRouterKey, Float32Array>();
-    for (const e of spec.experts) {
-      moeRouters.set(moeRouterKey(e.layer, e.module), Float32Array.from({ length: spec.moe.experts * e.inFeatures }, () => MOE_ROUTER_INIT_STD * normal()));
+    const draw = (n: number) => Float32Array.from({ length: n }, () => MOE_ROUTER_INIT_STD * normal());
+    if (spec.moe.placement === "per_ffn") {
+      for (const layer of ffnRoutedLayers(spec)) moeRouters.set(moeRouterKey(layer, "ffn"), draw(spec.moe.experts * spec.base.hiddenSize));
+    } else {
+      for (const e of spec.experts) moeRouters.set(moeRouterKey(e.layer, e.module), draw(spec.moe.experts * e.inFeatures));
     }
     return { name: spec.name, spec, lora, moeRouters };
   }
@@ -148,6 +157,8 @@ function tensor(device: GPUDevice, name: string, data: Float32Array, architectur
 export class TrainableParams {
   readonly lora: readonly TrainLora[];
   readonly routers: ReadonlyMap<number, TrainRouter>;
+  /** per_ffn (MixLoRA): each routed layer's router W [experts, hidden], by layer in layer order. */
+  readonly ffnRouters: ReadonlyMap<number, TrainTensor>;
 
   constructor(
     readonly device: GPUDevice,
@@ -155,11 +166,17 @@ export class TrainableParams {
   ) {
     const spec = adapter.spec;
     refuseUntrainable(spec);
-    const moe = spec.moe;
+    const moe = spec.moe?.placement === "per_module" ? spec.moe : undefined;
+    const ffn = spec.moe?.placement === "per_ffn" ? spec.moe : undefined;
     this.lora = spec.experts.map((e) => {
       const w = adapter.lora.get(loraKey(e.layer, e.module));
       if (!w) throw new Error(`adapter ${adapter.name}: no LoRA weights for layer ${e.layer} ${e.module}`);
       const at = `layer ${e.layer} ${e.module}`;
+      const rank = storedRank(spec, e);
+      const experts = ffn && FFN_MODULES.includes(e.module) ? ffn.experts : undefined;
+      if (w.rank !== rank || w.a.length !== rank * e.inFeatures || w.b.length !== e.outFeatures * rank) {
+        throw new Error(`adapter ${adapter.name}: ${at} holds rank ${w.rank} ([${w.a.length}] and [${w.b.length}] values), the spec stores rank ${rank}${experts ? ` (${experts} experts of rank ${e.rank})` : ""}`);
+      }
       let router: Float32Array | undefined;
       if (moe) {
         router = adapter.moeRouters?.get(moeRouterKey(e.layer, e.module));
@@ -169,17 +186,26 @@ export class TrainableParams {
       return {
         layer: e.layer,
         module: e.module,
-        rank: e.rank,
+        rank,
         scaling: w.scaling,
         inFeatures: e.inFeatures,
         outFeatures: e.outFeatures,
         dropout: e.dropout,
         a: tensor(device, `${at} lora_A`, w.a),
         b: tensor(device, `${at} lora_B`, w.b),
-        slots: createStorage(device, packLoraSlots([{ rank: e.rank, scaling: w.scaling }]), `${at} slot`),
+        slots: createStorage(device, packLoraSlots([{ rank, scaling: w.scaling }]), `${at} slot`),
         ...(moe && router ? { moe: { experts: moe.experts, router: tensor(device, `${at} router`, router) } } : {}),
+        ...(experts ? { ffn: { experts } } : {}),
       };
     });
+    this.ffnRouters = new Map(
+      (ffn ? ffnRoutedLayers(spec) : []).map((layer) => {
+        const w = adapter.moeRouters?.get(moeRouterKey(layer, "ffn"));
+        const want = ffn!.experts * spec.base.hiddenSize;
+        if (!w || w.length !== want) throw new Error(`adapter ${adapter.name}: no per_ffn router [${ffn!.experts}, ${spec.base.hiddenSize}] for layer ${layer}`);
+        return [layer, tensor(device, `layer ${layer} ffn router`, w)] as const;
+      }),
+    );
     this.routers = new Map(
       [...(adapter.router ?? new Map<number, RouterWeights>())].map(([layer, r]) => [
         layer,
@@ -207,6 +233,7 @@ export class TrainableParams {
     const out: TrainTensor[] = this.lora.flatMap((l) => [l.a, l.b]);
     for (const r of this.routers.values()) out.push(...[r.gate, r.pooler, r.rational].filter((t): t is TrainTensor => t !== undefined));
     for (const l of this.lora) if (l.moe) out.push(l.moe.router);
+    out.push(...this.ffnRouters.values());
     return out;
   }
 
@@ -222,6 +249,7 @@ export class TrainableParams {
     if (this.adapter.spec.moe) {
       const moeRouters = new Map<MoeRouterKey, Float32Array>();
       for (const l of this.lora) if (l.moe) moeRouters.set(moeRouterKey(l.layer, l.module), await read(l.moe.router));
+      for (const [layer, w] of this.ffnRouters) moeRouters.set(moeRouterKey(layer, "ffn"), await read(w));
       return { ...this.adapter, lora, moeRouters };
     }
     if (this.routers.size === 0) return { ...this.adapter, lora };

@@ -10,6 +10,14 @@
 // weighted by its expert's gate: y = W x + s sum_j g_e(j) B[:, j] (A[j] . dropout(x)). The balance loss
 // is Hugging Face Mixtral's load_balancing_loss_func over every routed token of every module at once:
 //   E * sum_i f_i P_i, f_i = (kept (token, slot) picks of i) / T (no gradient), P_i = mean p_i, T = tokens x modules.
+// With `moe.placement` "per_ffn" (MixLoRA, as test/reference/moe-lora.ts computes it) the attention
+// modules are plain LoRA, and each layer with a router W [E, hidden] (key `${layer}.ffn`) routes the
+// MLP's input u (the post-attention norm's output) of every token the same way; each kept expert e runs
+// its own feed-forward pass G_e = Wg u + s Bg_e Ag_e dropout(u), U_e likewise, H_e = silu(G_e) U_e,
+// D_e = Wd H_e + s Bd_e Ad_e dropout(H_e) (expert e's LoRA: ranks e r .. (e+1) r - 1 of the module's
+// stacked rank E r, one dropout mask per module shared by its experts; a module without LoRA is its
+// base product), and the MLP adds sum over kept e of g_e D_e. The balance loss is the same Mixtral form
+// over every routed layer's tokens (T = tokens x routed layers).
 // The base is frozen; gradients are read off for every trainable tensor. Labels follow Hugging Face:
 // aligned with the tokens, -100 unsupervised, logits at t predict labels[t + 1]. The router of a
 // sequence reads its prompt: the leading run of unsupervised positions (at least the first token).
@@ -53,15 +61,19 @@ export interface ReferenceRouting {
   readonly when: "prompt" | "token";
 }
 
-/** The per_module baseline's routing: E experts per module, the selection, each module's router W [E, in]. */
+/**
+ * A per-token baseline's routing: E experts per module (per_module, the default) or per MLP block
+ * (per_ffn), the selection, and the routers: each module's W [E, in], or each routed layer's W [E, hidden].
+ */
 export interface ReferenceMoe {
+  readonly placement?: "per_module" | "per_ffn";
   readonly experts: number;
   readonly selection: { readonly rule: "top_k"; readonly k: number; readonly renormalize: boolean } | { readonly rule: "dense" };
-  /** By `${layer}.${module}`: W [experts, in] row-major. */
+  /** By `${layer}.${module}` (per_module) or `${layer}.ffn` (per_ffn): W [experts, in] row-major. */
   readonly routers: ReadonlyMap<string, Float64Array>;
 }
 
-/** One per_module routing decision, for comparison with a forward reference or the device's record. */
+/** One per_module or per_ffn routing decision, for comparison with a forward reference or the device's record. */
 export interface ReferenceMoeDecision {
   readonly key: string;
   readonly example: number;
@@ -105,9 +117,9 @@ export interface ReferenceTrainResult {
   readonly routers: ReadonlyMap<number, RouterGradients>;
   /** Each sequence's gates per routed layer (prompt routing), by layer then expert order. */
   readonly gates: ReadonlyMap<number, number[][]>;
-  /** per_module: each module's router gradient, by `${layer}.${module}`. */
+  /** per_module: each module's router gradient, by `${layer}.${module}`; per_ffn: each layer's, by `${layer}.ffn`. */
   readonly moeRouters: ReadonlyMap<string, Float64Array>;
-  /** per_module: every decision, in the order made (example, layer, module, position). */
+  /** per_module and per_ffn: every decision, in the order made (example, layer, module or "ffn", position). */
   readonly moeDecisions: readonly ReferenceMoeDecision[];
 }
 
@@ -160,15 +172,18 @@ class Model {
   /** Which example and position the token being computed is (for the dropout mask and the per_module record). */
   at = { example: 0, position: 0 };
 
-  /** per_module decisions: each one's probabilities (nodes) and kept experts, for the balance loss. */
+  /** per_module and per_ffn decisions: each one's probabilities (nodes) and kept experts, for the balance loss. */
   readonly moeDecisions: { readonly probs: Node[]; readonly kept: readonly number[]; readonly record: ReferenceMoeDecision }[] = [];
 
-  /** per_module: the gate node of each expert of one token's decision (undefined where not kept). */
+  /**
+   * per_module (a module's router, key `${layer}.${module}`) or per_ffn (a layer's, `${layer}.ffn`): the
+   * gate node of each expert of one token's decision (undefined where not kept).
+   */
   routeModule(key: string, x: Vec): (Node | undefined)[] {
     const t = this.tape;
     const moe = this.adapter.moe!;
     const w = this.param(`moe.${key}`);
-    if (!w) throw new Error(`reference: module ${key} has LoRA but no per_module router`);
+    if (!w) throw new Error(`reference: ${key} has LoRA but no ${this.adapter.moe!.placement ?? "per_module"} router`);
     const E = moe.experts;
     const n = x.length;
     const logits = Array.from({ length: E }, (_, e) => t.dot(x, w.slice(e * n, (e + 1) * n)));
@@ -211,7 +226,7 @@ class Model {
     const input = d ? x.map((xi, c) => t.scale(xi, d.keeps(layer, module, this.at.example, this.at.position, c) ? 1 / (1 - d.p) : 0)) : x;
     // per_module: the router reads the module's input itself (dropout is the LoRA branch's); rank j is
     // weighted by its expert's gate, and the ranks of experts not kept are left out.
-    const experts = this.adapter.moe ? this.routeModule(`${layer}.${module}`, x) : undefined;
+    const experts = this.adapter.moe && this.adapter.moe.placement !== "per_ffn" ? this.routeModule(`${layer}.${module}`, x) : undefined;
     const ranks = Array.from({ length: r }, (_, j) => j).filter((j) => !experts || experts[Math.floor(j / (r / experts.length))] !== undefined);
     const shrunk = ranks.map((j) => {
       const tj = t.dot(input, a.slice(j * inFeatures, (j + 1) * inFeatures));
@@ -221,6 +236,56 @@ class Model {
       const update = t.scale(t.dot(shrunk, ranks.map((j) => b[o * r + j]!)), lora.scaling);
       return t.add(yo, t.mul(gate, update));
     });
+  }
+
+  /**
+   * per_ffn: expert e's module on one token: the base product `baseOut` (W x, computed once by the
+   * caller for gate and up) plus s B_e (A_e dropout(x)) over the expert's ranks e r .. (e+1) r - 1 of the
+   * stacked LoRA; the base product alone for a module the adapter lacks.
+   */
+  expertModule(layer: number, module: ExpertModule, x: Vec, baseOut: Vec, e: number): Vec {
+    const t = this.tape;
+    const lora = this.adapter.lora.get(`${layer}.${module}`);
+    if (!lora) return baseOut;
+    const E = this.adapter.moe!.experts;
+    if (lora.rank % E !== 0) throw new Error(`reference: layer ${layer} ${module}: stacked rank ${lora.rank} is not ${E} experts`);
+    const inFeatures = moduleShape(this.base, module)[1];
+    const a = this.param(`${layer}.${module}.a`)!;
+    const b = this.param(`${layer}.${module}.b`)!;
+    const r = lora.rank / E;
+    const d = this.adapter.dropout;
+    const input = d ? x.map((xi, c) => t.scale(xi, d.keeps(layer, module, this.at.example, this.at.position, c) ? 1 / (1 - d.p) : 0)) : x;
+    const ranks = Array.from({ length: r }, (_, j) => e * r + j);
+    const shrunk = ranks.map((j) => t.dot(input, a.slice(j * inFeatures, (j + 1) * inFeatures)));
+    return baseOut.map((yo, o) => t.add(yo, t.scale(t.dot(shrunk, ranks.map((j) => b[o * lora.rank + j]!)), lora.scaling)));
+  }
+
+  /** y = W x of a frozen module for one token. */
+  baseProduct(layer: number, module: ExpertModule, x: Vec): Vec {
+    const [out, inFeatures] = moduleShape(this.base, module);
+    const w = this.weights.get(`${hfModuleName(layer, module)}.weight`);
+    return Array.from({ length: out }, (_, o) => this.tape.dotConst(x, w, o * inFeatures));
+  }
+
+  /**
+   * per_ffn: the MLP output of one token of a routed layer on its post-attention norm u: the router's
+   * kept experts' feed-forward passes, each weighted by its gate (in expert order).
+   */
+  mixture(layer: number, u: Vec): Vec {
+    const t = this.tape;
+    const gates = this.routeModule(`${layer}.ffn`, u);
+    const gateBase = this.baseProduct(layer, "gate_proj", u);
+    const upBase = this.baseProduct(layer, "up_proj", u);
+    const terms: Vec[] = [];
+    gates.forEach((g, e) => {
+      if (g === undefined) return;
+      const gate = this.expertModule(layer, "gate_proj", u, gateBase, e);
+      const up = this.expertModule(layer, "up_proj", u, upBase, e);
+      const h = gate.map((gi, i) => t.mul(t.mul(gi, t.sigmoid(gi)), up[i]!));
+      const down = this.expertModule(layer, "down_proj", h, this.baseProduct(layer, "down_proj", h), e);
+      terms.push(down.map((v) => t.mul(g, v)));
+    });
+    return terms[0]!.map((_, i) => t.sum(terms.map((d) => d[i]!)));
   }
 
   rmsNorm(x: Vec, weight: Float64Array): Vec {
@@ -381,9 +446,19 @@ export function referenceTrainLoss(base: BaseModel, weights: ReferenceWeights, a
         const o = m.linear(layer, "o_proj", row, gateOf(pos, "o_proj"));
         return x[pos]!.map((xi, i) => t.add(xi, o[i]!));
       });
+      // per_ffn: a layer with its router mixes its experts' feed-forward passes (a layer without one has no MLP LoRA).
+      const ffn = adapter.moe?.placement === "per_ffn";
+      const mixed = ffn && adapter.moe!.routers.has(`${layer}.ffn`);
+      if (ffn && !mixed && (["gate_proj", "up_proj", "down_proj"] as const).some((mod) => adapter.lora.has(`${layer}.${mod}`))) {
+        throw new Error(`reference: layer ${layer} has per_ffn experts but no ffn router`);
+      }
       x = attended.map((row, pos) => {
         at(pos);
         const n = m.rmsNorm(row, weights.get(`${p}.post_attention_layernorm.weight`));
+        if (mixed) {
+          const down = m.mixture(layer, n);
+          return row.map((ri, i) => t.add(ri, down[i]!));
+        }
         const gate = m.linear(layer, "gate_proj", n, gateOf(pos, "gate_proj"));
         const up = m.linear(layer, "up_proj", n, gateOf(pos, "up_proj"));
         const act = gate.map((g, i) => t.mul(t.mul(g, t.sigmoid(g)), up[i]!));
@@ -416,7 +491,7 @@ export function referenceTrainLoss(base: BaseModel, weights: ReferenceWeights, a
   }
   let balance = perLayer.length > 0 ? t.scale(t.sum(perLayer), 1 / perLayer.length) : t.leaf(0);
   if (adapter.moe) {
-    // Mixtral's form over every module's tokens at once: E * sum_i f_i P_i, f_i the share of picks (no gradient).
+    // Mixtral's form over every module's (per_ffn: routed layer's) tokens at once: E * sum_i f_i P_i, f_i the share of picks (no gradient).
     const ds = m.moeDecisions;
     const E = adapter.moe.experts;
     const terms: Node[] = [];

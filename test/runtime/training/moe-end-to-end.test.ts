@@ -3,8 +3,8 @@
 // the loss falls, every step's loss is lm_loss + balance x balance_loss, and the adapter it writes loads
 // (runtime/formats/adapter.ts's per_module layout, a router tensor per module) into the engine, whose
 // logits, each token routed afresh in every module, give the eval loss the trainer reported; the float64
-// per-token reference gives it too, and milora run takes the directory as it is. A per_ffn adapter is
-// refused before anything is read.
+// per-token reference gives it too, and milora run takes the directory as it is. (per_ffn trains too:
+// ffn-end-to-end.test.ts.)
 import { execFile } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -31,8 +31,7 @@ test.after(() => rmSync(root, { recursive: true, force: true }));
 const specPath = join(root, "tiny.milora");
 const specText =
   `base tiny from "${model}"\n\n` +
-  `adapter moelora on tiny {\n  experts all { rank 8 alpha 16 }\n  router { placement per_module num_experts 4 select top_k 2 renormalize balance 0.01 }\n}\n\n` +
-  `adapter mixlora on tiny {\n  experts all { rank 4 alpha 8 }\n  router { placement per_ffn num_experts 4 }\n}\n`;
+  `adapter moelora on tiny {\n  experts all { rank 8 alpha 16 }\n  router { placement per_module num_experts 4 select top_k 2 renormalize balance 0.01 }\n}\n`;
 writeFileSync(specPath, specText);
 // The copy task of train.test.ts: after the prompt [1, a, b, c, 9], repeat a, b, c.
 const examples = Array.from({ length: 12 }, (_, i) => {
@@ -122,14 +121,6 @@ test("trains a per_module adapter: the loss falls, the balance loss is in it, an
   // And milora run takes the directory as it is.
   const r = await milorun("run", specPath, "--base", model, "--adapter", `moelora=${join(out, "adapter")}`, "--tokens", examples[0]!.input_ids.slice(0, 5).join(","), "--max-tokens", "3", "--json");
   assert.is(r.code, 0, r.stderr);
-});
-
-test("a per_ffn (MixLoRA) adapter is refused before anything is read, naming what does train", async () => {
-  const r = await milorun("train", specPath, "--adapter", "mixlora", "--base", model, "--data", data, "--out", join(root, "mix-out"));
-  assert.is(r.code, 11, "an unsupported error");
-  assert.match(r.stderr, "adapter mixlora routes every token per_ffn (MixLoRA): milora train does not train per_ffn adapters");
-  assert.match(r.stderr, "train a per_module (MOELoRA)");
-  assert.not.ok(existsSync(join(root, "mix-out")));
 });
 
 test.run();
