@@ -91,7 +91,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 
   program
     .command("train")
-    .description("fine-tune a spec's adapter (MiLoRA or LoRA) over a frozen Hugging Face base on the GPU")
+    .description("fine-tune a spec's adapter (MiLoRA, LoRA, or the per_module/per_ffn baselines) over a frozen Hugging Face base on the GPU")
     .argument("<spec>", ".milora spec declaring the adapter")
     .option("--adapter <name>", "the spec's adapter to train (needed when it declares several)")
     .requiredOption("--base <dir>", "model directory: config.json, safetensors weights, tokenizer.json for text data")
@@ -118,6 +118,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--save-every <n>", "write a resumable checkpoint every n steps (0: at the end)", "0")
     .option("--activation-lr <x>", "learning rate of the rational activation, trained on eval batches (bi-level, as in the paper)", "1e-6")
     .option("--chat-template <file>", "a Jinja chat template for messages lines (default: the base's)")
+    .option("--weights <format>", `${WEIGHTS_HELP}; the frozen base is read in that format by the forward and backward`)
     .option("--json", "print each step's metrics as one JSON line on stdout")
     .addOption(new Option("--backend <name>", "force a backend").choices(["auto", "vulkan", "metal", "d3d12", "opengles"]))
     .action(async (spec: string, opts: import("./commands/train.ts").TrainCommandOptions) => {

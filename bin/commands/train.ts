@@ -22,6 +22,7 @@ import { Trainer, checkpointAdapter, type TrainSettings } from "../../runtime/tr
 import { uploadWeights } from "../../runtime/engine/weights.ts";
 import { requireHealthyDevice } from "./self-test.ts";
 import { adapterSpecOf, modelSource } from "./model-source.ts";
+import { largestStoredRank, weightsFlag, weightsFor } from "../engine-plan.ts";
 
 export interface TrainCommandOptions {
   readonly adapter?: string;
@@ -49,6 +50,8 @@ export interface TrainCommandOptions {
   readonly saveEvery: string;
   readonly activationLr: string;
   readonly chatTemplate?: string;
+  /** `--weights f32|f16|q8`: how the frozen base is stored (and read, forward and backward) on the device. */
+  readonly weights?: string;
   readonly backend?: string;
   readonly json?: boolean;
 }
@@ -90,8 +93,6 @@ export function trainSettings(o: TrainCommandOptions): TrainSettings {
 /** Notices about spec settings training does not follow exactly, printed before it starts. */
 function trainingNotices(spec: Adapter, hasEval: boolean): string[] {
   const notices: string[] = [];
-  const storage = spec.base.weights;
-  if (storage !== undefined && storage !== "f32") notices.push(`the base is stored as f32 to train (the backward kernels read f32); \`weights ${storage}\` applies to run, serve and compile`);
   const router = spec.router;
   if (!router) return notices;
   if (router.noise) notices.push("`noise true`: noisy gating (the authors' code, not the paper) is not implemented in training; routers train without noise");
@@ -130,9 +131,11 @@ export async function trainCommand(specPath: string, opts: TrainCommandOptions):
       if (d && d.truncated > 0) process.stderr.write(`milora train: ${d.truncated} ${name} examples cut to ${dataOptions.maxLength} tokens${d.dropped > 0 ? `, ${d.dropped} of them dropped (nothing supervised left)` : ""}\n`);
     }
 
+    // The base as run and serve store it by default, so the trained adapter meets the same weights there.
+    const storage = weightsFlag(opts.weights) ?? weightsFor(source.base, dir);
     gpu = await acquireDevice(opts.backend === undefined ? {} : { backend: opts.backend });
     await requireHealthyDevice(gpu);
-    const plan = planBase(source.base, { maxLoraRank: Math.max(...spec.experts.map((e) => e.rank)), weights: "f32" });
+    const plan = planBase(source.base, { maxLoraRank: largestStoredRank([spec]) ?? 1, weights: storage });
     const checkpoint = openCheckpoint(dir);
     const weights = await uploadWeights(gpu.device, checkpoint, plan, Math.min(plan.maxBindingBytes, gpu.report.limits.maxStorageBufferBindingSize ?? plan.maxBindingBytes));
     checkpoint.close();

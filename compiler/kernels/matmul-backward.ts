@@ -1,16 +1,19 @@
 // Input gradient of a linear layer through a frozen weight: dx[M, K] (+)= dy[M, N] w[N, K], the
 // backward of matmul.ts / matvec.ts (y = x w^T). No weight gradient: the base is frozen.
-//   bindings: dy (read, f32[M, S]), w (read, f32[N, K]), dx (read_write, f32[M, K])
+//   bindings: dy (read, f32[M, S]), w (read, [N, K] in the `weights` format), dx (read_write, f32[M, K])
 //   params:   rows (M), and with `stride`, column (where w's N columns start in dy)
 // S is `stride` when w is a row block of a split weight (as MatmulConstants.stride): the block reads its
 // N columns of the whole dy in place, and the blocks after the first accumulate into dx.
 // With `accumulate`, dx += the product (the residual stream sums the gradients of its branches).
 // Register-tiled like matmul.ts, but the reduction runs over w's rows: a workgroup of 16x16 invocations
 // computes a 64x64 block of dx, each invocation 4 rows (ty + 16i) by 4 adjacent columns (4tx..4tx+3),
-// from a 64x16 dy tile (vec4 along N) and a 16x64 w tile (vec4 along K) in workgroup memory.
+// from a 64x16 dy tile (vec4 along N) and a 16x64 w tile (vec4 along K) in workgroup memory. An f16 or
+// q8 weight is dequantised as its tile is staged (weight-rows.ts, as the forward matmul does), so
+// training over a base stored in fewer bytes reads the same values its forward product used.
 import type { KernelSource } from "./kernel.ts";
 import { outputLayout } from "./matmul.ts";
-import { kernelSource, vec4Rows } from "./wgsl.ts";
+import { weightQuads, type PackedWeightFormat } from "./weight-rows.ts";
+import { kernelSource } from "./wgsl.ts";
 
 export interface MatmulBackwardConstants {
   /** Input features: columns of w and dx. */
@@ -21,16 +24,18 @@ export interface MatmulBackwardConstants {
   readonly accumulate: boolean;
   /** Row width of dy when w is a row block of a wider weight (its columns start at params.column). */
   readonly stride?: number;
+  /** w's storage format when packed (runtime/package/format.ts WEIGHT_FORMATS); absent for f32. */
+  readonly weights?: PackedWeightFormat;
 }
 
 const THREADS = 16;
 const TILE = 64; // rows and columns of dx per workgroup
 const TILE_N = 16; // reduction step
 
-export function matmulInputGradKernel({ K, N, accumulate, stride }: MatmulBackwardConstants): KernelSource {
+export function matmulInputGradKernel({ K, N, accumulate, stride, weights }: MatmulBackwardConstants): KernelSource {
   for (const [name, v] of Object.entries({ K, N }))
     if (!Number.isInteger(v) || v < 1) throw new Error(`matmul backward: ${name} must be a positive integer, got ${v}`);
-  const w = vec4Rows("w", K);
+  const w = weightQuads(weights ?? "f32", K);
   const dyLayout = outputLayout(N, stride);
   // dy read four columns at a time, as vec4 when its rows are whole and 4-aligned, else lane by lane.
   const dyVec = stride === undefined && N % 4 === 0;
@@ -45,7 +50,7 @@ export function matmulInputGradKernel({ K, N, accumulate, stride }: MatmulBackwa
   return v;`;
   return kernelSource({
     name: "matmul_dx",
-    constants: { K, N, accumulate, ...(stride === undefined ? {} : { stride }) },
+    constants: { K, N, accumulate, ...(stride === undefined ? {} : { stride }), ...(weights === undefined ? {} : { weights }) },
     storage: [
       { name: "dy", access: "read", type: dyVec ? "array<vec4<f32>>" : "array<f32>" },
       w.decl,
@@ -78,7 +83,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var dv = vec4<f32>(0.0);
     var wv = vec4<f32>(0.0);
     if (dyRow < params.rows) { dv = load_dy(dyRow, n0 + dyQuad * 4u); }
-    if (n0 + wRow < ${N}u && wQuad < ${w.quads}u) { wv = load_w(n0 + wRow, wQuad); }
+    if (n0 + wRow < ${N}u && wQuad < ${w.count}u) { wv = load_w(n0 + wRow, wQuad); }
     dyTile[lid] = dv;
     wTile[lid] = wv;
     workgroupBarrier();

@@ -37,7 +37,6 @@ import { pcg } from "../../compiler/kernels/sampling.ts";
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
 import type { Plan, PlanTensor } from "../../compiler/plan.ts";
 import { StepEncoder, createStorage, type PipelineCache } from "../gpu/kernel-runner.ts";
-import { userError } from "../errors.ts";
 import type { GpuTensor, GpuWeights } from "../engine/weights.ts";
 import { IGNORE_INDEX } from "./data.ts";
 import type { TrainKernelRequest, TrainKernelResolver } from "./kernels.ts";
@@ -199,15 +198,6 @@ export class TrainingGraph {
   #moeFirst = true;
 
   constructor(o: TrainingGraphOptions) {
-    // The backward kernels (matmul-backward, the LoRA gradients) read the frozen base as f32 only.
-    const packed = o.plan.tensors.find((t) => t.gpuDtype !== "f32");
-    if (packed !== undefined) {
-      throw userError(
-        "unsupported",
-        `training reads the frozen base as f32 only, but the plan stores "${packed.name}" as ${packed.gpuDtype}: ` +
-          `plan it with weights f32 (a spec's \`weights ${packed.gpuDtype}\` is for inference: milora run, serve and compile)`,
-      );
-    }
     this.#device = o.device;
     this.#plan = o.plan;
     this.#weights = o.weights;
@@ -441,12 +431,13 @@ export class TrainingGraph {
   #linear(weight: GpuTensor, x: GPUBuffer, y: GPUBuffer, rows: number, residual?: GPUBuffer): void {
     const [N, K] = weight.shape as [number, number];
     const io = { x, y, ...(residual ? { residual } : {}) };
+    const format = packedFormat(weight);
     if (weight.blocks.length === 1) {
-      this.#step.dispatch(this.#k({ family: "matmul", constants: { K, N, residual: residual !== undefined } }), { ...io, w: weight.blocks[0]!.buffer }, { rows });
+      this.#step.dispatch(this.#k({ family: "matmul", constants: { K, N, residual: residual !== undefined, ...format } }), { ...io, w: weight.blocks[0]!.buffer }, { rows });
       return;
     }
     for (const b of weight.blocks) {
-      const kernel = this.#k({ family: "matmul", constants: { K, N: b.rows, residual: residual !== undefined, stride: N } });
+      const kernel = this.#k({ family: "matmul", constants: { K, N: b.rows, residual: residual !== undefined, stride: N, ...format } });
       this.#step.dispatch(kernel, { ...io, w: b.buffer }, { rows, column: b.firstRow });
     }
   }
@@ -454,12 +445,13 @@ export class TrainingGraph {
   /** dx (+)= dy W, block by block for a split W (the blocks after the first accumulate). */
   #linearBackward(weight: GpuTensor, dy: GPUBuffer, dx: GPUBuffer, rows: number, accumulate: boolean): void {
     const [N, K] = weight.shape as [number, number];
+    const format = packedFormat(weight);
     if (weight.blocks.length === 1) {
-      this.#step.dispatch(this.#k({ family: "matmul_input_grad", constants: { K, N, accumulate } }), { dy, w: weight.blocks[0]!.buffer, dx }, { rows });
+      this.#step.dispatch(this.#k({ family: "matmul_input_grad", constants: { K, N, accumulate, ...format } }), { dy, w: weight.blocks[0]!.buffer, dx }, { rows });
       return;
     }
     weight.blocks.forEach((b, i) => {
-      const kernel = this.#k({ family: "matmul_input_grad", constants: { K, N: b.rows, accumulate: accumulate || i > 0, stride: N } });
+      const kernel = this.#k({ family: "matmul_input_grad", constants: { K, N: b.rows, accumulate: accumulate || i > 0, stride: N, ...format } });
       this.#step.dispatch(kernel, { dy, w: b.buffer, dx }, { rows, column: b.firstRow });
     });
   }
@@ -928,4 +920,9 @@ export function untrainable(plan: Plan, longest: number): string[] {
   const window = ops.flatMap((op) => (op.op === "attention" ? [kernel(op.kernel)?.window] : []))[0];
   if (typeof window === "number" && window < longest) problems.push(`a sliding window of ${window} positions, shorter than the longest example's ${longest} tokens (train on examples within the window)`);
   return problems;
+}
+
+/** The `weights` constant of a linear kernel over `t`: its packed format (f16, q8), none for f32. */
+function packedFormat(t: GpuTensor): { readonly weights?: Exclude<GpuTensor["format"], "f32"> } {
+  return t.format === "f32" ? {} : { weights: t.format };
 }

@@ -1,11 +1,13 @@
 // The linear input gradient dx = dy w against float64 (test/reference/gradients.ts), on sizes that
-// are not multiples of 4 or of the 64x64 tile, writing and accumulating, whole weights and row blocks.
+// are not multiples of 4 or of the 64x64 tile, writing and accumulating, whole weights and row blocks,
+// and weights stored as f16 or q8 (against float64 over the values they hold).
 // Bound: each dx element is an f32 dot product of N terms (~sqrt(N) * 2^-24 relative, 2e-6 at
 // N = 1024), so 1e-5 as for the forward matmul.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { matmulInputGradKernel } from "../../../compiler/kernels/matmul-backward.ts";
 import { workgroups } from "../../../runtime/gpu/kernel.ts";
+import { packWeights, unpackWeights } from "../../../runtime/engine/weight-storage.ts";
 import { linearInputGrad } from "../../reference/gradients.ts";
 import { nanFilled, openGpu, randomFloats, relativeError, runOnce, seeded } from "./gpu-check.ts";
 
@@ -51,6 +53,24 @@ test("row blocks of a split weight each read their columns of the whole dy and s
     }
     const error = relativeError(dx, linearInputGrad(dy, w, M, S, K));
     assert.ok(error < BOUND, `blocks of ${block} of ${S}, M=${M}: relative error ${error}`);
+  }
+});
+
+test("w stored as f16 or q8 (a training base in fewer bytes): dx equals float64 over the values the format holds, on odd sizes", async () => {
+  for (const format of ["f16", "q8"] as const) {
+    let worst = 0;
+    for (const [M, N, K] of [[1, 33, 17], [37, 100, 130], [70, 45, 64]] as const) {
+      const dy = randomFloats(random, M * N);
+      const w = randomFloats(random, N * K);
+      const what = `w [${N}, ${K}]`;
+      const packed = packWeights(format, w, [N, K], what);
+      const kernel = matmulInputGradKernel({ K, N, accumulate: false, weights: format });
+      const { dx } = await runOnce(gpu, kernel, { dy, w: packed, dx: nanFilled(M * K) }, { rows: M }, ["dx"]);
+      const error = relativeError(dx!, linearInputGrad(dy, unpackWeights(format, packed, [N, K], what), M, N, K));
+      assert.ok(error < BOUND, `${kernel.key} M=${M}: relative error ${error}`);
+      worst = Math.max(worst, error);
+    }
+    console.log(`  matmul_dx ${format} worst relative error ${worst.toExponential(2)}`);
   }
 });
 
