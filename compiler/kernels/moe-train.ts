@@ -33,15 +33,57 @@
 //                      once per layer: every expert's D_e sees the same dy)
 //   moe_ffn_gate_grad  the pass expert's gate gradient dg_e = dy . D_e = v . H_e + s (dy Bd) . t_gated
 //                      (the second term the LoRA backward's dGate), into dGates [rows, E] at e
-import type { KernelSource } from "./kernel.ts";
-import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource } from "./wgsl.ts";
+import type { KernelParam, KernelSource } from "./kernel.ts";
+import { GROUP_BUILTINS, LINEAR_GROUP, kernelSource, type KernelConstants, type StorageDecl } from "./wgsl.ts";
 
 export const MOE_TRAIN_MAX_EXPERTS = 64;
 const WG = 64;
 const CHUNK = 8;
 
-function checkExperts(E: number, what: string): void {
+/** `E`, refused unless an integer from 1 to MOE_TRAIN_MAX_EXPERTS. */
+function checkExperts(E: number, what: string): number {
   if (!Number.isInteger(E) || E < 1 || E > MOE_TRAIN_MAX_EXPERTS) throw new Error(`${what}: experts must be an integer from 1 to ${MOE_TRAIN_MAX_EXPERTS}, got ${E}`);
+  return E;
+}
+
+/** `width`, refused unless a positive integer. */
+function checkWidth(width: number, what: string): number {
+  if (!Number.isInteger(width) || width < 1) throw new Error(`${what}: width ${width}`);
+  return width;
+}
+
+/** An f32 storage buffer (every buffer here is one). */
+const f32 = (name: string, access: StorageDecl["access"] = "read"): StorageDecl => ({ name, access, type: "array<f32>" });
+const u32 = (name: string): KernelParam => ({ name, type: "u32" });
+
+/** A kernel of one thread per element i < params.n (256 a workgroup) running `statement`; `params` follow n. */
+function perElement(name: string, constants: KernelConstants, storage: readonly StorageDecl[], statement: string, params: readonly KernelParam[] = []): KernelSource {
+  return kernelSource({
+    name,
+    constants,
+    storage,
+    params: [u32("n"), ...params],
+    body: /* wgsl */ `
+@compute @workgroup_size(256)
+fn main(${GROUP_BUILTINS}) {
+  let i = ${LINEAR_GROUP} * 256u + lid;
+  if (i >= params.n) { return; }
+  ${statement}
+}`,
+    dispatch: { grid: { param: "n", per: 256 } },
+  });
+}
+
+/**
+ * WGSL folding the WG lanes' partial sums into lane 0 by a fixed tree: `add(other)` adds lane
+ * lid + stride's values (index `other`) to lane lid's; ends with a barrier, so lane 0 may read the sums.
+ */
+function treeSum(add: (other: string) => string): string {
+  return `for (var stride = ${WG / 2}u; stride > 0u; stride /= 2u) {
+    workgroupBarrier();
+    if (lid < stride) { ${add("lid + stride")} }
+  }
+  workgroupBarrier();`;
 }
 
 /** Floats of the balance accumulator of an adapter with E experts per module. */
@@ -57,33 +99,18 @@ export function moeBalanceLength(experts: number): number {
  *   dispatch: grid(n / 256)
  */
 export function loraRankGateKernel(c: { readonly rank: number; readonly experts: number }): KernelSource {
-  const { rank, experts: E } = c;
-  checkExperts(E, "LoRA rank gate");
+  const { rank } = c;
+  const E = checkExperts(c.experts, "LoRA rank gate");
   if (!Number.isInteger(rank) || rank < E || rank % E !== 0) throw new Error(`LoRA rank gate: rank ${rank} does not split into ${E} experts`);
-  return kernelSource({
-    name: "lora_rank_gate",
-    constants: { rank, experts: E },
-    storage: [
-      { name: "t", access: "read", type: "array<f32>" },
-      { name: "gates", access: "read", type: "array<f32>" },
-      { name: "out", access: "read_write", type: "array<f32>" },
-    ],
-    params: [
-      { name: "n", type: "u32" },
-      { name: "gateStride", type: "u32" },
-      { name: "gateOffset", type: "u32" },
-    ],
-    body: /* wgsl */ `
-@compute @workgroup_size(256)
-fn main(${GROUP_BUILTINS}) {
-  let i = ${LINEAR_GROUP} * 256u + lid;
-  if (i >= params.n) { return; }
-  let row = i / ${rank}u;
+  return perElement(
+    "lora_rank_gate",
+    { rank, experts: E },
+    [f32("t"), f32("gates"), f32("out", "read_write")],
+    `let row = i / ${rank}u;
   let e = (i % ${rank}u) / ${rank / E}u;
-  out[i] = gates[row * params.gateStride + params.gateOffset + e] * t[i];
-}`,
-    dispatch: { grid: { param: "n", per: 256 } },
-  });
+  out[i] = gates[row * params.gateStride + params.gateOffset + e] * t[i];`,
+    [u32("gateStride"), u32("gateOffset")],
+  );
 }
 
 /**
@@ -94,20 +121,13 @@ fn main(${GROUP_BUILTINS}) {
  *   dispatch: [1, 1, 1]
  */
 export function moeBalanceSumsKernel(c: { readonly experts: number }): KernelSource {
-  const E = c.experts;
-  checkExperts(E, "MoE balance sums");
+  const E = checkExperts(c.experts, "MoE balance sums");
   const CH = Math.min(E, CHUNK);
   return kernelSource({
     name: "moe_balance_sums",
     constants: { experts: E },
-    storage: [
-      { name: "route", access: "read", type: "array<f32>" },
-      { name: "balance", access: "read_write", type: "array<f32>" },
-    ],
-    params: [
-      { name: "decisions", type: "u32" },
-      { name: "first", type: "u32" },
-    ],
+    storage: [f32("route"), f32("balance", "read_write")],
+    params: [u32("decisions"), u32("first")],
     body: /* wgsl */ `
 const E = ${E}u;
 const RW = ${3 * E}u;
@@ -133,13 +153,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         partial[(${CH}u + k) * ${WG}u + lid] = sums[e0 + k];
       }
     }
-    for (var stride = ${WG / 2}u; stride > 0u; stride /= 2u) {
-      workgroupBarrier();
-      if (lid < stride) {
-        for (var k = 0u; k < ${2 * CH}u; k++) { partial[k * ${WG}u + lid] += partial[k * ${WG}u + lid + stride]; }
-      }
-    }
-    workgroupBarrier();
+    ${treeSum((other) => `for (var k = 0u; k < ${2 * CH}u; k++) { partial[k * ${WG}u + lid] += partial[k * ${WG}u + ${other}]; }`)}
     if (lid == 0u) {
       for (var k = 0u; k < ${CH}u; k++) {
         let e = e0 + k;
@@ -166,20 +180,12 @@ fn main(@builtin(local_invocation_index) lid: u32) {
  *   dispatch: [1, 1, 1]
  */
 export function moeBalanceKernel(c: { readonly experts: number }): KernelSource {
-  const E = c.experts;
-  checkExperts(E, "MoE balance");
+  const E = checkExperts(c.experts, "MoE balance");
   return kernelSource({
     name: "moe_balance",
     constants: { experts: E },
-    storage: [
-      { name: "balance", access: "read_write", type: "array<f32>" },
-      { name: "loss", access: "read_write", type: "array<f32>" },
-    ],
-    params: [
-      { name: "decisions", type: "u32" },
-      { name: "lossIndex", type: "u32" },
-      { name: "coef", type: "f32" },
-    ],
+    storage: [f32("balance", "read_write"), f32("loss", "read_write")],
+    params: [u32("decisions"), u32("lossIndex"), { name: "coef", type: "f32" }],
     body: /* wgsl */ `
 const E = ${E}u;
 
@@ -205,25 +211,13 @@ fn main() {
  *   dispatch: grid(n / 256)
  */
 export function moeBalanceGradKernel(c: { readonly experts: number }): KernelSource {
-  const E = c.experts;
-  checkExperts(E, "MoE balance gradient");
-  return kernelSource({
-    name: "moe_balance_grad",
-    constants: { experts: E },
-    storage: [
-      { name: "balance", access: "read", type: "array<f32>" },
-      { name: "route", access: "read_write", type: "array<f32>" },
-    ],
-    params: [{ name: "n", type: "u32" }],
-    body: /* wgsl */ `
-@compute @workgroup_size(256)
-fn main(${GROUP_BUILTINS}) {
-  let i = ${LINEAR_GROUP} * 256u + lid;
-  if (i >= params.n) { return; }
-  route[(i / ${E}u) * ${3 * E}u + ${2 * E}u + i % ${E}u] = balance[${2 * E}u + i % ${E}u];
-}`,
-    dispatch: { grid: { param: "n", per: 256 } },
-  });
+  const E = checkExperts(c.experts, "MoE balance gradient");
+  return perElement(
+    "moe_balance_grad",
+    { experts: E },
+    [f32("balance"), f32("route", "read_write")],
+    `route[(i / ${E}u) * ${3 * E}u + ${2 * E}u + i % ${E}u] = balance[${2 * E}u + i % ${E}u];`,
+  );
 }
 
 /**
@@ -235,20 +229,12 @@ fn main(${GROUP_BUILTINS}) {
  *   dispatch: grid(rows / 64)
  */
 export function moeFfnPassKernel(c: { readonly experts: number }): KernelSource {
-  const E = c.experts;
-  checkExperts(E, "MoE feed-forward pass");
+  const E = checkExperts(c.experts, "MoE feed-forward pass");
   return kernelSource({
     name: "moe_ffn_pass",
     constants: { experts: E },
-    storage: [
-      { name: "route", access: "read", type: "array<f32>" },
-      { name: "mask", access: "read_write", type: "array<f32>" },
-      { name: "gate", access: "read_write", type: "array<f32>" },
-    ],
-    params: [
-      { name: "rows", type: "u32" },
-      { name: "ffnPass", type: "u32" },
-    ],
+    storage: [f32("route"), f32("mask", "read_write"), f32("gate", "read_write")],
+    params: [u32("rows"), u32("ffnPass")],
     body: /* wgsl */ `
 @compute @workgroup_size(${WG})
 fn main(${GROUP_BUILTINS}) {
@@ -282,32 +268,16 @@ fn main(${GROUP_BUILTINS}) {
  *   dispatch: grid(n / 256)
  */
 export function moeFfnMixKernel(c: { readonly width: number }): KernelSource {
-  const { width } = c;
-  if (!Number.isInteger(width) || width < 1) throw new Error(`MoE feed-forward mix: width ${width}`);
-  return kernelSource({
-    name: "moe_ffn_mix",
-    constants: { width },
-    storage: [
-      { name: "x", access: "read", type: "array<f32>" },
-      { name: "residual", access: "read", type: "array<f32>" },
-      { name: "gate", access: "read", type: "array<f32>" },
-      { name: "y", access: "read_write", type: "array<f32>" },
-    ],
-    params: [
-      { name: "n", type: "u32" },
-      { name: "first", type: "u32" },
-    ],
-    body: /* wgsl */ `
-@compute @workgroup_size(256)
-fn main(${GROUP_BUILTINS}) {
-  let i = ${LINEAR_GROUP} * 256u + lid;
-  if (i >= params.n) { return; }
-  let g = gate[i / ${width}u];
+  const width = checkWidth(c.width, "MoE feed-forward mix");
+  return perElement(
+    "moe_ffn_mix",
+    { width },
+    [f32("x"), f32("residual"), f32("gate"), f32("y", "read_write")],
+    `let g = gate[i / ${width}u];
   let before = select(y[i], residual[i], params.first != 0u);
-  y[i] = select(before + g * x[i], before, g == 0.0);
-}`,
-    dispatch: { grid: { param: "n", per: 256 } },
-  });
+  y[i] = select(before + g * x[i], before, g == 0.0);`,
+    [u32("first")],
+  );
 }
 
 /**
@@ -317,26 +287,8 @@ fn main(${GROUP_BUILTINS}) {
  *   dispatch: grid(n / 256)
  */
 export function moeFfnScaleKernel(c: { readonly width: number }): KernelSource {
-  const { width } = c;
-  if (!Number.isInteger(width) || width < 1) throw new Error(`MoE feed-forward scale: width ${width}`);
-  return kernelSource({
-    name: "moe_ffn_scale",
-    constants: { width },
-    storage: [
-      { name: "v", access: "read", type: "array<f32>" },
-      { name: "gate", access: "read", type: "array<f32>" },
-      { name: "out", access: "read_write", type: "array<f32>" },
-    ],
-    params: [{ name: "n", type: "u32" }],
-    body: /* wgsl */ `
-@compute @workgroup_size(256)
-fn main(${GROUP_BUILTINS}) {
-  let i = ${LINEAR_GROUP} * 256u + lid;
-  if (i >= params.n) { return; }
-  out[i] = gate[i / ${width}u] * v[i];
-}`,
-    dispatch: { grid: { param: "n", per: 256 } },
-  });
+  const width = checkWidth(c.width, "MoE feed-forward scale");
+  return perElement("moe_ffn_scale", { width }, [f32("v"), f32("gate"), f32("out", "read_write")], `out[i] = gate[i / ${width}u] * v[i];`);
 }
 
 /**
@@ -348,20 +300,14 @@ fn main(${GROUP_BUILTINS}) {
  *   dispatch: grid(rows)
  */
 export function moeFfnGateGradKernel(c: { readonly width: number; readonly experts: number; readonly lora: boolean }): KernelSource {
-  const { width, experts: E, lora } = c;
-  checkExperts(E, "MoE feed-forward gate gradient");
-  if (!Number.isInteger(width) || width < 1) throw new Error(`MoE feed-forward gate gradient: width ${width}`);
+  const { lora } = c;
+  const E = checkExperts(c.experts, "MoE feed-forward gate gradient");
+  const width = checkWidth(c.width, "MoE feed-forward gate gradient");
   return kernelSource({
     name: "moe_ffn_gate_grad",
     constants: { width, experts: E, lora },
-    storage: [
-      { name: "v", access: "read", type: "array<f32>" },
-      { name: "h", access: "read", type: "array<f32>" },
-      { name: "mask", access: "read", type: "array<f32>" },
-      ...(lora ? [{ name: "lora", access: "read", type: "array<f32>" } as const] : []),
-      { name: "dGates", access: "read_write", type: "array<f32>" },
-    ],
-    params: [{ name: "rows", type: "u32" }],
+    storage: [f32("v"), f32("h"), f32("mask"), ...(lora ? [f32("lora")] : []), f32("dGates", "read_write")],
+    params: [u32("rows")],
     body: /* wgsl */ `
 var<workgroup> partial: array<f32, ${WG}>;
 
@@ -372,11 +318,7 @@ fn main(${GROUP_BUILTINS}) {
   var acc = 0.0;
   for (var c = lid; c < ${width}u; c += ${WG}u) { acc += v[row * ${width}u + c] * h[row * ${width}u + c]; }
   partial[lid] = acc;
-  for (var stride = ${WG / 2}u; stride > 0u; stride /= 2u) {
-    workgroupBarrier();
-    if (lid < stride) { partial[lid] += partial[lid + stride]; }
-  }
-  workgroupBarrier();
+  ${treeSum((other) => `partial[lid] += partial[${other}];`)}
   if (lid == 0u) {
     for (var e = 0u; e < ${E}u; e++) {
       if (mask[row * ${E}u + e] != 0.0) { dGates[row * ${E}u + e] = partial[0]${lora ? " + lora[row]" : ""}; }

@@ -3,60 +3,21 @@
 import { fileURLToPath } from "node:url";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import type { Span } from "../../grammar/ast.ts";
 import { computeBudget } from "../../compiler/budget.ts";
 import { renderBudgetTable } from "../../compiler/budget-table.ts";
 import { checkFiles } from "../../compiler/check.ts";
 import { MOE_DEFAULTS, ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
-import { moduleShape } from "../../compiler/families.ts";
-import {
-  EXPERT_MODULES,
-  storedRank,
-  type Adapter,
-  type BaseModel,
-  type ExpertModule,
-  type MoeRouting,
-} from "../../compiler/model.ts";
-
-const at = { offset: 0, line: 1, column: 1 };
-const span: Span = { file: "test.milora", start: at, end: at };
-
-const llama2_7b: BaseModel = {
-  name: "llama2_7b",
-  family: "llama",
-  hiddenSize: 4096,
-  layers: 32,
-  heads: 32,
-  kvHeads: 32,
-  headDim: 128,
-  intermediateSize: 11008,
-  vocabSize: 32000,
-  ropeTheta: 10000,
-  rmsNormEps: 1e-5,
-  maxPositions: 4096,
-  tieEmbeddings: false,
-  span,
-};
+import { EXPERT_MODULES, storedRank, type Adapter, type ExpertModule, type MoeRouting } from "../../compiler/model.ts";
+import { countedAdapter, llama2_7b } from "./budget-models.ts";
 
 const ALL_LAYERS = Array.from({ length: 32 }, (_, i) => i);
 const ATTN: readonly ExpertModule[] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 const MLP: readonly ExpertModule[] = ["gate_proj", "up_proj", "down_proj"];
 
-/** An adapter on LLaMA-2-7B with the given rank per module in the given layers, routed by `moe`. */
+/** An adapter on LLaMA-2-7B with the given rank per module (alpha 2 rank) in the given layers, routed by `moe`. */
 function adapterOn(ranks: Partial<Record<ExpertModule, number>>, moe: MoeRouting | undefined, layers = ALL_LAYERS): Adapter {
-  const experts = layers.flatMap((layer) =>
-    EXPERT_MODULES.filter((m) => ranks[m] !== undefined).map((module) => ({
-      layer,
-      module,
-      rank: ranks[module]!,
-      alpha: 2 * ranks[module]!,
-      dropout: 0,
-      rslora: false,
-      scaling: 2,
-      ...moduleShape(llama2_7b, module),
-    })),
-  );
-  return { name: "a", base: llama2_7b, layers, experts, ...(moe ? { moe } : {}), span };
+  const modules = EXPERT_MODULES.filter((m) => ranks[m] !== undefined);
+  return countedAdapter(llama2_7b, modules, (m) => ranks[m]!, (rank) => 2 * rank, layers, moe ? { moe } : {});
 }
 
 const every = (rank: number) => Object.fromEntries(EXPERT_MODULES.map((m) => [m, rank]));

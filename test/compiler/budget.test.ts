@@ -1,50 +1,11 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import type { Span } from "../../grammar/ast.ts";
 import { baseParams, computeBudget } from "../../compiler/budget.ts";
-import {
-  EXPERT_MODULES,
-  type Adapter,
-  type BaseModel,
-  type ExpertModule,
-  type RouterConfig,
-} from "../../compiler/model.ts";
+import { EXPERT_MODULES, type Adapter, type BaseModel, type ExpertModule, type RouterConfig } from "../../compiler/model.ts";
 import { ROUTER_DEFAULTS } from "../../compiler/defaults.ts";
-import { moduleShape } from "../../compiler/families.ts";
+import { countedAdapter, llama2_7b, llama32_1b } from "./budget-models.ts";
 
-const at = { offset: 0, line: 1, column: 1 };
-const span: Span = { file: "test.milora", start: at, end: at };
-
-const llama2_7b: BaseModel = {
-  name: "llama2_7b",
-  family: "llama",
-  hiddenSize: 4096,
-  layers: 32,
-  heads: 32,
-  kvHeads: 32,
-  headDim: 128,
-  intermediateSize: 11008,
-  vocabSize: 32000,
-  ropeTheta: 10000,
-  rmsNormEps: 1e-5,
-  maxPositions: 4096,
-  tieEmbeddings: false,
-  span,
-};
-
-const llama32_1b: BaseModel = {
-  ...llama2_7b,
-  name: "llama32_1b",
-  hiddenSize: 2048,
-  layers: 16,
-  heads: 32,
-  kvHeads: 8,
-  headDim: 64,
-  intermediateSize: 8192,
-  vocabSize: 128256,
-  tieEmbeddings: true,
-};
-
+/** `modules` of `layers` (every layer unless given) at `rank`, alpha 16, under a MiLoRA `router` or none. */
 function adapterOn(
   base: BaseModel,
   modules: readonly ExpertModule[],
@@ -52,19 +13,7 @@ function adapterOn(
   router: RouterConfig | undefined,
   layers = Array.from({ length: base.layers }, (_, i) => i),
 ): Adapter {
-  const experts = layers.flatMap((layer) =>
-    modules.map((module) => ({
-      layer,
-      module,
-      rank,
-      alpha: 16,
-      dropout: 0,
-      rslora: false,
-      scaling: 16 / rank,
-      ...moduleShape(base, module),
-    })),
-  );
-  return { name: "a", base, layers, experts, ...(router ? { router } : {}), span };
+  return countedAdapter(base, modules, () => rank, () => 16, layers, router ? { router } : {});
 }
 
 test("LLaMA-2-7B with all 7 modules at rank 8 (PEFT's count)", () => {

@@ -28,13 +28,13 @@
 // read (the record's P and gradient parts, D_p on rows whose pass is not taken) are NaN.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import type { KernelSource } from "../../../compiler/kernels/kernel.ts";
 import { swigluBackwardSumKernel } from "../../../compiler/kernels/elementwise-backward.ts";
 import { loraBackwardInputKernel } from "../../../compiler/kernels/lora-backward.ts";
 import { packLoraSlots } from "../../../compiler/kernels/lora.ts";
 import { moeFfnGateGradKernel, moeFfnMixKernel, moeFfnPassKernel, moeFfnScaleKernel } from "../../../compiler/kernels/moe-train.ts";
-import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
-import { openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
+import { softmax } from "../../reference/llama.ts";
+import { nanFilled, openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
+import { bitsOf, runSteps } from "./step-chain.ts";
 
 const gpu = await openGpu();
 const random = seeded(97);
@@ -45,8 +45,6 @@ const EXTRA = 3;
 const PAST = 1000;
 const past = (n: number) => new Float32Array(n).fill(PAST);
 
-const bitsOf = (v: number) => new Uint32Array(Float32Array.of(v).buffer)[0]!;
-const nans = (n: number) => new Float32Array(n).fill(NaN);
 const NAN_BITS = bitsOf(NaN);
 
 /** The first index where the f32 bits differ, or -1. */
@@ -55,35 +53,6 @@ function bitDiff(got: ArrayLike<number>, want: ArrayLike<number>): number {
   const y = new Uint32Array(Float32Array.from(want).buffer);
   if (x.length !== y.length) return Math.min(x.length, y.length);
   return x.findIndex((v, i) => v !== y[i]);
-}
-
-/** Runs `steps` in order as one submission over buffers made from `data`; returns the named buffers' final contents. */
-async function runSteps(
-  data: Record<string, Float32Array | Uint32Array>,
-  steps: readonly (readonly [KernelSource, Record<string, string>, Record<string, number>])[],
-  read: readonly string[],
-): Promise<Record<string, Float32Array>> {
-  const device = gpu.device;
-  device.pushErrorScope("validation");
-  const buffers = Object.fromEntries(Object.entries(data).map(([name, v]) => [name, createStorage(device, v, name)]));
-  for (const [k, bind, params] of steps) {
-    const bound = Object.fromEntries(k.bindings.filter((b) => b.access !== "uniform").map((b) => [b.name, buffers[bind[b.name] ?? b.name]!]));
-    gpu.step.dispatch(k, bound, params);
-  }
-  gpu.step.submit();
-  const out: Record<string, Float32Array> = {};
-  for (const name of read) out[name] = await readBuffer(device, buffers[name]!);
-  const error = await device.popErrorScope();
-  if (error) throw new Error(error.message);
-  for (const b of Object.values(buffers)) b.destroy();
-  return out;
-}
-
-function softmax(z: readonly number[]): number[] {
-  const top = Math.max(...z);
-  const ex = z.map((v) => Math.exp(v - top));
-  const total = ex.reduce((a, b) => a + b, 0);
-  return ex.map((v) => v / total);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -111,7 +80,7 @@ const keepsFewer = (r: number) => r % 9 === 2;
 function routeRecord(c: Routing): { record: Float32Array; gates: Float32Array[] } {
   const { E, K, rows } = c;
   const RW = 3 * E;
-  const record = nans((rows + EXTRA) * RW);
+  const record = nanFilled((rows + EXTRA) * RW);
   const gates = Array.from({ length: rows }, (_, r) => {
     const p = softmax(Array.from({ length: E }, () => 6 * random() - 3));
     const kept = [...p.keys()].sort((a, b) => p[b]! - p[a]! || a - b).slice(0, K);
@@ -178,8 +147,9 @@ for (const c of [
     const { record, gates } = routeRecord(c);
     const passes = Array.from({ length: K + 1 }, (_, p) => p);
     const data: Record<string, Float32Array> = { route: record };
-    for (const p of passes) Object.assign(data, { [`mask${p}`]: nans((rows + EXTRA) * E), [`gate${p}`]: nans(rows + EXTRA) });
+    for (const p of passes) Object.assign(data, { [`mask${p}`]: nanFilled((rows + EXTRA) * E), [`gate${p}`]: nanFilled(rows + EXTRA) });
     const got = await runSteps(
+      gpu,
       data,
       passes.map((p) => [moeFfnPassKernel({ experts: E }), { mask: `mask${p}`, gate: `gate${p}` }, { rows, ffnPass: p }] as const),
       passes.flatMap((p) => [`mask${p}`, `gate${p}`]),
@@ -225,7 +195,7 @@ for (const { c, width } of [
     const { gates } = routeRecord(c);
     const passes = Array.from({ length: K }, (_, p) => passOf(gates, p));
     const residual = rowsOf(rows, width, 2);
-    const data: Record<string, Float32Array> = { residual, y: nans(n + EXTRA) };
+    const data: Record<string, Float32Array> = { residual, y: nanFilled(n + EXTRA) };
     passes.forEach(({ expert, gate }, p) => {
       const x = rowsOf(rows, width, 3);
       expert.forEach((e, r) => {
@@ -234,7 +204,7 @@ for (const { c, width } of [
       Object.assign(data, { [`x${p}`]: x, [`g${p}`]: Float32Array.from([...gate, ...past(EXTRA)]) });
     });
     const mix = moeFfnMixKernel({ width });
-    const got = (await runSteps(data, passes.map((_, p) => [mix, { x: `x${p}`, gate: `g${p}` }, { n, first: p === 0 ? 1 : 0 }] as const), ["y"])).y!;
+    const got = (await runSteps(gpu, data, passes.map((_, p) => [mix, { x: `x${p}`, gate: `g${p}` }, { n, first: p === 0 ? 1 : 0 }] as const), ["y"])).y!;
     const want = Array.from({ length: n }, (_, i) => {
       const r = Math.floor(i / width);
       let y = residual[i]!;
@@ -260,10 +230,10 @@ test("moe_ffn_mix of one pass: first = 1 ignores what y held, first = 0 adds to 
   const x = rowsOf(rows, width, 3);
   for (let r = 0; r < rows; r++) if (gate[r] === 0) x.fill(NaN, r * width, (r + 1) * width);
   const residual = rowsOf(rows, width);
-  const prior = Float32Array.from([...randomFloats(random, n, 5), ...nans(EXTRA)]);
+  const prior = Float32Array.from([...randomFloats(random, n, 5), ...nanFilled(EXTRA)]);
   const mix = moeFfnMixKernel({ width });
   for (const first of [1, 0]) {
-    const got = (await runSteps({ x, residual, gate, y: prior.slice() }, [[mix, {}, { n, first }]], ["y"])).y!;
+    const got = (await runSteps(gpu, { x, residual, gate, y: prior.slice() }, [[mix, {}, { n, first }]], ["y"])).y!;
     const before = first ? residual : prior;
     const want = Array.from({ length: n }, (_, i) => (gate[Math.floor(i / width)] === 0 ? before[i]! : before[i]! + gate[Math.floor(i / width)]! * x[i]!));
     const error = relativeError(got.subarray(0, n), want);
@@ -289,7 +259,7 @@ test("moe_ffn_scale: out = g_p v bit for bit (one correctly rounded f32 product)
     for (const p of [0, c.K - 1]) {
       const { gate } = passOf(gates, p);
       const v = rowsOf(rows, width, 4);
-      const got = (await runSteps({ v, gate: Float32Array.from([...gate, ...past(EXTRA)]), out: nans(n + EXTRA) }, [[moeFfnScaleKernel({ width }), {}, { n }]], ["out"])).out!;
+      const got = (await runSteps(gpu, { v, gate: Float32Array.from([...gate, ...past(EXTRA)]), out: nanFilled(n + EXTRA) }, [[moeFfnScaleKernel({ width }), {}, { n }]], ["out"])).out!;
       const want = Array.from({ length: n }, (_, i) => Math.fround(gate[Math.floor(i / width)]! * v[i]!));
       const at = bitDiff(got.subarray(0, n), want);
       assert.ok(at < 0, `${label(c)}, width ${width}, pass ${p}: element ${at}: ${got[at]}, want ${want[at]}`);
@@ -333,8 +303,8 @@ for (const { c, width, lora } of [
       expert.forEach((e, r) => {
         if (e === undefined) for (const [x, w] of [[v, width], [h, width], [loraPart, 1]] as const) x.fill(NaN, r * w, (r + 1) * w);
       });
-      const data = { v, h, mask: maskOf(expert, E), ...(lora ? { lora: loraPart } : {}), dGates: nans((rows + EXTRA) * E) };
-      const dGates = (await runSteps(data, [[k, {}, { rows }]], ["dGates"])).dGates!;
+      const data = { v, h, mask: maskOf(expert, E), ...(lora ? { lora: loraPart } : {}), dGates: nanFilled((rows + EXTRA) * E) };
+      const dGates = (await runSteps(gpu, data, [[k, {}, { rows }]], ["dGates"])).dGates!;
       for (let r = 0; r < rows + EXTRA; r++)
         for (let e = 0; e < E; e++) {
           const at = r * E + e;
@@ -393,11 +363,12 @@ for (const { passes, rows, width } of [
       for (let r = 0; r < rows; r++) if (!t[r]) dAct.fill(0, r * width, (r + 1) * width);
       return { gate, up, dAct };
     });
-    const data: Record<string, Float32Array> = { sumGate: nans(n + EXTRA), sumUp: nans(n + EXTRA) };
-    inputs.forEach((x, p) => Object.assign(data, { [`gate${p}`]: x.gate, [`up${p}`]: x.up, [`dAct${p}`]: x.dAct, [`dGate${p}`]: nans(n + EXTRA), [`dUp${p}`]: nans(n + EXTRA) }));
+    const data: Record<string, Float32Array> = { sumGate: nanFilled(n + EXTRA), sumUp: nanFilled(n + EXTRA) };
+    inputs.forEach((x, p) => Object.assign(data, { [`gate${p}`]: x.gate, [`up${p}`]: x.up, [`dAct${p}`]: x.dAct, [`dGate${p}`]: nanFilled(n + EXTRA), [`dUp${p}`]: nanFilled(n + EXTRA) }));
     const k = swigluBackwardSumKernel();
     const names = (p: number) => ({ gate: `gate${p}`, up: `up${p}`, dAct: `dAct${p}`, dGate: `dGate${p}`, dUp: `dUp${p}` });
     const got = await runSteps(
+      gpu,
       data,
       inputs.map((_, p) => [k, names(p), { n, first: p === 0 ? 1 : 0 }] as const),
       ["sumGate", "sumUp", ...inputs.flatMap((_, p) => [`dGate${p}`, `dUp${p}`])],
@@ -477,9 +448,9 @@ test("one per_ffn layer's passes as runtime/training/graph.ts runs them (moe_ffn
     route: record, residual, dy, v, a: ad, b: bd,
     slots: new Uint32Array(packLoraSlots([{ rank: R, scaling: s }]).buffer),
     rowAdapter: new Uint32Array(rows + EXTRA), // every row uses slot 0, as the graph's
-    y: nans((rows + EXTRA) * HID), mask: nans((rows + EXTRA) * E), passGate: nans(rows + EXTRA),
-    dAct: nans((rows + EXTRA) * I), dt: nans((rows + EXTRA) * R), loraGate: nans(rows + EXTRA), dExpertGates: nans((rows + EXTRA) * E),
-    dGates: nans((rows + EXTRA) * E), dGate: nans((rows + EXTRA) * I), dUp: nans((rows + EXTRA) * I), sumGate: nans((rows + EXTRA) * I), sumUp: nans((rows + EXTRA) * I),
+    y: nanFilled((rows + EXTRA) * HID), mask: nanFilled((rows + EXTRA) * E), passGate: nanFilled(rows + EXTRA),
+    dAct: nanFilled((rows + EXTRA) * I), dt: nanFilled((rows + EXTRA) * R), loraGate: nanFilled(rows + EXTRA), dExpertGates: nanFilled((rows + EXTRA) * E),
+    dGates: nanFilled((rows + EXTRA) * E), dGate: nanFilled((rows + EXTRA) * I), dUp: nanFilled((rows + EXTRA) * I), sumGate: nanFilled((rows + EXTRA) * I), sumUp: nanFilled((rows + EXTRA) * I),
   };
   for (let p = 0; p < K; p++) {
     const { expert } = passOf(gates, p);
@@ -517,7 +488,7 @@ test("one per_ffn layer's passes as runtime/training/graph.ts runs them (moe_ffn
       [swigluBackwardSumKernel(), { gate: `G${p}`, up: `U${p}` }, { n: rows * I, first: p === 0 ? 1 : 0 }] as const,
     ]).flat(),
   ];
-  const got = await runSteps(data, steps, ["y", "dGates", "sumGate", "sumUp"]);
+  const got = await runSteps(gpu, data, steps, ["y", "dGates", "sumGate", "sumUp"]);
 
   // float64, per expert, no passes.
   const want = { y: [] as number[], dGates: [] as number[], sumGate: new Float64Array(rows * I), sumUp: new Float64Array(rows * I) };

@@ -22,58 +22,27 @@
 // that decide the top k (the first min(K, E - 1)) are at least MARGIN = 1e-3 (f32 logits err ~1e-6).
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import type { KernelSource } from "../../../compiler/kernels/kernel.ts";
 import { loraBackwardInputKernel, loraGradAKernel, loraGradBKernel } from "../../../compiler/kernels/lora-backward.ts";
 import { NO_ADAPTER, packLoraSlots, type LoraSlotInfo } from "../../../compiler/kernels/lora.ts";
 import { loraRankGateKernel, moeBalanceGradKernel, moeBalanceKernel, moeBalanceLength, moeBalanceSumsKernel } from "../../../compiler/kernels/moe-train.ts";
 import { routerTrainForwardKernel, type RouterTrainConstants } from "../../../compiler/kernels/router-train.ts";
-import { createStorage, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
-import { openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
+import { softmax } from "../../reference/llama.ts";
+import { nanFilled, openGpu, randomFloats, relativeError, seeded } from "./gpu-check.ts";
+import { bitsOf, runSteps } from "./step-chain.ts";
 
 const gpu = await openGpu();
 const random = seeded(53);
 const BOUND = 1e-5;
 const MARGIN = 1e-3;
 
-const bitsOf = (v: number) => new Uint32Array(Float32Array.of(v).buffer)[0]!;
 const sameBits = (a: ArrayLike<number>, b: ArrayLike<number>) => {
   const x = new Uint32Array(Float32Array.from(a).buffer);
   const y = new Uint32Array(Float32Array.from(b).buffer);
   return x.length === y.length && x.every((v, i) => v === y[i]);
 };
-const nans = (n: number) => new Float32Array(n).fill(NaN);
-
-/** Runs `steps` in order as one submission over buffers made from `data`; returns the named buffers' final contents. */
-async function runSteps(
-  data: Record<string, Float32Array | Uint32Array>,
-  steps: readonly (readonly [KernelSource, Record<string, string>, Record<string, number>])[],
-  read: readonly string[],
-): Promise<Record<string, Float32Array>> {
-  const device = gpu.device;
-  device.pushErrorScope("validation");
-  const buffers = Object.fromEntries(Object.entries(data).map(([name, v]) => [name, createStorage(device, v, name)]));
-  for (const [k, bind, params] of steps) {
-    const bound = Object.fromEntries(k.bindings.filter((b) => b.access !== "uniform").map((b) => [b.name, buffers[bind[b.name] ?? b.name]!]));
-    gpu.step.dispatch(k, bound, params);
-  }
-  gpu.step.submit();
-  const out: Record<string, Float32Array> = {};
-  for (const name of read) out[name] = await readBuffer(device, buffers[name]!);
-  const error = await device.popErrorScope();
-  if (error) throw new Error(error.message);
-  for (const b of Object.values(buffers)) b.destroy();
-  return out;
-}
 
 /** The expert owning rank j when a rank of `rank` splits into E experts: e owns e rank/E .. (e+1) rank/E - 1. */
 const ownerOf = (j: number, rank: number, E: number) => Math.floor((j * E) / rank);
-
-function softmax(z: readonly number[]): number[] {
-  const top = Math.max(...z);
-  const ex = z.map((v) => Math.exp(v - top));
-  const total = ex.reduce((a, b) => a + b, 0);
-  return ex.map((v) => v / total);
-}
 
 /** The K most probable experts, best first (ties to the lower index, as torch.topk; the margin keeps them out). */
 const topk = (p: readonly number[], K: number) => [...p.keys()].sort((a, b) => p[b]! - p[a]! || a - b).slice(0, K);
@@ -112,9 +81,9 @@ test("lora_rank_gate: t times each rank's expert gate, read from the route recor
   ]) {
     const t = randomFloats(random, rows * rank);
     // Gates of kept experts in (0, 1], unkept 0; the columns around them NaN (never read).
-    const gates = nans(rows * stride);
+    const gates = nanFilled(rows * stride);
     for (let r = 0; r < rows; r++) for (let e = 0; e < E; e++) gates[r * stride + offset + e] = random() < 0.4 ? 0 : 1 - random();
-    const got = (await runSteps({ t, gates, out: nans(rows * rank) }, [[loraRankGateKernel({ rank, experts: E }), {}, { n: rows * rank, gateStride: stride, gateOffset: offset }]], ["out"])).out!;
+    const got = (await runSteps(gpu, { t, gates, out: nanFilled(rows * rank) }, [[loraRankGateKernel({ rank, experts: E }), {}, { n: rows * rank, gateStride: stride, gateOffset: offset }]], ["out"])).out!;
     const want = Array.from(t, (v, i) => Math.fround(gates[Math.floor(i / rank) * stride + offset + ownerOf(i % rank, rank, E)]! * v));
     assert.ok(sameBits(got, want), `rank ${rank}, ${E} experts: h * t`);
   }
@@ -260,8 +229,8 @@ async function checkBackward(name: string, c: BackwardCase) {
   // Inputs the kernels must not read on other rows are NaN there: x, dy, t, the record.
   const x = randomFloats(random, rows * IN);
   const dy = randomFloats(random, rows * OUT);
-  const t = nans(rows * R);
-  const record = nans(rows * RW);
+  const t = nanFilled(rows * R);
+  const record = nanFilled(rows * RW);
   for (let r = 0; r < rows; r++) {
     if (!live(r)) {
       x.fill(NaN, r * IN, (r + 1) * IN);
@@ -282,13 +251,14 @@ async function checkBackward(name: string, c: BackwardCase) {
     dGates: randomFloats(random, rows * c.gateStride),
     dExpertGates: randomFloats(random, rows * E),
     dx: randomFloats(random, rows * IN),
-    dA: c.accumulate ? randomFloats(random, R * IN) : nans(R * IN),
-    dB: c.accumulate ? randomFloats(random, OUT * R) : nans(OUT * R),
+    dA: c.accumulate ? randomFloats(random, R * IN) : nanFilled(R * IN),
+    dB: c.accumulate ? randomFloats(random, OUT * R) : nanFilled(OUT * R),
   };
   const lora = { inFeatures: IN, outFeatures: OUT, maxRank: R };
   const params = { rows, gateStride: c.gateStride, gateIndex: c.gateIndex, slot };
   const got = await runSteps(
-    { x, dy, t, a, b, slots: new Uint32Array(packLoraSlots(c.slots).buffer), rowAdapter: Uint32Array.from(c.rowAdapter), gates, record, tGated: nans(rows * R), ...prior },
+    gpu,
+    { x, dy, t, a, b, slots: new Uint32Array(packLoraSlots(c.slots).buffer), rowAdapter: Uint32Array.from(c.rowAdapter), gates, record, tGated: nanFilled(rows * R), ...prior },
     [
       [loraRankGateKernel({ rank: R, experts: E }), { gates: "record", out: "tGated" }, { n: rows * R, gateStride: RW, gateOffset: E }],
       [loraBackwardInputKernel({ ...lora, experts: E }), { expertGates: "record" }, { ...params, expertStride: RW, expertOffset: E }],
@@ -527,7 +497,7 @@ for (const c of [
     const P: number[][] = [];
     const selected: number[][] = [];
     const records = Array.from({ length: modules }, () => {
-      const rec = nans((rows + extra) * RW);
+      const rec = nanFilled((rows + extra) * RW);
       for (let r = 0; r < rows; r++) {
         const p = Array.from(Float32Array.from(softmax(drawLogits(E, K)))); // the record's f32 P is the routing weights
         rec.set(p, r * RW);
@@ -539,8 +509,8 @@ for (const c of [
       return rec;
     });
     const lossBefore = randomFloats(random, 4);
-    const data = Object.fromEntries([...records.map((r, m) => [`route${m}`, r] as const), ["balance", nans(moeBalanceLength(E))], ["loss", lossBefore]]);
-    const got = await runSteps(data, balanceSteps(E, modules, rows, lossIndex, coef), ["balance", "loss", ...records.map((_, m) => `route${m}`)]);
+    const data = Object.fromEntries([...records.map((r, m) => [`route${m}`, r] as const), ["balance", nanFilled(moeBalanceLength(E))], ["loss", lossBefore]]);
+    const got = await runSteps(gpu, data, balanceSteps(E, modules, rows, lossIndex, coef), ["balance", "loss", ...records.map((_, m) => `route${m}`)]);
     checkBalance(label, c, coef, lossIndex, got, records, P, selected, lossBefore);
   });
 }
@@ -556,7 +526,7 @@ test("the per_module forward and balance as the graph runs them: each module's r
   const P: number[][] = [];
   const selected: number[][] = [];
   const gatesWant: number[] = [];
-  const data: Record<string, Float32Array> = { balance: nans(moeBalanceLength(E)), loss: nans(2) };
+  const data: Record<string, Float32Array> = { balance: nanFilled(moeBalanceLength(E)), loss: nanFilled(2) };
   ins.forEach((H, m) => {
     const w = randomFloats(random, E * H, 3 / Math.sqrt(H));
     const x = new Float32Array(rows * H);
@@ -572,7 +542,7 @@ test("the per_module forward and balance as the graph runs them: each module's r
         gatesWant.push(...gatesOf(p, K, true));
         break;
       }
-    Object.assign(data, { [`x${m}`]: x, [`w${m}`]: w, [`route${m}`]: nans(rows * 3 * E), [`table${m}`]: nans(rows * E) });
+    Object.assign(data, { [`x${m}`]: x, [`w${m}`]: w, [`route${m}`]: nanFilled(rows * 3 * E), [`table${m}`]: nanFilled(rows * E) });
   });
   const steps = [
     ...ins.flatMap((H, m) => [
@@ -582,7 +552,7 @@ test("the per_module forward and balance as the graph runs them: each module's r
     [moeBalanceKernel({ experts: E }), {}, { decisions: rows * ins.length, lossIndex, coef }] as const,
     ...ins.map((_, m) => [moeBalanceGradKernel({ experts: E }), { route: `route${m}` }, { n: rows * E }] as const),
   ];
-  const got = await runSteps(data, steps, ["balance", "loss", ...ins.map((_, m) => `route${m}`)]);
+  const got = await runSteps(gpu, data, steps, ["balance", "loss", ...ins.map((_, m) => `route${m}`)]);
   const RW = 3 * E;
   const part = (from: number) => ins.flatMap((_, m) => Array.from({ length: rows * E }, (_, i) => got[`route${m}`]![Math.floor(i / E) * RW + from + (i % E)]!));
   const probError = relativeError(part(0), P.flat());
