@@ -7,39 +7,28 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { readHfConfig } from "../../../compiler/hf-config.ts";
 import { ROUTER_DEFAULTS } from "../../../compiler/defaults.ts";
-import { EXPERT_MODULES, type Adapter, type ExpertModule, type RouterConfig } from "../../../compiler/model.ts";
+import { EXPERT_MODULES, type Adapter, type RouterConfig } from "../../../compiler/model.ts";
 import type { LoadedAdapter } from "../../../runtime/formats/adapter.ts";
-import { pcg } from "../../../compiler/kernels/sampling.ts";
 import { planBase } from "../../../compiler/plan.ts";
-import { trainKernelResolver } from "../../../compiler/train-kernels.ts";
 import { peftSpec, randomAdapter } from "../../../examples/random-adapter.ts";
-import { writeRandomCheckpoint, type RandomCheckpointOptions } from "../../../examples/random-checkpoint.ts";
-import { openCheckpoint } from "../../../runtime/formats/checkpoint.ts";
+import type { RandomCheckpointOptions } from "../../../examples/random-checkpoint.ts";
 import { acquireDevice } from "../../../runtime/gpu/device.ts";
-import { PipelineCache, readBuffer } from "../../../runtime/gpu/kernel-runner.ts";
-import { IGNORE_INDEX as I } from "../../../runtime/training/data.ts";
-import { TrainingGraph, packBatch, untrainable } from "../../../runtime/training/graph.ts";
-import { TrainableParams } from "../../../runtime/training/params.ts";
-import { uploadWeights } from "../../../runtime/engine/weights.ts";
-import { loadReferenceWeights, moduleShape } from "../../reference/llama.ts";
-import { referenceTrainLoss, type ReferenceLora, type ReferenceRouter, type ReferenceRouting } from "../../reference/train.ts";
+import { untrainable } from "../../../runtime/training/graph.ts";
+import type { TrainTensor } from "../../../runtime/training/params.ts";
+import { referenceTrainLoss, type ReferenceRouter, type ReferenceRouting } from "../../reference/train.ts";
+import { referenceLora } from "./reference-adapters.ts";
+import { STEP_BATCH, deviceDropout, gradError, stepOnDevice, tinyModel } from "./step-check.ts";
 
 // f32 forward and backward through 2 layers against float64: gradients within 1e-5 relative (L2 over
 // each tensor; measured 3e-7 to 8e-7), the loss within 1e-5 relative, the project's usual f32 bound.
 const GRAD_BOUND = 1e-5;
 const LOSS_BOUND = 1e-5;
+const DROPOUT_SEED = 77;
 
 const root = mkdtempSync(join(tmpdir(), "milora-train-graph-"));
-const TINY = { hiddenSize: 32, layers: 2, heads: 4, kvHeads: 2, intermediateSize: 48, vocabSize: 61, maxPositions: 64, seed: 21 } as const;
-
-/** A random checkpoint, its base and its float64 weights. */
-function model(name: string, options: Partial<RandomCheckpointOptions> = {}) {
-  const dir = join(root, name);
-  writeRandomCheckpoint(dir, { ...TINY, ...options });
-  return { dir, base: readHfConfig(dir), reference: loadReferenceWeights(dir) };
-}
+/** A random checkpoint (the tiny model, seed 21, unless `options` say otherwise), its base and its float64 weights. */
+const model = (name: string, options: Partial<RandomCheckpointOptions> = {}) => tinyModel(join(root, name), { seed: 21, ...options });
 const tiny = model("tiny");
 const gpu = await acquireDevice();
 test.after(() => {
@@ -47,86 +36,43 @@ test.after(() => {
   rmSync(root, { recursive: true, force: true });
 });
 
-const batch = [
-  { tokens: [3, 14, 15, 9, 26, 5, 35], labels: [I, I, I, 9, 26, 5, 35] },
-  { tokens: [8, 9, 7, 9, 3], labels: [I, I, 7, 9, 3] },
-  { tokens: [2, 7, 18, 28, 18, 28, 45, 59, 60, 12, 1], labels: [I, 7, 18, 28, 18, 28, 45, 59, 60, 12, 1] },
-];
-
-function relative(got: Float32Array, want: Float64Array): number {
-  let d = 0;
-  let n = 0;
-  for (let i = 0; i < want.length; i++) {
-    d += (got[i]! - want[i]!) ** 2;
-    n += want[i]! ** 2;
-  }
-  // A module no decision switched on has no gradient: then the kernel's must be zero too.
-  return n === 0 ? Math.sqrt(d) : Math.sqrt(d / n);
-}
-
 async function checkStep(dropout: number, what: string, router?: Partial<RouterConfig>, on = tiny): Promise<void> {
-  const { dir, base, reference } = on;
+  const { base, reference } = on;
   const plain = peftSpec({ base, modules: EXPERT_MODULES, rank: 4, alpha: 8, seed: 1 });
   const config: RouterConfig | undefined = router && { ...ROUTER_DEFAULTS, noise: false, balance: 0.01, ...router };
   const spec: Adapter = { ...plain, experts: plain.experts.map((e) => ({ ...e, dropout })), ...(config ? { router: config } : {}) };
   // B random (not PEFT's zero) so that A's gradient is not zero as well; routers random too.
   const adapter = randomAdapter({ spec, seed: 5 });
-  const plan = planBase(base, { maxLoraRank: 4 });
-  const checkpoint = openCheckpoint(dir);
-  const weights = await uploadWeights(gpu.device, checkpoint, plan, plan.maxBindingBytes);
-  checkpoint.close();
-  const params = new TrainableParams(gpu.device, adapter);
-  const graph = new TrainingGraph({ device: gpu.device, plan, weights, params, kernel: trainKernelResolver(), pipelines: new PipelineCache(gpu.device), maxRows: 32 });
-  const packed = packBatch(batch);
-  const supervised = packed.supervisedRows.length;
-  const dropoutSeed = 77;
   const routedLayers = adapter.router?.size ?? 0;
-  const { lossSum, balanceLoss } = await graph.run(packed, 1 / supervised, { backward: true, dropoutSeed, balanceCoef: config ? config.balance / routedLayers : 0 });
-
-  // The mask the graph draws: module stream from (seed, layer, module), element row * in + column.
-  const offsets = batch.map((_, i) => batch.slice(0, i).reduce((n, e) => n + e.tokens.length, 0));
-  const keeps = (layer: number, module: ExpertModule, example: number, position: number, column: number) => {
-    const stream = pcg((pcg(dropoutSeed) ^ (layer * 8 + EXPERT_MODULES.indexOf(module) + 1)) >>> 0);
-    return dropoutKeeps(dropout, stream, (offsets[example]! + position) * moduleShape(base, module)[1] + column);
-  };
-  const want = referenceTrainLoss(base, reference.weights, {
-    lora: new Map(
-      [...adapter.lora].map(([key, w]): [string, ReferenceLora] => [key, { a: Float64Array.from(w.a), b: Float64Array.from(w.b), rank: w.rank, scaling: w.scaling }]),
-    ),
-    balance: config?.balance ?? 0,
-    ...(dropout > 0 ? { dropout: { p: dropout, keeps } } : {}),
-    ...(config && adapter.router ? referenceRouters(config, adapter) : {}),
-  }, batch);
-  assert.is(supervised, want.supervised);
-  const loss = lossSum / supervised;
-  assert.ok(Math.abs(loss - want.lmLoss) / want.lmLoss < LOSS_BOUND, `${what}: loss ${loss} vs ${want.lmLoss}`);
-  if (config) assert.ok(Math.abs(balanceLoss - want.balanceLoss) / want.balanceLoss < LOSS_BOUND, `${what}: balance loss ${balanceLoss} vs ${want.balanceLoss}`);
-  for (const r of params.routers.values()) {
-    const g = want.routers.get(r.layer)!;
-    const tensors: [string, GPUBuffer, number, Float64Array][] = [[`router ${r.layer} W_r`, r.gate.grad, r.gate.count, g.gate]];
-    if (r.pooler) tensors.push([`router ${r.layer} w_sa`, r.pooler.grad, r.pooler.count, g.pooler!]);
-    if (r.rational) tensors.push([`router ${r.layer} rational`, r.rational.grad, r.rational.count, Float64Array.from([...g.numerator!, ...g.denominator!])]);
-    for (const [name, buffer, count, wanted] of tensors) {
-      const err = relative(await readBuffer(gpu.device, buffer, 0, count * 4), wanted);
-      assert.ok(err < GRAD_BOUND, `${what} ${name}: ${err.toExponential(2)}`);
+  const run = { dropoutSeed: DROPOUT_SEED, balanceCoef: config ? config.balance / routedLayers : 0 };
+  await stepOnDevice(gpu.device, on, adapter, STEP_BATCH, { plan: { maxLoraRank: 4 }, maxRows: 32, run }, async ({ lossSum, balanceLoss, supervised, params }) => {
+    const want = referenceTrainLoss(base, reference.weights, {
+      lora: referenceLora(adapter),
+      balance: config?.balance ?? 0,
+      ...deviceDropout(base, STEP_BATCH, DROPOUT_SEED, dropout),
+      ...(config && adapter.router ? referenceRouters(config, adapter) : {}),
+    }, STEP_BATCH);
+    assert.is(supervised, want.supervised);
+    const loss = lossSum / supervised;
+    assert.ok(Math.abs(loss - want.lmLoss) / want.lmLoss < LOSS_BOUND, `${what}: loss ${loss} vs ${want.lmLoss}`);
+    if (config) assert.ok(Math.abs(balanceLoss - want.balanceLoss) / want.balanceLoss < LOSS_BOUND, `${what}: balance loss ${balanceLoss} vs ${want.balanceLoss}`);
+    for (const r of params.routers.values()) {
+      const g = want.routers.get(r.layer)!;
+      const tensors: [string, TrainTensor, Float64Array][] = [[`router ${r.layer} W_r`, r.gate, g.gate]];
+      if (r.pooler) tensors.push([`router ${r.layer} w_sa`, r.pooler, g.pooler!]);
+      if (r.rational) tensors.push([`router ${r.layer} rational`, r.rational, Float64Array.from([...g.numerator!, ...g.denominator!])]);
+      for (const [name, tensor, wanted] of tensors) {
+        const err = await gradError(gpu.device, tensor, wanted);
+        assert.ok(err < GRAD_BOUND, `${what} ${name}: ${err.toExponential(2)}`);
+      }
     }
-  }
-  for (const l of params.lora) {
-    const key = `${l.layer}.${l.module}`;
-    const gotA = await readBuffer(gpu.device, l.a.grad, 0, l.a.count * 4);
-    const gotB = await readBuffer(gpu.device, l.b.grad, 0, l.b.count * 4);
-    const errA = relative(gotA, want.lora.get(key)!.a);
-    const errB = relative(gotB, want.lora.get(key)!.b);
-    assert.ok(errA < GRAD_BOUND && errB < GRAD_BOUND, `${what} ${key}: lora_A ${errA.toExponential(2)}, lora_B ${errB.toExponential(2)}`);
-  }
-  graph.destroy();
-  params.destroy();
-  weights.destroy();
-}
-
-/** Whether element `i` of mask stream `stream` is kept: the dropout kernels' rule, pcg(stream ^ pcg(i)) >= round(p * 2^32). */
-function dropoutKeeps(p: number, stream: number, i: number): boolean {
-  return pcg(((stream >>> 0) ^ pcg(i >>> 0)) >>> 0) >= Math.min(0xffffffff, Math.round(p * 2 ** 32));
+    for (const l of params.lora) {
+      const key = `${l.layer}.${l.module}`;
+      const errA = await gradError(gpu.device, l.a, want.lora.get(key)!.a);
+      const errB = await gradError(gpu.device, l.b, want.lora.get(key)!.b);
+      assert.ok(errA < GRAD_BOUND && errB < GRAD_BOUND, `${what} ${key}: lora_A ${errA.toExponential(2)}, lora_B ${errB.toExponential(2)}`);
+    }
+  });
 }
 
 test("plain LoRA on every module: loss and every lora_A and lora_B gradient match the float64 reference", async () => {
