@@ -8,7 +8,7 @@ import { ERROR_KINDS, exitStatusHelp, reportError } from "../runtime/errors.ts";
 
 /** run and serve store the weights the same way (compile, reading no checkpoint, defaults to f32). */
 const WEIGHTS_HELP =
-  "how the linear weights are stored on the device: f32, f16 or q8 (default: the spec's weights, else f16 for an F16/BF16 checkpoint, f32 otherwise; docs/weights.md)";
+  "how the linear weights are stored on the device: f32, f16, q8 or q4 (default: the spec's weights, else f16 for an F16/BF16 checkpoint, f32 otherwise; docs/weights.md)";
 
 // From the sources bin/cli.ts, built dist/bin/cli.js: milora's package.json is one or two folders up.
 const version = (JSON.parse(readFileSync(new URL(import.meta.url.endsWith(".js") ? "../../package.json" : "../package.json", import.meta.url), "utf8")) as { version: string })
@@ -145,7 +145,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     .option("--name <name>", "npm package name (default: the adapter's name in kebab case)")
     .option("--pkg-version <version>", "npm package version (default 0.1.0)")
     .option("--ctx <n>", "context positions the kernels serve (default: max_positions, factor x max_positions with dynamic rope scaling, at most 2048)")
-    .option("--weights <format>", "how the package stores the linear weights: f32, f16 or q8 (default: the spec's weights, else f32; docs/weights.md)")
+    .option("--weights <format>", "how the package stores the linear weights: f32, f16, q8 or q4 (default: the spec's weights, else f32; docs/weights.md)")
     .option("--calibration <file>", "the matvec row limits of the device the package is for, as `milora bench --calibrate` wrote them there (default: the plan's 28)")
     .option("-f, --force", "replace a non-empty --out directory that milora compile wrote")
     .option("--force-any", "replace a non-empty --out directory even if milora compile did not write it (never the current directory, an ancestor of it, or one holding the spec)")

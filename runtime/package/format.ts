@@ -95,13 +95,22 @@ export type TensorRole = (typeof TENSOR_ROLES)[number];
  *   complement) of word k / 4, then the nb scales as f32 bits, padded with zero words to a multiple of
  *   4: 8 nb + 4 ceil(nb / 4) words, 1.125 bytes a weight (ggml's f16 scales: 1.0625). Quants apart from
  *   scales let a kernel read 16 of them as one vec4<u32>.
- * Only linear weights and an untied lm_head take `f16` or `q8`; the embedding (read by row copies),
- * the norms and so a tied lm_head stay `f32`.
+ * - `q4`: in the spirit of ggml's Q4_0, blocks of Q4_BLOCK (32) elements along K, each an f32 scale
+ *   d = max |x| / 7 over the block (0 for an all-zero block) and 32 signed 4-bit q in [-7, 7] with
+ *   value d * q, q = round(x / d), ties away from zero; q = 0 past K. Each q is stored as the nibble
+ *   q + 8 (so 8 is zero and 0 is unused). A row of nb = ceil(K / 32) blocks holds first the quants,
+ *   4 words a block, element k in bits 4(k % 8) to 4(k % 8) + 3 of word k / 8, then the nb scales as
+ *   f32 bits, padded with zero words to a multiple of 4: 4 nb + 4 ceil(nb / 4) words, 0.625 bytes a
+ *   weight (ggml's f16 scales: 0.5625). A block's quants are one vec4<u32>.
+ * Only linear weights and an untied lm_head take `f16`, `q8` or `q4`; the embedding (read by row
+ * copies), the norms and so a tied lm_head stay `f32`.
  */
-export const WEIGHT_FORMATS = ["f32", "f16", "q8"] as const;
+export const WEIGHT_FORMATS = ["f32", "f16", "q8", "q4"] as const;
 export type WeightFormat = (typeof WEIGHT_FORMATS)[number];
 /** Elements per q8 block: one scale each. */
 export const Q8_BLOCK = 32;
+/** Elements per q4 block: one scale each, and the 4 words of its quants one 16-byte load. */
+export const Q4_BLOCK = 32;
 
 /** The u32 words one row of K elements takes in `format` (f32 elements count as words). */
 export function storageRowWords(format: WeightFormat, K: number): number {
@@ -113,6 +122,10 @@ export function storageRowWords(format: WeightFormat, K: number): number {
     case "q8": {
       const blocks = Math.ceil(K / Q8_BLOCK);
       return 8 * blocks + 4 * Math.ceil(blocks / 4);
+    }
+    case "q4": {
+      const blocks = Math.ceil(K / Q4_BLOCK);
+      return 4 * blocks + 4 * Math.ceil(blocks / 4);
     }
   }
 }

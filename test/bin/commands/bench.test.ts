@@ -101,7 +101,7 @@ test("usage errors name the flag, before any GPU work", async () => {
     [{ random: "tiny", adapter: "a" }, "--adapter names an adapter of the spec: give the spec too"],
     [{ random: "tiny", modes: "base,moe" }, `--modes: "moe" must be one of base, merged, lora, milora, token, dora (a comma-separated list)`],
     [{ random: "tiny", modes: "base,base" }, "--modes: base,base names an item twice"],
-    [{ random: "tiny", weights: "q4" }, `--weights: "q4" must be one of f32, f16, q8 (a comma-separated list)`],
+    [{ random: "tiny", weights: "q2" }, `--weights: "q2" must be one of f32, f16, q8, q4 (a comma-separated list)`],
     [{ random: "tiny", tenants: "1,0" }, `--tenants: "0" must be a whole number >= 1 (a comma-separated list)`],
     [{ random: "tiny", repeats: "two" }, `--repeats must be a whole number >= 1, got "two"`],
     [{ random: "tiny", decode: "300" }, "--prompt 32 and --decode 300 need 334 positions, more than the base's 256"],
@@ -118,9 +118,9 @@ test("usage errors name the flag, before any GPU work", async () => {
     }
   }
   // and on the command line: one line, exit 2
-  const { code, stderr } = await bench("--random", "tiny", "--weights", "q4");
+  const { code, stderr } = await bench("--random", "tiny", "--weights", "q2");
   assert.is(code, 2, stderr);
-  assert.equal(said(stderr), [`milora bench: --weights: "q4" must be one of f32, f16, q8 (a comma-separated list)`]);
+  assert.equal(said(stderr), [`milora bench: --weights: "q2" must be one of f32, f16, q8, q4 (a comma-separated list)`]);
 });
 
 test.run();
