@@ -1,8 +1,8 @@
 // What each weight storage format costs and saves (runtime/package/format.ts WEIGHT_FORMATS): decode
-// ms/token and prefill tokens/s of one random F32 checkpoint stored as f32, f16 and q8, the bytes on
+// ms/token and prefill tokens/s of one random F32 checkpoint stored as f32, f16, q8 and q4, the bytes on
 // the device, the floor the weights set (the decode matvecs alone over every linear weight,
 // bench/stream-once.ts), and the logits' error against the float64 reference on the f32 weights (the
-// format's cost in accuracy). The three engines are resident at once and measured in turn, best of
+// format's cost in accuracy). The four engines are resident at once and measured in turn, best of
 // --repeats, ratios against f32 from the same run.
 //   node --import tsx bench/weights.ts [--hidden 512] [--decode 32] [--repeats 5]
 // The checkpoint (the issue's 30M-parameter model at hidden 512) is written once under .cache/bench/.
@@ -27,7 +27,7 @@ const REPEATS = Number(values.repeats);
 const DECODE_PROMPT = 16;
 const PREFILL = 128;
 const ACCURACY_PROMPT = 8;
-const FORMATS: readonly WeightFormat[] = ["f32", "f16", "q8"];
+const FORMATS: readonly WeightFormat[] = ["f32", "f16", "q8", "q4"];
 
 const dir = join(".cache", "bench", `weights-${hidden}`);
 writeRandomCheckpoint(dir, { hiddenSize: hidden, layers: 8, heads: 8, kvHeads: 8, intermediateSize: Math.round((hidden * 11) / 4 / 64) * 64, vocabSize: 4096, maxPositions: 256, seed: 4 });

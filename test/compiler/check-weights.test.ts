@@ -1,4 +1,4 @@
-// The base's `weights` key: how the runtime stores the linear weights (f32, f16 or q8), with the
+// The base's `weights` key: how the runtime stores the linear weights (f32, f16, q8 or q4), with the
 // usual diagnostics for an unknown format or a value of the wrong type.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
@@ -9,8 +9,8 @@ import { parseSpec } from "../../grammar/parse.ts";
 const FILE = "/virtual/spec.milora";
 const base = (key: string) => `base b: llama { hidden_size 64 layers 4 heads 4 intermediate_size 128 vocab_size 100 ${key} }\n`;
 
-test("weights f16 and q8 reach the base; absent, the base says nothing (the checkpoint decides)", () => {
-  for (const format of ["f32", "f16", "q8"] as const) {
+test("weights f16, q8 and q4 reach the base; absent, the base says nothing (the checkpoint decides)", () => {
+  for (const format of ["f32", "f16", "q8", "q4"] as const) {
     const { program, diagnostics } = checkSource(base(`weights ${format}`), FILE);
     assert.equal(diagnostics, []);
     assert.is(program.bases[0]!.weights, format);
@@ -24,9 +24,9 @@ test("an unknown format is MIL104 with a suggestion; a number or two values MIL2
     assert.is(diagnostics.length, 1, diagnostics.map((d) => d.message).join("\n"));
     return diagnostics[0]!;
   };
-  const unknown = one("weights q4");
+  const unknown = one("weights q2");
   assert.is(unknown.code, "MIL104");
-  assert.match(unknown.message, /unknown weights `q4`/);
+  assert.match(unknown.message, /unknown weights `q2`/);
   assert.match(unknown.hint ?? "", /q8/);
   assert.is(one("weights 16").code, "MIL201");
   assert.is(one("weights f16, q8").code, "MIL201");

@@ -18,8 +18,8 @@ test("f32 unless asked: every tensor f32, linear kernels without a format consta
   assert.ok(constants.length > 0 && constants.every((c) => !("weights" in c)));
 });
 
-test("q8 (or f16) stores the linear weights and an untied lm_head; the embedding and norms stay f32", () => {
-  for (const weights of ["f16", "q8"] as const) {
+test("q8 (or f16, q4) stores the linear weights and an untied lm_head; the embedding and norms stay f32", () => {
+  for (const weights of ["f16", "q8", "q4"] as const) {
     const plan = planBase(base, { weights });
     const formats = new Map(plan.tensors.map((t) => [t.name, t.gpuDtype]));
     for (const t of plan.tensors) assert.is(t.gpuDtype, t.role === "linear" || t.role === "lm_head" ? weights : "f32", t.name);
@@ -43,11 +43,13 @@ test("the spec's weights key is the default; the option overrides it", () => {
 });
 
 test("row blocks of a split weight are sized by its format's bytes per row", () => {
-  // lm_head [512, 64]: 256 bytes a row as f32, 128 as f16, 80 as q8 (2 blocks of 8 words, 2 scales padded to 4); a 20 KB binding.
-  const rows = (weights: "f32" | "f16" | "q8") => linears(planBase(base, { weights, maxBindingBytes: 20_000 }).head)[0]!.blocks?.map((b) => b.rows);
+  // lm_head [512, 64]: 256 bytes a row as f32, 128 as f16, 80 as q8 (2 blocks of 8 words, 2 scales padded to 4), 48 as q4 (2 blocks of 4 words, the scales
+  // padded to 4); a 20 KB binding.
+  const rows = (weights: "f32" | "f16" | "q8" | "q4") => linears(planBase(base, { weights, maxBindingBytes: 20_000 }).head)[0]!.blocks?.map((b) => b.rows);
   assert.equal(rows("f32"), [78, 44]);
   assert.equal(rows("f16"), [156, 44]);
   assert.equal(rows("q8"), [250, 12]);
+  assert.equal(rows("q4"), [416, 96]);
 });
 
 test.run();

@@ -1,4 +1,4 @@
-// `--weights f32|f16|q8` on milora run and compile: the run's logits are float64's on the weights as
+// `--weights f32|f16|q8|q4` on milora run and compile: the run's logits are float64's on the weights as
 // that format stores them (so the flag reaches the plan), a compiled package records the format in its
 // plan and refuses another at run time, and a format that is not one is a usage error (exit 2).
 import { execFile } from "node:child_process";
@@ -39,26 +39,28 @@ function relativeError(got: readonly number[][], want: readonly Float64Array[]):
   return Math.sqrt(diff / norm);
 }
 
-test("milora run --weights q8: the logits of float64 on the q8-rounded linear weights", async () => {
-  const { code, stdout, stderr } = await cli("run", "--base", model, "--tokens", PROMPT.join(","), "--max-tokens", "0", "--json", "--logits", "all", "--weights", "q8");
-  assert.is(code, 0, stderr);
-  const logits = (JSON.parse(stdout) as { logits: number[][] }).logits;
-  const { base, weights } = loadReferenceWeights(model);
-  const exact = referenceLogits(base, weights, PROMPT);
-  // The linear weights and the untied lm_head as q8 holds them; the embedding and norms as they are.
-  const held = new Map<string, Float64Array>();
-  for (const t of planBase(base, { weights: "q8" }).tensors) {
-    const w = Float32Array.from(weights.get(t.name));
-    held.set(t.name, Float64Array.from(t.gpuDtype === "q8" ? unpackWeights("q8", packWeights("q8", w, t.shape, t.name), t.shape, t.name) : w));
-  }
-  assert.ok(relativeError(logits, referenceLogits(base, weightsFromMap(held), PROMPT)) < 1e-4, "against float64 on the q8 weights");
-  assert.ok(relativeError(logits, exact) > 1e-3, "q8 rounds: the f32 weights' logits are not these");
-});
+for (const format of ["q8", "q4"] as const) {
+  test(`milora run --weights ${format}: the logits of float64 on the ${format}-rounded linear weights`, async () => {
+    const { code, stdout, stderr } = await cli("run", "--base", model, "--tokens", PROMPT.join(","), "--max-tokens", "0", "--json", "--logits", "all", "--weights", format);
+    assert.is(code, 0, stderr);
+    const logits = (JSON.parse(stdout) as { logits: number[][] }).logits;
+    const { base, weights } = loadReferenceWeights(model);
+    const exact = referenceLogits(base, weights, PROMPT);
+    // The linear weights and the untied lm_head as the format holds them; the embedding and norms as they are.
+    const held = new Map<string, Float64Array>();
+    for (const t of planBase(base, { weights: format }).tensors) {
+      const w = Float32Array.from(weights.get(t.name));
+      held.set(t.name, Float64Array.from(t.gpuDtype === format ? unpackWeights(format, packWeights(format, w, t.shape, t.name), t.shape, t.name) : w));
+    }
+    assert.ok(relativeError(logits, referenceLogits(base, weightsFromMap(held), PROMPT)) < 1e-4, `against float64 on the ${format} weights`);
+    assert.ok(relativeError(logits, exact) > 1e-3, `${format} rounds: the f32 weights' logits are not these`);
+  });
+}
 
 test("a format that is none is a usage error; a package compiled with --weights f16 refuses q8", async () => {
-  const bad = await cli("run", "--base", model, "--tokens", "1,2", "--weights", "q4");
+  const bad = await cli("run", "--base", model, "--tokens", "1,2", "--weights", "q2");
   assert.is(bad.code, 2);
-  assert.match(bad.stderr, /--weights must be one of f32, f16, q8, got "q4"/);
+  assert.match(bad.stderr, /--weights must be one of f32, f16, q8, q4, got "q2"/);
   const out = join(root, "pkg");
   const compiled = await cli("compile", spec, "--adapter", "tiny_lora", "--out", out, "--weights", "f16");
   assert.is(compiled.code, 0, compiled.stderr);

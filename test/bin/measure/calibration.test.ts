@@ -96,7 +96,7 @@ test("a damaged file is an error naming the file and what is wrong", () => {
     [JSON.stringify({ ...calibration, version: 2 }), "version 2, this milora reads version 1"],
     [JSON.stringify({ ...calibration, device: 7 }), `"device" must be a string`],
     [JSON.stringify({ ...calibration, formats: [] }), `"formats" must be a non-empty array`],
-    [JSON.stringify({ ...calibration, formats: [{ ...f, weights: "q4" }] }), `formats[0].weights must be one of f32, f16, q8, got "q4"`],
+    [JSON.stringify({ ...calibration, formats: [{ ...f, weights: "q2" }] }), `formats[0].weights must be one of f32, f16, q8, q4, got "q2"`],
     [JSON.stringify({ ...calibration, formats: [f, f] }), "formats[1].weights f32 appears twice"],
     [JSON.stringify({ ...calibration, formats: [{ ...f, matvecMaxRows: 0 }] }), "formats[0].matvecMaxRows must be a whole number of rows, at least 1, got 0"],
     [JSON.stringify({ ...calibration, formats: [{ ...f, matvecMaxRows: "28" }] }), `formats[0].matvecMaxRows must be a whole number of rows, at least 1, got "28"`],

@@ -1,6 +1,6 @@
 // The linear input gradient dx = dy w against float64 (test/reference/gradients.ts), on sizes that
 // are not multiples of 4 or of the 64x64 tile, writing and accumulating, whole weights and row blocks,
-// and weights stored as f16 or q8 (against float64 over the values they hold).
+// and weights stored as f16, q8 or q4 (against float64 over the values they hold).
 // Bound: each dx element is an f32 dot product of N terms (~sqrt(N) * 2^-24 relative, 2e-6 at
 // N = 1024), so 1e-5 as for the forward matmul.
 import { test } from "uvu";
@@ -56,8 +56,8 @@ test("row blocks of a split weight each read their columns of the whole dy and s
   }
 });
 
-test("w stored as f16 or q8 (a training base in fewer bytes): dx equals float64 over the values the format holds, on odd sizes", async () => {
-  for (const format of ["f16", "q8"] as const) {
+test("w stored as f16, q8 or q4 (a training base in fewer bytes): dx equals float64 over the values the format holds, on odd sizes", async () => {
+  for (const format of ["f16", "q8", "q4"] as const) {
     let worst = 0;
     for (const [M, N, K] of [[1, 33, 17], [37, 100, 130], [70, 45, 64]] as const) {
       const dy = randomFloats(random, M * N);

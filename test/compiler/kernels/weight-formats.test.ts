@@ -1,8 +1,8 @@
-// The linear kernels reading f16 and q8 weights (compiler/kernels/weight-rows.ts) against a float64
+// The linear kernels reading f16, q8 and q4 weights (compiler/kernels/weight-rows.ts) against a float64
 // product over the values the packed words hold (runtime/engine/weight-storage.ts unpackWeights), on
-// fresh random data: K not a multiple of 4 or of the q8 block of 32, N odd, several row groups, the
+// fresh random data: K not a multiple of 4 or of the q8/q4 block of 32, N odd, several row groups, the
 // residual epilogue and row blocks of a split weight. Dequantising is exact in f32 (an f16 value, or
-// d * q with |q| <= 127), so the bound is the f32 kernels' (matmul.test.ts): sqrt(K) * 2^-24, 1e-5.
+// d * q with |q| <= 127 or 7), so the bound is the f32 kernels' (matmul.test.ts): sqrt(K) * 2^-24, 1e-5.
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { matmulKernel } from "../../../compiler/kernels/matmul.ts";
@@ -15,7 +15,7 @@ import { nanFilled, openGpu, randomFloats, relativeError, runOnce, seeded } from
 const gpu = await openGpu();
 const random = seeded(23);
 const BOUND = 1e-5;
-const FORMATS: readonly PackedWeightFormat[] = ["f16", "q8"];
+const FORMATS: readonly PackedWeightFormat[] = ["f16", "q8", "q4"];
 
 /** y = x w^T (+ residual) in float64, y's rows `S` wide with w's N columns at `column`. */
 function product(x: Float32Array, w: Float32Array, M: number, N: number, K: number, S = N, column = 0, residual?: Float32Array): Float64Array {
@@ -42,7 +42,7 @@ async function check(kind: "matmul" | "matvec", weights: WeightFormat, M: number
   assert.ok(error < BOUND, `${kernel.key} M=${M}: relative error ${error}`);
 }
 
-test("matvec reads f16 and q8 weights: odd N, K off the quad and the q8 block, one row to several row groups", async () => {
+test("matvec reads f16, q8 and q4 weights: odd N, K off the quad and the 32-element block, one row to several row groups", async () => {
   for (const weights of FORMATS) {
     for (const M of [1, 3, MATVEC_GROUP_ROWS, 2 * MATVEC_GROUP_ROWS + 5]) {
       for (const [N, K] of [[33, 17], [7, 1], [101, 64], [35, 130]] as const) await check("matvec", weights, M, N, K, M % 2 === 1);
@@ -52,23 +52,25 @@ test("matvec reads f16 and q8 weights: odd N, K off the quad and the q8 block, o
 });
 
 test("matvec over a long K, where 2 to 8 invocations share a column group and meet in workgroup memory", async () => {
-  // K = 2050: 513 f32 quads (8 lanes), 257 f16 units (4 lanes), 129 q8 units (2 lanes); K = 8200: 8 lanes each.
+  // K = 2050: 513 f32 quads (8 lanes), 257 f16 units (4 lanes), 129 q8 units (2 lanes), 65 q4 units (1
+  // lane); K = 8200: 8 lanes each but q4's 257 units (4 lanes).
   for (const M of [1, MATVEC_GROUP_ROWS + 3]) {
     for (const weights of ["f32", ...FORMATS] as const) {
       await check("matvec", weights, M, 37, 2050, true);
       await check("matvec", weights, M, 5, 8200, false);
     }
+    await check("matvec", "q4", M, 3, 16400, true); // 513 q4 units: 8 lanes
   }
 });
 
-test("matmul reads f16 and q8 weights: odd sizes, K spanning many tiles and q8 blocks, the residual epilogue", async () => {
+test("matmul reads f16, q8 and q4 weights: odd sizes, K spanning many tiles and blocks, the residual epilogue", async () => {
   for (const weights of FORMATS) {
     for (const M of [1, 37]) for (const [N, K] of [[33, 17], [100, 64], [33, 130]] as const) await check("matmul", weights, M, N, K, M > 1);
     await check("matmul", weights, 70, 65, 1027, true);
   }
 });
 
-test("row blocks of a split f16 or q8 weight are slices of its rows and write their columns in place", async () => {
+test("row blocks of a split f16, q8 or q4 weight are slices of its rows and write their columns in place", async () => {
   const [M, S, K, block] = [MATVEC_GROUP_ROWS + 3, 101, 130, 40];
   for (const weights of FORMATS) {
     const x = randomFloats(random, M * K);
@@ -99,6 +101,10 @@ test("the storage format is in the kernel's key and its w binding; f32 keys are 
   assert.match(matvecKernel({ K: 8, N: 3, residual: false, weights: "q8" }).wgsl, /var<storage, read> w: array<vec4<u32>>/);
   assert.match(matmulKernel({ K: 8, N: 3, residual: false, weights: "f16" }).wgsl, /var<storage, read> w: array<vec2<u32>>/);
   assert.match(matmulKernel({ K: 8, N: 3, residual: false, weights: "q8" }).wgsl, /var<storage, read> w: array<u32>/);
+  // q4: a 16-byte unit is a whole block of 32, eight quads behind one scale.
+  assert.match(matvecKernel({ K: 8, N: 3, residual: false, weights: "q4" }).wgsl, /var<storage, read> w: array<vec4<u32>>/);
+  assert.match(matvecKernel({ K: 8, N: 3, residual: false, weights: "q4" }).wgsl, /fn load_w\(row: u32, unit: u32\) -> array<vec4<f32>, 8>/);
+  assert.match(matmulKernel({ K: 8, N: 3, residual: false, weights: "q4" }).wgsl, /var<storage, read> w: array<u32>/);
 });
 
 test.after(() => gpu.context.destroy());

@@ -1,4 +1,4 @@
-// Training over a base stored as f16 or q8 (docs/weights.md): the forward product and the backward's
+// Training over a base stored as f16, q8 or q4 (docs/weights.md): the forward product and the backward's
 // input gradient dequantise the frozen weights as inference does, so one training step's loss and
 // every LoRA gradient equal the float64 reference run on the same rounded weights (the values the
 // format holds, unpacked), at the usual f32 bound; f32 is the plain case.
@@ -28,7 +28,7 @@ test.after(() => {
   rmSync(root, { recursive: true, force: true });
 });
 
-for (const format of ["f32", "f16", "q8"] as const) {
+for (const format of ["f32", "f16", "q8", "q4"] as const) {
   test(`a base stored as ${format}: the step's loss and every LoRA gradient equal float64 on the ${format} values`, async () => {
     const adapter = randomAdapter({ spec: peftSpec({ base, modules: EXPERT_MODULES, rank: 2, alpha: 4, seed: 1 }), seed: 2 });
     await stepOnDevice(gpu.device, tiny, adapter, batch, { plan: { maxLoraRank: 2, weights: format }, maxRows: 16 }, async ({ lossSum, supervised, params, plan }) => {
