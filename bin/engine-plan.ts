@@ -60,7 +60,7 @@ export function enginePlan(request: PlanRequest): EnginePlan {
   return { plan, kernels: kernelSources(plan), resolver: generatingResolver };
 }
 
-/** The value of `--weights` (f32, f16 or q8), or undefined when not given. */
+/** The value of `--weights` (f32, f16, q8 or q4), or undefined when not given. */
 export function weightsFlag(text: string | undefined): WeightFormat | undefined {
   if (text === undefined) return undefined;
   if (!(WEIGHT_FORMATS as readonly string[]).includes(text)) throw userError("usage", `--weights must be one of ${WEIGHT_FORMATS.join(", ")}, got "${text}"`);

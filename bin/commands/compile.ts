@@ -15,7 +15,7 @@ export interface CompileCommandOptions {
   readonly name?: string;
   readonly pkgVersion?: string;
   readonly ctx?: string;
-  /** `--weights f32|f16|q8` (default: the spec's `weights`, else f32). */
+  /** `--weights f32|f16|q8|q4` (default: the spec's `weights`, else f32). */
   readonly weights?: string;
   /** A calibration file (`milora bench --calibrate` on the device the package is for): its matvec row limits. */
   readonly calibration?: string;

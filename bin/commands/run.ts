@@ -39,7 +39,7 @@ export interface RunOptions {
   /** `[NAME=]DIR`, repeatable. */
   readonly adapter?: readonly string[];
   readonly merged?: boolean;
-  /** `--weights f32|f16|q8`: how the linear weights are stored on the device. */
+  /** `--weights f32|f16|q8|q4`: how the linear weights are stored on the device. */
   readonly weights?: string;
   readonly beams?: string;
   readonly lengthPenalty?: string;

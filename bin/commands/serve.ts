@@ -40,7 +40,7 @@ export interface ServeOptions {
   /** False with --no-access-log. */
   readonly accessLog?: boolean;
   readonly maxBatchRows?: string;
-  /** `--weights f32|f16|q8`: how the linear weights are stored on the device. */
+  /** `--weights f32|f16|q8|q4`: how the linear weights are stored on the device. */
   readonly weights?: string;
 }
 

@@ -50,7 +50,7 @@ export interface TrainCommandOptions {
   readonly saveEvery: string;
   readonly activationLr: string;
   readonly chatTemplate?: string;
-  /** `--weights f32|f16|q8`: how the frozen base is stored (and read, forward and backward) on the device. */
+  /** `--weights f32|f16|q8|q4`: how the frozen base is stored (and read, forward and backward) on the device. */
   readonly weights?: string;
   readonly backend?: string;
   readonly json?: boolean;

@@ -3,7 +3,7 @@
 //   params:   rows (M), and with `stride`, column (where the N columns start in y)
 // S is `stride` for a row block of a split weight (see MatmulConstants.stride), else N.
 // Each invocation computes 4 output columns, so one read of x serves 4 weight rows, reading the
-// weights a unit at a time (weight-rows.ts: 4 f32, 8 f16 or 16 q8 elements, one 16-byte load,
+// weights a unit at a time (weight-rows.ts: 4 f32, 8 f16, 16 q8 or 32 q4 elements, one 16-byte load,
 // dequantised in registers). `lanes` invocations share a column group, striding along K, and meet in
 // workgroup memory; lanes are few (at least 64 units each, at most 8 lanes), because on llvmpipe each
 // invocation's fixed cost outweighs the parallelism (docs/performance.md, "Weight formats").

@@ -922,7 +922,7 @@ export function untrainable(plan: Plan, longest: number): string[] {
   return problems;
 }
 
-/** The `weights` constant of a linear kernel over `t`: its packed format (f16, q8), none for f32. */
+/** The `weights` constant of a linear kernel over `t`: its packed format (f16, q8, q4), none for f32. */
 function packedFormat(t: GpuTensor): { readonly weights?: Exclude<GpuTensor["format"], "f32"> } {
   return t.format === "f32" ? {} : { weights: t.format };
 }
