@@ -7,6 +7,8 @@
 // --json writes the figures as data, --svg their bar chart (bench/chart.ts renders one from the other).
 // The checkpoint is written once under .cache/bench/; rounds interleave the modes; best of rounds. The
 // measuring is `milora bench`'s (bin/measure/comparison.ts): its beam 1 and 3 rows for one tenant.
+// bench/table4.ts runs the fuller comparison: the paper's MOELoRA-style and MixLoRA-style baselines and
+// DoRA too, at rank 32, with eight tenants beside one sequence, peak memory and a profile of each step.
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";

@@ -1,7 +1,8 @@
 // `milora bench [SPEC] (--base DIR | --random SIZE)`: the speed comparison users ask for, on their own
 // base, adapter shape and device, in one run (bin/measure/comparison.ts): the base alone, merged and
-// unmerged LoRA, MiLoRA, the per-token router and DoRA, at each weight storage format, tenant count and
-// beam width, printed as a table with ratios or as JSON. `--calibrate` instead measures each storage
+// unmerged LoRA, MiLoRA, the per-token router, the MOELoRA- and MixLoRA-style per-token baselines
+// (`--modes moelora,mixlora`) and DoRA, at each weight storage format, tenant count and beam width,
+// printed as a table with ratios or as JSON. `--calibrate` instead measures each storage
 // format's matvec/matmul crossover on this device (bin/measure/crossover.ts) and writes it where
 // `milora run` and `serve` find it (bin/measure/calibration.ts).
 import { SingleBar } from "cli-progress";
@@ -9,13 +10,13 @@ import { existsSync, statSync } from "node:fs";
 import { aligned } from "../../compiler/budget-table.ts";
 import { planBase } from "../../compiler/plan.ts";
 import { readHfConfig } from "../../compiler/hf-config.ts";
-import type { Adapter, BaseModel } from "../../compiler/model.ts";
+import { EXPERT_MODULES, FFN_MODULES, type Adapter, type BaseModel, type ExpertModule, type Selection } from "../../compiler/model.ts";
 import { acquireDevice, adapterSummary, type GpuContext } from "../../runtime/gpu/device.ts";
 import { meterBuffers } from "../../runtime/gpu/memory-meter.ts";
 import { userError } from "../../runtime/errors.ts";
 import { WEIGHT_FORMATS, type WeightFormat } from "../../runtime/package/format.ts";
 import { CALIBRATION_VERSION, defaultCalibrationFile, deviceCalibration, writeCalibration, type Calibration, type FormatCrossover } from "../measure/calibration.ts";
-import { defaultBenchAdapter, MODE_NAMES, ratiosOf, runComparison, standardModes, type ComparisonRow, type ModeName } from "../measure/comparison.ts";
+import { defaultBenchAdapter, MODE_NAMES, ratiosOf, runComparison, standardModes, type BenchMode, type ComparisonRow, type ModeName } from "../measure/comparison.ts";
 import { CALIBRATION_ROWS, measureCrossover } from "../measure/crossover.ts";
 import { modelSummary, randomModelDir, randomModelOptions } from "../measure/random-model.ts";
 import { modelSource } from "./model-source.ts";
@@ -85,6 +86,7 @@ export async function benchCommand(spec: string | undefined, opts: BenchOptions)
       device,
       model: modelSummary(base),
       adapter: adapterShape(adapter),
+      ...baselines(settings.modes),
       run: `${settings.prompt}-token prompts, ${settings.decode} decode steps, greedy, best of ${settings.repeats}`,
       calibration: calibration ? (opts.calibration ?? defaultCalibrationFile(gpu.report)) : "none (matvec row limit MATVEC_MAX_ROWS)",
     };
@@ -175,7 +177,29 @@ function comparisonTable(about: Record<string, string>, rows: readonly Compariso
 function adapterShape(a: Adapter): string {
   const ranks = [...new Set(a.experts.map((e) => e.rank))].join("/");
   const modules = new Set(a.experts.map((e) => e.module)).size;
-  return `${a.name}: rank ${ranks} on ${modules} modules of ${a.layers.length} layers${a.router ? `, router ${a.router.selection.rule}${"k" in a.router.selection ? ` ${a.router.selection.k}` : ""}` : " (routers: the defaults)"}`;
+  const routing = a.moe ? `, ${moeShape(a)}` : a.router ? `, router ${selectionText(a.router.selection)}` : " (routers: the defaults)";
+  return `${a.name}: rank ${ranks} on ${modules} modules of ${a.layers.length} layers${routing}`;
+}
+
+/** The per-token baselines' shapes where they run (comparison.ts moeRank's rule): `{ moelora: ..., mixlora: ... }`. */
+function baselines(modes: readonly BenchMode[]): Record<string, string> {
+  return Object.fromEntries(modes.filter((m) => m.spec?.moe).map((m) => [m.name, moeShape(m.spec!)]));
+}
+
+/** "per_module: rank 8 split into 8 experts of rank 1, top_k 4 renormalize" and the like. */
+function moeShape(a: Adapter): string {
+  const moe = a.moe!;
+  const rank = (modules: readonly ExpertModule[]) => [...new Set(a.experts.filter((e) => modules.includes(e.module)).map((e) => e.rank))].join("/");
+  const attention = EXPERT_MODULES.filter((m) => !FFN_MODULES.includes(m) && a.experts.some((e) => e.module === m));
+  const split =
+    moe.placement === "per_module"
+      ? `rank ${rank(EXPERT_MODULES)} split into ${moe.experts} experts of rank ${[...new Set(a.experts.map((e) => e.rank / moe.experts))].join("/")} per module`
+      : `${attention.length > 0 ? `attention plain LoRA rank ${rank(attention)}, ` : ""}MLP ${moe.experts} experts of rank ${rank(FFN_MODULES)} per layer`;
+  return `${moe.placement}: ${split}, ${selectionText(moe.selection)} per token`;
+}
+
+function selectionText(s: Selection): string {
+  return s.rule === "top_k" ? `top_k ${s.k}${s.renormalize ? " renormalize" : ""}` : s.rule === "threshold" ? `threshold ${s.threshold}` : "dense";
 }
 
 function list(flag: string, text: string, ok: (item: string) => boolean, what: string): string[] {

@@ -10,6 +10,11 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { benchCommand, type BenchOptions } from "../../../bin/commands/bench.ts";
 import { readCalibration } from "../../../bin/measure/calibration.ts";
+import { standardModes } from "../../../bin/measure/comparison.ts";
+import { randomModelDir, randomModelOptions } from "../../../bin/measure/random-model.ts";
+import { readHfConfig } from "../../../compiler/hf-config.ts";
+import { EXPERT_MODULES, FFN_MODULES, type Adapter } from "../../../compiler/model.ts";
+import { peftSpec } from "../../../examples/random-adapter.ts";
 import { MiloraError } from "../../../runtime/errors.ts";
 
 const root = mkdtempSync(join(tmpdir(), "milora-bench-"));
@@ -91,6 +96,49 @@ test("a damaged calibration file is an error naming it, exit 3", async () => {
   assert.equal(said(stderr), [`milora bench: ${bad} is not a milora calibration: "device" must be a string (run \`milora bench --calibrate\` again, or delete it)`]);
 });
 
+test("the per-token baselines run on their own engines, each row with its own peak, and say their shapes", async () => {
+  const run = await bench("--random", "tiny", "--weights", "f32", "--tenants", "1,2", "--beams", "1,2", "--modes", "lora,milora,moelora,mixlora", "--prompt", "4", "--decode", "2", "--repeats", "1", "--json");
+  assert.is(run.code, 0, run.stderr);
+  const engines = said(run.stderr).filter((l) => l.includes("loaded"));
+  assert.is(engines.length, 6, "a plain, a per_module and a per_ffn engine per tenant count");
+  assert.ok(engines.some((l) => l.includes("engine for per_module (8 experts, top_k 4 renormalize) routing")), engines.join("\n"));
+  const result = JSON.parse(run.stdout) as { moelora: string; mixlora: string; rows: Record<string, number | string>[] };
+  assert.is(result.moelora, "per_module: rank 8 split into 8 experts of rank 1 per module, top_k 4 renormalize per token");
+  assert.is(result.mixlora, "per_ffn: attention plain LoRA rank 8, MLP 8 experts of rank 1 per layer, top_k 2 renormalize per token");
+  assert.is(result.rows.length, 2 * 2 * 4);
+  for (const r of result.rows) {
+    for (const figure of ["decodeMsPerToken", "tokensPerS", "prefillTokensPerS", "peakBytes", "adapterLoadMs"]) assert.ok((r[figure] as number) > 0, `${r.mode} ${figure} ${r[figure]}`);
+    // one engine's weights (tiny: 2.3 MiB), not three engines'
+    assert.ok((r.peakBytes as number) < 5 * 2 ** 20, `${r.mode} peak ${r.peakBytes}`);
+  }
+});
+
+test("the baselines' shapes follow the spec's ranks: R = r rounded up to a multiple of 8, per_ffn's MLP experts of rank R / 8", () => {
+  const base = readHfConfig(randomModelDir(randomModelOptions("tiny")));
+  const spec: Adapter = { ...peftSpec({ base, modules: EXPERT_MODULES, rank: 12, alpha: 24, seed: 0, name: "s" }) };
+  const [lora, moelora, mixlora] = standardModes(spec, ["lora", "moelora", "mixlora"]).map((m) => m.spec!);
+  assert.ok(lora!.experts.every((e) => e.rank === 12 && e.scaling === 2) && !lora!.moe);
+  assert.equal(moelora!.moe?.placement, "per_module");
+  assert.ok(moelora!.experts.every((e) => e.rank === 16 && e.alpha === 32 && e.scaling === 2), "rank 16 split 8 ways, alpha / rank kept");
+  assert.equal(mixlora!.moe?.placement, "per_ffn");
+  for (const e of mixlora!.experts) assert.is(e.rank, FFN_MODULES.includes(e.module) ? 2 : 12, e.module);
+  // a spec that is a baseline runs as itself in its mode, and as the LoRA of the same parameters in the others
+  const own: Adapter = { ...mixlora!, name: "own" };
+  const [asLora, asMix] = standardModes(own, ["lora", "mixlora"]).map((m) => m.spec!);
+  assert.is(asMix!.name, "own");
+  assert.equal(asMix!.experts, own.experts);
+  for (const e of asLora!.experts) assert.is(e.rank, FFN_MODULES.includes(e.module) ? 16 : 12, e.module);
+  // no MLP LoRA: no MixLoRA-style mode
+  const attention: Adapter = peftSpec({ base, modules: ["q_proj", "v_proj"], rank: 8, alpha: 16, seed: 0, name: "att" });
+  try {
+    standardModes(attention, ["mixlora"]);
+    assert.unreachable("taken");
+  } catch (e) {
+    assert.ok(e instanceof MiloraError && e.kind === "usage", String(e));
+    assert.is(e.message, "--modes mixlora: adapter att has no LoRA on gate_proj, up_proj, down_proj, where MixLoRA's experts live");
+  }
+});
+
 const defaults = { modes: "base,merged,lora,milora,token,dora", weights: "f32,f16,q8", tenants: "1,8,16", beams: "1,3", prompt: "32", decode: "16", repeats: "2" };
 
 test("usage errors name the flag, before any GPU work", async () => {
@@ -99,7 +147,7 @@ test("usage errors name the flag, before any GPU work", async () => {
     [{ random: "tiny", base: root }, "give the model: --base DIR (a Hugging Face directory) or --random SIZE (tiny, small)"],
     [{ base: join(root, "nothing") }, `no model directory ${join(root, "nothing")}`],
     [{ random: "tiny", adapter: "a" }, "--adapter names an adapter of the spec: give the spec too"],
-    [{ random: "tiny", modes: "base,moe" }, `--modes: "moe" must be one of base, merged, lora, milora, token, dora (a comma-separated list)`],
+    [{ random: "tiny", modes: "base,moe" }, `--modes: "moe" must be one of base, merged, lora, milora, token, moelora, mixlora, dora (a comma-separated list)`],
     [{ random: "tiny", modes: "base,base" }, "--modes: base,base names an item twice"],
     [{ random: "tiny", weights: "q2" }, `--weights: "q2" must be one of f32, f16, q8, q4 (a comma-separated list)`],
     [{ random: "tiny", tenants: "1,0" }, `--tenants: "0" must be a whole number >= 1 (a comma-separated list)`],
