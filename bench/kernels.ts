@@ -1,9 +1,12 @@
 // Kernel micro-benchmark: `node --import tsx bench/kernels.ts`. Prints the tiled matmul's GFLOP/s
 // against a naive one-output-per-invocation matmul, and the matvec's GB/s against a plain buffer copy,
-// all measured in this one run, so the ratios hold whatever the machine.
+// all measured in this one run, so the ratios hold whatever the machine; then the matvec with the LoRA
+// epilogue (decode's fused LoRA, rank 32, every row its own slot) against the plain matvec on the small
+// model's MLP shapes, 1 and 8 rows.
 import type { KernelSource } from "../compiler/kernels/kernel.ts";
 import { matmulKernel } from "../compiler/kernels/matmul.ts";
 import { matvecKernel } from "../compiler/kernels/matvec.ts";
+import { loraRowColumns } from "../runtime/gpu/layouts.ts";
 import { kernelSource } from "../compiler/kernels/wgsl.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
 import { PipelineCache, StepEncoder, createStorage, readBuffer, type BufferArg } from "../runtime/gpu/kernel-runner.ts";
@@ -75,6 +78,49 @@ const f = (v: number) => v.toFixed(2);
 console.log(`device: ${adapterSummary(context.report)}`);
 console.log(`matmul ${M}x${K}x${N}: ${f(tiled)} GFLOP/s tiled, ${f(naive)} GFLOP/s naive (${f(tiled / naive)}x)`);
 console.log(`matvec 1x${V}x${V}: ${f(matvec)} GB/s of weights, buffer copy ${f(copy)} GB/s read+write (${f(matvec / copy)}x)`);
+
+/** t as the LoRA shrink leaves it for `rows` rows, row r on slot r at full rank R (lora.ts rowInfo). */
+function loraT(rows: number, R: number): Uint32Array {
+  const T = loraRowColumns(R, true);
+  const words = new Uint32Array(rows * T);
+  const floats = new Float32Array(words.buffer);
+  for (let r = 0; r < rows; r++) {
+    for (let j = 0; j < R; j++) floats[r * T + j] = Math.random() - 0.5;
+    const info = r * T + 4 * Math.ceil(R / 4);
+    words[info] = r;
+    floats[info + 1] = 1;
+    floats[info + 2] = 2;
+    words[info + 3] = R;
+  }
+  return words;
+}
+
+const RANK = 32;
+const LORA_ROWS = 8;
+for (const [inF, outF] of [[512, 1344], [1344, 512]] as const) {
+  const bufs = {
+    x: createStorage(device, random(LORA_ROWS * inF), "x"),
+    w: createStorage(device, random(outF * inF), "w"),
+    t: createStorage(device, loraT(LORA_ROWS, RANK), "t"),
+    b: createStorage(device, random(LORA_ROWS * outF * RANK), "b"),
+    dora: createStorage(device, new Float32Array(LORA_ROWS * outF).fill(1), "dora"),
+    y: createStorage(device, LORA_ROWS * outF * 4, "y"),
+  };
+  const plain = matvecKernel({ K: inF, N: outF, residual: false });
+  const fused = matvecKernel({ K: inF, N: outF, residual: false, loraRank: RANK });
+  const parts: string[] = [];
+  for (const rows of [1, LORA_ROWS]) {
+    // 32 dispatches a submit, plain and fused alternated twice, each figure the better of its two
+    const times = { plain: Infinity, fused: Infinity };
+    for (let round = 0; round < 2; round++) {
+      times.plain = Math.min(times.plain, await time(() => step.dispatch(plain, { x: bufs.x, w: bufs.w, y: bufs.y }, { rows }), 32, bufs.y));
+      times.fused = Math.min(times.fused, await time(() => step.dispatch(fused, bufs, { rows }), 32, bufs.y));
+    }
+    parts.push(`${rows} row${rows === 1 ? "" : "s"} ${f(times.plain * 1e3)} / ${f(times.fused * 1e3)} ms (${f(times.fused / times.plain)}x)`);
+  }
+  console.log(`matvec ${inF}x${outF}, plain / with the rank-${RANK} LoRA epilogue: ${parts.join(", ")}`);
+  for (const b of Object.values(bufs)) b.destroy();
+}
 for (const b of [x, w, y, wide, vector, out, copyTarget]) b.destroy();
 step.destroy();
 context.destroy();

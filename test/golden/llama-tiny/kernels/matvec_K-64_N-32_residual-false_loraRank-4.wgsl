@@ -22,18 +22,19 @@ fn load_w(row: u32, quad: u32) -> vec4<f32> {
   return w[row * 16u + quad];
 }
 
-fn with_lora(row: u32, col: u32, wx: f32) -> f32 {
+fn with_lora(row: u32, col: u32, lane: u32, wx: vec4<f32>) -> vec4<f32> {
   let info = row * 8u + 4u;
   let s = t[info];
   if (s == 4294967295u) { return wx; }
   let gate = bitcast<f32>(t[info + 1u]);
   let rank = t[info + 3u];
-  var acc = 0.0;
-  for (var j = 0u; j < rank; j++) { acc += bitcast<f32>(t[row * 8u + j]) * b[(s * 32u + col) * 4u + j]; }
-  let d = dora[s * 32u + col];
-  var delta = d * gate * bitcast<f32>(t[info + 2u]) * acc;
-  if (d != 1.0) { delta += gate * (d - 1.0) * wx; }
-  return wx + delta;
+  let b0 = (s * 32u + min(col + 0u, 31u)) * 4u; let b1 = (s * 32u + min(col + 1u, 31u)) * 4u; let b2 = (s * 32u + min(col + 2u, 31u)) * 4u; let b3 = (s * 32u + min(col + 3u, 31u)) * 4u;
+  var acc = vec4<f32>(0.0);
+  for (var j = lane; j < rank; j += 1u) {
+    acc += bitcast<f32>(t[row * 8u + j]) * vec4<f32>(b[b0 + j], b[b1 + j], b[b2 + j], b[b3 + j]);
+  }
+  let d = vec4<f32>(dora[s * 32u + min(col + 0u, 31u)], dora[s * 32u + min(col + 1u, 31u)], dora[s * 32u + min(col + 2u, 31u)], dora[s * 32u + min(col + 3u, 31u)]);
+  return (1.0 + gate * (d - 1.0)) * wx + d * (gate * bitcast<f32>(t[info + 2u])) * acc;
 }
 
 @compute @workgroup_size(64)
@@ -51,10 +52,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
       let x0_0 = load_x(first + 0u, u * 1u + 0u);
         acc0 += vec4<f32>(dot(x0_0, w0), dot(x0_0, w1), dot(x0_0, w2), dot(x0_0, w3));
     }
+    acc0 = with_lora(first, col, lane, acc0);
     for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = first * 32u + (col + c);
-            y[at] = with_lora(first, col + c, acc0[c]);
+            y[at] = acc0[c];
           }
         }
   } else {
@@ -96,11 +98,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
         acc7 += vec4<f32>(dot(x7_0, w0), dot(x7_0, w1), dot(x7_0, w2), dot(x7_0, w3));
       }
     }
+    if (0u < rows) { acc0 = with_lora(first + 0u, col, lane, acc0); }
+    if (1u < rows) { acc1 = with_lora(first + 1u, col, lane, acc1); }
+    if (2u < rows) { acc2 = with_lora(first + 2u, col, lane, acc2); }
+    if (3u < rows) { acc3 = with_lora(first + 3u, col, lane, acc3); }
+    if (4u < rows) { acc4 = with_lora(first + 4u, col, lane, acc4); }
+    if (5u < rows) { acc5 = with_lora(first + 5u, col, lane, acc5); }
+    if (6u < rows) { acc6 = with_lora(first + 6u, col, lane, acc6); }
+    if (7u < rows) { acc7 = with_lora(first + 7u, col, lane, acc7); }
     if (0u < rows) {
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = (first + 0u) * 32u + (col + c);
-            y[at] = with_lora((first + 0u), col + c, acc0[c]);
+            y[at] = acc0[c];
           }
         }
     }
@@ -108,7 +118,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = (first + 1u) * 32u + (col + c);
-            y[at] = with_lora((first + 1u), col + c, acc1[c]);
+            y[at] = acc1[c];
           }
         }
     }
@@ -116,7 +126,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = (first + 2u) * 32u + (col + c);
-            y[at] = with_lora((first + 2u), col + c, acc2[c]);
+            y[at] = acc2[c];
           }
         }
     }
@@ -124,7 +134,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = (first + 3u) * 32u + (col + c);
-            y[at] = with_lora((first + 3u), col + c, acc3[c]);
+            y[at] = acc3[c];
           }
         }
     }
@@ -132,7 +142,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = (first + 4u) * 32u + (col + c);
-            y[at] = with_lora((first + 4u), col + c, acc4[c]);
+            y[at] = acc4[c];
           }
         }
     }
@@ -140,7 +150,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = (first + 5u) * 32u + (col + c);
-            y[at] = with_lora((first + 5u), col + c, acc5[c]);
+            y[at] = acc5[c];
           }
         }
     }
@@ -148,7 +158,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = (first + 6u) * 32u + (col + c);
-            y[at] = with_lora((first + 6u), col + c, acc6[c]);
+            y[at] = acc6[c];
           }
         }
     }
@@ -156,7 +166,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 32u) {
             let at = (first + 7u) * 32u + (col + c);
-            y[at] = with_lora((first + 7u), col + c, acc7[c]);
+            y[at] = acc7[c];
           }
         }
     }
