@@ -16,7 +16,7 @@ import { meterBuffers } from "../../runtime/gpu/memory-meter.ts";
 import { userError } from "../../runtime/errors.ts";
 import { WEIGHT_FORMATS, type WeightFormat } from "../../runtime/package/format.ts";
 import { CALIBRATION_VERSION, defaultCalibrationFile, deviceCalibration, writeCalibration, type Calibration, type FormatCrossover } from "../measure/calibration.ts";
-import { defaultBenchAdapter, MODE_NAMES, ratiosOf, runComparison, standardModes, type BenchMode, type ComparisonRow, type ModeName } from "../measure/comparison.ts";
+import { defaultBenchAdapter, defaultModeNames, MODE_NAMES, ratiosOf, runComparison, standardModes, type BenchMode, type ComparisonRow, type ModeName } from "../measure/comparison.ts";
 import { CALIBRATION_ROWS, measureCrossover } from "../measure/crossover.ts";
 import { modelSummary, randomModelDir, randomModelOptions } from "../measure/random-model.ts";
 import { modelSource } from "./model-source.ts";
@@ -26,7 +26,8 @@ export interface BenchOptions {
   readonly base?: string;
   readonly random?: string;
   readonly adapter?: string;
-  readonly modes: string;
+  /** Comma-separated; absent: every mode the adapter has. */
+  readonly modes?: string;
   readonly weights: string;
   readonly tenants: string;
   readonly beams: string;
@@ -54,7 +55,12 @@ export async function benchCommand(spec: string | undefined, opts: BenchOptions)
   }
   if (opts.rows !== undefined) throw userError("usage", "--rows is for --calibrate");
   const settings = {
-    modes: standardModes(adapter, list("--modes", opts.modes, (m) => (MODE_NAMES as readonly string[]).includes(m), `one of ${MODE_NAMES.join(", ")}`) as ModeName[]),
+    modes: standardModes(
+      adapter,
+      opts.modes === undefined
+        ? defaultModeNames(adapter)
+        : (list("--modes", opts.modes, (m) => (MODE_NAMES as readonly string[]).includes(m), `one of ${MODE_NAMES.join(", ")}`) as ModeName[]),
+    ),
     tenants: list("--tenants", opts.tenants, (t) => wholeNumber(t) >= 1, "a whole number >= 1").map(Number),
     beams: list("--beams", opts.beams, (b) => wholeNumber(b) >= 1, "a whole number >= 1").map(Number),
     prompt: count("--prompt", opts.prompt, 1),

@@ -56,6 +56,11 @@ export function moeRank(rank: number): number {
  * Mixture-of-LoRA baselines (moeRank's rule; a spec that is one of them runs as itself in its mode) and
  * as DoRA. A spec whose MLP has no LoRA has no MixLoRA-style mode (a usage error when asked for).
  */
+/** What `milora bench` runs without --modes: every mode, the MixLoRA-style one only where the adapter has MLP LoRA for its experts. */
+export function defaultModeNames(adapter: Adapter): ModeName[] {
+  return MODE_NAMES.filter((m) => m !== "mixlora" || adapter.experts.some((e) => FFN_MODULES.includes(e.module)));
+}
+
 export function standardModes(adapter: Adapter, names: readonly ModeName[] = MODE_NAMES): BenchMode[] {
   const { router, moe, ...shape } = adapter;
   // The LoRA modes are plain LoRA even when the spec's adapter is DoRA or a per-token baseline (a per_ffn

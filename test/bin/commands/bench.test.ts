@@ -10,7 +10,7 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { benchCommand, type BenchOptions } from "../../../bin/commands/bench.ts";
 import { readCalibration } from "../../../bin/measure/calibration.ts";
-import { standardModes } from "../../../bin/measure/comparison.ts";
+import { MODE_NAMES, defaultModeNames, standardModes } from "../../../bin/measure/comparison.ts";
 import { randomModelDir, randomModelOptions } from "../../../bin/measure/random-model.ts";
 import { readHfConfig } from "../../../compiler/hf-config.ts";
 import { EXPERT_MODULES, FFN_MODULES, type Adapter } from "../../../compiler/model.ts";
@@ -137,9 +137,12 @@ test("the baselines' shapes follow the spec's ranks: R = r rounded up to a multi
     assert.ok(e instanceof MiloraError && e.kind === "usage", String(e));
     assert.is(e.message, "--modes mixlora: adapter att has no LoRA on gate_proj, up_proj, down_proj, where MixLoRA's experts live");
   }
+  // without --modes: every mode the adapter has
+  assert.equal(defaultModeNames(attention), ["base", "merged", "lora", "milora", "token", "moelora", "dora"]);
+  assert.equal(defaultModeNames(peftSpec({ base, modules: ["q_proj", "down_proj"], rank: 8, alpha: 16, seed: 0, name: "mlp" })), [...MODE_NAMES]);
 });
 
-const defaults = { modes: "base,merged,lora,milora,token,dora", weights: "f32,f16,q8", tenants: "1,8,16", beams: "1,3", prompt: "32", decode: "16", repeats: "2" };
+const defaults = { weights: "f32,f16,q8,q4", tenants: "1,8,16", beams: "1,3", prompt: "32", decode: "16", repeats: "2" };
 
 test("usage errors name the flag, before any GPU work", async () => {
   const cases: [Partial<BenchOptions>, string][] = [
