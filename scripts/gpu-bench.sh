@@ -8,16 +8,21 @@
 #                                     # bundled by esbuild, xz-compressed)
 #   bash scripts/gpu-bench.sh run [STEP...]   # there; carry .device, .gpu-bench, node_modules/webgpu/index.js
 #                                     # and node_modules/webgpu/package.json (about 33 MiB with the tree).
-#                                     # Steps: doctor, kernels, calibrate, bench, dora (default: all, in that
-#                                     # order, each under its own time limit: 9.5 minutes at most)
+#                                     # Steps: doctor, kernels, calibrate, bench, baselines, batch, dora
+#                                     # (default: all, in that order, each under its own time limit: 9
+#                                     # minutes at most)
 #
 # `run` sources .device/boot.sh when no node is on PATH (the GPU machine), else uses this machine's
 # node, which checks the bundles here on llvmpipe. Settings (environment):
 #   MILORA_GPU_BENCH_MODEL  the --random size (default: hidden 2048, 16 layers, 16 heads / 8 kv heads,
 #                           intermediate 5632, vocab 32000: 0.9 G parameters); `tiny` for a check here
-#   MILORA_GPU_BENCH_ARGS   more flags for the comparison (default: none: every mode but DoRA at f32, f16
-#                           and q8, 1 / 8 / 16 tenants, beam 1 and 3); DoRA runs apart, at one tenant,
-#                           since each DoRA tenant's factors take seconds of CPU at load
+#   MILORA_GPU_BENCH_ARGS   more flags for the comparison (default: none: base, merged and unmerged LoRA,
+#                           MiLoRA and the per-token router at f32, f16, q8 and q4, 1 / 8 / 16 tenants,
+#                           beam 1 and 3); the per-token baselines (MOELoRA-, MixLoRA-style) run apart at
+#                           f32 and f16 with MiLoRA and the base (each adds an engine of its own); DoRA
+#                           runs apart, at one tenant, since each DoRA tenant's factors take seconds of
+#                           CPU at load; `batch` profiles one decode step of the serve bench's small model
+#                           at 1, 4, 8 and 16 rows (bench/batch-profile.ts: what batching can gain)
 #   OUT                     where the results go (default .cache/gpu-bench-out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +44,9 @@ pack() {
   echo 'const argv = [...process.argv]; process.argv[1] = "milora"; const { main } = await import("./bin/cli.ts"); process.exitCode = await main(argv);' |
     "$esbuild" "${flags[@]}" --sourcefile=milora-entry.ts --loader=ts --outfile="$bundles/milora.mjs"
   for bench in kernels lora; do "$esbuild" "${flags[@]}" "bench/$bench.ts" --outfile="$bundles/$bench.mjs"; done
+  # batch-profile imports examples/random-*.ts: the same change of argv[1] first
+  echo 'process.argv[1] = "batch-profile"; await import("./bench/batch-profile.ts");' |
+    "$esbuild" "${flags[@]}" --sourcefile=batch-profile-entry.ts --loader=ts --outfile="$bundles/batch-profile.mjs"
   xz -6 -T2 "$bundles"/*.mjs
   du -sh .device "$bundles"
 }
@@ -68,19 +76,21 @@ run() {
   }
   local milora=(node "$bundles/milora.mjs")
   local steps=("$@")
-  [ ${#steps[@]} -gt 0 ] || steps=(doctor kernels calibrate bench dora)
+  [ ${#steps[@]} -gt 0 ] || steps=(doctor kernels calibrate bench baselines batch dora)
   for s in "${steps[@]}"; do
     case $s in
-      doctor) step doctor.json 30 "${milora[@]}" doctor --json && head -c 600 "$out/doctor.json" >&2 && echo >&2 ;;
+      doctor) step doctor.json 20 "${milora[@]}" doctor --json && head -c 600 "$out/doctor.json" >&2 && echo >&2 ;;
       kernels)
-        step kernels.txt 30 node "$bundles/kernels.mjs"
-        step lora.txt 30 node "$bundles/lora.mjs" --hidden 2048 ;;
+        step kernels.txt 25 node "$bundles/kernels.mjs"
+        step lora.txt 25 node "$bundles/lora.mjs" --hidden 2048 ;;
       # the first step to use the model writes it (a minute for the default size)
-      calibrate) step calibration.json 120 "${milora[@]}" bench --random "$model" --calibrate --json ;;
+      calibrate) step calibration.json 90 "${milora[@]}" bench --random "$model" --calibrate --json ;;
       # shellcheck disable=SC2086
-      bench) step bench.json 300 "${milora[@]}" bench --random "$model" --modes base,merged,lora,milora,token --json ${MILORA_GPU_BENCH_ARGS:-} ;;
-      dora) step bench-dora.json 60 "${milora[@]}" bench --random "$model" --modes base,lora,dora --tenants 1 --json ;;
-      *) echo "gpu-bench: no step $s (doctor, kernels, calibrate, bench, dora)" >&2; status=2 ;;
+      bench) step bench.json 210 "${milora[@]}" bench --random "$model" --modes base,merged,lora,milora,token --weights f32,f16,q8,q4 --json ${MILORA_GPU_BENCH_ARGS:-} ;;
+      baselines) step bench-baselines.json 80 "${milora[@]}" bench --random "$model" --modes base,milora,moelora,mixlora --weights f32,f16 --tenants 1,8 --json ;;
+      batch) step batch-profile.txt 40 node "$bundles/batch-profile.mjs" --json "$out/batch-profile.json" ;;
+      dora) step bench-dora.json 50 "${milora[@]}" bench --random "$model" --modes base,lora,dora --tenants 1 --json ;;
+      *) echo "gpu-bench: no step $s (doctor, kernels, calibrate, bench, baselines, batch, dora)" >&2; status=2 ;;
     esac
   done
   rm -f "$bundles"/*.mjs
