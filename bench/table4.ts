@@ -264,7 +264,7 @@ function variant(k: KernelSource): string {
   const constants = Object.fromEntries([...k.key.slice(k.name.length + 1, -1).matchAll(/(\w+)=([^,]*)/g)].map((m) => [m[1], m[2]]));
   switch (k.name) {
     case "lora_shrink":
-      return `lora_shrink${constants.moe ? ` (${constants.moe === "route" ? "routes the row" : "one pass's expert"})` : ""} in ${constants.inFeatures}`;
+      return `lora_shrink${constants.moe ? ` (${constants.moe === "route" ? "routes the row" : "one pass's expert"})` : ""} in ${constants.inFeatures}${constants.modules ? ` (${constants.modules} modules)` : ""}`;
     case "lora_expand":
       return `lora_expand out ${constants.outFeatures}`;
     case "matvec":

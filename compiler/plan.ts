@@ -114,6 +114,12 @@ export interface PlanOptions {
    * MATVEC_MAX_ROWS): the device's crossover, as `milora bench --calibrate` measures it.
    */
   readonly matvecMaxRows?: number;
+  /**
+   * One LoRA shrink for the modules that read the same input (q/k/v, gate/up), the default; false
+   * gives every module a shrink of its own (the plan before grouping, which bench/lora-fusion.ts
+   * measures against). The MoE variants always run groups of one.
+   */
+  readonly groupLoraShrinks?: boolean;
 }
 
 /**
@@ -183,22 +189,56 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   const linearWeight = (module: ExpertModule) => layerTemplate(arch, `${arch.modules[module].path}.weight`);
   const moe = adapter?.moe;
   const selection: MoeSelection | undefined = moe && moeSelection(moe);
-  /** A linear's LoRA: on (the default), off (a per_ffn base product computed once), or one feed-forward pass's expert. */
-  type LoraUse = "on" | "off" | { readonly pass: number };
-  const linearOf = (module: ExpertModule, io: { input: ActivationName; output: ActivationName; residual?: ActivationName }, loraUse: LoraUse = "on") => {
+  type LinearIo = { input: ActivationName; output: ActivationName; residual?: ActivationName };
+  /** A linear's LoRA: off (no adapters, or a per_ffn base product computed once), or its region `t` of the shrink before it. */
+  type LoraUse = "off" | { readonly t: number };
+  const linearOf = (module: ExpertModule, io: LinearIo, loraUse: LoraUse) => {
     const m = arch.modules[module];
     const product = linear(module, widths[m.input], widths[m.output], io, linearWeight(module), loraUse);
     if (!m.bias) return [product];
     const bias = use({ family: "bias", constants: { width: widths[m.output] } });
     return [product, { op: "bias" as const, kernel: bias, weight: layerTemplate(arch, `${m.path}.bias`), output: io.output }];
   };
+  const groupShrinks = (options.groupLoraShrinks ?? true) && moe === undefined;
+  /**
+   * The LoRA shrink of `modules` (all reading `input`, consecutive in gate order): one dispatch writing
+   * each module's region of the engine's t. `pass`: per_ffn's feed-forward pass whose expert it keeps.
+   */
+  const shrinkOp = (modules: readonly ExpertModule[], input: ActivationName, pass?: number): PlanOp => {
+    const [first] = modules;
+    const gateColumn = EXPERT_MODULES.indexOf(first!);
+    modules.forEach((m, i) => {
+      if (EXPERT_MODULES.indexOf(m) !== gateColumn + i || widths[arch.modules[m].input] !== widths[arch.modules[first!].input])
+        throw new Error(`a LoRA shrink group's modules must read one input and be consecutive in gate order, got ${modules.join(", ")}`);
+    });
+    // per_module routes each module with its own router; per_ffn's passes keep one expert's ranks
+    const routed =
+      moe?.placement === "per_module"
+        ? { moe: "route" as const, ...selection! }
+        : pass !== undefined
+          ? { moe: "pass" as const, experts: selection!.experts, topK: selection!.topK }
+          : {};
+    const constants = { inFeatures: widths[arch.modules[first!].input], maxRank: maxLoraRank, rowInfo: true, ...routed, ...(modules.length > 1 ? { modules: modules.length } : {}) };
+    // (outFeatures, which the shrink does not read, is the first module's, as the expand's constants)
+    const outFeatures = widths[arch.modules[first!].output];
+    return { op: "lora_shrink", kernel: use({ family: "lora_shrink", constants: { outFeatures, ...constants } }), input, modules, gateColumn, ...(pass === undefined ? {} : { pass }) };
+  };
+  /**
+   * Linears that all read one input, each with its LoRA: one shrink for the group first (or, not
+   * grouping, one before each), then the products, module i's LoRA reading region i of t.
+   */
+  const adaptedLinears = (linears: readonly (readonly [ExpertModule, LinearIo])[], pass?: number): PlanOp[] => {
+    if (maxLoraRank === 0) return linears.flatMap(([m, io]) => linearOf(m, io, "off"));
+    const groups = groupShrinks ? [linears] : linears.map((l) => [l]);
+    return groups.flatMap((group) => [shrinkOp(group.map(([m]) => m), group[0]![1].input, pass), ...group.flatMap(([m, io], t) => linearOf(m, io, { t }))]);
+  };
   const linear = (
     module: LinearModule,
     K: number,
     N: number,
-    io: { input: ActivationName; output: ActivationName; residual?: ActivationName },
+    io: LinearIo,
     weight: string,
-    loraUse: LoraUse = "on",
+    loraUse: LoraUse = "off",
   ): PlanOp => {
     const residual = io.residual !== undefined;
     const tensor = tensors.find((t) => t.name === layerTensor(weight, 0))!;
@@ -220,7 +260,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       ...(module !== "lm_head" && maxLoraRank > 0 && loraUse !== "off"
         ? {
             lora: {
-              ...loraOf(module, K, N, residual, loraUse === "on" ? undefined : loraUse.pass),
+              ...loraOf(module, N, residual, loraUse.t),
               // decode's LoRA in the matvec's epilogue; a split weight's blocks keep the expand
               ...(blocks.length === 0 ? { matvec: use({ family: "matvec", constants: { K, N, residual, ...format, loraRank: maxLoraRank } }) } : {}),
             },
@@ -229,22 +269,15 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       ...(blocks.length > 0 ? { blocks } : {}),
     };
   };
-  /** A module's LoRA kernels; `pass`: the per_ffn feed-forward pass whose expert it runs. */
-  const loraOf = (m: ExpertModule, K: number, N: number, residual: boolean, pass?: number): PlanLora => {
+  /** A module's LoRA after its shrink: the expand, its gate column and its region `t` of the engine's t. */
+  const loraOf = (m: ExpertModule, N: number, residual: boolean, t: number): PlanLora => {
     // The engine's t carries each row's LoRA info, which the epilogue matvec reads (lora.ts rowInfo).
-    const constants = { inFeatures: K, outFeatures: N, maxRank: maxLoraRank, rowInfo: true };
-    const routed =
-      moe?.placement === "per_module"
-        ? { moe: "route" as const, ...selection! }
-        : pass !== undefined
-          ? { moe: "pass" as const, experts: selection!.experts, topK: selection!.topK }
-          : {};
+    const constants = { inFeatures: widths[arch.modules[m].input], outFeatures: N, maxRank: maxLoraRank, rowInfo: true };
     return {
-      shrink: use({ family: "lora_shrink", constants: { ...constants, ...routed } }),
       // DoRA-capable, since any tenant may be DoRA; over a fused residual it reads the residual back
       expand: use({ family: "lora_expand", constants: { ...constants, dora: true, ...(residual ? { residual } : {}) } }),
       gateColumn: EXPERT_MODULES.indexOf(m),
-      ...(pass === undefined ? {} : { pass }),
+      t,
     };
   };
   const { hidden, qWidth, kvWidth, intermediate, vocab } = dims;
@@ -256,10 +289,12 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
 
   const gluOp = (): PlanOp => ({ op: glu, kernel: use({ family: glu, constants: {} }), gate: "gate", up: "up", output: "act" });
   const feedForward = (): PlanOp[] => [
-    ...linearOf("gate_proj", { input: "xn", output: "gate" }),
-    ...linearOf("up_proj", { input: "xn", output: "up" }),
+    ...adaptedLinears([
+      ["gate_proj", { input: "xn", output: "gate" }],
+      ["up_proj", { input: "xn", output: "up" }],
+    ]),
     gluOp(),
-    ...linearOf("down_proj", { input: "act", output: "x", residual: "h" }),
+    ...adaptedLinears([["down_proj", { input: "act", output: "x", residual: "h" }]]),
   ];
   /**
    * MixLoRA's feed-forward block: the router picks each row's k experts; the gate and up base products
@@ -270,25 +305,28 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
   const feedForwardPasses = (): PlanOp[] => {
     const route: PlanOp = { op: "moe_route", kernel: use({ family: "moe_route", constants: { ...selection!, inFeatures: hidden } }), input: "xn" };
     const mix = use({ family: "moe_mix", constants: { width: hidden, topK: selection!.topK } });
-    const lora = (module: ExpertModule, input: ActivationName, output: ActivationName, pass: number): PlanOp => {
-      const m = arch.modules[module];
-      return { op: "lora", module, input, output, lora: loraOf(module, widths[m.input], widths[m.output], false, pass) };
-    };
+    // Each pass's LoRA-only ops for gate and up, each after its own shrink (the MoE variants run groups of one).
+    const lora = (module: ExpertModule, input: ActivationName, output: ActivationName, pass: number): PlanOp[] => [
+      shrinkOp([module], input, pass),
+      { op: "lora", module, output, lora: loraOf(module, widths[arch.modules[module].output], false, 0) },
+    ];
     const passes = Array.from({ length: selection!.topK }, (_, pass): PlanOp[] => [
       { op: "copy", from: "gateBase", to: "gate" },
       { op: "copy", from: "upBase", to: "up" },
-      ...(maxLoraRank > 0 ? [lora("gate_proj", "xn", "gate", pass), lora("up_proj", "xn", "up", pass)] : []),
+      ...(maxLoraRank > 0 ? [...lora("gate_proj", "xn", "gate", pass), ...lora("up_proj", "xn", "up", pass)] : []),
       gluOp(),
-      ...linearOf("down_proj", { input: "act", output: "ffn" }, { pass }),
+      ...adaptedLinears([["down_proj", { input: "act", output: "ffn" }]], pass),
       { op: "moe_mix", kernel: mix, pass, input: "ffn", residual: "h", output: "x" },
     ]);
     return [route, ...linearOf("gate_proj", { input: "xn", output: "gateBase" }, "off"), ...linearOf("up_proj", { input: "xn", output: "upBase" }, "off"), ...passes.flat()];
   };
   const layer: PlanOp[] = [
     { op: "rmsnorm", kernel: norm, input: "x", weight: layerTemplate(arch, `${arch.attentionNorm}.weight`), output: "xn" },
-    ...linearOf("q_proj", { input: "xn", output: "q" }),
-    ...linearOf("k_proj", { input: "xn", output: "k" }),
-    ...linearOf("v_proj", { input: "xn", output: "v" }),
+    ...adaptedLinears([
+      ["q_proj", { input: "xn", output: "q" }],
+      ["k_proj", { input: "xn", output: "k" }],
+      ["v_proj", { input: "xn", output: "v" }],
+    ]),
     {
       op: "rope",
       kernel: use({ family: "rope", constants: ropeConstants(dims) }),
@@ -310,7 +348,7 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
       q: "q",
       output: "attn",
     },
-    ...linearOf("o_proj", { input: "attn", output: "h", residual: "x" }),
+    ...adaptedLinears([["o_proj", { input: "attn", output: "h", residual: "x" }]]),
     {
       op: "rmsnorm",
       kernel: norm,

@@ -127,14 +127,19 @@ function defaultSource(base: BaseModel, lines: SpecLines): string {
 /** The ops that dispatch a kernel: linear modules by name and role, other ops by kind, in plan order. */
 function usersOf(plan: Plan, key: string): string[] {
   const rows = plan.matvecMaxRows;
+  let pass: number | undefined; // the feed-forward pass of the last LoRA shrink (per_ffn)
   const users = [...plan.layer, ...plan.head].flatMap((op) => {
     if (op.op === "copy") return [];
-    if (op.op === "lora") return [op.lora.shrink, op.lora.expand].includes(key) ? [`${op.module} (LoRA, feed-forward pass ${op.lora.pass ?? 0})`] : [];
+    if (op.op === "lora_shrink") {
+      pass = op.pass;
+      const at = pass === undefined ? "" : `, feed-forward pass ${pass}`;
+      return op.kernel === key ? [`${op.modules.join(", ")} (LoRA shrink${op.modules.length > 1 ? ", one dispatch for all" : ""}${at})`] : [];
+    }
+    if (op.op === "lora") return op.lora.expand === key ? [`${op.module} (LoRA expand, feed-forward pass ${pass ?? 0})`] : [];
     if (op.op !== "linear") return op.kernel === key ? [op.op] : [];
     const roles: [string | undefined, string][] = [
       [op.matmul, `steps over ${rows} rows`],
       [op.matvec, `steps up to ${rows} rows`],
-      [op.lora?.shrink, "LoRA shrink"],
       [op.lora?.expand, "LoRA expand"],
       [op.lora?.matvec, `steps up to ${rows} rows that run its LoRA`],
       ...(op.blocks ?? []).flatMap((b): [string, string][] => [
@@ -167,12 +172,16 @@ function isBlockKernel(plan: Plan, key: string): boolean {
 function baseKeysOf(plan: Plan, k: PlannedKernel): BaseKeyName[] {
   if (k.family !== "matmul" && k.family !== "matvec" && k.family !== "lora_shrink" && k.family !== "lora_expand") return [...FAMILY_KEYS[k.family]];
   const keys = [...plan.layer, ...plan.head].flatMap((op) =>
-    op.op === "linear" && linearKeys(op).includes(k.key) ? linearBaseKeys(plan.family, op.module) : [],
+    op.op === "linear" && linearKeys(op).includes(k.key)
+      ? linearBaseKeys(plan.family, op.module)
+      : op.op === "lora_shrink" && op.kernel === k.key
+        ? op.modules.flatMap((m) => linearBaseKeys(plan.family, m))
+        : [],
   );
   return [...new Set(keys)];
 }
 
 /** Every kernel key a linear op dispatches. */
 function linearKeys(op: Extract<Plan["layer"][number], { op: "linear" }>): (string | undefined)[] {
-  return [op.matmul, op.matvec, op.lora?.shrink, op.lora?.expand, ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])];
+  return [op.matmul, op.matvec, op.lora?.expand, ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])];
 }

@@ -1,6 +1,10 @@
 // Batched, gated multi-adapter LoRA for one (layer, module): y[r] += g[r] * s * B (A x[r]), as two
-// kernels run after the base matmul has written y. Rows are the tokens of several sequences, each
-// with its own adapter slot and gate, so one dispatch serves a batch that mixes tenants and routing.
+// kernels: the shrink t = A x (the plan's `lora_shrink` op, before the module's base product), and the
+// expand, run after the base product has written y (at decode the matvec's epilogue does it instead,
+// matvec.ts). Rows are the tokens of several sequences, each with its own adapter slot and gate, so
+// one dispatch serves a batch that mixes tenants and routing. The shrink serves a group of modules that
+// read the same input (`modules`: q/k/v as one, gate/up as one; a group of one otherwise), one
+// dispatch reading x once for all of them (below).
 //
 // Buffers (f32 unless noted; `in` = inFeatures, `out` = outFeatures, R = maxRank):
 //   x          [rows, in]           the module's input
@@ -23,8 +27,22 @@
 //   residual   [rows, out]          (o_proj, down_proj) what the base product added y to: there y holds
 //                                   residual + W x, so W x is y - residual
 //
-// A row is active when it has a slot and a non-zero gate; inactive rows are neither read nor written
-// (y stays bit-identical, t keeps whatever it held) and their workgroups stop before any weight read:
+// A group shrink (`modules` M > 1) runs (rows, M) workgroups, each one module's t for one row exactly as
+// a group of one does; the group's buffers are module-major, each module's region padded to 256 bytes
+// (runtime/gpu/layouts.ts LORA_REGION_BYTES), so the per-module kernels (expand, the epilogue matvec) bind
+// one module's region as a buffer range and stay as they are. WebGPU's default limit of 8 storage
+// buffers a stage is why the group has one A and one slots buffer, not one per module:
+//   a          [M][aRows, in]       module m's A at rows m * aRows (params.aRows), [slots, R, in] first
+//   slots      [M][slotStride]      module m's LoraSlot of slot s at m * slotStride + s (rank 0: no LoRA there)
+//   t          [M][tStride]         module m's [rows, loraRowColumns] at words m * tStride
+//   gates      column gateIndex + m is module m's gate (a group's modules are consecutive in gate order)
+// The MoE variants serve groups of one: "route" reads one module's router (per_module routes each
+// module with its own), and per_ffn's "pass" shrinks run one module at a time in the feed-forward passes.
+//
+// A row is active when it has a slot and a non-zero gate (a group shrink: a (row, module) pair, each
+// module its own gate column); inactive rows are neither read nor written (y stays bit-identical, t's
+// values keep whatever they held; with the row info the row's slot word says NO_ADAPTER, which the
+// epilogue reads in place of rowAdapter and gates) and their workgroups stop before any weight read:
 // modules that routing switched off cost a few index reads. Each workgroup serves one row (shrink)
 // or one row's block of 256 columns (expand), so the rows of a decode batch, each of its own tenant,
 // run side by side on separate workgroups instead of one after another in a shared row tile (which
@@ -65,6 +83,12 @@ export interface LoraShrinkConstants extends LoraConstants {
   readonly experts?: number;
   readonly topK?: number;
   readonly renormalize?: boolean;
+  /**
+   * Modules of the group sharing this input, one dispatch for all (default 1). Above 1 the kernel
+   * takes the group's strides as params (aRows, slotStride, tStride: the slot count and the engine's
+   * rows are runtime quantities) and dispatches rows * modules workgroups.
+   */
+  readonly modules?: number;
 }
 
 /** The expand kernel's: with `dora` it applies each slot's DoRA factors; `residual` says y holds residual + W x. */
@@ -85,17 +109,25 @@ const PARAMS = [
   { name: "gateIndex", type: "u32" },
 ] as const;
 
-// Shared by both kernels: which rows are active.
-const ROW_SELECTION = /* wgsl */ `
+// Shared by both kernels: which rows are active (for a group shrink, which (row, module) pairs).
+function rowSelection(grouped: boolean): string {
+  return /* wgsl */ `
 struct LoraSlot { rank: u32, scaling: f32 }
 const NO_ADAPTER = 0xffffffffu;
 
-fn active_slot(row: u32) -> u32 {
+fn active_slot(row: u32${grouped ? ", m: u32" : ""}) -> u32 {
   if (row >= params.rows) { return NO_ADAPTER; }
   let s = rowAdapter[row];
-  if (s == NO_ADAPTER || gates[row * params.gateStride + params.gateIndex] == 0.0) { return NO_ADAPTER; }
+  if (s == NO_ADAPTER || gates[row * params.gateStride + params.gateIndex${grouped ? " + m" : ""}] == 0.0) { return NO_ADAPTER; }
   return s;
 }`;
+}
+const ROW_SELECTION = rowSelection(false);
+const GROUP_PARAMS = [
+  { name: "aRows", type: "u32" },
+  { name: "slotStride", type: "u32" },
+  { name: "tStride", type: "u32" },
+] as const;
 
 const SELECTION_BUFFERS = [
   { name: "slots", access: "read", type: "array<LoraSlot>" },
@@ -108,11 +140,23 @@ function checkConstants({ inFeatures, outFeatures, maxRank }: LoraConstants): vo
     if (!Number.isInteger(v) || v < 1) throw new Error(`LoRA kernel: ${name} must be a positive integer, got ${v}`);
 }
 
-/** t[r, 0..rank) = x[r] A_slot^T for every active row (times its expert's gate in the MoE variants): one workgroup per row. */
+/**
+ * t[r, 0..rank) = x[r] A_slot^T for every active row (times its expert's gate in the MoE variants): one
+ * workgroup per row, and with `modules` M > 1 per (row, module), module m writing its own region of t.
+ */
 export function loraShrinkKernel(c: LoraShrinkConstants): KernelSource {
   checkConstants(c);
   const { inFeatures, maxRank, moe } = c;
   const rowInfo = c.rowInfo ?? false;
+  const M = c.modules ?? 1;
+  if (!Number.isInteger(M) || M < 1) throw new Error(`LoRA shrink kernel: modules must be a positive integer, got ${M}`);
+  if (M > 1 && moe) throw new Error("LoRA shrink kernel: the MoE variants serve groups of one module");
+  const grouped = M > 1;
+  // Where module m's A rows, slots and t start (nothing for a group of one).
+  const aAt = grouped ? "m * params.aRows + " : "";
+  const slotAt = grouped ? "m * params.slotStride + " : "";
+  const tAt = grouped ? "m * params.tStride + " : "";
+  const gateAt = grouped ? " + m" : "";
   const T = loraRowColumns(maxRank, rowInfo);
   const infoAt = 4 * Math.ceil(maxRank / 4);
   const x = vec4Rows("x", inFeatures);
@@ -156,22 +200,32 @@ ${route!.body}
       maxRank,
       ...(rowInfo ? { rowInfo } : {}),
       ...(moe ? { moe, experts: selection!.experts, topK: selection!.topK, ...(moe === "route" ? { renormalize: selection!.renormalize } : {}) } : {}),
+      ...(grouped ? { modules: M } : {}),
     },
     // With the row info, t is words: the slot and rank are integers (as f32 bits they would be subnormal, which a device may flush).
     storage: [x.decl, a.decl, ...SELECTION_BUFFERS, ...moeBuffers, { name: "t", access: "read_write", type: rowInfo ? "array<u32>" : "array<f32>" }],
-    params: moe === "pass" ? [...PARAMS, { name: "ffnPass", type: "u32" }] : PARAMS,
+    params: [...PARAMS, ...(grouped ? GROUP_PARAMS : []), ...(moe === "pass" ? [{ name: "ffnPass", type: "u32" } as const] : [])],
     body: /* wgsl */ `
-${[ROW_SELECTION, ...(moe ? [CHOICE_STRUCT] : []), x.wgsl, a.wgsl, ...(router ? [router.wgsl, route!.decls] : [])].join("\n")}
+${[rowSelection(grouped), ...(moe ? [CHOICE_STRUCT] : []), x.wgsl, a.wgsl, ...(router ? [router.wgsl, route!.decls] : [])].join("\n")}
 
 var<workgroup> partial: array<f32, ${WORKGROUP}>;
 
 @compute @workgroup_size(${WORKGROUP})
-fn main(${GROUP_BUILTINS}) {
+fn main(${GROUP_BUILTINS}) {${
+    grouped
+      ? `
+  // Workgroup g serves row g % rows of module m = g / rows; the grid's excess groups get no row.
+  let g = ${LINEAR_GROUP};
+  let m = g / params.rows;
+  let row = select(g % params.rows, params.rows, m >= ${M}u);
+  let s = active_slot(row, m);`
+      : `
   let row = ${LINEAR_GROUP};
-  let s = active_slot(row);${
+  let s = active_slot(row);`
+  }${
     rowInfo
       ? `
-  let info = row * ${T}u + ${infoAt}u;
+  let info = ${tAt}row * ${T}u + ${infoAt}u;
   if (s == NO_ADAPTER) {
     if (lid == 0u && row < params.rows) { t[info] = NO_ADAPTER; }
     return;
@@ -179,13 +233,13 @@ fn main(${GROUP_BUILTINS}) {
       : `
   if (s == NO_ADAPTER) { return; }`
   }
-  let rank = min(slots[s].rank, ${maxRank}u);${
+  let rank = min(slots[${slotAt}s].rank, ${maxRank}u);${
     rowInfo
       ? `
   if (lid == 0u) {
     t[info] = s;
-    t[info + 1u] = bitcast<u32>(gates[row * params.gateStride + params.gateIndex]);
-    t[info + 2u] = bitcast<u32>(slots[s].scaling);
+    t[info + 1u] = bitcast<u32>(gates[row * params.gateStride + params.gateIndex${gateAt}]);
+    t[info + 2u] = bitcast<u32>(slots[${slotAt}s].scaling);
     t[info + 3u] = rank;
   }`
       : ""
@@ -197,19 +251,19 @@ fn main(${GROUP_BUILTINS}) {
     var acc = 0.0;${moe ? `
     let gate = select(0.0, ${gateOf}, j < rank);` : ""}
     if (j < rank${moe ? " && gate != 0.0" : ""}) {
-      for (var q = lane; q < ${x.quads}u; q += ${LANES}u) { acc += dot(load_x(row, q), load_a(s * ${maxRank}u + j, q)); }
+      for (var q = lane; q < ${x.quads}u; q += ${LANES}u) { acc += dot(load_x(row, q), load_a(${aAt}s * ${maxRank}u + j, q)); }
     }
     partial[lid] = acc;
     workgroupBarrier();
     if (lane == 0u && j < rank) {
       var sum = 0.0;
       for (var l = 0u; l < ${LANES}u; l++) { sum += partial[lid + l]; }
-      t[row * ${T}u + j] = ${rowInfo ? `bitcast<u32>(${moe ? "gate * sum" : "sum"})` : moe ? "gate * sum" : "sum"};
+      t[${tAt}row * ${T}u + j] = ${rowInfo ? `bitcast<u32>(${moe ? "gate * sum" : "sum"})` : moe ? "gate * sum" : "sum"};
     }
     workgroupBarrier();
   }
 }`,
-    dispatch: { grid: { param: "rows" } },
+    dispatch: { grid: grouped ? { param: "rows", times: M } : { param: "rows" } },
   });
 }
 

@@ -8,7 +8,7 @@
 import type { Adapter, BaseModel, ExpertModule } from "../../compiler/model.ts";
 import { MAX_BEAM_CANDIDATES, NO_ADAPTER } from "../gpu/layouts.ts";
 import type { KernelSource } from "../gpu/kernel.ts";
-import type { Plan } from "../package/format.ts";
+import { loraPlanProblem, type Plan } from "../package/format.ts";
 import { openCheckpoint, type ProgressFn } from "../formats/checkpoint.ts";
 import { acquireDevice, type GpuAdapterReport, type GpuContext } from "../gpu/device.ts";
 import { loadAdapter as readAdapterDir, type LoadedAdapter } from "../formats/adapter.ts";
@@ -119,6 +119,8 @@ export class Engine implements SequenceRunner {
     const maxAdapters = options.maxAdapters ?? 4;
     if (!Number.isInteger(maxAdapters) || maxAdapters < 0) throw new EngineError(`maxAdapters must be an integer >= 0, got ${maxAdapters}`);
     const { plan, kernels } = options;
+    const loraProblem = loraPlanProblem(plan);
+    if (loraProblem !== undefined) throw new EngineError(`the plan's LoRA ops cannot run: ${loraProblem}`);
     const { ctx } = plan.dims;
     const engineKernels = new EngineKernels({ plan, kernels, resolver: options.resolver });
     const checkpoint = openCheckpoint(options.checkpointDir, options.onProgress ? { onProgress: options.onProgress } : {});

@@ -6,10 +6,10 @@
 import { EXPERT_MODULES, type ExpertModule } from "../../compiler/model.ts";
 import { ADJUST_ENTRY_WORDS, ADJUST_ROW_WORDS, BEAM_CANDIDATE_WORDS, MAX_BEAM_CANDIDATES, NO_ADAPTER, SAMPLING_WORDS, packSamplingSettings, type SamplingSettings } from "../gpu/layouts.ts";
 import type { KernelSource } from "../gpu/kernel.ts";
-import { createStorage, StepEncoder, type PipelineCache } from "../gpu/kernel-runner.ts";
+import { createStorage, StepEncoder, type BufferArg, type PipelineCache } from "../gpu/kernel-runner.ts";
 import { layerTensor, type ActivationName, type FamilyBinding, type KernelFamily, type Plan, type PlanLora, type PlanOp } from "../package/format.ts";
 import { EngineError } from "./engine-error.ts";
-import { CHOICE_BYTES, loraRowColumns } from "../gpu/layouts.ts";
+import { CHOICE_BYTES, loraTWords } from "../gpu/layouts.ts";
 import type { EngineKernels } from "./kernels.ts";
 import type { KvCache } from "./kv-cache.ts";
 import type { LogitProcessing } from "./logit-adjust.ts";
@@ -91,6 +91,8 @@ export class ForwardEncoder {
   readonly #router: RouterDispatch;
   readonly #step: StepEncoder;
   readonly #activations: ReadonlyMap<ActivationName, GPUBuffer>;
+  /** u32 words of one module's region of loraT. */
+  readonly #tWords: number;
   readonly #widths: ReadonlyMap<ActivationName, number>;
   readonly #inputs: {
     readonly positions: GPUBuffer;
@@ -99,7 +101,10 @@ export class ForwardEncoder {
     readonly lengths: GPUBuffer;
     readonly settings: GPUBuffer;
     readonly tokens: GPUBuffer;
-    /** Per row: tenant slot, gates [rows, layers * 7], and shrink's output [rows, maxRank]. */
+    /**
+     * Per row: tenant slot, gates [rows, layers * 7]; and the shrinks' output t, one region of
+     * loraTWords per module of the largest shrink group (a group's module i writes region i).
+     */
     readonly rowAdapter: GPUBuffer;
     readonly gates: GPUBuffer;
     readonly loraT: GPUBuffer;
@@ -131,6 +136,8 @@ export class ForwardEncoder {
     this.#step = new StepEncoder(device, this.#pipelines);
     this.#activations = new Map(plan.activations.map((a) => [a.name, createStorage(device, maxRows * a.width * 4, `activation ${a.name}`)]));
     this.#widths = new Map(plan.activations.map((a) => [a.name, a.width]));
+    this.#tWords = loraTWords(maxRows, plan.maxLoraRank);
+    const tRegions = Math.max(1, ...plan.layer.map((op) => (op.op === "lora_shrink" ? op.modules.length : 1)));
     this.#inputs = {
       positions: createStorage(device, maxRows * 4, "positions"),
       rowSlot: createStorage(device, maxRows * 4, "row slots"),
@@ -139,7 +146,7 @@ export class ForwardEncoder {
       tokens: createStorage(device, maxRows * 4, "sampled tokens"),
       rowAdapter: createStorage(device, maxRows * 4, "row adapters"),
       gates: createStorage(device, maxRows * this.#gateStride * 4, "gates"),
-      loraT: createStorage(device, maxRows * loraRowColumns(Math.max(1, plan.maxLoraRank), true) * 4, "lora shrink output"),
+      loraT: createStorage(device, tRegions * this.#tWords * 4, "lora shrink output"),
       choice: createStorage(device, maxRows * moeChoices(plan) * CHOICE_BYTES, "moe expert choices"),
     };
     this.#router = new RouterDispatch({
@@ -422,10 +429,10 @@ export class ForwardEncoder {
       case "rmsnorm":
         return step.dispatch(kernel("rmsnorm", op.kernel), { x: act(op.input), weight: this.#weights.buffer(layerTensor(op.weight, layer)), out: act(op.output) }, { rows });
       case "linear": {
+        // Its LoRA's t is there: the lora_shrink op before it ran (it runs when any of its modules is active).
         const lora = op.lora && active[op.lora.gateColumn] ? op.lora : undefined;
-        if (lora) this.#loraShrink(op, lora, rows, layer);
         // A decode step runs the LoRA's expand in the matvec's epilogue (one dispatch less per module).
-        if (lora?.matvec !== undefined && rows <= this.#plan.matvecMaxRows) return this.#linearWithLora(op, lora.matvec, rows, layer);
+        if (lora?.matvec !== undefined && rows <= this.#plan.matvecMaxRows) return this.#linearWithLora(op, lora, lora.matvec, rows, layer);
         this.#linear(op, rows, layer);
         if (lora) this.#loraExpand(op, lora, rows, layer);
         return;
@@ -448,9 +455,11 @@ export class ForwardEncoder {
         return step.dispatch(kernel("sampling", op.kernel), { logits: this.#sampleInput ?? act(op.logits), settings: this.#inputs.settings, tokens: this.#inputs.tokens }, { rows });
       case "copy":
         return step.copy(act(op.from), 0, act(op.to), 0, rows * this.#widths.get(op.to)! * 4);
+      case "lora_shrink":
+        if (!op.modules.some((_, i) => active[op.gateColumn + i])) return;
+        return this.#loraShrink(op, rows, layer);
       case "lora":
         if (!active[op.lora.gateColumn]) return;
-        this.#loraShrink(op, op.lora, rows, layer);
         return this.#loraExpand(op, op.lora, rows, layer);
       case "moe_route": {
         const router = this.#tenants.moeRouter(moeRouterKey(layer, "ffn"))!;
@@ -474,28 +483,37 @@ export class ForwardEncoder {
     for (const block of weight.blocks) this.#step.dispatch(this.#kernels.block(op, family, block.rows), { ...io, w: block.buffer }, { rows, column: block.firstRow });
   }
 
-  /** The module's product and its LoRA in one matvec (the LoRA epilogue, reading the shrink's t and row info). */
-  #linearWithLora(op: Extract<PlanOp, { op: "linear" }>, key: string, rows: number, layer: number): void {
+  /** The module's product and its LoRA in one matvec (the LoRA epilogue, reading its region of t with the row info). */
+  #linearWithLora(op: Extract<PlanOp, { op: "linear" }>, lora: PlanLora, key: string, rows: number, layer: number): void {
     const stack = this.#tenants.stack(layer, op.module as ExpertModule);
     const w = this.#weights.get(layerTensor(op.weight, layer)).blocks[0]!.buffer;
     const residual = op.residual === undefined ? {} : { residual: this.#act(op.residual) };
-    this.#step.dispatch(this.#kernels.get("matvec", key), { x: this.#act(op.input), w, ...residual, t: this.#inputs.loraT, b: stack.b, dora: stack.dora, y: this.#act(op.output) }, { rows });
+    this.#step.dispatch(this.#kernels.get("matvec", key), { x: this.#act(op.input), w, ...residual, t: this.#tRegion(lora), b: stack.b, dora: stack.dora, y: this.#act(op.output) }, { rows });
   }
 
   /**
-   * t = A x for the rows whose adapter has a non-zero gate on this module (each row's LoRA info after
-   * it; the MoE variants gate the ranks: per_module routes the row with the module's routers, per_ffn
-   * reads the pass's expert choices).
+   * t = A x for the rows whose adapter has a non-zero gate on each of the op's modules, one dispatch
+   * for the group (module i into region i of t, each row's LoRA info after its values; the MoE
+   * variants, groups of one, gate the ranks: per_module routes the row with the module's router,
+   * per_ffn reads the pass's expert choices).
    */
-  #loraShrink(op: Extract<PlanOp, { op: "linear" | "lora" }>, lora: PlanLora, rows: number, layer: number): void {
-    const module = op.module as ExpertModule;
-    const stack = this.#tenants.stack(layer, module);
-    const shrink = this.#kernels.get("lora_shrink", lora.shrink);
+  #loraShrink(op: Extract<PlanOp, { op: "lora_shrink" }>, rows: number, layer: number): void {
+    const modules = op.modules as readonly ExpertModule[];
+    const group = this.#tenants.group(layer, modules);
+    const shrink = this.#kernels.get("lora_shrink", op.kernel);
     const bound = new Set(shrink.bindings.map((b) => b.name));
-    const router = bound.has("router") ? this.#tenants.moeRouter(moeRouterKey(layer, module))! : undefined;
+    const router = bound.has("router") ? this.#tenants.moeRouter(moeRouterKey(layer, modules[0]!))! : undefined;
     const moe = { ...(router ? { router: router.weight, routed: router.routed } : {}), ...(bound.has("choice") ? { choice: this.#inputs.choice } : {}) };
-    const params = { ...this.#loraParams(lora, rows, layer), ...(lora.pass === undefined ? {} : { ffnPass: lora.pass }) };
-    this.#step.dispatch(shrink, { x: this.#act(op.input), a: stack.a, ...this.#loraSelect(stack), ...moe, t: this.#inputs.loraT }, params);
+    const strides: Record<string, number> = modules.length > 1 ? { aRows: group.aRows, slotStride: group.slotStride, tStride: this.#tWords } : {};
+    const params = { rows, gateStride: this.#gateStride, gateIndex: layer * MODULES_PER_LAYER + op.gateColumn, ...strides, ...(op.pass === undefined ? {} : { ffnPass: op.pass }) };
+    const select = { rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
+    this.#step.dispatch(shrink, { x: this.#act(op.input), a: group.a, slots: group.slots, ...select, ...moe, t: this.#inputs.loraT }, params);
+  }
+
+  /** The module's region of t (lora.t), which the shrink before it wrote. */
+  #tRegion(lora: PlanLora): BufferArg {
+    const size = this.#tWords * 4;
+    return { buffer: this.#inputs.loraT, offset: lora.t * size, size };
   }
 
   /**
@@ -507,10 +525,10 @@ export class ForwardEncoder {
     // Where the base product added a residual, the DoRA term reads it back to recover W x.
     const residual = op.op === "linear" && op.residual !== undefined ? { residual: this.#act(op.residual) } : {};
     const expand = this.#kernels.get("lora_expand", lora.expand);
-    this.#step.dispatch(expand, { t: this.#inputs.loraT, b: stack.b, ...this.#loraSelect(stack), dora: stack.dora, ...residual, y: this.#act(op.output) }, this.#loraParams(lora, rows, layer));
+    this.#step.dispatch(expand, { t: this.#tRegion(lora), b: stack.b, ...this.#loraSelect(stack), dora: stack.dora, ...residual, y: this.#act(op.output) }, this.#loraParams(lora, rows, layer));
   }
 
-  #loraSelect(stack: { readonly slots: GPUBuffer }) {
+  #loraSelect(stack: { readonly slots: BufferArg }) {
     return { slots: stack.slots, rowAdapter: this.#inputs.rowAdapter, gates: this.#inputs.gates };
   }
 

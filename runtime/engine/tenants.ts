@@ -2,13 +2,17 @@
 // name. Each (layer, module) holds every slot's LoRA stacked as the LoRA kernels read it
 // (compiler/kernels/lora.ts): A [slots, R, in], B [slots, out, R] zero past a slot's rank, per slot
 // { rank, scaling }, with rank 0 for a module the adapter lacks, and DoRA's factors [slots, out] (1 for a
-// plain LoRA slot). Router weights stay per adapter.
-import { packLoraSlots, type LoraSlotInfo } from "../gpu/layouts.ts";
+// plain LoRA slot). A and the slots of the modules whose shrink is one dispatch (the plan's
+// `lora_shrink` groups: q/k/v, gate/up) share one buffer each per layer, module-major, each module's
+// region 256-byte aligned (runtime/gpu/layouts.ts LORA_REGION_BYTES), so the group's shrink binds one
+// A and one slots buffer (8 storage buffers a stage is WebGPU's default limit) and every per-module
+// kernel binds its module's region as a range. Router weights stay per adapter.
+import { loraARows, loraSlotStride, packLoraSlots, type LoraSlotInfo } from "../gpu/layouts.ts";
 import { EXPERT_MODULES, storedRank, type ExpertModule, type MoeRouting } from "../../compiler/model.ts";
-import type { Plan } from "../package/format.ts";
+import { loraGroups, type Plan } from "../package/format.ts";
 import { rationalInit } from "../../compiler/rational.ts";
 import { loraKey, moeRouterKey, type LoadedAdapter, type LoraKey, type MoeRouterKey, type RouterWeights } from "../formats/adapter.ts";
-import { createStorage } from "../gpu/kernel-runner.ts";
+import { createStorage, type BufferArg } from "../gpu/kernel-runner.ts";
 import { MiloraError } from "../errors.ts";
 import { adapterDoraFactors } from "./dora.ts";
 
@@ -18,13 +22,26 @@ export class AdapterStoreError extends MiloraError {
   readonly kind = "adapter";
 }
 
-/** One module's stacked LoRA weights of every slot. */
+/** A byte range of a buffer, as a kernel binds it. */
+export type BufferRange = Exclude<BufferArg, GPUBuffer>;
+
+/** One module's stacked LoRA weights of every slot (A and slots: its region of its group's buffers). */
 export interface StackedLora {
-  readonly a: GPUBuffer;
+  readonly a: BufferRange;
   readonly b: GPUBuffer;
-  readonly slots: GPUBuffer;
+  readonly slots: BufferRange;
   /** DoRA's factors d = m / ||W + s B A||_row per slot and output row; 1 for plain LoRA. */
   readonly dora: GPUBuffer;
+}
+
+/** The A and slots of a group of modules in one layer, module-major (the group shrink's bindings and strides). */
+export interface StackedLoraGroup {
+  readonly modules: readonly ExpertModule[];
+  readonly a: GPUBuffer;
+  readonly slots: GPUBuffer;
+  /** Rows of A per module region (params.aRows), LoraSlots per module region (params.slotStride). */
+  readonly aRows: number;
+  readonly slotStride: number;
 }
 
 /**
@@ -74,6 +91,9 @@ export class AdapterStore {
   readonly #plan: Plan<ExpertModule>;
   readonly #checkpointDir: string;
   readonly #stacks: StackedLora[][];
+  /** Per layer, the plan's shrink groups; by module, its group and index in it. */
+  readonly #groups: StackedLoraGroup[][];
+  readonly #groupOf: ReadonlyMap<ExpertModule, readonly [group: number, index: number]>;
   /** plan.moe's routers: per (layer, module) for per_module, per (layer, "ffn") for per_ffn. */
   readonly #moeRouters = new Map<MoeRouterKey, StackedMoeRouter>();
   readonly #resident = new Map<string, Tenant>();
@@ -89,14 +109,32 @@ export class AdapterStore {
     this.#plan = plan;
     this.#checkpointDir = options.checkpointDir;
     const R = plan.maxLoraRank;
+    const groups = loraGroups(plan, EXPERT_MODULES);
+    this.#groupOf = new Map(groups.flatMap((g, gi) => g.map((m, i) => [m, [gi, i] as const])));
+    const slotStride = loraSlotStride(slots);
+    const limit = device.limits.maxStorageBufferBindingSize;
+    this.#groups = Array.from({ length: plan.dims.layers }, (_, layer) =>
+      groups.map((modules) => {
+        const inF = moduleShape(plan, modules[0]!)[1];
+        const aRows = loraARows(slots, R, inF);
+        const bytes = modules.length * aRows * inF * 4;
+        if (bytes > limit)
+          throw new AdapterStoreError(`the LoRA A of ${modules.join("/")} for ${slots} adapter slots of rank ${R} takes ${bytes} bytes, more than the device's largest storage binding (${limit}): serve fewer adapters or a lower largest rank`);
+        const label = `lora layer ${layer} ${modules.join("/")}`;
+        return { modules, a: createStorage(device, bytes, `${label} A`), slots: createStorage(device, modules.length * slotStride * 8, `${label} slots`), aRows, slotStride };
+      }),
+    );
     this.#stacks = Array.from({ length: plan.dims.layers }, (_, layer) =>
       EXPERT_MODULES.map((m) => {
         const [out, inF] = moduleShape(plan, m);
+        const [gi, i] = this.#groupOf.get(m)!;
+        const group = this.#groups[layer]![gi]!;
+        const aBytes = group.aRows * inF * 4;
         const label = `lora layer ${layer} ${m}`;
         return {
-          a: createStorage(device, slots * R * inF * 4, `${label} A`),
+          a: { buffer: group.a, offset: i * aBytes, size: aBytes },
           b: createStorage(device, slots * out * R * 4, `${label} B`),
-          slots: createStorage(device, slots * 8, `${label} slots`),
+          slots: { buffer: group.slots, offset: i * slotStride * 8, size: slotStride * 8 },
           dora: createStorage(device, new Float32Array(slots * out).fill(1), `${label} DoRA factors`),
         };
       }),
@@ -132,15 +170,16 @@ export class AdapterStore {
         const stack = this.#stacks[layer]![mi]!;
         const [out, inF] = moduleShape(this.#plan, m);
         let info: LoraSlotInfo = { rank: 0, scaling: 0 };
+        const { a, slots } = stack;
         if (w) {
-          queue.writeBuffer(stack.a, slot * R * inF * 4, w.a);
+          queue.writeBuffer(a.buffer, a.offset + slot * R * inF * 4, w.a);
           // B's rows padded to R columns with zeros, as the expand kernel requires.
           const b = new Float32Array(out * R);
           for (let o = 0; o < out; o++) b.set(w.b.subarray(o * w.rank, (o + 1) * w.rank), o * R);
           queue.writeBuffer(stack.b, slot * out * R * 4, b);
           info = { rank: w.rank, scaling: w.scaling };
         }
-        queue.writeBuffer(stack.slots, slot * 8, packLoraSlots([info]));
+        queue.writeBuffer(slots.buffer, slots.offset + slot * 8, packLoraSlots([info]));
         // every module, so no factor of a DoRA adapter that held the slot before is left behind
         queue.writeBuffer(stack.dora, slot * out * 4, dora.get(loraKey(layer, m)) ?? new Float32Array(out).fill(1));
       });
@@ -199,9 +238,17 @@ export class AdapterStore {
     return this.#stacks[layer]![EXPERT_MODULES.indexOf(module)]!;
   }
 
+  /** The shared A and slots of the plan's shrink group `modules` in `layer` (as the plan's lora_shrink op names it). */
+  group(layer: number, modules: readonly ExpertModule[]): StackedLoraGroup {
+    const group = this.#groups[layer]![this.#groupOf.get(modules[0]!)![0]]!;
+    if (group.modules.join() !== modules.join()) throw new Error(`no LoRA group ${modules.join("/")}: the store holds ${group.modules.join("/")}`);
+    return group;
+  }
+
   destroy(): void {
     for (const name of this.names()) this.remove(name);
-    for (const s of this.#stacks.flat()) for (const b of [s.a, s.b, s.slots, s.dora]) b.destroy();
+    for (const s of this.#stacks.flat()) for (const b of [s.b, s.dora]) b.destroy();
+    for (const g of this.#groups.flat()) for (const b of [g.a, g.slots]) b.destroy();
     for (const r of this.#moeRouters.values()) for (const b of [r.weight, r.routed]) b.destroy();
   }
 

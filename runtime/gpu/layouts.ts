@@ -78,3 +78,38 @@ export const ROW_INFO_WORDS = 4;
 export function loraRowColumns(maxRank: number, rowInfo: boolean): number {
   return rowInfo ? 4 * Math.ceil(maxRank / 4) + ROW_INFO_WORDS : maxRank;
 }
+
+/**
+ * Bytes every module's region of a LoRA group's buffers is padded to: WebGPU's default
+ * minStorageBufferOffsetAlignment, so a per-module kernel binds its module's region as a buffer range.
+ * A group is the modules reading one input whose LoRA shrink is one dispatch (compiler/kernels/lora.ts
+ * `modules`); its buffers are module-major, one region per module in the group's order:
+ *   A      [module][aRows, in] f32: the module's [slots, R, in], then padding rows (loraARows)
+ *   slots  [module][slotStride] LoraSlot, 8 bytes each (loraSlotStride)
+ *   t      [module][tWords] u32: the module's [rows, loraRowColumns(R, true)], then padding (loraTWords)
+ */
+export const LORA_REGION_BYTES = 256;
+
+/** Rows of one module's region of a group's A: slots * R rounded up to whole 256-byte blocks of `in`-wide f32 rows. */
+export function loraARows(slots: number, maxRank: number, inFeatures: number): number {
+  const words = LORA_REGION_BYTES / 4;
+  return roundUp(Math.max(1, slots * maxRank), words / gcd(words, inFeatures));
+}
+
+/** LoraSlots in one module's region of a group's slots buffer. */
+export function loraSlotStride(slots: number): number {
+  return roundUp(Math.max(1, slots), LORA_REGION_BYTES / 8);
+}
+
+/** u32 words of one module's region of the engine's t: `rows` rows of loraRowColumns(maxRank, true), padded. */
+export function loraTWords(rows: number, maxRank: number): number {
+  return roundUp(Math.max(1, rows * loraRowColumns(Math.max(1, maxRank), true)), LORA_REGION_BYTES / 4);
+}
+
+function roundUp(n: number, m: number): number {
+  return Math.ceil(n / m) * m;
+}
+
+function gcd(a: number, b: number): number {
+  return b === 0 ? a : gcd(b, a % b);
+}

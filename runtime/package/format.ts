@@ -22,8 +22,11 @@ export const COMPILER_VERSION = "0.1.0";
  * passes as `copy`, `lora`, `moe_route` and `moe_mix` ops; MoE variants of the LoRA shrink kernel);
  * the engine's LoRA kernels write and read t with each row's LoRA info (`rowInfo`), and a linear's
  * LoRA may name a matvec with the LoRA epilogue (`lora.matvec`).
+ * 10: the LoRA shrink is a `lora_shrink` op of its own, one per group of modules reading the same input
+ * (q/k/v, gate/up: a shrink kernel with `modules`), before their linears; a linear's or `lora` op's
+ * LoRA names its region of the engine's t (`lora.t`) and no shrink, and a `lora` op only expands.
  */
-export const MANIFEST_FORMAT = 9;
+export const MANIFEST_FORMAT = 10;
 export const MANIFEST_FILE = "manifest.json";
 
 /**
@@ -179,7 +182,7 @@ export type PlanOp<M extends string = string> =
       readonly output: ActivationName;
       /** Added to the product (the residual stream); must differ from output. */
       readonly residual?: ActivationName;
-      /** The module's LoRA, when the plan serves adapters: shrink and expand kernels run after the product. */
+      /** The module's LoRA, when the plan serves adapters: its expand runs after the product, reading what a `lora_shrink` op before it wrote. */
       readonly lora?: PlanLora;
       /**
        * When the weight exceeds the plan's storage binding: its kernels for each row-block height. Each
@@ -203,8 +206,17 @@ export type PlanOp<M extends string = string> =
   | { readonly op: "bias"; readonly kernel: string; readonly weight: string; readonly output: ActivationName }
   /** `to` = `from` (same width): a per_ffn pass starts from the base products computed once. */
   | { readonly op: "copy"; readonly from: ActivationName; readonly to: ActivationName }
-  /** A module's LoRA update alone, added to `output` (its base product is already there). */
-  | { readonly op: "lora"; readonly module: M; readonly input: ActivationName; readonly output: ActivationName; readonly lora: PlanLora }
+  /**
+   * The LoRA shrink t = A x of a group of modules that read `input` (q/k/v, gate/up; one module where
+   * nothing is shared, and for the MoE variants), one dispatch for all: module i writes region i of the
+   * engine's t, its gate column `gateColumn` + i (a group's modules are consecutive in gate order). It
+   * runs when any of its modules has a row that needs its LoRA; the linear and `lora` ops of those
+   * modules after it read their region (`lora.t`). `pass`: per_ffn's feed-forward pass, whose expert
+   * choice the shrink keeps.
+   */
+  | { readonly op: "lora_shrink"; readonly kernel: string; readonly input: ActivationName; readonly modules: readonly M[]; readonly gateColumn: number; readonly pass?: number }
+  /** A module's LoRA update alone (its expand), added to `output` (its base product is already there). */
+  | { readonly op: "lora"; readonly module: M; readonly output: ActivationName; readonly lora: PlanLora }
   /** per_ffn: each row's expert choices for the layer's feed-forward passes, routed on `input`. */
   | { readonly op: "moe_route"; readonly kernel: string; readonly input: ActivationName }
   /** per_ffn: `output` = (pass 0 ? `residual` : `output`) + the row's pass weight * `input`. */
@@ -212,18 +224,17 @@ export type PlanOp<M extends string = string> =
   | { readonly op: "sample"; readonly kernel: string; readonly logits: ActivationName };
 
 /**
- * Where a linear module's LoRA update comes from: kernel keys, and the column of the step's gates
- * buffer ([rows, layers * modules]) this module reads in layer 0 (add layer * modules).
+ * Where a linear module's LoRA update comes from: the expand kernel's key, the column of the step's
+ * gates buffer ([rows, layers * modules]) this module reads in layer 0 (add layer * modules), and the
+ * region of the engine's t the `lora_shrink` op before it wrote (the module's index in that op's group).
  */
 export interface PlanLora {
-  readonly shrink: string;
   readonly expand: string;
   readonly gateColumn: number;
-  /** per_ffn: the feed-forward pass (the row's choice) whose expert this LoRA runs. */
-  readonly pass?: number;
+  readonly t: number;
   /**
    * The module's matvec with the LoRA epilogue (a whole weight only): a step of up to matvecMaxRows rows
-   * that needs this LoRA runs the shrink, then this in place of the plain matvec and the expand.
+   * that needs this LoRA runs this, after the shrink, in place of the plain matvec and the expand.
    */
   readonly matvec?: string;
 }
@@ -543,7 +554,7 @@ const planOp = tagged("op", {
     weight: str,
     output: act,
     "residual?": act,
-    "lora?": obj({ shrink: str, expand: str, gateColumn: int, "pass?": int, "matvec?": str }),
+    "lora?": obj({ expand: str, gateColumn: int, t: int, "matvec?": str }),
     "blocks?": arr(obj({ rows: int, matmul: str, matvec: str })),
   },
   rope: { kernel: str, q: act, k: act },
@@ -554,7 +565,8 @@ const planOp = tagged("op", {
   bias: { kernel: str, weight: str, output: act },
   sample: { kernel: str, logits: act },
   copy: { from: act, to: act },
-  lora: { module: str, input: act, output: act, lora: obj({ shrink: str, expand: str, gateColumn: int, "pass?": int }) },
+  lora_shrink: { kernel: str, input: act, modules: arr(str), gateColumn: int, "pass?": int },
+  lora: { module: str, output: act, lora: obj({ expand: str, gateColumn: int, t: int }) },
   moe_route: { kernel: str, input: act },
   moe_mix: { kernel: str, pass: int, input: act, residual: act, output: act },
 });
@@ -691,7 +703,65 @@ export function validateManifest(json: unknown, path: string): Manifest {
   if (unfiled.length > 0) throw new PackageError(`${path}: no kernel file is listed for ${unfiled.join(", ")}`);
   const referenced = planKernelKeys(checked.plan).filter((key) => !planned.has(key));
   if (referenced.length > 0) throw new PackageError(`${path}: the plan's ops name kernels its kernel set lacks: ${[...new Set(referenced)].join(", ")}`);
+  const lora = loraPlanProblem(checked.plan);
+  if (lora !== undefined) throw new PackageError(`${path}: ${lora}`);
   return checked;
+}
+
+/**
+ * The groups of modules whose LoRA shrink is one dispatch, as the plan's `lora_shrink` ops name them:
+ * each module in exactly one group (modules no op names, groups of one), in `modules` order by the
+ * group's first module. The adapter store lays a group's A and slots out module-major by it. Throws
+ * Error when two ops group a module differently (validateManifest refuses such a plan first).
+ */
+export function loraGroups<M extends string>(plan: Plan<M>, modules: readonly M[]): readonly (readonly M[])[] {
+  const groupOf = new Map<M, readonly M[]>();
+  for (const op of plan.layer) {
+    if (op.op !== "lora_shrink") continue;
+    for (const m of op.modules) {
+      const known = groupOf.get(m);
+      if (known !== undefined && known.join() !== op.modules.join()) throw new Error(`the plan's LoRA shrinks group ${m} as ${known.join("/")} and as ${op.modules.join("/")}`);
+      groupOf.set(m, op.modules);
+    }
+  }
+  const groups: (readonly M[])[] = [];
+  for (const m of modules) {
+    const group = groupOf.get(m) ?? [m];
+    if (group[0] === m) groups.push(group);
+  }
+  return groups;
+}
+
+/**
+ * Why the plan's LoRA ops cannot run as the engine runs them, or undefined: every `lora_shrink` op's
+ * kernel is a lora_shrink for as many modules as it names, no module twice; every LoRA of a linear or
+ * `lora` op reads the region that the last shrink before it in the layer wrote for its module (same
+ * gate column; a linear's the same input); no module is grouped two ways.
+ */
+export function loraPlanProblem(plan: Plan): string | undefined {
+  const kernels = new Map(plan.kernels.map((k) => [k.key, k]));
+  const last = new Map<string, Extract<PlanOp, { op: "lora_shrink" }>>();
+  for (const [i, op] of plan.layer.entries()) {
+    const at = `plan.layer[${i}]`;
+    if (op.op === "lora_shrink") {
+      const k = kernels.get(op.kernel);
+      const count = ((k?.constants as { modules?: unknown } | undefined)?.modules ?? 1) as unknown;
+      if (k?.family !== "lora_shrink" || count !== op.modules.length || new Set(op.modules).size !== op.modules.length || op.modules.length === 0)
+        return `${at}: a lora_shrink op names ${op.modules.length} distinct module(s) and a lora_shrink kernel made for as many, got ${op.modules.join(", ") || "none"} and ${op.kernel}`;
+      for (const m of op.modules) last.set(m, op);
+    } else if ((op.op === "linear" || op.op === "lora") && op.lora) {
+      const shrink = last.get(op.module);
+      const input = op.op === "linear" ? op.input : shrink?.input;
+      if (shrink === undefined || shrink.modules[op.lora.t] !== op.module || shrink.gateColumn + op.lora.t !== op.lora.gateColumn || shrink.input !== input)
+        return `${at}: ${op.module}'s LoRA reads region ${op.lora.t} of t, but no lora_shrink op before it in the layer wrote that region for ${op.module} from its input with gate column ${op.lora.gateColumn}`;
+    }
+  }
+  try {
+    loraGroups(plan, [...new Set(plan.layer.flatMap((op) => (op.op === "lora_shrink" ? op.modules : [])))]);
+  } catch (e) {
+    return (e as Error).message;
+  }
+  return undefined;
 }
 
 /** Why `k` cannot serve as a kernel of `family` (its binding names or their order differ), or undefined. */
@@ -710,9 +780,9 @@ export function interfaceProblem(family: KernelFamily, k: Pick<KernelInterface, 
 export function planKernelKeys(plan: Plan): string[] {
   const ops = [...plan.layer, ...plan.head].flatMap((op) =>
     op.op === "linear"
-      ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand, ...(op.lora.matvec ? [op.lora.matvec] : [])] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])]
+      ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.expand, ...(op.lora.matvec ? [op.lora.matvec] : [])] : []), ...(op.blocks ?? []).flatMap((b) => [b.matmul, b.matvec])]
       : op.op === "lora"
-        ? [op.lora.shrink, op.lora.expand]
+        ? [op.lora.expand]
         : op.op === "copy"
           ? []
           : [op.kernel],

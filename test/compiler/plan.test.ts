@@ -3,6 +3,7 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { checkFiles } from "../../compiler/check.ts";
 import { PlanError, kernelSources, planBase, type PlanOp } from "../../compiler/plan.ts";
+import { loraPlanProblem } from "../../runtime/package/format.ts";
 import { randomCheckpointBase } from "../../examples/random-checkpoint.ts";
 
 const gqa = randomCheckpointBase({
@@ -19,7 +20,7 @@ const tied = { ...gqa, tieEmbeddings: true };
 /** Every kernel key an op names. */
 function keysOf(ops: readonly PlanOp[]): string[] {
   return ops.flatMap((op) =>
-    op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.shrink, op.lora.expand] : [])] : op.op === "lora" ? [op.lora.shrink, op.lora.expand] : op.op === "copy" ? [] : [op.kernel],
+    op.op === "linear" ? [op.matmul, op.matvec, ...(op.lora ? [op.lora.expand] : [])] : op.op === "lora" ? [op.lora.expand] : op.op === "copy" ? [] : [op.kernel],
   );
 }
 
@@ -113,34 +114,74 @@ test("what the kernels cannot run is refused with the reason", () => {
   assert.throws(() => planBase({ ...gqa, family: "falcon" }), /family "falcon" has no planner/);
 });
 
-test("serving adapters adds LoRA shrink/expand to every expert linear (not lm_head), one pipeline per shape", () => {
-  assert.ok(planBase(gqa).layer.every((op) => op.op !== "linear" || op.lora === undefined));
+test("serving adapters adds LoRA to every expert linear (not lm_head): one shrink op per group of modules reading one input, one pipeline per shape", () => {
+  assert.ok(planBase(gqa).layer.every((op) => op.op !== "lora_shrink" && (op.op !== "linear" || op.lora === undefined)));
   const plan = planBase(gqa, { maxLoraRank: 8 });
   assert.is(plan.maxLoraRank, 8);
   const linears = plan.layer.filter((op): op is Extract<PlanOp, { op: "linear" }> => op.op === "linear");
-  // Shrink is specialised by the input width (64, or 176 for down_proj), expand by the output width
-  // (q, o, down 64; k, v 32; gate, up 176), both by the rank; the gate column is the module's place.
-  // Every expand applies DoRA factors; o_proj's and down_proj's read the residual their product fused.
-  // Decode runs the expand in a matvec's epilogue instead: one per module shape and residual.
-  const shrink = (inFeatures: number) => `lora_shrink(inFeatures=${inFeatures},maxRank=8,rowInfo=true)`;
+  // Shrink is specialised by the input width (64, or 176 for down_proj), the rank and the group's
+  // module count; expand by the output width (q, o, down 64; k, v 32; gate, up 176) and the rank; the
+  // gate column is the module's place, t its index in its shrink's group. Every expand applies DoRA
+  // factors; o_proj's and down_proj's read the residual their product fused. Decode runs the expand in
+  // a matvec's epilogue instead: one per module shape and residual.
+  const shrink = (inFeatures: number, modules = 1) => `lora_shrink(inFeatures=${inFeatures},maxRank=8,rowInfo=true${modules > 1 ? `,modules=${modules}` : ""})`;
   const expand = (outFeatures: number, residual = false) => `lora_expand(outFeatures=${outFeatures},maxRank=8,dora=true${residual ? ",residual=true" : ""},rowInfo=true)`;
   const matvec = (K: number, N: number, residual = false) => `matvec(K=${K},N=${N},residual=${residual},loraRank=8)`;
   assert.equal(
-    linears.map((op) => [op.module, op.lora!.shrink, op.lora!.expand, op.lora!.matvec, op.lora!.gateColumn]),
+    linears.map((op) => [op.module, op.lora!.expand, op.lora!.matvec, op.lora!.gateColumn, op.lora!.t]),
     [
-      ["q_proj", shrink(64), expand(64), matvec(64, 64), 0],
-      ["k_proj", shrink(64), expand(32), matvec(64, 32), 1],
-      ["v_proj", shrink(64), expand(32), matvec(64, 32), 2],
-      ["o_proj", shrink(64), expand(64, true), matvec(64, 64, true), 3],
-      ["gate_proj", shrink(64), expand(176), matvec(64, 176), 4],
-      ["up_proj", shrink(64), expand(176), matvec(64, 176), 5],
-      ["down_proj", shrink(176), expand(64, true), matvec(176, 64, true), 6],
+      ["q_proj", expand(64), matvec(64, 64), 0, 0],
+      ["k_proj", expand(32), matvec(64, 32), 1, 1],
+      ["v_proj", expand(32), matvec(64, 32), 2, 2],
+      ["o_proj", expand(64, true), matvec(64, 64, true), 3, 0],
+      ["gate_proj", expand(176), matvec(64, 176), 4, 0],
+      ["up_proj", expand(176), matvec(64, 176), 5, 1],
+      ["down_proj", expand(64, true), matvec(176, 64, true), 6, 0],
     ],
   );
+  // The shrink ops, each right before the first linear of its group, reading the group's input.
+  const order = plan.layer.flatMap((op) => (op.op === "lora_shrink" ? [`shrink ${op.modules.join("/")} of ${op.input} (${op.kernel}, column ${op.gateColumn})`] : op.op === "linear" ? [op.module] : []));
+  assert.equal(order, [
+    `shrink q_proj/k_proj/v_proj of xn (${shrink(64, 3)}, column 0)`,
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    `shrink o_proj of attn (${shrink(64)}, column 3)`,
+    "o_proj",
+    `shrink gate_proj/up_proj of xn (${shrink(64, 2)}, column 4)`,
+    "gate_proj",
+    "up_proj",
+    `shrink down_proj of act (${shrink(176)}, column 6)`,
+    "down_proj",
+  ]);
   assert.ok(plan.head.every((op) => op.op !== "linear" || op.lora === undefined));
   const sources = kernelSources(plan);
-  for (const key of [shrink(64), shrink(176), expand(64), expand(64, true), expand(32), expand(176)]) assert.ok(sources.has(key), key);
+  for (const key of [shrink(64, 3), shrink(64), shrink(64, 2), shrink(176), expand(64), expand(64, true), expand(32), expand(176)]) assert.ok(sources.has(key), key);
+  assert.is(loraPlanProblem(plan), undefined);
+  // Not grouping (the plan before grouping): a shrink of its own before every linear.
+  const single = planBase(gqa, { maxLoraRank: 8, groupLoraShrinks: false });
+  const moduleOf = (op: PlanOp | undefined) => (op?.op === "linear" ? op.module : undefined);
+  const shrinks = single.layer.flatMap((op, i) => (op.op === "lora_shrink" ? [[op.modules.join(), moduleOf(single.layer[i + 1]), op.kernel] as const] : []));
+  assert.equal(shrinks.map(([m]) => m), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+  assert.ok(shrinks.every(([m, next, kernel]) => m === next && !kernel.includes("modules")));
+  assert.ok(single.layer.every((op) => op.op !== "linear" || op.lora?.t === 0));
+  assert.is(loraPlanProblem(single), undefined);
   assert.throws(() => planBase(gqa, { maxLoraRank: 300 }), /from 0 to 256/);
+});
+
+test("the LoRA ops are checked as the engine runs them: each LoRA reads a region a shrink before it wrote, the shrink's kernel made for its modules", () => {
+  const plan = planBase(gqa, { maxLoraRank: 8 });
+  const edit = (f: (layer: PlanOp[]) => PlanOp[]) => loraPlanProblem({ ...plan, layer: f([...plan.layer]) });
+  const k = plan.layer.findIndex((op) => op.op === "linear" && op.module === "k_proj");
+  const withLora = (op: PlanOp, lora: object): PlanOp => ({ ...op, lora: { ...(op as Extract<PlanOp, { op: "linear" }>).lora!, ...lora } }) as PlanOp;
+  assert.match(edit((l) => l.filter((op) => op.op !== "lora_shrink")) ?? "", /q_proj's LoRA reads region 0 of t, but no lora_shrink op before it/);
+  assert.match(edit((l) => l.map((op, i) => (i === k ? withLora(op, { t: 0 }) : op))) ?? "", /k_proj's LoRA reads region 0/);
+  assert.match(edit((l) => l.map((op, i) => (i === k ? withLora(op, { gateColumn: 2 }) : op))) ?? "", /k_proj's LoRA reads region 1 .* gate column 2/);
+  const first = plan.layer.findIndex((op) => op.op === "lora_shrink");
+  const group = plan.layer[first] as Extract<PlanOp, { op: "lora_shrink" }>;
+  assert.match(edit((l) => l.map((op, i) => (i === first ? { ...group, modules: ["q_proj", "k_proj"] } : op))) ?? "", /names 2 distinct module\(s\) and a lora_shrink kernel made for as many/);
+  // the shrink after the linears it serves is too late
+  assert.match(edit((l) => [...l.slice(0, first), ...l.slice(first + 1, first + 4), group, ...l.slice(first + 4)]) ?? "", /q_proj's LoRA/);
 });
 
 test("a plan made for a routed adapter names its routers' kernels, per layer, from the router config", () => {

@@ -33,7 +33,7 @@ test("writes the package, refuses to overwrite it, and replaces it with --force"
   const out = join(dir, "tiny");
   const first = milora("examples/llama-tiny.milora", "--adapter", "tiny", "--out", out);
   assert.is(first.code, 0, first.stderr);
-  assert.match(first.stdout, `wrote ${out}: adapter tiny, 35 kernels`); // 24 base and LoRA kernels (the DoRA-capable expand of q_proj/o_proj width twice: o_proj reads the residual back) + 5 matvecs with the LoRA epilogue (one per module shape and residual) + the router's score (attention pooling), pool and gate + beam top-k + logit processing and the chosen logprob
+  assert.match(first.stdout, `wrote ${out}: adapter tiny, 37 kernels`); // 26 base and LoRA kernels (the DoRA-capable expand of q_proj/o_proj width twice: o_proj reads the residual back; four shrinks: q/k/v as one and gate/up as one, both in 64, beside o_proj's in 64 and down_proj's in 176) + 5 matvecs with the LoRA epilogue (one per module shape and residual) + the router's score (attention pooling), pool and gate + beam top-k + logit processing and the chosen logprob
   const manifest = readFileSync(join(out, "manifest.json"), "utf8");
 
   const again = milora("examples/llama-tiny.milora", "--adapter", "tiny", "--out", out);

@@ -24,7 +24,8 @@ import { writeSafetensors } from "../../../runtime/formats/safetensors.ts";
 import { loadReferenceWeights, type ReferenceWeights } from "../../reference/llama.ts";
 import { argmax } from "../../reference/llama.ts";
 import { foldLora, referenceMiloraLogits, type RoutingDecision } from "../../reference/milora.ts";
-import { plannedEngine } from "../../../bin/engine-plan.ts";
+import { generatingResolver, plannedEngine } from "../../../bin/engine-plan.ts";
+import { kernelSources, planBase } from "../../../compiler/plan.ts";
 import { relativeError, runSequence } from "./run-sequence.ts";
 
 // f32 on the GPU against float64, as for the base model (engine.test.ts), plus two rank-8 LoRA
@@ -285,6 +286,36 @@ test("a batch mixing tenants and routing modes gives each sequence exactly what 
     });
   } finally {
     for (const a of adapters) engine.unloadAdapter(a.name);
+  }
+});
+
+test("one shrink for q/k/v and one for gate/up gives, bit for bit, the logits of a shrink per module: MiLoRA tenants switching modules off inside a group, a LoRA on some modules only, base rows; decode, a prefill past the matvec rows", async () => {
+  const single = planBase(base, { ctx: 64, maxLoraRank: 8, groupLoraShrinks: false });
+  const ungrouped = await Engine.load({ base, checkpointDir, gpu, plan: single, kernels: kernelSources(single), resolver: generatingResolver, maxSequences: 6, maxAdapters: 4 });
+  const partial = randomAdapter({ spec: peftSpec({ base, modules: ["k_proj", "o_proj", "up_proj"], rank: 5, alpha: 10, seed: 0, name: "some" }), seed: 35 });
+  const adapters = [milora({}, 34, "a"), milora({ when: "token", pooling: "mean", selection: { rule: "top_k", k: 1, renormalize: false } }, 36, "b"), partial];
+  const engines = [engine, ungrouped];
+  for (const e of engines) for (const a of adapters) e.loadAdapter(a.name, a);
+  const long = Array.from({ length: 40 }, (_, i) => (i * 29 + 3) % base.vocabSize);
+  const requests = [
+    { prompt: PROMPT, adapter: "a" },
+    { prompt: [40, 2, 7], adapter: "b" },
+    { prompt: [9, 9, 9, 31], adapter: "some" },
+    { prompt: [40, 2, 7] },
+    { prompt: long, adapter: "a" },
+  ].map((r) => ({ ...r, maxTokens: 4, logits: "all" as const }));
+  try {
+    // one batch (mixed decode rows), then the long prompt alone (a 40-row prefill: matmul and expand)
+    const [grouped, each] = await Promise.all(engines.map(async (e) => [...(await e.generateBatch(requests.slice(0, 4))), await e.generate(requests[4]!)]));
+    grouped!.forEach((got, i) => {
+      assert.equal(got.tokens, each![i]!.tokens, `request ${i}: tokens`);
+      got.logits!.forEach((row, p) => assert.ok(row.every((v, j) => Object.is(v, each![i]!.logits![p]![j])), `request ${i}, position ${p}: logits bit for bit`));
+    });
+    // and the grouped engine against float64 for the tenant that lacks modules
+    await matchesReference(randomAdapter({ spec: peftSpec({ base, modules: ["q_proj", "v_proj", "gate_proj"], rank: 3, alpha: 6, seed: 0, name: "qvg" }), seed: 37 }));
+  } finally {
+    for (const a of adapters) engine.unloadAdapter(a.name);
+    ungrouped.destroy();
   }
 });
 
