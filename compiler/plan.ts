@@ -199,7 +199,8 @@ export function planBase(base: BaseModel, options: PlanOptions = {}): Plan {
     const bias = use({ family: "bias", constants: { width: widths[m.output] } });
     return [product, { op: "bias" as const, kernel: bias, weight: layerTemplate(arch, `${m.path}.bias`), output: io.output }];
   };
-  const groupShrinks = (options.groupLoraShrinks ?? true) && moe === undefined;
+  // per_module's shrinks route each module with its own router: groups of one (per_ffn's attention groups)
+  const groupShrinks = (options.groupLoraShrinks ?? true) && moe?.placement !== "per_module";
   /**
    * The LoRA shrink of `modules` (all reading `input`, consecutive in gate order): one dispatch writing
    * each module's region of the engine's t. `pass`: per_ffn's feed-forward pass whose expert it keeps.

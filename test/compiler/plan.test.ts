@@ -169,6 +169,19 @@ test("serving adapters adds LoRA to every expert linear (not lm_head): one shrin
   assert.throws(() => planBase(gqa, { maxLoraRank: 300 }), /from 0 to 256/);
 });
 
+test("the MoE baselines: per_module's shrinks route each module alone; per_ffn groups its plain attention LoRA and runs each pass's MLP shrinks alone", () => {
+  const adapters = checkFiles(["examples/llama2-7b.milora"]).program.adapters;
+  const shrinks = (name: string) => {
+    const spec = adapters.find((a) => a.name === name)!;
+    const plan = planBase(spec.base, { adapter: spec, ctx: 64 });
+    assert.is(loraPlanProblem(plan), undefined, name);
+    return plan.layer.flatMap((op) => (op.op === "lora_shrink" ? [`${op.modules.join("/")}${op.pass === undefined ? "" : ` pass ${op.pass}`}: ${/moe=(\w+)/.exec(op.kernel)?.[1] ?? "plain"}`] : []));
+  };
+  assert.equal(shrinks("llama2_moelora"), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map((m) => `${m}: route`));
+  const pass = (p: number) => [`gate_proj pass ${p}: pass`, `up_proj pass ${p}: pass`, `down_proj pass ${p}: pass`];
+  assert.equal(shrinks("llama2_mixlora"), ["q_proj/k_proj/v_proj: plain", "o_proj: plain", ...pass(0), ...pass(1)]);
+});
+
 test("the LoRA ops are checked as the engine runs them: each LoRA reads a region a shrink before it wrote, the shrink's kernel made for its modules", () => {
   const plan = planBase(gqa, { maxLoraRank: 8 });
   const edit = (f: (layer: PlanOp[]) => PlanOp[]) => loraPlanProblem({ ...plan, layer: f([...plan.layer]) });
