@@ -25,13 +25,11 @@ import { writeRandomCheckpoint } from "../examples/random-checkpoint.ts";
 import { Engine } from "../runtime/engine/engine.ts";
 import type { GenerateRequest } from "../runtime/engine/requests.ts";
 import { acquireDevice, adapterSummary } from "../runtime/gpu/device.ts";
-import { PipelineCache, StepEncoder } from "../runtime/gpu/kernel-runner.ts";
-import type { KernelSource } from "../runtime/gpu/kernel.ts";
 import { meterBuffers } from "../runtime/gpu/memory-meter.ts";
 import { openCheckpoint } from "../runtime/formats/checkpoint.ts";
 import { plannedEngine } from "../bin/engine-plan.ts";
 import { runComparison, standardModes, type BenchMode, type ComparisonRow, type ModeName } from "../bin/measure/comparison.ts";
-import { bestMicros } from "../bin/measure/kernel-timing.ts";
+import { COPY_VARIANT, kernelVariant, linearShapes, recordDecodeStep, timeSteps, type Recorded } from "../bin/measure/step-profile.ts";
 import { benchPrompt } from "../bin/measure/generation.ts";
 import { RANDOM_SIZES } from "../bin/measure/random-model.ts";
 import { table4Chart, type Table4Result } from "./chart.ts";
@@ -96,26 +94,11 @@ for (const m of modes.filter((x) => x.name !== "milora")) {
 console.log(table(lines));
 console.log("paper (LLaMA-2 7B, A40, one request): MiLoRA 43.7 / 33.5 tok/s, MOELoRA 35.9 / 28.4, DoRA 36.5 / 29.6 (beam 1 / beam 3); peak memory 13.8 / 15.3 GB, about equal");
 
-// The profile: one decode step of each mode, its dispatches and copies recorded (StepEncoder's record
-// calls, wrapped) and replayed alone on the engine's own buffers (same adapters, routing and rows: each
-// mode has an engine of its own, held until the timing ends; a consumer of the LoRA shrink's output is
-// timed after its own shrink has run). The base alone's step is timed in full; a
-// mode's kernel variant that it dispatches as often as the base does is the base's work and keeps the
-// base's time, the others are timed in the mode's own step. Each variant is timed in rounds over the
-// modes that run it, so that load from other jobs falls on all alike; each dispatch keeps its best round.
-type Recorded = { readonly kind: "dispatch"; readonly kernel: KernelSource; readonly buffers: object; readonly params: Readonly<Record<string, number>> } | { readonly kind: "copy"; readonly args: Parameters<StepEncoder["copy"]> };
-let recording: Recorded[] | undefined;
-const dispatch = StepEncoder.prototype.dispatch;
-const copy = StepEncoder.prototype.copy;
-StepEncoder.prototype.dispatch = function (this: StepEncoder, k, buffers, params = {}) {
-  recording?.push({ kind: "dispatch", kernel: k as KernelSource, buffers, params });
-  return dispatch.call(this, k, buffers, params);
-};
-StepEncoder.prototype.copy = function (this: StepEncoder, ...args) {
-  recording?.push({ kind: "copy", args });
-  return copy.apply(this, args);
-};
-
+// The profile: one decode step of each mode (bin/measure/step-profile.ts: recorded, each dispatch replayed
+// alone on the engine's own buffers; same adapters, routing and rows: each mode has an engine of its
+// own, held until the timing ends). The base alone's step is timed in full; a mode's kernel variant that
+// it dispatches as often as the base does is the base's work and keeps the base's time, the others are
+// timed in the mode's own step.
 interface KernelCost {
   readonly kernel: string;
   readonly count: number;
@@ -133,9 +116,9 @@ interface ModeProfile {
   readonly kernels: readonly KernelCost[];
 }
 const profiles: ModeProfile[] = [];
-const timer = new StepEncoder(gpu.device, new PipelineCache(gpu.device));
 const profiled: readonly BenchMode[] = [{ name: "base", label: "base alone" }, ...modes.filter((m) => m.spec)];
 const TIMING_ROUNDS = 4;
+const shapes = linearShapes(base);
 for (const [tenants, beams] of PROFILED) {
   const engines: Engine[] = [];
   try {
@@ -159,41 +142,13 @@ for (const [tenants, beams] of PROFILED) {
       for (const a of loaded) engine.loadAdapter(a.name, a);
       const requests = (maxTokens: number): GenerateRequest[] =>
         Array.from({ length: tenants }, (_, i) => ({ prompt: benchPrompt(PROMPT, i, base.vocabSize), maxTokens, stop: [], ...(loaded[i] ? { adapter: loaded[i].name } : {}), ...(beams > 1 ? { beam: { beams } } : {}) }));
-      await engine.generateBatch(requests(3)); // compiles every kernel of the mode
-      const recordOf = async (maxTokens: number) => {
-        recording = [];
-        await engine.generateBatch(requests(maxTokens));
-        const r = recording;
-        recording = undefined;
-        return r;
-      };
-      // The last step of a 3-token generation is what a 2-token one does not record.
-      const [short, long] = [await recordOf(3), await recordOf(4)];
-      steps.push({ mode, step: long.slice(short.length) });
+      steps.push({ mode, step: await recordDecodeStep(engine, requests) });
     }
     // Which dispatches to time: all of the base's, and each mode's variants it dispatches otherwise than the base.
-    const variants = steps.map(({ step }) => step.map((r) => (r.kind === "copy" ? "copy (buffer to buffer)" : variant(r.kernel))));
+    const variants = steps.map(({ step }) => step.map((r) => (r.kind === "copy" ? COPY_VARIANT : kernelVariant(r.kernel, shapes))));
     const count = (names: readonly string[], v: string) => names.filter((n) => n === v).length;
     const timed = steps.map((_, m) => variants[m]!.map((v) => m === 0 || count(variants[m]!, v) !== count(variants[0]!, v)));
-    const best = steps.map(({ step }) => step.map(() => Infinity));
-    // A dispatch that reads the LoRA shrink's t (the matvec's LoRA epilogue, an expand) finds there the
-    // row info of the last shrink that ran: its own shrink runs first, untimed.
-    const producer = steps.map(({ step }) => step.map((r, i) => (r.kind === "dispatch" && r.kernel.name !== "lora_shrink" && "t" in r.buffers ? step.slice(0, i).findLastIndex((p) => p.kind === "dispatch" && p.kernel.name === "lora_shrink") : -1)));
-    const replay = (r: Recorded) => (r.kind === "copy" ? timer.copy(...r.args) : timer.dispatch(r.kernel, r.buffers as never, r.params));
-    // Variant by variant, rounds over the modes that time it: a kernel's figures in two modes are taken
-    // seconds apart, under the same load from other jobs.
-    for (const v of new Set(variants.flat())) {
-      const cells = steps.flatMap(({ step }, m) => step.flatMap((r, i) => (timed[m]![i] && variants[m]![i] === v ? [{ m, i, r }] : [])));
-      for (let round = 0; round < TIMING_ROUNDS; round++) {
-        for (const { m, i, r } of cells) {
-          const shrink = producer[m]![i]! >= 0 ? steps[m]!.step[producer[m]![i]!] : undefined;
-          if (shrink) await bestMicros(timer, gpu.device, () => replay(shrink), { repeats: 1, rounds: 1 });
-          const record = () => replay(r);
-          if (round === 0) await bestMicros(timer, gpu.device, record, { repeats: 1, rounds: 1 }); // the timer's own pipelines
-          best[m]![i] = Math.min(best[m]![i]!, await bestMicros(timer, gpu.device, record, { repeats: 1, rounds: 4 }));
-        }
-      }
-    }
+    const best = await timeSteps(gpu.device, steps.map((s) => s.step), (k) => kernelVariant(k, shapes), { rounds: TIMING_ROUNDS, timed: (m, i) => timed[m]![i]! });
     const baseCosts = new Map<string, number>();
     variants[0]!.forEach((v, i) => baseCosts.set(v, (baseCosts.get(v) ?? 0) + best[0]![i]!));
     steps.forEach(({ mode, step }, m) => {
@@ -219,8 +174,6 @@ for (const [tenants, beams] of PROFILED) {
     for (const e of engines) e.destroy();
   }
 }
-StepEncoder.prototype.dispatch = dispatch;
-StepEncoder.prototype.copy = copy;
 
 for (const [tenants, beams] of PROFILED) {
   const group = ["base", ...ORDER].map((m) => profiles.find((p) => p.mode === m && p.tenants === tenants && p.beams === beams)).filter((p) => p !== undefined);
@@ -260,20 +213,6 @@ meter.stop();
 gpu.destroy();
 
 /** A kernel's name with what tells its variants apart: the LoRA shrink's MoE form, a linear's shape. */
-function variant(k: KernelSource): string {
-  const constants = Object.fromEntries([...k.key.slice(k.name.length + 1, -1).matchAll(/(\w+)=([^,]*)/g)].map((m) => [m[1], m[2]]));
-  switch (k.name) {
-    case "lora_shrink":
-      return `lora_shrink${constants.moe ? ` (${constants.moe === "route" ? "routes the row" : "one pass's expert"})` : ""} in ${constants.inFeatures}${constants.modules ? ` (${constants.modules} modules)` : ""}`;
-    case "lora_expand":
-      return `lora_expand out ${constants.outFeatures}`;
-    case "matvec":
-    case "matmul":
-      return `${k.name} ${constants.K}x${constants.N}${constants.K === String(base.intermediateSize) ? " (down_proj)" : constants.N === String(base.vocabSize) ? " (lm_head)" : ""}${constants.loraRank ? " + LoRA epilogue" : ""}`;
-    default:
-      return k.name;
-  }
-}
 
 function moeText(m: BenchMode): string {
   const a = m.spec!;
