@@ -94,6 +94,15 @@ export function matvecKernel(constants: MatvecConstants): KernelSource {
             y[at] = ${sums}[c]${residual ? " + residual[at]" : ""};
           }
         }`;
+  // One barrier, then lane l sums rows l, l + lanes, ... over the group's lanes.
+  const reduce = `    workgroupBarrier();
+    for (var r = lane; r < rows; r += ${lanes}u) {
+      let at0 = r * ${WORKGROUP}u + lid - lane;
+      let sums = ${Array.from({ length: lanes }, (_, l) => `partial[at0 + ${l}u]`).join(" + ")};
+      ${write("(first + r)", "sums")}
+    }
+    // The next group overwrites partial.
+    workgroupBarrier();`;
   /** Rows first .. first + G - 1 (`rows` of them present) against every weight row once. */
   const pass = (G: number) => {
     const rs = Array.from({ length: G }, (_, r) => r);
@@ -110,22 +119,36 @@ export function matvecKernel(constants: MatvecConstants): KernelSource {
     for (var u = lane; u < ${w.count}u; u += ${lanes}u) {
       ${cols.map((c) => `let w${c} = load_w(wRow${c}, u);${w.scaled ? ` let d${c} = scale_w(wRow${c}, u);` : ""}`).join(" ")}
 ${accumulate.join("\n")}
-    }${loraRank === undefined ? "" : `\n    ${rs.map((r) => (G === 1 ? `acc${r} = with_lora(first, col, lane, acc${r});` : `if (${r}u < rows) { acc${r} = with_lora(first + ${r}u, col, lane, acc${r}); }`)).join("\n    ")}`}`;
+    }`;
+    if (loraRank !== undefined && G === 1) {
+      const epilogue = `${loop}\n    acc0 = with_lora(first, col, lane, acc0);`;
+      if (lanes === 1) return `${epilogue}\n    ${write("first", "acc0")}`;
+      return `${epilogue}\n    partial[lid] = acc0;\n${reduce}`;
+    }
+    if (loraRank !== undefined) {
+      // A group's rows go through one copy of the epilogue, a loop over their partials in workgroup
+      // memory (each invocation its own): eight inlined copies made the whole kernel 10-15% slower on
+      // llvmpipe, even its one-row path.
+      const epilogue = `${loop}
+    ${rs.map((r) => `partial[${r * WORKGROUP}u + lid] = acc${r};`).join(" ")}
+    for (var r = 0u; r < rows; r++) {
+      let at = r * ${WORKGROUP}u + lid;
+      partial[at] = with_lora(first + r, col, lane, partial[at]);
+    }`;
+      if (lanes > 1) return `${epilogue}\n${reduce}`;
+      return `${epilogue}
+    for (var r = 0u; r < rows; r++) {
+      let sums = partial[r * ${WORKGROUP}u + lid];
+      ${write("(first + r)", "sums")}
+    }`;
+    }
     if (lanes === 1) {
       return `${loop}
     ${rs.map((r) => (G === 1 ? write(`first`, `acc${r}`) : `if (${r}u < rows) {\n      ${write(`(first + ${r}u)`, `acc${r}`)}\n    }`)).join("\n    ")}`;
     }
-    // One barrier, then lane l sums rows l, l + lanes, ... over the group's lanes.
     return `${loop}
     ${rs.map((r) => `partial[${r * WORKGROUP}u + lid] = acc${r};`).join(" ")}
-    workgroupBarrier();
-    for (var r = lane; r < rows; r += ${lanes}u) {
-      let at0 = r * ${WORKGROUP}u + lid - lane;
-      let sums = ${Array.from({ length: lanes }, (_, l) => `partial[at0 + ${l}u]`).join(" + ")};
-      ${write("(first + r)", "sums")}
-    }
-    // The next group overwrites partial.
-    workgroupBarrier();`;
+${reduce}`;
   };
   return kernelSource({
     name: "matvec",
@@ -148,7 +171,7 @@ ${accumulate.join("\n")}
 ${x.wgsl}
 ${padded ? `fn load_x_padded(row: u32, quad: u32) -> vec4<f32> {\n  return select(vec4<f32>(0.0), load_x(row, min(quad, ${x.quads - 1}u)), quad < ${x.quads}u);\n}` : ""}
 ${w.wgsl}${loraRank === undefined ? "" : `\n${loraEpilogue(N, loraRank, lanes)}`}
-${lanes > 1 ? `\nvar<workgroup> partial: array<vec4<f32>, ${MATVEC_GROUP_ROWS * WORKGROUP}>;\n` : ""}
+${lanes > 1 || loraRank !== undefined ? `\nvar<workgroup> partial: array<vec4<f32>, ${MATVEC_GROUP_ROWS * WORKGROUP}>;\n` : ""}
 @compute @workgroup_size(${WORKGROUP})
 fn main(${GROUP_BUILTINS}) {
   let col = ${LINEAR_GROUP} * ${columnsPerGroup}u + (lid / ${lanes}u) * ${PER_INVOCATION}u;

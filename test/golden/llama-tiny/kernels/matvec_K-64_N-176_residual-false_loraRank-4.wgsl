@@ -37,6 +37,8 @@ fn with_lora(row: u32, col: u32, lane: u32, wx: vec4<f32>) -> vec4<f32> {
   return (1.0 + gate * (d - 1.0)) * wx + d * (gate * bitcast<f32>(t[info + 2u])) * acc;
 }
 
+var<workgroup> partial: array<vec4<f32>, 512>;
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   let col = (wg.x + wg.y * groups.x) * 256u + (lid / 1u) * 4u;
@@ -98,75 +100,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
         acc7 += vec4<f32>(dot(x7_0, w0), dot(x7_0, w1), dot(x7_0, w2), dot(x7_0, w3));
       }
     }
-    if (0u < rows) { acc0 = with_lora(first + 0u, col, lane, acc0); }
-    if (1u < rows) { acc1 = with_lora(first + 1u, col, lane, acc1); }
-    if (2u < rows) { acc2 = with_lora(first + 2u, col, lane, acc2); }
-    if (3u < rows) { acc3 = with_lora(first + 3u, col, lane, acc3); }
-    if (4u < rows) { acc4 = with_lora(first + 4u, col, lane, acc4); }
-    if (5u < rows) { acc5 = with_lora(first + 5u, col, lane, acc5); }
-    if (6u < rows) { acc6 = with_lora(first + 6u, col, lane, acc6); }
-    if (7u < rows) { acc7 = with_lora(first + 7u, col, lane, acc7); }
-    if (0u < rows) {
-      for (var c = 0u; c < 4u; c++) {
-          if (col + c < 176u) {
-            let at = (first + 0u) * 176u + (col + c);
-            y[at] = acc0[c];
-          }
-        }
+    partial[0u + lid] = acc0; partial[64u + lid] = acc1; partial[128u + lid] = acc2; partial[192u + lid] = acc3; partial[256u + lid] = acc4; partial[320u + lid] = acc5; partial[384u + lid] = acc6; partial[448u + lid] = acc7;
+    for (var r = 0u; r < rows; r++) {
+      let at = r * 64u + lid;
+      partial[at] = with_lora(first + r, col, lane, partial[at]);
     }
-    if (1u < rows) {
+    for (var r = 0u; r < rows; r++) {
+      let sums = partial[r * 64u + lid];
       for (var c = 0u; c < 4u; c++) {
           if (col + c < 176u) {
-            let at = (first + 1u) * 176u + (col + c);
-            y[at] = acc1[c];
-          }
-        }
-    }
-    if (2u < rows) {
-      for (var c = 0u; c < 4u; c++) {
-          if (col + c < 176u) {
-            let at = (first + 2u) * 176u + (col + c);
-            y[at] = acc2[c];
-          }
-        }
-    }
-    if (3u < rows) {
-      for (var c = 0u; c < 4u; c++) {
-          if (col + c < 176u) {
-            let at = (first + 3u) * 176u + (col + c);
-            y[at] = acc3[c];
-          }
-        }
-    }
-    if (4u < rows) {
-      for (var c = 0u; c < 4u; c++) {
-          if (col + c < 176u) {
-            let at = (first + 4u) * 176u + (col + c);
-            y[at] = acc4[c];
-          }
-        }
-    }
-    if (5u < rows) {
-      for (var c = 0u; c < 4u; c++) {
-          if (col + c < 176u) {
-            let at = (first + 5u) * 176u + (col + c);
-            y[at] = acc5[c];
-          }
-        }
-    }
-    if (6u < rows) {
-      for (var c = 0u; c < 4u; c++) {
-          if (col + c < 176u) {
-            let at = (first + 6u) * 176u + (col + c);
-            y[at] = acc6[c];
-          }
-        }
-    }
-    if (7u < rows) {
-      for (var c = 0u; c < 4u; c++) {
-          if (col + c < 176u) {
-            let at = (first + 7u) * 176u + (col + c);
-            y[at] = acc7[c];
+            let at = (first + r) * 176u + (col + c);
+            y[at] = sums[c];
           }
         }
     }
