@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the suites again on the second Mesa (scripts/second-mesa.sh): Debian 12's Mesa 22.3 and
 # bookworm-backports' Mesa 25 are both drivers the setup accepts, and a kernel right on one only is wrong.
-# Where no second Mesa applies (not Debian 12, not root) it says so and succeeds.
+# Where no second Mesa applies (not Debian 12, not root) it says so and succeeds. The suites run through
+# scripts/test.mjs as in `npm test`, but at llvmpipe's own vector width (--driver-width: 256 bits on an
+# AVX2 host) where `npm test` runs at 128, so CI covers both widths (docs/drivers.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,4 +20,4 @@ case "$adapter" in
   *"Mesa $MILORA_EXPECT_MESA"*) echo "test-drivers: second driver: $adapter" ;;
   *) echo "test-drivers: expected Mesa $MILORA_EXPECT_MESA from $env_file, got '$adapter'" >&2; exit 1 ;;
 esac
-node --import tsx node_modules/uvu/bin.js test '\.test\.ts$'
+node scripts/test.mjs --driver-width
